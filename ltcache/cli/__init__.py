@@ -1,0 +1,19 @@
+"""Command-line interface: every command is a thin layer over a public Python function."""
+from __future__ import annotations
+
+from ltcache.cli.app import cli
+
+# Importing a command module registers its subcommands on ``cli``.
+from ltcache.cli import train as _train  # noqa: F401,E402
+from ltcache.cli import extract as _extract  # noqa: F401,E402
+from ltcache.cli import stage2 as _stage2  # noqa: F401,E402
+from ltcache.cli import report as _report  # noqa: F401,E402
+from ltcache.cli import run as _run  # noqa: F401,E402
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="ltcache")
+
+
+__all__ = ["cli", "main"]

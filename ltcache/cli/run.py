@@ -1,0 +1,1 @@
+"""(commands registered here are added by their issue)"""
