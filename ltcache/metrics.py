@@ -46,3 +46,130 @@ def fmt_pct(value: Optional[float], std: Optional[float] = None) -> str:
     if std is None:
         return f"{value:.2f}"
     return f"{value:.2f} ± {std:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration and logit statistics (stage 2 reports)
+# ---------------------------------------------------------------------------------------------
+
+ECE_BINS = 15
+
+
+def reliability(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> dict[str, list]:
+    """Reliability bins as MiSLAS ``utils/metric.py: calibration``.
+
+    Confidence c = max softmax, bin b (1..n_bins) holds (b-1)/n < c <= b/n (``np.digitize``
+    with ``right=True`` on ``linspace(0, 1, n+1)``); a confidence of exactly 0 falls in no bin.
+    Returns per-bin mean confidence, accuracy (0 for an empty bin) and count.
+    """
+    probs = torch.softmax(logits.double(), dim=1)
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels.to(pred.device).long()).double()
+    # bin index b-1 for (b-1)/n < c <= b/n  ->  ceil(c*n) - 1
+    idx = torch.ceil(conf * n_bins).long() - 1
+    keep = idx >= 0
+    idx, conf, correct = idx[keep].clamp_max(n_bins - 1), conf[keep], correct[keep]
+    count = torch.bincount(idx, minlength=n_bins).double()
+    s_conf = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, conf)
+    s_acc = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, correct)
+    denom = count.clamp_min(1)
+    return {"bin_conf": (s_conf / denom).tolist(), "bin_acc": (s_acc / denom).tolist(),
+            "bin_count": [int(c) for c in count.tolist()]}
+
+
+def ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error in % (15 bins, MiSLAS binning; weights |B_b| / sum |B_b|)."""
+    rel = reliability(logits, labels, n_bins)
+    total = sum(rel["bin_count"])
+    if total == 0:
+        return 0.0
+    gap = sum(n * abs(a - c) for n, a, c in zip(rel["bin_count"], rel["bin_acc"], rel["bin_conf"]))
+    return 100.0 * gap / total
+
+
+def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood (unsmoothed cross-entropy) of the true class."""
+    lp = torch.log_softmax(logits.double(), dim=1)
+    return float(-lp.gather(1, labels.to(lp.device).long().view(-1, 1)).mean())
+
+
+def logits_magnitude(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LOS paper's Logits Magnitude and Regularised Standard Deviation per class.
+
+    WORKING DEFINITION (the LOS repository has no code for them; METHODS.md §26.4 marks
+    the definition UNVERIFIED):
+      LM_j  = mean_{x: y=j} z_j(x) - mean_{x: y!=j} z_j(x), then regularised by the 1-norm:
+              LM_j / (sum_k |LM_k| / K)
+      RSD_j = std_{x: y=j} z_j(x) / LM_j  (raw, unregularised LM: the ratio is scale-free)
+    Classes absent from ``labels`` get NaN.
+    """
+    z = logits.double()
+    labels = labels.to(z.device).long()
+    k = z.shape[1]
+    onehot = torch.nn.functional.one_hot(labels, k).double()
+    n_pos = onehot.sum(0)
+    n_neg = z.shape[0] - n_pos
+    pos_mean = (z * onehot).sum(0) / n_pos.clamp_min(1)
+    neg_mean = (z * (1 - onehot)).sum(0) / n_neg.clamp_min(1)
+    lm = pos_mean - neg_mean
+    pos_var = (((z - pos_mean) ** 2) * onehot).sum(0) / (n_pos - 1).clamp_min(1)
+    rsd = pos_var.sqrt() / lm
+    valid = n_pos > 0
+    norm = lm[valid].abs().mean() if valid.any() else torch.tensor(1.0, dtype=torch.float64)
+    lm_reg = lm / norm.clamp_min(1e-12)
+    lm_reg[~valid] = float("nan")
+    rsd[~valid] = float("nan")
+    return lm_reg.cpu(), rsd.cpu()
+
+
+def class_logit_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean logit of the true class and mean margin z_y - max_{k != y} z_k (by true class)."""
+    z = logits.double()
+    labels = labels.to(z.device).long()
+    k = z.shape[1]
+    zy = z.gather(1, labels.view(-1, 1)).squeeze(1)
+    other = z.scatter(1, labels.view(-1, 1), float("-inf")).max(dim=1).values
+    cnt = torch.bincount(labels, minlength=k).double()
+    mean_logit = torch.zeros(k, dtype=torch.float64, device=z.device).index_add_(0, labels, zy) / cnt.clamp_min(1)
+    margin = torch.zeros(k, dtype=torch.float64, device=z.device).index_add_(0, labels, zy - other) / cnt.clamp_min(1)
+    mean_logit[cnt == 0] = float("nan")
+    margin[cnt == 0] = float("nan")
+    return mean_logit.cpu(), margin.cpu()
+
+
+def group_means(values: torch.Tensor, class_counts: Sequence[int]) -> dict[str, Optional[float]]:
+    """Mean of a per-class quantity over Many / Medium / Few (None for an empty group)."""
+    names = shot_groups(class_counts)
+    values = values.double().cpu()
+    out: dict[str, Optional[float]] = {}
+    for g in GROUPS:
+        mask = torch.tensor([n == g for n in names]) & ~torch.isnan(values)
+        out[g] = float(values[mask].mean()) if mask.any() else None
+    return out
+
+
+def _nan_to_none(t: torch.Tensor) -> list:
+    return [None if math.isnan(v) else v for v in t.double().tolist()]
+
+
+def full_report(logits: torch.Tensor, labels: torch.Tensor, class_counts: Sequence[int],
+                weight_norm: Optional[torch.Tensor] = None) -> dict:
+    """Every metric of a run's ``metrics`` block (ARCHITECTURE.md "Results JSON") from test logits."""
+    k = logits.shape[1]
+    pc = per_class_accuracy(logits.argmax(dim=1), labels, k)
+    acc = group_accuracy(pc, class_counts)
+    lm, rsd = logits_magnitude(logits, labels)
+    mean_logit, margin = class_logit_stats(logits, labels)
+    out = dict(acc)
+    out["ece"] = ece(logits, labels)
+    out["nll"] = nll(logits, labels)
+    out["per_class_acc"] = _nan_to_none(pc * 100)
+    out["lm"] = _nan_to_none(lm)
+    out["rsd"] = _nan_to_none(rsd)
+    out["lm_groups"] = group_means(lm, class_counts)
+    out["rsd_groups"] = group_means(rsd, class_counts)
+    out["mean_logit"] = _nan_to_none(mean_logit)
+    out["margin"] = _nan_to_none(margin)
+    out["weight_norm"] = _nan_to_none(weight_norm) if weight_norm is not None else None
+    out["reliability"] = reliability(logits, labels)
+    return out

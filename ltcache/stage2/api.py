@@ -1,0 +1,252 @@
+"""Public stage-2 entry points: ``retrain`` (one method) and ``bench`` (a sweep of methods).
+
+Both take a loaded cache (``ltcache.cache.load(...)`` -> FeatureCache, or anything with the
+same attributes) or a cache directory, build one :class:`~ltcache.stage2.sweep.Config` per
+(method, grid point, seed), train all trainable ones in one batched sweep, compute the
+closed-form ones, evaluate everything on the test split and return the results JSON dict
+(ARCHITECTURE.md "Results JSON").
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ltcache.devices import resolve_device
+from ltcache.errors import LtcacheError
+from ltcache.metrics import full_report
+from ltcache.progress import echo
+from ltcache.stage2 import closed_form as CF
+from ltcache.stage2 import heads as H
+from ltcache.stage2.losses import build_loss
+from ltcache.stage2.methods import (GENERIC, METHODS, Method, check_param, choose_preset, get_method,
+                                    resolve_params, run_name)
+from ltcache.stage2.results import build_results
+from ltcache.stage2.sweep import Config, TrainData, train_sweep
+
+TEST_VIEWS = ("all", "center")
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+
+def _load_cache(cache, device):
+    if isinstance(cache, (str, Path)) or cache is None:
+        from ltcache import cache as cache_mod
+        path = cache_mod.default_cache_path() if cache is None else Path(cache)
+        return cache_mod.load(path, device=device)
+    return cache
+
+
+def parse_seeds(seeds: Union[str, Sequence[int]]) -> list[int]:
+    """``"0,1,2"`` or a sequence -> list of distinct non-negative ints (LtcacheError if bad)."""
+    if isinstance(seeds, str):
+        parts = [s.strip() for s in seeds.split(",") if s.strip()]
+        try:
+            out = [int(s) for s in parts]
+        except ValueError:
+            raise LtcacheError(f"--seeds must be comma-separated integers like 0,1,2 (got '{seeds}')") from None
+    else:
+        out = [int(s) for s in seeds]
+    if not out:
+        raise LtcacheError("--seeds is empty; give at least one seed, e.g. --seeds 0")
+    if any(s < 0 for s in out) or len(set(out)) != len(out):
+        raise LtcacheError(f"--seeds must be distinct non-negative integers (got {out})")
+    return out
+
+
+def _views(split, mode: str) -> torch.Tensor:
+    """Features of the evaluation views: all (averaged later) or just 'center'."""
+    if mode not in TEST_VIEWS:
+        raise LtcacheError(f"unknown --test-views '{mode}'; use all or center")
+    x = split.features
+    if mode == "center":
+        names = list(getattr(split, "views", []) or [])
+        i = names.index("center") if "center" in names else 0
+        x = x[:, i:i + 1]
+    return x
+
+
+def _float(t, device):
+    return t.to(device=device, dtype=torch.float32)
+
+
+def _train_data(cache, device, test_views: str) -> TrainData:
+    tr = cache.splits["train"]
+    val = cache.splits.get("val")
+    return TrainData(x=_float(tr.features, device), labels=tr.labels.to(device).long(),
+                     w0=_float(cache.weight, device), b0=_float(cache.bias, device),
+                     val_x=_float(_views(val, test_views), device) if val is not None else None,
+                     val_labels=val.labels.to(device).long() if val is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# plans
+# ---------------------------------------------------------------------------------------------
+
+def expand(methods: Sequence[str], overrides: Optional[dict], grid: Optional[dict],
+           preset: str, n_train: int) -> list[tuple[Method, dict, dict]]:
+    """(method, full params, overrides) for every method x grid point.
+
+    Grid keys that are generic apply to every trained method; a method's own key applies to
+    the methods that have it; a key no chosen method has is an error.
+    """
+    grid = grid or {}
+    for key, values in grid.items():
+        if not values:
+            raise LtcacheError(f"--grid {key}= has no values; give e.g. --grid {key}=0.9,0.98")
+        if key not in GENERIC and not any(key in get_method(m).tunables for m in methods):
+            raise LtcacheError(f"--grid {key} applies to none of the chosen methods; "
+                               "check `ltcache methods` for each method's options")
+        for v in values:
+            check_param(key, v)
+    plans = []
+    for name in methods:
+        method = get_method(name)
+        keys = [k for k in grid if k in method.tunables or (k in GENERIC and not method.closed_form)]
+        for combo in itertools.product(*[grid[k] for k in keys]):
+            ov = {k: v for k, v in (overrides or {}).items()
+                  if k in method.tunables or (k in GENERIC and not method.closed_form)}
+            ov.update(dict(zip(keys, combo)))
+            plans.append((method, resolve_params(method, preset, ov, n_train), ov))
+    return plans
+
+
+def make_config(method: Method, params: dict, seed: int, name: str, counts: torch.Tensor) -> Config:
+    """The training :class:`Config` of one trained method with full params and a seed."""
+    k = len(counts)
+    return Config(name=name, method=method.name, params=params, seed=seed, head=method.head,
+                  init=method.init, sampler=method.sampler,
+                  loss=build_loss(method.loss, params, counts, scale=params.get("scale", 1.0)),
+                  lr=params["lr"], wd=params["wd"], epochs=params["epochs"], batch_size=params["batch_size"],
+                  momentum=params["momentum"], schedule=params["schedule"],
+                  lr_factor=params.get("lr_factor", 1.0), maxnorm_thresh=params.get("maxnorm_thresh"),
+                  scale=params.get("scale", 1.0),
+                  bias_init=-math.log(k - 1) if method.sigmoid_bias and k > 1 else None)
+
+
+def _closed_form_layer(method: Method, params: dict, cache, data: TrainData, counts) -> tuple[dict, dict]:
+    w0, b0 = data.w0.cpu(), data.b0.cpu()
+    extra = {}
+    if method.head == "tau-norm":
+        tau = params.get("tau")
+        if tau is None:
+            tau, curve = CF.select_tau(data.w0, data.val_x, data.val_labels)
+            params["tau"] = tau
+            extra["tau_curve"] = curve
+        return CF.tau_norm_layer(w0, tau), extra
+    if method.head == "posthoc-la":
+        return CF.posthoc_la_layer(w0, b0, counts, params["tau"]), extra
+    if method.head == "ncm":
+        return CF.ncm_layer(data.x[:, 0], data.labels, len(counts)), extra
+    raise LtcacheError(f"method {method.name} has no closed form")
+
+
+def evaluate_layer(layer: dict, x: torch.Tensor, labels: torch.Tensor, counts) -> dict:
+    """Metrics of a deployable layer on features x [N, V, D] (logits averaged over views)."""
+    z = sum(H.apply_layer(layer, x[:, v]) for v in range(x.shape[1])) / x.shape[1]
+    return full_report(z.cpu(), labels.cpu(), counts, H.weight_norms(layer))
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------------------------
+
+def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int], select: str = "last",
+              test_views: str = "all", device: str = "auto", quiet: bool = False) -> tuple[dict, list]:
+    """Train/compute every plan x seed; returns (results dict, [(run dict, layer)])."""
+    if select not in ("last", "val"):
+        raise LtcacheError(f"unknown --select '{select}'; use last or val")
+    dev = resolve_device(device)
+    cache = _load_cache(cache, dev)
+    seeds = parse_seeds(seeds)
+    t0 = time.perf_counter()
+    data = _train_data(cache, dev, test_views)
+    counts = torch.as_tensor(cache.class_counts).long().cpu()
+    if "test" not in cache.splits:
+        raise LtcacheError("the cache has no test split; re-extract it with the test split")
+    test = cache.splits["test"]
+    test_x, test_y = _float(_views(test, test_views), dev), test.labels.to(dev).long()
+
+    configs, entries = [], []
+    for method, params, ov in plans:
+        name = run_name(method, params, ov)
+        for seed in seeds:
+            if method.closed_form:
+                entries.append(("closed", method, dict(params), ov, seed, name))
+            else:
+                entries.append(("train", len(configs), None, None, seed, name))
+                configs.append(make_config(method, params, seed, name, counts))
+    trained = train_sweep(configs, data, select=select, quiet=quiet) if configs else []
+
+    runs, layers = [], []
+    for kind, a, params, ov, seed, name in entries:
+        extra = {}
+        if kind == "train":
+            head = trained[a]
+            method, layer, params, sel = get_method(head.config.method), head.layer, head.config.params, head.selected_epoch
+        else:
+            method = a
+            layer, extra = _closed_form_layer(method, params, cache, data, counts)   # sets a chosen tau
+            sel = None
+        metrics = evaluate_layer(layer, test_x, test_y, counts.tolist())
+        run = {"name": name, "method": method.name, "params": dict(params), "seed": seed,
+               "selected_epoch": sel, "metrics": metrics}
+        run.update(extra)
+        runs.append(run)
+        layers.append(layer)
+    stage1 = evaluate_layer({"kind": "linear", "weight": data.w0, "bias": data.b0}, test_x, test_y, counts.tolist())
+    wall = time.perf_counter() - t0
+    results = build_results(cache, runs, stage1, wall, str(dev))
+    echo(f"sweep: {len(runs)} runs ({len(configs)} trained) in {wall:.1f} s on {dev}", quiet)
+    return results, list(zip(runs, layers))
+
+
+def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequence[int] = (0,),
+            select: str = "last", test_views: str = "all", device: str = "auto", quiet: bool = False,
+            preset: Optional[str] = None, export: Optional[Union[str, Path]] = None) -> dict:
+    """Re-train one method (with ``overrides`` of its hyper-parameters) for each seed.
+
+    Returns the results JSON dict. ``export`` writes the first seed's head with the stage-1
+    backbone as a deployable model (see :func:`ltcache.export.export_model`).
+    """
+    dev = resolve_device(device)
+    cache = _load_cache(cache, dev)
+    m = get_method(method)
+    pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
+    plans = expand([m.name], overrides, None, pre, int(cache.splits["train"].labels.numel()))
+    results, pairs = run_sweep(cache, plans, seeds, select, test_views, device, quiet)
+    results["preset"] = pre
+    if export is not None:
+        from ltcache.export import export_model
+        export_model(cache, pairs[0][1], export, meta={"method": m.name, "params": pairs[0][0]["params"]})
+    return results
+
+
+def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] = None,
+          seeds: Sequence[int] = (0,), select: str = "last", test_views: str = "all",
+          device: str = "auto", quiet: bool = False, preset: Optional[str] = None,
+          overrides: Optional[dict] = None, out_dir: Optional[Union[str, Path]] = None) -> dict:
+    """One sweep over ``methods`` (default: all) x ``grid`` x ``seeds``; optional files in out_dir."""
+    dev = resolve_device(device)
+    cache = _load_cache(cache, dev)
+    names = list(methods) if methods else list(METHODS)
+    if not names:
+        raise LtcacheError("no methods given; use --all-methods or --methods a,b")
+    for n in names:
+        get_method(n)
+    if "ce" not in names:
+        names = ["ce"] + names          # the CE re-train reference row
+    pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
+    plans = expand(names, overrides, grid, pre, int(cache.splits["train"].labels.numel()))
+    results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet)
+    results["preset"] = pre
+    if out_dir is not None:
+        from ltcache.stage2.results import write_all
+        write_all(results, out_dir)
+    return results

@@ -1,0 +1,141 @@
+"""Classifier heads with parameters stacked over M configurations.
+
+Every trained head is one of two batched parametrisations:
+
+* ``affine``: z = s * (x W^T + b) + c * u, parameters W [M,K,D], b, s, c [M,K] and a fixed
+  per-class vector u [M,K]. Each head kind trains a subset of them (a per-parameter,
+  per-configuration learning-rate multiplier of 0 freezes a parameter):
+
+  =========  ===============================================  ====================================
+  kind       trained (init)                                    source
+  =========  ===============================================  ====================================
+  linear     W, b (stage 1, or fresh ``nn.Linear`` init)       cRT (fresh), LOS/LTWB (stage 1)
+  lws        s (1); W, b frozen from stage 1                   cRT TauNormClassifier (z = s*(Wf+b))
+  mislas     W, b (stage 1, lr x lr_factor) and s (1, lr)      MiSLAS train_stage2 + learned_norm
+  marc       s = a (1), c = b (0); u = ||w_j|| of stage 1      MARC MARCLinear
+  =========  ===============================================  ====================================
+
+* ``cosine``: z = scale * <x/||x||, w_j/||w_j||>, W [M,K,D] fresh with unit rows
+  (LDAM/MiSLAS ``NormedLinear``: uniform(-1,1) then renormed), no bias, fixed scale.
+
+The family is part of a sweep group's key; configurations of one family share one
+batched matmul per step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ltcache.errors import LtcacheError
+
+AFFINE_PARAMS = ("W", "b", "s", "c")
+COSINE_PARAMS = ("W",)
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """How a named head maps onto a family: which parameters train and at what lr factor."""
+
+    name: str
+    family: str              # "affine" | "cosine"
+    trained: tuple           # parameter names trained
+    slow: tuple = ()         # parameters trained at lr * lr_factor (MiSLAS W, b)
+    uses_base_norm: bool = False
+
+
+HEADS = {
+    "linear": HeadKind("linear", "affine", ("W", "b")),
+    "lws": HeadKind("lws", "affine", ("s",)),
+    "mislas": HeadKind("mislas", "affine", ("W", "b", "s"), slow=("W", "b")),
+    "marc": HeadKind("marc", "affine", ("s", "c"), uses_base_norm=True),
+    "cosine": HeadKind("cosine", "cosine", ("W",)),
+}
+
+
+def get_head(name: str) -> HeadKind:
+    """The :class:`HeadKind` called ``name``."""
+    if name not in HEADS:
+        raise LtcacheError(f"unknown head '{name}'; use one of {', '.join(HEADS)}")
+    return HEADS[name]
+
+
+def param_names(family: str) -> tuple:
+    """Parameter names of a family."""
+    return AFFINE_PARAMS if family == "affine" else COSINE_PARAMS
+
+
+def init_head(kind: HeadKind, init: str, w0: torch.Tensor, b0: torch.Tensor, g: torch.Generator,
+              bias_init: Optional[float] = None) -> tuple[dict, dict]:
+    """Initial parameters and fixed buffers of ONE configuration (CPU tensors).
+
+    ``init`` is ``stage1`` (copy the stage-1 classifier) or ``fresh`` (``nn.Linear`` default:
+    U(-1/sqrt(D), 1/sqrt(D)) for W and b; cosine: unit rows). Random draws use ``g``.
+    """
+    k, d = w0.shape
+    if kind.family == "cosine":
+        w = torch.rand(k, d, generator=g) * 2 - 1
+        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return {"W": w}, {}
+    if init == "fresh":
+        bound = 1.0 / math.sqrt(d)
+        w = (torch.rand(k, d, generator=g) * 2 - 1) * bound
+        b = (torch.rand(k, generator=g) * 2 - 1) * bound
+    elif init == "stage1":
+        w, b = w0.clone().float(), b0.clone().float()
+    else:
+        raise LtcacheError(f"unknown head init '{init}'; use stage1 or fresh")
+    if bias_init is not None:
+        b = torch.full((k,), float(bias_init))
+    params = {"W": w, "b": b, "s": torch.ones(k), "c": torch.zeros(k)}
+    u = w0.norm(dim=1).float() if kind.uses_base_norm else torch.zeros(k)
+    return params, {"u": u}
+
+
+def forward(family: str, p: dict, buf: dict, x: torch.Tensor) -> torch.Tensor:
+    """Logits [M, B, K] of M heads on x [M, B, D] (or [1, B, D], broadcast)."""
+    if family == "affine":
+        w_t = p["W"].transpose(1, 2)
+        if x.shape[0] == p["W"].shape[0]:
+            lin = torch.baddbmm(p["b"].unsqueeze(1), x, w_t)
+        else:
+            lin = torch.matmul(x, w_t) + p["b"].unsqueeze(1)
+        return p["s"].unsqueeze(1) * lin + (p["c"] * buf["u"]).unsqueeze(1)
+    xn = F.normalize(x, dim=-1)
+    wn = F.normalize(p["W"], dim=-1)
+    return buf["scale"].view(-1, 1, 1) * torch.matmul(xn, wn.transpose(1, 2))
+
+
+def effective(family: str, p: dict, buf: dict) -> dict:
+    """One configuration's head as a deployable layer (parameters without the M axis).
+
+    affine -> {"kind": "linear", weight = diag(s) W, bias = s*b + c*u} (LWS, MiSLAS s and
+    MARC's affine folded in); cosine -> {"kind": "cosine", weight, scale}.
+    """
+    if family == "affine":
+        return {"kind": "linear", "weight": p["s"].unsqueeze(1) * p["W"],
+                "bias": p["s"] * p["b"] + p["c"] * buf["u"]}
+    return {"kind": "cosine", "weight": p["W"].clone(), "scale": float(buf["scale"])}
+
+
+def apply_layer(layer: dict, x: torch.Tensor) -> torch.Tensor:
+    """Logits [N, K] of a deployable layer (see :func:`effective`) on features x [N, D]."""
+    kind = layer["kind"]
+    if kind == "linear":
+        return x @ layer["weight"].t().to(x) + layer["bias"].to(x)
+    if kind == "cosine":
+        return layer["scale"] * F.normalize(x, dim=-1) @ F.normalize(layer["weight"].to(x), dim=-1).t()
+    if kind == "ncm":
+        xh = F.normalize(x - layer["mean"].to(x), dim=-1)
+        c = layer["centroids"].to(x)
+        return -(xh.pow(2).sum(1, keepdim=True) + c.pow(2).sum(1) - 2 * xh @ c.t())
+    raise LtcacheError(f"unknown head layer kind '{kind}'")
+
+
+def weight_norms(layer: dict) -> torch.Tensor:
+    """Per-class L2 norm of a deployable layer's weight rows (NCM: centroid norms)."""
+    w = layer["weight"] if "weight" in layer else layer["centroids"]
+    return w.double().norm(dim=1).cpu()

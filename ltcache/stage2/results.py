@@ -1,0 +1,132 @@
+"""Results of a stage-2 sweep: the JSON document, its summary, CSV / markdown / terminal tables."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from ltcache import __version__
+from ltcache.groups import shot_groups
+from ltcache.metrics import fmt_pct
+
+SCHEMA = "ltcache-results/1"
+SUMMARY_FIELDS = ("name", "method", "n_seeds", "all_mean", "all_std", "many", "medium", "few", "ece", "nll",
+                  "lm_many", "lm_medium", "lm_few", "rsd_many", "rsd_medium", "rsd_few")
+
+
+def _cache_block(cache) -> dict:
+    man = dict(getattr(cache, "manifest", None) or {})
+    ckpt = man.get("checkpoint") if isinstance(man.get("checkpoint"), dict) else {}
+    counts = [int(c) for c in list(cache.class_counts)]
+    return {"path": str(getattr(cache, "path", "")), "dataset": man.get("dataset"),
+            "class_names": list(getattr(cache, "class_names", None) or [str(i) for i in range(len(counts))]),
+            "class_counts": counts,
+            "groups": list(getattr(cache, "groups", None) or shot_groups(counts)),
+            "feature_dim": int(cache.feature_dim),
+            "checkpoint_sha256": man.get("checkpoint_sha256") or ckpt.get("sha256")}
+
+
+def _mean(vals) -> Optional[float]:
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize(runs: Sequence[dict]) -> list[dict]:
+    """One row per run name (seeds pooled): mean +- std of All, means of the rest; sorted by All."""
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(r["name"], []).append(r)
+    rows = []
+    for name, rs in by.items():
+        alls = [r["metrics"]["all"] for r in rs if r["metrics"]["all"] is not None]
+        row = {"name": name, "method": rs[0]["method"], "params": rs[0]["params"],
+               "seeds": [r["seed"] for r in rs], "n_seeds": len(rs),
+               "all_mean": _mean(alls), "all_std": statistics.pstdev(alls) if len(alls) > 1 else 0.0}
+        for key in ("many", "medium", "few", "ece", "nll"):
+            row[key] = _mean(r["metrics"][key] for r in rs)
+        for g in ("many", "medium", "few"):
+            row[f"lm_{g}"] = _mean(r["metrics"]["lm_groups"][g] for r in rs)
+            row[f"rsd_{g}"] = _mean(r["metrics"]["rsd_groups"][g] for r in rs)
+        rows.append(row)
+    rows.sort(key=lambda r: -1e9 if r["all_mean"] is None else -r["all_mean"])
+    return rows
+
+
+def build_results(cache, runs: list, stage1: dict, wall_time_s: float, device: str) -> dict:
+    """The results JSON document (ARCHITECTURE.md "Results JSON")."""
+    return {"schema": SCHEMA, "ltcache_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "cache": _cache_block(cache), "wall_time_s": float(wall_time_s), "device": device,
+            "stage1": stage1, "runs": runs, "summary": summarize(runs)}
+
+
+def _num(v, fmt="{:.3f}") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary table (CE re-train row marked as the reference)."""
+    head = ["method", "All", "Many", "Medium", "Few", "ECE", "NLL", "LM m/m/f", "RSD m/m/f"]
+    rows = [["stage-1 head", fmt_pct(results["stage1"]["all"]), fmt_pct(results["stage1"]["many"]),
+             fmt_pct(results["stage1"]["medium"]), fmt_pct(results["stage1"]["few"]),
+             _num(results["stage1"]["ece"], "{:.2f}"), _num(results["stage1"]["nll"]),
+             "/".join(_num(results["stage1"]["lm_groups"][g], "{:.2f}") for g in ("many", "medium", "few")),
+             "/".join(_num(results["stage1"]["rsd_groups"][g], "{:.2f}") for g in ("many", "medium", "few"))]]
+    for r in results["summary"]:
+        name = r["name"] + (" (reference)" if r["name"] == "ce" else "")
+        rows.append([name, fmt_pct(r["all_mean"], r["all_std"] if r["n_seeds"] > 1 else None),
+                     fmt_pct(r["many"]), fmt_pct(r["medium"]), fmt_pct(r["few"]), _num(r["ece"], "{:.2f}"),
+                     _num(r["nll"]), "/".join(_num(r[f"lm_{g}"], "{:.2f}") for g in ("many", "medium", "few")),
+                     "/".join(_num(r[f"rsd_{g}"], "{:.2f}") for g in ("many", "medium", "few"))])
+    return head, rows
+
+
+def format_table(results: dict) -> str:
+    """A readable fixed-width terminal table plus the sweep's wall time."""
+    head, rows = table_rows(results)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    n = len(results["runs"])
+    out.append(f"{n} runs in {results['wall_time_s']:.1f} s on {results['device']} "
+               "(top-1 %, mean ± std over seeds; ECE %, 15 bins)")
+    return "\n".join(out)
+
+
+def format_markdown(results: dict) -> str:
+    """The summary table as GitHub markdown."""
+    head, rows = table_rows(results)
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md.append("")
+    md.append(f"{len(results['runs'])} runs, wall time {results['wall_time_s']:.1f} s on {results['device']}.")
+    return "\n".join(md) + "\n"
+
+
+def write_json(results: dict, path: Union[str, Path]) -> Path:
+    """Write the results JSON (NaN never appears: missing values are null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, allow_nan=False))
+    return path
+
+
+def write_all(results: dict, out_dir: Union[str, Path]) -> dict:
+    """results.json, summary.csv and summary.md in ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": write_json(results, out / "results.json"), "csv": out / "summary.csv",
+             "md": out / "summary.md"}
+    with open(paths["csv"], "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(SUMMARY_FIELDS + ("seeds", "params"))
+        for r in results["summary"]:
+            w.writerow([("" if r[f] is None else r[f]) for f in SUMMARY_FIELDS]
+                       + [" ".join(map(str, r["seeds"])), json.dumps(r["params"], sort_keys=True)])
+    paths["md"].write_text(format_markdown(results))
+    return paths
