@@ -94,3 +94,95 @@ def test_batched_equals_alone(select):
         assert ma["nll"] == pytest.approx(mt["nll"], abs=1e-5)
         # and it trained: the head moved away from its initial value
         assert not torch.allclose(t.layer.get("weight"), cache.weight) or cfg.head in ("lws", "marc")
+
+
+def plain_reference(cfg, cache, loss_fn):
+    """The same configuration trained by an ordinary PyTorch loop (nn.Linear + torch.optim.SGD)."""
+    from ltcache.stage2.samplers import ClassIndex, epoch_indices
+    tr = cache.splits["train"]
+    n, v, d = tr.features.shape
+    g = torch.Generator().manual_seed(cfg.seed)
+    lin = torch.nn.Linear(d, cache.num_classes)
+    with torch.no_grad():
+        lin.weight.copy_(cache.weight)
+        lin.bias.copy_(cache.bias)
+    opt = torch.optim.SGD(lin.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.wd)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=0)
+    ci = ClassIndex.from_labels(tr.labels, cache.num_classes)
+    for e in range(cfg.epochs):
+        idx, valid = epoch_indices(cfg.sampler, ci, cfg.batch_size, e, cfg.epochs, g)
+        views = torch.randint(v, (n,), generator=g)
+        for s in range(idx.shape[0]):
+            i = idx[s][valid[s]]
+            x = tr.features[i, views[i]]
+            opt.zero_grad()
+            loss_fn(lin(x), tr.labels[i]).backward()
+            opt.step()
+        sched.step()   # LOS: after each epoch
+    return lin.weight.detach(), lin.bias.detach()
+
+
+@pytest.mark.parametrize("method,ov,loss_fn", [
+    ("los", {"delta": 0.98, "lr": 0.05, "wd": 1e-3, "batch_size": 24, "epochs": 3},
+     lambda z, y: F.cross_entropy(z, y, label_smoothing=0.98)),
+    ("balanced-softmax", {"lr": 0.05, "batch_size": 40, "epochs": 2},
+     lambda z, y: F.cross_entropy(z + torch.tensor([150., 60, 30, 12, 6]).log(), y)),
+])
+def test_engine_equals_plain_pytorch_loop(method, ov, loss_fn):
+    cache = fake_cache()
+    cfg = configs_for(cache, [(method, ov, 7)])[0]
+    if cfg.init == "fresh":
+        cfg.init = "stage1"            # the reference copies the stage-1 head
+    w_ref, b_ref = plain_reference(cfg, cache, loss_fn)
+    t = train_sweep([cfg], data_of(cache), quiet=True)[0]
+    assert torch.allclose(t.layer["weight"], w_ref, atol=1e-5)
+    assert torch.allclose(t.layer["bias"], b_ref, atol=1e-5)
+
+
+def test_maxnorm_projection_radius():
+    cache = fake_cache()
+    cfg = configs_for(cache, [("maxnorm", {"epochs": 2, "lr": 0.5, "wd": 0.0, "maxnorm_thresh": 0.1}, 0)])[0]
+    norms0 = cache.weight.norm(dim=1)
+    r = float(norms0.min() + 0.1 * (norms0.max() - norms0.min()))
+    from ltcache.stage2.sweep import maxnorm_radius
+    assert maxnorm_radius(cache.weight, 0.1) == pytest.approx(r)
+    t = train_sweep([cfg], data_of(cache), quiet=True)[0]
+    assert t.layer["weight"].norm(dim=1).max() <= r + 1e-5
+
+
+def test_seeds_differ_and_repeat():
+    cache = fake_cache()
+    cfgs = configs_for(cache, [("crt", {"epochs": 1, "batch_size": 32}, 0), ("crt", {"epochs": 1, "batch_size": 32}, 1),
+                               ("crt", {"epochs": 1, "batch_size": 32}, 0)])
+    out = train_sweep(cfgs, data_of(cache), quiet=True)
+    assert not torch.allclose(out[0].layer["weight"], out[1].layer["weight"])
+    assert torch.equal(out[0].layer["weight"], out[2].layer["weight"])
+
+
+def test_retrain_and_bench_results_schema(tmp_path):
+    cache = fake_cache()
+    res = api.retrain(cache, "los", {"delta": 0.9, "epochs": 2}, seeds=(0, 1), quiet=True, device="cpu")
+    assert res["schema"] == "ltcache-results/1" and len(res["runs"]) == 2
+    run = res["runs"][0]
+    assert run["name"] == "los[delta=0.9,epochs=2]" and run["selected_epoch"] == 2
+    for key in ("all", "many", "medium", "few", "ece", "nll", "per_class_acc", "lm", "rsd", "lm_groups",
+                "rsd_groups", "mean_logit", "margin", "weight_norm", "reliability"):
+        assert key in run["metrics"]
+    assert len(run["metrics"]["reliability"]["bin_count"]) == 15
+    res = api.bench(cache, methods=["tau-norm", "posthoc-la", "ncm", "ldam", "lws"], seeds=(0, 1),
+                    grid={"epochs": [1, 2]}, overrides=None, quiet=True, device="cpu", out_dir=tmp_path)
+    names = [r["name"] for r in res["summary"]]
+    assert "ce[epochs=1]" in names and "tau-norm" in names and "ldam[margin=0.5,scale=30,epochs=2]" in names
+    assert all(r["n_seeds"] == 2 for r in res["summary"])
+    assert [r["all_mean"] for r in res["summary"]] == sorted([r["all_mean"] for r in res["summary"]], reverse=True)
+    assert (tmp_path / "results.json").exists() and (tmp_path / "summary.csv").exists()
+    assert "(reference)" in (tmp_path / "summary.md").read_text()
+
+
+def test_every_registered_method_runs():
+    cache = fake_cache(d=6)
+    assert len(METHODS) >= 22
+    res = api.bench(cache, methods=None, seeds=(0,), overrides={"epochs": 1}, quiet=True, device="cpu")
+    assert {r["method"] for r in res["runs"]} == set(METHODS)
+    for r in res["runs"]:
+        assert r["metrics"]["all"] is not None and r["metrics"]["nll"] == r["metrics"]["nll"], r["name"]

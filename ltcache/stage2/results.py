@@ -77,7 +77,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
              "/".join(_num(results["stage1"]["lm_groups"][g], "{:.2f}") for g in ("many", "medium", "few")),
              "/".join(_num(results["stage1"]["rsd_groups"][g], "{:.2f}") for g in ("many", "medium", "few"))]]
     for r in results["summary"]:
-        name = r["name"] + (" (reference)" if r["name"] == "ce" else "")
+        name = r["name"] + (" (reference)" if r["method"] == "ce" else "")
         rows.append([name, fmt_pct(r["all_mean"], r["all_std"] if r["n_seeds"] > 1 else None),
                      fmt_pct(r["many"]), fmt_pct(r["medium"]), fmt_pct(r["few"]), _num(r["ece"], "{:.2f}"),
                      _num(r["nll"]), "/".join(_num(r[f"lm_{g}"], "{:.2f}") for g in ("many", "medium", "few")),

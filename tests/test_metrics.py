@@ -1,0 +1,50 @@
+"""Metrics on hand-built examples: groups, ECE (MiSLAS bins), NLL, LM/RSD."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ltcache import metrics as M
+
+
+def test_groups_and_empty_group():
+    counts = [500, 150, 100, 20, 19, 5]
+    pc = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
+    g = M.group_accuracy(pc, counts)
+    assert g["many"] == pytest.approx(90.0) and g["medium"] == pytest.approx(50.0) and g["few"] == pytest.approx(10.0)
+    assert M.group_accuracy(torch.tensor([1.0, 0.5]), [500, 50])["few"] is None
+    assert M.fmt_pct(None) == "-"
+
+
+def test_ece_hand_example():
+    # two samples: conf 0.9 correct, conf 0.58 wrong -> bins 14 and 9 (1-based: 0.8667<c<=0.9333, 0.5333<c<=0.6)
+    p1 = torch.tensor([0.9, 0.1])
+    p2 = torch.tensor([0.58, 0.42])
+    logits = torch.stack([p1.log(), p2.log()])
+    labels = torch.tensor([0, 1])
+    rel = M.reliability(logits, labels)
+    assert rel["bin_count"][13] == 1 and rel["bin_count"][8] == 1 and sum(rel["bin_count"]) == 2
+    assert M.ece(logits, labels) == pytest.approx(100 * (0.5 * 0.1 + 0.5 * 0.58), abs=1e-6)
+    assert M.nll(logits, labels) == pytest.approx(-(math.log(0.9) + math.log(0.42)) / 2, abs=1e-6)
+
+
+def test_logits_magnitude_and_rsd():
+    z = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 2.0], [0.0, 4.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    lm, rsd = M.logits_magnitude(z, y)
+    raw = torch.tensor([2.0 - 0.0, 3.0 - 0.5])           # pos mean - neg mean
+    assert torch.allclose(lm, raw / raw.abs().mean())
+    std = torch.tensor([torch.tensor([3.0, 1.0]).std(), torch.tensor([2.0, 4.0]).std()])
+    assert torch.allclose(rsd.float(), std / raw)
+    mean_logit, margin = M.class_logit_stats(z, y)
+    assert torch.allclose(mean_logit.float(), torch.tensor([2.0, 3.0]))
+    assert torch.allclose(margin.float(), torch.tensor([(3 + 0) / 2, (2 + 4) / 2]))
+
+
+def test_full_report_has_no_nan_for_missing_group():
+    z = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    rep = M.full_report(z, torch.arange(20) % 2, [500, 50], torch.ones(2))
+    assert rep["few"] is None and rep["lm_groups"]["few"] is None
+    assert len(rep["reliability"]["bin_conf"]) == 15

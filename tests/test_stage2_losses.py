@@ -1,0 +1,170 @@
+"""Each stage-2 loss against its formula computed directly."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltcache.stage2 import losses as L
+
+torch.set_num_threads(1)
+COUNTS = torch.tensor([200, 80, 30, 10, 4])
+K = 5
+
+
+def one(kind, params=None, z=None, y=None, valid=None, scale=1.0):
+    spec = L.build_loss(kind, params or {}, COUNTS, scale=scale)
+    lb = L.stack_specs([spec], COUNTS, "cpu")
+    return L.batched_loss(z.unsqueeze(0), y.unsqueeze(0), valid.unsqueeze(0).float(), lb)[0]
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(12, K, generator=g) * 2
+    y = torch.randint(K, (12,), generator=g)
+    return z, y, torch.ones(12)
+
+
+def test_ce_ls_los(batch):
+    z, y, v = batch
+    assert one("ce", z=z, y=y, valid=v) == pytest.approx(float(F.cross_entropy(z, y)), abs=1e-6)
+    assert one("ls", {"eps": 0.2}, z, y, v) == pytest.approx(float(F.cross_entropy(z, y, label_smoothing=0.2)), abs=1e-6)
+    assert one("los", {"delta": 0.98}, z, y, v) == pytest.approx(
+        float(F.cross_entropy(z, y, label_smoothing=0.98)), abs=1e-6)
+
+
+def test_padding_equals_smaller_batch(batch):
+    z, y, v = batch
+    v = v.clone()
+    v[8:] = 0
+    assert one("los", {"delta": 0.5}, z, y, v) == pytest.approx(
+        float(F.cross_entropy(z[:8], y[:8], label_smoothing=0.5)), abs=1e-6)
+
+
+def test_offsets_balanced_softmax_la_vs(batch):
+    z, y, v = batch
+    logn = COUNTS.double().log().float()
+    logpi = (COUNTS.double() / COUNTS.sum()).log().float()
+    assert one("balanced-softmax", z=z, y=y, valid=v) == pytest.approx(float(F.cross_entropy(z + logn, y)), abs=1e-5)
+    assert one("la", {"tau": 1.5}, z, y, v) == pytest.approx(float(F.cross_entropy(z + 1.5 * logpi, y)), abs=1e-5)
+    mult = (COUNTS.double() / COUNTS.max()).pow(0.3).float()
+    assert one("vs", {"gamma": 0.3, "tau": 1.2}, z, y, v) == pytest.approx(
+        float(F.cross_entropy(z * mult + 1.2 * logpi, y)), abs=1e-5)
+
+
+def test_ldam_margins_and_loss(batch):
+    z, y, v = batch
+    m = L.ldam_margins(COUNTS, 0.5)
+    expect = 0.5 * (COUNTS.min().double() / COUNTS.double()).pow(0.25)
+    assert torch.allclose(m.double(), expect, atol=1e-6) and float(m.max()) == pytest.approx(0.5)
+    cos = torch.tanh(z)
+    u = 30 * (cos - F.one_hot(y, K) * m[y].unsqueeze(1))
+    assert one("ldam", {"margin": 0.5}, 30 * cos, y, v, scale=30) == pytest.approx(float(F.cross_entropy(u, y)), rel=1e-5)
+    w = L.class_balanced_weights(COUNTS, 0.9999)
+    assert one("ldam-drw", {"margin": 0.5, "beta": 0.9999}, 30 * cos, y, v, scale=30) == pytest.approx(
+        float(F.cross_entropy(u, y, weight=w)), rel=1e-5)
+
+
+def test_label_aware_eps_shapes():
+    n = COUNTS.double()
+    r = (n - n.min()) / (n.max() - n.min())
+    concave = L.label_aware_eps(COUNTS, 0.4, 0.1, "concave")
+    linear = L.label_aware_eps(COUNTS, 0.4, 0.1, "linear")
+    convex = L.label_aware_eps(COUNTS, 0.4, 0.1, "convex")
+    assert torch.allclose(concave.double(), 0.1 + 0.3 * torch.sin(math.pi * r / 2), atol=1e-6)
+    assert torch.allclose(linear.double(), 0.1 + 0.3 * r, atol=1e-6)
+    assert torch.allclose(convex.double(), 0.4 + 0.3 * torch.sin(1.5 * math.pi + math.pi * r / 2), atol=1e-6)
+    for e in (concave, linear, convex):          # head gets eps_head, tail gets eps_tail
+        assert float(e[0]) == pytest.approx(0.4) and float(e[-1]) == pytest.approx(0.1)
+    assert float(concave[2]) > float(linear[2]) > float(convex[2])
+
+
+def test_las_loss(batch):
+    z, y, v = batch
+    eps = L.label_aware_eps(COUNTS, 0.3, 0.0, "linear")
+    lp = F.log_softmax(z, 1)
+    expect = ((1 - eps[y]) * -lp.gather(1, y[:, None]).squeeze(1) + eps[y] * -lp.mean(1)).mean()
+    assert one("las", {"eps_head": 0.3, "eps_tail": 0.0, "shape": "linear"}, z, y, v) == pytest.approx(float(expect), abs=1e-6)
+
+
+def test_focal_ldam_form(batch):
+    z, y, v = batch
+    ce = F.cross_entropy(z, y, reduction="none")
+    expect = ((1 - torch.exp(-ce)) ** 2.0 * ce).mean()
+    assert one("focal", {"gamma": 2.0}, z, y, v) == pytest.approx(float(expect), abs=1e-6)
+
+
+def test_class_balanced_weights_and_tf_normalisation(batch):
+    z, y, v = batch
+    w = L.class_balanced_weights(COUNTS, 0.999)
+    raw = (1 - 0.999) / (1 - 0.999 ** COUNTS.double())
+    assert float(w.sum()) == pytest.approx(K, abs=1e-5)
+    assert torch.allclose(w.double(), raw / raw.sum() * K, atol=1e-6)
+    ce = F.cross_entropy(z, y, reduction="none")
+    assert one("cb", {"beta": 0.999}, z, y, v) == pytest.approx(float((w[y] * ce).sum() / len(y)), abs=1e-5)
+
+
+def test_cb_sigmoid_and_focal(batch):
+    z, y, v = batch
+    w = L.class_balanced_weights(COUNTS, 0.99)
+    t = F.one_hot(y, K).float()
+    bce = F.binary_cross_entropy_with_logits(z, t, reduction="none")
+    assert one("cb-sigmoid", {"beta": 0.99}, z, y, v) == pytest.approx(float((w[y, None] * bce).sum() / 12), rel=1e-5)
+    p = torch.sigmoid(z)
+    mod = torch.where(t > 0, (1 - p) ** 1.5, p ** 1.5)
+    assert one("cb-focal", {"beta": 0.99, "gamma": 1.5}, z, y, v) == pytest.approx(
+        float((w[y, None] * mod * bce).sum() / 12), rel=1e-5)
+
+
+def test_ltwb_bce_on_softmax(batch):
+    z, y, v = batch
+    w = L.class_balanced_weights(COUNTS, 0.9999)
+    expect = F.binary_cross_entropy(F.softmax(z, 1), F.one_hot(y, K).float(), weight=w[y, None].expand(-1, K))
+    assert one("ltwb-cb", {"beta": 0.9999}, z, y, v) == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_grw_weighted_mean(batch):
+    z, y, v = batch
+    u = L.grw_weights(COUNTS, 1.2)
+    pi = COUNTS.double() / COUNTS.sum()
+    assert torch.allclose(u.double(), pi ** -1.2 / (pi ** -1.2).sum() * K, atol=1e-5)
+    assert one("grw", {"rho": 1.2}, z, y, v) == pytest.approx(float(F.cross_entropy(z, y, weight=u)), rel=1e-5)
+
+
+def test_seesaw(batch):
+    z, y, v = batch
+    n = COUNTS.double()
+    sig = F.softmax(z, 1).double()
+    mitig = torch.where(n[None, :] < n[y][:, None], (n[None, :] / n[y][:, None]) ** 0.8, torch.ones(1, dtype=torch.double))
+    ratio = sig / sig.gather(1, y[:, None]).clamp_min(1e-2)
+    comp = torch.where(ratio > 1, ratio ** 2.0, torch.ones(1, dtype=torch.double))
+    onehot = F.one_hot(y, K).double()
+    zt = z.double() + (mitig * comp).log() * (1 - onehot)
+    assert one("seesaw", {"p": 0.8, "q": 2.0}, z, y, v) == pytest.approx(float(F.cross_entropy(zt, y)), rel=1e-5)
+
+
+def test_lade(batch):
+    z, y, v = batch
+    pi = COUNTS.double() / COUNTS.sum()
+    prior_ce = F.cross_entropy(z.double() + (pi + 1e-9).log(), y)
+    onehot = F.one_hot(y, K).double()
+    t1 = (z.double() * onehot).sum(0) / (onehot.sum(0) + 1e-8)
+    t2 = torch.logsumexp(z.double() - (pi + 1e-9).log() + math.log(1 / K), 0) - math.log(12)
+    est = t1 - t2 - 0.5 * t2 ** 2
+    expect = prior_ce + 0.1 * -(est * pi).sum()
+    assert one("lade", {"alpha": 0.1, "lam": 0.5}, z, y, v) == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_mixed_specs_in_one_batch_match_each_alone(batch):
+    z, y, v = batch
+    kinds = [("ce", {}), ("focal", {"gamma": 1.0}), ("ltwb-cb", {"beta": 0.99}), ("cb-focal", {"beta": 0.9, "gamma": 1.0}),
+             ("seesaw", {"p": 0.8, "q": 2.0}), ("lade", {"alpha": 0.1, "lam": 0.01}), ("las", {"eps_head": 0.4, "eps_tail": 0.1})]
+    specs = [L.build_loss(k, p, COUNTS) for k, p in kinds]
+    lb = L.stack_specs(specs, COUNTS, "cpu")
+    m = len(specs)
+    got = L.batched_loss(z.expand(m, -1, -1), y.expand(m, -1), v.expand(m, -1), lb)
+    for i, (k, p) in enumerate(kinds):
+        assert float(got[i]) == pytest.approx(float(one(k, p, z, y, v)), abs=1e-5), k
