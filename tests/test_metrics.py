@@ -35,7 +35,7 @@ def test_logits_magnitude_and_rsd():
     y = torch.tensor([0, 0, 1, 1])
     lm, rsd = M.logits_magnitude(z, y)
     raw = torch.tensor([2.0 - 0.0, 3.0 - 0.5])           # pos mean - neg mean
-    assert torch.allclose(lm, raw / raw.abs().mean())
+    assert torch.allclose(lm.float(), raw / raw.abs().mean())
     std = torch.tensor([torch.tensor([3.0, 1.0]).std(), torch.tensor([2.0, 4.0]).std()])
     assert torch.allclose(rsd.float(), std / raw)
     mean_logit, margin = M.class_logit_stats(z, y)
