@@ -1,1 +1,154 @@
-"""(commands registered here are added by their issue)"""
+"""``ltcache retrain``, ``ltcache bench`` and ``ltcache methods``: thin layers over ltcache.stage2."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ltcache.cli.app import cli
+from ltcache.errors import LtcacheError
+
+# each method's own hyper-parameters, as real options (refused when they do not apply)
+METHOD_OPTIONS = [
+    ("--delta", "delta", float, "LOS label over-smoothing delta in [0, 1]"),
+    ("--eps", "eps", float, "label smoothing epsilon (ls)"),
+    ("--eps-head", "eps_head", float, "MiSLAS smoothing of the most frequent class"),
+    ("--eps-tail", "eps_tail", float, "MiSLAS smoothing of the rarest class"),
+    ("--shape", "shape", click.Choice(["concave", "linear", "convex"]), "MiSLAS smoothing shape"),
+    ("--lr-factor", "lr_factor", float, "MiSLAS learning-rate ratio of W, b"),
+    ("--tau", "tau", float, "logit adjustment / tau-norm / VS tau (>= 0)"),
+    ("--gamma", "gamma", float, "focal / VS gamma"),
+    ("--beta", "beta", float, "class-balanced beta in [0, 1)"),
+    ("--margin", "margin", float, "LDAM largest margin"),
+    ("--scale", "scale", float, "cosine head scale"),
+    ("--maxnorm-thresh", "maxnorm_thresh", float, "LTWB MaxNorm threshold"),
+    ("--alpha", "alpha", float, "LADE regulariser weight"),
+    ("--lam", "lam", float, "LADE lambda"),
+    ("--p", "p", float, "Seesaw mitigation exponent"),
+    ("--q", "q", float, "Seesaw compensation exponent"),
+    ("--rho", "rho", float, "MARC GRW exponent"),
+]
+GENERIC_OPTIONS = [
+    ("--epochs", "epochs", int, "epochs (default: the method's preset)"),
+    ("--lr", "lr", float, "learning rate"),
+    ("--batch-size", "batch_size", int, "batch size"),
+    ("--wd", "wd", float, "weight decay"),
+    ("--schedule", "schedule", click.Choice(["cosine", "cosine-start", "constant"]), "lr schedule"),
+]
+
+
+def _add(options):
+    def deco(f):
+        for flag, dest, typ, help_ in reversed(options):
+            f = click.option(flag, dest, type=typ, default=None, show_default=False, help=help_)(f)
+        return f
+    return deco
+
+
+def _common(f):
+    f = click.option("--quiet", is_flag=True, help="no progress bars or status lines")(f)
+    f = click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default=None, show_default=False,
+                     help="hyper-parameter preset (default: from the cache's classes and feature size)")(f)
+    f = click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N")(f)
+    f = click.option("--test-views", type=click.Choice(["all", "center"]), default="all",
+                     help="average logits over the cached test views, or use the center view only")(f)
+    f = click.option("--select", type=click.Choice(["last", "val"]), default="last",
+                     help="keep the last epoch or the best epoch on the val split (never test)")(f)
+    f = click.option("--seeds", default="0", help="comma-separated seeds, each its own configuration")(f)
+    f = click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+                     help="cache directory (default: the bundled cache)")(f)
+    return f
+
+
+def _overrides(kwargs: dict, names) -> dict:
+    return {dest: kwargs.pop(dest) for _, dest, _, _ in names if kwargs.get(dest) is not None}
+
+
+@cli.command("retrain")
+@click.option("--method", required=True, help="method name (see `ltcache methods`)")
+@_common
+@_add(GENERIC_OPTIONS)
+@_add(METHOD_OPTIONS)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="write the results JSON here")
+@click.option("--export", "export_path", type=click.Path(path_type=Path), default=None,
+              help="write a deployable model (stage-1 backbone + this head)")
+def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, quiet, out, export_path, **kwargs):
+    """Re-train one stage-2 method on the cached features and print its metrics."""
+    from ltcache.stage2 import api
+    from ltcache.stage2.methods import get_method, validate_overrides
+    from ltcache.stage2.results import format_table, write_json
+
+    m = get_method(method)
+    overrides = validate_overrides(m, {**_overrides(kwargs, GENERIC_OPTIONS), **_overrides(kwargs, METHOD_OPTIONS)})
+    seed_list = api.parse_seeds(seeds)
+    results = api.retrain(cache_dir, m.name, overrides, seeds=seed_list, select=select, test_views=test_views,
+                          device=device, quiet=quiet, preset=preset, export=export_path)
+    click.echo(format_table(results))
+    if out is not None:
+        write_json(results, out)
+        click.echo(f"results: {out}")
+    if export_path is not None:
+        click.echo(f"model: {export_path}")
+
+
+def parse_grid(items) -> dict:
+    """``("delta=0.9,0.98", ...)`` -> {"delta": ["0.9", "0.98"]} (values checked later)."""
+    grid: dict = {}
+    for item in items or ():
+        if "=" not in item:
+            raise LtcacheError(f"--grid '{item}' must look like name=v1,v2 (e.g. --grid delta=0.9,0.98)")
+        key, vals = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        values = [v.strip() for v in vals.split(",") if v.strip()]
+        if not values:
+            raise LtcacheError(f"--grid {key}= is empty; give at least one value, e.g. --grid {key}=0.9,0.98")
+        from ltcache.stage2.methods import check_param
+        grid[key] = [check_param(key, v) for v in values]
+    return grid
+
+
+@cli.command("bench")
+@click.option("--all-methods", is_flag=True, help="every registered method")
+@click.option("--methods", "method_list", default=None, help="comma-separated method names")
+@click.option("--grid", multiple=True, help="name=v1,v2,... (repeatable): a Cartesian grid")
+@_common
+@_add(GENERIC_OPTIONS)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="directory for results.json, summary.csv and summary.md")
+def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_views, device, preset, quiet, out,
+              **kwargs):
+    """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All."""
+    from ltcache.stage2 import api
+    from ltcache.stage2.methods import METHODS, get_method
+    from ltcache.stage2.results import format_table
+
+    if all_methods == bool(method_list):
+        raise LtcacheError("give exactly one of --all-methods or --methods a,b")
+    names = list(METHODS) if all_methods else [get_method(n.strip()).name for n in method_list.split(",") if n.strip()]
+    if not names:
+        raise LtcacheError("--methods is empty; e.g. --methods ce,los")
+    grid_d = parse_grid(grid)
+    seed_list = api.parse_seeds(seeds)
+    overrides = _overrides(kwargs, GENERIC_OPTIONS)
+    results = api.bench(cache_dir, names, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
+                        device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out)
+    click.echo(format_table(results))
+    if out is not None:
+        click.echo(f"results: {out}/results.json, summary.csv, summary.md")
+
+
+@cli.command("methods")
+@click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default="cifar", help="which defaults to show")
+def methods_cmd(preset):
+    """List every stage-2 method: head, loss, sampler, defaults and source."""
+    from ltcache.stage2.methods import METHODS
+
+    rows = [("name", "head", "loss", "sampler", f"defaults ({preset})", "source")]
+    for m in METHODS.values():
+        d = m.defaults(preset)
+        defaults = " ".join(f"{k}={v}" for k, v in d.items() if v is not None and k != "momentum")
+        rows.append((m.name, m.head, m.loss, m.sampler, defaults, m.source))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])

@@ -226,19 +226,26 @@ def choose_preset(num_classes: int, feature_dim: int, preset: Optional[str] = No
     return "cifar" if num_classes <= 100 and feature_dim <= 512 else "imagenet"
 
 
+def validate_overrides(method: Method, overrides: Optional[dict]) -> dict:
+    """Check that every override belongs to ``method`` and is in range; returns converted values."""
+    allowed = set(method.tunables) | (set() if method.closed_form else set(GENERIC))
+    out = {}
+    for key, value in (overrides or {}).items():
+        if key not in allowed:
+            own = ", ".join("--" + k.replace("_", "-") for k in sorted(allowed)) or "none"
+            raise LtcacheError(f"option --{key.replace('_', '-')} does not apply to method {method.name} "
+                               f"(its options: {own})")
+        out[key] = check_param(key, value, method.name)
+    return out
+
+
 def resolve_params(method: Method, preset: str, overrides: Optional[dict], n_train: int) -> dict:
     """The method's full hyper-parameters: preset defaults, then checked overrides.
 
     An override that is neither generic nor one of the method's own tunables is refused.
     """
     params = method.defaults(preset)
-    allowed = set(method.tunables) | (set() if method.closed_form else set(GENERIC))
-    for key, value in (overrides or {}).items():
-        if key not in allowed:
-            own = ", ".join(sorted(allowed)) or "none"
-            raise LtcacheError(f"option '{key}' does not apply to method {method.name} "
-                               f"(its options: {own})")
-        params[key] = check_param(key, value, method.name)
+    params.update(validate_overrides(method, overrides))
     if params.get("iterations") and (overrides or {}).get("epochs") is None and not method.closed_form:
         steps = math.ceil(n_train / params["batch_size"])
         params["epochs"] = math.ceil(params["iterations"] / steps)
