@@ -186,3 +186,21 @@ def test_every_registered_method_runs():
     assert {r["method"] for r in res["runs"]} == set(METHODS)
     for r in res["runs"]:
         assert r["metrics"]["all"] is not None and r["metrics"]["nll"] == r["metrics"]["nll"], r["name"]
+
+
+@pytest.mark.parametrize("head", ["linear", "lws", "mislas", "marc", "cosine"])
+def test_effective_layer_equals_training_forward(head):
+    from ltcache.stage2 import heads as H
+    g = torch.Generator().manual_seed(0)
+    w0, b0 = torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
+    kind = H.get_head(head)
+    p, buf = H.init_head(kind, "stage1", w0, b0, g)
+    for k in p:
+        p[k] = p[k] + 0.1 * torch.randn(p[k].shape, generator=g)
+    if kind.family == "cosine":
+        buf["scale"] = torch.tensor(16.0)
+    x = torch.randn(7, 6, generator=g)
+    stacked = {k: v.unsqueeze(0) for k, v in p.items()}
+    sbuf = {k: v.reshape(1, *v.shape) for k, v in buf.items()}
+    z = H.forward(kind.family, stacked, sbuf, x.unsqueeze(0))[0]
+    assert torch.allclose(z, H.apply_layer(H.effective(kind.family, p, buf), x), atol=1e-5)
