@@ -1,0 +1,177 @@
+"""Speed of the batched stage-2 engine vs a plain one-configuration-at-a-time PyTorch loop.
+
+Run by hand (not by CI):  python benchmarks/bench_engine.py --shapes c10,c100 [--quick]
+
+For each feature shape (random, class-separable features; counts of the real LT profile):
+* wall time of ``bench(all methods, seeds)`` at each method's preset epochs and batch size;
+* FLOPs of that work (training: 4 B D K per config-step -- forward logits and dW; evaluation:
+  2 N D K per view per run) and the achieved fraction of this machine's fp32 matmul rate,
+  measured in the same run with large square ``torch.mm``;
+* the same trained configurations one at a time by a plain loop (DataLoader over a
+  TensorDataset, one ``nn.Linear``, torch.optim.SGD, CE). ``--loop-sample`` times a subset
+  of configurations fully and extrapolates the rest by step count (per-step time at the
+  same batch size); the report says how many were timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from ltcache.stage2 import api
+from ltcache.stage2.methods import METHODS, choose_preset
+from ltcache.stage2.samplers import steps_per_epoch
+
+SHAPES = {  # name: (K, D, counts rule, test per class)
+    "c10": dict(k=10, d=64, n_max=5000, ir=100, test=1000, label="ResNet-32 CIFAR-10-LT (N 12,406, D 64, K 10)"),
+    "c100": dict(k=100, d=512, n_max=500, ir=100, test=100, label="ResNet-34 CIFAR-100-LT (N 10,847, D 512, K 100)"),
+    "imnet": dict(k=1000, d=2048, n_max=1280, ir=256, test=50, target_n=115846,
+                  label="ResNet-50 ImageNet-LT (N ~115,846, D 2048, K 1000)"),
+}
+
+
+def lt_counts(k, n_max, ir, target_n=None):
+    c = [int(n_max * (1 / ir) ** (i / (k - 1))) for i in range(k)]
+    if target_n:
+        s = target_n / sum(c)
+        c = [max(5, int(x * s)) for x in c]
+    return c
+
+
+def synthetic_cache(shape, device, seed=0):
+    cfg = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    k, d = cfg["k"], cfg["d"]
+    counts = lt_counts(k, cfg["n_max"], cfg["ir"], cfg.get("target_n"))
+    centers = torch.randn(k, d, generator=g)
+
+    def split(per_class, views, names):
+        labels = torch.cat([torch.full((n,), j, dtype=torch.long) for j, n in enumerate(per_class)])
+        base = centers[labels] + 2.0 * torch.randn(len(labels), d, generator=g)
+        feats = torch.stack([base + 0.3 * torch.randn(len(labels), d, generator=g) for _ in range(views)], 1)
+        return SimpleNamespace(features=feats.to(device), labels=labels.to(device), views=names,
+                               index=torch.arange(len(labels)))
+
+    splits = {"train": split(counts, 2, ["clean", "aug1"]), "val": split([20] * k, 2, ["center", "hflip"]),
+              "test": split([cfg["test"]] * k, 2, ["center", "hflip"])}
+    return SimpleNamespace(path=f"synthetic:{shape}", manifest={}, splits=splits,
+                           weight=(centers * 0.1).to(device), bias=torch.zeros(k, device=device),
+                           class_counts=torch.tensor(counts), class_names=[str(i) for i in range(k)],
+                           num_classes=k, feature_dim=d, groups=None)
+
+
+def matmul_rate(device, n=2048, reps=10):
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def plain_loop(cfg, cache, device):
+    """One configuration, the ordinary way."""
+    tr = cache.splits["train"]
+    x, y = tr.features[:, 0].contiguous(), tr.labels
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size, shuffle=True, generator=g)
+    lin = torch.nn.Linear(x.shape[1], cache.num_classes).to(device)
+    opt = torch.optim.SGD(lin.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.wd)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    steps = 0
+    for _ in range(cfg.epochs):
+        for xb, yb in loader:
+            opt.zero_grad()
+            F.cross_entropy(lin(xb), yb).backward()
+            opt.step()
+            steps += 1
+        sched.step()
+    return steps
+
+
+def run_shape(shape, seeds, device, loop_sample, quick):
+    cache = synthetic_cache(shape, device)
+    n = int(cache.splits["train"].labels.numel())
+    k, d = cache.num_classes, cache.feature_dim
+    preset = choose_preset(k, d)
+    rate = matmul_rate(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    res = api.bench(cache, list(METHODS), seeds=seeds, device=str(device), quiet=True)
+    wall = time.perf_counter() - t
+    rate = max(rate, matmul_rate(device))
+    plans = api.expand(list(METHODS), None, None, preset, n)
+    cfgs = [api.make_config(m, p, s, m.name, cache.class_counts) for m, p, _ in plans if not m.closed_form
+            for s in seeds]
+    train_flops, cfg_steps = 0.0, []
+    for c in cfgs:
+        steps = sum(steps_per_epoch(c.sampler, n, c.batch_size) for _ in range(c.epochs))
+        cfg_steps.append(steps)
+        train_flops += 4.0 * c.batch_size * d * k * steps
+    n_test = int(cache.splits["test"].labels.numel())
+    eval_flops = 2.0 * n_test * d * k * 2 * len(res["runs"])
+    flops = train_flops + eval_flops
+    # plain loop: time a sample (one seed of evenly spread methods), extrapolate by steps
+    first_seed = [(c, s) for c, s in zip(cfgs, cfg_steps) if c.seed == seeds[0]]
+    stride = max(1, math.ceil(len(first_seed) / loop_sample))
+    sample = first_seed[::stride][:loop_sample]
+    per_step = {}
+    timed = 0.0
+    for c, _ in sample:
+        t = time.perf_counter()
+        st = plain_loop(c, cache, device)
+        dt = time.perf_counter() - t
+        timed += dt
+        per_step.setdefault(c.batch_size, []).append(dt / st)
+    mean_ps = {b: sum(v) / len(v) for b, v in per_step.items()}
+    fallback = sum(sum(v) for v in per_step.values()) / sum(len(v) for v in per_step.values())
+    loop_total = sum(s * mean_ps.get(c.batch_size, fallback) for c, s in zip(cfgs, cfg_steps))
+    out = {"shape": SHAPES[shape]["label"], "n_train": n, "device": str(device), "runs": len(res["runs"]),
+           "trained_configs": len(cfgs), "sweep_wall_s": wall, "sweep_flops": flops,
+           "sweep_gflops_per_s": flops / wall / 1e9, "matmul_gflops_per_s": rate / 1e9,
+           "fraction_of_matmul_rate": flops / wall / rate,
+           "plain_loop_timed_configs": len(sample), "plain_loop_timed_s": timed,
+           "plain_loop_per_config_s": timed / len(sample), "plain_loop_total_s_est": loop_total,
+           "speedup": loop_total / wall, "best": res["summary"][0]["name"]}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="c10,c100", help="comma list of c10, c100, imnet")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--loop-sample", type=int, default=25, help="configurations timed in the plain loop")
+    ap.add_argument("--quick", action="store_true", help="seeds 0,1 and 4 plain-loop configurations")
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    a = ap.parse_args(argv)
+    seeds = [0, 1] if a.quick else [int(s) for s in a.seeds.split(",")]
+    loop_sample = 4 if a.quick else a.loop_sample
+    device = torch.device(a.device)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}", file=sys.stderr)
+    results = []
+    for shape in a.shapes.split(","):
+        r = run_shape(shape.strip(), seeds, device, loop_sample, a.quick)
+        results.append(r)
+        print(json.dumps(r, indent=1))
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
