@@ -1,1 +1,54 @@
-"""(commands registered here are added by their issue)"""
+"""``ltcache train``: stage 1."""
+from __future__ import annotations
+
+import click
+
+from ltcache.cli.app import cli
+
+
+@cli.command("train")
+@click.option("--dataset", default="cifar10", help="cifar10 | cifar100 | imagefolder:PATH (folder or .tar.gz) | splitlist:DIR/NAME.")
+@click.option("--data-root", default=None, help="Where datasets live (default: ./data or $LTCACHE_DATA).")
+@click.option("--download/--no-download", default=False, help="Let torchvision download CIFAR (needs a network).")
+@click.option("--imb-ratio", type=float, default=100.0, help="Imbalance ratio n_max/n_min (>= 1).")
+@click.option("--profile", type=click.Choice(["exp", "step"]), default="exp", help="Long-tailed profile of the class counts.")
+@click.option("--selection", type=click.Choice(["first", "shuffle"]), default="shuffle",
+              help="Which images a class keeps: first n_i in source order (LOS, LTWB) or seeded shuffle (LDAM-DRW, MiSLAS).")
+@click.option("--val-per-class", type=click.IntRange(min=0), default=20, help="Balanced val images per class, drawn from unused training images.")
+@click.option("--arch", default="resnet32", help="Backbone: resnet32, resnet34-cifar, resnet18, resnet50, resnext50_32x4d.")
+@click.option("--epochs", type=click.IntRange(min=1), default=200, help="Training epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Batch size.")
+@click.option("--lr", type=float, default=0.1, help="Base learning rate (SGD).")
+@click.option("--momentum", type=float, default=0.9, help="SGD momentum.")
+@click.option("--wd", type=float, default=2e-4, help="Weight decay.")
+@click.option("--schedule", type=click.Choice(["cosine", "step"]), default="step",
+              help="cosine to 0, or step (x0.01 at 80%, x0.0001 at 90% of the epochs, as LDAM-DRW).")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, help="Linear warm-up epochs.")
+@click.option("--label-smoothing", type=float, default=0.0, help="Label smoothing epsilon.")
+@click.option("--mixup", type=float, default=0.0, metavar="ALPHA", help="Mixup alpha (MiSLAS stage 1 uses 1.0); 0 = off.")
+@click.option("--maxnorm", type=float, default=0.0, metavar="THRESH", help="LTWB MaxNorm threshold (e.g. 0.1); 0 = off.")
+@click.option("--seed", type=int, default=0, help="Seed of the LT selection, val split and training.")
+@click.option("--device", default="auto", help="auto | cpu | cuda.")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision (default: on for CUDA, off on CPU).")
+@click.option("--workers", type=click.IntRange(min=1), default=8, help="Image decoding threads.")
+@click.option("--out", default=None, help="Output directory (default: runs/<dataset>-ir<IR>-<arch>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
+@click.option("--force", is_flag=True, help="Overwrite a different run in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+def train_cmd(**kw) -> None:
+    """Stage 1: train a backbone on a long-tailed dataset -> OUT/stage1.pt (+ best.pt).
+
+    \b
+    Example (the real CIFAR-10 shipped as JPEGs, IR 100, ResNet-32):
+      ltcache train --dataset imagefolder:data/cifar10-jpg.tar.gz --imb-ratio 100 --arch resnet32
+    """
+    from ltcache.stage1 import Stage1Options, load_checkpoint, train_stage1
+
+    path = train_stage1(Stage1Options(**kw))
+    ck = load_checkpoint(path)
+    last = ck["history"][-1] if ck["history"] else {}
+    from ltcache.metrics import fmt_pct
+    secs = [h["seconds"] for h in ck["history"]]
+    click.echo(f"stage 1 done: {ck['epoch']}/{ck['epochs']} epochs, val All {fmt_pct(last.get('val', {}).get('all'))}, "
+               f"test All {fmt_pct(last.get('test', {}).get('all'))}, "
+               f"{sum(secs) / max(1, len(secs)):.1f} s/epoch -> {path}")

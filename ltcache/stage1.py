@@ -1,0 +1,286 @@
+"""Stage 1: train a backbone on a long-tailed dataset with instance-balanced cross-entropy.
+
+A plain loop in the style of torchvision's references/classification. Writes ``stage1.pt``
+(last epoch, the one extraction uses) and ``best.pt`` (best val All) every epoch, atomically,
+so an interrupted run continues with ``--resume``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ltcache import __version__
+from ltcache.data import DatasetSpec, build_dataset
+from ltcache.devices import resolve_device
+from ltcache.errors import LtcacheError
+from ltcache.metrics import accuracy_report, fmt_pct
+from ltcache.models import build_model
+from ltcache.progress import echo, progress
+
+FORMAT = "ltcache-stage1"
+FORMAT_VERSION = 1
+CKPT_NAME, BEST_NAME = "stage1.pt", "best.pt"
+
+
+@dataclass
+class Stage1Options:
+    """Every stage-1 option; defaults are the LDAM-DRW / MiSLAS CIFAR-LT recipe."""
+
+    dataset: str = "cifar10"
+    data_root: Optional[str] = None
+    download: bool = False
+    imb_ratio: float = 100.0
+    profile: str = "exp"
+    selection: str = "shuffle"
+    val_per_class: int = 20
+    arch: str = "resnet32"
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    wd: float = 2e-4
+    schedule: str = "step"
+    warmup_epochs: int = 5
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    maxnorm: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    amp: Optional[bool] = None
+    workers: int = 8
+    out: Optional[str] = None
+    resume: bool = False
+    force: bool = False
+    quiet: bool = False
+
+    # options that define the run (a resumed run must agree on them)
+    RUN_KEYS = ("dataset", "imb_ratio", "profile", "selection", "val_per_class", "arch", "epochs",
+                "batch_size", "lr", "momentum", "wd", "schedule", "warmup_epochs",
+                "label_smoothing", "mixup", "maxnorm", "seed")
+
+    def run_args(self) -> dict:
+        return {k: getattr(self, k) for k in self.RUN_KEYS}
+
+    def validate(self) -> None:
+        if self.imb_ratio < 1:
+            raise LtcacheError(f"--imb-ratio must be >= 1 (got {self.imb_ratio}); 100 is the usual CIFAR-LT setting")
+        checks = [(self.epochs >= 1, "--epochs must be >= 1"), (self.batch_size >= 1, "--batch-size must be >= 1"),
+                  (self.lr > 0, "--lr must be > 0"), (self.wd >= 0, "--wd must be >= 0"),
+                  (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+                  (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+                  (self.mixup >= 0, "--mixup must be >= 0 (0 turns it off)"),
+                  (self.maxnorm >= 0, "--maxnorm must be >= 0 (0 turns it off)"),
+                  (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+                  (self.schedule in ("cosine", "step"), "--schedule must be cosine or step")]
+        for ok, msg in checks:
+            if not ok:
+                raise LtcacheError(msg)
+
+
+def lr_at(opts: Stage1Options, epoch: int, step: int, steps: int) -> float:
+    """Learning rate for a step: linear warm-up, then cosine to 0 or the LDAM-DRW steps
+    (x0.01 at 80% and x0.0001 at 90% of training: epochs 160 and 180 of 200)."""
+    t = epoch + step / max(1, steps)
+    if opts.warmup_epochs and t < opts.warmup_epochs:
+        return opts.lr * (t + 1 / max(1, steps)) / opts.warmup_epochs
+    if opts.schedule == "cosine":
+        return 0.5 * opts.lr * (1 + math.cos(math.pi * t / opts.epochs))
+    if epoch >= int(round(0.9 * opts.epochs)):
+        return opts.lr * 1e-4
+    if epoch >= int(round(0.8 * opts.epochs)):
+        return opts.lr * 1e-2
+    return opts.lr
+
+
+def maxnorm_radius(weight: torch.Tensor, thresh: float) -> float:
+    """LTWB MaxNorm radius: r = min_j ||w_j|| + thresh (max_j ||w_j|| - min_j ||w_j||)."""
+    n = weight.detach().norm(dim=1)
+    return float(n.min() + thresh * (n.max() - n.min()))
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path) -> dict:
+    """Read a ``stage1.pt``; an unreadable, truncated or foreign file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise LtcacheError(f"checkpoint {path} not found; train one with `ltcache train`")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise LtcacheError(f"{path} is not a readable PyTorch checkpoint ({exc.__class__.__name__}); "
+                           "it may be truncated: re-train or point to another file") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise LtcacheError(f"{path} is not an ltcache stage-1 checkpoint; for a plain state dict "
+                           "use `ltcache extract --arch NAME --dataset ...`")
+    if ck.get("format_version", 0) > FORMAT_VERSION:
+        raise LtcacheError(f"{path} was written by a newer ltcache (format {ck['format_version']}); upgrade ltcache")
+    return ck
+
+
+def _default_out(opts: Stage1Options) -> Path:
+    ir = f"{opts.imb_ratio:g}"
+    return Path("runs") / f"{DatasetSpec(opts.dataset).short_name}-ir{ir}-{opts.arch}"
+
+
+def _prepare_out(opts: Stage1Options, out: Path) -> Optional[dict]:
+    """Refuse to clobber a different run; return the checkpoint to resume from, if any."""
+    ck_path = out / CKPT_NAME
+    if opts.resume:
+        ck = load_checkpoint(ck_path)
+        old = ck.get("train_args", {})
+        diff = [k for k in opts.RUN_KEYS if k in old and old[k] != getattr(opts, k)]
+        if diff:
+            k = diff[0]
+            raise LtcacheError(f"--resume: {out} was trained with {k}={old[k]!r}, not {getattr(opts, k)!r}; "
+                               "use the same options or a new --out")
+        return ck
+    if ck_path.exists() and not opts.force:
+        raise LtcacheError(f"{out} already holds a training run; use --resume to continue it, "
+                           "--force to overwrite it, or another --out")
+    return None
+
+
+def _mixup(x, y, alpha, gen):
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen))).beta(alpha, alpha))
+    perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+
+
+@torch.no_grad()
+def evaluate(model, ds, split: str, device, batch_size: int = 500, amp: bool = False) -> dict:
+    """All/Many/Medium/Few top-1 of the model on one split (eval mode, center view)."""
+    sp = ds.splits[split]
+    if len(sp) == 0:
+        return {"all": None, "many": None, "medium": None, "few": None}
+    model.eval()
+    outs = []
+    for i in range(0, len(sp), batch_size):
+        x = ds.normalize(sp.images(torch.arange(i, min(i + batch_size, len(sp)))).to(device))
+        with torch.autocast(device.type, enabled=amp):
+            outs.append(model(x).float().cpu())
+    return accuracy_report(torch.cat(outs), sp.labels, ds.class_counts)
+
+
+def train_stage1(opts: Stage1Options) -> Path:
+    """Train stage 1 and return the path of ``stage1.pt``."""
+    opts.validate()
+    out = Path(opts.out) if opts.out else _default_out(opts)
+    resume_ck = _prepare_out(opts, out)      # refuse before any work or any file is written
+    device = resolve_device(opts.device)
+    amp = (device.type == "cuda") if opts.amp is None else bool(opts.amp and device.type == "cuda")
+    spec = DatasetSpec(opts.dataset, imb_ratio=opts.imb_ratio, profile=opts.profile,
+                       selection=opts.selection, seed=opts.seed, val_per_class=opts.val_per_class)
+    ds = build_dataset(spec, opts.data_root, download=opts.download, quiet=opts.quiet, workers=opts.workers)
+    torch.manual_seed(opts.seed)
+    model = build_model(opts.arch, ds.num_classes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    gen = torch.Generator().manual_seed(opts.seed)
+    history, start, best_val = [], 0, -1.0
+    if resume_ck is not None:
+        model.load_state_dict(resume_ck["state_dict"])
+        optimizer.load_state_dict(resume_ck["optimizer"])
+        if resume_ck.get("scaler"):
+            scaler.load_state_dict(resume_ck["scaler"])
+        if resume_ck.get("rng") is not None:
+            gen.set_state(resume_ck["rng"])
+        history, start = list(resume_ck["history"]), int(resume_ck["epoch"])
+        best_val = float(resume_ck.get("best_val", -1.0))
+        if start >= opts.epochs:
+            echo(f"{out / CKPT_NAME} already finished {start} epochs; nothing to do", opts.quiet)
+            return out / CKPT_NAME
+    out.mkdir(parents=True, exist_ok=True)
+    radius = None
+    train = ds.splits["train"]
+    n = len(train)
+    steps = n // opts.batch_size + (1 if n % opts.batch_size else 0)
+    train_images, train_labels = train.images(), train.labels
+    if device.type == "cuda":
+        train_images, train_labels = train_images.to(device), train_labels.to(device)
+
+    for epoch in range(start, opts.epochs):
+        model.train()
+        t0 = time.time()
+        perm = torch.randperm(n, generator=gen)
+        total_loss, seen = 0.0, 0
+        bar = progress(range(steps), desc=f"epoch {epoch + 1}/{opts.epochs}", quiet=opts.quiet, unit="step")
+        for s in bar:
+            idx = perm[s * opts.batch_size:(s + 1) * opts.batch_size]
+            xb = train_images[idx.to(train_images.device)].to(device, non_blocking=True)
+            yb = train_labels[idx.to(train_labels.device)].to(device, non_blocking=True)
+            xb = ds.normalize(ds.augment(xb, gen if xb.device.type == "cpu" else None))
+            if device.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(opts, epoch, s, steps)
+            with torch.autocast(device.type, enabled=amp):
+                if opts.mixup > 0:
+                    xm, ya, yb2, lam = _mixup(xb, yb, opts.mixup, gen)
+                    logits = model(xm)
+                    loss = lam * F.cross_entropy(logits, ya, label_smoothing=opts.label_smoothing) + \
+                        (1 - lam) * F.cross_entropy(logits, yb2, label_smoothing=opts.label_smoothing)
+                else:
+                    loss = F.cross_entropy(model(xb), yb, label_smoothing=opts.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss = loss.detach()
+            if not torch.isfinite(loss):
+                raise LtcacheError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
+            total_loss += float(loss) * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", img_s=f"{seen / (time.time() - t0):.0f}")
+        bar.close()
+        if opts.maxnorm > 0:
+            # LTWB MaxNorm: radius from the weights at the first projection, projection once per epoch
+            with torch.no_grad():
+                if radius is None:
+                    radius = maxnorm_radius(model.fc.weight, opts.maxnorm)
+                norms = model.fc.weight.norm(dim=1, keepdim=True)
+                model.fc.weight.mul_((radius / norms.clamp_min(1e-12)).clamp(max=1.0))
+        seconds = time.time() - t0
+        val = evaluate(model, ds, "val", device, amp=amp)
+        test = evaluate(model, ds, "test", device, amp=amp)
+        rec = {"epoch": epoch + 1, "train_loss": total_loss / max(1, seen), "lr": lr_at(opts, epoch, steps - 1, steps),
+               "val": val, "test": test, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+        history.append(rec)
+        ck = {"format": FORMAT, "format_version": FORMAT_VERSION, "ltcache_version": __version__,
+              "arch": opts.arch, "num_classes": ds.num_classes, "feature_dim": model.feature_dim,
+              "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+              "dataset": {**ds.spec.to_dict(), "groups": ds.groups, "image_size": ds.image_size,
+                          "mean": list(ds.mean), "std": list(ds.std)},
+              "train_args": opts.run_args(), "history": history, "epoch": epoch + 1, "epochs": opts.epochs,
+              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": gen.get_state(),
+              "best_val": best_val}
+        val_all = val["all"] if val["all"] is not None else -1.0
+        if val_all > best_val:
+            best_val = val_all
+            ck["best_val"] = best_val
+            _atomic_save(ck, out / BEST_NAME)
+        _atomic_save(ck, out / CKPT_NAME)
+        echo(f"epoch {epoch + 1}/{opts.epochs}  loss {rec['train_loss']:.4f}  val {fmt_pct(val['all'])}  "
+             f"test {fmt_pct(test['all'])} (many {fmt_pct(test['many'])} / med {fmt_pct(test['medium'])} / "
+             f"few {fmt_pct(test['few'])})  {seconds:.1f}s  {rec['images_per_s']:.0f} img/s", opts.quiet)
+    return out / CKPT_NAME
