@@ -1,1 +1,65 @@
-"""(commands registered here are added by their issue)"""
+"""``ltcache extract`` and ``ltcache info``: the feature cache."""
+from __future__ import annotations
+
+import click
+
+from ltcache.cli.app import cli
+
+
+def _names(text: str) -> list:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+@cli.command("extract")
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="stage1.pt from `ltcache train`, or a plain state dict (then give --arch and --dataset).")
+@click.option("--cache", default=None, help="Cache directory (default: 'cache' beside the checkpoint).")
+@click.option("--splits", default="train,val,test", help="Splits to extract.")
+@click.option("--test-views", default="center,hflip", help="Views of val/test: center and/or hflip (flip averaging later without the backbone).")
+@click.option("--train-views", type=click.IntRange(min=0), default=0, help="Augmented views per training image (random crop + flip) besides the clean one.")
+@click.option("--train-bn", type=click.Choice(["running", "batch"]), default="running",
+              help="BatchNorm for augmented train views: running statistics (eval) or batch statistics of random batches (the papers' stage 2).")
+@click.option("--bn-shift", type=click.Choice(["none", "instance", "class"]), default="none",
+              help="Before val/test: move BN running statistics on augmented train batches drawn instance- or class-balanced (MiSLAS: class).")
+@click.option("--bn-shift-passes", type=click.IntRange(min=1), default=1, help="Passes over the training set for --bn-shift.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Storage dtype of the features.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=8192, help="Rows per HDF5 shard.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=256, help="Backbone batch size (also the BN batch for --train-bn batch).")
+@click.option("--device", default="auto", help="auto | cpu | cuda.")
+@click.option("--data-root", default=None, help="Data root (default: ./data or $LTCACHE_DATA).")
+@click.option("--workers", type=click.IntRange(min=1), default=8, help="Image decoding threads.")
+@click.option("--arch", default=None, help="Backbone of a foreign (plain state dict) checkpoint.")
+@click.option("--dataset", default=None, help="Dataset of a foreign checkpoint (as for `ltcache train`).")
+@click.option("--imb-ratio", type=float, default=100.0, help="Foreign checkpoint: imbalance ratio.")
+@click.option("--profile", type=click.Choice(["exp", "step"]), default="exp", help="Foreign checkpoint: LT profile.")
+@click.option("--selection", type=click.Choice(["first", "shuffle"]), default="shuffle", help="Foreign checkpoint: selection rule.")
+@click.option("--val-per-class", type=click.IntRange(min=0), default=20, help="Foreign checkpoint: val images per class.")
+@click.option("--seed", type=int, default=0, help="Seed of augmentation, BN batches and BN shift (and a foreign dataset's selection).")
+@click.option("--force", is_flag=True, help="Replace a cache made from another checkpoint or other options.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def extract_cmd(ckpt, splits, test_views, **kw) -> None:
+    """Run the frozen backbone once over every split -> HDF5 feature shards + manifest.
+
+    \b
+    Example:
+      ltcache extract --ckpt runs/cifar10_lt_ir100/stage1.pt --train-views 4 --train-bn batch
+    An interrupted extraction resumes where it stopped when re-run with the same options.
+    """
+    from ltcache.cache.extract import extract
+    from ltcache.cache.info import describe
+
+    path = extract(ckpt, splits=_names(splits), test_views=_names(test_views), **kw)
+    if not kw["quiet"]:
+        click.echo(describe(path))
+
+
+@cli.command("info")
+@click.argument("cache", required=False)
+def info_cmd(cache) -> None:
+    """Summarise a cache: dataset, classes and groups, splits and views, size, provenance.
+
+    Without CACHE, the default (bundled) cache.
+    """
+    from ltcache.cache import default_cache_path
+    from ltcache.cache.info import describe
+
+    click.echo(describe(cache or default_cache_path()))

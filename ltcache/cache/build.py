@@ -1,0 +1,202 @@
+"""Writing a cache: shards on a writer thread, resume bookkeeping, the manifest last.
+
+One writer serves extraction and :func:`write_cache` (a cache from tensors: tests and
+benchmarks), so there is a single code path for what lands on disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ltcache import __version__
+from ltcache.cache.lock import CacheLock
+from ltcache.cache.manifest import (CLASSIFIER, MANIFEST, PROGRESS, SCHEMA_VERSION, sha256_file,
+                                    write_json_atomic)
+from ltcache.cache.shards import shard_name, write_classifier, write_shard
+from ltcache.errors import LtcacheError
+from ltcache.groups import shot_groups
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+class CacheWriter:
+    """Writes one cache directory. ``key`` identifies what is being made (checkpoint hash and
+    options): complete shards of an interrupted run with the same key are kept; a cache with
+    another key is refused unless ``force``, and then replaced only once the new one is whole."""
+
+    def __init__(self, cache_dir, key: dict, force: bool = False):
+        self.final = Path(cache_dir)
+        self.key = json.loads(json.dumps(key))          # normalise (tuples -> lists)
+        self.complete = False
+        self.records: dict[str, dict] = {}
+        self.lock = CacheLock(self.final)
+        self.lock.acquire()
+        try:
+            self.dir = self._choose_dir(force)
+        except BaseException:
+            self.lock.release()
+            raise
+        self._queue: "queue.Queue" = queue.Queue(maxsize=4)
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    # -- where to write ------------------------------------------------------------------------
+    def _choose_dir(self, force: bool) -> Path:
+        man = self.final / MANIFEST
+        if man.is_file():
+            try:
+                old = json.loads(man.read_text()).get("key")
+            except (OSError, ValueError):
+                old = None
+            if old == self.key:
+                self.complete = True
+                return self.final
+            if not force:
+                raise LtcacheError(f"{self.final} already holds a cache made from a different checkpoint or "
+                                   "options; pass --force to replace it, or choose another --cache")
+            staging = self.final.with_name(f".{self.final.name}.new")
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+            return staging
+        progress = self.final / PROGRESS
+        if progress.is_file():
+            try:
+                prog = json.loads(progress.read_text())
+            except (OSError, ValueError):
+                prog = {}
+            if prog.get("key") != self.key:
+                if not force:
+                    raise LtcacheError(f"{self.final} holds an unfinished extraction with other options; "
+                                       "re-run it with the same options to finish it, or pass --force to start over")
+                prog = {}
+            for name, rec in prog.get("shards", {}).items():
+                path = self.final / name
+                if path.is_file() and sha256_file(path) == rec.get("sha256"):
+                    self.records[name] = rec
+        self.final.mkdir(parents=True, exist_ok=True)
+        return self.final
+
+    # -- shards --------------------------------------------------------------------------------
+    def has_shard(self, split: str, i: int) -> bool:
+        """True when shard i of split is already complete (kept from an interrupted run)."""
+        return shard_name(split, i) in self.records
+
+    def submit(self, split: str, i: int, features: np.ndarray, labels: np.ndarray, index: np.ndarray) -> None:
+        """Queue a shard for the writer thread (overlaps HDF5 writes with compute)."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put((split, i, features, labels, index))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            split, i, feats, labels, index = item
+            try:
+                rec = write_shard(self.dir / shard_name(split, i), feats, labels, index)
+                self.records[rec["file"]] = rec
+                write_json_atomic({"key": self.key, "shards": self.records}, self.dir / PROGRESS)
+            except BaseException as exc:  # surfaced in the main thread
+                self._error = exc
+
+    def _drain(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    # -- finishing -----------------------------------------------------------------------------
+    def finish(self, body: dict, splits: dict, weight: np.ndarray, bias: np.ndarray,
+               extra_files: Optional[dict] = None) -> Path:
+        """Write the classifier and the manifest (last), swap a forced replacement in place."""
+        self._drain()
+        try:
+            clf = write_classifier(self.dir / CLASSIFIER, weight, bias)
+            for name, writer in (extra_files or {}).items():
+                writer(self.dir / name)
+            split_block = {}
+            for split, (views, n_shards) in splits.items():
+                recs = [self.records[shard_name(split, i)] for i in range(n_shards)]
+                split_block[split] = {"views": list(views), "rows": sum(r["rows"] for r in recs), "shards": recs}
+            man = {"schema_version": SCHEMA_VERSION, "ltcache_version": __version__,
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **body,
+                   "splits": split_block, "classifier": clf, "key": self.key}
+            write_json_atomic(man, self.dir / MANIFEST)
+            (self.dir / PROGRESS).unlink(missing_ok=True)
+            if self.dir != self.final:
+                old = self.final.with_name(f".{self.final.name}.old")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(self.final, old)          # the old cache (and our lock file) moves aside
+                os.replace(self.dir, self.final)     # only now does the new cache take its place
+                shutil.rmtree(old, ignore_errors=True)
+            return self.final
+        finally:
+            self.lock.release()
+
+    def abort(self) -> None:
+        """Stop the writer thread and release the lock; completed shards stay for a resume."""
+        try:
+            self._drain()
+        except BaseException:
+            pass
+        self.lock.release()
+
+
+def manifest_body(dataset: dict, class_counts, arch: str, feature_dim: int, checkpoint: dict,
+                  dtype: str, extraction: dict) -> dict:
+    """The descriptive part of a manifest (what and how), shared by every writer."""
+    counts = [int(c) for c in class_counts]
+    names = list(dataset.get("class_names") or [str(i) for i in range(len(counts))])
+    groups = shot_groups(counts)
+    return {"dataset": dataset, "class_names": names, "class_counts": counts, "num_classes": len(counts),
+            "groups": groups, "group_sizes": {g: groups.count(g) for g in ("many", "medium", "few")},
+            "arch": arch, "feature_dim": int(feature_dim), "checkpoint": checkpoint, "dtype": dtype,
+            "extraction": extraction}
+
+
+def write_cache(path, splits: dict, weight, bias, dataset: dict, class_counts, arch: str = "unknown",
+                checkpoint_sha256: str = "", extraction_args: Optional[dict] = None, dtype: str = "float16",
+                shard_rows: int = 8192, force: bool = False, checkpoint_path: Optional[str] = None) -> Path:
+    """Write a valid cache from tensors: ``splits = {name: (features [N,V,D], labels, index, views)}``."""
+    if dtype not in DTYPES:
+        raise LtcacheError(f"unknown dtype '{dtype}'; use float16 or float32")
+    w = torch.as_tensor(weight).float().cpu().numpy()
+    key = {"source": "tensors", "checkpoint_sha256": checkpoint_sha256, "dtype": dtype, "shard_rows": shard_rows,
+           "extraction": extraction_args or {}}
+    writer = CacheWriter(path, key, force=force)
+    if writer.complete:
+        writer.abort()
+        return Path(path)
+    try:
+        layout = {}
+        for split, (feats, labels, index, views) in splits.items():
+            f = torch.as_tensor(feats).float().cpu().numpy().astype(DTYPES[dtype])
+            y = torch.as_tensor(labels).cpu().numpy()
+            ix = torch.as_tensor(index).cpu().numpy()
+            n_shards = max(1, -(-len(y) // shard_rows))
+            for i in range(n_shards):
+                sl = slice(i * shard_rows, (i + 1) * shard_rows)
+                if not writer.has_shard(split, i):
+                    writer.submit(split, i, f[sl], y[sl], ix[sl])
+            layout[split] = (list(views), n_shards)
+        body = manifest_body(dataset, class_counts, arch, w.shape[1],
+                             {"path": checkpoint_path, "sha256": checkpoint_sha256}, dtype, extraction_args or {})
+        return writer.finish(body, layout, w, torch.as_tensor(bias).float().cpu().numpy())
+    except BaseException:
+        writer.abort()
+        raise

@@ -1,0 +1,288 @@
+"""Extraction: one pass of the frozen backbone over every split into HDF5 shards.
+
+Views: val/test hold ``center`` and ``hflip`` (test-time flip averaging without re-running the
+backbone); train holds the ``clean`` view (eval-mode BN) plus ``--train-views`` augmented views.
+Augmented train views can use BatchNorm batch statistics (``--train-bn batch``), and the BN
+running statistics can be shifted on augmented training batches before val/test are extracted
+(``--bn-shift instance|class``): what the papers' stage 2 does by re-running the backbone in
+train mode (DESIGN.md). Every random choice is seeded per (split, shard), so a resumed
+extraction writes exactly the shards an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ltcache.cache.build import DTYPES, CacheWriter, manifest_body
+from ltcache.cache.manifest import sha256_file
+from ltcache.data import DatasetSpec, build_dataset, hflip
+from ltcache.devices import resolve_device
+from ltcache.errors import LtcacheError
+from ltcache.models import build_model, load_foreign_state_dict
+from ltcache.progress import echo, progress
+
+SPLITS = ("train", "val", "test")
+TEST_VIEWS = ("center", "hflip")
+BN_STATS = "bn_stats.pt"
+
+
+def _seed(seed: int, *parts) -> int:
+    return (seed * 1_000_003 + zlib.crc32("/".join(map(str, parts)).encode())) % (2 ** 63)
+
+
+def read_backbone(ckpt: Path, arch: Optional[str], dataset_args: dict) -> tuple[dict, dict, str]:
+    """(state_dict, dataset spec dict, arch) from an ltcache checkpoint or a foreign state dict."""
+    if not ckpt.is_file():
+        raise LtcacheError(f"checkpoint {ckpt} not found; train one with `ltcache train` or fix --ckpt")
+    try:
+        obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise LtcacheError(f"{ckpt} is not a readable PyTorch checkpoint ({exc.__class__.__name__}); "
+                           "it may be truncated") from None
+    if isinstance(obj, dict) and obj.get("format") == "ltcache-stage1":
+        if arch and arch != obj["arch"]:
+            raise LtcacheError(f"--arch {arch} contradicts the checkpoint's arch {obj['arch']}; drop --arch")
+        return obj["state_dict"], dict(obj["dataset"]), obj["arch"]
+    sd = obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "state_dict_model"):
+            if isinstance(obj.get(key), dict):
+                sd = obj[key]
+                break
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise LtcacheError(f"{ckpt} holds neither an ltcache checkpoint nor a state dict")
+    if not arch or not dataset_args.get("dataset"):
+        raise LtcacheError(f"{ckpt} is a plain state dict: give --arch NAME and the dataset flags "
+                           "(--dataset, --imb-ratio, ...) it was trained with")
+    spec = DatasetSpec(dataset_args["dataset"], imb_ratio=dataset_args.get("imb_ratio", 100.0),
+                       profile=dataset_args.get("profile", "exp"), selection=dataset_args.get("selection", "shuffle"),
+                       seed=dataset_args.get("seed", 0), val_per_class=dataset_args.get("val_per_class", 20))
+    return sd, spec.to_dict(), arch
+
+
+def default_cache_dir(ckpt: Path) -> Path:
+    """``<run>/cache`` for ``<run>/stage1.pt``, else ``<dir>/cache-<stem>``."""
+    return ckpt.parent / ("cache" if ckpt.name == "stage1.pt" else f"cache-{ckpt.stem}")
+
+
+class _FrozenBN:
+    """BatchNorm in train mode (batch statistics) without touching the running statistics."""
+
+    def __init__(self, model: nn.Module):
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.saved = [m.momentum for m in self.bns]
+        for m in self.bns:
+            m.momentum = 0.0           # running = (1 - 0) * running + 0 * batch: unchanged
+            m.train()
+        return self
+
+    def __exit__(self, *exc):
+        for m, mom in zip(self.bns, self.saved):
+            m.momentum = mom
+            m.eval()
+        return False
+
+
+class _Extractor:
+    def __init__(self, model, ds, device, amp, batch_size):
+        self.model, self.ds, self.device, self.amp, self.bs = model, ds, device, amp, batch_size
+        self.images_done = 0
+
+    def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        x = self.ds.normalize(x_uint8.to(self.device, non_blocking=True))
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            f = self.model.features(x)
+        self.images_done += x.shape[0]
+        return f.float()
+
+    def views(self, split: str, rows: torch.Tensor, names: Sequence[str], train_bn: str,
+              gen: torch.Generator) -> torch.Tensor:
+        """Features [m, V, D] of the given rows for every named view (one D2H copy per batch)."""
+        sp = self.ds.splits[split]
+        m = len(rows)
+        out = None
+        # batch-statistics views: batches formed by a seeded permutation of the shard's rows
+        order = torch.randperm(m, generator=gen) if (split == "train" and train_bn == "batch") else torch.arange(m)
+        for s in range(0, m, self.bs):
+            pos = order[s:s + self.bs]
+            imgs = sp.images(rows[pos])
+            parts = []
+            for v in names:
+                if v in ("clean", "center"):
+                    parts.append(self.forward(imgs))
+                elif v == "hflip":
+                    parts.append(self.forward(hflip(imgs)))
+                else:                                          # augmented training view
+                    aug = self.ds.augment(imgs, gen)
+                    if train_bn == "batch":
+                        with _FrozenBN(self.model):
+                            parts.append(self.forward(aug))
+                    else:
+                        parts.append(self.forward(aug))
+            feats = torch.stack(parts, 1).cpu()
+            if out is None:
+                out = torch.empty((m,) + tuple(feats.shape[1:]), dtype=torch.float32)
+            out[pos] = feats
+        return out
+
+
+def bare_inference_rate(model, ds, device, amp, batch_size: int, repeats: int = 3) -> float:
+    """Images/s of the backbone alone on a fixed batch (no decoding, no I/O)."""
+    x = torch.randint(0, 255, (batch_size, 3, ds.image_size, ds.image_size), dtype=torch.uint8)
+    ex = _Extractor(model, ds, device, amp, batch_size)
+    ex.forward(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        ex.forward(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return repeats * batch_size / (time.perf_counter() - t)
+
+
+@torch.no_grad()
+def shift_bn(model: nn.Module, ds, device, amp, mode: str, passes: int, batch_size: int, seed: int,
+             quiet: bool) -> None:
+    """Move only the BN running statistics: train-mode forwards (no gradients) over augmented
+    training batches drawn instance- or class-balanced (MiSLAS "shift learning on BN")."""
+    sp = ds.splits["train"]
+    n, k = len(sp), ds.num_classes
+    g = torch.Generator().manual_seed(_seed(seed, "bn-shift"))
+    by_class = [torch.nonzero(sp.labels == c).flatten() for c in range(k)]
+    model.train()
+    steps = passes * (-(-n // batch_size))
+    ex = _Extractor(model, ds, device, amp, batch_size)
+    perm = torch.randperm(n, generator=g)
+    for s in progress(range(steps), desc=f"bn-shift ({mode})", quiet=quiet, unit="batch"):
+        if mode == "instance":
+            j = s % (-(-n // batch_size))
+            if j == 0 and s:
+                perm = torch.randperm(n, generator=g)
+            idx = perm[j * batch_size:(j + 1) * batch_size]
+        else:
+            cls = torch.randint(k, (batch_size,), generator=g)
+            pick = torch.randint(1 << 30, (batch_size,), generator=g)
+            idx = torch.stack([by_class[c][p % len(by_class[c])] for c, p in zip(cls.tolist(), pick.tolist())])
+        if len(idx) < 2:
+            continue
+        ex.forward(ds.augment(sp.images(idx), g))
+    model.eval()
+
+
+def _check(name, value, allowed):
+    if value not in allowed:
+        raise LtcacheError(f"--{name} must be one of {', '.join(allowed)} (got '{value}')")
+
+
+def extract(ckpt, cache=None, splits: Sequence[str] = SPLITS, test_views: Sequence[str] = TEST_VIEWS,
+            train_views: int = 0, train_bn: str = "running", bn_shift: str = "none", bn_shift_passes: int = 1,
+            dtype: str = "float16", shard_rows: int = 8192, batch_size: int = 256, device: str = "auto",
+            data_root=None, arch: Optional[str] = None, dataset: Optional[str] = None, imb_ratio: float = 100.0,
+            profile: str = "exp", selection: str = "shuffle", val_per_class: int = 20, seed: int = 0,
+            force: bool = False, quiet: bool = False, workers: int = 8) -> Path:
+    """Extract the penultimate features of every split into a cache directory; returns it."""
+    splits, test_views = list(splits), list(test_views)
+    for s in splits:
+        _check("splits", s, SPLITS)
+    for v in test_views:
+        _check("test-views", v, TEST_VIEWS)
+    if not splits or not test_views:
+        raise LtcacheError("--splits and --test-views need at least one name")
+    _check("train-bn", train_bn, ("running", "batch"))
+    _check("bn-shift", bn_shift, ("none", "instance", "class"))
+    _check("dtype", dtype, tuple(DTYPES))
+    if train_views < 0 or shard_rows < 1 or batch_size < 2 or bn_shift_passes < 1:
+        raise LtcacheError("--train-views must be >= 0, --shard-rows >= 1, --batch-size >= 2, --bn-shift-passes >= 1")
+    ckpt = Path(ckpt)
+    sd, spec_dict, arch = read_backbone(ckpt, arch, {"dataset": dataset, "imb_ratio": imb_ratio, "profile": profile,
+                                                     "selection": selection, "seed": seed,
+                                                     "val_per_class": val_per_class})
+    ck_sha = sha256_file(ckpt)
+    cache_dir = Path(cache) if cache else default_cache_dir(ckpt)
+    args = {"splits": splits, "test_views": test_views, "train_views": train_views, "train_bn": train_bn,
+            "bn_shift": bn_shift, "bn_shift_passes": bn_shift_passes, "batch_size": batch_size, "seed": seed}
+    key = {"checkpoint_sha256": ck_sha, "dtype": dtype, "shard_rows": shard_rows, "dataset": {
+        k: spec_dict.get(k) for k in ("source", "imb_ratio", "profile", "selection", "seed", "val_per_class")}, **args}
+    writer = CacheWriter(cache_dir, key, force=force)
+    if writer.complete:
+        writer.abort()
+        echo(f"{cache_dir} is already complete for this checkpoint and these options", quiet)
+        return cache_dir
+    try:
+        return _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows, device,
+                        data_root, quiet, workers)
+    except BaseException:
+        writer.abort()      # completed shards stay; the next run resumes from them
+        raise
+
+
+def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows, device, data_root, quiet, workers):
+    dev = resolve_device(device)
+    amp = dev.type == "cuda"
+    spec = DatasetSpec.from_dict(spec_dict)
+    ds = build_dataset(spec, data_root, quiet=quiet, workers=workers)
+    model = build_model(arch, ds.num_classes)
+    load_foreign_state_dict(model, sd)
+    model = model.to(dev).eval()
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bs = args["batch_size"]
+    bare = bare_inference_rate(model, ds, dev, amp, bs)
+    ex = _Extractor(model, ds, dev, amp, bs)
+    layout, t0 = {}, time.perf_counter()
+    order = [s for s in SPLITS if s in args["splits"]]
+    shifted = False
+    with torch.no_grad():
+        for split in order:
+            if split != "train" and args["bn_shift"] != "none" and not shifted:
+                shift_bn(model, ds, dev, amp, args["bn_shift"], args["bn_shift_passes"], bs, args["seed"], quiet)
+                shifted = True
+            names = (["clean"] + [f"aug{i}" for i in range(1, args["train_views"] + 1)]) if split == "train" \
+                else args["test_views"]
+            n = len(ds.splits[split])
+            n_shards = max(1, -(-n // shard_rows))
+            bar = progress(total=n, desc=f"extract {split}", quiet=quiet, unit="img")
+            for i in range(n_shards):
+                rows = torch.arange(i * shard_rows, min(n, (i + 1) * shard_rows))
+                if not writer.has_shard(split, i):
+                    t = time.perf_counter()
+                    start = ex.images_done
+                    g = torch.Generator().manual_seed(_seed(args["seed"], split, i))
+                    feats = ex.views(split, rows, names, args["train_bn"], g)
+                    sp = ds.splits[split]
+                    writer.submit(split, i, feats.numpy().astype(DTYPES[dtype]), sp.labels[rows].numpy(),
+                                  sp.index[rows].numpy())
+                    bar.set_postfix(img_s=f"{(ex.images_done - start) / (time.perf_counter() - t):.0f}")
+                bar.update(len(rows))
+            bar.close()
+            layout[split] = (names, n_shards)
+        if args["bn_shift"] != "none" and not shifted:
+            shift_bn(model, ds, dev, amp, args["bn_shift"], args["bn_shift_passes"], bs, args["seed"], quiet)
+    seconds = time.perf_counter() - t0
+    rate = ex.images_done / max(seconds, 1e-9)
+    bn_state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+    extraction = {**args, "device": str(dev), "amp": amp, "images_forwarded": ex.images_done,
+                  "seconds": round(seconds, 2), "images_per_s": round(rate, 1),
+                  "bare_inference_images_per_s": round(bare, 1),
+                  "bn_stats_file": BN_STATS if args["bn_shift"] != "none" else None}
+    body = manifest_body({**spec_dict, **ds.spec.to_dict(), "groups": ds.groups}, ds.class_counts, arch,
+                         model.feature_dim, {"path": str(ckpt.resolve()), "sha256": ck_sha}, dtype, extraction)
+    extra = {BN_STATS: (lambda p: torch.save(bn_state, p))} if args["bn_shift"] != "none" else None
+    path = writer.finish(body, layout, model.fc.weight.detach().cpu().numpy(), model.fc.bias.detach().cpu().numpy(),
+                         extra_files=extra)
+    echo(f"extracted {ex.images_done} images in {seconds:.1f}s: {rate:.0f} img/s "
+         f"(bare backbone inference: {bare:.0f} img/s) -> {path}", quiet)
+    return path
