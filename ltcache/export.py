@@ -109,10 +109,25 @@ def _build_backbone(arch: str, num_classes: int) -> nn.Module:
     return build_model(arch, num_classes)
 
 
+def _shifted_bn_stats(cache) -> dict:
+    """BN running statistics the cache's val/test features were computed with (``--bn-shift``):
+    the exported backbone must use them, or deployed features differ from the cached ones."""
+    man = dict(getattr(cache, "manifest", None) or {})
+    name = (man.get("extraction") or {}).get("bn_stats_file")
+    if not name:
+        return {}
+    path = Path(getattr(cache, "path", ".")) / name
+    if not path.is_file():
+        raise LtcacheError(f"{path} (the shifted BatchNorm statistics named by the manifest) is missing; "
+                           "re-extract the cache")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def export_model(cache, layer: dict, path: Union[str, Path], meta: Optional[dict] = None) -> Path:
     """Write backbone (from the checkpoint the manifest names) + folded head to ``path``."""
     ck = _read_checkpoint(_checkpoint_path(cache))
     state = {k: v for k, v in ck["state_dict"].items() if not k.startswith("fc.")}
+    state.update(_shifted_bn_stats(cache))
     doc = {"format": FORMAT, "format_version": 1, "ltcache_version": __version__, "arch": ck["arch"],
            "num_classes": int(ck.get("num_classes", cache.num_classes)),
            "feature_dim": int(ck.get("feature_dim", cache.feature_dim)),

@@ -95,7 +95,9 @@ def _check(section: str, key: str, value: Any, where: str) -> None:
     types = expected if isinstance(expected, tuple) else (expected,)
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
-        raise LtcacheError(f"{where}: [{section}] {key} must be a {_type_name(expected)}, "
+        name = _type_name(expected)
+        article = "an" if name[0] in "aeiou" else "a"
+        raise LtcacheError(f"{where}: [{section}] {key} must be {article} {name}, "
                            f"got {type(value).__name__} {value!r}")
 
 
@@ -129,3 +131,76 @@ def parse_pipeline(path: str | Path) -> Pipeline:
     return Pipeline(path=path, name=name, out=out, dataset=dict(doc.get("dataset", {})),
                     stage1=dict(doc.get("stage1", {})), extract=dict(doc.get("extract", {})),
                     sweep=dict(doc.get("sweep", {})))
+
+
+def _resolve(base: Path, p: str | Path) -> Path:
+    p = Path(p)
+    return p if p.is_absolute() else base / p
+
+
+def _stage1_complete(ckpt: Path, run_args: dict) -> bool:
+    """A finished stage 1 with exactly these options."""
+    if not ckpt.is_file():
+        return False
+    from ltcache.stage1 import load_checkpoint
+    ck = load_checkpoint(ckpt)
+    same = all(ck.get("train_args", {}).get(k) == v for k, v in run_args.items())
+    if not same:
+        raise LtcacheError(f"{ckpt} was trained with other options than this pipeline; use another "
+                           "[pipeline] out, or delete that run")
+    return int(ck["epoch"]) >= int(ck["epochs"])
+
+
+def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "auto", data_root: Optional[str] = None,
+                 quiet: bool = False, epochs: Optional[int] = None) -> dict:
+    """Run a pipeline file: stage 1 -> extraction -> sweep, skipping complete steps.
+
+    Returns the sweep results. ``epochs`` overrides ``[stage1] epochs`` (e.g. a shorter CPU run;
+    the checkpoint records what was actually run).
+    """
+    from ltcache.cache.extract import extract
+    from ltcache.stage1 import Stage1Options, load_checkpoint, train_stage1
+    from ltcache.stage2.api import bench
+    from ltcache.stage2.results import format_table
+
+    pl = parse_pipeline(path)
+    out_dir = Path(out) if out else _resolve(Path.cwd(), pl.out)
+    ds = dict(pl.dataset)
+    root = data_root or ds.pop("data_root", None)
+    ds.pop("data_root", None)
+    download = bool(ds.pop("download", False))
+    source = ds.pop("source")
+    s1 = dict(pl.stage1)
+    if epochs is not None:
+        s1["epochs"] = int(epochs)
+    if "seed" in ds and "seed" in s1 and ds["seed"] != s1["seed"]:
+        raise LtcacheError(f"{path}: [dataset] seed and [stage1] seed differ; ltcache uses one seed for both")
+    opts = Stage1Options(dataset=source, data_root=root, download=download, device=device, quiet=quiet,
+                         out=str(out_dir / "stage1"), **{**ds, **s1})
+    opts.validate()
+    ckpt = out_dir / "stage1" / "stage1.pt"
+    echo(f"[1/3] stage 1 -> {ckpt}", quiet)
+    if _stage1_complete(ckpt, opts.run_args()):
+        echo("      complete, skipped", quiet)
+    else:
+        opts.resume = ckpt.is_file()
+        train_stage1(opts)
+    cache_dir = out_dir / "cache"
+    echo(f"[2/3] extract -> {cache_dir}", quiet)
+    ex = dict(pl.extract)
+    extract(ckpt, cache=cache_dir, device=device, data_root=root, quiet=quiet, **ex)
+    echo(f"[3/3] sweep -> {out_dir / 'results'}", quiet)
+    sw = dict(pl.sweep)
+    methods = sw.pop("methods", "all")
+    grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sw.pop("grid", {}).items()}
+    test_views = sw.pop("test_views", ["center", "hflip"])
+    results = bench(cache_dir, None if methods == "all" else list(methods), grid=grid or None,
+                    seeds=sw.pop("seeds", [0]), select=sw.pop("select", "last"),
+                    test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
+                    preset=sw.pop("preset", None), out_dir=out_dir / "results")
+    if not quiet:
+        echo(format_table(results))
+    ck = load_checkpoint(ckpt)
+    results["pipeline"] = {"file": str(Path(path)), "name": pl.name, "stage1_epochs": ck["epoch"],
+                           "stage1_test": ck["history"][-1]["test"] if ck["history"] else None}
+    return results

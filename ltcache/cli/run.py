@@ -1,1 +1,27 @@
-"""(commands registered here are added by their issue)"""
+"""``ltcache run``: a whole experiment from a pipeline file."""
+from __future__ import annotations
+
+import click
+
+from ltcache.cli.app import cli
+
+
+@cli.command("run")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--out", default=None, help="Output directory (default: the file's [pipeline] out, e.g. runs/<name>).")
+@click.option("--device", default="auto", help="auto | cpu | cuda.")
+@click.option("--data-root", default=None, help="Data root (default: the file's [dataset] data_root, ./data or $LTCACHE_DATA).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override [stage1] epochs (e.g. a short CPU run).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run_cmd(pipeline, out, device, data_root, epochs, quiet) -> None:
+    """Run PIPELINE (a TOML file): stage 1 -> extract -> sweep, into one output directory.
+
+    Steps whose outputs are already complete and valid are skipped, so an interrupted
+    pipeline resumes where it stopped. Example: ltcache run pipelines/smoke.toml
+    """
+    from ltcache.pipeline import run_pipeline
+    from ltcache.stage2.results import format_table
+
+    results = run_pipeline(pipeline, out=out, device=device, data_root=data_root, quiet=quiet, epochs=epochs)
+    if quiet:
+        click.echo(format_table(results))

@@ -73,8 +73,22 @@ def _overrides(kwargs: dict, names) -> dict:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="write the results JSON here")
 @click.option("--export", "export_path", type=click.Path(path_type=Path), default=None,
               help="write a deployable model (stage-1 backbone + this head)")
-def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, quiet, out, export_path, **kwargs):
-    """Re-train one stage-2 method on the cached features and print its metrics."""
+@click.option("--through-backbone", is_flag=True,
+              help="reference slow path: re-run the frozen backbone on augmented images every step with "
+                   "BatchNorm in train mode, as the papers' code does (needs --ckpt)")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="stage1.pt for --through-backbone")
+@click.option("--data-root", default=None, help="data root for --through-backbone")
+@click.option("--no-augment", is_flag=True, help="--through-backbone: no crop/flip augmentation")
+@click.option("--eval-bn", is_flag=True, help="--through-backbone: BatchNorm in eval mode (running statistics)")
+def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, quiet, out, export_path,
+                through_backbone, ckpt, data_root, no_augment, eval_bn, **kwargs):
+    """Re-train one stage-2 method on the cached features and print its metrics.
+
+    \b
+    Examples:
+      ltcache retrain --method los --delta 0.98 --seeds 0,1,2
+      ltcache retrain --method los --through-backbone --ckpt runs/c10/stage1.pt   # the papers' way
+    """
     from ltcache.stage2 import api
     from ltcache.stage2.methods import get_method, validate_overrides
     from ltcache.stage2.results import format_table, write_json
@@ -82,6 +96,21 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, qu
     m = get_method(method)
     overrides = validate_overrides(m, {**_overrides(kwargs, GENERIC_OPTIONS), **_overrides(kwargs, METHOD_OPTIONS)})
     seed_list = api.parse_seeds(seeds)
+    if through_backbone or ckpt is not None or no_augment or eval_bn:
+        if not through_backbone or ckpt is None:
+            raise LtcacheError("--through-backbone needs --ckpt stage1.pt (and --ckpt, --no-augment, --eval-bn "
+                               "only apply with --through-backbone)")
+        if cache_dir is not None or export_path is not None or select != "last":
+            raise LtcacheError("--through-backbone reads images, not a cache: drop --cache, --export and --select")
+        from ltcache.through_backbone import retrain_through_backbone
+        results = retrain_through_backbone(ckpt, m.name, overrides, seeds=seed_list, augment=not no_augment,
+                                           train_bn=not eval_bn, test_views=test_views, device=device,
+                                           data_root=data_root, preset=preset, quiet=quiet)
+        click.echo(format_table(results))
+        if out is not None:
+            write_json(results, out)
+            click.echo(f"results: {out}")
+        return
     results = api.retrain(cache_dir, m.name, overrides, seeds=seed_list, select=select, test_views=test_views,
                           device=device, quiet=quiet, preset=preset, export=export_path)
     click.echo(format_table(results))

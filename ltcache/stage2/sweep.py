@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -82,6 +82,10 @@ class TrainData:
     class_index: ClassIndex = None    # CPU
     val_x: Optional[torch.Tensor] = None   # val features [Nv, V', D] (views used for selection)
     val_labels: Optional[torch.Tensor] = None
+    # Optional feature source replacing the cached gather: gather(rows [M*B], valid [M*B]) ->
+    # features [M*B, D]. The reference "through the backbone" path plugs the frozen backbone in
+    # here, so both paths share the samplers, losses and optimiser step.
+    gather: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
     def __post_init__(self):
         if self.class_index is None:
@@ -248,7 +252,10 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
         c_mom = 1 - act * (1 - mom)                                                # [S, M]
         c_lr = {a: act * (lr_e * lrm[a]) for a in names}                            # [S, M]
         for s in range(s_max):
-            xb = x_flat.index_select(0, rows[:, s].reshape(-1)).view(m, bsz, d)
+            if data.gather is None:
+                xb = x_flat.index_select(0, rows[:, s].reshape(-1)).view(m, bsz, d)
+            else:
+                xb = data.gather(rows[:, s].reshape(-1), valid[:, s].reshape(-1)).view(m, bsz, d)
             z = H.forward(family, p, buf, xb)
             loss = batched_loss(z, ys[:, s], vf[:, s], lb).sum()
             grads = torch.autograd.grad(loss, params)
