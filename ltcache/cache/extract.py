@@ -180,6 +180,17 @@ def shift_bn(model: nn.Module, ds, device, amp, mode: str, passes: int, batch_si
     model.eval()
 
 
+def _check_finite(feats: torch.Tensor, dtype: str, split: str) -> None:
+    """Refuse to write features that would load as NaN/inf (the cache would be unusable)."""
+    if not torch.isfinite(feats).all():
+        raise LtcacheError(f"the backbone produced non-finite features (NaN/inf) on the {split} split: "
+                           "the checkpoint is broken or diverged; check it (e.g. its val accuracy) before extracting")
+    top = float(feats.abs().max()) if feats.numel() else 0.0
+    if top > float(np.finfo(DTYPES[dtype]).max):
+        raise LtcacheError(f"features of the {split} split reach {top:.3g}, beyond the {dtype} range: re-run with "
+                           "--dtype float32 (and --force to discard the shards written so far)")
+
+
 def _check(name, value, allowed):
     if value not in allowed:
         raise LtcacheError(f"--{name} must be one of {', '.join(allowed)} (got '{value}')")
@@ -262,6 +273,7 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
                     start = ex.images_done
                     g = torch.Generator().manual_seed(_seed(args["seed"], split, i))
                     feats = ex.views(split, rows, names, args["train_bn"], g)
+                    _check_finite(feats, dtype, split)
                     sp = ds.splits[split]
                     writer.submit(split, i, feats.numpy().astype(DTYPES[dtype]), sp.labels[rows].numpy(),
                                   sp.index[rows].numpy())
