@@ -1,0 +1,61 @@
+"""``ltcache report``: figures and one offline HTML page from a stage-2 results JSON.
+
+Figure families live in one module each (``accuracy``, ``logits``, ``calibration``); ``load`` checks
+the results file and pools seeds; ``html`` writes ``report.html``. matplotlib is imported on first
+use and drawn on an Agg canvas (no pyplot, no global backend change).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from ltcache.errors import LtcacheError
+from ltcache.report.load import Report, Series, load_report, read_results
+
+FORMATS = ("png", "svg")
+FIGURES = ("per_class_accuracy", "lm_rsd", "reliability", "logit_margin", "group_accuracy")
+
+
+def render_figures(rep: Report, out_dir: Union[str, Path], fmt: str = "png",
+                   quiet: bool = True) -> list[dict]:
+    """Draw the five figures into ``out_dir/figures``; each entry: stem, path, size (inches), title, caption."""
+    from ltcache.report.figstyle import RC, mpl
+    matplotlib = mpl()
+    from ltcache.report import accuracy, calibration, logits
+    fig_dir = Path(out_dir) / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    makers = (accuracy.per_class_accuracy, logits.lm_rsd, calibration.reliability, logits.logit_margin,
+              accuracy.group_bars)
+    out = []
+    with matplotlib.rc_context(RC):
+        for make in makers:
+            info = make(rep, fig_dir, fmt)
+            if not quiet:
+                print(f"  {info['path']}")
+            out.append(info)
+    return out
+
+
+def make_report(results_path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None,
+                methods: Optional[Sequence[str]] = None, fmt: str = "png", quiet: bool = False) -> Path:
+    """Write the figures and ``report.html`` (default in ``<results dir>/report``); returns report.html."""
+    from ltcache.report.html import write_html
+    from ltcache.report.figstyle import mpl
+    if fmt not in FORMATS:
+        raise LtcacheError(f"unknown figure format '{fmt}'; use png or svg")
+    mpl()                                   # fail early, before any file is written
+    rep = load_report(results_path, methods)
+    out = Path(out_dir) if out_dir is not None else rep.path.parent / "report"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LtcacheError(f"cannot create report directory '{out}': {exc.strerror or exc}") from None
+    figures = render_figures(rep, out, fmt, quiet)
+    page = write_html(rep, figures, out)
+    if not quiet:
+        print(f"report: {page} ({len(figures)} figures, {len(rep.series)} configurations)")
+    return page
+
+
+__all__ = ["make_report", "render_figures", "load_report", "read_results", "Report", "Series", "FIGURES",
+           "FORMATS"]
