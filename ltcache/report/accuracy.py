@@ -27,7 +27,7 @@ def per_class_accuracy(rep, out_dir, fmt):
     for i, s in enumerate(rep.all_series()):
         pc = s.per_class("per_class_acc")
         y = [_nan(pc[j]) for j in order]
-        (h,) = ax.plot(x, y, label=s.name, zorder=3, **line_kw(i, _markevery(k)))
+        (h,) = ax.plot(x, y, label=s.name, zorder=3, **line_kw(i, _markevery(k), len(labels)))
         handles.append(h)
     ax.set_xlabel("class rank by training count (1 = most images)")
     ax.set_ylabel("test accuracy (%)")

@@ -41,9 +41,12 @@ def style_of(i: int) -> dict:
             "hatch": HATCHES[j % len(HATCHES)], "mfc": None}
 
 
-def line_kw(i: int, markevery=None) -> dict:
+def line_kw(i: int, markevery=None, n_series: int = 1) -> dict:
+    """plot() keywords of series ``i``; thinner lines and smaller markers when many series share axes."""
     st = style_of(i)
     kw = {"color": st["color"], "marker": st["marker"], "linestyle": st["linestyle"]}
+    if n_series > 10:
+        kw.update(linewidth=1.1, markersize=4.0)
     if st["mfc"]:
         kw["markerfacecolor"] = st["mfc"]
     if markevery:

@@ -138,7 +138,8 @@ def read_results(path) -> dict:
     """The parsed JSON, or a one-line LtcacheError (missing file, not JSON, wrong schema)."""
     p = Path(path)
     if not p.exists():
-        raise LtcacheError(f"results file '{p}' does not exist; make one with `ltcache bench --out DIR`")
+        raise LtcacheError(f"results file '{p}' does not exist; make one with `ltcache bench --out DIR` "
+                           "or `ltcache retrain --out FILE`")
     if p.is_dir():
         if (p / "results.json").is_file():
             p = p / "results.json"

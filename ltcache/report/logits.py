@@ -42,7 +42,7 @@ def lm_rsd(rep, out_dir, fmt):
     x = list(range(1, n_groups + 1))
     handles = []
     for i, s in indexed:
-        kw = line_kw(i, _markevery(n_groups))
+        kw = line_kw(i, _markevery(n_groups), len(labels))
         (h,) = ax_lm.plot(x, _grouped(s.per_class("lm"), order, size), **kw)
         ax_rsd.plot(x, _grouped(s.per_class("rsd"), order, size), **kw)
         handles.append(h)
@@ -81,7 +81,7 @@ def logit_margin(rep, out_dir, fmt):
     x = list(range(1, k + 1))
     handles = []
     for i, s in enumerate(series):
-        kw = line_kw(i, _markevery(k))
+        kw = line_kw(i, _markevery(k), len(labels))
         logit = s.per_class("mean_logit")
         norm = s.per_class("weight_norm")
         y_logit = [logit[j] for j in order]
