@@ -1,0 +1,61 @@
+"""Pipelines: the shipped files parse; smoke.toml runs end to end and resumes; bad files are
+one-line errors naming the key."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import datagen
+from ltcache.cli import cli
+from ltcache.errors import LtcacheError
+from ltcache.pipeline import parse_pipeline
+
+torch.set_num_threads(1)
+PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+@pytest.mark.parametrize("name", ["cifar10_lt_ir100", "cifar10_lt_ir50", "cifar10_lt_ir10", "cifar100_lt_ir100", "smoke"])
+def test_shipped_pipelines_parse(name):
+    pl = parse_pipeline(PIPELINES / f"{name}.toml")
+    assert pl.name == name and pl.stage1["arch"]
+
+
+def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
+    datagen.make_imagefolder(tmp_path / "smoke-data", num_classes=4, per_class_train=24, per_class_test=8, size=32)
+    out = tmp_path / "out"
+    args = ["run", str(PIPELINES / "smoke.toml"), "--data-root", str(tmp_path), "--out", str(out),
+            "--device", "cpu", "--quiet"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results" / "results.json").read_text())
+    methods = {r["method"] for r in results["runs"]}
+    assert {"ce", "los", "crt", "lws", "tau-norm", "balanced-softmax", "marc"} <= methods
+    assert all(r["metrics"]["all"] is not None for r in results["runs"])
+    ckpt = out / "stage1" / "stage1.pt"
+    manifest = out / "cache" / "manifest.json"
+    stamps = (ckpt.stat().st_mtime_ns, manifest.stat().st_mtime_ns)
+    res = CliRunner().invoke(cli, args)            # everything complete: steps are skipped
+    assert res.exit_code == 0, res.output
+    assert (ckpt.stat().st_mtime_ns, manifest.stat().st_mtime_ns) == stamps
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[dataset]\nsource = 'cifar10'\n[stage1]\narch = 'resnet32'\nepochz = 3\n", "unknown key [stage1] epochz"),
+    ("[dataset]\nsource = 'cifar10'\n[stage1]\narch = 'resnet32'\nepochs = 'ten'\n", "[stage1] epochs must be an integer"),
+    ("[dataset]\nsource = 'cifar10'\n[stage1]\narch = 'resnet32'\n[sweeep]\n", "unknown section [sweeep]"),
+    ("[stage1]\narch = 'resnet32'\n", "missing [dataset] source"),
+    ("[dataset\nsource=", "not valid TOML"),
+])
+def test_bad_pipeline_files(tmp_path, text, needle):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(LtcacheError) as exc:
+        parse_pipeline(p)
+    assert needle in str(exc.value)
+    res = CliRunner().invoke(cli, ["run", str(p)])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and res.output.startswith("error:")

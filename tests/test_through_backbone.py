@@ -1,0 +1,65 @@
+"""The reference path through the backbone agrees with the cached path when augmentation and
+train-mode BatchNorm are off (same data, same seed), and its CLI refuses misuse."""
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import datagen
+from ltcache.cache import extract
+from ltcache.cli import cli
+from ltcache.stage1 import Stage1Options, train_stage1
+from ltcache.stage2 import api
+from ltcache.through_backbone import retrain_through_backbone
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tb")
+    folder = datagen.make_imagefolder(root / "imgs", num_classes=3, per_class_train=16, per_class_test=6, size=32)
+    ckpt = train_stage1(Stage1Options(dataset=f"imagefolder:{folder}", data_root=str(root), imb_ratio=2,
+                                      val_per_class=2, epochs=1, batch_size=16, warmup_epochs=0, workers=2,
+                                      out=str(root / "run"), quiet=True, device="cpu"))
+    cache = extract(ckpt, cache=root / "cache", dtype="float32", batch_size=16, data_root=str(root),
+                    device="cpu", quiet=True, workers=2)
+    return root, ckpt, cache
+
+
+def test_through_backbone_equals_cached_without_augmentation_or_train_bn(run):
+    root, ckpt, cache = run
+    ov = {"epochs": 2, "batch_size": 8, "lr": 0.01}
+    cached = api.retrain(cache, "ce", ov, seeds=[0], device="cpu", quiet=True)
+    through = retrain_through_backbone(ckpt, "ce", ov, seeds=[0], augment=False, train_bn=False,
+                                       device="cpu", data_root=str(root), quiet=True)
+    a, b = cached["runs"][0]["metrics"], through["runs"][0]["metrics"]
+    assert a["per_class_acc"] == pytest.approx(b["per_class_acc"], abs=1e-6)
+    assert a["nll"] == pytest.approx(b["nll"], abs=1e-4)
+    assert a["mean_logit"] == pytest.approx(b["mean_logit"], abs=1e-4)
+    assert cached["stage1"]["nll"] == pytest.approx(through["stage1"]["nll"], abs=1e-4)
+
+
+def test_through_backbone_with_augmentation_and_train_bn_differs_and_moves_bn(run):
+    root, ckpt, cache = run
+    ov = {"epochs": 1, "batch_size": 8, "lr": 0.01}
+    plain = retrain_through_backbone(ckpt, "los", ov, seeds=[0], augment=False, train_bn=False,
+                                     device="cpu", data_root=str(root), quiet=True)
+    paper = retrain_through_backbone(ckpt, "los", ov, seeds=[0], augment=True, train_bn=True,
+                                     device="cpu", data_root=str(root), quiet=True)
+    assert paper["runs"][0]["protocol"] == {"through_backbone": True, "augment": True, "train_bn": True}
+    assert paper["runs"][0]["metrics"]["nll"] != pytest.approx(plain["runs"][0]["metrics"]["nll"], abs=1e-6)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["retrain", "--method", "ce", "--through-backbone"], "needs --ckpt"),
+    (["retrain", "--method", "ce", "--no-augment"], "only apply with --through-backbone"),
+    (["retrain", "--method", "tau-norm", "--through-backbone", "--ckpt", "CKPT"], "closed-form"),
+])
+def test_through_backbone_cli_errors(run, args, needle):
+    args = [str(run[1]) if a == "CKPT" else a for a in args]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.output
