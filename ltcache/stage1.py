@@ -147,7 +147,8 @@ def _prepare_out(opts: Stage1Options, out: Path) -> Optional[dict]:
     if opts.resume:
         ck = load_checkpoint(ck_path)
         old = ck.get("train_args", {})
-        diff = [k for k in opts.RUN_KEYS if k in old and old[k] != getattr(opts, k)]
+        # --epochs may change: resuming with more epochs extends a finished run
+        diff = [k for k in opts.RUN_KEYS if k != "epochs" and k in old and old[k] != getattr(opts, k)]
         if diff:
             k = diff[0]
             raise LtcacheError(f"--resume: {out} was trained with {k}={old[k]!r}, not {getattr(opts, k)!r}; "
