@@ -5,6 +5,7 @@ benchmarks), so there is a single code path for what lands on disk.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -55,37 +56,59 @@ class CacheWriter:
         man = self.final / MANIFEST
         if man.is_file():
             try:
-                old = json.loads(man.read_text()).get("key")
+                old = json.loads(man.read_text())
             except (OSError, ValueError):
-                old = None
-            if old == self.key:
-                self.complete = True
+                old = {}
+            if old.get("key") == self.key:
+                if self._keep_intact(self.final, {r["file"]: r for b in old.get("splits", {}).values()
+                                                  for r in b.get("shards", [])}):
+                    self.complete = True
+                    return self.final
+                # same cache, but a shard is damaged or gone: recompute only those
+                write_json_atomic({"key": self.key, "shards": self.records}, self.final / PROGRESS)
+                man.unlink()
                 return self.final
             if not force:
                 raise LtcacheError(f"{self.final} already holds a cache made from a different checkpoint or "
                                    "options; pass --force to replace it, or choose another --cache")
             staging = self.final.with_name(f".{self.final.name}.new")
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
+            if not self._resume_from(staging, force=True):
+                if staging.exists():
+                    shutil.rmtree(staging)
+                staging.mkdir(parents=True)
             return staging
-        progress = self.final / PROGRESS
-        if progress.is_file():
-            try:
-                prog = json.loads(progress.read_text())
-            except (OSError, ValueError):
-                prog = {}
-            if prog.get("key") != self.key:
-                if not force:
-                    raise LtcacheError(f"{self.final} holds an unfinished extraction with other options; "
-                                       "re-run it with the same options to finish it, or pass --force to start over")
-                prog = {}
-            for name, rec in prog.get("shards", {}).items():
-                path = self.final / name
-                if path.is_file() and sha256_file(path) == rec.get("sha256"):
-                    self.records[name] = rec
+        self._resume_from(self.final, force)
         self.final.mkdir(parents=True, exist_ok=True)
         return self.final
+
+    def _resume_from(self, folder: Path, force: bool) -> bool:
+        """Keep the intact shards of an interrupted run with the same key in ``folder``."""
+        progress = folder / PROGRESS
+        if not progress.is_file():
+            return False
+        try:
+            prog = json.loads(progress.read_text())
+        except (OSError, ValueError):
+            prog = {}
+        if prog.get("key") != self.key:
+            if not force:
+                raise LtcacheError(f"{folder} holds an unfinished extraction with other options; "
+                                   "re-run it with the same options to finish it, or pass --force to start over")
+            return False
+        self._keep_intact(folder, prog.get("shards", {}))
+        return True
+
+    def _keep_intact(self, folder: Path, shards: dict) -> bool:
+        """Record the shards whose file matches its checksum; True when all of them do."""
+        whole = True
+        for name, rec in shards.items():
+            path = folder / name
+            if path.is_file() and sha256_file(path) == rec.get("sha256"):
+                self.records[name] = rec
+            else:
+                whole = False
+        clf = folder / CLASSIFIER
+        return whole and clf.is_file()
 
     # -- shards --------------------------------------------------------------------------------
     def has_shard(self, split: str, i: int) -> bool:
@@ -169,6 +192,26 @@ def manifest_body(dataset: dict, class_counts, arch: str, feature_dim: int, chec
             "extraction": extraction}
 
 
+def _validate(arrays: dict, w: np.ndarray, b: np.ndarray, k: int) -> None:
+    """Refuse tensors that would make a cache ``load`` rejects (or, worse, misreads)."""
+    if w.ndim != 2 or w.shape[0] != k or b.shape != (k,):
+        raise LtcacheError(f"write_cache: weight {tuple(w.shape)} / bias {tuple(b.shape)} do not match "
+                           f"{k} classes; pass weight [K, D] and bias [K] with K = len(class_counts)")
+    for split, (f, y, ix, views) in arrays.items():
+        n = f.shape[0] if f.ndim == 3 else -1
+        if f.ndim != 3 or f.shape[1] != len(views) or f.shape[2] != w.shape[1]:
+            raise LtcacheError(f"write_cache: split {split} features {tuple(f.shape)} must be [N, {len(views)} views, "
+                               f"D={w.shape[1]}]; fix the features or the view names")
+        if y.shape != (n,) or ix.shape != (n,):
+            raise LtcacheError(f"write_cache: split {split} labels {tuple(y.shape)} / index {tuple(ix.shape)} "
+                               f"must both be [{n}]")
+        if n and (y.min() < 0 or y.max() >= k):
+            raise LtcacheError(f"write_cache: split {split} has labels outside [0, {k - 1}]")
+        if not np.isfinite(f).all():
+            raise LtcacheError(f"write_cache: split {split} has non-finite features (NaN/inf, or beyond the "
+                               "float16 range: use dtype='float32')")
+
+
 def write_cache(path, splits: dict, weight, bias, dataset: dict, class_counts, arch: str = "unknown",
                 checkpoint_sha256: str = "", extraction_args: Optional[dict] = None, dtype: str = "float16",
                 shard_rows: int = 8192, force: bool = False, checkpoint_path: Optional[str] = None) -> Path:
@@ -176,18 +219,29 @@ def write_cache(path, splits: dict, weight, bias, dataset: dict, class_counts, a
     if dtype not in DTYPES:
         raise LtcacheError(f"unknown dtype '{dtype}'; use float16 or float32")
     w = torch.as_tensor(weight).float().cpu().numpy()
-    key = {"source": "tensors", "checkpoint_sha256": checkpoint_sha256, "dtype": dtype, "shard_rows": shard_rows,
-           "extraction": extraction_args or {}}
+    b = torch.as_tensor(bias).float().cpu().numpy()
+    arrays = {}
+    digest = hashlib.sha256()
+    for split, (feats, labels, index, views) in splits.items():
+        arrays[split] = (torch.as_tensor(feats).float().cpu().numpy().astype(DTYPES[dtype]),
+                         torch.as_tensor(labels).cpu().numpy(), torch.as_tensor(index).cpu().numpy(), list(views))
+        for a in arrays[split][:3]:
+            digest.update(np.ascontiguousarray(a).tobytes())
+        digest.update(json.dumps([split, list(views)]).encode())
+    for a in (w, b):
+        digest.update(np.ascontiguousarray(a).tobytes())
+    _validate(arrays, w, b, len(class_counts))
+    # the content is part of the key: other tensors at the same path are never taken for this cache
+    key = {"source": "tensors", "content_sha256": digest.hexdigest(), "checkpoint_sha256": checkpoint_sha256,
+           "dtype": dtype, "shard_rows": shard_rows, "extraction": extraction_args or {},
+           "dataset": dataset, "class_counts": [int(c) for c in class_counts], "arch": arch}
     writer = CacheWriter(path, key, force=force)
     if writer.complete:
         writer.abort()
         return Path(path)
     try:
         layout = {}
-        for split, (feats, labels, index, views) in splits.items():
-            f = torch.as_tensor(feats).float().cpu().numpy().astype(DTYPES[dtype])
-            y = torch.as_tensor(labels).cpu().numpy()
-            ix = torch.as_tensor(index).cpu().numpy()
+        for split, (f, y, ix, views) in arrays.items():
             n_shards = max(1, -(-len(y) // shard_rows))
             for i in range(n_shards):
                 sl = slice(i * shard_rows, (i + 1) * shard_rows)
@@ -196,7 +250,7 @@ def write_cache(path, splits: dict, weight, bias, dataset: dict, class_counts, a
             layout[split] = (list(views), n_shards)
         body = manifest_body(dataset, class_counts, arch, w.shape[1],
                              {"path": checkpoint_path, "sha256": checkpoint_sha256}, dtype, extraction_args or {})
-        return writer.finish(body, layout, w, torch.as_tensor(bias).float().cpu().numpy())
+        return writer.finish(body, layout, w, b)
     except BaseException:
         writer.abort()
         raise

@@ -58,4 +58,7 @@ def read_manifest(cache_dir) -> dict:
         raise LtcacheError(f"{path} is not an ltcache manifest (no schema_version)")
     if version > SCHEMA_VERSION:
         raise LtcacheError(f"{path} has schema version {version}, newer than this ltcache reads ({SCHEMA_VERSION}); upgrade ltcache")
+    if version != SCHEMA_VERSION:
+        raise LtcacheError(f"{path} has unknown schema version {version} (this ltcache reads {SCHEMA_VERSION}); "
+                           f"re-extract it with `ltcache extract --force --cache {cache_dir}`")
     return man
