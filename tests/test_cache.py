@@ -441,10 +441,11 @@ def test_train_bn_batch_equals_train_mode_forward(setup, batch_cache):
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.train()
     sp = ds.splits["train"]
-    n = len(sp)
     seed = fc.manifest["extraction"]["seed"]
-    for i in range(-(-n // SHARD_ROWS)):
-        rows = torch.arange(i * SHARD_ROWS, min(n, (i + 1) * SHARD_ROWS))
+    sizes = [r["rows"] for r in fc.manifest["splits"]["train"]["shards"]]
+    assert min(sizes) >= SHARD_ROWS // 2            # a short last shard is folded into its predecessor
+    for i, lo in enumerate(np.cumsum([0] + sizes[:-1])):
+        rows = torch.arange(lo, lo + sizes[i])
         g = torch.Generator().manual_seed(_seed(seed, "train", i))
         order = torch.randperm(len(rows), generator=g)
         assert len(rows) <= BATCH                  # one BN batch per shard
@@ -575,3 +576,99 @@ def test_bad_write_cache_dtype_and_missing_checkpoint(setup, tmp_path):
                     torch.zeros(1, 3), torch.zeros(1), dataset={}, class_counts=[2], dtype="float64")
     with pytest.raises(LtcacheError, match="not found"):
         extract(tmp_path / "nope.pt", cache=tmp_path / "c2", **_kw(setup))
+
+
+# -- batch-statistics views with several batches per shard, repair, forced resume ----------------
+@torch.no_grad()
+def test_train_bn_batch_several_batches_per_shard(setup):
+    from ltcache.cache.extract import batches
+
+    rows_per_shard, bs = 16, 6
+    out = extract(setup["ckpt"], cache=setup["base"] / "cache_batch6",
+                  **_kw(setup, splits=("train",), train_views=1, train_bn="batch", shard_rows=rows_per_shard,
+                        batch_size=bs))
+    fc, ds = load(out, splits=("train",)), setup["ds"]
+    sizes = [r["rows"] for r in fc.manifest["splits"]["train"]["shards"]]
+    assert sum(sizes) == len(ds.splits["train"]) and min(sizes) >= bs // 2
+    train_bn = copy.deepcopy(setup["model"])
+    for m in train_bn.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.train()
+    sp, seen = ds.splits["train"], 0
+    for i, lo in enumerate(np.cumsum([0] + sizes[:-1])):
+        rows = torch.arange(lo, lo + sizes[i])
+        g = torch.Generator().manual_seed(_seed(0, "train", i))
+        order = torch.randperm(len(rows), generator=g)
+        parts = batches(order, bs)
+        assert len(parts) == -(-len(rows) // bs) and min(len(p) for p in parts) >= bs // 2
+        for pos in parts:                        # each batch: its own batch statistics
+            aug = ds.augment(sp.images(rows[pos]), g)
+            _close16(fc.splits["train"].features[rows[pos], 1], train_bn.features(ds.normalize(aug)))
+            seen += len(pos)
+    assert seen == len(sp)
+    # the running statistics are untouched: the clean view is the eval-mode forward
+    _close16(fc.splits["train"].features[:, 0], setup["loaded"].splits["train"].features[:, 0])
+
+
+def test_rerun_recomputes_a_damaged_shard_of_a_complete_cache(setup, monkeypatch):
+    cache = _copy_cache(setup, "cache_repair")
+    _damage(cache / "test-00001.h5", "flip")
+    (cache / "val-00000.h5").unlink()
+    with pytest.raises(LtcacheError, match="ltcache extract --ckpt"):
+        load(cache)
+    written = []
+    real = cache_build.write_shard
+
+    def counting(*a, **kw):
+        written.append(Path(a[0]).name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cache_build, "write_shard", counting)
+    extract(setup["ckpt"], cache=cache, **_kw(setup))           # the fix the error message names
+    assert sorted(written) == ["test-00001.h5", "val-00000.h5"]
+    assert _shard_records(cache) == _shard_records(setup["cache"])
+    load(cache)
+
+
+def test_interrupted_forced_replacement_keeps_the_old_cache_and_resumes(setup, monkeypatch):
+    cache = _copy_cache(setup, "cache_force_resume")
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    opts = _kw(setup, splits=("test",), test_views=("center",), force=True)
+    real = cache_build.write_shard
+    calls = {"n": 0}
+
+    def failing(*a, **kw):
+        if calls["n"] >= 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cache_build, "write_shard", failing)
+    with pytest.raises(KeyboardInterrupt):
+        extract(setup["ckpt"], cache=cache, **opts)
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before      # nothing already written is lost
+    load(cache)
+    written = []
+
+    def counting(*a, **kw):
+        written.append(Path(a[0]).name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cache_build, "write_shard", counting)
+    extract(setup["ckpt"], cache=cache, **opts)
+    assert written == ["test-00001.h5", "test-00002.h5"]                    # the first one was kept
+    fc = load(cache, splits=("test",))
+    assert list(fc.manifest["splits"]) == ["test"] and fc.splits["test"].views == ["center"]
+    assert torch.equal(fc.splits["test"].features[:, 0], setup["loaded"].splits["test"].features[:, 0])
+    assert not [p for p in cache.parent.iterdir() if p.name.startswith(".cache_force_resume")]
+
+
+def test_empty_val_split(setup):
+    foreign = setup["base"] / "foreign_noval.pt"
+    torch.save(setup["model"].state_dict(), foreign)
+    out = extract(foreign, cache=setup["base"] / "cache_noval", arch="resnet32",
+                  dataset=f"imagefolder:{setup['folder']}", imb_ratio=2, val_per_class=0,
+                  **_kw(setup, splits=("val", "test")))
+    fc = load(out, splits=("val", "test"))
+    assert fc.splits["val"].features.shape == (0, 2, fc.feature_dim) and fc.splits["val"].labels.numel() == 0
+    assert fc.splits["test"].features.shape[0] == len(setup["ds"].splits["test"])

@@ -208,8 +208,7 @@ def _validate(arrays: dict, w: np.ndarray, b: np.ndarray, k: int) -> None:
         if n and (y.min() < 0 or y.max() >= k):
             raise LtcacheError(f"write_cache: split {split} has labels outside [0, {k - 1}]")
         if not np.isfinite(f).all():
-            raise LtcacheError(f"write_cache: split {split} has non-finite features (NaN/inf, or beyond the "
-                               "float16 range: use dtype='float32')")
+            raise LtcacheError(f"write_cache: split {split} has non-finite features (NaN/inf)")
 
 
 def write_cache(path, splits: dict, weight, bias, dataset: dict, class_counts, arch: str = "unknown",
@@ -223,8 +222,11 @@ def write_cache(path, splits: dict, weight, bias, dataset: dict, class_counts, a
     arrays = {}
     digest = hashlib.sha256()
     for split, (feats, labels, index, views) in splits.items():
-        arrays[split] = (torch.as_tensor(feats).float().cpu().numpy().astype(DTYPES[dtype]),
-                         torch.as_tensor(labels).cpu().numpy(), torch.as_tensor(index).cpu().numpy(), list(views))
+        f32 = torch.as_tensor(feats).float().cpu().numpy()
+        if f32.size and np.isfinite(f32).all() and np.abs(f32).max() > np.finfo(DTYPES[dtype]).max:
+            raise LtcacheError(f"write_cache: split {split} has features beyond the {dtype} range; use dtype='float32'")
+        arrays[split] = (f32.astype(DTYPES[dtype]), torch.as_tensor(labels).cpu().numpy(),
+                         torch.as_tensor(index).cpu().numpy(), list(views))
         for a in arrays[split][:3]:
             digest.update(np.ascontiguousarray(a).tobytes())
         digest.update(json.dumps([split, list(views)]).encode())

@@ -30,6 +30,7 @@ from ltcache.progress import echo, progress
 SPLITS = ("train", "val", "test")
 TEST_VIEWS = ("center", "hflip")
 BN_STATS = "bn_stats.pt"
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def _seed(seed: int, *parts) -> int:
@@ -91,13 +92,39 @@ class _FrozenBN:
         return False
 
 
+def shard_bounds(n: int, shard_rows: int, min_last: int = 1) -> list:
+    """Row ranges of the shards of an n-row split: ``shard_rows`` each, the last one folded into
+    its predecessor when shorter than ``min_last`` (so batch-statistics views never come from a
+    handful of images)."""
+    starts = list(range(0, n, shard_rows)) or [0]
+    bounds = [(s, min(n, s + shard_rows)) for s in starts]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def batches(order: torch.Tensor, batch_size: int) -> tuple:
+    """Split a shard's row order into ceil(m / batch_size) near-equal batches (none tiny)."""
+    m = len(order)
+    return torch.tensor_split(order, max(1, -(-m // batch_size))) if m else ()
+
+
 class _Extractor:
+    """Forwards batches of uint8 images through the frozen backbone on the device."""
+
     def __init__(self, model, ds, device, amp, batch_size):
         self.model, self.ds, self.device, self.amp, self.bs = model, ds, device, amp, batch_size
         self.images_done = 0
 
+    def to_device(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """One host-to-device copy of a uint8 batch (page-locked first on CUDA, asynchronous)."""
+        if self.device.type == "cuda":
+            return x_uint8.pin_memory().to(self.device, non_blocking=True)
+        return x_uint8.to(self.device)
+
     def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        x = self.ds.normalize(x_uint8.to(self.device, non_blocking=True))
+        """Features (float32, on the device) of a uint8 batch already on the device."""
+        x = self.ds.normalize(x_uint8)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, enabled=self.amp):
@@ -106,16 +133,20 @@ class _Extractor:
         return f.float()
 
     def views(self, split: str, rows: torch.Tensor, names: Sequence[str], train_bn: str,
-              gen: torch.Generator) -> torch.Tensor:
-        """Features [m, V, D] of the given rows for every named view (one D2H copy per batch)."""
+              gen: torch.Generator, dtype: str) -> torch.Tensor:
+        """Features [m, V, D] in the storage dtype, on the host, of the given rows for every
+        named view: the views are made on the device from one uploaded batch, cast there, and
+        come back in one device-to-host copy per batch."""
         sp = self.ds.splits[split]
         m = len(rows)
         out = None
+        top = torch.zeros((), device=self.device)          # largest |feature| (range check, one sync per shard)
+        bad = torch.zeros((), dtype=torch.long, device=self.device)    # non-finite count
         # batch-statistics views: batches formed by a seeded permutation of the shard's rows
-        order = torch.randperm(m, generator=gen) if (split == "train" and train_bn == "batch") else torch.arange(m)
-        for s in range(0, m, self.bs):
-            pos = order[s:s + self.bs]
-            imgs = sp.images(rows[pos])
+        batch_stats = split == "train" and train_bn == "batch"
+        order = torch.randperm(m, generator=gen) if batch_stats else torch.arange(m)
+        for pos in batches(order, self.bs):
+            imgs = self.to_device(sp.images(rows[pos]))
             parts = []
             for v in names:
                 if v in ("clean", "center"):
@@ -124,28 +155,43 @@ class _Extractor:
                     parts.append(self.forward(hflip(imgs)))
                 else:                                          # augmented training view
                     aug = self.ds.augment(imgs, gen)
-                    if train_bn == "batch":
+                    if batch_stats:
                         with _FrozenBN(self.model):
                             parts.append(self.forward(aug))
                     else:
                         parts.append(self.forward(aug))
-            feats = torch.stack(parts, 1).cpu()
+            feats = torch.stack(parts, 1)
+            finite = torch.isfinite(feats)
+            bad += (~finite).sum()
+            top = torch.maximum(top, torch.where(finite, feats.abs(), 0.0).amax())
+            host = feats.to(TORCH_DTYPES[dtype]).cpu()            # the one D2H copy of this batch
             if out is None:
-                out = torch.empty((m,) + tuple(feats.shape[1:]), dtype=torch.float32)
-            out[pos] = feats
+                out = torch.empty((m,) + tuple(host.shape[1:]), dtype=host.dtype)
+            out[pos] = host
+        _check_finite(int(bad), float(top), dtype, split)
+        if out is None:                                        # an empty split (e.g. --val-per-class 0)
+            out = torch.empty((0, len(names), self.model.feature_dim), dtype=TORCH_DTYPES[dtype])
         return out
 
 
 def bare_inference_rate(model, ds, device, amp, batch_size: int, repeats: int = 3) -> float:
-    """Images/s of the backbone alone on a fixed batch (no decoding, no I/O)."""
+    """Images/s of the backbone alone: forwards of a fixed batch already on the device (no data,
+    no copies, no I/O) -- the ceiling extraction is measured against."""
     x = torch.randint(0, 255, (batch_size, 3, ds.image_size, ds.image_size), dtype=torch.uint8)
-    ex = _Extractor(model, ds, device, amp, batch_size)
-    ex.forward(x)
+    x = ds.normalize(x.to(device))
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.autocast(device.type, enabled=amp):
+            model.features(x)
+
+    run()
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(repeats):
-        ex.forward(x)
+        run()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return repeats * batch_size / (time.perf_counter() - t)
@@ -160,32 +206,32 @@ def shift_bn(model: nn.Module, ds, device, amp, mode: str, passes: int, batch_si
     n, k = len(sp), ds.num_classes
     g = torch.Generator().manual_seed(_seed(seed, "bn-shift"))
     by_class = [torch.nonzero(sp.labels == c).flatten() for c in range(k)]
+    bs = min(batch_size, n)
+    per_pass = max(1, n // bs)              # full batches only: a short last batch would skew the statistics
+    ex = _Extractor(model, ds, device, amp, bs)
     model.train()
-    steps = passes * (-(-n // batch_size))
-    ex = _Extractor(model, ds, device, amp, batch_size)
-    perm = torch.randperm(n, generator=g)
-    for s in progress(range(steps), desc=f"bn-shift ({mode})", quiet=quiet, unit="batch"):
-        if mode == "instance":
-            j = s % (-(-n // batch_size))
-            if j == 0 and s:
-                perm = torch.randperm(n, generator=g)
-            idx = perm[j * batch_size:(j + 1) * batch_size]
-        else:
-            cls = torch.randint(k, (batch_size,), generator=g)
-            pick = torch.randint(1 << 30, (batch_size,), generator=g)
-            idx = torch.stack([by_class[c][p % len(by_class[c])] for c, p in zip(cls.tolist(), pick.tolist())])
-        if len(idx) < 2:
-            continue
-        ex.forward(ds.augment(sp.images(idx), g))
-    model.eval()
+    try:
+        for s in progress(range(passes * per_pass), desc=f"bn-shift ({mode})", quiet=quiet, unit="batch"):
+            if mode == "instance":
+                if s % per_pass == 0:
+                    perm = torch.randperm(n, generator=g)
+                j = s % per_pass
+                idx = perm[j * bs:(j + 1) * bs]
+            else:                            # class-balanced: a uniform class, then a uniform image of it
+                cls = torch.randint(k, (bs,), generator=g)
+                pick = torch.randint(1 << 30, (bs,), generator=g)
+                idx = torch.stack([by_class[c][p % len(by_class[c])] for c, p in zip(cls.tolist(), pick.tolist())])
+            if len(idx) > 1:
+                ex.forward(ds.augment(ex.to_device(sp.images(idx)), g))
+    finally:
+        model.eval()
 
 
-def _check_finite(feats: torch.Tensor, dtype: str, split: str) -> None:
+def _check_finite(n_bad: int, top: float, dtype: str, split: str) -> None:
     """Refuse to write features that would load as NaN/inf (the cache would be unusable)."""
-    if not torch.isfinite(feats).all():
+    if n_bad:
         raise LtcacheError(f"the backbone produced non-finite features (NaN/inf) on the {split} split: "
                            "the checkpoint is broken or diverged; check it (e.g. its val accuracy) before extracting")
-    top = float(feats.abs().max()) if feats.numel() else 0.0
     if top > float(np.finfo(DTYPES[dtype]).max):
         raise LtcacheError(f"features of the {split} split reach {top:.3g}, beyond the {dtype} range: re-run with "
                            "--dtype float32 (and --force to discard the shards written so far)")
@@ -223,7 +269,7 @@ def extract(ckpt, cache=None, splits: Sequence[str] = SPLITS, test_views: Sequen
     cache_dir = Path(cache) if cache else default_cache_dir(ckpt)
     args = {"splits": splits, "test_views": test_views, "train_views": train_views, "train_bn": train_bn,
             "bn_shift": bn_shift, "bn_shift_passes": bn_shift_passes, "batch_size": batch_size, "seed": seed}
-    key = {"checkpoint_sha256": ck_sha, "dtype": dtype, "shard_rows": shard_rows, "dataset": {
+    key = {"checkpoint_sha256": ck_sha, "arch": arch, "dtype": dtype, "shard_rows": shard_rows, "dataset": {
         k: spec_dict.get(k) for k in ("source", "imb_ratio", "profile", "selection", "seed", "val_per_class")}, **args}
     writer = CacheWriter(cache_dir, key, force=force)
     if writer.complete:
@@ -253,41 +299,42 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
     bs = args["batch_size"]
     bare = bare_inference_rate(model, ds, dev, amp, bs)
     ex = _Extractor(model, ds, dev, amp, bs)
-    layout, t0 = {}, time.perf_counter()
+    layout, seconds, shift_s = {}, 0.0, 0.0
     order = [s for s in SPLITS if s in args["splits"]]
     shifted = False
     with torch.no_grad():
         for split in order:
             if split != "train" and args["bn_shift"] != "none" and not shifted:
+                t = time.perf_counter()
                 shift_bn(model, ds, dev, amp, args["bn_shift"], args["bn_shift_passes"], bs, args["seed"], quiet)
-                shifted = True
+                shift_s, shifted = time.perf_counter() - t, True
+            t_split = time.perf_counter()
             names = (["clean"] + [f"aug{i}" for i in range(1, args["train_views"] + 1)]) if split == "train" \
                 else args["test_views"]
-            n = len(ds.splits[split])
-            n_shards = max(1, -(-n // shard_rows))
-            bar = progress(total=n, desc=f"extract {split}", quiet=quiet, unit="img")
-            for i in range(n_shards):
-                rows = torch.arange(i * shard_rows, min(n, (i + 1) * shard_rows))
+            sp = ds.splits[split]
+            batch_stats = split == "train" and args["train_bn"] == "batch" and args["train_views"] > 0
+            bounds = shard_bounds(len(sp), shard_rows, min(bs, shard_rows) // 2 if batch_stats else 1)
+            bar = progress(total=len(sp), desc=f"extract {split}", quiet=quiet, unit="img")
+            for i, (lo, hi) in enumerate(bounds):
+                rows = torch.arange(lo, hi)
                 if not writer.has_shard(split, i):
-                    t = time.perf_counter()
-                    start = ex.images_done
+                    t, start = time.perf_counter(), ex.images_done
                     g = torch.Generator().manual_seed(_seed(args["seed"], split, i))
-                    feats = ex.views(split, rows, names, args["train_bn"], g)
-                    _check_finite(feats, dtype, split)
-                    sp = ds.splits[split]
-                    writer.submit(split, i, feats.numpy().astype(DTYPES[dtype]), sp.labels[rows].numpy(),
-                                  sp.index[rows].numpy())
-                    bar.set_postfix(img_s=f"{(ex.images_done - start) / (time.perf_counter() - t):.0f}")
+                    feats = ex.views(split, rows, names, args["train_bn"], g, dtype)
+                    writer.submit(split, i, feats.numpy(), sp.labels[rows].numpy(), sp.index[rows].numpy())
+                    bar.set_postfix(fwd_img_s=f"{(ex.images_done - start) / max(time.perf_counter() - t, 1e-9):.0f}")
                 bar.update(len(rows))
             bar.close()
-            layout[split] = (names, n_shards)
+            seconds += time.perf_counter() - t_split
+            layout[split] = (names, len(bounds))
         if args["bn_shift"] != "none" and not shifted:
+            t = time.perf_counter()
             shift_bn(model, ds, dev, amp, args["bn_shift"], args["bn_shift_passes"], bs, args["seed"], quiet)
-    seconds = time.perf_counter() - t0
+            shift_s = time.perf_counter() - t
     rate = ex.images_done / max(seconds, 1e-9)
     bn_state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
     extraction = {**args, "device": str(dev), "amp": amp, "images_forwarded": ex.images_done,
-                  "seconds": round(seconds, 2), "images_per_s": round(rate, 1),
+                  "seconds": round(seconds, 2), "images_per_s": round(rate, 1), "bn_shift_seconds": round(shift_s, 2),
                   "bare_inference_images_per_s": round(bare, 1),
                   "bn_stats_file": BN_STATS if args["bn_shift"] != "none" else None}
     body = manifest_body({**spec_dict, **ds.spec.to_dict(), "groups": ds.groups}, ds.class_counts, arch,
@@ -295,6 +342,7 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
     extra = {BN_STATS: (lambda p: torch.save(bn_state, p))} if args["bn_shift"] != "none" else None
     path = writer.finish(body, layout, model.fc.weight.detach().cpu().numpy(), model.fc.bias.detach().cpu().numpy(),
                          extra_files=extra)
-    echo(f"extracted {ex.images_done} images in {seconds:.1f}s: {rate:.0f} img/s "
-         f"(bare backbone inference: {bare:.0f} img/s) -> {path}", quiet)
+    echo(f"extracted {ex.images_done} images (rows x views) in {seconds:.1f}s: {rate:.0f} img/s; bare backbone "
+         f"inference in the same run: {bare:.0f} img/s ({100 * rate / max(bare, 1e-9):.0f}%)"
+         + (f"; BN shift {shift_s:.1f}s" if shift_s else "") + f" -> {path}", quiet)
     return path
