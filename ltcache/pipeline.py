@@ -158,7 +158,7 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
     Returns the sweep results. ``epochs`` overrides ``[stage1] epochs`` (e.g. a shorter CPU run;
     the checkpoint records what was actually run).
     """
-    from ltcache.cache.extract import extract
+    from ltcache.cache.extraction import extract
     from ltcache.stage1 import Stage1Options, load_checkpoint, train_stage1
     from ltcache.stage2.api import bench
     from ltcache.stage2.results import format_table

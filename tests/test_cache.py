@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 
 import ltcache.cache.build as cache_build  # noqa: E402
 from ltcache.cache import describe, extract, load, write_cache  # noqa: E402
-from ltcache.cache.extract import BN_STATS, _seed  # noqa: E402
+from ltcache.cache.extraction import BN_STATS, _seed  # noqa: E402
 from ltcache.cache.lock import LOCK  # noqa: E402
 from ltcache.cache.manifest import MANIFEST, PROGRESS, sha256_file  # noqa: E402
 from ltcache.cli import cli  # noqa: E402
@@ -581,7 +581,7 @@ def test_bad_write_cache_dtype_and_missing_checkpoint(setup, tmp_path):
 # -- batch-statistics views with several batches per shard, repair, forced resume ----------------
 @torch.no_grad()
 def test_train_bn_batch_several_batches_per_shard(setup):
-    from ltcache.cache.extract import batches
+    from ltcache.cache.extraction import batches
 
     rows_per_shard, bs = 16, 6
     out = extract(setup["ckpt"], cache=setup["base"] / "cache_batch6",

@@ -6,8 +6,8 @@ __all__ = ["FeatureCache", "SplitFeatures", "default_cache_path", "load", "write
 
 
 def extract(*args, **kwargs):
-    """Run the frozen backbone over every split into a cache (see :mod:`ltcache.cache.extract`)."""
-    from ltcache.cache.extract import extract as _extract
+    """Run the frozen backbone over every split into a cache (see :mod:`ltcache.cache.extraction`)."""
+    from ltcache.cache.extraction import extract as _extract
     return _extract(*args, **kwargs)
 
 

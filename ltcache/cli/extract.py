@@ -44,7 +44,7 @@ def extract_cmd(ckpt, splits, test_views, **kw) -> None:
       ltcache extract --ckpt runs/cifar10_lt_ir100/stage1.pt --train-views 4 --train-bn batch
     An interrupted extraction resumes where it stopped when re-run with the same options.
     """
-    from ltcache.cache.extract import extract
+    from ltcache.cache.extraction import extract
     from ltcache.cache.info import describe
 
     path = extract(ckpt, splits=_names(splits), test_views=_names(test_views), **kw)
