@@ -672,3 +672,19 @@ def test_empty_val_split(setup):
     fc = load(out, splits=("val", "test"))
     assert fc.splits["val"].features.shape == (0, 2, fc.feature_dim) and fc.splits["val"].labels.numel() == 0
     assert fc.splits["test"].features.shape[0] == len(setup["ds"].splits["test"])
+
+
+@torch.no_grad()
+def test_batch_statistics_views_leave_every_bn_buffer_untouched(setup):
+    from ltcache.cache.extraction import _FrozenBN
+
+    model = copy.deepcopy(setup["model"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = setup["ds"].normalize(setup["ds"].splits["train"].images(torch.arange(6)))
+    with _FrozenBN(model):
+        batch_feats = model.features(x)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)          # incl. num_batches_tracked
+    assert not any(m.training for m in model.modules())
+    train = copy.deepcopy(setup["model"]).train()
+    torch.testing.assert_close(batch_feats, train.features(x))

@@ -73,21 +73,25 @@ def default_cache_dir(ckpt: Path) -> Path:
 
 
 class _FrozenBN:
-    """BatchNorm in train mode (batch statistics) without touching the running statistics."""
+    """BatchNorm in train mode (batch statistics) without touching the running statistics: the
+    momentum is 0 during the forward and every BN buffer (running mean/var, num_batches_tracked)
+    is restored afterwards, so the state is bit-identical however many batches went through."""
 
     def __init__(self, model: nn.Module):
         self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def __enter__(self):
-        self.saved = [m.momentum for m in self.bns]
+        self.saved = [(m.momentum, [b.clone() for b in m.buffers()]) for m in self.bns]
         for m in self.bns:
-            m.momentum = 0.0           # running = (1 - 0) * running + 0 * batch: unchanged
+            m.momentum = 0.0
             m.train()
         return self
 
     def __exit__(self, *exc):
-        for m, mom in zip(self.bns, self.saved):
+        for m, (mom, bufs) in zip(self.bns, self.saved):
             m.momentum = mom
+            for b, old in zip(m.buffers(), bufs):
+                b.copy_(old)
             m.eval()
         return False
 
