@@ -401,6 +401,7 @@ def test_bn_shift_moves_only_running_stats(setup):
     assert fc.manifest["extraction"]["bn_shift"] == "instance"
     assert fc.manifest["extraction"]["bn_stats_file"] == BN_STATS
     assert not (setup["cache"] / BN_STATS).exists()
+    assert fc.manifest["extra_files"][BN_STATS]["sha256"] == sha256_file(out / BN_STATS)
     stats = torch.load(out / BN_STATS, map_location="cpu")
     sd = setup["ck"]["state_dict"]
     means = [k for k in stats if k.endswith("running_mean")]
@@ -421,6 +422,16 @@ def test_bn_shift_moves_only_running_stats(setup):
     imgs = ds.splits["test"].images()
     _close16(fc.splits["test"].features[:, 0], model.features(ds.normalize(imgs)))
     _close16(fc.splits["test"].features[:, 1], model.features(ds.normalize(hflip(imgs))))
+    # the statistics file is verified like a shard, and a re-run with the same options restores it
+    shards = _shard_records(out)
+    (out / BN_STATS).write_bytes(b"damaged")
+    with pytest.raises(LtcacheError, match=BN_STATS):
+        load(out, splits=("test",))
+    extract(setup["ckpt"], cache=out, **_kw(setup, bn_shift="instance"))
+    restored = torch.load(out / BN_STATS, map_location="cpu")
+    assert all(torch.equal(restored[k], stats[k]) for k in stats)
+    assert _shard_records(out) == shards
+    load(out)
 
 
 # -- train views and train-mode BN ---------------------------------------------------------------

@@ -46,7 +46,7 @@ class CacheWriter:
         except BaseException:
             self.lock.release()
             raise
-        self._queue: "queue.Queue" = queue.Queue(maxsize=4)
+        self._queue: "queue.Queue" = queue.Queue(maxsize=2)    # bounded: at most two shards waiting in memory
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -60,8 +60,10 @@ class CacheWriter:
             except (OSError, ValueError):
                 old = {}
             if old.get("key") == self.key:
-                if self._keep_intact(self.final, {r["file"]: r for b in old.get("splits", {}).values()
-                                                  for r in b.get("shards", [])}):
+                shards = {r["file"]: r for b in old.get("splits", {}).values() for r in b.get("shards", [])}
+                extras_ok = all((self.final / n).is_file() and sha256_file(self.final / n) == r.get("sha256")
+                                for n, r in (old.get("extra_files") or {}).items())
+                if self._keep_intact(self.final, shards) and extras_ok:
                     self.complete = True
                     return self.final
                 # same cache, but a shard is damaged or gone: recompute only those
@@ -149,15 +151,17 @@ class CacheWriter:
         self._drain()
         try:
             clf = write_classifier(self.dir / CLASSIFIER, weight, bias)
+            extras = {}
             for name, writer in (extra_files or {}).items():
                 writer(self.dir / name)
+                extras[name] = {"file": name, "sha256": sha256_file(self.dir / name)}
             split_block = {}
             for split, (views, n_shards) in splits.items():
                 recs = [self.records[shard_name(split, i)] for i in range(n_shards)]
                 split_block[split] = {"views": list(views), "rows": sum(r["rows"] for r in recs), "shards": recs}
             man = {"schema_version": SCHEMA_VERSION, "ltcache_version": __version__,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **body,
-                   "splits": split_block, "classifier": clf, "key": self.key}
+                   "splits": split_block, "classifier": clf, "extra_files": extras, "key": self.key}
             write_json_atomic(man, self.dir / MANIFEST)
             (self.dir / PROGRESS).unlink(missing_ok=True)
             if self.dir != self.final:

@@ -146,6 +146,10 @@ def load(path=None, splits: Sequence[str] = ("train", "val", "test"), device="cp
         raise LtcacheError(f"{clf} is missing; {_fix(cache_dir, man)}")
     if verify and sha256_file(clf) != man["classifier"]["sha256"]:
         raise LtcacheError(f"{clf} is corrupt (checksum mismatch); {_fix(cache_dir, man)}")
+    if verify:
+        for name, rec in (man.get("extra_files") or {}).items():       # e.g. the shifted BN statistics
+            if not (cache_dir / name).is_file() or sha256_file(cache_dir / name) != rec["sha256"]:
+                raise LtcacheError(f"{cache_dir / name} is missing or corrupt (checksum mismatch); {_fix(cache_dir, man)}")
     k, d = int(man["num_classes"]), int(man["feature_dim"])
     try:
         with h5py.File(clf, "r") as f:
