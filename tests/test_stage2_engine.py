@@ -139,6 +139,67 @@ def test_engine_equals_plain_pytorch_loop(method, ov, loss_fn):
     assert torch.allclose(t.layer["bias"], b_ref, atol=1e-5)
 
 
+def autograd_reference(cfg, cache):
+    """One configuration trained by autograd + torch.optim.SGD (parameter groups for the lr
+    factors) on the loss definition ``batched_loss``: the check on the engine's hand-written
+    head gradients, loss gradients and fused momentum update."""
+    from ltcache.stage2 import heads as H
+    from ltcache.stage2 import losses as L
+    from ltcache.stage2.samplers import ClassIndex, epoch_indices
+    from ltcache.stage2.sweep import maxnorm_radius
+    tr = cache.splits["train"]
+    n, v, d = tr.features.shape
+    g = torch.Generator().manual_seed(cfg.seed)
+    kind = H.get_head(cfg.head)
+    p0, b0 = H.init_head(kind, cfg.init, cache.weight, cache.bias, g, cfg.bias_init)
+    p = {a: t.clone().unsqueeze(0).requires_grad_(a in kind.trained) for a, t in p0.items()}
+    buf = {a: t.unsqueeze(0) for a, t in b0.items()}
+    if kind.family == "cosine":
+        buf["scale"] = torch.tensor([float(cfg.scale)])
+    factors = {a: (cfg.lr_factor if a in kind.slow else 1.0) for a in kind.trained}
+    opt = torch.optim.SGD([{"params": [p[a]], "lr": cfg.lr * f} for a, f in factors.items()],
+                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    lb = L.stack_specs([cfg.loss], cache.class_counts, "cpu")
+    ci = ClassIndex.from_labels(tr.labels, cache.num_classes)
+    for e in range(cfg.epochs):
+        for grp, f in zip(opt.param_groups, factors.values()):
+            grp["lr"] = cfg.lr_at(e) * f
+        idx, valid = epoch_indices(cfg.sampler, ci, cfg.batch_size, e, cfg.epochs, g)
+        views = torch.randint(v, (n,), generator=g)
+        for s in range(idx.shape[0]):
+            i = idx[s][valid[s]]
+            z = H.forward(kind.family, p, buf, tr.features[i, views[i]].unsqueeze(0))
+            loss = L.batched_loss(z, tr.labels[i].unsqueeze(0), torch.ones(1, len(i)), lb).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if cfg.maxnorm_thresh is not None:
+            with torch.no_grad():
+                r = maxnorm_radius(cache.weight, cfg.maxnorm_thresh)
+                p["W"].mul_((r / p["W"].norm(dim=-1, keepdim=True)).clamp(max=1.0))
+    return H.effective(kind.family, {a: t[0].detach() for a, t in p.items()}, {a: t[0] for a, t in buf.items()})
+
+
+@pytest.mark.parametrize("method,ov", [
+    ("crt", {"batch_size": 32, "epochs": 2}), ("progressive", {"batch_size": 32, "epochs": 2}),
+    ("lws", {"batch_size": 32, "epochs": 2}), ("mislas", {"batch_size": 32, "epochs": 2}),
+    ("marc", {"batch_size": 32, "epochs": 2}), ("cosine", {"batch_size": 32, "epochs": 2}),
+    ("ldam-drw", {"batch_size": 32, "epochs": 2}), ("maxnorm", {"batch_size": 32, "epochs": 2, "lr": 0.05}),
+    ("focal", {"batch_size": 32, "epochs": 2}), ("cb-focal", {"batch_size": 32, "epochs": 2}),
+    ("seesaw", {"batch_size": 32, "epochs": 2}), ("lade", {"batch_size": 32, "epochs": 2}),
+    ("vs", {"batch_size": 32, "epochs": 2}), ("los", {"batch_size": 24, "epochs": 2, "lr": 0.05}),
+])
+def test_engine_equals_autograd_and_torch_sgd(method, ov):
+    cache = fake_cache()
+    cfg = configs_for(cache, [(method, ov, 3)])[0]
+    ref = autograd_reference(cfg, cache)
+    got = train_sweep([cfg], data_of(cache), quiet=True)[0].layer
+    for key in ("weight", "bias"):
+        if key in ref:
+            assert torch.allclose(got[key], ref[key], atol=2e-5, rtol=1e-5), (method, key, (got[key] - ref[key]).abs().max())
+    assert not torch.allclose(got["weight"], cache.weight)
+
+
 def test_maxnorm_projection_radius():
     cache = fake_cache()
     cfg = configs_for(cache, [("maxnorm", {"epochs": 2, "lr": 0.5, "wd": 0.0, "maxnorm_thresh": 0.1}, 0)])[0]
@@ -204,3 +265,30 @@ def test_effective_layer_equals_training_forward(head):
     sbuf = {k: v.reshape(1, *v.shape) for k, v in buf.items()}
     z = H.forward(kind.family, stacked, sbuf, x.unsqueeze(0))[0]
     assert torch.allclose(z, H.apply_layer(H.effective(kind.family, p, buf), x), atol=1e-5)
+
+
+def test_worker_processes_give_the_same_heads(monkeypatch):
+    """Small CPU sweeps fan groups (split in halves to balance) out to forked workers: every
+    head must equal the one trained in this process."""
+    from ltcache.stage2 import sweep
+    cache = fake_cache()
+    data = data_of(cache)
+    cfgs = configs_for(cache, MIXED)
+    alone = train_sweep(cfgs, data, quiet=True, n_jobs=1)
+    monkeypatch.setattr(sweep, "MIN_PARALLEL_WORK", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # one big group of a CIFAR-10-sized shape and nothing else: split in two halves
+        big = configs_for(cache, [("crt", {"batch_size": 128, "epochs": 30}, s) for s in range(60)])
+        shape = SimpleNamespace(x=torch.empty(12406, 1, 64), w0=torch.empty(10, 64))
+        parts = sweep._balance([list(range(60))], big, shape, 2)
+        assert len(parts) == 2 and sorted(parts[0] + parts[1]) == list(range(60))
+        forked = train_sweep(cfgs, data, quiet=True, n_jobs=2)
+    finally:
+        torch.set_num_threads(threads)
+    for a, f in zip(alone, forked):
+        assert a.config is not None and f.config.name == a.config.name
+        for key in ("weight", "bias"):
+            if key in a.layer:
+                assert torch.allclose(a.layer[key], f.layer[key], atol=1e-6, rtol=0), a.config.method

@@ -109,6 +109,69 @@ def forward(family: str, p: dict, buf: dict, x: torch.Tensor) -> torch.Tensor:
     return buf["scale"].view(-1, 1, 1) * torch.matmul(xn, wn.transpose(1, 2))
 
 
+def forward_train(family: str, p: dict, buf: dict, x: torch.Tensor, base: bool = False):
+    """Training forward of M heads: class-major logits [M, K, B] and what :func:`backward` needs.
+
+    Class-major because the weight then multiplies the batch from the left (W x^T), which is
+    several times faster than x W^T when K is small, and the loss reduces over K in that
+    layout just as fast. ``base=True`` means ``x`` already holds the frozen base logits
+    x W^T + b [M, B, K] (heads that train only the affine s, c on a frozen stage-1 layer: LWS,
+    MARC); the engine then gathers K numbers per sample instead of D.
+    """
+    if family == "affine":
+        if base:
+            lin = x.transpose(1, 2).contiguous()
+        else:
+            lin = torch.baddbmm(p["b"].unsqueeze(2), p["W"], x.transpose(1, 2))
+        z = lin if "s" not in p else p["s"].unsqueeze(2) * lin
+        if "u" in buf:
+            z = z + (p["c"] * buf["u"]).unsqueeze(2)
+        return z, (x, lin)
+    xn = F.normalize(x, dim=-1)
+    wnorm = p["W"].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    wn = p["W"] / wnorm
+    z = buf["scale"].view(-1, 1, 1) * torch.bmm(wn, xn.transpose(1, 2))
+    return z, (xn, wn, wnorm)
+
+
+def backward(family: str, p: dict, buf: dict, ctx, dz: torch.Tensor, need: tuple,
+             into: Optional[dict] = None, beta: float = 0.0) -> dict:
+    """Gradients of the parameters in ``need`` given dL/dz (class-major [M, K, B]).
+
+    Hand-written: one bmm for the weight, reductions over the batch for the vectors. With
+    ``into`` (the momentum buffers) each gradient is accumulated as into[a] = beta * into[a]
+    + grad, the weight's inside its bmm (``baddbmm_``), which saves two passes over [M, K, D].
+    """
+    g = {}
+
+    def put(a: str, grad: torch.Tensor) -> None:
+        if into is None:
+            g[a] = grad
+        else:
+            into[a].mul_(beta).add_(grad)
+
+    if family == "affine":
+        x, lin = ctx
+        if "s" in need:
+            put("s", (dz * lin).sum(2))
+        if "c" in need:
+            put("c", dz.sum(2) * buf["u"])
+        if "W" in need or "b" in need:
+            dlin = dz * p["s"].unsqueeze(2) if "s" in need else dz
+            if "b" in need:
+                put("b", dlin.sum(2))
+            if "W" in need:
+                if into is None:
+                    g["W"] = torch.bmm(dlin, x)
+                else:
+                    into["W"].baddbmm_(dlin, x, beta=beta)
+        return g if into is None else into
+    xn, wn, wnorm = ctx
+    dwn = torch.bmm(dz * buf["scale"].view(-1, 1, 1), xn)
+    put("W", (dwn - wn * (dwn * wn).sum(-1, keepdim=True)) / wnorm)
+    return g if into is None else into
+
+
 def effective(family: str, p: dict, buf: dict) -> dict:
     """One configuration's head as a deployable layer (parameters without the M axis).
 

@@ -78,14 +78,23 @@ def _class_aware(ci: ClassIndex, total: int, g: torch.Generator) -> torch.Tensor
     pos = (visit_no * CB_PER_CLASS).unsqueeze(1) + torch.arange(CB_PER_CLASS)   # [visits, 4]
     cls = class_seq.unsqueeze(1).expand_as(pos)
     n_c = ci.counts[cls]
-    cycles = int(math.ceil((rounds * CB_PER_CLASS) / max(1, int(ci.counts[ci.counts > 0].min()))))
-    # one within-class random permutation per cycle: sort random keys offset by the class
-    keys = torch.rand(cycles, ci.n, generator=g, dtype=torch.float64) + ci.labels[ci.order].double().unsqueeze(0) * 2
-    perm = torch.argsort(keys, dim=1)                          # positions in ``order``
+    # one random permutation per (class, cycle through the class): a class of n_c images needs
+    # ceil(4 rounds / n_c) cycles. All permutations come from ONE sort of random keys offset by
+    # their segment number, so the work is ~N + total, not cycles x N.
+    counts = ci.counts.clamp_min(1)
+    cycles = (rounds * CB_PER_CLASS + counts - 1) // counts                # [K]
+    seg_len = counts.repeat_interleave(cycles)                             # segments class-major
+    seg_first = torch.cumsum(seg_len, 0) - seg_len
+    class_first_seg = torch.cumsum(cycles, 0) - cycles
+    n_seg = int(seg_len.numel())
+    seg_of = torch.arange(n_seg).repeat_interleave(seg_len)
+    item = torch.arange(int(seg_len.sum())) - seg_first[seg_of]           # position inside the class
+    keys = torch.rand(int(seg_len.sum()), generator=g, dtype=torch.float64) + seg_of.double() * 2
+    perm = item[torch.argsort(keys)]                                       # per segment: a permutation
     cyc = pos // n_c
     off = pos % n_c
-    picked = perm[cyc, ci.start[cls] + off]
-    return ci.order[picked].reshape(-1)[:total]
+    picked = perm[seg_first[class_first_seg[cls] + cyc] + off]
+    return ci.order[ci.start[cls] + picked].reshape(-1)[:total]
 
 
 def epoch_indices(kind: str, ci: ClassIndex, batch_size: int, epoch: int, epochs: int,

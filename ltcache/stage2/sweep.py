@@ -1,13 +1,16 @@
 """The batched stage-2 engine: M head configurations trained as one computation.
 
-Configurations that share a head family and a batch size form a group. Their parameters
-are stacked ([M, K, D] ...). Per epoch, every configuration draws its own index batches
-(its sampler, its view per sample, its ``torch.Generator`` seeded by its seed) as one
-tensor [M, S, B]; a configuration with fewer steps or epochs than the group is padded with
-invalid samples and inactive steps (no update, no momentum decay). Per step there is one
-gather, one batched matmul, one vectorised loss over all M configurations (per-configuration
-hyper-parameters as tensors) and one hand-written batched SGD-momentum update. Python loops
-run over epochs, steps and parameter names, never over configurations inside a step.
+Configurations that share a head family, a batch size and whether the stage-1 layer stays
+frozen (:func:`group_key`) form a group. Their parameters are stacked ([M, K, D] ...). Per
+epoch, every configuration draws its own index batches (its sampler, its view per sample,
+its ``torch.Generator`` seeded by its seed) as one tensor [M, S, B]; a configuration with
+fewer steps or epochs than the group is padded with invalid samples and inactive steps (no
+update, no momentum decay). Per step there is one gather, one batched matmul, the analytic
+gradient of the vectorised loss of all M configurations (per-configuration hyper-parameters
+as tensors; no autograd graph), one bmm for the weight gradient and one hand-written batched
+SGD-momentum update. Heads that train only an affine correction of the frozen stage-1 layer
+(LWS, MARC) gather precomputed base logits instead of features. Python loops run over
+epochs, steps and parameter names, never over configurations inside a step.
 
 Optimiser: PyTorch SGD semantics (dampening 0, no Nesterov): g += wd * p; buf = mu * buf + g
 (buf = g on the first step); p -= lr * buf.
@@ -23,7 +26,11 @@ Learning-rate schedules, per epoch (METHODS.md §0.3(5)):
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -31,7 +38,7 @@ import torch
 from ltcache.errors import LtcacheError
 from ltcache.progress import progress
 from ltcache.stage2 import heads as H
-from ltcache.stage2.losses import LossSpec, batched_loss, stack_specs
+from ltcache.stage2.losses import LossSpec, batched_loss_grad, loss_signature, loss_targets, stack_specs
 from ltcache.stage2.samplers import ClassIndex, epoch_indices, steps_per_epoch
 
 SCHEDULES = ("cosine", "cosine-start", "constant")
@@ -102,14 +109,24 @@ class TrainedHead:
     history: list = field(default_factory=list)
 
 
+def frozen_base(cfg: Config) -> bool:
+    """True for heads that train only the affine s, c on the frozen stage-1 layer (LWS, MARC):
+    their base logits x W^T + b never change, so the engine computes them once per cache row."""
+    kind = H.get_head(cfg.head)
+    return (kind.family == "affine" and cfg.init == "stage1" and cfg.bias_init is None
+            and not {"W", "b"} & set(kind.trained))
+
+
 def group_key(cfg: Config) -> tuple:
     """Configurations with equal keys are trained as one stacked group."""
-    return (H.get_head(cfg.head).family, cfg.batch_size)
+    return (H.get_head(cfg.head).family, frozen_base(cfg), cfg.batch_size)
 
 
 def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last",
-                quiet: bool = False) -> list[TrainedHead]:
-    """Train every configuration; groups by :func:`group_key`; results in input order."""
+                quiet: bool = False, n_jobs: Optional[int] = None) -> list[TrainedHead]:
+    """Train every configuration; groups by :func:`group_key`; results in input order.
+
+    ``n_jobs``: worker processes for small CPU sweeps (default: the cores torch may use)."""
     if select not in ("last", "val"):
         raise LtcacheError(f"unknown --select '{select}'; use last or val")
     if select == "val" and data.val_x is None:
@@ -119,11 +136,84 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
     for i, c in enumerate(configs):
         groups.setdefault(group_key(c), []).append(i)
     out: list[Optional[TrainedHead]] = [None] * len(configs)
-    for key, members in groups.items():
-        trained = train_group([configs[i] for i in members], data, select=select, quiet=quiet)
-        for i, t in zip(members, trained):
-            out[i] = t
+    # members needing the same optional loss terms side by side: each term runs on one slice
+    plan = [sorted(members, key=lambda i: loss_signature(configs[i].loss)) for members in groups.values()]
+    jobs = min(n_jobs or os.cpu_count() or 1, torch.get_num_threads())
+    small = all(_step_size(configs, members, data) <= SMALL_STEP for members in plan)
+    forkable = "fork" in multiprocessing.get_all_start_methods()
+    worth = sum(_work(configs, members, data) for members in plan) > MIN_PARALLEL_WORK
+    if (jobs < 2 or not small or not worth or not forkable or data.x.device.type != "cpu"
+            or data.gather is not None):
+        for members in plan:
+            for i, t in zip(members, train_group([configs[i] for i in members], data, select=select, quiet=quiet)):
+                out[i] = t
+        return out  # type: ignore[return-value]
+    # Small steps on a CPU are bound by per-op (Python) overhead, which OpenMP threads inside
+    # each op do not shorten: train whole groups side by side in forked worker processes with
+    # one thread each (as DataLoader workers). A group may be split in two to balance the
+    # workers; any split of a group trains each member exactly as it would alone.
+    parts = _balance(plan, configs, data, jobs)
+    global _FORKED
+    _FORKED = (configs, data, select)
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(min(jobs, len(parts)), initializer=_worker_init) as pool:
+            args = [(members, quiet, slot) for slot, members in enumerate(parts)]
+            for members, trained in pool.imap_unordered(_train_part, args):
+                for i, t in zip(members, trained):
+                    out[i] = t
+    finally:
+        _FORKED = None
     return out  # type: ignore[return-value]
+
+
+SMALL_STEP = 2e7      # M * B * D * K of one step below which a CPU step is op-overhead bound
+MIN_PARALLEL_WORK = 2e9   # below this (about a second of work) forking workers does not pay
+_FORKED = None        # (configs, data, select) inherited by forked workers
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _train_part(arg):
+    members, quiet, slot = arg
+    configs, data, select = _FORKED
+    return members, train_group([configs[i] for i in members], data, select=select, quiet=quiet, bar_position=slot)
+
+
+def _step_size(configs: Sequence[Config], members: list[int], data: TrainData) -> float:
+    d, k = data.x.shape[-1], data.w0.shape[0]
+    return len(members) * configs[members[0]].batch_size * d * k
+
+
+def _work(configs: Sequence[Config], members: list[int], data: TrainData) -> float:
+    """Rough cost of training ``members`` as one group: steps x (per-step overhead + size)."""
+    n = data.x.shape[0]
+    b = configs[members[0]].batch_size
+    steps = max(configs[i].epochs * steps_per_epoch(configs[i].sampler, n, b) for i in members)
+    return steps * (2e5 + _step_size(configs, members, data))
+
+
+def _balance(plan: list[list[int]], configs, data, jobs: int) -> list[list[int]]:
+    """Split the costliest group in halves while it holds more than a worker's share and the
+    halves are clearly cheaper (the per-step overhead does not halve); the parts come back
+    costliest first, so the pool starts the long ones first."""
+    parts = [list(p) for p in plan]
+
+    def work(p):
+        return _work(configs, p, data)
+
+    for _ in range(4 * jobs):
+        parts.sort(key=lambda p: -work(p))
+        top = parts[0]
+        halves = [top[:len(top) // 2], top[len(top) // 2:]]
+        if (len(top) < 2 or work(top) <= sum(work(p) for p in parts) / jobs
+                or max(work(h) for h in halves) > 0.75 * work(top)):
+            break
+        parts[0:1] = halves
+    parts.sort(key=lambda p: -work(p))
+    return parts
 
 
 def _epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_views: int):
@@ -195,37 +285,42 @@ def _val_accuracy(family: str, p: dict, buf: dict, data: TrainData) -> torch.Ten
     return torch.cat(accs)
 
 
+@torch.no_grad()
 def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
-                quiet: bool = False) -> list[TrainedHead]:
-    """Train M configurations of one group (same head family and batch size) together."""
-    family = H.get_head(cfgs[0].head).family
-    bsz = cfgs[0].batch_size
-    if any(group_key(c) != (family, bsz) for c in cfgs):
-        raise ValueError("train_group needs configurations of one head family and batch size")
+                quiet: bool = False, bar_position: int = 0) -> list[TrainedHead]:
+    """Train M configurations of one group (same :func:`group_key`) together."""
+    key = group_key(cfgs[0])
+    family, base, bsz = key
+    if any(group_key(c) != key for c in cfgs):
+        raise ValueError("train_group needs configurations of one group_key (head family, frozen base, batch size)")
     dev, m = data.x.device, len(cfgs)
     n, n_views, d = data.x.shape
     k = data.w0.shape[0]
     w0c, b0c = data.w0.detach().float().cpu(), data.b0.detach().float().cpu()
 
     gens = [torch.Generator().manual_seed(int(c.seed)) for c in cfgs]
-    inits = [H.init_head(H.get_head(c.head), c.init, w0c, b0c, g, c.bias_init) for c, g in zip(cfgs, gens)]
+    kinds = [H.get_head(c.head) for c in cfgs]
+    inits = [H.init_head(kd, c.init, w0c, b0c, g, c.bias_init) for kd, c, g in zip(kinds, cfgs, gens)]
     names = H.param_names(family)
-    p = {a: torch.stack([i[0][a] for i in inits]).to(dev).requires_grad_(True) for a in names}
+    p = {a: torch.stack([i[0][a] for i in inits]).to(dev) for a in names}
     buf = {a: torch.stack([i[1][a] for i in inits]).to(dev) for a in inits[0][1]}
     if family == "cosine":
         buf["scale"] = torch.tensor([float(c.scale) for c in cfgs], device=dev)
+    # the training step leaves out what no member uses (MARC's c * ||w_j|| term, frozen parameters)
+    tbuf = {a: t for a, t in buf.items() if a != "u" or any(kd.uses_base_norm for kd in kinds)}
+    need = tuple(a for a in names if any(a in kd.trained for kd in kinds))
 
-    def lr_mult(c: Config, a: str) -> float:
-        kind = H.get_head(c.head)
-        if a not in kind.trained:
+    def lr_mult(kd: H.HeadKind, c: Config, a: str) -> float:
+        if a not in kd.trained:
             return 0.0
-        return c.lr_factor if a in kind.slow else 1.0
+        return c.lr_factor if a in kd.slow else 1.0
 
     shape = {a: (m,) + (1,) * (p[a].dim() - 1) for a in names}
-    lrm = {a: torch.tensor([lr_mult(c, a) for c in cfgs], device=dev) for a in names}
-    wd = {a: torch.tensor([c.wd for c in cfgs], device=dev).view(shape[a]) for a in names}
+    lrm = {a: torch.tensor([lr_mult(kd, c, a) for kd, c in zip(kinds, cfgs)], device=dev) for a in need}
+    wd = {a: torch.tensor([c.wd for c in cfgs], device=dev).view(shape[a]) for a in need}
+    any_wd = any(c.wd for c in cfgs)
     mom = torch.tensor([c.momentum for c in cfgs], device=dev)
-    mbuf = {a: torch.zeros_like(p[a]) for a in names}
+    mbuf = {a: torch.zeros_like(p[a]) for a in need}
     lb = stack_specs([c.loss for c in cfgs], data.class_index.counts, dev)
     use_maxnorm = any(c.maxnorm_thresh is not None for c in cfgs)
     if use_maxnorm:
@@ -233,40 +328,91 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
                                else float("inf") for c in cfgs], device=dev).view(m, 1)
 
     x_flat = data.x.reshape(n * n_views, d)
-    labels_dev = data.labels
+    w0, b0 = data.w0.detach().to(dev, torch.float32), data.b0.detach().to(dev, torch.float32)
+    if base and data.gather is None:
+        # frozen stage-1 layer: its logits of every cache row, once (K numbers per row instead of D)
+        table = torch.cat([torch.addmm(b0, x_flat[i:i + 65536].float(), w0.t())
+                           for i in range(0, x_flat.shape[0], 65536)])
     epochs = max(c.epochs for c in cfgs)
     total = sum(max(steps_per_epoch(c.sampler, n, bsz) for c in cfgs if e < c.epochs) for e in range(epochs))
     best_acc = torch.full((m,), -1.0, dtype=torch.float64, device=dev)
     best_epoch = torch.tensor([c.epochs for c in cfgs])
-    best = {a: t.detach().clone() for a, t in p.items()} if select == "val" else None
-    params = [p[a] for a in names]
+    best = {a: t.clone() for a, t in p.items()} if select == "val" else None
 
-    bar = progress(total=total, desc=f"train {family} B={bsz} x{m}", quiet=quiet, unit="step")
-    for e in range(epochs):
+    def features(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The step's inputs: [M, B, D] features, or [M, B, K] base logits for a frozen-base group."""
+        if data.gather is not None:
+            xb = data.gather(rows, valid)
+            return torch.addmm(b0, xb, w0.t()).view(m, bsz, k) if base else xb.view(m, bsz, d)
+        if base:
+            return table.index_select(0, rows).view(m, bsz, k)
+        return x_flat.index_select(0, rows).view(m, bsz, d)
+
+    # parameters the training forward needs: s and c are the identity (1, 0) unless trained
+    pf = {a: t for a, t in p.items() if a in need or (a in ("W", "b") and not base)}
+    uniform_mom = len({c.momentum for c in cfgs}) == 1
+    momentum = float(cfgs[0].momentum)
+    # the last (epoch, step) at which each member trains: after it, a member's momentum buffer
+    # no longer matters, so a step whose only inactive members are finished can use the fused
+    # update (one momentum factor for all); a member paused mid-run needs the masked update.
+    last = [(c.epochs - 1, steps_per_epoch(c.sampler, n, bsz) - 1) for c in cfgs]
+
+    label = "frozen-base " if base else ""
+    bar = progress(total=total, desc=f"train {label}{family} B={bsz} x{m}", quiet=quiet, unit="step",
+                   position=bar_position)
+    def prepare(e: int) -> SimpleNamespace:
+        """Everything an epoch's steps read, made ahead (on a worker thread, while the previous
+        epoch trains): its index batches, loss targets, momentum/lr factors, paused steps."""
         rows, ys, valid = _epoch_batches(cfgs, data.class_index, gens, e, n_views)
         s_max = rows.shape[1]
-        rows, ys = rows.to(dev, non_blocking=True), ys.to(dev, non_blocking=True)
-        vf = valid.to(dev, non_blocking=True).to(x_flat.dtype)
-        act = valid.any(-1).to(dev).to(x_flat.dtype).t().contiguous()             # [S, M]
+        ys_s = ys.transpose(0, 1).contiguous().to(dev)                             # [S, M, B]
+        vf_s = valid.transpose(0, 1).contiguous().to(dev, torch.float32)
+        act_cpu = valid.any(-1).t().contiguous()                                   # [S, M]
+        # steps of this epoch before each member's last step: (e, s) < (last epoch, last step)
+        lim = torch.tensor([s_max if le > e else (ls if le == e else 0) for le, ls in last])
+        act = act_cpu.to(dev, torch.float32)
         lr_e = torch.tensor([c.lr_at(e) if e < c.epochs else 0.0 for c in cfgs], device=dev)
-        c_mom = 1 - act * (1 - mom)                                                # [S, M]
-        c_lr = {a: act * (lr_e * lrm[a]) for a in names}                            # [S, M]
-        for s in range(s_max):
-            if data.gather is None:
-                xb = x_flat.index_select(0, rows[:, s].reshape(-1)).view(m, bsz, d)
-            else:
-                xb = data.gather(rows[:, s].reshape(-1), valid[:, s].reshape(-1)).view(m, bsz, d)
-            z = H.forward(family, p, buf, xb)
-            loss = batched_loss(z, ys[:, s], vf[:, s], lb).sum()
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                for a, g in zip(names, grads):
-                    sh = shape[a]
-                    g.addcmul_(p[a], wd[a])
-                    mbuf[a].mul_(c_mom[s].view(sh)).addcmul_(g, act[s].view(sh))
-                    p[a].addcmul_(mbuf[a], c_lr[a][s].view(sh), value=-1.0)
-        bar.update(s_max)
-        with torch.no_grad():
+        return SimpleNamespace(
+            s_max=s_max,
+            rows=rows.transpose(0, 1).reshape(s_max, m * bsz).to(dev),                # [S, M*B] per step
+            valid=valid.transpose(0, 1).reshape(s_max, m * bsz),
+            targets=loss_targets(lb, ys_s, vf_s),                                  # the epoch's, at once
+            paused=(~act_cpu & (torch.arange(s_max).unsqueeze(1) < lim)).any(1).tolist(),
+            c_mom={a: (1 - act * (1 - mom)).view((s_max,) + shape[a]) for a in need},
+            act={a: act.view((s_max,) + shape[a]) for a in need},
+            neg_lr={a: (act * (lr_e * lrm[a])).neg().view((s_max,) + shape[a]) for a in need})
+
+    # prepare the next epoch on a thread when this process runs ops on one thread (or a GPU);
+    # beside multi-threaded CPU ops it would only compete for the same cores
+    pool = ThreadPoolExecutor(max_workers=1) if dev.type == "cuda" or torch.get_num_threads() == 1 else None
+    try:
+        upcoming = pool.submit(prepare, 0) if pool else None
+        for e in range(epochs):
+            ep = upcoming.result() if pool else prepare(e)
+            if pool and e + 1 < epochs:
+                upcoming = pool.submit(prepare, e + 1)
+            s_max, rows_s, valid_s, targets, paused = ep.s_max, ep.rows, ep.valid, ep.targets, ep.paused
+            c_mom, act_v, neg_lr = ep.c_mom, ep.act, ep.neg_lr
+            for s in range(s_max):
+                xb = features(rows_s[s], valid_s[s])
+                z, ctx = H.forward_train(family, pf, tbuf, xb, base)                   # [M, K, B]
+                dz = batched_loss_grad(z, None, None, lb, targets.step(s))
+                if uniform_mom and not paused[s]:
+                    # fused: mbuf = mu mbuf + grad (+ wd p); finished members get lr 0
+                    H.backward(family, pf, tbuf, ctx, dz, need, into=mbuf, beta=momentum)
+                    for a in need:
+                        if any_wd:
+                            mbuf[a].addcmul_(p[a], wd[a])
+                        p[a].addcmul_(mbuf[a], neg_lr[a][s])
+                else:
+                    grads = H.backward(family, pf, tbuf, ctx, dz, need)
+                    for a in need:
+                        g = grads[a]
+                        if any_wd:
+                            g.addcmul_(p[a], wd[a])
+                        mbuf[a].mul_(c_mom[a][s]).addcmul_(g, act_v[a][s])
+                        p[a].addcmul_(mbuf[a], neg_lr[a][s])
+            bar.update(s_max)
             if use_maxnorm:
                 # LTWB PGD: once per epoch, after the last batch, rows with ||w_j|| > r -> w_j r/||w_j||
                 live = torch.tensor([e < c.epochs for c in cfgs], device=dev).view(m, 1)
@@ -280,10 +426,13 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
                 best_acc = torch.where(better, acc, best_acc)
                 best_epoch = torch.where(better.cpu(), torch.tensor(e + 1), best_epoch)
                 for a in names:
-                    best[a] = torch.where(better.view(shape[a]), p[a].detach(), best[a])
-    bar.close()
+                    best[a] = torch.where(better.view(shape[a]), p[a], best[a])
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
 
-    final = best if select == "val" else {a: t.detach() for a, t in p.items()}
+    final = best if select == "val" else p
     out = []
     for i, c in enumerate(cfgs):
         layer = H.effective(family, {a: final[a][i].cpu() for a in names}, {a: buf[a][i].cpu() for a in buf})
