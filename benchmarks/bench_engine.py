@@ -4,13 +4,20 @@ Run by hand (not by CI):  python benchmarks/bench_engine.py --shapes c10,c100 [-
 
 For each feature shape (random, class-separable features; counts of the real LT profile):
 * wall time of ``bench(all methods, seeds)`` at each method's preset epochs and batch size;
-* FLOPs of that work (training: 4 B D K per config-step -- forward logits and dW; evaluation:
-  2 N D K per view per run) and the achieved fraction of this machine's fp32 matmul rate,
-  measured in the same run with large square ``torch.mm``;
+* FLOPs of that work (training: 4 B D K per config-step -- forward logits and dW -- for heads
+  that train W; heads on the frozen stage-1 layer (LWS, MARC) do no D-sized work per step, only
+  the one-off base logits 2 N V D K of their group; evaluation: 2 N D K per view per run) and
+  the achieved fraction of this machine's fp32 matmul rate, measured in the same run with
+  large square ``torch.mm`` (the best of two measurements);
 * the same trained configurations one at a time by a plain loop (DataLoader over a
-  TensorDataset, one ``nn.Linear``, torch.optim.SGD, CE). ``--loop-sample`` times a subset
-  of configurations fully and extrapolates the rest by step count (per-step time at the
-  same batch size); the report says how many were timed.
+  TensorDataset, one ``nn.Linear``, torch.optim.SGD, CE), on one thread for the D 64 shape (its
+  faster setting there) and on all threads for the larger ones. ``--loop-sample`` times a subset of configurations fully and
+  extrapolates the rest by step count (per-step time at the same batch size); the report says
+  how many were timed.
+
+``--epochs-cap E`` trains every method for at most E epochs (for the ImageNet-LT shape on a
+CPU, where the source epochs take hours; the matmul-rate fraction is a rate and stays
+meaningful, the wall time and speed-up then describe the capped sweep).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ltcache.stage2 import api
 from ltcache.stage2.methods import METHODS, choose_preset
 from ltcache.stage2.samplers import steps_per_epoch
+from ltcache.stage2.sweep import frozen_base
 
 SHAPES = {  # name: (K, D, counts rule, test per class)
     "c10": dict(k=10, d=64, n_max=5000, ir=100, test=1000, label="ResNet-32 CIFAR-10-LT (N 12,406, D 64, K 10)"),
@@ -102,26 +110,37 @@ def plain_loop(cfg, cache, device):
     return steps
 
 
-def run_shape(shape, seeds, device, loop_sample, quick):
+def run_shape(shape, seeds, device, loop_sample, quick, epochs_cap=None, methods=None):
     cache = synthetic_cache(shape, device)
     n = int(cache.splits["train"].labels.numel())
     k, d = cache.num_classes, cache.feature_dim
     preset = choose_preset(k, d)
+    methods = methods or list(METHODS)
+    overrides = {"epochs": epochs_cap} if epochs_cap else None
+    plans = api.expand(methods, overrides, None, preset, n)
     rate = matmul_rate(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    res = api.bench(cache, list(METHODS), seeds=seeds, device=str(device), quiet=True)
+    res = api.bench(cache, methods, seeds=seeds, overrides=overrides, device=str(device), quiet=True)
     wall = time.perf_counter() - t
     rate = max(rate, matmul_rate(device))
-    plans = api.expand(list(METHODS), None, None, preset, n)
     cfgs = [api.make_config(m, p, s, m.name, cache.class_counts) for m, p, _ in plans if not m.closed_form
             for s in seeds]
-    train_flops, cfg_steps = 0.0, []
+    # the CE reference row is trained too when ce is not among the methods
+    if "ce" not in methods:
+        cfgs += [api.make_config(m, p, s, m.name, cache.class_counts)
+                 for m, p, _ in api.expand(["ce"], overrides, None, preset, n) for s in seeds]
+    n_views = cache.splits["train"].features.shape[1]
+    train_flops, cfg_steps, base_groups = 0.0, [], set()
     for c in cfgs:
         steps = sum(steps_per_epoch(c.sampler, n, c.batch_size) for _ in range(c.epochs))
         cfg_steps.append(steps)
-        train_flops += 4.0 * c.batch_size * d * k * steps
+        if frozen_base(c):
+            base_groups.add(c.batch_size)
+        else:
+            train_flops += 4.0 * c.batch_size * d * k * steps
+    train_flops += len(base_groups) * 2.0 * n * n_views * d * k
     n_test = int(cache.splits["test"].labels.numel())
     eval_flops = 2.0 * n_test * d * k * 2 * len(res["runs"])
     flops = train_flops + eval_flops
@@ -131,16 +150,23 @@ def run_shape(shape, seeds, device, loop_sample, quick):
     sample = first_seed[::stride][:loop_sample]
     per_step = {}
     timed = 0.0
-    for c, _ in sample:
-        t = time.perf_counter()
-        st = plain_loop(c, cache, device)
-        dt = time.perf_counter() - t
-        timed += dt
-        per_step.setdefault(c.batch_size, []).append(dt / st)
+    threads = torch.get_num_threads()
+    loop_threads = 1 if d * k <= 10_000 else threads      # one thread is faster only for tiny steps
+    torch.set_num_threads(loop_threads)
+    try:
+        for c, _ in sample:
+            t = time.perf_counter()
+            st = plain_loop(c, cache, device)
+            dt = time.perf_counter() - t
+            timed += dt
+            per_step.setdefault(c.batch_size, []).append(dt / st)
+    finally:
+        torch.set_num_threads(threads)
     mean_ps = {b: sum(v) / len(v) for b, v in per_step.items()}
     fallback = sum(sum(v) for v in per_step.values()) / sum(len(v) for v in per_step.values())
     loop_total = sum(s * mean_ps.get(c.batch_size, fallback) for c, s in zip(cfgs, cfg_steps))
-    out = {"shape": SHAPES[shape]["label"], "n_train": n, "device": str(device), "runs": len(res["runs"]),
+    out = {"shape": SHAPES[shape]["label"], "n_train": n, "device": str(device), "threads": threads, "plain_loop_threads": loop_threads,
+           "seeds": list(seeds), "epochs_cap": epochs_cap, "runs": len(res["runs"]),
            "trained_configs": len(cfgs), "sweep_wall_s": wall, "sweep_flops": flops,
            "sweep_gflops_per_s": flops / wall / 1e9, "matmul_gflops_per_s": rate / 1e9,
            "fraction_of_matmul_rate": flops / wall / rate,
@@ -158,6 +184,8 @@ def main(argv=None):
     ap.add_argument("--loop-sample", type=int, default=25, help="configurations timed in the plain loop")
     ap.add_argument("--quick", action="store_true", help="seeds 0,1 and 4 plain-loop configurations")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--epochs-cap", type=int, default=None, help="train every method for at most this many epochs")
+    ap.add_argument("--methods", default=None, help="comma list of methods (default: all)")
     a = ap.parse_args(argv)
     seeds = [0, 1] if a.quick else [int(s) for s in a.seeds.split(",")]
     loop_sample = 4 if a.quick else a.loop_sample
@@ -165,7 +193,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}", file=sys.stderr)
     results = []
     for shape in a.shapes.split(","):
-        r = run_shape(shape.strip(), seeds, device, loop_sample, a.quick)
+        r = run_shape(shape.strip(), seeds, device, loop_sample, a.quick, a.epochs_cap,
+                      a.methods.split(",") if a.methods else None)
         results.append(r)
         print(json.dumps(r, indent=1))
     if a.out:
