@@ -118,16 +118,23 @@ def _atomic_save(obj: dict, path: Path) -> None:
             os.unlink(tmp)
 
 
+def read_torch_file(path, missing_fix: str, damaged_fix: str):
+    """``torch.load`` of a checkpoint file; a missing or unreadable file is a one-line error
+    ending with the given fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise LtcacheError(f"checkpoint {path} not found; {missing_fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise LtcacheError(f"{path} is not a readable PyTorch checkpoint ({exc.__class__.__name__}); "
+                           f"it may be truncated: {damaged_fix}") from None
+
+
 def load_checkpoint(path) -> dict:
     """Read a ``stage1.pt``; an unreadable, truncated or foreign file is a one-line error."""
     path = Path(path)
-    if not path.is_file():
-        raise LtcacheError(f"checkpoint {path} not found; train one with `ltcache train`")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise LtcacheError(f"{path} is not a readable PyTorch checkpoint ({exc.__class__.__name__}); "
-                           "it may be truncated: re-train or point to another file") from None
+    ck = read_torch_file(path, "train one with `ltcache train`", "re-train or point to another file")
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise LtcacheError(f"{path} is not an ltcache stage-1 checkpoint; for a plain state dict "
                            "use `ltcache extract --arch NAME --dataset ...`")

@@ -26,6 +26,7 @@ from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
 from ltcache.models import build_model, load_foreign_state_dict
 from ltcache.progress import echo, progress
+from ltcache.stage1 import read_torch_file
 
 SPLITS = ("train", "val", "test")
 TEST_VIEWS = ("center", "hflip")
@@ -39,13 +40,7 @@ def _seed(seed: int, *parts) -> int:
 
 def read_backbone(ckpt: Path, arch: Optional[str], dataset_args: dict) -> tuple[dict, dict, str]:
     """(state_dict, dataset spec dict, arch) from an ltcache checkpoint or a foreign state dict."""
-    if not ckpt.is_file():
-        raise LtcacheError(f"checkpoint {ckpt} not found; train one with `ltcache train` or fix --ckpt")
-    try:
-        obj = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise LtcacheError(f"{ckpt} is not a readable PyTorch checkpoint ({exc.__class__.__name__}); "
-                           "it may be truncated") from None
+    obj = read_torch_file(ckpt, "train one with `ltcache train` or fix --ckpt", "re-train or fix --ckpt")
     if isinstance(obj, dict) and obj.get("format") == "ltcache-stage1":
         if arch and arch != obj["arch"]:
             raise LtcacheError(f"--arch {arch} contradicts the checkpoint's arch {obj['arch']}; drop --arch")
