@@ -162,8 +162,9 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
     _FORKED = (configs, data, select)
     try:
         ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(min(jobs, len(parts)), initializer=_worker_init) as pool:
-            args = [(members, quiet, slot) for slot, members in enumerate(parts)]
+        workers = min(jobs, len(parts))
+        with ctx.Pool(workers, initializer=_worker_init) as pool:
+            args = [(members, quiet, workers) for members in parts]
             for members, trained in pool.imap_unordered(_train_part, args):
                 for i, t in zip(members, trained):
                     out[i] = t
@@ -182,8 +183,10 @@ def _worker_init() -> None:
 
 
 def _train_part(arg):
-    members, quiet, slot = arg
+    members, quiet, workers = arg
     configs, data, select = _FORKED
+    ident = multiprocessing.current_process()._identity      # (..., worker number) in a Pool
+    slot = (ident[-1] - 1) % workers if ident else 0          # one progress-bar line per worker
     return members, train_group([configs[i] for i in members], data, select=select, quiet=quiet, bar_position=slot)
 
 
