@@ -44,7 +44,7 @@ def test_bad_input_is_one_line_exit_2(runner, args, needle):
 def test_retrain_prints_table_and_writes_json(runner, tmp_path):
     out = tmp_path / "r.json"
     res = runner.invoke(cli, ["retrain", "--method", "los", "--delta", "0.9", "--epochs", "2", "--seeds", "0,1",
-                              "--out", str(out), "--quiet", "--device", "cpu"])
+                              "--out", str(out), "--quiet", "--device", "cpu", "--jobs", "1"])
     assert res.exit_code == 0, res.output
     assert "los[delta=0.9,epochs=2]" in res.output and "±" in res.output
     doc = json.loads(out.read_text())

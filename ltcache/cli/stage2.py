@@ -48,6 +48,9 @@ def _add(options):
 
 def _common(f):
     f = click.option("--quiet", is_flag=True, help="no progress bars or status lines")(f)
+    f = click.option("--jobs", type=click.IntRange(min=1), default=None,
+                     help="worker processes for CPU sweeps of small heads, where one process is bound by "
+                          "per-op overhead (default: the cores torch may use; 1: this process only)")(f)
     f = click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default=None, show_default=False,
                      help="hyper-parameter preset (default: from the cache's classes and feature size)")(f)
     f = click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N")(f)
@@ -80,7 +83,7 @@ def _overrides(kwargs: dict, names) -> dict:
 @click.option("--data-root", default=None, help="data root for --through-backbone")
 @click.option("--no-augment", is_flag=True, help="--through-backbone: no crop/flip augmentation")
 @click.option("--eval-bn", is_flag=True, help="--through-backbone: BatchNorm in eval mode (running statistics)")
-def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, quiet, out, export_path,
+def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jobs, quiet, out, export_path,
                 through_backbone, ckpt, data_root, no_augment, eval_bn, **kwargs):
     """Re-train one stage-2 method on the cached features and print its metrics.
 
@@ -112,7 +115,7 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, qu
             click.echo(f"results: {out}")
         return
     results = api.retrain(cache_dir, m.name, overrides, seeds=seed_list, select=select, test_views=test_views,
-                          device=device, quiet=quiet, preset=preset, export=export_path)
+                          device=device, quiet=quiet, preset=preset, export=export_path, jobs=jobs)
     click.echo(format_table(results))
     if out is not None:
         write_json(results, out)
@@ -145,8 +148,8 @@ def parse_grid(items) -> dict:
 @_add(GENERIC_OPTIONS)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="directory for results.json, summary.csv and summary.md")
-def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_views, device, preset, quiet, out,
-              **kwargs):
+def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_views, device, preset, jobs, quiet,
+              out, **kwargs):
     """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All."""
     from ltcache.stage2 import api
     from ltcache.stage2.methods import METHODS, get_method
@@ -161,7 +164,7 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
     seed_list = api.parse_seeds(seeds)
     overrides = _overrides(kwargs, GENERIC_OPTIONS)
     results = api.bench(cache_dir, names, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
-                        device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out)
+                        device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out, jobs=jobs)
     click.echo(format_table(results))
     if out is not None:
         click.echo(f"results: {out}/results.json, summary.csv, summary.md")

@@ -161,8 +161,13 @@ def evaluate_layer(layer: dict, x: torch.Tensor, labels: torch.Tensor, counts) -
 # ---------------------------------------------------------------------------------------------
 
 def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int], select: str = "last",
-              test_views: str = "all", device: str = "auto", quiet: bool = False) -> tuple[dict, list]:
-    """Train/compute every plan x seed; returns (results dict, [(run dict, layer)])."""
+              test_views: str = "all", device: str = "auto", quiet: bool = False,
+              jobs: Optional[int] = None) -> tuple[dict, list]:
+    """Train/compute every plan x seed; returns (results dict, [(run dict, layer)]).
+
+    ``jobs``: worker processes for small CPU sweeps (None: the cores torch may use; 1: none)."""
+    if jobs is not None and jobs < 1:
+        raise LtcacheError(f"--jobs must be >= 1 (got {jobs}); 1 trains everything in this process")
     if select not in ("last", "val"):
         raise LtcacheError(f"unknown --select '{select}'; use last or val")
     dev = resolve_device(device)
@@ -185,7 +190,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
             else:
                 entries.append(("train", len(configs), None, None, seed, name))
                 configs.append(make_config(method, params, seed, name, counts))
-    trained = train_sweep(configs, data, select=select, quiet=quiet) if configs else []
+    trained = train_sweep(configs, data, select=select, quiet=quiet, n_jobs=jobs) if configs else []
 
     runs, layers = [], []
     for kind, a, params, ov, seed, name in entries:
@@ -212,7 +217,8 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
 
 def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequence[int] = (0,),
             select: str = "last", test_views: str = "all", device: str = "auto", quiet: bool = False,
-            preset: Optional[str] = None, export: Optional[Union[str, Path]] = None) -> dict:
+            preset: Optional[str] = None, export: Optional[Union[str, Path]] = None,
+            jobs: Optional[int] = None) -> dict:
     """Re-train one method (with ``overrides`` of its hyper-parameters) for each seed.
 
     Returns the results JSON dict. ``export`` writes the first seed's head with the stage-1
@@ -223,7 +229,7 @@ def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequenc
     m = get_method(method)
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
     plans = expand([m.name], overrides, None, pre, int(cache.splits["train"].labels.numel()))
-    results, pairs = run_sweep(cache, plans, seeds, select, test_views, device, quiet)
+    results, pairs = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs)
     results["preset"] = pre
     if export is not None:
         from ltcache.export import export_model
@@ -234,7 +240,8 @@ def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequenc
 def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] = None,
           seeds: Sequence[int] = (0,), select: str = "last", test_views: str = "all",
           device: str = "auto", quiet: bool = False, preset: Optional[str] = None,
-          overrides: Optional[dict] = None, out_dir: Optional[Union[str, Path]] = None) -> dict:
+          overrides: Optional[dict] = None, out_dir: Optional[Union[str, Path]] = None,
+          jobs: Optional[int] = None) -> dict:
     """One sweep over ``methods`` (default: all) x ``grid`` x ``seeds``; optional files in out_dir."""
     dev = resolve_device(device)
     cache = _load_cache(cache, dev)
@@ -247,7 +254,7 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
         names = ["ce"] + names          # the CE re-train reference row
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
     plans = expand(names, overrides, grid, pre, int(cache.splits["train"].labels.numel()))
-    results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet)
+    results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs)
     results["preset"] = pre
     if out_dir is not None:
         from ltcache.stage2.results import write_all
