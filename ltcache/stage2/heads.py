@@ -135,12 +135,15 @@ def forward_train(family: str, p: dict, buf: dict, x: torch.Tensor, base: bool =
 
 
 def backward(family: str, p: dict, buf: dict, ctx, dz: torch.Tensor, need: tuple,
-             into: Optional[dict] = None, beta: float = 0.0) -> dict:
-    """Gradients of the parameters in ``need`` given dL/dz (class-major [M, K, B]).
+             into: Optional[dict] = None, beta: float = 0.0, s_span: Optional[tuple] = None) -> dict:
+    """Gradients of the parameters in ``need`` given dL/dz (class-major [M, K, B]; modified in
+    place).
 
     Hand-written: one bmm for the weight, reductions over the batch for the vectors. With
     ``into`` (the momentum buffers) each gradient is accumulated as into[a] = beta * into[a]
     + grad, the weight's inside its bmm (``baddbmm_``), which saves two passes over [M, K, D].
+    ``s_span`` = (first, stop): the members whose scale s trains (the others keep s = 1), so
+    the s terms run on that slice only.
     """
     g = {}
 
@@ -153,11 +156,19 @@ def backward(family: str, p: dict, buf: dict, ctx, dz: torch.Tensor, need: tuple
     if family == "affine":
         x, lin = ctx
         if "s" in need:
-            put("s", (dz * lin).sum(2))
+            a, e = s_span or (0, dz.shape[0])
+            ds = (dz[a:e] * lin[a:e]).sum(2)
+            if (a, e) != (0, dz.shape[0]):
+                ds = torch.zeros(dz.shape[:2], dtype=dz.dtype, device=dz.device).index_copy_(
+                    0, torch.arange(a, e, device=dz.device), ds)
+            put("s", ds)
         if "c" in need:
             put("c", dz.sum(2) * buf["u"])
         if "W" in need or "b" in need:
-            dlin = dz * p["s"].unsqueeze(2) if "s" in need else dz
+            dlin = dz
+            if "s" in need:
+                a, e = s_span or (0, dz.shape[0])
+                dlin[a:e] *= p["s"][a:e].unsqueeze(2)
             if "b" in need:
                 put("b", dlin.sum(2))
             if "W" in need:

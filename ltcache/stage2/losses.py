@@ -223,7 +223,8 @@ class LossBatch:
 def loss_signature(spec: LossSpec) -> tuple:
     """Sort key that makes the members needing each optional term contiguous in a group."""
     return (FORMS.index(spec.form), spec.gamma > 0, spec.sigmoid_gamma > 0,
-            bool(spec.seesaw_p or spec.seesaw_q), spec.lade_alpha > 0)
+            bool(spec.seesaw_p or spec.seesaw_q), spec.lade_alpha > 0, spec.mult is not None,
+            spec.eps is not None)
 
 
 def stack_specs(specs: Sequence[LossSpec], counts: torch.Tensor, device, dtype=torch.float32) -> LossBatch:
@@ -251,9 +252,13 @@ def stack_specs(specs: Sequence[LossSpec], counts: torch.Tensor, device, dtype=t
     ranges["sigmoid_gamma"] = span([s.form == "sigmoid" and s.sigmoid_gamma > 0 for s in specs])
     ranges["seesaw"] = span([bool(s.seesaw_p or s.seesaw_q) for s in specs])
     ranges["lade"] = span([s.lade_alpha > 0 for s in specs])
+    ranges["mult"] = span([s.mult is not None for s in specs])
+    ranges["eps"] = span([s.eps is not None for s in specs])
     ranges = {a: r for a, r in ranges.items() if r is not None}
     seesaw = "seesaw" in ranges
     pure = tuple(f for f in FORMS if f in ranges and all(specs[i].form == f for i in range(*ranges[f])))
+    if len(pure) == len({sp.form for sp in specs}):      # the forms' slices tile the members
+        pure = pure + ("tiled",)
     n = counts.double()
     return LossBatch(
         mult=vec("mult", 1.0),
@@ -434,10 +439,12 @@ def batched_loss_grad(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb:
     m = z.shape[0]
     rg = lb.ranges
     zt = z
-    if lb.mult is not None:
-        zt = zt * lb.mult3
-    if lb.offset is not None:
-        zt = zt + lb.offset3
+    if lb.mult is not None and lb.offset is not None:
+        zt = torch.addcmul(lb.offset3, z, lb.mult3)
+    elif lb.mult is not None:
+        zt = z * lb.mult3
+    elif lb.offset is not None:
+        zt = z + lb.offset3
     if t.neg_margin is not None:
         zt = zt.scatter_add(1, t.yi, t.neg_margin)
     if "seesaw" in rg:               # a function of the detached logits: shifts zt, no gradient of its own
@@ -448,7 +455,7 @@ def batched_loss_grad(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb:
     if len(lb.forms_used) == 1 and rg[lb.forms_used[0]] == (0, m):
         dzt = _FORM_GRAD[lb.forms_used[0]](zt, t, lb, 0)
     else:
-        dzt = torch.zeros_like(z)
+        dzt = torch.empty_like(z) if "tiled" in lb.pure_forms else torch.zeros_like(z)
         for form in lb.forms_used:
             a, e = rg[form]
             d = _FORM_GRAD[form](zt[a:e], _slice(t, a, e), lb, a)
@@ -456,11 +463,19 @@ def batched_loss_grad(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb:
                 dzt[a:e] = d
             else:                     # the slice holds members of another form (unsorted group)
                 dzt[a:e] = torch.where((lb.form[a:e] == FORMS.index(form))[:, None, None], d, dzt[a:e])
-    dz = dzt if lb.mult is None else dzt.mul_(lb.mult3)
+    dz = dzt
+    if "mult" in rg:                 # dzt is ours: scale only the members with a multiplier
+        a, e = rg["mult"]
+        dz[a:e].mul_(lb.mult3[a:e])
     if "lade" in rg:
         a, e = rg["lade"]
         dz[a:e] += lade_regulariser_grad(z[a:e], _slice(t, a, e), lb, a)
     return dz
+
+
+def _within(span: tuple, first: int, m: int) -> tuple:
+    """An absolute member span relative to a slice starting at ``first`` of length m (clipped)."""
+    return max(span[0] - first, 0), min(span[1] - first, m)
 
 
 def _slice(t: LossTargets, a: int, e: int) -> LossTargets:
@@ -481,12 +496,13 @@ def _softmax_grad(zt, t: LossTargets, lb: LossBatch, first: int) -> torch.Tensor
     m = zt.shape[0]
     d = torch.softmax(zt, dim=1)
     if t.eps_k is not None:
-        d = d - t.eps_k
+        a, e = _within(lb.ranges["eps"], first, m)
+        if a < e:
+            d[a:e] -= t.eps_k[a:e]
     d.scatter_add_(1, t.yi, t.neg_target)
     factor = t.factor
     if "gamma" in lb.ranges:
-        a, e = (i - first for i in lb.ranges["gamma"])
-        a, e = max(a, 0), min(e, m)
+        a, e = _within(lb.ranges["gamma"], first, m)
         if a < e:
             logp = torch.log_softmax(zt[a:e], dim=1)
             # ce = -sum_k q_k logp_k = -(1 - eps_y) logp_y - eps_y mean_k logp_k
@@ -527,8 +543,7 @@ def _sigmoid_grad(zt, t: LossTargets, lb: LossBatch, first: int) -> torch.Tensor
     m = zt.shape[0]
     d = torch.sigmoid(zt).scatter_add_(1, t.yi, torch.full_like(t.factor, -1.0))
     if "sigmoid_gamma" in lb.ranges:
-        a, e = (i - first for i in lb.ranges["sigmoid_gamma"])
-        a, e = max(a, 0), min(e, m)
+        a, e = _within(lb.ranges["sigmoid_gamma"], first, m)
         if a < e:
             zs = zt[a:e]
             o = torch.zeros_like(zs).scatter_(1, t.yi[a:e], 1.0)

@@ -43,7 +43,8 @@ import torch
 from ltcache.errors import LtcacheError
 from ltcache.progress import progress
 from ltcache.stage2 import heads as H
-from ltcache.stage2.losses import LossSpec, batched_loss_grad, loss_signature, loss_targets, stack_specs
+from ltcache.stage2.losses import (LossSpec, LossTargets, batched_loss_grad, loss_signature, loss_targets,
+                                   stack_specs)
 from ltcache.stage2.samplers import ClassIndex, epoch_indices, steps_per_epoch
 
 SCHEDULES = ("cosine", "cosine-start", "constant")
@@ -142,7 +143,8 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
         groups.setdefault(group_key(c), []).append(i)
     out: list[Optional[TrainedHead]] = [None] * len(configs)
     # members needing the same optional loss terms side by side: each term runs on one slice
-    plan = [sorted(members, key=lambda i: loss_signature(configs[i].loss)) for members in groups.values()]
+    plan = [sorted(members, key=lambda i: (loss_signature(configs[i].loss), "s" in H.get_head(configs[i].head).trained))
+            for members in groups.values()]
     jobs = min(n_jobs or os.cpu_count() or 1, torch.get_num_threads())
     small = all(_step_size(configs, members, data) <= SMALL_STEP for members in plan)
     forkable = "fork" in multiprocessing.get_all_start_methods()
@@ -179,7 +181,12 @@ _FORKED = None        # (configs, data, select) inherited by forked workers
 
 
 def _worker_init() -> None:
+    global _PREFETCH
     torch.set_num_threads(1)
+    _PREFETCH = False          # every core runs a worker: a prefetch thread would only take turns with it
+
+
+_PREFETCH = True
 
 
 def _train_part(arg):
@@ -317,6 +324,8 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
     # the training step leaves out what no member uses (MARC's c * ||w_j|| term, frozen parameters)
     tbuf = {a: t for a, t in buf.items() if a != "u" or any(kd.uses_base_norm for kd in kinds)}
     need = tuple(a for a in names if any(a in kd.trained for kd in kinds))
+    s_members = [i for i, kd in enumerate(kinds) if "s" in kd.trained]
+    s_span = (s_members[0], s_members[-1] + 1) if s_members else None     # s = 1 for the others
 
     def lr_mult(kd: H.HeadKind, c: Config, a: str) -> float:
         if a not in kd.trained:
@@ -380,19 +389,23 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
         lim = torch.tensor([s_max if le > e else (ls if le == e else 0) for le, ls in last])
         act = act_cpu.to(dev, torch.float32)
         lr_e = torch.tensor([c.lr_at(e) if e < c.epochs else 0.0 for c in cfgs], device=dev)
+        targets = loss_targets(lb, ys_s, vf_s)                                     # the epoch's, at once
+        per_step = lambda t: t.unbind(0)                                         # noqa: E731 (views, one op)
         return SimpleNamespace(
             s_max=s_max,
-            rows=rows.transpose(0, 1).reshape(s_max, m * bsz).to(dev),                # [S, M*B] per step
-            valid=valid.transpose(0, 1).reshape(s_max, m * bsz),
-            targets=loss_targets(lb, ys_s, vf_s),                                  # the epoch's, at once
+            rows=per_step(rows.transpose(0, 1).reshape(s_max, m * bsz).to(dev)),     # [M*B] per step
+            valid=per_step(valid.transpose(0, 1).reshape(s_max, m * bsz)),
+            targets=[LossTargets(*f) for f in zip(*(per_step(t) if t is not None else [None] * s_max
+                                                   for t in targets))],
             paused=(~act_cpu & (torch.arange(s_max).unsqueeze(1) < lim)).any(1).tolist(),
-            c_mom={a: (1 - act * (1 - mom)).view((s_max,) + shape[a]) for a in need},
-            act={a: act.view((s_max,) + shape[a]) for a in need},
-            neg_lr={a: (act * (lr_e * lrm[a])).neg().view((s_max,) + shape[a]) for a in need})
+            c_mom={a: per_step((1 - act * (1 - mom)).view((s_max,) + shape[a])) for a in need},
+            act={a: per_step(act.view((s_max,) + shape[a])) for a in need},
+            neg_lr={a: per_step((act * (lr_e * lrm[a])).neg().view((s_max,) + shape[a])) for a in need})
 
     # prepare the next epoch on a thread when this process runs ops on one thread (or a GPU);
     # beside multi-threaded CPU ops it would only compete for the same cores
-    pool = ThreadPoolExecutor(max_workers=1) if dev.type == "cuda" or torch.get_num_threads() == 1 else None
+    pool = (ThreadPoolExecutor(max_workers=1)
+            if dev.type == "cuda" or (_PREFETCH and torch.get_num_threads() == 1) else None)
     try:
         upcoming = pool.submit(prepare, 0) if pool else None
         for e in range(epochs):
@@ -404,16 +417,16 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
             for s in range(s_max):
                 xb = features(rows_s[s], valid_s[s])
                 z, ctx = H.forward_train(family, pf, tbuf, xb, base)                   # [M, K, B]
-                dz = batched_loss_grad(z, None, None, lb, targets.step(s))
+                dz = batched_loss_grad(z, None, None, lb, targets[s])
                 if uniform_mom and not paused[s]:
                     # fused: mbuf = mu mbuf + grad (+ wd p); finished members get lr 0
-                    H.backward(family, pf, tbuf, ctx, dz, need, into=mbuf, beta=momentum)
+                    H.backward(family, pf, tbuf, ctx, dz, need, into=mbuf, beta=momentum, s_span=s_span)
                     for a in need:
                         if any_wd:
                             mbuf[a].addcmul_(p[a], wd[a])
                         p[a].addcmul_(mbuf[a], neg_lr[a][s])
                 else:
-                    grads = H.backward(family, pf, tbuf, ctx, dz, need)
+                    grads = H.backward(family, pf, tbuf, ctx, dz, need, s_span=s_span)
                     for a in need:
                         g = grads[a]
                         if any_wd:
