@@ -270,19 +270,19 @@ def test_effective_layer_equals_training_forward(head):
 def test_worker_processes_give_the_same_heads(monkeypatch):
     """Small CPU sweeps fan groups (split in halves to balance) out to forked workers: every
     head must equal the one trained in this process."""
-    from ltcache.stage2 import sweep
+    from ltcache.stage2 import workers
     cache = fake_cache()
     data = data_of(cache)
     cfgs = configs_for(cache, MIXED)
     alone = train_sweep(cfgs, data, quiet=True, n_jobs=1)
-    monkeypatch.setattr(sweep, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(workers, "MIN_PARALLEL_WORK", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         # one big group of a CIFAR-10-sized shape and nothing else: split in two halves
         big = configs_for(cache, [("crt", {"batch_size": 128, "epochs": 30}, s) for s in range(60)])
         shape = SimpleNamespace(x=torch.empty(12406, 1, 64), w0=torch.empty(10, 64))
-        parts = sweep._balance([list(range(60))], big, shape, 2)
+        parts = workers._balance([list(range(60))], big, shape, 2)
         assert len(parts) == 2 and sorted(parts[0] + parts[1]) == list(range(60))
         forked = train_sweep(cfgs, data, quiet=True, n_jobs=2)
     finally:

@@ -15,7 +15,8 @@ epochs, steps and parameter names, never over configurations inside a step.
 Where the time goes: on a GPU or with large shapes (D 512+) the two bmm per step dominate. On
 a CPU with small shapes (CIFAR-10, D 64) a step costs mostly per-op overhead, so the engine
 prepares each epoch's indices and loss targets ahead on a thread and, on several cores, trains
-whole groups side by side in forked single-thread worker processes (``n_jobs``).
+whole groups side by side in forked single-thread worker processes (``n_jobs``, see
+:mod:`ltcache.stage2.workers`).
 
 Optimiser: PyTorch SGD semantics (dampening 0, no Nesterov): g += wd * p; buf = mu * buf + g
 (buf = g on the first step); p -= lr * buf.
@@ -31,7 +32,6 @@ Learning-rate schedules, per epoch (METHODS.md §0.3(5)):
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +46,7 @@ from ltcache.stage2 import heads as H
 from ltcache.stage2.losses import (LossSpec, LossTargets, batched_loss_grad, loss_signature, loss_targets,
                                    stack_specs)
 from ltcache.stage2.samplers import ClassIndex, epoch_indices, steps_per_epoch
+from ltcache.stage2.workers import in_worker, run_in_workers, worth_workers
 
 SCHEDULES = ("cosine", "cosine-start", "constant")
 EVAL_CHUNK = 1 << 25     # elements of a [m, N, K] logits block at evaluation
@@ -143,92 +144,21 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
         groups.setdefault(group_key(c), []).append(i)
     out: list[Optional[TrainedHead]] = [None] * len(configs)
     # members needing the same optional loss terms side by side: each term runs on one slice
-    plan = [sorted(members, key=lambda i: (loss_signature(configs[i].loss), "s" in H.get_head(configs[i].head).trained))
-            for members in groups.values()]
+    def order(i: int) -> tuple:
+        return loss_signature(configs[i].loss), "s" in H.get_head(configs[i].head).trained
+
+    plan = [sorted(members, key=order) for members in groups.values()]
     jobs = min(n_jobs or os.cpu_count() or 1, torch.get_num_threads())
-    small = all(_step_size(configs, members, data) <= SMALL_STEP for members in plan)
-    forkable = "fork" in multiprocessing.get_all_start_methods()
-    worth = sum(_work(configs, members, data) for members in plan) > MIN_PARALLEL_WORK
-    if (jobs < 2 or not small or not worth or not forkable or data.x.device.type != "cpu"
-            or data.gather is not None):
+    if not worth_workers(plan, configs, data, jobs):
         for members in plan:
             for i, t in zip(members, train_group([configs[i] for i in members], data, select=select, quiet=quiet)):
                 out[i] = t
         return out  # type: ignore[return-value]
     # Small steps on a CPU are bound by per-op (Python) overhead, which OpenMP threads inside
-    # each op do not shorten: train whole groups side by side in forked worker processes with
-    # one thread each (as DataLoader workers). A group may be split in two to balance the
-    # workers; any split of a group trains each member exactly as it would alone.
-    parts = _balance(plan, configs, data, jobs)
-    global _FORKED
-    _FORKED = (configs, data, select)
-    try:
-        ctx = multiprocessing.get_context("fork")
-        workers = min(jobs, len(parts))
-        with ctx.Pool(workers, initializer=_worker_init) as pool:
-            args = [(members, quiet, workers) for members in parts]
-            for members, trained in pool.imap_unordered(_train_part, args):
-                for i, t in zip(members, trained):
-                    out[i] = t
-    finally:
-        _FORKED = None
+    # each op do not shorten: train whole groups side by side in worker processes.
+    for i, t in run_in_workers(train_group, plan, configs, data, select, quiet, jobs):
+        out[i] = t
     return out  # type: ignore[return-value]
-
-
-SMALL_STEP = 2e7      # M * B * D * K of one step below which a CPU step is op-overhead bound
-MIN_PARALLEL_WORK = 2e9   # below this (about a second of work) forking workers does not pay
-_FORKED = None        # (configs, data, select) inherited by forked workers
-
-
-def _worker_init() -> None:
-    global _PREFETCH
-    torch.set_num_threads(1)
-    _PREFETCH = False          # every core runs a worker: a prefetch thread would only take turns with it
-
-
-_PREFETCH = True
-
-
-def _train_part(arg):
-    members, quiet, workers = arg
-    configs, data, select = _FORKED
-    ident = multiprocessing.current_process()._identity      # (..., worker number) in a Pool
-    slot = (ident[-1] - 1) % workers if ident else 0          # one progress-bar line per worker
-    return members, train_group([configs[i] for i in members], data, select=select, quiet=quiet, bar_position=slot)
-
-
-def _step_size(configs: Sequence[Config], members: list[int], data: TrainData) -> float:
-    d, k = data.x.shape[-1], data.w0.shape[0]
-    return len(members) * configs[members[0]].batch_size * d * k
-
-
-def _work(configs: Sequence[Config], members: list[int], data: TrainData) -> float:
-    """Rough cost of training ``members`` as one group: steps x (per-step overhead + size)."""
-    n = data.x.shape[0]
-    b = configs[members[0]].batch_size
-    steps = max(configs[i].epochs * steps_per_epoch(configs[i].sampler, n, b) for i in members)
-    return steps * (2e5 + _step_size(configs, members, data))
-
-
-def _balance(plan: list[list[int]], configs, data, jobs: int) -> list[list[int]]:
-    """Split the costliest group in halves while it holds more than a worker's share and the
-    halves are clearly cheaper (the per-step overhead does not halve); the parts come back
-    costliest first, so the pool starts the long ones first."""
-    parts = [list(p) for p in plan]
-
-    def work(p):
-        return _work(configs, p, data)
-
-    for _ in range(4 * jobs):
-        parts.sort(key=lambda p: -work(p))
-        top = parts[0]
-        halves = [top[:len(top) // 2], top[len(top) // 2:]]
-        if (len(top) < 2 or work(top) <= sum(work(p) for p in parts) / jobs
-                or max(work(h) for h in halves) > 0.75 * work(top)):
-            break
-        parts[0:1] = halves
-    parts.sort(key=lambda p: -work(p))
-    return parts
 
 
 def _epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_views: int):
@@ -405,7 +335,7 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
     # prepare the next epoch on a thread when this process runs ops on one thread (or a GPU);
     # beside multi-threaded CPU ops it would only compete for the same cores
     pool = (ThreadPoolExecutor(max_workers=1)
-            if dev.type == "cuda" or (_PREFETCH and torch.get_num_threads() == 1) else None)
+            if dev.type == "cuda" or (not in_worker() and torch.get_num_threads() == 1) else None)
     try:
         upcoming = pool.submit(prepare, 0) if pool else None
         for e in range(epochs):
