@@ -1,0 +1,98 @@
+"""Small CPU sweeps on several cores: groups trained side by side in forked worker processes.
+
+A step on small shapes (CIFAR-10, D 64) costs mostly Python and per-op overhead, which the
+OpenMP threads inside each op do not shorten and which threads of one process would only share
+(the GIL). So each core gets a process with one intra-op thread, as DataLoader workers do. The
+features reach the workers by fork (copy-on-write, nothing pickled); only configurations and
+trained heads cross the pipe. The costliest group may be split to balance the workers: a
+configuration's result does not depend on which group, split or process it trained in.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ltcache.stage2.samplers import steps_per_epoch
+
+SMALL_STEP = 2e7          # M * B * D * K of one step below which a CPU step is op-overhead bound
+MIN_PARALLEL_WORK = 2e9   # below this (about a second of work) forking workers does not pay
+_FORKED = None            # (train_group, configs, data, select) inherited by the forked workers
+_IN_WORKER = False
+
+
+def in_worker() -> bool:
+    """True inside a worker process (every core already runs one: no extra threads there)."""
+    return _IN_WORKER
+
+
+def worth_workers(plan: list[list[int]], configs, data, jobs: int) -> bool:
+    """Whether to fan ``plan`` (lists of member indices, one per group) out to ``jobs`` workers."""
+    small = all(_step_size(configs, members, data) <= SMALL_STEP for members in plan)
+    worth = sum(_work(configs, members, data) for members in plan) > MIN_PARALLEL_WORK
+    return (jobs >= 2 and small and worth and "fork" in multiprocessing.get_all_start_methods()
+            and data.x.device.type == "cpu" and data.gather is None)
+
+
+def run_in_workers(train_group: Callable, plan: list[list[int]], configs: Sequence, data, select: str,
+                   quiet: bool, jobs: int) -> Iterator[tuple]:
+    """Train every group of ``plan`` in ``jobs`` forked workers; yields (config index, TrainedHead)."""
+    global _FORKED
+    parts = _balance(plan, configs, data, jobs)
+    _FORKED = (train_group, configs, data, select)
+    try:
+        workers = min(jobs, len(parts))
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
+            for members, trained in pool.imap_unordered(_train_part, [(m, quiet, workers) for m in parts]):
+                yield from zip(members, trained)
+    finally:
+        _FORKED = None
+
+
+def _worker_init() -> None:
+    global _IN_WORKER
+    torch.set_num_threads(1)
+    _IN_WORKER = True
+
+
+def _train_part(arg):
+    members, quiet, workers = arg
+    train_group, configs, data, select = _FORKED
+    ident = multiprocessing.current_process()._identity      # (..., worker number) in a Pool
+    slot = (ident[-1] - 1) % workers if ident else 0          # one progress-bar line per worker
+    return members, train_group([configs[i] for i in members], data, select=select, quiet=quiet, bar_position=slot)
+
+
+def _step_size(configs: Sequence, members: list[int], data) -> float:
+    d, k = data.x.shape[-1], data.w0.shape[0]
+    return len(members) * configs[members[0]].batch_size * d * k
+
+
+def _work(configs: Sequence, members: list[int], data) -> float:
+    """Rough cost of training ``members`` as one group: steps x (per-step overhead + size)."""
+    n = data.x.shape[0]
+    b = configs[members[0]].batch_size
+    steps = max(configs[i].epochs * steps_per_epoch(configs[i].sampler, n, b) for i in members)
+    return steps * (2e5 + _step_size(configs, members, data))
+
+
+def _balance(plan: list[list[int]], configs, data, jobs: int) -> list[list[int]]:
+    """Split the costliest group in halves while it holds more than a worker's share and the
+    halves are clearly cheaper (the per-step overhead does not halve); the parts come back
+    costliest first, so the pool starts the long ones first."""
+    parts = [list(p) for p in plan]
+
+    def work(p):
+        return _work(configs, p, data)
+
+    for _ in range(4 * jobs):
+        parts.sort(key=lambda p: -work(p))
+        top = parts[0]
+        halves = [top[:len(top) // 2], top[len(top) // 2:]]
+        if (len(top) < 2 or work(top) <= sum(work(p) for p in parts) / jobs
+                or max(work(h) for h in halves) > 0.75 * work(top)):
+            break
+        parts[0:1] = halves
+    parts.sort(key=lambda p: -work(p))
+    return parts
