@@ -5,7 +5,6 @@ steps whose outputs are already complete and valid, so an interrupted pipeline r
 """
 from __future__ import annotations
 
-import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -3,7 +3,6 @@ one-line errors naming the key."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

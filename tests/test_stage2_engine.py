@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from ltcache.stage2 import api
 from ltcache.stage2.methods import METHODS, get_method, resolve_params
-from ltcache.stage2.sweep import Config, TrainData, train_sweep
-from ltcache.stage2.losses import build_loss
+from ltcache.stage2.sweep import train_sweep
 
 torch.set_num_threads(1)
 

@@ -1,7 +1,6 @@
 """--export: folded heads reproduce the stage-2 logits; load_model returns a ready module."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch

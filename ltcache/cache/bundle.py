@@ -2,7 +2,6 @@
 ``--cache``), with a record of exactly how it was made."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

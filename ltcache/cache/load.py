@@ -4,13 +4,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import h5py
 import numpy as np
 import torch
 
-from ltcache.cache.manifest import CLASSIFIER, read_manifest, sha256_file
+from ltcache.cache.manifest import read_manifest, sha256_file
 from ltcache.errors import LtcacheError
 from ltcache.progress import progress
 

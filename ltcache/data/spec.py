@@ -1,7 +1,7 @@
 """The dataset specification: everything needed to rebuild a long-tailed dataset."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from ltcache.errors import LtcacheError
