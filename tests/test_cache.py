@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 
 import ltcache.cache.build as cache_build  # noqa: E402
 from ltcache.cache import describe, extract, load, write_cache  # noqa: E402
-from ltcache.cache.extraction import BN_STATS, _seed  # noqa: E402
+from ltcache.cache.extraction import BN_STATS, _seed, train_row_order  # noqa: E402
 from ltcache.cache.lock import LOCK  # noqa: E402
 from ltcache.cache.manifest import MANIFEST, PROGRESS, sha256_file  # noqa: E402
 from ltcache.cli import cli  # noqa: E402
@@ -441,11 +441,18 @@ def test_train_bn_batch_equals_train_mode_forward(setup, batch_cache):
     tr = fc.splits["train"]
     assert tr.views == ["clean", "aug1"]
     assert fc.manifest["extraction"]["train_bn"] == "batch"
+    # the train rows are stored in a seeded random order (the source order is sorted by class);
+    # each row keeps its source position in ``index``, and its label follows it
+    assert fc.manifest["extraction"]["train_row_order"] == "shuffled"
+    perm = train_row_order(len(ds.splits["train"]), fc.manifest["extraction"]["seed"])
+    assert torch.equal(tr.index, ref.splits["train"].index[perm])
+    assert torch.equal(tr.labels, ref.splits["train"].labels[perm])
+    assert not torch.equal(perm, torch.arange(len(perm)))
     # clean view and test features: running statistics untouched by the batch-statistics views
-    assert torch.equal(tr.features[:, 0], ref.splits["train"].features[:, 0])
+    assert torch.equal(tr.features[:, 0], ref.splits["train"].features[perm, 0])
     assert torch.equal(fc.splits["test"].features, ref.splits["test"].features)
-    # reproduce every augmented view by hand: per shard, the seeded permutation, the same
-    # augmentation draws, and a train-mode (batch statistics) forward of that batch
+    # reproduce every augmented view by hand: per shard of the stored order, the seeded permutation,
+    # the same augmentation draws, and a train-mode (batch statistics) forward of that batch
     model = setup["model"]
     train_bn = copy.deepcopy(model)
     for m in train_bn.modules():
@@ -460,7 +467,7 @@ def test_train_bn_batch_equals_train_mode_forward(setup, batch_cache):
         g = torch.Generator().manual_seed(_seed(seed, "train", i))
         order = torch.randperm(len(rows), generator=g)
         assert len(rows) <= BATCH                  # one BN batch per shard
-        imgs = sp.images(rows[order])
+        imgs = sp.images(perm[rows][order])
         aug = ds.augment(imgs, g)
         feats = train_bn.features(ds.normalize(aug))
         expect = torch.empty_like(feats)
@@ -472,6 +479,21 @@ def test_train_bn_batch_equals_train_mode_forward(setup, batch_cache):
         assert not torch.allclose(tr.features[rows, 1], evalf, atol=1e-2)
     # the augmented view is not the clean one
     assert not torch.allclose(tr.features[:, 0], tr.features[:, 1], atol=1e-2)
+
+
+def test_batch_statistics_batches_mix_the_classes():
+    """Regression: with train rows in source order (sorted by class), the BN batches of a
+    batch-statistics cache came from contiguous shards holding a few classes each (on CIFAR-10-LT
+    IR 100: shard 0 = classes 0-2, shard 1 = classes 2-9), and the batch statistics carried the
+    label. In the stored order every shard must be a uniform sample of the split."""
+    labels = torch.repeat_interleave(torch.arange(10), torch.tensor([500, 300, 180, 108, 65, 39, 23, 14, 8, 5]))
+    perm = train_row_order(len(labels), 0)
+    assert torch.equal(perm.sort().values, torch.arange(len(labels)))       # a permutation
+    assert torch.equal(perm, train_row_order(len(labels), 0))               # seeded
+    for lo, hi in ((0, 620), (620, len(labels))):                           # two shards of ~620 rows
+        share = torch.bincount(labels[perm[lo:hi]], minlength=10).float() / (hi - lo)
+        full = torch.bincount(labels, minlength=10).float() / len(labels)
+        assert (share - full).abs().max() < 0.06                            # every class, at its share
 
 
 @torch.no_grad()
@@ -606,6 +628,7 @@ def test_train_bn_batch_several_batches_per_shard(setup):
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.train()
     sp, seen = ds.splits["train"], 0
+    perm = train_row_order(len(sp), 0)              # stored order of the train rows
     for i, lo in enumerate(np.cumsum([0] + sizes[:-1])):
         rows = torch.arange(lo, lo + sizes[i])
         g = torch.Generator().manual_seed(_seed(0, "train", i))
@@ -613,12 +636,12 @@ def test_train_bn_batch_several_batches_per_shard(setup):
         parts = batches(order, bs)
         assert len(parts) == -(-len(rows) // bs) and min(len(p) for p in parts) >= bs // 2
         for pos in parts:                        # each batch: its own batch statistics
-            aug = ds.augment(sp.images(rows[pos]), g)
+            aug = ds.augment(sp.images(perm[rows[pos]]), g)
             _close16(fc.splits["train"].features[rows[pos], 1], train_bn.features(ds.normalize(aug)))
             seen += len(pos)
     assert seen == len(sp)
     # the running statistics are untouched: the clean view is the eval-mode forward
-    _close16(fc.splits["train"].features[:, 0], setup["loaded"].splits["train"].features[:, 0])
+    _close16(fc.splits["train"].features[:, 0], setup["loaded"].splits["train"].features[perm, 0])
 
 
 def test_rerun_recomputes_a_damaged_shard_of_a_complete_cache(setup, monkeypatch):

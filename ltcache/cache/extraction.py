@@ -38,6 +38,12 @@ def _seed(seed: int, *parts) -> int:
     return (seed * 1_000_003 + zlib.crc32("/".join(map(str, parts)).encode())) % (2 ** 63)
 
 
+def train_row_order(n: int, seed: int) -> torch.Tensor:
+    """Storage order of the train rows of a batch-statistics cache: a seeded permutation (each row's
+    source position is kept in the shards' ``index``)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, "train", "row-order")))
+
+
 def read_backbone(ckpt: Path, arch: Optional[str], dataset_args: dict) -> tuple[dict, dict, str]:
     """(state_dict, dataset spec dict, arch) from an ltcache checkpoint or a foreign state dict."""
     obj = read_torch_file(ckpt, "train one with `ltcache train` or fix --ckpt", "re-train or fix --ckpt")
@@ -267,7 +273,8 @@ def extract(ckpt, cache=None, splits: Sequence[str] = SPLITS, test_views: Sequen
     ck_sha = sha256_file(ckpt)
     cache_dir = Path(cache) if cache else default_cache_dir(ckpt)
     args = {"splits": splits, "test_views": test_views, "train_views": train_views, "train_bn": train_bn,
-            "bn_shift": bn_shift, "bn_shift_passes": bn_shift_passes, "batch_size": batch_size, "seed": seed}
+            "bn_shift": bn_shift, "bn_shift_passes": bn_shift_passes, "batch_size": batch_size, "seed": seed,
+            "train_row_order": "shuffled" if (train_bn == "batch" and train_views > 0) else "source"}
     key = {"checkpoint_sha256": ck_sha, "arch": arch, "dtype": dtype, "shard_rows": shard_rows, "dataset": {
         k: spec_dict.get(k) for k in ("source", "imb_ratio", "profile", "selection", "seed", "val_per_class")}, **args}
     writer = CacheWriter(cache_dir, key, force=force)
@@ -314,8 +321,13 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
             batch_stats = split == "train" and args["train_bn"] == "batch" and args["train_views"] > 0
             bounds = shard_bounds(len(sp), shard_rows, min(bs, shard_rows) // 2 if batch_stats else 1)
             bar = progress(total=len(sp), desc=f"extract {split}", quiet=quiet, unit="img")
+            # Batch-statistics views: the source order is sorted by class, so batches drawn inside
+            # contiguous shards would each hold a few classes and their BN statistics would carry the
+            # label. The train rows are stored in a seeded random order instead, which makes every
+            # shard a uniform sample of the split and its batches the papers' shuffled batches.
+            row_order = train_row_order(len(sp), args["seed"]) if batch_stats else torch.arange(len(sp))
             for i, (lo, hi) in enumerate(bounds):
-                rows = torch.arange(lo, hi)
+                rows = row_order[lo:hi]
                 if not writer.has_shard(split, i):
                     t, start = time.perf_counter(), ex.images_done
                     g = torch.Generator().manual_seed(_seed(args["seed"], split, i))
