@@ -64,6 +64,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "select": (str, "last | val"),
         "test_views": (list, "views averaged at evaluation"),
         "preset": (str, "cifar | imagenet (default: from the cache)"),
+        "clean_view": (bool, "also draw the clean train view (default false: augmented views only)"),
     },
 }
 REQUIRED = {"dataset": ("source",), "stage1": ("arch",)}
@@ -196,7 +197,8 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
     results = bench(cache_dir, None if methods == "all" else list(methods), grid=grid or None,
                     seeds=sw.pop("seeds", [0]), select=sw.pop("select", "last"),
                     test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
-                    preset=sw.pop("preset", None), out_dir=out_dir / "results")
+                    preset=sw.pop("preset", None), out_dir=out_dir / "results",
+                    clean_view=bool(sw.pop("clean_view", False)))
     if not quiet:
         echo(format_table(results))
     ck = load_checkpoint(ckpt)

@@ -21,7 +21,7 @@ def fake_split(n_per_class, d, views, names, gen, centers):
     return SimpleNamespace(features=feats.float(), labels=labels, index=torch.arange(len(labels)), views=names)
 
 
-def fake_cache(counts=(150, 60, 30, 12, 6), d=8, train_views=2, seed=0):
+def fake_cache(counts=(150, 60, 30, 12, 6), d=8, train_views=3, seed=0):
     """An in-memory FeatureCache-like object (ARCHITECTURE.md contract) with tiny sizes."""
     g = torch.Generator().manual_seed(seed)
     k = len(counts)
@@ -36,6 +36,14 @@ def fake_cache(counts=(150, 60, 30, 12, 6), d=8, train_views=2, seed=0):
                            splits={"train": train, "val": val, "test": test}, weight=w, bias=b,
                            class_counts=torch.tensor(counts), class_names=[f"c{j}" for j in range(k)],
                            num_classes=k, feature_dim=d, groups=None)
+
+
+def draw_views(tr, g):
+    """The view of each sample for one epoch, as the engine draws it: from the augmented views
+    (the default pool), one generator call when there are several."""
+    pool = torch.tensor(api.train_view_pool(tr, clean_view=False))
+    n = len(tr.labels)
+    return pool[torch.randint(len(pool), (n,), generator=g)] if len(pool) > 1 else pool.expand(n)
 
 
 def data_of(cache):
@@ -110,7 +118,7 @@ def plain_reference(cfg, cache, loss_fn):
     ci = ClassIndex.from_labels(tr.labels, cache.num_classes)
     for e in range(cfg.epochs):
         idx, valid = epoch_indices(cfg.sampler, ci, cfg.batch_size, e, cfg.epochs, g)
-        views = torch.randint(v, (n,), generator=g)
+        views = draw_views(tr, g)
         for s in range(idx.shape[0]):
             i = idx[s][valid[s]]
             x = tr.features[i, views[i]]
@@ -164,7 +172,7 @@ def autograd_reference(cfg, cache):
         for grp, f in zip(opt.param_groups, factors.values()):
             grp["lr"] = cfg.lr_at(e) * f
         idx, valid = epoch_indices(cfg.sampler, ci, cfg.batch_size, e, cfg.epochs, g)
-        views = torch.randint(v, (n,), generator=g)
+        views = draw_views(tr, g)
         for s in range(idx.shape[0]):
             i = idx[s][valid[s]]
             z = H.forward(kind.family, p, buf, tr.features[i, views[i]].unsqueeze(0))
@@ -291,3 +299,32 @@ def test_worker_processes_give_the_same_heads(monkeypatch):
         for key in ("weight", "bias"):
             if key in a.layer:
                 assert torch.allclose(a.layer[key], f.layer[key], atol=1e-6, rtol=0), a.config.method
+
+
+def test_epochs_draw_the_augmented_views_only_unless_clean_view():
+    cache = fake_cache(train_views=3)
+    tr = cache.splits["train"]
+    assert api.train_view_pool(tr, clean_view=False) == [1, 2]
+    assert api.train_view_pool(tr, clean_view=True) == [0, 1, 2]
+    # a cache of the clean view alone, or with unnamed views, trains on everything it holds
+    assert api.train_view_pool(SimpleNamespace(features=tr.features[:, :1], views=["clean"]), False) == [0]
+    assert api.train_view_pool(SimpleNamespace(features=tr.features, views=[]), False) == [0, 1, 2]
+
+    # default: the same heads as a cache that stores only the augmented views
+    aug_only = SimpleNamespace(**{**vars(cache), "splits": {**cache.splits, "train": SimpleNamespace(
+        features=tr.features[:, 1:].clone(), labels=tr.labels, index=tr.index, views=["aug1", "aug2"])}})
+    plans = api.expand(["ce", "ncm"], {"epochs": 2}, None, "cifar", len(tr.labels))
+    res, pairs = api.run_sweep(cache, plans, (0,), quiet=True, device="cpu", jobs=1)
+    ref, ref_pairs = api.run_sweep(aug_only, plans, (0,), quiet=True, device="cpu", jobs=1)
+    assert res["train_views"] == ["aug1", "aug2"]
+    ce, ce_ref = pairs[0][1], ref_pairs[0][1]
+    assert torch.equal(ce["weight"], ce_ref["weight"]) and torch.equal(ce["bias"], ce_ref["bias"])
+    # --clean-view: the clean view joins the draw, so the trained head changes
+    with_clean, wc_pairs = api.run_sweep(cache, plans, (0,), quiet=True, device="cpu", jobs=1, clean_view=True)
+    assert with_clean["train_views"] == ["clean", "aug1", "aug2"]
+    assert not torch.equal(wc_pairs[0][1]["weight"], ce["weight"])
+    # nearest class mean: centroids of the clean view, whichever views the epochs draw
+    from ltcache.stage2.closed_form import ncm_layer
+    expect = ncm_layer(tr.features[:, 0], tr.labels, cache.num_classes)
+    for p in (pairs, wc_pairs):
+        assert torch.equal(p[1][1]["centroids"], expect["centroids"]) and torch.equal(p[1][1]["mean"], expect["mean"])

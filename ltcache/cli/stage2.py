@@ -47,6 +47,9 @@ def _add(options):
 
 def _common(f):
     f = click.option("--quiet", is_flag=True, help="no progress bars or status lines")(f)
+    f = click.option("--clean-view", is_flag=True,
+                     help="also draw the clean train view in the epochs (default: a cache with augmented "
+                          "views trains on those only, as the papers' stage 2 always augments)")(f)
     f = click.option("--jobs", type=click.IntRange(min=1), default=None,
                      help="worker processes for CPU sweeps of small heads, where one process is bound by "
                           "per-op overhead (default: the cores torch may use; 1: this process only)")(f)
@@ -82,8 +85,8 @@ def _overrides(kwargs: dict, names) -> dict:
 @click.option("--data-root", default=None, help="data root for --through-backbone")
 @click.option("--no-augment", is_flag=True, help="--through-backbone: no crop/flip augmentation")
 @click.option("--eval-bn", is_flag=True, help="--through-backbone: BatchNorm in eval mode (running statistics)")
-def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jobs, quiet, out, export_path,
-                through_backbone, ckpt, data_root, no_augment, eval_bn, **kwargs):
+def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jobs, quiet, clean_view, out,
+                export_path, through_backbone, ckpt, data_root, no_augment, eval_bn, **kwargs):
     """Re-train one stage-2 method on the cached features and print its metrics.
 
     \b
@@ -102,8 +105,9 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
         if not through_backbone or ckpt is None:
             raise LtcacheError("--through-backbone needs --ckpt stage1.pt (and --ckpt, --no-augment, --eval-bn "
                                "only apply with --through-backbone)")
-        if cache_dir is not None or export_path is not None or select != "last":
-            raise LtcacheError("--through-backbone reads images, not a cache: drop --cache, --export and --select")
+        if cache_dir is not None or export_path is not None or select != "last" or clean_view:
+            raise LtcacheError("--through-backbone reads images, not a cache: drop --cache, --export, --select "
+                               "and --clean-view")
         from ltcache.through_backbone import retrain_through_backbone
         results = retrain_through_backbone(ckpt, m.name, overrides, seeds=seed_list, augment=not no_augment,
                                            train_bn=not eval_bn, test_views=test_views, device=device,
@@ -114,7 +118,8 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
             click.echo(f"results: {out}")
         return
     results = api.retrain(cache_dir, m.name, overrides, seeds=seed_list, select=select, test_views=test_views,
-                          device=device, quiet=quiet, preset=preset, export=export_path, jobs=jobs)
+                          device=device, quiet=quiet, preset=preset, export=export_path, jobs=jobs,
+                          clean_view=clean_view)
     click.echo(format_table(results))
     if out is not None:
         write_json(results, out)
@@ -148,7 +153,7 @@ def parse_grid(items) -> dict:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="directory for results.json, summary.csv and summary.md")
 def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_views, device, preset, jobs, quiet,
-              out, **kwargs):
+              clean_view, out, **kwargs):
     """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All."""
     from ltcache.stage2 import api
     from ltcache.stage2.methods import METHODS, get_method
@@ -163,7 +168,8 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
     seed_list = api.parse_seeds(seeds)
     overrides = _overrides(kwargs, GENERIC_OPTIONS)
     results = api.bench(cache_dir, names, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
-                        device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out, jobs=jobs)
+                        device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out, jobs=jobs,
+                        clean_view=clean_view)
     click.echo(format_table(results))
     if out is not None:
         click.echo(f"results: {out}/results.json, summary.csv, summary.md")

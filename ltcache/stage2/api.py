@@ -79,10 +79,23 @@ def _float(t, device):
     return t.to(device=device, dtype=torch.float32)
 
 
-def _train_data(cache, device, test_views: str) -> TrainData:
+def train_view_pool(split, clean_view: bool) -> list[int]:
+    """Which stored train views the epochs draw from. A cache with augmented views also holds the
+    clean one; by default only the augmented views are drawn, as the papers' stage 2 always
+    augments (``clean_view=True`` draws the clean view too)."""
+    names = list(getattr(split, "views", []) or [])
+    n = int(split.features.shape[1])
+    if clean_view or len(names) != n or names[:1] != ["clean"] or n < 2:
+        return list(range(n))
+    return list(range(1, n))
+
+
+def _train_data(cache, device, test_views: str, clean_view: bool = False) -> TrainData:
     tr = cache.splits["train"]
     val = cache.splits.get("val")
-    return TrainData(x=_float(tr.features, device), labels=tr.labels.to(device).long(),
+    pool = train_view_pool(tr, clean_view)
+    x = tr.features if len(pool) == tr.features.shape[1] else tr.features[:, pool]
+    return TrainData(x=_float(x, device), labels=tr.labels.to(device).long(),
                      w0=_float(cache.weight, device), b0=_float(cache.bias, device),
                      val_x=_float(_views(val, test_views), device) if val is not None else None,
                      val_labels=val.labels.to(device).long() if val is not None else None)
@@ -146,7 +159,8 @@ def _closed_form_layer(method: Method, params: dict, cache, data: TrainData, cou
     if method.head == "posthoc-la":
         return CF.posthoc_la_layer(w0, b0, counts, params["tau"]), extra
     if method.head == "ncm":
-        return CF.ncm_layer(data.x[:, 0], data.labels, len(counts)), extra
+        clean = _float(cache.splits["train"].features[:, 0], data.x.device)      # the clean (first) view
+        return CF.ncm_layer(clean, data.labels, len(counts)), extra
     raise LtcacheError(f"method {method.name} has no closed form")
 
 
@@ -162,10 +176,11 @@ def evaluate_layer(layer: dict, x: torch.Tensor, labels: torch.Tensor, counts) -
 
 def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int], select: str = "last",
               test_views: str = "all", device: str = "auto", quiet: bool = False,
-              jobs: Optional[int] = None) -> tuple[dict, list]:
+              jobs: Optional[int] = None, clean_view: bool = False) -> tuple[dict, list]:
     """Train/compute every plan x seed; returns (results dict, [(run dict, layer)]).
 
-    ``jobs``: worker processes for small CPU sweeps (None: the cores torch may use; 1: none)."""
+    ``jobs``: worker processes for small CPU sweeps (None: the cores torch may use; 1: none).
+    ``clean_view``: also draw the clean train view (default: augmented views only, when present)."""
     if jobs is not None and jobs < 1:
         raise LtcacheError(f"--jobs must be >= 1 (got {jobs}); 1 trains everything in this process")
     if select not in ("last", "val"):
@@ -174,7 +189,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
     cache = _load_cache(cache, dev)
     seeds = parse_seeds(seeds)
     t0 = time.perf_counter()
-    data = _train_data(cache, dev, test_views)
+    data = _train_data(cache, dev, test_views, clean_view)
     counts = torch.as_tensor(cache.class_counts).long().cpu()
     if "test" not in cache.splits:
         raise LtcacheError("the cache has no test split; re-extract it with the test split")
@@ -211,6 +226,9 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
     stage1 = evaluate_layer({"kind": "linear", "weight": data.w0, "bias": data.b0}, test_x, test_y, counts.tolist())
     wall = time.perf_counter() - t0
     results = build_results(cache, runs, stage1, wall, str(dev))
+    tr = cache.splits["train"]
+    names = list(getattr(tr, "views", []) or [])
+    results["train_views"] = [names[i] if i < len(names) else str(i) for i in train_view_pool(tr, clean_view)]
     echo(f"sweep: {len(runs)} runs ({len(configs)} trained) in {wall:.1f} s on {dev}", quiet)
     return results, list(zip(runs, layers))
 
@@ -218,7 +236,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
 def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequence[int] = (0,),
             select: str = "last", test_views: str = "all", device: str = "auto", quiet: bool = False,
             preset: Optional[str] = None, export: Optional[Union[str, Path]] = None,
-            jobs: Optional[int] = None) -> dict:
+            jobs: Optional[int] = None, clean_view: bool = False) -> dict:
     """Re-train one method (with ``overrides`` of its hyper-parameters) for each seed.
 
     Returns the results JSON dict. ``export`` writes the first seed's head with the stage-1
@@ -229,7 +247,7 @@ def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequenc
     m = get_method(method)
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
     plans = expand([m.name], overrides, None, pre, int(cache.splits["train"].labels.numel()))
-    results, pairs = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs)
+    results, pairs = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view)
     results["preset"] = pre
     if export is not None:
         from ltcache.export import export_model
@@ -241,7 +259,7 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
           seeds: Sequence[int] = (0,), select: str = "last", test_views: str = "all",
           device: str = "auto", quiet: bool = False, preset: Optional[str] = None,
           overrides: Optional[dict] = None, out_dir: Optional[Union[str, Path]] = None,
-          jobs: Optional[int] = None) -> dict:
+          jobs: Optional[int] = None, clean_view: bool = False) -> dict:
     """One sweep over ``methods`` (default: all) x ``grid`` x ``seeds``; optional files in out_dir."""
     dev = resolve_device(device)
     cache = _load_cache(cache, dev)
@@ -254,7 +272,7 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
         names = ["ce"] + names          # the CE re-train reference row
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
     plans = expand(names, overrides, grid, pre, int(cache.splits["train"].labels.numel()))
-    results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs)
+    results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view)
     results["preset"] = pre
     if out_dir is not None:
         from ltcache.stage2.results import write_all
