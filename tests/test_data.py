@@ -270,6 +270,28 @@ def test_imagefolder_tarball(tmp_path):
     assert marker.stat().st_mtime_ns == mtime
 
 
+def _unpack_and_list(args):
+    from ltcache.data.sources import unpack_tarball
+    tar, root = args
+    dest = unpack_tarball(tar, root)
+    return sorted(str(p.relative_to(dest)) for p in dest.rglob("*.png"))
+
+
+def test_tarball_unpacked_once_by_concurrent_processes(tmp_path):
+    """Pipelines started in parallel on a fresh machine all unpack the same tarball: one unpacks,
+    the others wait, and every process sees the whole folder (before, a late finisher replaced
+    the folder under an early reader)."""
+    import multiprocessing as mp
+    folder = datagen.make_imagefolder(tmp_path / "src" / "tiny", num_classes=3, per_class_train=30,
+                                      per_class_test=10)
+    tar = datagen.make_tarball(folder, tmp_path / "tiny.tar.gz")
+    expect = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+    with mp.get_context("fork").Pool(4) as pool:
+        seen = pool.map(_unpack_and_list, [(tar, tmp_path / "root")] * 4)
+    assert expect and all(s == expect for s in seen)
+    assert [p.name for p in (tmp_path / "root").iterdir() if p.is_dir()] == ["tiny"]   # no temporary left
+
+
 def test_splitlists(tmp_path):
     prefix = datagen.make_splitlists(tmp_path, "Tiny_LT", 3, [101, 20, 19])
     assert prefix == tmp_path / "Tiny_LT"

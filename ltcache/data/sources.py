@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+try:                                   # POSIX; elsewhere concurrent first unpacks are not serialised
+    import fcntl
+except ImportError:                    # pragma: no cover
+    fcntl = None
+
 import numpy as np
 import torch
 
@@ -140,23 +145,36 @@ def unpack_tarball(tar_path: Path, data_root: Path) -> Path:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     dest = data_root / name
-    if not (dest / ".unpacked").exists():
-        data_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=data_root))
-        try:
-            with tarfile.open(tar_path) as tf:
-                tf.extractall(tmp, filter="data")
-        except (tarfile.TarError, OSError) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise LtcacheError(f"cannot unpack {tar_path} ({exc}); check the file") from None
-        inner = [p for p in tmp.iterdir() if not p.name.startswith(".")]
-        top = inner[0] if len(inner) == 1 and inner[0].is_dir() and not (tmp / "train").is_dir() else tmp
-        (top / ".unpacked").write_text(str(tar_path))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(top, dest)
-        shutil.rmtree(tmp, ignore_errors=True)
+    if (dest / ".unpacked").exists():
+        return dest
+    data_root.mkdir(parents=True, exist_ok=True)
+    # several processes started at once (e.g. pipelines in parallel) unpack once: the others wait
+    # on the lock, then find the folder complete (without it, a late finisher replaced the folder
+    # while an early one was reading images from it)
+    with open(data_root / f".{name}.unpack.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / ".unpacked").exists():
+            _unpack(tar_path, data_root, name, dest)
     return dest
+
+
+def _unpack(tar_path: Path, data_root: Path, name: str, dest: Path) -> None:
+    """Extract into a temporary folder beside ``dest``, mark it complete, then move it in place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=data_root))
+    try:
+        with tarfile.open(tar_path) as tf:
+            tf.extractall(tmp, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LtcacheError(f"cannot unpack {tar_path} ({exc}); check the file") from None
+    inner = [p for p in tmp.iterdir() if not p.name.startswith(".")]
+    top = inner[0] if len(inner) == 1 and inner[0].is_dir() and not (tmp / "train").is_dir() else tmp
+    (top / ".unpacked").write_text(str(tar_path))
+    if dest.exists():
+        shutil.rmtree(dest)                 # an incomplete earlier attempt
+    os.replace(top, dest)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _scan(split_dir: Path, class_names: list) -> tuple[list, np.ndarray]:
