@@ -1,10 +1,18 @@
-"""Gap probe (README, cached vs image pipeline): LOS and CE on the paper-like cache trained on
-only the first n augmented views (no clean view). Run from the repository root after the real run."""
+"""Gap probe (README, cached vs image pipeline): LOS and CE trained on only the first n augmented
+views of a cache (no clean view), n = 1..V-1. Run from the repository root after the real run:
+
+    python benchmarks/gap_probe_views.py [CACHE]     # default: runs/gpu/ir100/cache
+"""
 import statistics as st
+import sys
+
 from ltcache.cache import load
 from ltcache.stage2 import api
-for n in (1, 2, 3, 4):
-    c = load("runs/cifar10_lt_ir100/cache", device="cpu")
+
+path = sys.argv[1] if len(sys.argv) > 1 else "runs/gpu/ir100/cache"
+views = len(load(path, splits=("train",), quiet=True).splits["train"].views)
+for n in range(1, views):
+    c = load(path, device="cpu", quiet=True)
     tr = c.splits["train"]
     tr.features = tr.features[:, 1:1 + n].contiguous()
     tr.views = tr.views[1:1 + n]
