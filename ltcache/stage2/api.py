@@ -63,13 +63,18 @@ def parse_seeds(seeds: Union[str, Sequence[int]]) -> list[int]:
     return out
 
 
+def _view_names(split) -> list[str]:
+    """A split's view names (empty for caches written from unnamed tensors)."""
+    return list(getattr(split, "views", []) or [])
+
+
 def _views(split, mode: str) -> torch.Tensor:
     """Features of the evaluation views: all (averaged later) or just 'center'."""
     if mode not in TEST_VIEWS:
         raise LtcacheError(f"unknown --test-views '{mode}'; use all or center")
     x = split.features
     if mode == "center":
-        names = list(getattr(split, "views", []) or [])
+        names = _view_names(split)
         i = names.index("center") if "center" in names else 0
         x = x[:, i:i + 1]
     return x
@@ -83,7 +88,7 @@ def train_view_pool(split, clean_view: bool) -> list[int]:
     """Which stored train views the epochs draw from. A cache with augmented views also holds the
     clean one; by default only the augmented views are drawn, as the papers' stage 2 always
     augments (``clean_view=True`` draws the clean view too)."""
-    names = list(getattr(split, "views", []) or [])
+    names = _view_names(split)
     n = int(split.features.shape[1])
     if clean_view or len(names) != n or names[:1] != ["clean"] or n < 2:
         return list(range(n))
@@ -227,7 +232,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
     wall = time.perf_counter() - t0
     results = build_results(cache, runs, stage1, wall, str(dev))
     tr = cache.splits["train"]
-    names = list(getattr(tr, "views", []) or [])
+    names = _view_names(tr)
     results["train_views"] = [names[i] if i < len(names) else str(i) for i in train_view_pool(tr, clean_view)]
     echo(f"sweep: {len(runs)} runs ({len(configs)} trained) in {wall:.1f} s on {dev}", quiet)
     return results, list(zip(runs, layers))
