@@ -55,6 +55,15 @@ def fmt_pct(value: Optional[float], std: Optional[float] = None) -> str:
 ECE_BINS = 15
 
 
+def _row_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: log-sum-exp (float64), max logit (float64) and argmax, in one pass over [N, K]
+    without a float64 copy of the logits (the exponentials are summed in float32 in (0, 1])."""
+    zmax, pred = logits.max(dim=1)
+    s = torch.exp(logits - zmax.unsqueeze(1)).sum(1, dtype=torch.float64)
+    zmax = zmax.double()
+    return zmax + s.log(), zmax, pred
+
+
 def reliability(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> dict[str, list]:
     """Reliability bins as MiSLAS ``utils/metric.py: calibration``.
 
@@ -62,8 +71,12 @@ def reliability(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BI
     with ``right=True`` on ``linspace(0, 1, n+1)``); a confidence of exactly 0 falls in no bin.
     Returns per-bin mean confidence, accuracy (0 for an empty bin) and count.
     """
-    probs = torch.softmax(logits.double(), dim=1)
-    conf, pred = probs.max(dim=1)
+    return _reliability(_row_lse(logits), labels, n_bins)
+
+
+def _reliability(row: tuple, labels: torch.Tensor, n_bins: int = ECE_BINS) -> dict[str, list]:
+    lse, zmax, pred = row
+    conf = torch.exp(zmax - lse)
     correct = (pred == labels.to(pred.device).long()).double()
     # bin index b-1 for (b-1)/n < c <= b/n  ->  ceil(c*n) - 1
     idx = torch.ceil(conf * n_bins).long() - 1
@@ -77,9 +90,7 @@ def reliability(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BI
             "bin_count": [int(c) for c in count.tolist()]}
 
 
-def ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> float:
-    """Expected calibration error in % (15 bins, MiSLAS binning; weights |B_b| / sum |B_b|)."""
-    rel = reliability(logits, labels, n_bins)
+def _ece_from(rel: dict) -> float:
     total = sum(rel["bin_count"])
     if total == 0:
         return 0.0
@@ -87,10 +98,19 @@ def ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> f
     return 100.0 * gap / total
 
 
+def ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error in % (15 bins, MiSLAS binning; weights |B_b| / sum |B_b|)."""
+    return _ece_from(reliability(logits, labels, n_bins))
+
+
 def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean negative log-likelihood (unsmoothed cross-entropy) of the true class."""
-    lp = torch.log_softmax(logits.double(), dim=1)
-    return float(-lp.gather(1, labels.to(lp.device).long().view(-1, 1)).mean())
+    return _nll(logits, labels, _row_lse(logits)[0])
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor) -> float:
+    zy = logits.gather(1, labels.to(logits.device).long().view(-1, 1)).squeeze(1).double()
+    return float((lse - zy).mean())
 
 
 def logits_magnitude(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,16 +123,17 @@ def logits_magnitude(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
       RSD_j = std_{x: y=j} z_j(x) / LM_j  (raw, unregularised LM: the ratio is scale-free)
     Classes absent from ``labels`` get NaN.
     """
-    z = logits.double()
-    labels = labels.to(z.device).long()
-    k = z.shape[1]
-    onehot = torch.nn.functional.one_hot(labels, k).double()
-    n_pos = onehot.sum(0)
-    n_neg = z.shape[0] - n_pos
-    pos_mean = (z * onehot).sum(0) / n_pos.clamp_min(1)
-    neg_mean = (z * (1 - onehot)).sum(0) / n_neg.clamp_min(1)
+    labels = labels.to(logits.device).long()
+    k = logits.shape[1]
+    zy = logits.gather(1, labels.view(-1, 1)).squeeze(1).double()        # z_j(x) of x's own class j
+    n_pos = torch.bincount(labels, minlength=k).double()
+    n_neg = logits.shape[0] - n_pos
+    pos_sum = torch.zeros(k, dtype=torch.float64, device=logits.device).index_add_(0, labels, zy)
+    pos_mean = pos_sum / n_pos.clamp_min(1)
+    neg_mean = (logits.sum(0, dtype=torch.float64) - pos_sum) / n_neg.clamp_min(1)
     lm = pos_mean - neg_mean
-    pos_var = (((z - pos_mean) ** 2) * onehot).sum(0) / (n_pos - 1).clamp_min(1)
+    sq = (zy - pos_mean[labels]) ** 2
+    pos_var = torch.zeros(k, dtype=torch.float64, device=logits.device).index_add_(0, labels, sq) / (n_pos - 1).clamp_min(1)
     rsd = pos_var.sqrt() / lm
     valid = n_pos > 0
     norm = lm[valid].abs().mean() if valid.any() else torch.tensor(1.0, dtype=torch.float64)
@@ -124,14 +145,18 @@ def logits_magnitude(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 
 def class_logit_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class mean logit of the true class and mean margin z_y - max_{k != y} z_k (by true class)."""
-    z = logits.double()
-    labels = labels.to(z.device).long()
-    k = z.shape[1]
-    zy = z.gather(1, labels.view(-1, 1)).squeeze(1)
-    other = z.scatter(1, labels.view(-1, 1), float("-inf")).max(dim=1).values
+    labels = labels.to(logits.device).long()
+    k = logits.shape[1]
+    zy = logits.gather(1, labels.view(-1, 1)).squeeze(1).double()
+    if k > 1:
+        top = logits.topk(2, dim=1)           # the best other class is the first of the top 2 that is not y
+        first_is_y = top.indices[:, 0] == labels
+        other = torch.where(first_is_y, top.values[:, 1], top.values[:, 0]).double()
+    else:
+        other = torch.full_like(zy, float("-inf"))
     cnt = torch.bincount(labels, minlength=k).double()
-    mean_logit = torch.zeros(k, dtype=torch.float64, device=z.device).index_add_(0, labels, zy) / cnt.clamp_min(1)
-    margin = torch.zeros(k, dtype=torch.float64, device=z.device).index_add_(0, labels, zy - other) / cnt.clamp_min(1)
+    mean_logit = torch.zeros(k, dtype=torch.float64, device=logits.device).index_add_(0, labels, zy) / cnt.clamp_min(1)
+    margin = torch.zeros(k, dtype=torch.float64, device=logits.device).index_add_(0, labels, zy - other) / cnt.clamp_min(1)
     mean_logit[cnt == 0] = float("nan")
     margin[cnt == 0] = float("nan")
     return mean_logit.cpu(), margin.cpu()
@@ -156,13 +181,15 @@ def full_report(logits: torch.Tensor, labels: torch.Tensor, class_counts: Sequen
                 weight_norm: Optional[torch.Tensor] = None) -> dict:
     """Every metric of a run's ``metrics`` block (ARCHITECTURE.md "Results JSON") from test logits."""
     k = logits.shape[1]
-    pc = per_class_accuracy(logits.argmax(dim=1), labels, k)
+    row = _row_lse(logits)                  # shared by accuracy, ECE and NLL
+    pc = per_class_accuracy(row[2], labels, k)
     acc = group_accuracy(pc, class_counts)
     lm, rsd = logits_magnitude(logits, labels)
     mean_logit, margin = class_logit_stats(logits, labels)
     out = dict(acc)
-    out["ece"] = ece(logits, labels)
-    out["nll"] = nll(logits, labels)
+    rel = _reliability(row, labels)
+    out["ece"] = _ece_from(rel)
+    out["nll"] = _nll(logits, labels, row[0])
     out["per_class_acc"] = _nan_to_none(pc * 100)
     out["lm"] = _nan_to_none(lm)
     out["rsd"] = _nan_to_none(rsd)
@@ -171,5 +198,5 @@ def full_report(logits: torch.Tensor, labels: torch.Tensor, class_counts: Sequen
     out["mean_logit"] = _nan_to_none(mean_logit)
     out["margin"] = _nan_to_none(margin)
     out["weight_norm"] = _nan_to_none(weight_norm) if weight_norm is not None else None
-    out["reliability"] = reliability(logits, labels)
+    out["reliability"] = rel
     return out
