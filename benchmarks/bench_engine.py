@@ -6,7 +6,8 @@ For each feature shape (random, class-separable features; counts of the real LT 
 * wall time of ``bench(all methods, seeds)`` at each method's preset epochs and batch size;
 * FLOPs of that work (training: 4 B D K per config-step -- forward logits and dW -- for heads
   that train W; heads on the frozen stage-1 layer (LWS, MARC) do no D-sized work per step, only
-  the one-off base logits 2 N V D K of their group; evaluation: 2 N D K per view per run) and
+  the one-off base logits 2 N V D K of their group; evaluation: 2 N D K per run on the
+  view-mean features, per view for cosine and NCM layers, closed forms once) and
   the achieved fraction of this machine's fp32 matmul rate, measured in the same run with
   large square ``torch.mm`` (the best of two measurements);
 * the same trained configurations one at a time by a plain loop (DataLoader over a
@@ -142,7 +143,22 @@ def run_shape(shape, seeds, device, loop_sample, quick, epochs_cap=None, methods
             train_flops += 4.0 * c.batch_size * d * k * steps
     train_flops += len(base_groups) * 2.0 * n * n_views * d * k
     n_test = int(cache.splits["test"].labels.numel())
-    eval_flops = 2.0 * n_test * d * k * 2 * len(res["runs"])
+    n_val = int(cache.splits["val"].labels.numel())
+    v_test = cache.splits["test"].features.shape[1]
+    # evaluation as computed: a linear layer once on the view-mean features, cosine and NCM per
+    # view; closed forms once per (method, params), not per seed; the stage-1 reference row; and
+    # tau-norm's one val GEMM for its tau search
+    eval_flops, seen = 2.0 * n_test * d * k, set()
+    for r in res["runs"]:
+        m = METHODS[r["method"]]
+        if m.closed_form:
+            key = (r["method"], json.dumps(r["params"], sort_keys=True))
+            if key in seen:
+                continue
+            seen.add(key)
+            if m.head == "tau-norm" and "tau_curve" in r:
+                eval_flops += 2.0 * n_val * d * k
+        eval_flops += 2.0 * n_test * d * k * (v_test if m.head in ("cosine", "ncm") else 1)
     flops = train_flops + eval_flops
     # plain loop: time a sample (one seed of evenly spread methods), extrapolate by steps
     first_seed = [(c, s) for c, s in zip(cfgs, cfg_steps) if c.seed == seeds[0]]

@@ -8,6 +8,7 @@ closed-form ones, evaluate everything on the test split and return the results J
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -171,7 +172,10 @@ def _closed_form_layer(method: Method, params: dict, cache, data: TrainData, cou
 
 def evaluate_layer(layer: dict, x: torch.Tensor, labels: torch.Tensor, counts) -> dict:
     """Metrics of a deployable layer on features x [N, V, D] (logits averaged over views)."""
-    z = sum(H.apply_layer(layer, x[:, v]) for v in range(x.shape[1])) / x.shape[1]
+    if layer["kind"] == "linear":   # logits are linear in x: the view-mean features give the mean logits
+        z = H.apply_layer(layer, x.mean(1))
+    else:                            # cosine and NCM normalise each view first: apply per view, then average
+        z = sum(H.apply_layer(layer, x[:, v]) for v in range(x.shape[1])) / x.shape[1]
     return full_report(z.cpu(), labels.cpu(), counts, H.weight_norms(layer))
 
 
@@ -184,7 +188,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
               jobs: Optional[int] = None, clean_view: bool = False) -> tuple[dict, list]:
     """Train/compute every plan x seed; returns (results dict, [(run dict, layer)]).
 
-    ``jobs``: worker processes for small CPU sweeps (None: the cores torch may use; 1: none).
+    ``jobs``: worker processes for CPU sweeps of small heads (None: the cores torch may use; 1: none).
     ``clean_view``: also draw the clean train view (default: augmented views only, when present)."""
     if jobs is not None and jobs < 1:
         raise LtcacheError(f"--jobs must be >= 1 (got {jobs}); 1 trains everything in this process")
@@ -213,16 +217,22 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
     trained = train_sweep(configs, data, select=select, quiet=quiet, n_jobs=jobs) if configs else []
 
     runs, layers = [], []
+    closed = {}          # closed forms do not depend on the seed: compute and evaluate each once
     for kind, a, params, ov, seed, name in entries:
         extra = {}
         if kind == "train":
             head = trained[a]
             method, layer, params, sel = get_method(head.config.method), head.layer, head.config.params, head.selected_epoch
+            metrics = evaluate_layer(layer, test_x, test_y, counts.tolist())
         else:
-            method = a
-            layer, extra = _closed_form_layer(method, params, cache, data, counts)   # sets a chosen tau
-            sel = None
-        metrics = evaluate_layer(layer, test_x, test_y, counts.tolist())
+            method, sel = a, None
+            key = (method.name, repr(sorted(params.items())))
+            if key not in closed:
+                layer, extra = _closed_form_layer(method, params, cache, data, counts)   # sets a chosen tau
+                closed[key] = (layer, extra, dict(params), evaluate_layer(layer, test_x, test_y, counts.tolist()))
+            layer, extra, chosen, metrics = closed[key]
+            metrics = copy.deepcopy(metrics)
+            params = dict(chosen)
         run = {"name": name, "method": method.name, "params": dict(params), "seed": seed,
                "selected_epoch": sel, "metrics": metrics}
         run.update(extra)

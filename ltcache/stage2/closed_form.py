@@ -37,13 +37,21 @@ def posthoc_la_layer(w0: torch.Tensor, b0: torch.Tensor, counts: torch.Tensor, t
     return {"kind": "linear", "weight": w0.clone().float(), "bias": (b0.double() - tau * prior.log()).float()}
 
 
-def ncm_layer(train_x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """Nearest-class-mean classifier (cl2n features, l2 distance) from train features [N, D]."""
-    x = train_x.double()
-    mu = x.mean(0)
-    xh = F.normalize(x - mu, dim=1)
-    labels = labels.to(x.device).long()
-    sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, labels, xh)
+def ncm_layer(train_x: torch.Tensor, labels: torch.Tensor, num_classes: int, chunk: int = 16384) -> dict:
+    """Nearest-class-mean classifier (cl2n features, l2 distance) from train features [N, D].
+
+    Sums accumulate in float64 over row chunks, so an ImageNet-scale [N, D] never gets a float64 copy."""
+    n, d = train_x.shape
+    dev = train_x.device
+    labels = labels.to(dev).long()
+    total = torch.zeros(d, dtype=torch.float64, device=dev)
+    for s in range(0, n, chunk):
+        total += train_x[s:s + chunk].double().sum(0)
+    mu = total / max(n, 1)
+    sums = torch.zeros(num_classes, d, dtype=torch.float64, device=dev)
+    for s in range(0, n, chunk):
+        xh = F.normalize(train_x[s:s + chunk].double() - mu, dim=1)
+        sums.index_add_(0, labels[s:s + chunk], xh)
     cnt = torch.bincount(labels, minlength=num_classes).double().clamp_min(1).unsqueeze(1)
     return {"kind": "ncm", "mean": mu.float().cpu(), "centroids": (sums / cnt).float().cpu()}
 
@@ -57,13 +65,18 @@ def select_tau(w0: torch.Tensor, val_x: Optional[torch.Tensor], val_labels: Opti
     k = w0.shape[0]
     cnt = torch.bincount(val_labels, minlength=k).double()
     present = cnt > 0
+    # w_j / ||w_j||^tau scales logit column j, and the bias is dropped: one GEMM of the view-mean
+    # features serves every tau of the grid
+    w = w0.to(val_x)
+    z0 = val_x.mean(1) @ w.t() if val_x.dim() == 3 else val_x @ w.t()
+    lognorm = w0.double().norm(dim=1).clamp_min(1e-12).log().to(z0.device)
     best_tau, best_acc, curve = None, -1.0, []
     for tau in grid:
-        layer = tau_norm_layer(w0, tau)
-        w = layer["weight"].to(val_x)
-        z = sum(val_x[:, v] @ w.t() for v in range(val_x.shape[1])) / val_x.shape[1]
-        hit = (z.argmax(1) == val_labels).double()
-        acc = float((torch.zeros(k, dtype=torch.float64, device=z.device).index_add_(0, val_labels, hit)[present]
+        if tau < 0:
+            raise LtcacheError(f"tau must be >= 0 (got {tau}); tau-norm uses 0..2")
+        pred = (z0 * torch.exp(-tau * lognorm).to(z0)).argmax(1)
+        hit = (pred == val_labels).double()
+        acc = float((torch.zeros(k, dtype=torch.float64, device=z0.device).index_add_(0, val_labels, hit)[present]
                      / cnt[present]).mean())
         curve.append({"tau": tau, "val_acc": acc * 100})
         if acc > best_acc:
