@@ -328,3 +328,62 @@ def test_epochs_draw_the_augmented_views_only_unless_clean_view():
     expect = ncm_layer(tr.features[:, 0], tr.labels, cache.num_classes)
     for p in (pairs, wc_pairs):
         assert torch.equal(p[1][1]["centroids"], expect["centroids"]) and torch.equal(p[1][1]["mean"], expect["mean"])
+
+
+def test_members_on_the_same_rows_share_one_gather_and_gemm(monkeypatch):
+    """Members with equal sampler, seed, epochs and init draws read identical rows: the engine
+    puts them in blocks (one gather, one wider GEMM per block); a block whose rows turn out to
+    differ falls back to per-member gathers. Either way every head equals its alone-trained one."""
+    from ltcache.stage2 import heads as H
+    from ltcache.stage2 import sweep
+    cache = fake_cache()
+    data = data_of(cache)
+    specs = [(m, {"batch_size": 32, "epochs": 2}, s) for s in (0, 1) for m in ("focal", "cb", "crt", "seesaw")]
+    specs.append(("ce", {"batch_size": 32, "epochs": 2}, 2))          # another seed: its own stream
+    cfgs = configs_for(cache, specs)
+    order, n_blocks, r = sweep.stream_blocks(cfgs)
+    # focal, cb, seesaw per seed (crt draws a fresh head from its generator first: its own stream)
+    assert (n_blocks, r) == (2, 3)
+    assert [cfgs[i].seed for i in order[:6]] == [0, 0, 0, 1, 1, 1]
+    assert {cfgs[i].method for i in order[6:]} == {"crt", "ce"}
+    alone = [train_sweep([c], data, quiet=True, n_jobs=1)[0] for c in cfgs]
+    made = []
+
+    class Counted(H.SharedRows):
+        def __init__(self, xs, r, rest):
+            made.append(xs.shape[0])
+            super().__init__(xs, r, rest)
+
+    monkeypatch.setattr(H, "SharedRows", Counted)
+    shared = train_sweep(cfgs, data, quiet=True, n_jobs=1)
+    assert made and set(made) == {2}          # every step of the group: 2 blocks, one gather each
+    made.clear()
+    # a wrong block (members of two seeds): the per-epoch check must catch it
+    def wrong(group):
+        pair = [next(i for i, c in enumerate(group) if c.method == "focal" and c.seed == s) for s in (0, 1)]
+        return pair + [i for i in range(len(group)) if i not in pair], 1, 2
+
+    monkeypatch.setattr(sweep, "stream_blocks", wrong)
+    fallback = train_sweep(cfgs, data, quiet=True, n_jobs=1)
+    assert not made
+    for a, s, f in zip(alone, shared, fallback):
+        for key in ("weight", "bias"):
+            assert torch.allclose(a.layer[key], s.layer[key], atol=1e-5, rtol=0), a.config.method
+            assert torch.allclose(a.layer[key], f.layer[key], atol=1e-5, rtol=0), a.config.method
+
+
+def test_shared_rows_products_equal_per_member_products():
+    from ltcache.stage2 import heads as H
+    g = torch.Generator().manual_seed(0)
+    s, r, rest, k, b, d = 3, 2, 2, 4, 5, 6
+    m = s * r + rest
+    xs, xr = torch.randn(s, b, d, generator=g), torch.randn(rest, b, d, generator=g)
+    x_full = torch.cat([xs.repeat_interleave(r, 0), xr])
+    shared = H.SharedRows(xs, r, xr)
+    w, bias = torch.randn(m, k, d, generator=g), torch.randn(m, k, 1, generator=g)
+    assert torch.allclose(H._wx(w, shared, bias), torch.baddbmm(bias, w, x_full.transpose(1, 2)), atol=1e-5)
+    gz = torch.randn(m, k, b, generator=g)
+    into = torch.randn(m, k, d, generator=g)
+    expect = 0.9 * into + torch.bmm(gz, x_full)
+    assert torch.allclose(H._gx(gz, shared, into.clone(), 0.9), expect, atol=1e-5)
+    assert torch.allclose(H._gx(gz, shared), torch.bmm(gz, x_full), atol=1e-5)

@@ -95,6 +95,10 @@ def init_head(kind: HeadKind, init: str, w0: torch.Tensor, b0: torch.Tensor, g: 
     return params, {"u": u}
 
 
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
 def forward(family: str, p: dict, buf: dict, x: torch.Tensor) -> torch.Tensor:
     """Logits [M, B, K] of M heads on x [M, B, D] (or [1, B, D], broadcast)."""
     if family == "affine":
@@ -109,28 +113,83 @@ def forward(family: str, p: dict, buf: dict, x: torch.Tensor) -> torch.Tensor:
     return buf["scale"].view(-1, 1, 1) * torch.matmul(xn, wn.transpose(1, 2))
 
 
-def forward_train(family: str, p: dict, buf: dict, x: torch.Tensor, base: bool = False):
+@dataclass
+class SharedRows:
+    """A training step's features when blocks of members read the same rows.
+
+    Members trained with the same sampler, seed and epochs draw identical batches (a
+    configuration's stream depends only on those). The engine lays such members out in
+    blocks of ``r``: the first S*r members read the S gathered batches ``xs`` [S, B, D] (block
+    i = members i*r .. i*r + r - 1), the others their own rows ``rest`` [M - S*r, B, D]. One
+    gather then serves a block, and its r heads multiply it as one [r*K, D] x [D, B] product,
+    a wider GEMM than r separate [K, D] ones.
+    """
+
+    xs: torch.Tensor
+    r: int
+    rest: torch.Tensor
+
+    def map(self, fn) -> "SharedRows":
+        return SharedRows(fn(self.xs), self.r, fn(self.rest))
+
+
+def _split(t: torch.Tensor, x: SharedRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [M, K, *] as (blocks [S, r*K, *], rest [M - S*r, K, *]) views."""
+    s, r = x.xs.shape[0], x.r
+    return t[:s * r].view(s, r * t.shape[1], *t.shape[2:]), t[s * r:]
+
+
+def _wx(w: torch.Tensor, x, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Class-major products [M, K, B] = w x^T (+ bias [M, K, 1]) for x [M, B, D] or SharedRows."""
+    if not isinstance(x, SharedRows):
+        return torch.bmm(w, x.transpose(1, 2)) if bias is None else torch.baddbmm(bias, w, x.transpose(1, 2))
+    out = torch.empty(w.shape[0], w.shape[1], x.xs.shape[1], dtype=w.dtype, device=w.device)
+    for wp, xp, op, bp in zip(_split(w, x), (x.xs, x.rest), _split(out, x),
+                              _split(bias, x) if bias is not None else (None, None)):
+        if op.shape[0]:
+            if bp is None:
+                torch.bmm(wp, xp.transpose(1, 2), out=op)
+            else:
+                torch.baddbmm(bp, wp, xp.transpose(1, 2), out=op)
+    return out
+
+
+def _gx(g: torch.Tensor, x, into: Optional[torch.Tensor] = None, beta: float = 0.0) -> torch.Tensor:
+    """g [M, K, B] times x: the weight gradient [M, K, D]; with ``into``, into = beta*into + g x."""
+    if not isinstance(x, SharedRows):
+        return torch.bmm(g, x) if into is None else into.baddbmm_(g, x, beta=beta)
+    if into is None:
+        into = torch.empty(g.shape[0], g.shape[1], x.xs.shape[2], dtype=g.dtype, device=g.device)
+        beta = 0.0
+    for gp, xp, ip in zip(_split(g, x), (x.xs, x.rest), _split(into, x)):
+        if ip.shape[0]:
+            ip.baddbmm_(gp, xp, beta=beta)
+    return into
+
+
+def forward_train(family: str, p: dict, buf: dict, x: "torch.Tensor | SharedRows", base: bool = False):
     """Training forward of M heads: class-major logits [M, K, B] and what :func:`backward` needs.
 
     Class-major because the weight then multiplies the batch from the left (W x^T), which is
     several times faster than x W^T when K is small, and the loss reduces over K in that
     layout just as fast. ``base=True`` means ``x`` already holds the frozen base logits
     x W^T + b [M, B, K] (heads that train only the affine s, c on a frozen stage-1 layer: LWS,
-    MARC); the engine then gathers K numbers per sample instead of D.
+    MARC); the engine then gathers K numbers per sample instead of D. ``x`` may be a
+    :class:`SharedRows` (blocks of members on the same rows).
     """
     if family == "affine":
         if base:
             lin = x.transpose(1, 2).contiguous()
         else:
-            lin = torch.baddbmm(p["b"].unsqueeze(2), p["W"], x.transpose(1, 2))
+            lin = _wx(p["W"], x, p["b"].unsqueeze(2))
         z = lin if "s" not in p else p["s"].unsqueeze(2) * lin
         if "u" in buf:
             z = z + (p["c"] * buf["u"]).unsqueeze(2)
         return z, (x, lin)
-    xn = F.normalize(x, dim=-1)
+    xn = x.map(_unit_rows) if isinstance(x, SharedRows) else _unit_rows(x)
     wnorm = p["W"].norm(dim=-1, keepdim=True).clamp_min(1e-12)
     wn = p["W"] / wnorm
-    z = buf["scale"].view(-1, 1, 1) * torch.bmm(wn, xn.transpose(1, 2))
+    z = _wx(wn, xn).mul_(buf["scale"].view(-1, 1, 1))
     return z, (xn, wn, wnorm)
 
 
@@ -173,12 +232,12 @@ def backward(family: str, p: dict, buf: dict, ctx, dz: torch.Tensor, need: tuple
                 put("b", dlin.sum(2))
             if "W" in need:
                 if into is None:
-                    g["W"] = torch.bmm(dlin, x)
+                    g["W"] = _gx(dlin, x)
                 else:
-                    into["W"].baddbmm_(dlin, x, beta=beta)
+                    _gx(dlin, x, into["W"], beta)
         return g if into is None else into
     xn, wn, wnorm = ctx
-    dwn = torch.bmm(dz * buf["scale"].view(-1, 1, 1), xn)
+    dwn = _gx(dz * buf["scale"].view(-1, 1, 1), xn)
     put("W", (dwn - wn * (dwn * wn).sum(-1, keepdim=True)) / wnorm)
     return g if into is None else into
 

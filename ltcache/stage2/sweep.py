@@ -9,14 +9,18 @@ update, no momentum decay). Per step there is one gather, one batched matmul, th
 gradient of the vectorised loss of all M configurations (per-configuration hyper-parameters
 as tensors; no autograd graph), one bmm for the weight gradient and one hand-written batched
 SGD-momentum update. Heads that train only an affine correction of the frozen stage-1 layer
-(LWS, MARC) gather precomputed base logits instead of features. Python loops run over
-epochs, steps and parameter names, never over configurations inside a step.
+(LWS, MARC) gather precomputed base logits instead of features. Members that read the same
+rows (same sampler, seed and epochs: e.g. every instance-balanced method of one seed) sit in
+blocks that share one gather and one wider GEMM (:func:`stream_blocks`); the loss still sees
+the members in the caller's order. Python loops run over epochs, steps and parameter names,
+never over configurations inside a step.
 
-Where the time goes: on a GPU or with large shapes (D 512+) the two bmm per step dominate. On
-a CPU with small shapes (CIFAR-10, D 64) a step costs mostly per-op overhead, so the engine
-prepares each epoch's indices and loss targets ahead on a thread and, on several cores, trains
-whole groups side by side in forked single-thread worker processes (``n_jobs``, see
-:mod:`ltcache.stage2.workers`).
+Where the time goes: on a GPU or with large shapes (D 512+) the two bmm per step dominate,
+with the element-wise loss work next (about a third of a D 512 step on a CPU). On a CPU with
+small shapes (CIFAR-10, D 64) a step costs mostly per-op overhead, so the engine prepares each
+epoch's indices and loss targets ahead on a thread and, on several cores, trains whole groups
+side by side in forked single-thread worker processes (``n_jobs``, see
+:mod:`ltcache.stage2.workers`; also used up to D 1024).
 
 Optimiser: PyTorch SGD semantics (dampening 0, no Nesterov): g += wd * p; buf = mu * buf + g
 (buf = g on the first step); p -= lr * buf.
@@ -133,7 +137,8 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
                 quiet: bool = False, n_jobs: Optional[int] = None) -> list[TrainedHead]:
     """Train every configuration; groups by :func:`group_key`; results in input order.
 
-    ``n_jobs``: worker processes for small CPU sweeps (default: the cores torch may use)."""
+    ``n_jobs``: worker processes for CPU sweeps of small heads (D <= 1024 or tiny steps;
+    default: the cores torch may use)."""
     if select not in ("last", "val"):
         raise LtcacheError(f"unknown --select '{select}'; use last or val")
     if select == "val" and data.val_x is None:
@@ -155,7 +160,8 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
                 out[i] = t
         return out  # type: ignore[return-value]
     # Small steps on a CPU are bound by per-op (Python) overhead, which OpenMP threads inside
-    # each op do not shorten: train whole groups side by side in worker processes.
+    # each op do not shorten, and mid-size ones (D <= 1024) by element-wise work that spreads
+    # better over processes: train whole groups side by side in worker processes.
     for i, t in run_in_workers(train_group, plan, configs, data, select, quiet, jobs):
         out[i] = t
     return out  # type: ignore[return-value]
@@ -188,6 +194,29 @@ def _epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_v
 
     return (torch.stack([pad(r, 0) for r in rows]), torch.stack([pad(y, 0) for y in labs]),
             torch.stack([pad(v, False) for v in vals]))
+
+
+def stream_blocks(cfgs: Sequence[Config]) -> tuple[list[int], int, int]:
+    """A member order with the members that read identical rows in blocks: (order, S, r).
+
+    A configuration's batches depend only on its sampler, seed, epochs and what its head's
+    initialisation draws from the same generator first (a fresh or cosine head draws its
+    weights); the batch size and views are the group's. Members equal in those read the same
+    rows at every step. Blocks hold r members (the r that puts the most members in blocks;
+    the larger on ties); the S blocks come first in ``order``, then the other members in their
+    given order. S = 0 when no two members share a stream. The engine still checks, each
+    epoch, that every block's rows are equal, and gathers per member if they are not."""
+    streams: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        draws = H.get_head(c.head).family == "cosine" or c.init == "fresh"
+        streams.setdefault((c.sampler, int(c.seed), c.epochs, draws), []).append(i)
+    sizes = {len(v) for v in streams.values() if len(v) >= 2}
+    if not sizes:
+        return list(range(len(cfgs))), 0, 1
+    r = max(sizes, key=lambda r: (sum(len(v) // r * r for v in streams.values()), r))
+    blocks = [v[j * r:(j + 1) * r] for v in streams.values() for j in range(len(v) // r)]
+    inside = {i for b in blocks for i in b}
+    return [i for b in blocks for i in b] + [i for i in range(len(cfgs)) if i not in inside], len(blocks), r
 
 
 def maxnorm_radius(w0: torch.Tensor, thresh: float) -> float:
@@ -241,6 +270,15 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
     dev, m = data.x.device, len(cfgs)
     n, n_views, d = data.x.shape
     k = data.w0.shape[0]
+    # parameters live in "param order" (members reading the same rows in blocks, see
+    # stream_blocks); the loss sees the caller's order (its optional terms on contiguous slices)
+    order, n_blocks, r = (stream_blocks(cfgs) if not base and data.gather is None
+                          else (list(range(m)), 0, 1))
+    loss_cfgs, cfgs = cfgs, [cfgs[i] for i in order]
+    permuted = order != list(range(m))
+    to_param = torch.tensor(order, device=dev)
+    to_loss = torch.empty_like(to_param).index_copy_(0, to_param, torch.arange(m, device=dev))
+    n_shared = n_blocks * r
     w0c, b0c = data.w0.detach().float().cpu(), data.b0.detach().float().cpu()
 
     gens = [torch.Generator().manual_seed(int(c.seed)) for c in cfgs]
@@ -268,7 +306,7 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
     any_wd = any(c.wd for c in cfgs)
     mom = torch.tensor([c.momentum for c in cfgs], device=dev)
     mbuf = {a: torch.zeros_like(p[a]) for a in need}
-    lb = stack_specs([c.loss for c in cfgs], data.class_index.counts, dev)
+    lb = stack_specs([c.loss for c in loss_cfgs], data.class_index.counts, dev)
     use_maxnorm = any(c.maxnorm_thresh is not None for c in cfgs)
     if use_maxnorm:
         radius = torch.tensor([maxnorm_radius(w0c, c.maxnorm_thresh) if c.maxnorm_thresh is not None
@@ -319,10 +357,19 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
         lim = torch.tensor([s_max if le > e else (ls if le == e else 0) for le, ls in last])
         act = act_cpu.to(dev, torch.float32)
         lr_e = torch.tensor([c.lr_at(e) if e < c.epochs else 0.0 for c in cfgs], device=dev)
-        targets = loss_targets(lb, ys_s, vf_s)                                     # the epoch's, at once
         per_step = lambda t: t.unbind(0)                                         # noqa: E731 (views, one op)
+        if permuted:
+            ys_s, vf_s = ys_s.index_select(1, to_loss), vf_s.index_select(1, to_loss)
+        targets = loss_targets(lb, ys_s, vf_s)                                     # the epoch's, at once
+        shared = None
+        if n_blocks:
+            blk_rows = rows[:n_shared].view(n_blocks, r, s_max, bsz)
+            blk_valid = valid[:n_shared].view(n_blocks, r, s_max, bsz)
+            if bool((blk_rows == blk_rows[:, :1]).all()) and bool((blk_valid == blk_valid[:, :1]).all()):
+                shared = (per_step(rows[:n_shared:r].transpose(0, 1).reshape(s_max, n_blocks * bsz).to(dev)),
+                          per_step(rows[n_shared:].transpose(0, 1).reshape(s_max, (m - n_shared) * bsz).to(dev)))
         return SimpleNamespace(
-            s_max=s_max,
+            s_max=s_max, shared=shared,
             rows=per_step(rows.transpose(0, 1).reshape(s_max, m * bsz).to(dev)),     # [M*B] per step
             valid=per_step(valid.transpose(0, 1).reshape(s_max, m * bsz)),
             targets=[LossTargets(*f) for f in zip(*(per_step(t) if t is not None else [None] * s_max
@@ -345,9 +392,17 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
             s_max, rows_s, valid_s, targets, paused = ep.s_max, ep.rows, ep.valid, ep.targets, ep.paused
             c_mom, act_v, neg_lr = ep.c_mom, ep.act, ep.neg_lr
             for s in range(s_max):
-                xb = features(rows_s[s], valid_s[s])
+                if ep.shared:       # one gather per block of members on the same rows
+                    xb = H.SharedRows(x_flat.index_select(0, ep.shared[0][s]).view(n_blocks, bsz, d), r,
+                                      x_flat.index_select(0, ep.shared[1][s]).view(m - n_shared, bsz, d))
+                else:
+                    xb = features(rows_s[s], valid_s[s])
                 z, ctx = H.forward_train(family, pf, tbuf, xb, base)                   # [M, K, B]
-                dz = batched_loss_grad(z, None, None, lb, targets[s])
+                if permuted:
+                    dz = batched_loss_grad(z.index_select(0, to_loss), None, None, lb, targets[s])
+                    dz = dz.index_select(0, to_param)
+                else:
+                    dz = batched_loss_grad(z, None, None, lb, targets[s])
                 if uniform_mom and not paused[s]:
                     # fused: mbuf = mu mbuf + grad (+ wd p); finished members get lr 0
                     H.backward(family, pf, tbuf, ctx, dz, need, into=mbuf, beta=momentum, s_span=s_span)
@@ -384,8 +439,8 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
         bar.close()
 
     final = best if select == "val" else p
-    out = []
+    out: list = [None] * m
     for i, c in enumerate(cfgs):
         layer = H.effective(family, {a: final[a][i].cpu() for a in names}, {a: buf[a][i].cpu() for a in buf})
-        out.append(TrainedHead(config=c, layer=layer, selected_epoch=int(best_epoch[i])))
+        out[order[i]] = TrainedHead(config=c, layer=layer, selected_epoch=int(best_epoch[i]))
     return out
