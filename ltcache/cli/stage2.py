@@ -51,8 +51,9 @@ def _common(f):
                      help="also draw the clean train view in the epochs (default: a cache with augmented "
                           "views trains on those only, as the papers' stage 2 always augments)")(f)
     f = click.option("--jobs", type=click.IntRange(min=1), default=None,
-                     help="worker processes for CPU sweeps of small heads, where one process is bound by "
-                          "per-op overhead (default: the cores torch may use; 1: this process only)")(f)
+                     help="worker processes for CPU sweeps of small heads (feature dim <= 1024), where one "
+                          "process is bound by per-op and element-wise work (default: the cores torch "
+                          "may use; 1: this process only)")(f)
     f = click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default=None, show_default=False,
                      help="hyper-parameter preset (default: from the cache's classes and feature size)")(f)
     f = click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N")(f)

@@ -1,8 +1,10 @@
-"""Small CPU sweeps on several cores: groups trained side by side in forked worker processes.
+"""CPU sweeps on several cores: groups trained side by side in forked worker processes.
 
 A step on small shapes (CIFAR-10, D 64) costs mostly Python and per-op overhead, which the
 OpenMP threads inside each op do not shorten and which threads of one process would only share
-(the GIL). So each core gets a process with one intra-op thread, as DataLoader workers do. The
+(the GIL); with D up to ~1024 (CIFAR-100, D 512) the element-wise loss work still weighs against
+the GEMMs and also spreads better over processes than over threads. So each core gets a
+process with one intra-op thread, as DataLoader workers do. The
 features reach the workers by fork (copy-on-write, nothing pickled); only configurations and
 trained heads cross the pipe. The costliest group may be split to balance the workers: a
 configuration's result does not depend on which group, split or process it trained in.
@@ -17,6 +19,12 @@ import torch
 from ltcache.stage2.samplers import steps_per_epoch
 
 SMALL_STEP = 2e7          # M * B * D * K of one step below which a CPU step is op-overhead bound
+# Up to this feature dim the element-wise loss work on the [M, K, B] logits (tens of ops per
+# logit) weighs against the GEMMs (4 D flops per logit), and it scales better over processes
+# than over the OpenMP threads of one op: measured on the CIFAR-100 shape (D 512), forked
+# single-thread workers train the sweep ~10 % faster than one process on both cores. At D 2048
+# the GEMMs dominate and one process with all threads is as fast.
+ELEMENTWISE_D = 1024
 MIN_PARALLEL_WORK = 2e9   # below this (about a second of work) forking workers does not pay
 _FORKED = None            # (train_group, configs, data, select) inherited by the forked workers
 _IN_WORKER = False
@@ -29,10 +37,12 @@ def in_worker() -> bool:
 
 def worth_workers(plan: list[list[int]], configs, data, jobs: int) -> bool:
     """Whether to fan ``plan`` (lists of member indices, one per group) out to ``jobs`` workers."""
-    small = all(_step_size(configs, members, data) <= SMALL_STEP for members in plan)
+    small = (data.x.shape[-1] <= ELEMENTWISE_D
+             or all(_step_size(configs, members, data) <= SMALL_STEP for members in plan))
     worth = sum(_work(configs, members, data) for members in plan) > MIN_PARALLEL_WORK
     return (jobs >= 2 and small and worth and "fork" in multiprocessing.get_all_start_methods()
-            and data.x.device.type == "cpu" and data.gather is None)
+            and data.x.device.type == "cpu" and data.gather is None
+            and len(_balance(plan, configs, data, jobs)) >= 2)     # one part: all threads in-process
 
 
 def run_in_workers(train_group: Callable, plan: list[list[int]], configs: Sequence, data, select: str,
