@@ -387,3 +387,25 @@ def test_shared_rows_products_equal_per_member_products():
     expect = 0.9 * into + torch.bmm(gz, x_full)
     assert torch.allclose(H._gx(gz, shared, into.clone(), 0.9), expect, atol=1e-5)
     assert torch.allclose(H._gx(gz, shared), torch.bmm(gz, x_full), atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_shared_rows_products_one_bmm_or_one_mm_per_block(threads):
+    """One process thread: the blocks run as one bmm; several: one mm per block. Same numbers."""
+    from ltcache.stage2 import heads as H
+    g = torch.Generator().manual_seed(1)
+    s, r, rest, k, b, d = 3, 2, 1, 4, 5, 6
+    m = s * r + rest
+    xs, xr = torch.randn(s, b, d, generator=g), torch.randn(rest, b, d, generator=g)
+    x_full = torch.cat([xs.repeat_interleave(r, 0), xr])
+    w, bias, gz = torch.randn(m, k, d, generator=g), torch.randn(m, k, 1, generator=g), torch.randn(m, k, b, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert len(H._block_parts(H.SharedRows(xs, r, xr), xs)) == (1 if threads == 1 else s)
+        z = H._wx(w, H.SharedRows(xs, r, xr), bias)
+        dw = H._gx(gz, H.SharedRows(xs, r, xr), torch.ones(m, k, d), 0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(z, torch.baddbmm(bias, w, x_full.transpose(1, 2)), atol=1e-5)
+    assert torch.allclose(dw, 0.5 + torch.bmm(gz, x_full), atol=1e-5)
