@@ -20,10 +20,14 @@ from ltcache.errors import LtcacheError
 TAU_GRID = [round(0.1 * i, 1) for i in range(21)]   # numpy linspace(0, 2, 21)
 
 
-def tau_norm_layer(w0: torch.Tensor, tau: float) -> dict:
-    """cRT tau-normalised classifier (bias dropped) as a linear layer."""
+def _check_tau(tau: float) -> None:
     if tau < 0:
         raise LtcacheError(f"tau must be >= 0 (got {tau}); tau-norm uses 0..2")
+
+
+def tau_norm_layer(w0: torch.Tensor, tau: float) -> dict:
+    """cRT tau-normalised classifier (bias dropped) as a linear layer."""
+    _check_tau(tau)
     norms = w0.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
     w = (w0.double() / norms.pow(tau)).float()
     return {"kind": "linear", "weight": w, "bias": torch.zeros(w0.shape[0])}
@@ -72,8 +76,7 @@ def select_tau(w0: torch.Tensor, val_x: Optional[torch.Tensor], val_labels: Opti
     lognorm = w0.double().norm(dim=1).clamp_min(1e-12).log().to(z0.device)
     best_tau, best_acc, curve = None, -1.0, []
     for tau in grid:
-        if tau < 0:
-            raise LtcacheError(f"tau must be >= 0 (got {tau}); tau-norm uses 0..2")
+        _check_tau(tau)
         pred = (z0 * torch.exp(-tau * lognorm).to(z0)).argmax(1)
         hit = (pred == val_labels).double()
         acc = float((torch.zeros(k, dtype=torch.float64, device=z0.device).index_add_(0, val_labels, hit)[present]

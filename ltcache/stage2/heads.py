@@ -117,8 +117,8 @@ def forward(family: str, p: dict, buf: dict, x: torch.Tensor) -> torch.Tensor:
 class SharedRows:
     """A training step's features when blocks of members read the same rows.
 
-    Members trained with the same sampler, seed and epochs draw identical batches (a
-    configuration's stream depends only on those). The engine lays such members out in
+    Members trained with the same sampler, seed, epochs and init draws read identical batches
+    (see ``sweep.stream_blocks``). The engine lays such members out in
     blocks of ``r``: the first S*r members read the S gathered batches ``xs`` [S, B, D] (block
     i = members i*r .. i*r + r - 1), the others their own rows ``rest`` [M - S*r, B, D]. One
     gather then serves a block, and its r heads multiply it as one [r*K, D] x [D, B] product,
@@ -145,7 +145,7 @@ def _block_parts(x: SharedRows, *blocks: torch.Tensor) -> list:
     is not a multiple of them (5 blocks on 2 threads: 142 vs 174 GFLOP/s at D 2048), while one
     mm uses every thread."""
     if x.xs.device.type == "cpu" and torch.get_num_threads() > 1:
-        return [tuple(t[i:i + 1] for t in blocks) for i in range(x.xs.shape[0])]
+        return [tuple(None if t is None else t[i:i + 1] for t in blocks) for i in range(x.xs.shape[0])]
     return [blocks]
 
 
@@ -156,14 +156,12 @@ def _wx(w: torch.Tensor, x, bias: Optional[torch.Tensor] = None) -> torch.Tensor
     out = torch.empty(w.shape[0], w.shape[1], x.xs.shape[1], dtype=w.dtype, device=w.device)
     (wb, wr), (ob, orest) = _split(w, x), _split(out, x)
     bb, br = _split(bias, x) if bias is not None else (None, None)
-    parts = _block_parts(x, wb, x.xs, ob, *(() if bb is None else (bb,)))
-    parts.append((wr, x.rest, orest) + (() if br is None else (br,)))
-    for wp, xp, op, *bp in parts:
+    for wp, xp, op, bp in _block_parts(x, wb, x.xs, ob, bb) + [(wr, x.rest, orest, br)]:
         if op.shape[0]:
-            if bp:
-                torch.baddbmm(bp[0], wp, xp.transpose(1, 2), out=op)
-            else:
+            if bp is None:
                 torch.bmm(wp, xp.transpose(1, 2), out=op)
+            else:
+                torch.baddbmm(bp, wp, xp.transpose(1, 2), out=op)
     return out
 
 

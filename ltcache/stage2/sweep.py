@@ -324,8 +324,13 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
     best_epoch = torch.tensor([c.epochs for c in cfgs])
     best = {a: t.clone() for a, t in p.items()} if select == "val" else None
 
-    def features(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The step's inputs: [M, B, D] features, or [M, B, K] base logits for a frozen-base group."""
+    def features(ep: SimpleNamespace, s: int):
+        """Step s's inputs: [M, B, D] features, [M, B, K] base logits for a frozen-base group,
+        or SharedRows (one gather per block of members on the same rows)."""
+        if ep.shared:
+            return H.SharedRows(x_flat.index_select(0, ep.shared[0][s]).view(n_blocks, bsz, d), r,
+                                x_flat.index_select(0, ep.shared[1][s]).view(m - n_shared, bsz, d))
+        rows, valid = ep.rows[s], ep.valid[s]
         if data.gather is not None:
             xb = data.gather(rows, valid)
             return torch.addmm(b0, xb, w0.t()).view(m, bsz, k) if base else xb.view(m, bsz, d)
@@ -389,14 +394,10 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
             ep = upcoming.result() if pool else prepare(e)
             if pool and e + 1 < epochs:
                 upcoming = pool.submit(prepare, e + 1)
-            s_max, rows_s, valid_s, targets, paused = ep.s_max, ep.rows, ep.valid, ep.targets, ep.paused
+            s_max, targets, paused = ep.s_max, ep.targets, ep.paused
             c_mom, act_v, neg_lr = ep.c_mom, ep.act, ep.neg_lr
             for s in range(s_max):
-                if ep.shared:       # one gather per block of members on the same rows
-                    xb = H.SharedRows(x_flat.index_select(0, ep.shared[0][s]).view(n_blocks, bsz, d), r,
-                                      x_flat.index_select(0, ep.shared[1][s]).view(m - n_shared, bsz, d))
-                else:
-                    xb = features(rows_s[s], valid_s[s])
+                xb = features(ep, s)
                 z, ctx = H.forward_train(family, pf, tbuf, xb, base)                   # [M, K, B]
                 if permuted:
                     dz = batched_loss_grad(z.index_select(0, to_loss), None, None, lb, targets[s])
