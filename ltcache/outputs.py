@@ -1,0 +1,176 @@
+"""Writing outputs safely: every file the tool writes goes through here.
+
+* :func:`atomic_write` writes to a temporary name in the same folder, flushes and fsyncs it,
+  then renames it over the final name; a failed write removes its temporary file, so a final
+  name only ever holds a complete file (the previous one, or the new one).
+* OS errors (a full disk, no permission, a read-only file system) become one-line
+  :class:`~ltcache.errors.LtcacheError` messages naming the file and, for a full disk, the free
+  space there (:func:`os_error`).
+* :func:`check_output_file` / :func:`check_output_dir` check an output path *before* any work
+  starts: the right kind of path, a writable parent, and no existing output replaced without
+  ``force``.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+from ltcache.errors import LtcacheError
+
+PathLike = Union[str, Path]
+
+
+def _free_space(path: Path) -> str:
+    """Free space of the file system holding ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return "unknown"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if free < 1024 or unit == "TB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return "unknown"  # pragma: no cover
+
+
+def os_error(exc: OSError, path: PathLike, needed: Optional[int] = None) -> LtcacheError:
+    """A one-line LtcacheError for an OS error while writing ``path``."""
+    path = Path(path)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = f"; about {needed / 2**20:.1f} MB is needed" if needed else ""
+        return LtcacheError(f"no space left on the device while writing {path} "
+                            f"({_free_space(path.parent)} free there{need}); free some space or write "
+                            "elsewhere, then run the command again (nothing was left half-written)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return LtcacheError(f"cannot write {path} ({exc.strerror}); choose a folder you can write to")
+    return LtcacheError(f"cannot write {path} ({exc.strerror or exc}); check the path and the disk")
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "w", **open_kw) -> Iterator:
+    """``with atomic_write(p) as fh: fh.write(...)`` -- the file appears under ``p`` complete or
+    not at all. ``mode`` is "w" (text) or "wb" (binary). OS errors become LtcacheError."""
+    if mode not in ("w", "wb"):
+        raise ValueError("atomic_write writes whole files: mode must be 'w' or 'wb'")
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise os_error(exc, path) from None
+    try:
+        with os.fdopen(fd, mode, **open_kw) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise os_error(exc, path) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_save(path: PathLike, save: Callable[[str], None]) -> Path:
+    """Run ``save(tmp_name)`` (e.g. ``lambda p: torch.save(obj, p)``) on a temporary name in the
+    same folder, then rename it to ``path``; the temporary file never outlives a failure."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise os_error(exc, path) from None
+    try:
+        save(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise os_error(exc, path) from None
+    except RuntimeError as exc:          # torch.save wraps a failed write (e.g. ENOSPC) in RuntimeError
+        _remove(tmp)
+        if "write" in str(exc).lower() or "file" in str(exc).lower():
+            raise os_error(OSError(errno.ENOSPC if _full(path) else errno.EIO, str(exc)), path) from None
+        raise
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
+
+
+def write_text(path: PathLike, text: str) -> Path:
+    """Atomically write a text file."""
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def write_bytes(path: PathLike, data: bytes) -> Path:
+    """Atomically write a binary file."""
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def check_output_file(path: PathLike, force: bool = False, what: str = "output file",
+                      flag: str = "--force") -> Path:
+    """Before any work: ``path`` may be written as a file (not a folder, parent creatable and
+    writable, not an existing file unless ``force``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise LtcacheError(f"{what} {path} is a folder; give a file name, e.g. {path / 'out'}")
+    if path.exists() and not force:
+        raise LtcacheError(f"{what} {path} already exists; pass {flag} to replace it or choose another name")
+    _check_parent(path.parent, what)
+    return path
+
+
+def check_output_dir(path: PathLike, force: bool = False, what: str = "output folder",
+                     outputs: tuple = (), flag: str = "--force") -> Path:
+    """Before any work: ``path`` may be used as an output folder (not a file; when it holds any
+    of ``outputs`` already, refused unless ``force``)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LtcacheError(f"{what} {path} is a file; give a folder name")
+    if path.is_dir() and not force:
+        found = [n for n in outputs if (path / n).exists()]
+        if found:
+            raise LtcacheError(f"{what} {path} already holds {', '.join(found)}; pass {flag} to replace "
+                               "them or choose another folder")
+    _check_parent(path if path.is_dir() else path.parent, what)
+    return path
+
+
+def _check_parent(parent: Path, what: str) -> None:
+    p = parent.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise LtcacheError(f"cannot create the {what}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise LtcacheError(f"cannot write the {what} under {p} (no permission); choose another place")
+
+
+def _full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent if path.parent.exists() else ".").free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _remove(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
