@@ -41,7 +41,7 @@ class Stage1Options:
     imb_ratio: float = 100.0
     profile: str = "exp"
     selection: str = "shuffle"
-    val_per_class: int = 20
+    val_per_class: Optional[int] = None      # None: auto (20, or enough for 1,000 val images)
     arch: str = "resnet32"
     epochs: int = 200
     batch_size: int = 128

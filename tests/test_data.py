@@ -163,28 +163,36 @@ def test_cifar10_pickles(tmp_path):
     ds = build_dataset(spec, data_root=tmp_path, quiet=True)
     _check_common(ds, 10)
     assert ds.class_names == [f"class{i}" for i in range(10)]
-    assert ds.class_counts == lt_counts(20, 10, 10)
-    assert ds.class_counts[0] == 20 and ds.class_counts[-1] == 2
+    # val (3 per class) is held out first: the head class gives up 3 of its 20, the others
+    # keep the profile's counts
+    assert ds.class_counts == [17] + lt_counts(20, 10, 10)[1:]
+    assert ds.class_counts[0] == 17 and ds.class_counts[-1] == 2
+    assert ds.spec.val_split == "holdout" and ds.spec.val_counts == [3] * 10
     assert ds.image_size == 32 and ds.small_images
     x, y = _read_pickles(base, [f"data_batch_{i}" for i in range(1, 6)], "labels")
     tr = ds.splits["train"]
-    assert tr.index.tolist() == select_indices(y, ds.class_counts, "shuffle", 0).tolist()
+    # every class the profile does not take in full keeps exactly the papers' images
+    papers = select_indices(y, lt_counts(20, 10, 10), "shuffle", 0)
+    assert tr.index.tolist()[17:] == papers.tolist()[20:]
+    assert set(tr.index.tolist()[:17]) < set(papers.tolist()[:20])
     assert torch.equal(tr.images(), torch.from_numpy(x[tr.index.numpy()]))
     assert tr.labels.tolist() == y[tr.index.numpy()].tolist()
-    # val: from unused training rows, never the train rows; 3 per class except class 0 (all kept)
+    # val: held out of the full training set, never the train rows; 3 per class, every class
     va = ds.splits["val"]
     assert not set(va.index.tolist()) & set(tr.index.tolist())
     assert torch.equal(va.images(), torch.from_numpy(x[va.index.numpy()]))
     per = np.bincount(va.labels.numpy(), minlength=10).tolist()
-    assert per == [0] + [3] * 9
+    assert per == [3] * 10
     xt, yt = _read_pickles(base, ["test_batch"], "labels")
     te = ds.splits["test"]
     assert len(te) == 50 and torch.equal(te.images(), torch.from_numpy(xt)) and te.labels.tolist() == yt.tolist()
-    assert ds.groups == ["medium"] + ["few"] * 9              # 20 images: medium; < 20: few
+    assert ds.groups == ["few"] * 10                          # < 20 images: few
     # the `first` rule picks the first n_i of each class in source order
     ds_first = build_dataset(DatasetSpec("cifar10", imb_ratio=10, selection="first", val_per_class=3),
                              data_root=tmp_path, quiet=True)
-    assert ds_first.splits["train"].index.tolist() == select_indices(y, ds.class_counts, "first").tolist()
+    first = select_indices(y, lt_counts(20, 10, 10), "first")
+    assert ds_first.splits["train"].index.tolist()[17:] == first.tolist()[20:]
+    assert ds_first.splits["train"].index.tolist()[:17] == first.tolist()[:17]
     assert ds_first.splits["train"].index.tolist() != tr.index.tolist()
 
 
@@ -195,9 +203,9 @@ def test_cifar100_pickles(tmp_path):
                        data_root=tmp_path, quiet=True)
     _check_common(ds, 100)
     assert ds.class_names[:2] == ["class0", "class1"]
-    assert ds.class_counts == [4] * 50 + [2] * 50
+    assert ds.class_counts == [3] * 50 + [2] * 50          # the step profile's head classes give up 1 each
     assert len(ds.splits["test"]) == 100
-    assert np.bincount(ds.splits["val"].labels.numpy(), minlength=100).tolist() == [0] * 50 + [1] * 50
+    assert np.bincount(ds.splits["val"].labels.numpy(), minlength=100).tolist() == [1] * 100
     x, y = _read_pickles(base, ["train"], "fine_labels")
     tr = ds.splits["train"]
     assert torch.equal(tr.images(), torch.from_numpy(x[tr.index.numpy()]))
@@ -218,14 +226,15 @@ def test_imagefolder(tmp_path):
                        data_root=tmp_path / "root", quiet=True, workers=2)
     _check_common(ds, 4)
     assert ds.class_names == ["class0", "class1", "class2", "class3"]
-    assert ds.class_counts == [10, 7, 6, 5]
+    assert ds.class_counts == [8, 7, 6, 5]
     all_train = _folder_images(folder, "train", 4, 10)
     tr = ds.splits["train"]
-    assert tr.index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+    assert tr.index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 15, 16,
                                  20, 21, 22, 23, 24, 25, 30, 31, 32, 33, 34]
     assert torch.equal(tr.images(), all_train[tr.index])
     va = ds.splits["val"]
-    assert np.bincount(va.labels.numpy(), minlength=4).tolist() == [0, 2, 2, 2]
+    assert np.bincount(va.labels.numpy(), minlength=4).tolist() == [2, 2, 2, 2]
+    assert va.index.tolist() == [8, 9, 18, 19, 28, 29, 38, 39]      # `first`: the last 2 of each class
     assert not set(va.index.tolist()) & set(tr.index.tolist())
     assert torch.equal(va.images(), all_train[va.index])
     te = ds.splits["test"]
@@ -259,7 +268,7 @@ def test_imagefolder_tarball(tmp_path):
     ref = build_dataset(DatasetSpec(f"imagefolder:{folder}", **spec), data_root=root, quiet=True, workers=2)
     _check_common(ds, 3)
     assert (root / "tiny" / "train" / "class0").is_dir()
-    assert ds.class_names == ref.class_names and ds.class_counts == ref.class_counts == [8, 4, 2]
+    assert ds.class_names == ref.class_names and ds.class_counts == ref.class_counts == [6, 4, 2]
     for s in ("train", "val", "test"):
         assert torch.equal(ds.splits[s].images(), ref.splits[s].images())
         assert torch.equal(ds.splits[s].labels, ref.splits[s].labels)
@@ -399,3 +408,41 @@ def test_splitlist_errors(tmp_path):
     (tmp_path / "Holes_train.txt").write_text("images/x.png zero\n")
     with pytest.raises(LtcacheError, match="Holes_train.txt:1: label 'zero' is not an integer"):
         build_dataset(DatasetSpec(f"splitlist:{prefix}"), data_root=tmp_path, quiet=True)
+
+
+# ------------------------------------------------------------------- val held out before the profile
+def test_holdout_then_select_covers_every_class_and_keeps_the_papers_images():
+    from ltcache.data.profiles import holdout_then_select
+    labels = np.repeat(np.arange(4), 30)
+    counts = lt_counts(30, 4, 10)                                   # [30, 13, 6, 3]
+    for rule in ("first", "shuffle"):
+        train, val, kept = holdout_then_select(labels, counts, 5, rule, seed=0)
+        assert kept == [25, 13, 6, 3]                               # only the full class gives up images
+        assert np.bincount(labels[val], minlength=4).tolist() == [5] * 4
+        assert not set(train.tolist()) & set(val.tolist())
+        assert np.bincount(labels[train], minlength=4).tolist() == kept
+        papers = select_indices(labels, counts, rule, 0)
+        assert train.tolist()[25:] == papers.tolist()[30:]        # classes 1-3: exactly the papers' picks
+        again, val2, _ = holdout_then_select(labels, counts, 5, rule, seed=0)
+        assert again.tolist() == train.tolist() and val2.tolist() == val.tolist()
+    with pytest.raises(LtcacheError, match="too few to hold out 30 for val.*lower --val-per-class"):
+        holdout_then_select(labels, counts, 30, "first")
+    with pytest.raises(LtcacheError, match="--val-per-class must be >= 1"):
+        holdout_then_select(labels, counts, 0, "first")
+
+
+def test_default_val_size_and_legacy_specs(tmp_path):
+    from ltcache.data.profiles import default_val_per_class
+    assert default_val_per_class(10) == 100 and default_val_per_class(100) == 20
+    assert default_val_per_class(1000) == 20 and default_val_per_class(10, smallest_class=30) == 3
+    folder = datagen.make_imagefolder(tmp_path / "tiny", num_classes=4, per_class_train=20, per_class_test=1)
+    ds = build_dataset(DatasetSpec(f"imagefolder:{folder}", imb_ratio=2), data_root=tmp_path / "r",
+                       quiet=True, workers=2)
+    assert ds.spec.val_per_class == 2 and ds.spec.val_counts == [2] * 4   # auto: a tenth of 20
+    # a spec written before the holdout rule (no val_split) rebuilds the rows stage 1 saw
+    legacy = DatasetSpec.from_dict({"source": f"imagefolder:{folder}", "imb_ratio": 2, "val_per_class": 2})
+    assert legacy.val_split == "leftover"
+    old = build_dataset(legacy, data_root=tmp_path / "r", quiet=True, workers=2)
+    assert old.class_counts == lt_counts(20, 4, 2) and old.spec.val_counts[0] == 0
+    new = DatasetSpec.from_dict(ds.spec.to_dict())
+    assert new.val_split == "holdout" and new.val_per_class == 2

@@ -83,7 +83,8 @@ def test_checkpoint_has_every_field(run2, tiny):
         assert ds["imb_ratio"] == 2.0 and ds["profile"] == "exp" and ds["selection"] == "shuffle"
         assert ds["seed"] == 0 and ds["val_per_class"] == 2
         assert ds["class_names"] == ["class0", "class1", "class2", "class3"]
-        assert ds["class_counts"] == [24, 19, 15, 12]
+        assert ds["class_counts"] == [22, 19, 15, 12]            # val (2 per class) held out first
+        assert ds["val_split"] == "holdout" and ds["val_counts"] == [2, 2, 2, 2]
         assert ds["groups"] == ["medium", "few", "few", "few"]
         ta = ck["train_args"]
         assert ta["arch"] == "resnet32" and ta["epochs"] == 2 and ta["batch_size"] == 16 and ta["lr"] == 0.05

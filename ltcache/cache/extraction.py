@@ -64,7 +64,7 @@ def read_backbone(ckpt: Path, arch: Optional[str], dataset_args: dict) -> tuple[
                            "(--dataset, --imb-ratio, ...) it was trained with")
     spec = DatasetSpec(dataset_args["dataset"], imb_ratio=dataset_args.get("imb_ratio", 100.0),
                        profile=dataset_args.get("profile", "exp"), selection=dataset_args.get("selection", "shuffle"),
-                       seed=dataset_args.get("seed", 0), val_per_class=dataset_args.get("val_per_class", 20))
+                       seed=dataset_args.get("seed", 0), val_per_class=dataset_args.get("val_per_class"))
     return sd, spec.to_dict(), arch
 
 
@@ -251,7 +251,7 @@ def extract(ckpt, cache=None, splits: Sequence[str] = SPLITS, test_views: Sequen
             train_views: int = 0, train_bn: str = "running", bn_shift: str = "none", bn_shift_passes: int = 1,
             dtype: str = "float16", shard_rows: int = 8192, batch_size: int = 256, device: str = "auto",
             data_root=None, arch: Optional[str] = None, dataset: Optional[str] = None, imb_ratio: float = 100.0,
-            profile: str = "exp", selection: str = "shuffle", val_per_class: int = 20, seed: int = 0,
+            profile: str = "exp", selection: str = "shuffle", val_per_class: Optional[int] = None, seed: int = 0,
             force: bool = False, quiet: bool = False, workers: int = 8) -> Path:
     """Extract the penultimate features of every split into a cache directory; returns it."""
     splits, test_views = list(splits), list(test_views)

@@ -32,7 +32,7 @@ def _names(text: str) -> list:
 @click.option("--imb-ratio", type=float, default=100.0, help="Foreign checkpoint: imbalance ratio.")
 @click.option("--profile", type=click.Choice(["exp", "step"]), default="exp", help="Foreign checkpoint: LT profile.")
 @click.option("--selection", type=click.Choice(["first", "shuffle"]), default="shuffle", help="Foreign checkpoint: selection rule.")
-@click.option("--val-per-class", type=click.IntRange(min=0), default=20, help="Foreign checkpoint: val images per class.")
+@click.option("--val-per-class", type=click.IntRange(min=0), default=None, show_default=False, help="Foreign checkpoint: val images per class (default: as `ltcache train`).")
 @click.option("--seed", type=int, default=0, help="Seed of augmentation, BN batches and BN shift (and a foreign dataset's selection).")
 @click.option("--force", is_flag=True, help="Replace a cache made from another checkpoint or other options.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

@@ -14,7 +14,7 @@ from ltcache.cli.app import cli
 @click.option("--profile", type=click.Choice(["exp", "step"]), default="exp", help="Long-tailed profile of the class counts.")
 @click.option("--selection", type=click.Choice(["first", "shuffle"]), default="shuffle",
               help="Which images a class keeps: first n_i in source order (LOS, LTWB) or seeded shuffle (LDAM-DRW, MiSLAS).")
-@click.option("--val-per-class", type=click.IntRange(min=0), default=20, help="Balanced val images per class, drawn from unused training images.")
+@click.option("--val-per-class", type=click.IntRange(min=0), default=None, show_default=False, help="Balanced val images per class, held out of the full training set before the long-tailed profile draws from the rest (default: 20, or enough for 1,000 val images: 100 per class on CIFAR-10; 0: no val).")
 @click.option("--arch", default="resnet32", help="Backbone: resnet32, resnet34-cifar, resnet18, resnet50, resnext50_32x4d.")
 @click.option("--epochs", type=click.IntRange(min=1), default=200, help="Training epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Batch size.")

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ltcache.data import augment as A
-from ltcache.data.profiles import draw_validation, lt_counts, select_indices
+from ltcache.data.profiles import (default_val_per_class, draw_validation, holdout_then_select, lt_counts,
+                                   select_indices)
 from ltcache.data.sources import SMALL_IMAGE, SourceData, load_cifar, load_imagefolder, load_splitlist
 from ltcache.data.spec import DatasetSpec, parse_source
 from ltcache.errors import LtcacheError
@@ -95,6 +96,9 @@ def build_dataset(spec: DatasetSpec, data_root=None, download: bool = False, qui
     train_labels = src.train.labels
     if train_labels.min() < 0 or train_labels.max() >= k:
         raise LtcacheError(f"training labels must be in [0, {k - 1}]; fix the split list")
+    per_class = spec.val_per_class
+    if per_class is None:
+        per_class = default_val_per_class(k, int(np.bincount(train_labels, minlength=k).min()))
     if src.train_is_lt:
         counts = np.bincount(train_labels, minlength=k).tolist()
         if min(counts) == 0:
@@ -104,16 +108,23 @@ def build_dataset(spec: DatasetSpec, data_root=None, download: bool = False, qui
     else:
         n_max = int(np.bincount(train_labels, minlength=k).max())
         counts = lt_counts(n_max, k, spec.imb_ratio, spec.profile)
-        sel = select_indices(train_labels, counts, spec.selection, spec.seed)
+        if src.val is None and spec.val_split == "holdout" and per_class > 0:
+            # val first, from the full training set; the profile draws from the rest
+            sel, val_idx, counts = holdout_then_select(train_labels, counts, per_class, spec.selection,
+                                                       spec.seed, src.class_names)
+        else:
+            sel = select_indices(train_labels, counts, spec.selection, spec.seed)
     if src.val is not None:
         val_src, val_idx = src.val, np.arange(len(src.val.labels), dtype=np.int64)
+    elif spec.val_split == "holdout" and not src.train_is_lt and per_class > 0:
+        val_src = src.train
     else:
         val_src = src.train
-        val_idx, short = draw_validation(train_labels, sel, spec.val_per_class, spec.seed, src.class_names)
+        val_idx, short = draw_validation(train_labels, sel, per_class, spec.seed, src.class_names)
         if short:
             echo("val split: fewer than %d spare images for %s (the profile keeps them all for "
                  "training); val accuracy averages over the classes present"
-                 % (spec.val_per_class, ", ".join(f"{n} ({k})" for n, k in short)), quiet)
+                 % (per_class, ", ".join(f"{n} ({k})" for n, k in short)), quiet)
     test_idx = np.arange(len(src.test.labels), dtype=np.int64)
 
     def make(raw, idx):
@@ -124,6 +135,8 @@ def build_dataset(spec: DatasetSpec, data_root=None, download: bool = False, qui
     small = size <= SMALL_IMAGE
     spec.class_names = list(src.class_names)
     spec.class_counts = [int(c) for c in counts]
+    spec.val_per_class = int(per_class)
+    spec.val_counts = np.bincount(val_src.labels[val_idx], minlength=k).astype(int).tolist() if len(val_idx) else [0] * k
     return LTDataset(spec=spec, class_names=list(src.class_names), class_counts=spec.class_counts,
                      splits=splits, mean=A.CIFAR_MEAN if small else A.IMAGENET_MEAN,
                      std=A.CIFAR_STD if small else A.IMAGENET_STD, image_size=size)

@@ -18,12 +18,18 @@ class DatasetSpec:
     profile: str = "exp"
     selection: str = "shuffle"
     seed: int = 0
-    val_per_class: int = 20
+    val_per_class: Optional[int] = None     # None: auto (profiles.default_val_per_class)
     class_names: Optional[list] = None
     class_counts: Optional[list] = None
+    val_split: str = "holdout"              # holdout (val first, then the profile) | leftover (legacy)
+    val_counts: Optional[list] = None
 
     def __post_init__(self) -> None:
         parse_source(self.source)
+        if self.val_split not in ("holdout", "leftover"):
+            raise LtcacheError(f"unknown val split rule '{self.val_split}'; use holdout or leftover")
+        if self.val_per_class is not None and int(self.val_per_class) < 0:
+            raise LtcacheError(f"--val-per-class must be >= 0 (got {self.val_per_class})")
 
     @property
     def kind(self) -> str:
@@ -49,7 +55,13 @@ class DatasetSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DatasetSpec":
+        """A spec from a checkpoint or manifest; one written before the holdout rule (no
+        ``val_split``) rebuilds its dataset the legacy way, so its rows stay the ones stage 1 saw."""
         known = {f for f in cls.__dataclass_fields__}
+        d = dict(d)
+        if "val_split" not in d:
+            d["val_split"] = "leftover"
+            d.setdefault("val_per_class", 20)
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
