@@ -124,7 +124,7 @@ def _shifted_bn_stats(cache) -> dict:
 
 
 def export_model(cache, layer: dict, path: Union[str, Path], meta: Optional[dict] = None) -> Path:
-    """Write backbone (from the checkpoint the manifest names) + folded head to ``path``."""
+    """Write backbone (from the checkpoint the manifest names) + folded head to ``path`` (atomically)."""
     ck = _read_checkpoint(_checkpoint_path(cache))
     state = {k: v for k, v in ck["state_dict"].items() if not k.startswith("fc.")}
     state.update(_shifted_bn_stats(cache))
@@ -134,12 +134,10 @@ def export_model(cache, layer: dict, path: Union[str, Path], meta: Optional[dict
            "backbone_state_dict": state,
            "head": {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in layer.items()},
            "class_names": list(getattr(cache, "class_names", None) or []), "meta": meta or {}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(doc, tmp)
-    tmp.replace(path)
-    return path
+    from ltcache.outputs import atomic_save
+    # a temporary name in the same folder, then a rename: never a half-written model under ``path``,
+    # never a temporary file left after a failure; OS errors become a one-line LtcacheError
+    return atomic_save(Path(path), lambda tmp: torch.save(doc, tmp))
 
 
 def load_model(path: Union[str, Path]) -> nn.Module:

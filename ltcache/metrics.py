@@ -113,6 +113,9 @@ def _nll(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor) -> float
     return float((lse - zy).mean())
 
 
+RSD_MIN_LM = 1e-2       # |LM_j| below this fraction of the logits' std: RSD_j undefined
+
+
 def logits_magnitude(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LOS paper's Logits Magnitude and Regularised Standard Deviation per class.
 
@@ -121,7 +124,9 @@ def logits_magnitude(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
       LM_j  = mean_{x: y=j} z_j(x) - mean_{x: y!=j} z_j(x), then regularised by the 1-norm:
               LM_j / (sum_k |LM_k| / K)
       RSD_j = std_{x: y=j} z_j(x) / LM_j  (raw, unregularised LM: the ratio is scale-free)
-    Classes absent from ``labels`` get NaN.
+    Classes absent from ``labels`` get NaN. RSD_j is undefined (NaN; None in results, "-" in
+    tables) when |LM_j| <= RSD_MIN_LM x the standard deviation of all logits: dividing by a
+    near-zero LM gives meaningless values such as -242.69.
     """
     labels = labels.to(logits.device).long()
     k = logits.shape[1]
@@ -135,6 +140,8 @@ def logits_magnitude(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     sq = (zy - pos_mean[labels]) ** 2
     pos_var = torch.zeros(k, dtype=torch.float64, device=logits.device).index_add_(0, labels, sq) / (n_pos - 1).clamp_min(1)
     rsd = pos_var.sqrt() / lm
+    scale = float(logits.float().std()) if logits.numel() > 1 else 0.0
+    rsd[lm.abs() <= RSD_MIN_LM * scale] = float("nan")        # LM ~ 0: RSD undefined
     valid = n_pos > 0
     norm = lm[valid].abs().mean() if valid.any() else torch.tensor(1.0, dtype=torch.float64)
     lm_reg = lm / norm.clamp_min(1e-12)

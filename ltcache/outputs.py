@@ -174,3 +174,33 @@ def _remove(tmp: str) -> None:
         os.unlink(tmp)
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def output_lock(path: PathLike, folder: bool = True) -> Iterator[Path]:
+    """Hold a lock on an output while a run writes it: ``path/.lock`` for a folder, or
+    ``.<name>.lock`` next to a file (``folder=False``). A second run writing the same output is
+    refused with the first one's pid (the lock of a process that is gone is taken over). A
+    folder this call created is removed again when it is still empty at the end."""
+    from ltcache.cache import lock as _lock
+    path = Path(path)
+    where = path if folder else path.parent
+    created = not where.exists()
+    lock = getattr(_lock, "OutputLock", _lock.CacheLock)(where)
+    if not folder:
+        lock.path = where / f".{path.name}.lock"
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise os_error(exc, lock.path) from None
+    except LtcacheError as exc:
+        if folder:
+            raise
+        raise LtcacheError(str(exc).replace(f"{where} is being written", f"{path} is being written", 1)) from None
+    try:
+        yield path
+    finally:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                where.rmdir()            # only succeeds when nothing was written there

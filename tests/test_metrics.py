@@ -48,3 +48,21 @@ def test_full_report_has_no_nan_for_missing_group():
     rep = M.full_report(z, torch.arange(20) % 2, [500, 50], torch.ones(2))
     assert rep["few"] is None and rep["lm_groups"]["few"] is None
     assert len(rep["reliability"]["bin_conf"]) == 15
+
+
+def test_rsd_undefined_when_lm_near_zero():
+    # class 0: a clear LM; class 1: its true-class logit barely differs from the others' (LM ~ 0)
+    z = torch.tensor([[4.0, 0.00], [2.0, 0.01], [0.0, 1.00], [0.0, -0.99]])
+    y = torch.tensor([0, 0, 1, 1])
+    lm, rsd = M.logits_magnitude(z, y)
+    raw1 = (1.0 - 0.99) / 2 - (0.0 + 0.01) / 2                    # 0.0: LM of class 1 vanishes
+    assert abs(raw1) < 1e-9 and not math.isnan(lm[1])
+    assert not math.isnan(rsd[0]) and rsd[0] == pytest.approx(torch.tensor([4.0, 2.0]).std().item() / 3.0)
+    assert math.isnan(rsd[1])                                       # not +-1e9 or -242.69: undefined
+    z[3, 1] = -0.98                                                 # |LM| = 0.005, far below 1 % of the logits' std
+    assert math.isnan(M.logits_magnitude(z, y)[1][1])
+    rep = M.full_report(z, y, [500, 10], torch.ones(2))
+    assert rep["rsd"][1] is None and rep["rsd"][0] is not None
+    assert rep["rsd_groups"]["few"] is None                         # the group's mean skips undefined classes
+    from ltcache.stage2.results import _num
+    assert _num(rep["rsd_groups"]["few"], "{:.2f}") == "-"

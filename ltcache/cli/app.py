@@ -9,12 +9,42 @@ from ltcache import __version__
 from ltcache.errors import LtcacheError
 
 
+class _UsageLine(click.UsageError):
+    """click's own usage error (a bad option value, a missing option, an unknown command) as one line:
+    ``error: <click's message>; see 'ltcache CMD --help'``, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(self.message, err=True)
+
+
+def _one_line(exc: click.UsageError) -> click.UsageError:
+    """The one-line form of a click usage error (click's help-for-no-arguments is left as it is)."""
+    no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())
+    if isinstance(exc, (_UsageLine, no_args_help)):
+        return exc
+    ctx = exc.ctx
+    cmd = " ".join(["ltcache"] + (ctx.command_path.split()[1:] if ctx is not None else []))
+    msg = " ".join(exc.format_message().split()).rstrip(".")
+    return _UsageLine(f"error: {msg}; see '{cmd} --help'", ctx=ctx)
+
+
 class _Group(click.Group):
-    """A click group that turns LtcacheError into a one-line message and exit code 2."""
+    """A click group that turns LtcacheError and click's usage errors into a one-line message and exit
+    code 2."""
+
+    def parse_args(self, ctx: click.Context, args: list) -> list:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
         except LtcacheError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)

@@ -9,12 +9,14 @@ from ltcache.cli.app import cli
 @cli.command("report")
 @click.argument("results", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=str), default=None,
-              help="output directory (default: <results dir>/report)")
+              help="output directory (default: <results dir>/report); one that already holds a report is "
+                   "never replaced without --force; each file is written to a temporary name and renamed")
 @click.option("--methods", default=None,
               help="comma-separated configuration or method names to draw (default: all)")
 @click.option("--format", "fmt", type=click.Choice(["png", "svg"]), default="png", help="figure format")
 @click.option("--quiet", is_flag=True, help="print nothing on success")
-def report_cmd(results: str, out_dir, methods, fmt: str, quiet: bool) -> None:
+@click.option("--force", is_flag=True, help="replace the report already in the --out folder")
+def report_cmd(results: str, out_dir, methods, fmt: str, quiet: bool, force: bool) -> None:
     """Draw the report of a `bench` / `retrain` RESULTS file (results.json or its directory).
 
     \b
@@ -29,4 +31,4 @@ def report_cmd(results: str, out_dir, methods, fmt: str, quiet: bool) -> None:
         names = [m.strip() for m in methods.split(",") if m.strip()]
         if not names:
             raise LtcacheError("--methods is empty; give comma-separated names, e.g. --methods ce,los")
-    make_report(results, out_dir=out_dir, methods=names, fmt=fmt, quiet=quiet)
+    make_report(results, out_dir=out_dir, methods=names, fmt=fmt, quiet=quiet, force=force)

@@ -71,14 +71,42 @@ def _overrides(kwargs: dict, names) -> dict:
     return {dest: kwargs.pop(dest) for _, dest, _, _ in names if kwargs.get(dest) is not None}
 
 
+RESULT_FILES = ("results.json", "summary.csv", "summary.md")
+
+
+def _claim_outputs(force: bool, files=(), folder=None) -> None:
+    """Before any work: check each output -- ``files``: (flag, path, example name), ``folder``: (flag,
+    path) of a results folder -- (an existing one is refused without --force), then lock each one
+    until the command ends (a second run writing the same output is refused with this one's pid)."""
+    from ltcache.outputs import check_output_dir, check_output_file, output_lock
+    files = [(flag, Path(p), ex) for flag, p, ex in files if p is not None]
+    if len({p.absolute() for _, p, _ in files}) < len(files):
+        raise LtcacheError(f"{' and '.join(f for f, _, _ in files)} name the same file; give each its own name")
+    for flag, path, example in files:
+        if path.is_dir():
+            raise LtcacheError(f"{flag} {path} is a folder; give a file name, e.g. {path / example}")
+        check_output_file(path, force, what=f"{flag} file")
+    if folder is not None and folder[1] is not None:
+        check_output_dir(folder[1], force, what=f"{folder[0]} folder", outputs=RESULT_FILES)
+    ctx = click.get_current_context()
+    for _, path, _ in files:
+        ctx.with_resource(output_lock(path, folder=False))
+    if folder is not None and folder[1] is not None:
+        ctx.with_resource(output_lock(folder[1]))
+
+
 @cli.command("retrain")
 @click.option("--method", required=True, help="method name (see `ltcache methods`)")
 @_common
 @_add(GENERIC_OPTIONS)
 @_add(METHOD_OPTIONS)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="write the results JSON here")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="write the results JSON here (an existing file is never replaced without --force; written "
+                   "to a temporary name and renamed)")
 @click.option("--export", "export_path", type=click.Path(path_type=Path), default=None,
-              help="write a deployable model (stage-1 backbone + this head)")
+              help="write a deployable model (stage-1 backbone + this head; one seed; an existing file is never "
+                   "replaced without --force; written to a temporary name and renamed)")
+@click.option("--force", is_flag=True, help="replace existing --out / --export files")
 @click.option("--through-backbone", is_flag=True,
               help="reference slow path: re-run the frozen backbone on augmented images every step with "
                    "BatchNorm in train mode, as the papers' code does (needs --ckpt)")
@@ -87,7 +115,7 @@ def _overrides(kwargs: dict, names) -> dict:
 @click.option("--no-augment", is_flag=True, help="--through-backbone: no crop/flip augmentation")
 @click.option("--eval-bn", is_flag=True, help="--through-backbone: BatchNorm in eval mode (running statistics)")
 def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jobs, quiet, clean_view, out,
-                export_path, through_backbone, ckpt, data_root, no_augment, eval_bn, **kwargs):
+                export_path, force, through_backbone, ckpt, data_root, no_augment, eval_bn, **kwargs):
     """Re-train one stage-2 method on the cached features and print its metrics.
 
     \b
@@ -102,6 +130,10 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
     m = get_method(method)
     overrides = validate_overrides(m, {**_overrides(kwargs, GENERIC_OPTIONS), **_overrides(kwargs, METHOD_OPTIONS)})
     seed_list = api.parse_seeds(seeds)
+    if export_path is not None and len(seed_list) > 1:
+        raise LtcacheError(f"--export writes one model but --seeds gives {len(seed_list)} seeds; "
+                           "pass one seed with --export (e.g. --seeds 0)")
+    _claim_outputs(force, files=[("--out", out, "results.json"), ("--export", export_path, "model.pt")])
     if through_backbone or ckpt is not None or no_augment or eval_bn:
         if not through_backbone or ckpt is None:
             raise LtcacheError("--through-backbone needs --ckpt stage1.pt (and --ckpt, --no-augment, --eval-bn "
@@ -152,9 +184,11 @@ def parse_grid(items) -> dict:
 @_common
 @_add(GENERIC_OPTIONS)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="directory for results.json, summary.csv and summary.md")
+              help="directory for results.json, summary.csv and summary.md (a folder already holding them is "
+                   "never replaced without --force; each is written to a temporary name and renamed)")
+@click.option("--force", is_flag=True, help="replace the results already in the --out folder")
 def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_views, device, preset, jobs, quiet,
-              clean_view, out, **kwargs):
+              clean_view, out, force, **kwargs):
     """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All."""
     from ltcache.stage2 import api
     from ltcache.stage2.methods import METHODS, get_method
@@ -168,7 +202,8 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
     grid_d = parse_grid(grid)
     seed_list = api.parse_seeds(seeds)
     overrides = _overrides(kwargs, GENERIC_OPTIONS)
-    results = api.bench(cache_dir, names, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
+    _claim_outputs(force, folder=("--out", out))
+    results = api.bench(cache_dir, None if all_methods else names, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
                         device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out, jobs=jobs,
                         clean_view=clean_view)
     click.echo(format_table(results))

@@ -22,8 +22,12 @@ def render_figures(rep: Report, out_dir: Union[str, Path], fmt: str = "png",
     from ltcache.report.figstyle import RC, mpl
     matplotlib = mpl()
     from ltcache.report import accuracy, calibration, logits
+    from ltcache.outputs import os_error
     fig_dir = Path(out_dir) / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fig_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, fig_dir) from None
     makers = (accuracy.per_class_accuracy, logits.lm_rsd, calibration.reliability, logits.logit_margin,
               accuracy.group_bars)
     out = []
@@ -36,9 +40,18 @@ def render_figures(rep: Report, out_dir: Union[str, Path], fmt: str = "png",
     return out
 
 
+REPORT_OUTPUTS = ("report.html", "figures")
+
+
 def make_report(results_path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None,
-                methods: Optional[Sequence[str]] = None, fmt: str = "png", quiet: bool = False) -> Path:
-    """Write the figures and ``report.html`` (default in ``<results dir>/report``); returns report.html."""
+                methods: Optional[Sequence[str]] = None, fmt: str = "png", quiet: bool = False,
+                force: bool = False) -> Path:
+    """Write the figures and ``report.html`` (default in ``<results dir>/report``); returns report.html.
+
+    A folder that already holds a report is refused unless ``force``; it is checked before anything
+    is drawn, locked while this call writes (a second writer is refused with this one's pid), and
+    every file is written to a temporary name and renamed."""
+    from ltcache.outputs import check_output_dir, output_lock
     from ltcache.report.html import write_html
     from ltcache.report.figstyle import mpl
     if fmt not in FORMATS:
@@ -46,12 +59,10 @@ def make_report(results_path: Union[str, Path], out_dir: Optional[Union[str, Pat
     mpl()                                   # fail early, before any file is written
     rep = load_report(results_path, methods)
     out = Path(out_dir) if out_dir is not None else rep.path.parent / "report"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LtcacheError(f"cannot create report directory '{out}': {exc.strerror or exc}") from None
-    figures = render_figures(rep, out, fmt, quiet)
-    page = write_html(rep, figures, out)
+    check_output_dir(out, force, what="report folder", outputs=REPORT_OUTPUTS)
+    with output_lock(out):
+        figures = render_figures(rep, out, fmt, quiet)
+        page = write_html(rep, figures, out)
     if not quiet:
         print(f"report: {page} ({len(figures)} figures, {len(rep.series)} configurations)")
     return page

@@ -81,10 +81,13 @@ def outside_legend(fig, handles, labels, title=None):
 
 
 def save(fig, out_dir: Path, stem: str, fmt: str) -> Path:
-    """Write ``stem.fmt`` at a fixed size (figsize x DPI; no tight bbox) and free the figure."""
+    """Write ``stem.fmt`` at a fixed size (figsize x DPI; no tight bbox), atomically, and free the figure."""
+    from ltcache.outputs import atomic_save
     path = Path(out_dir) / f"{stem}.{fmt}"
-    fig.savefig(path, format=fmt, dpi=DPI)
-    fig.clear()
+    try:
+        atomic_save(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=DPI))
+    finally:
+        fig.clear()
     return path
 
 

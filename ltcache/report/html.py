@@ -93,7 +93,7 @@ def findings(rep) -> list[str]:
 
 
 def write_html(rep, figures: list, out_dir: Path) -> Path:
-    """Write report.html next to the figures (paths relative, so the folder can be moved or zipped)."""
+    """Write report.html next to the figures, atomically (paths relative, so the folder can be moved or zipped)."""
     out_dir = Path(out_dir)
     doc = rep.doc
     cache = doc.get("cache", {})
@@ -127,6 +127,8 @@ def write_html(rep, figures: list, out_dir: Path) -> Path:
                      f'alt="{html.escape(f["title"])}"></a><figcaption><b>Figure {i}. '
                      f'{html.escape(f["title"])}.</b> {html.escape(f["caption"])}</figcaption></figure>')
     parts.append("</body></html>")
+    from ltcache.outputs import atomic_write
     path = out_dir / "report.html"
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    with atomic_write(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(parts) + "\n")
     return path

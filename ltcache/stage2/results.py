@@ -22,7 +22,10 @@ def _cache_block(cache) -> dict:
     man = dict(getattr(cache, "manifest", None) or {})
     ckpt = man.get("checkpoint") if isinstance(man.get("checkpoint"), dict) else {}
     counts = [int(c) for c in list(cache.class_counts)]
-    return {"path": str(getattr(cache, "path", "")), "dataset": man.get("dataset"),
+    path = getattr(cache, "path", None) or getattr(cache, "root", None)
+    if path and Path(path).exists():
+        path = Path(path).resolve()              # which cache was used, wherever the results file goes
+    return {"path": str(path or ""), "dataset": man.get("dataset"),
             "class_names": list(getattr(cache, "class_names", None) or [str(i) for i in range(len(counts))]),
             "class_counts": counts,
             "groups": list(getattr(cache, "groups", None) or shot_groups(counts)),
@@ -85,13 +88,26 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def cache_line(results: dict) -> str:
+    """``cache: <path> (<dataset> IR <ir>, <n> classes)`` -- which cache a table's numbers come from."""
+    c = results.get("cache") or {}
+    ds = c.get("dataset")
+    name = (ds.get("name") or ds.get("source")) if isinstance(ds, dict) else ds
+    counts = [int(n) for n in c.get("class_counts") or []]
+    ir = ds.get("imb_ratio") if isinstance(ds, dict) else None
+    if ir is None and counts and min(counts) > 0:
+        ir = max(counts) / min(counts)
+    desc = str(name or "unknown dataset") + (f" IR {float(ir):g}" if ir else "")
+    return f"cache: {c.get('path') or 'unknown'} ({desc}, {len(counts)} classes)"
+
+
 def format_table(results: dict) -> str:
-    """A readable fixed-width terminal table plus the sweep's wall time."""
+    """A readable fixed-width terminal table (after a line naming the cache) plus the sweep's wall time."""
     head, rows = table_rows(results)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    out = [cache_line(results), line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
     n = len(results["runs"])
     out.append(f"{n} runs in {results['wall_time_s']:.1f} s on {results['device']} "
                "(top-1 %, mean ± std over seeds; ECE %, 15 bins)")
@@ -99,9 +115,10 @@ def format_table(results: dict) -> str:
 
 
 def format_markdown(results: dict) -> str:
-    """The summary table as GitHub markdown."""
+    """The summary table as GitHub markdown (after a line naming the cache)."""
     head, rows = table_rows(results)
-    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md = [cache_line(results), "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md.append("")
     md.append(f"{len(results['runs'])} runs, wall time {results['wall_time_s']:.1f} s on {results['device']}.")
@@ -109,24 +126,36 @@ def format_markdown(results: dict) -> str:
 
 
 def write_json(results: dict, path: Union[str, Path]) -> Path:
-    """Write the results JSON (NaN never appears: missing values are null)."""
+    """Write the results JSON atomically (a temporary name in the same folder, then a rename: ``path``
+    holds the previous file or the new one, never half of one). NaN never appears: missing values are
+    null. OS errors become a one-line LtcacheError."""
+    from ltcache.outputs import atomic_write
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, allow_nan=False))
+    with atomic_write(path, "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=1, allow_nan=False)
     return path
 
 
 def write_all(results: dict, out_dir: Union[str, Path]) -> dict:
-    """results.json, summary.csv and summary.md in ``out_dir``; returns their paths."""
+    """results.json, summary.csv and summary.md in ``out_dir``, each written atomically; returns their
+    paths. (Replacing existing files is the caller's decision: the CLI refuses without --force.)"""
+    import io
+    from ltcache.outputs import atomic_write, os_error
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, out) from None
+    buf = io.StringIO(newline="")                # render everything before the first write
+    w = csv.writer(buf)
+    w.writerow(SUMMARY_FIELDS + ("seeds", "params"))
+    for r in results["summary"]:
+        w.writerow([("" if r[f] is None else r[f]) for f in SUMMARY_FIELDS]
+                   + [" ".join(map(str, r["seeds"])), json.dumps(r["params"], sort_keys=True)])
+    texts = {"csv": buf.getvalue(), "md": format_markdown(results)}
     paths = {"json": write_json(results, out / "results.json"), "csv": out / "summary.csv",
              "md": out / "summary.md"}
-    with open(paths["csv"], "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(SUMMARY_FIELDS + ("seeds", "params"))
-        for r in results["summary"]:
-            w.writerow([("" if r[f] is None else r[f]) for f in SUMMARY_FIELDS]
-                       + [" ".join(map(str, r["seeds"])), json.dumps(r["params"], sort_keys=True)])
-    paths["md"].write_text(format_markdown(results))
+    for key in ("csv", "md"):
+        with atomic_write(paths[key], "w", encoding="utf-8", newline="") as fh:
+            fh.write(texts[key])
     return paths
