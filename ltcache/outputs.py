@@ -25,6 +25,22 @@ from ltcache.errors import LtcacheError
 PathLike = Union[str, Path]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(tmp: str, final: Path) -> None:
+    """Give the temporary file the mode a plain ``open()`` would (mkstemp makes it 0600), or
+    the mode of the file it replaces."""
+    try:
+        mode = final.stat().st_mode & 0o777 if final.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
+    except OSError:
+        pass
+
+
 def _free_space(path: Path) -> str:
     """Free space of the file system holding ``path`` (or its nearest existing parent)."""
     p = Path(path).absolute()
@@ -71,6 +87,7 @@ def atomic_write(path: PathLike, mode: str = "w", **open_kw) -> Iterator:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        _usual_mode(tmp, path)
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
@@ -94,6 +111,7 @@ def atomic_save(path: PathLike, save: Callable[[str], None]) -> Path:
         save(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        _usual_mode(tmp, path)
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)

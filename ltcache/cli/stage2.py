@@ -46,6 +46,9 @@ def _add(options):
 
 
 def _common(f):
+    f = click.option("--from-tune", "from_tune", type=click.Path(path_type=Path), default=None,
+                     help="re-run the configurations `ltcache tune --out DIR` chose (DIR/results.json) on the "
+                          "same cache; options given here override them")(f)
     f = click.option("--quiet", is_flag=True, help="no progress bars or status lines")(f)
     f = click.option("--clean-view", is_flag=True,
                      help="also draw the clean train view in the epochs (default: a cache with augmented "
@@ -114,7 +117,7 @@ def _claim_outputs(force: bool, files=(), folder=None) -> None:
 @click.option("--data-root", default=None, help="data root for --through-backbone")
 @click.option("--no-augment", is_flag=True, help="--through-backbone: no crop/flip augmentation")
 @click.option("--eval-bn", is_flag=True, help="--through-backbone: BatchNorm in eval mode (running statistics)")
-def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jobs, quiet, clean_view, out,
+def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jobs, quiet, clean_view, from_tune, out,
                 export_path, force, through_backbone, ckpt, data_root, no_augment, eval_bn, **kwargs):
     """Re-train one stage-2 method on the cached features and print its metrics.
 
@@ -138,9 +141,9 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
         if not through_backbone or ckpt is None:
             raise LtcacheError("--through-backbone needs --ckpt stage1.pt (and --ckpt, --no-augment, --eval-bn "
                                "only apply with --through-backbone)")
-        if cache_dir is not None or export_path is not None or select != "last" or clean_view:
-            raise LtcacheError("--through-backbone reads images, not a cache: drop --cache, --export, --select "
-                               "and --clean-view")
+        if cache_dir is not None or export_path is not None or select != "last" or clean_view or from_tune:
+            raise LtcacheError("--through-backbone reads images, not a cache: drop --cache, --export, --select, "
+                               "--clean-view and --from-tune")
         from ltcache.through_backbone import retrain_through_backbone
         results = retrain_through_backbone(ckpt, m.name, overrides, seeds=seed_list, augment=not no_augment,
                                            train_bn=not eval_bn, test_views=test_views, device=device,
@@ -152,7 +155,7 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
         return
     results = api.retrain(cache_dir, m.name, overrides, seeds=seed_list, select=select, test_views=test_views,
                           device=device, quiet=quiet, preset=preset, export=export_path, jobs=jobs,
-                          clean_view=clean_view)
+                          clean_view=clean_view, from_tune=from_tune)
     click.echo(format_table(results))
     if out is not None:
         write_json(results, out)
@@ -188,24 +191,25 @@ def parse_grid(items) -> dict:
                    "never replaced without --force; each is written to a temporary name and renamed)")
 @click.option("--force", is_flag=True, help="replace the results already in the --out folder")
 def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_views, device, preset, jobs, quiet,
-              clean_view, out, force, **kwargs):
+              clean_view, from_tune, out, force, **kwargs):
     """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All."""
     from ltcache.stage2 import api
     from ltcache.stage2.methods import METHODS, get_method
     from ltcache.stage2.results import format_table
 
-    if all_methods == bool(method_list):
-        raise LtcacheError("give exactly one of --all-methods or --methods a,b")
-    names = list(METHODS) if all_methods else [get_method(n.strip()).name for n in method_list.split(",") if n.strip()]
-    if not names:
+    if all_methods == bool(method_list) and not (from_tune and not all_methods):
+        raise LtcacheError("give exactly one of --all-methods or --methods a,b (or --from-tune FILE alone)")
+    names = list(METHODS) if all_methods else [get_method(n.strip()).name for n in (method_list or "").split(",")
+                                                if n.strip()]
+    if not names and not from_tune:
         raise LtcacheError("--methods is empty; e.g. --methods ce,los")
     grid_d = parse_grid(grid)
     seed_list = api.parse_seeds(seeds)
     overrides = _overrides(kwargs, GENERIC_OPTIONS)
     _claim_outputs(force, folder=("--out", out))
-    results = api.bench(cache_dir, None if all_methods else names, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
+    results = api.bench(cache_dir, (None if all_methods else names) or None, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
                         device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out, jobs=jobs,
-                        clean_view=clean_view)
+                        clean_view=clean_view, from_tune=from_tune)
     click.echo(format_table(results))
     if out is not None:
         click.echo(f"results: {out}/results.json, summary.csv, summary.md")
@@ -213,10 +217,25 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
 
 @cli.command("methods")
 @click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default="cifar", help="which defaults to show")
-def methods_cmd(preset):
+@click.option("--space", is_flag=True,
+              help="print each method's search space for `ltcache tune`: every dimension's scale, range and "
+                   "where the range comes from")
+def methods_cmd(preset, space):
     """List every stage-2 method: head, loss, sampler, defaults and source."""
-    from ltcache.stage2.methods import METHODS
+    from ltcache.stage2.methods import METHODS, method_space
 
+    if space:
+        for m in METHODS.values():
+            sp = method_space(m, preset)
+            click.echo(m.name)
+            if sp.candidates:
+                (name, values), = sp.candidates.items()
+                click.echo(f"  {name:<15} candidates {', '.join(f'{v:g}' for v in values)}  (closed form)")
+            elif not sp.dims:
+                click.echo("  (no hyper-parameters)")
+            for d in sp.dims:
+                click.echo(f"  {d.name:<15} {d.describe():<32} {d.source}")
+        return
     rows = [("name", "head", "loss", "sampler", f"defaults ({preset})", "source")]
     for m in METHODS.values():
         d = m.defaults(preset)

@@ -19,7 +19,7 @@ import torch
 
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
-from ltcache.metrics import full_report
+from ltcache.metrics import accuracy_report, ece, full_report, nll
 from ltcache.progress import echo
 from ltcache.stage2 import closed_form as CF
 from ltcache.stage2 import heads as H
@@ -170,13 +170,66 @@ def _closed_form_layer(method: Method, params: dict, cache, data: TrainData, cou
     raise LtcacheError(f"method {method.name} has no closed form")
 
 
+def layer_logits(layer: dict, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a deployable layer on features x [N, V, D], averaged over the views."""
+    if layer["kind"] == "linear":   # logits are linear in x: the view-mean features give the mean logits
+        return H.apply_layer(layer, x.mean(1))
+    # cosine and NCM normalise each view first: apply per view, then average
+    return sum(H.apply_layer(layer, x[:, v]) for v in range(x.shape[1])) / x.shape[1]
+
+
 def evaluate_layer(layer: dict, x: torch.Tensor, labels: torch.Tensor, counts) -> dict:
     """Metrics of a deployable layer on features x [N, V, D] (logits averaged over views)."""
-    if layer["kind"] == "linear":   # logits are linear in x: the view-mean features give the mean logits
-        z = H.apply_layer(layer, x.mean(1))
-    else:                            # cosine and NCM normalise each view first: apply per view, then average
-        z = sum(H.apply_layer(layer, x[:, v]) for v in range(x.shape[1])) / x.shape[1]
-    return full_report(z.cpu(), labels.cpu(), counts, H.weight_norms(layer))
+    return full_report(layer_logits(layer, x).cpu(), labels.cpu(), counts, H.weight_norms(layer))
+
+
+VAL_METRICS = ("all", "balanced", "many", "medium", "few", "nll", "ece")
+
+
+def val_report(layer: dict, x: torch.Tensor, labels: torch.Tensor, counts) -> dict:
+    """A run's val metrics (what selection may read): instance top-1 ``all``, class-balanced
+    ``balanced`` (mean per-class accuracy), Many / Medium / Few, NLL and ECE (%)."""
+    z = layer_logits(layer, x).cpu()
+    y = labels.cpu()
+    rep = accuracy_report(z, y, counts)
+    return {"all": float((z.argmax(1) == y).double().mean() * 100), "balanced": rep["all"],
+            "many": rep["many"], "medium": rep["medium"], "few": rep["few"],
+            "nll": nll(z, y), "ece": ece(z, y)}
+
+
+def val_gaps(cache) -> Optional[str]:
+    """Why the cache's val split cannot back a val-based choice (None when it can): it is
+    missing, empty, or lacks a class."""
+    val = cache.splits.get("val")
+    if val is None or int(val.labels.numel()) == 0:
+        return "the cache has no val split"
+    k = int(cache.num_classes)
+    cnt = torch.bincount(val.labels.cpu().long(), minlength=k)
+    missing = [i for i in range(k) if int(cnt[i]) == 0]
+    if missing:
+        names = list(getattr(cache, "class_names", None) or [str(i) for i in range(k)])
+        shown = ", ".join(names[i] for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        return f"its val split has no image of class {shown}"
+    return None
+
+
+def require_val(cache, why: str) -> None:
+    """Refuse a val-based choice (``why``) on a val split that is missing or lacks a class."""
+    gap = val_gaps(cache)
+    if gap:
+        raise LtcacheError(f"{why} chooses on the val split, but {gap}; use a cache whose val split covers every "
+                           "class (stage 1 holds val out of the full training set since ltcache 0.2: re-run "
+                           "`ltcache train` and `ltcache extract`)")
+
+
+def needs_val(plans, select: str) -> Optional[str]:
+    """What in a sweep chooses on val (None if nothing does)."""
+    if select == "val":
+        return "--select val"
+    for method, params, _ in plans:
+        if method.head == "tau-norm" and params.get("tau") is None:
+            return "tau-norm (its tau)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,9 +238,11 @@ def evaluate_layer(layer: dict, x: torch.Tensor, labels: torch.Tensor, counts) -
 
 def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int], select: str = "last",
               test_views: str = "all", device: str = "auto", quiet: bool = False,
-              jobs: Optional[int] = None, clean_view: bool = False) -> tuple[dict, list]:
+              jobs: Optional[int] = None, clean_view: bool = False, evaluate_test: bool = True) -> tuple[dict, list]:
     """Train/compute every plan x seed; returns (results dict, [(run dict, layer)]).
 
+    Every run records its val metrics (``run["val"]``, when the cache has a val split) beside
+    its test metrics. ``evaluate_test=False`` never reads the test split (selection sweeps).
     ``jobs``: worker processes for CPU sweeps of small heads (None: the cores torch may use; 1: none).
     ``clean_view``: also draw the clean train view (default: augmented views only, when present)."""
     if jobs is not None and jobs < 1:
@@ -197,13 +252,24 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
     dev = resolve_device(device)
     cache = _load_cache(cache, dev)
     seeds = parse_seeds(seeds)
+    why = needs_val(plans, select)
+    if why:
+        require_val(cache, why)                         # before anything trains
+    if evaluate_test and "test" not in cache.splits:
+        raise LtcacheError("the cache has no test split; re-extract it with the test split")
     t0 = time.perf_counter()
     data = _train_data(cache, dev, test_views, clean_view)
     counts = torch.as_tensor(cache.class_counts).long().cpu()
-    if "test" not in cache.splits:
-        raise LtcacheError("the cache has no test split; re-extract it with the test split")
-    test = cache.splits["test"]
-    test_x, test_y = _float(_views(test, test_views), dev), test.labels.to(dev).long()
+    clist = counts.tolist()
+    if evaluate_test:
+        test = cache.splits["test"]
+        test_x, test_y = _float(_views(test, test_views), dev), test.labels.to(dev).long()
+    has_val = data.val_x is not None and data.val_x.shape[0] > 0
+
+    def evaluate(layer):
+        """(test metrics or None, val metrics or None) of one layer."""
+        return (evaluate_layer(layer, test_x, test_y, clist) if evaluate_test else None,
+                val_report(layer, data.val_x, data.val_labels, clist) if has_val else None)
 
     configs, entries = [], []
     for method, params, ov in plans:
@@ -223,24 +289,26 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
         if kind == "train":
             head = trained[a]
             method, layer, params, sel = get_method(head.config.method), head.layer, head.config.params, head.selected_epoch
-            metrics = evaluate_layer(layer, test_x, test_y, counts.tolist())
+            metrics, val = evaluate(layer)
         else:
             method, sel = a, None
             key = (method.name, repr(sorted(params.items())))
             if key not in closed:
                 layer, extra = _closed_form_layer(method, params, cache, data, counts)   # sets a chosen tau
-                closed[key] = (layer, extra, dict(params), evaluate_layer(layer, test_x, test_y, counts.tolist()))
-            layer, extra, chosen, metrics = closed[key]
-            metrics = copy.deepcopy(metrics)
+                closed[key] = (layer, extra, dict(params), *evaluate(layer))
+            layer, extra, chosen, metrics, val = closed[key]
+            metrics, val = copy.deepcopy(metrics), copy.deepcopy(val)
             params = dict(chosen)
         run = {"name": name, "method": method.name, "params": dict(params), "seed": seed,
-               "selected_epoch": sel, "metrics": metrics}
+               "selected_epoch": sel, "metrics": metrics, "val": val}
         run.update(extra)
         runs.append(run)
         layers.append(layer)
-    stage1 = evaluate_layer({"kind": "linear", "weight": data.w0, "bias": data.b0}, test_x, test_y, counts.tolist())
+    stage1_layer = {"kind": "linear", "weight": data.w0, "bias": data.b0}
+    stage1, stage1_val = evaluate(stage1_layer)
     wall = time.perf_counter() - t0
     results = build_results(cache, runs, stage1, wall, str(dev))
+    results["stage1_val"] = stage1_val
     tr = cache.splits["train"]
     names = _view_names(tr)
     results["train_views"] = [names[i] if i < len(names) else str(i) for i in train_view_pool(tr, clean_view)]
@@ -251,15 +319,27 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
 def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequence[int] = (0,),
             select: str = "last", test_views: str = "all", device: str = "auto", quiet: bool = False,
             preset: Optional[str] = None, export: Optional[Union[str, Path]] = None,
-            jobs: Optional[int] = None, clean_view: bool = False) -> dict:
+            jobs: Optional[int] = None, clean_view: bool = False,
+            from_tune: Optional[Union[str, Path]] = None) -> dict:
     """Re-train one method (with ``overrides`` of its hyper-parameters) for each seed.
 
     Returns the results JSON dict. ``export`` writes the first seed's head with the stage-1
-    backbone as a deployable model (see :func:`ltcache.export.export_model`).
+    backbone as a deployable model (see :func:`ltcache.export.export_model`). ``from_tune``: a
+    ``tune`` results.json of this cache; its choice for the method, under any ``overrides``.
     """
+    if export is not None and len(parse_seeds(seeds)) != 1:
+        raise LtcacheError(f"export writes one model but {len(parse_seeds(seeds))} seeds were given; "
+                           "pass one seed with --export (e.g. --seeds 0)")
     dev = resolve_device(device)
     cache = _load_cache(cache, dev)
     m = get_method(method)
+    if from_tune is not None:
+        from ltcache.stage2.tune import load_choices
+        picks = load_choices(from_tune, cache)
+        if m.name not in picks:
+            raise LtcacheError(f"--from-tune {from_tune} has no choice for {m.name} (it tuned "
+                               f"{', '.join(picks)}); drop --from-tune or tune {m.name}")
+        overrides = {**picks[m.name], **(overrides or {})}
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
     plans = expand([m.name], overrides, None, pre, int(cache.splits["train"].labels.numel()))
     results, pairs = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view)
@@ -274,10 +354,24 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
           seeds: Sequence[int] = (0,), select: str = "last", test_views: str = "all",
           device: str = "auto", quiet: bool = False, preset: Optional[str] = None,
           overrides: Optional[dict] = None, out_dir: Optional[Union[str, Path]] = None,
-          jobs: Optional[int] = None, clean_view: bool = False) -> dict:
-    """One sweep over ``methods`` (default: all) x ``grid`` x ``seeds``; optional files in out_dir."""
+          jobs: Optional[int] = None, clean_view: bool = False,
+          from_tune: Optional[Union[str, Path]] = None) -> dict:
+    """One sweep over ``methods`` (default: all) x ``grid`` x ``seeds``; optional files in out_dir.
+
+    ``from_tune``: a ``tune`` results.json of this cache; each method runs at its chosen values
+    (default methods: the tuned ones)."""
     dev = resolve_device(device)
     cache = _load_cache(cache, dev)
+    picks = None
+    if from_tune is not None:
+        from ltcache.stage2.tune import load_choices
+        picks = load_choices(from_tune, cache)
+        if grid:
+            raise LtcacheError("--from-tune runs the tuned choices; it does not combine with --grid")
+        methods = list(methods) if methods else list(picks)
+        missing = [n for n in methods if get_method(n).name not in picks]
+        if missing:
+            raise LtcacheError(f"--from-tune {from_tune} has no choice for {', '.join(missing)}; drop them or tune them")
     names = list(methods) if methods else list(METHODS)
     if not names:
         raise LtcacheError("no methods given; use --all-methods or --methods a,b")
@@ -286,10 +380,34 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
     if "ce" not in names:
         names = ["ce"] + names          # the CE re-train reference row
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
-    plans = expand(names, overrides, grid, pre, int(cache.splits["train"].labels.numel()))
+    n_train = int(cache.splits["train"].labels.numel())
+    if picks is None:
+        plans = expand(names, overrides, grid, pre, n_train)
+    else:
+        plans = []
+        for n in names:
+            m = get_method(n)
+            ov = {**picks.get(m.name, {}), **{k: v for k, v in (overrides or {}).items()
+                                               if k in m.tunables or (k in GENERIC and not m.closed_form)}}
+            plans.append((m, resolve_params(m, pre, ov, n_train), ov))
+    skipped = []
+    gap = val_gaps(cache)
+    if methods is None and gap and select != "val":
+        # every method was asked for: one that must choose on val is left out, said before training
+        keep = [p for p in plans if needs_val([p], "last") is None]
+        skipped = [{"name": run_name(m, p, ov), "method": m.name,
+                    "why": f"chooses on the val split, but {gap}; give --tau or use a cache whose val covers every class"}
+                   for m, p, ov in plans if needs_val([(m, p, ov)], "last") is not None]
+        plans = keep
+        for sk in skipped:
+            echo(f"skipped {sk['name']}: {sk['why']}", quiet)
     results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view)
     results["preset"] = pre
+    results["skipped"] = skipped
     if out_dir is not None:
         from ltcache.stage2.results import write_all
         write_all(results, out_dir)
     return results
+
+
+from ltcache.stage2.tune import tune  # noqa: E402,F401  (public here: ltcache.stage2.api.tune)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ltcache.errors import LtcacheError
+from ltcache.stage2.space import Dim, Space
 
 # ---------------------------------------------------------------------------------------------
 # hyper-parameters: name -> (type, check, description)
@@ -105,6 +106,7 @@ class Method:
     notes: str = ""
     closed_form: bool = False
     sigmoid_bias: bool = False     # bias initialised to -log(K-1) (CB repo sigmoid/focal)
+    space: Space = Space()         # the search space of the method's own hyper-parameters (tune)
 
     def defaults(self, preset: str) -> dict:
         """All hyper-parameters of ``preset`` (generic and the method's own)."""
@@ -119,6 +121,32 @@ LOS_CIFAR = dict(lr=5e-4, wd=0.0, epochs=20, batch_size=64, schedule="cosine", m
 LTWB_CIFAR = dict(lr=0.01, wd=0.1, epochs=10, batch_size=64, schedule="cosine", momentum=0.9)
 UNVERIFIED = ("stage-2 hyper-parameters UNVERIFIED (source gives end-to-end values only): "
               "uses the stated stage-2 default (cRT budget, stage-1 init, IB)")
+
+
+# ---------------------------------------------------------------------------------------------
+# search spaces (``ltcache tune``): ranges from the sources' values and ablations (METHODS.md)
+# ---------------------------------------------------------------------------------------------
+
+def _lin(name, lo, hi, src):
+    return Dim(name, "linear", lo, hi, source=src)
+
+
+def _log(name, lo, hi, src):
+    return Dim(name, "log", lo, hi, source=src)
+
+
+def _choice(name, values, src):
+    return Dim(name, "choice", choices=tuple(values), source=src)
+
+
+BETA = _choice("beta", (0.9, 0.99, 0.999, 0.9999), "CB paper's beta values; 0.9999 in LDAM-DRW, LTWB (§13, §15)")
+TAU_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(21))     # cRT tau_norm.py: linspace(0, 2, 21)
+
+
+def space(*dims: Dim) -> Space:
+    """A method's own search dimensions (the generic lr / wd / epochs are added by
+    :func:`method_space`)."""
+    return Space(dims=tuple(dims))
 
 
 def _m(name, head, loss, sampler, init, tunables, cifar, imagenet, source, notes="", **kw) -> Method:
@@ -144,16 +172,19 @@ METHODS: dict[str, Method] = {m.name: m for m in [
        "s in R^K on the frozen stage-1 W, b (bias scaled too); wd applies to s"),
     _m("tau-norm", "tau-norm", "-", "-", "-", ["tau"], {"tau": None}, {"tau": None},
        "cRT tau_norm.py (METHODS §7)", "bias dropped (cRT); tau from linspace(0,2,21) chosen on val unless --tau",
-       **_CLOSED),
+       space=Space(candidates={"tau": TAU_CANDIDATES}), **_CLOSED),
     _m("ncm", "ncm", "-", "-", "-", [], {}, {}, "cRT KNNClassifier.py cl2n + l2 (METHODS §8)",
        "centroids from the clean train view", **_CLOSED),
     _m("cosine", "cosine", "ce", "ib", "fresh", ["scale"], dict(CRT_CIFAR, scale=16.0), dict(CRT_IMNET, scale=16.0),
        "cRT CosNormClassifier (s=16) / LDAM NormedLinear (METHODS §9)",
-       "z = s cos(f, w_j), no squash, unit-row fresh init; " + UNVERIFIED),
+       "z = s cos(f, w_j), no squash, unit-row fresh init; " + UNVERIFIED,
+       space=space(_log("scale", 4.0, 64.0, "cRT s=16, LDAM s=30 (§9, §13)"))),
     _m("posthoc-la", "posthoc-la", "-", "-", "-", ["tau"], {"tau": 1.0}, {"tau": 1.0},
-       "google-research logit_adjustment (METHODS §10)", "z - tau log pi on the stage-1 head", **_CLOSED),
+       "google-research logit_adjustment (METHODS §10)", "z - tau log pi on the stage-1 head",
+       space=Space(candidates={"tau": TAU_CANDIDATES}), **_CLOSED),
     _m("la-loss", "linear", "la", "ib", "stage1", ["tau"], dict(CRT_CIFAR, tau=1.0), dict(CRT_IMNET, tau=1.0),
-       "google-research logit_adjustment (METHODS §11)", UNVERIFIED),
+       "google-research logit_adjustment (METHODS §11)", UNVERIFIED,
+       space=space(_lin("tau", 0.0, 2.0, "tau = 1 (§11); 0 = plain CE"))),
     _m("balanced-softmax", "linear", "balanced-softmax", "ib", "fresh", [],
        dict(lr=0.1, wd=5e-4, batch_size=512, epochs=None, iterations=2000, schedule="cosine", momentum=0.9),
        dict(lr=0.4, wd=5e-4, epochs=10, batch_size=512, schedule="cosine", momentum=0.9),
@@ -161,51 +192,86 @@ METHODS: dict[str, Method] = {m.name: m for m in [
        "CIFAR: 2000 iterations -> epochs = ceil(2000 / steps per epoch) (IF200 config; IF100 UNVERIFIED)"),
     _m("ldam", "cosine", "ldam", "ib", "fresh", ["margin", "scale"], dict(CRT_CIFAR, margin=0.5, scale=30.0),
        dict(CRT_IMNET, margin=0.5, scale=30.0), "LDAM-DRW losses.py (METHODS §13)",
-       "s (cos - m_y), m_j = 0.5 (n_min/n_j)^(1/4); " + UNVERIFIED),
+       "s (cos - m_y), m_j = 0.5 (n_min/n_j)^(1/4); " + UNVERIFIED,
+       space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (§13)"), _log("scale", 4.0, 64.0, "s = 30 (§13)"))),
     _m("ldam-drw", "cosine", "ldam-drw", "ib", "fresh", ["margin", "scale", "beta"],
        dict(CRT_CIFAR, margin=0.5, scale=30.0, beta=0.9999), dict(CRT_IMNET, margin=0.5, scale=30.0, beta=0.9999),
        "LDAM-DRW losses.py, cifar_train.py (METHODS §13)",
-       "DRW = CB weights (beta) for the whole re-training, PyTorch weighted mean; " + UNVERIFIED),
+       "DRW = CB weights (beta) for the whole re-training, PyTorch weighted mean; " + UNVERIFIED,
+       space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (§13)"), _log("scale", 4.0, 64.0, "s = 30 (§13)"), BETA)),
     _m("focal", "linear", "focal", "ib", "stage1", ["gamma"], dict(CRT_CIFAR, gamma=1.0), dict(CRT_IMNET, gamma=1.0),
-       "LDAM-DRW FocalLoss (METHODS §14)", "(1-p)^gamma CE, p = exp(-CE); " + UNVERIFIED),
+       "LDAM-DRW FocalLoss (METHODS §14)", "(1-p)^gamma CE, p = exp(-CE); " + UNVERIFIED,
+       space=space(_lin("gamma", 0.0, 3.0, "gamma = 1 (LDAM-DRW), 2 (original focal) (§14)"))),
     _m("cb", "linear", "cb", "ib", "stage1", ["beta"], dict(CRT_CIFAR, beta=0.9999), dict(CRT_IMNET, beta=0.9999),
        "class-balanced-loss (TF) src/cifar_main.py (METHODS §15)",
-       "softmax form, TF normalisation sum w_y CE / B; " + UNVERIFIED),
+       "softmax form, TF normalisation sum w_y CE / B; " + UNVERIFIED, space=space(BETA)),
     _m("cb-focal", "linear", "cb-focal", "ib", "stage1", ["beta", "gamma"], dict(CRT_CIFAR, beta=0.9999, gamma=1.0),
        dict(CRT_IMNET, beta=0.9999, gamma=1.0), "class-balanced-loss (TF) sigmoid focal (METHODS §14-15)",
-       "bias init -log(K-1); " + UNVERIFIED, sigmoid_bias=True),
+       "bias init -log(K-1); " + UNVERIFIED, sigmoid_bias=True,
+       space=space(BETA, _lin("gamma", 0.0, 3.0, "gamma = 1 (CB script), 2 (original focal) (§14)"))),
     _m("cb-sigmoid", "linear", "cb-sigmoid", "ib", "stage1", ["beta"], dict(CRT_CIFAR, beta=0.9999),
        dict(CRT_IMNET, beta=0.9999), "class-balanced-loss (TF) sigmoid (METHODS §15)",
-       "bias init -log(K-1); " + UNVERIFIED, sigmoid_bias=True),
+       "bias init -log(K-1); " + UNVERIFIED, sigmoid_bias=True, space=space(BETA)),
     _m("ls", "linear", "ls", "ib", "stage1", ["eps"], dict(CRT_CIFAR, eps=0.1), dict(CRT_IMNET, eps=0.1),
-       "PyTorch label_smoothing (METHODS §16)", "eps is free (0.1 stated default); " + UNVERIFIED),
+       "PyTorch label_smoothing (METHODS §16)", "eps is free (0.1 stated default); " + UNVERIFIED,
+       space=space(_lin("eps", 0.0, 0.5, "0.1 stated default (§16); LOS is eps near 1"))),
     _m("los", "linear", "los", "ib", "stage1", ["delta"], dict(LOS_CIFAR, delta=0.98), dict(LOS_CIFAR, delta=0.98),
        "LOS main_stage2.py, utils/config.py (METHODS §17)",
-       "CE with label_smoothing delta; ImageNet values not in the repo: CIFAR values (UNVERIFIED)"),
+       "CE with label_smoothing delta; ImageNet values not in the repo: CIFAR values (UNVERIFIED)",
+       space=space(_lin("delta", 0.0, 0.99, "0.98 at K = 100 (§17); the target q_y = 1 - delta (K-1)/K "
+                        "flattens faster at small K, so the range reaches down to plain CE"))),
     _m("mislas", "mislas", "las", "cb", "stage1", ["eps_head", "eps_tail", "shape", "lr_factor"],
        dict(lr=0.1, wd=2e-4, epochs=10, batch_size=128, schedule="cosine", momentum=0.9,
             eps_head=0.4, eps_tail=0.1, shape="concave", lr_factor=0.2),
        dict(lr=0.1, wd=5e-4, epochs=10, batch_size=256, schedule="cosine", momentum=0.9,
             eps_head=0.3, eps_tail=0.0, shape="concave", lr_factor=0.05),
        "MiSLAS config/*/*_stage2_mislas.yaml (METHODS §18)",
-       "cifar = CIFAR-100 IF100 row (CIFAR-10 IF100: eps 0.3/0.0, lr_factor 0.5); BN shift not reproducible on a cache"),
+       "cifar = CIFAR-100 IF100 row (CIFAR-10 IF100: eps 0.3/0.0, lr_factor 0.5); BN shift not reproducible on a cache",
+       space=space(_lin("eps_head", 0.0, 0.5, "0.2-0.4 in the MiSLAS configs (§18)"),
+                   _lin("eps_tail", 0.0, 0.2, "0.0-0.1 in the MiSLAS configs (§18)"),
+                   _log("lr_factor", 0.05, 0.5, "0.05-0.5 in the MiSLAS configs (§18)"))),
     _m("maxnorm", "linear", "ltwb-cb", "ib", "stage1", ["beta", "maxnorm_thresh"],
        dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1), dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1),
        "LTWB demo2_second-stage-training.py, utils/regularizers.py (METHODS §19)",
-       "CB 'softmax' = BCE on softmax, wd 0.1, MaxNorm once per epoch; ImageNet UNVERIFIED (CIFAR values)"),
+       "CB 'softmax' = BCE on softmax, wd 0.1, MaxNorm once per epoch; ImageNet UNVERIFIED (CIFAR values)",
+       space=space(_lin("maxnorm_thresh", 0.0, 0.5, "thresh = 0.1 (§19)"),
+                   _log("wd", 1e-3, 1.0, "LTWB's wd 0.1 was chosen by grid search (§19)"))),
     _m("marc", "marc", "grw", "ib", "stage1", ["rho"], dict(CRT_CIFAR, rho=1.2), dict(CRT_IMNET, rho=1.2),
        "MARC official code MARCLinear + GRWCrossEntropyLoss (METHODS §20)",
-       "a z + b ||w||, GRW exponent 1.2 (code default); sampler/epochs/lr UNVERIFIED: stated default"),
+       "a z + b ||w||, GRW exponent 1.2 (code default); sampler/epochs/lr UNVERIFIED: stated default",
+       space=space(_lin("rho", 0.0, 2.0, "exp_scale 1.2 (§20)"))),
     _m("vs", "linear", "vs", "ib", "stage1", ["gamma", "tau"], dict(CRT_CIFAR, gamma=0.2, tau=1.2),
        dict(CRT_IMNET, gamma=0.3, tau=1.0), "VS-Loss class_imbalance/losses.py (METHODS §24)",
-       "cifar: README CIFAR-10 example; imagenet: parser defaults; " + UNVERIFIED),
+       "cifar: README CIFAR-10 example; imagenet: parser defaults; " + UNVERIFIED,
+       space=space(_lin("gamma", 0.0, 0.5, "0.2 (README CIFAR-10), 0.3 (parser) (§24)"),
+                   _lin("tau", 0.0, 2.0, "1.2 (README CIFAR-10), 1.0 (parser) (§24)"))),
     _m("seesaw", "linear", "seesaw", "ib", "stage1", ["p", "q"], dict(CRT_CIFAR, p=0.8, q=2.0),
        dict(CRT_IMNET, p=0.8, q=2.0), "mmdet seesaw_loss.py (METHODS §23)",
-       "static class counts instead of cumulative; " + UNVERIFIED),
+       "static class counts instead of cumulative; " + UNVERIFIED,
+       space=space(_lin("p", 0.0, 1.5, "p = 0.8 (§23)"), _lin("q", 0.0, 3.0, "q = 2 (§23)"))),
     _m("lade", "linear", "lade", "ib", "stage1", ["alpha", "lam"], dict(CRT_CIFAR, alpha=0.1, lam=0.01),
        dict(CRT_IMNET, alpha=0.05, lam=0.5), "hyperconnect/LADE loss/LADELoss.py, README (METHODS §22)",
-       "PriorCE + alpha LADER; " + UNVERIFIED),
+       "PriorCE + alpha LADER; " + UNVERIFIED,
+       space=space(_log("alpha", 0.005, 0.5, "0.005-0.1 in the LADE README (§22)"),
+                   _log("lam", 0.005, 1.0, "0.01-0.5 in the LADE README (§22)"))),
 ]}
+
+
+GENERIC_EPOCHS = _choice("epochs", (10, 20, 30), "the sources disagree: MiSLAS, LTWB 10; LOS 20; cRT/BoT 30 "
+                         "(§4, §17-19)")
+
+
+def method_space(method: Method, preset: str) -> Space:
+    """The full search space of ``method``: its own dimensions, plus (for a trained method) lr a
+    decade either side of the preset's, wd and epochs, unless the method declares them itself."""
+    if method.closed_form:
+        return method.space
+    d = method.defaults(preset)
+    own = {x.name for x in method.space.dims}
+    generic = [_log("lr", d["lr"] / 10, d["lr"] * 10, f"the {preset} preset's lr {d['lr']:g}, a decade either side"),
+               _log("wd", 1e-5, 1e-1, "cRT / MiSLAS 5e-4 and 2e-4, LTWB 0.1; LOS uses 0 (§4, §17-19)"),
+               GENERIC_EPOCHS]
+    return Space(dims=tuple(x for x in generic if x.name not in own) + method.space.dims)
 
 
 def get_method(name: str) -> Method:

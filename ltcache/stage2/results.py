@@ -15,7 +15,8 @@ from ltcache.metrics import fmt_pct
 
 SCHEMA = "ltcache-results/1"
 SUMMARY_FIELDS = ("name", "method", "n_seeds", "all_mean", "all_std", "many", "medium", "few", "ece", "nll",
-                  "lm_many", "lm_medium", "lm_few", "rsd_many", "rsd_medium", "rsd_few")
+                  "lm_many", "lm_medium", "lm_few", "rsd_many", "rsd_medium", "rsd_few",
+                  "val_all", "val_balanced", "val_many", "val_medium", "val_few", "val_nll", "val_ece")
 
 
 def _cache_block(cache) -> dict:
@@ -38,24 +39,33 @@ def _mean(vals) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
+VAL_FIELDS = ("all", "balanced", "many", "medium", "few", "nll", "ece")
+
+
 def summarize(runs: Sequence[dict]) -> list[dict]:
-    """One row per run name (seeds pooled): mean +- std of All, means of the rest; sorted by All."""
+    """One row per run name (seeds pooled): mean +- std of test All, means of the rest, and the
+    val metrics (``val_*``, means over seeds); sorted by test All (by val when a sweep never
+    read test)."""
     by: dict[str, list[dict]] = {}
     for r in runs:
         by.setdefault(r["name"], []).append(r)
     rows = []
     for name, rs in by.items():
-        alls = [r["metrics"]["all"] for r in rs if r["metrics"]["all"] is not None]
+        tested = [r["metrics"] for r in rs if r.get("metrics")]
+        alls = [m["all"] for m in tested if m["all"] is not None]
         row = {"name": name, "method": rs[0]["method"], "params": rs[0]["params"],
                "seeds": [r["seed"] for r in rs], "n_seeds": len(rs),
                "all_mean": _mean(alls), "all_std": statistics.pstdev(alls) if len(alls) > 1 else 0.0}
         for key in ("many", "medium", "few", "ece", "nll"):
-            row[key] = _mean(r["metrics"][key] for r in rs)
+            row[key] = _mean(m[key] for m in tested)
         for g in ("many", "medium", "few"):
-            row[f"lm_{g}"] = _mean(r["metrics"]["lm_groups"][g] for r in rs)
-            row[f"rsd_{g}"] = _mean(r["metrics"]["rsd_groups"][g] for r in rs)
+            row[f"lm_{g}"] = _mean(m["lm_groups"][g] for m in tested)
+            row[f"rsd_{g}"] = _mean(m["rsd_groups"][g] for m in tested)
+        for key in VAL_FIELDS:
+            row[f"val_{key}"] = _mean(r["val"][key] for r in rs if r.get("val"))
         rows.append(row)
-    rows.sort(key=lambda r: -1e9 if r["all_mean"] is None else -r["all_mean"])
+    rows.sort(key=lambda r: (r["all_mean"] is None, -(r["all_mean"] if r["all_mean"] is not None
+                                                        else (r["val_balanced"] or -1e9))))
     return rows
 
 

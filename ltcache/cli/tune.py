@@ -1,0 +1,76 @@
+"""``ltcache tune``: a thin layer over :func:`ltcache.stage2.api.tune`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ltcache.cli.app import cli
+from ltcache.errors import LtcacheError
+
+
+@cli.command("tune")
+@click.option("--all-methods", is_flag=True, help="tune every registered method")
+@click.option("--methods", "method_list", default=None, help="comma-separated method names")
+@click.option("--budget", type=int, default=32,
+              help="points of each method's search space tried in stage A (the same for every method; a method "
+                   "with fewer distinct points, e.g. a closed form's candidate grid, tries all of them)")
+@click.option("--search", type=click.Choice(["sobol", "random", "grid"]), default="sobol",
+              help="how the points are drawn: a scrambled Sobol sequence, random draws, or a grid of at most "
+                   "--budget points")
+@click.option("--select-metric", type=click.Choice(["val-balanced", "val-all", "val-nll"]), default="val-balanced",
+              help="what picks each method's point on the val split (ties: the lower val NLL)")
+@click.option("--tune-seeds", default="0", help="seeds of stage A (the val score is their mean)")
+@click.option("--seeds", default="0,1,2,3,4", help="seeds the picks (and presets) are re-trained with in stage B")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+              help="cache directory (default: the bundled cache); its val split must cover every class")
+@click.option("--test-views", type=click.Choice(["all", "center"]), default="all",
+              help="average logits over the cached eval views, or use the center view only")
+@click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default=None, show_default=False,
+              help="preset the search ranges and the preset column start from (default: from the cache)")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="worker processes for CPU sweeps of small heads (1: this process only)")
+@click.option("--clean-view", is_flag=True, help="also draw the clean train view in the epochs")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="folder for results.json, tune.csv and tune.md (a folder already holding them is never "
+                   "replaced without --force)")
+@click.option("--force", is_flag=True, help="replace the results already in the --out folder")
+@click.option("--quiet", is_flag=True, help="no progress bars or status lines")
+def tune_cmd(all_methods, method_list, budget, search, select_metric, tune_seeds, seeds, cache_dir, test_views,
+             preset, device, jobs, clean_view, out, force, quiet):
+    """Tune every method on val with the same budget, then re-train the picks over the final seeds.
+
+    \b
+    Stage A trains every method x --budget points of its search space (`ltcache methods --space`)
+    in one batched sweep that never sees the test split, and picks per method on val. Stage B
+    re-trains each pick and each preset over --seeds and reports test.
+    Examples:
+      ltcache tune --all-methods --out results/tuned
+      ltcache tune --methods los,mislas --budget 64 --select-metric val-nll
+      ltcache bench --from-tune results/tuned/results.json --seeds 5,6,7   # re-run the picks
+    """
+    from ltcache.outputs import check_output_dir, output_lock
+    from ltcache.stage2 import api
+    from ltcache.stage2.methods import METHODS, get_method
+    from ltcache.stage2.tune import OUTPUTS, format_tune_table
+
+    if all_methods == bool(method_list):
+        raise LtcacheError("give exactly one of --all-methods or --methods a,b")
+    names = list(METHODS) if all_methods else [get_method(n.strip()).name for n in method_list.split(",") if n.strip()]
+    if not names:
+        raise LtcacheError("--methods is empty; e.g. --methods ce,los")
+    if budget < 1:
+        raise LtcacheError(f"--budget must be >= 1 (got {budget}); e.g. --budget 32")
+    api.parse_seeds(tune_seeds)
+    api.parse_seeds(seeds)
+    if out is not None:
+        check_output_dir(out, force, what="--out folder", outputs=OUTPUTS)
+        click.get_current_context().with_resource(output_lock(out))
+    results = api.tune(cache_dir, names, budget=budget, search=search, select_metric=select_metric,
+                       tune_seeds=api.parse_seeds(tune_seeds), seeds=api.parse_seeds(seeds), test_views=test_views,
+                       device=device, quiet=quiet, preset=preset, out_dir=out, force=True, jobs=jobs,
+                       clean_view=clean_view)
+    click.echo(format_tune_table(results))
+    if out is not None:
+        click.echo(f"results: {out}/results.json, tune.csv, tune.md")

@@ -1,0 +1,268 @@
+"""``tune``: every method tuned on val with the same budget, then re-trained over the final seeds.
+
+Stage A draws ``budget`` points of each method's search space (:mod:`ltcache.stage2.space`,
+declared in the registry) and trains every method x point x tune seed in ONE batched sweep on
+a view of the cache that holds no test split (:func:`without_test`): the selection code
+cannot read a test label. Per method it keeps the point with the best val metric (ties: the
+lower val NLL, then the earlier point). Stage B re-trains each pick and each method's preset
+over the final seeds in one sweep and reports test beside the val score.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from ltcache.errors import LtcacheError
+from ltcache.metrics import fmt_pct
+from ltcache.progress import echo
+from ltcache.stage2 import api
+from ltcache.stage2.methods import METHODS, choose_preset, get_method, method_space, resolve_params
+from ltcache.stage2.space import SEARCHES, draw
+
+SELECT_METRICS = {"val-balanced": ("balanced", True), "val-all": ("all", True), "val-nll": ("nll", False)}
+TUNE_SCHEMA = "ltcache-tune/1"
+OUTPUTS = ("results.json", "tune.csv", "tune.md")
+
+
+def without_test(cache):
+    """A shallow view of a loaded cache without its test split: what selection code is given."""
+    view = copy.copy(cache)
+    view.splits = {k: v for k, v in cache.splits.items() if k != "test"}
+    return view
+
+
+def cache_fingerprint(cache) -> str:
+    """sha256 of the cache's manifest (canonical JSON): the same cache, the same fingerprint."""
+    man = dict(getattr(cache, "manifest", None) or {})
+    if not man:
+        raise LtcacheError("this cache has no manifest; tune and --from-tune need a cache made by `ltcache extract`")
+    return hashlib.sha256(json.dumps(man, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _score(val: Optional[dict], key: str) -> Optional[float]:
+    v = None if val is None else val.get(key)
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+def pick(points: list[dict], select_metric: str) -> int:
+    """Index of the best point: best mean val metric, ties to the lower val NLL, then the
+    earlier point; a point whose metric is undefined (e.g. NaN) never wins over one that is."""
+    key, higher = SELECT_METRICS[select_metric]
+
+    def rank(i):
+        s, nll = _score(points[i]["val"], key), _score(points[i]["val"], "nll")
+        primary = (-s if higher else s) if s is not None else math.inf
+        return (primary, nll if nll is not None else math.inf, i)
+
+    return min(range(len(points)), key=rank)
+
+
+def _mean_val(runs: list[dict]) -> dict:
+    vals = [r["val"] for r in runs if r.get("val")]
+    out = {}
+    for k in api.VAL_METRICS:
+        xs = [v[k] for v in vals if v.get(k) is not None and math.isfinite(v[k])]
+        out[k] = sum(xs) / len(xs) if xs else None
+    return out
+
+
+def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, search: str = "sobol",
+         select_metric: str = "val-balanced", tune_seeds: Sequence[int] = (0,),
+         seeds: Sequence[int] = (0, 1, 2, 3, 4), test_views: str = "all", device: str = "auto",
+         quiet: bool = False, preset: Optional[str] = None, out_dir: Optional[Union[str, Path]] = None,
+         force: bool = False, jobs: Optional[int] = None, clean_view: bool = False) -> dict:
+    """Tune every method in ``methods`` (default: all) on val with ``budget`` points each, pick
+    per method by ``select_metric``, re-train picks and presets over ``seeds``; the results
+    document (``results["tune"]`` holds the picks, every point's val score and the timings)."""
+    if budget < 1:
+        raise LtcacheError(f"--budget must be >= 1 (got {budget}); e.g. --budget 32")
+    if search not in SEARCHES:
+        raise LtcacheError(f"unknown --search '{search}'; use one of: {', '.join(SEARCHES)}")
+    if select_metric not in SELECT_METRICS:
+        raise LtcacheError(f"unknown --select-metric '{select_metric}'; use one of: {', '.join(SELECT_METRICS)}")
+    tune_seeds, seeds = api.parse_seeds(tune_seeds), api.parse_seeds(seeds)
+    names = list(methods) if methods else list(METHODS)
+    if not names:
+        raise LtcacheError("no methods given; use --all-methods or --methods a,b")
+    chosen_methods = [get_method(n) for n in names]
+    if out_dir is not None:
+        from ltcache.outputs import check_output_dir
+        check_output_dir(out_dir, force=force, outputs=OUTPUTS, what="--out folder")
+    dev = api.resolve_device(device)
+    full = api._load_cache(cache, dev)
+    api.require_val(full, "tune")
+    pre = choose_preset(full.num_classes, full.feature_dim, preset)
+    n_train = int(full.splits["train"].labels.numel())
+    t0 = time.perf_counter()
+
+    # stage A: every method x budget points x tune seeds, one sweep, no test split in sight
+    plans, owner = [], []
+    for m in chosen_methods:
+        for point in draw(method_space(m, pre), budget, search, seed=0):
+            plans.append((m, resolve_params(m, pre, point, n_train), point))
+            owner.append((m.name, point))
+    echo(f"tune stage A: {len(plans)} points x {len(tune_seeds)} seed(s) on val", quiet)
+    res_a, _ = api.run_sweep(without_test(full), plans, tune_seeds, "last", test_views, device, quiet, jobs,
+                             clean_view, evaluate_test=False)
+    by_name: dict[str, list[dict]] = {}
+    for r in res_a["runs"]:
+        by_name.setdefault(r["name"], []).append(r)
+    points: dict[str, list[dict]] = {}
+    for (m, p, ov), (mname, point) in zip(plans, owner):
+        runs = by_name[api.run_name(m, p, ov)]
+        points.setdefault(mname, []).append({"point": point, "params": runs[0]["params"], "val": _mean_val(runs)})
+    wall_a = time.perf_counter() - t0
+    picks = {}
+    for m in chosen_methods:
+        pts = points[m.name]
+        best = pts[pick(pts, select_metric)]
+        picks[m.name] = {"point": best["point"], "params": best["params"], "val": best["val"], "points": len(pts)}
+
+    # stage B: each pick and each preset over the final seeds, evaluated on test
+    t1 = time.perf_counter()
+    plans_b, tags = [], {}
+    for m in chosen_methods:
+        point = picks[m.name]["point"]
+        tuned = (m, resolve_params(m, pre, point, n_train), point)
+        tags[api.run_name(*tuned)] = (m.name, "tuned")
+        plans_b.append(tuned)
+        base = (m, resolve_params(m, pre, {}, n_train), {})
+        if api.run_name(*base) not in tags:
+            tags[api.run_name(*base)] = (m.name, "preset")
+            plans_b.append(base)
+    echo(f"tune stage B: {len(plans_b)} configurations x {len(seeds)} seeds on test", quiet)
+    results, _ = api.run_sweep(full, plans_b, seeds, "last", test_views, device, quiet, jobs, clean_view)
+    wall_b = time.perf_counter() - t1
+    for r in results["runs"]:
+        r["tune_role"] = tags.get(r["name"], (r["method"], "tuned"))[1]
+    summary = {row["name"]: row for row in results["summary"]}
+    table = []
+    for m in chosen_methods:
+        pk = picks[m.name]
+        tuned_name = api.run_name(m, resolve_params(m, pre, pk["point"], n_train), pk["point"])
+        preset_name = api.run_name(m, resolve_params(m, pre, {}, n_train), {})
+        t, p = summary[tuned_name], summary[preset_name]
+        table.append({"method": m.name, "tuned_name": tuned_name, "preset_name": preset_name,
+                      "chosen": pk["point"], "val_score": _score(pk["val"], SELECT_METRICS[select_metric][0]),
+                      "val_nll": pk["val"]["nll"], "points": pk["points"],
+                      "all_mean": t["all_mean"], "all_std": t["all_std"], "many": t["many"], "medium": t["medium"],
+                      "few": t["few"], "preset_all_mean": p["all_mean"], "preset_all_std": p["all_std"]})
+    table.sort(key=lambda r: -1e9 if r["all_mean"] is None else -r["all_mean"])
+    wall = time.perf_counter() - t0
+    results["preset"] = pre
+    results["wall_time_s"] = wall
+    results["tune"] = {"schema": TUNE_SCHEMA, "cache_fingerprint": cache_fingerprint(full), "budget": budget,
+                       "search": search, "select_metric": select_metric, "tune_seeds": tune_seeds, "seeds": seeds,
+                       "stage_a": {"configurations": len(plans) * len(tune_seeds), "wall_time_s": wall_a},
+                       "stage_b": {"configurations": len(plans_b) * len(seeds), "wall_time_s": wall_b},
+                       "picks": picks, "points": points, "table": table}
+    echo(f"tune: stage A {wall_a:.1f} s ({len(plans) * len(tune_seeds)} configurations), stage B {wall_b:.1f} s "
+         f"({len(plans_b) * len(seeds)}), {wall:.1f} s in all", quiet)
+    if out_dir is not None:
+        write_tune(results, out_dir)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# tables and files
+# ---------------------------------------------------------------------------------------------
+
+def _fmt_point(point: dict) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items()) or "-"
+
+
+def tune_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the tuned table: test All ± std of the pick, Many / Medium / Few, the
+    chosen values, the val score they were chosen by, and the preset's All beside it."""
+    t = results["tune"]
+    metric = t["select_metric"]
+    head = ["method", "tuned All", "Many", "Medium", "Few", f"{metric}", "preset All", "points", "chosen"]
+    rows = []
+    for r in t["table"]:
+        rows.append([r["method"] + (" (reference)" if r["method"] == "ce" else ""),
+                     fmt_pct(r["all_mean"], r["all_std"] if len(t["seeds"]) > 1 else None),
+                     fmt_pct(r["many"]), fmt_pct(r["medium"]), fmt_pct(r["few"]),
+                     ("-" if r["val_score"] is None else f"{r['val_score']:.3f}" if metric == "val-nll"
+                      else f"{r['val_score']:.2f}"),
+                     fmt_pct(r["preset_all_mean"], r["preset_all_std"] if len(t["seeds"]) > 1 else None),
+                     str(r["points"]), _fmt_point(r["chosen"])])
+    return head, rows
+
+
+def format_tune_table(results: dict) -> str:
+    """The tuned table for the terminal, with the budget and the two stages' times."""
+    head, rows = tune_rows(results)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i in (0, len(cells) - 1) else str(c).rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    t = results["tune"]
+    cache = results.get("cache") or {}
+    out = [f"cache: {cache.get('path', '?')}",
+           line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    out.append(f"{t['search']} search, budget {t['budget']} points per method, chosen by {t['select_metric']} "
+               f"(tune seeds {','.join(map(str, t['tune_seeds']))}); test over seeds "
+               f"{','.join(map(str, t['seeds']))}. Stage A {t['stage_a']['configurations']} configurations in "
+               f"{t['stage_a']['wall_time_s']:.1f} s, stage B {t['stage_b']['configurations']} in "
+               f"{t['stage_b']['wall_time_s']:.1f} s on {results['device']}.")
+    return "\n".join(out)
+
+
+def format_tune_markdown(results: dict) -> str:
+    """The tuned table as GitHub markdown."""
+    head, rows = tune_rows(results)
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(md) + "\n\n" + format_tune_table(results).splitlines()[-1] + "\n"
+
+
+def write_tune(results: dict, out_dir: Union[str, Path]) -> dict:
+    """results.json, tune.csv and tune.md in ``out_dir`` (each written atomically)."""
+    import csv
+    import io
+
+    from ltcache.outputs import write_text
+    from ltcache.stage2.results import write_json
+    out = Path(out_dir)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    fields = ("method", "all_mean", "all_std", "many", "medium", "few", "val_score", "val_nll", "preset_all_mean",
+              "preset_all_std", "points")
+    w.writerow(fields + ("chosen", "select_metric"))
+    for r in results["tune"]["table"]:
+        w.writerow([("" if r[f] is None else r[f]) for f in fields]
+                   + [json.dumps(r["chosen"], sort_keys=True), results["tune"]["select_metric"]])
+    paths = {"json": write_json(results, out / "results.json"), "csv": write_text(out / "tune.csv", buf.getvalue()),
+             "md": write_text(out / "tune.md", format_tune_markdown(results))}
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# --from-tune: re-run the chosen configurations
+# ---------------------------------------------------------------------------------------------
+
+def load_choices(path: Union[str, Path], cache) -> dict[str, dict]:
+    """{method: chosen point} from a tune results.json made on this very cache."""
+    path = Path(path)
+    if not path.is_file():
+        raise LtcacheError(f"--from-tune {path}: no such file; give the results.json that `ltcache tune --out DIR` wrote")
+    try:
+        doc = json.loads(path.read_text())
+        t = doc["tune"]
+        if t.get("schema") != TUNE_SCHEMA:
+            raise KeyError("schema")
+        picks = {m: dict(p["point"]) for m, p in t["picks"].items()}
+        fp = t["cache_fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise LtcacheError(f"--from-tune {path} is not a readable tune results file (damaged, or written by "
+                           "`bench`/`retrain`); re-run `ltcache tune --out DIR`") from None
+    if fp != cache_fingerprint(cache):
+        raise LtcacheError(f"--from-tune {path} was tuned on another cache ({doc.get('cache', {}).get('path', '?')}); "
+                           "its choices only hold for that cache: pass that --cache, or tune this one")
+    for m in picks:
+        get_method(m)
+    return picks
