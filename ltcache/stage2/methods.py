@@ -141,6 +141,9 @@ def _choice(name, values, src):
 
 BETA = _choice("beta", (0.9, 0.99, 0.999, 0.9999), "CB paper's beta values; 0.9999 in LDAM-DRW, LTWB (§13, §15)")
 TAU_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(21))     # cRT tau_norm.py: linspace(0, 2, 21)
+# post-hoc LA: Menon et al.'s tau = 1; on the bundled CIFAR-10-LT cache the val pick sat on the top
+# of 0..2, so its candidates reach 3 (0.1 steps; a --budget below 31 spreads them evenly)
+LA_TAU_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(31))
 
 
 def space(*dims: Dim) -> Space:
@@ -181,7 +184,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
        space=space(_log("scale", 4.0, 64.0, "cRT s=16, LDAM s=30 (§9, §13)"))),
     _m("posthoc-la", "posthoc-la", "-", "-", "-", ["tau"], {"tau": 1.0}, {"tau": 1.0},
        "google-research logit_adjustment (METHODS §10)", "z - tau log pi on the stage-1 head",
-       space=Space(candidates={"tau": TAU_CANDIDATES}), **_CLOSED),
+       space=Space(candidates={"tau": LA_TAU_CANDIDATES}), **_CLOSED),
     _m("la-loss", "linear", "la", "ib", "stage1", ["tau"], dict(CRT_CIFAR, tau=1.0), dict(CRT_IMNET, tau=1.0),
        "google-research logit_adjustment (METHODS §11)", UNVERIFIED,
        space=space(_lin("tau", 0.0, 2.0, "tau = 1 (§11); 0 = plain CE"))),
