@@ -221,3 +221,37 @@ def test_tune_cli_writes_the_table_and_refuses_to_replace_it(monkeypatch, tmp_pa
     assert set(doc["tune"]["picks"]) == {"ce", "los"}
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2 and "--force" in res.output
+
+
+def test_space_overrides_and_a_space_no_method_has(tmp_path):
+    from ltcache.stage2.tune import parse_space
+    sp = parse_space(["delta=0.5:0.6", "epochs=2,3"])
+    res = _tune(fake_cache(), methods=["los", "tau-norm"], space={**sp, **parse_space(["tau=0.5,1.5"])})
+    for p in res["tune"]["points"]["los"]:
+        assert 0.5 <= p["point"]["delta"] <= 0.6 and p["point"]["epochs"] in (2, 3)
+    assert {p["point"]["tau"] for p in res["tune"]["points"]["tau-norm"]} == {0.5, 1.5}
+    with pytest.raises(LtcacheError, match="none of the chosen methods has a hyper-parameter 'tau'"):
+        _tune(fake_cache(), methods=["ce", "los"], space=parse_space(["tau=0:1"]))
+    with pytest.raises(LtcacheError, match="unknown hyper-parameter 'foo'"):
+        parse_space(["foo=1:2"])
+    with pytest.raises(LtcacheError, match="delta .* must be in"):
+        parse_space(["delta=0.5:2"])
+    with pytest.raises(LtcacheError, match="LOW <= HIGH"):
+        parse_space(["delta=0.9:0.5"])
+
+
+def test_a_late_failure_keeps_stage_a(tmp_path, monkeypatch):
+    real = api.run_sweep
+    calls = []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise LtcacheError("stage B broke")
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "run_sweep", second_fails)
+    with pytest.raises(LtcacheError, match="stage B broke"):
+        _tune(fake_cache(), out_dir=tmp_path / "t")
+    doc = json.loads((tmp_path / "t" / "stage_a.json").read_text())
+    assert set(doc["picks"]) == set(METHODS4) and not (tmp_path / "t" / "results.json").exists()

@@ -20,6 +20,9 @@ from ltcache.errors import LtcacheError
                    "--budget points")
 @click.option("--select-metric", type=click.Choice(["val-balanced", "val-all", "val-nll"]), default="val-balanced",
               help="what picks each method's point on the val split (ties: the lower val NLL)")
+@click.option("--space", "space_items", multiple=True,
+              help="replace one dimension of the search space for the methods that have it (repeatable): "
+                   "name=LOW:HIGH (linear), name=log:LOW:HIGH, or name=a,b,c (a choice), e.g. --space delta=0.5:0.99")
 @click.option("--tune-seeds", default="0", help="seeds of stage A (the val score is their mean)")
 @click.option("--seeds", default="0,1,2,3,4", help="seeds the picks (and presets) are re-trained with in stage B")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
@@ -37,7 +40,7 @@ from ltcache.errors import LtcacheError
                    "replaced without --force)")
 @click.option("--force", is_flag=True, help="replace the results already in the --out folder")
 @click.option("--quiet", is_flag=True, help="no progress bars or status lines")
-def tune_cmd(all_methods, method_list, budget, search, select_metric, tune_seeds, seeds, cache_dir, test_views,
+def tune_cmd(all_methods, method_list, budget, search, select_metric, space_items, tune_seeds, seeds, cache_dir, test_views,
              preset, device, jobs, clean_view, out, force, quiet):
     """Tune every method on val with the same budget, then re-train the picks over the final seeds.
 
@@ -53,7 +56,7 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, tune_seeds
     from ltcache.outputs import check_output_dir, output_lock
     from ltcache.stage2 import api
     from ltcache.stage2.methods import METHODS, get_method
-    from ltcache.stage2.tune import OUTPUTS, format_tune_table
+    from ltcache.stage2.tune import OUTPUTS, format_tune_table, parse_space
 
     if all_methods == bool(method_list):
         raise LtcacheError("give exactly one of --all-methods or --methods a,b")
@@ -64,13 +67,14 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, tune_seeds
         raise LtcacheError(f"--budget must be >= 1 (got {budget}); e.g. --budget 32")
     api.parse_seeds(tune_seeds)
     api.parse_seeds(seeds)
+    space = parse_space(space_items)
     if out is not None:
         check_output_dir(out, force, what="--out folder", outputs=OUTPUTS)
         click.get_current_context().with_resource(output_lock(out))
     results = api.tune(cache_dir, names, budget=budget, search=search, select_metric=select_metric,
                        tune_seeds=api.parse_seeds(tune_seeds), seeds=api.parse_seeds(seeds), test_views=test_views,
                        device=device, quiet=quiet, preset=preset, out_dir=out, force=True, jobs=jobs,
-                       clean_view=clean_view)
+                       clean_view=clean_view, space=space)
     click.echo(format_tune_table(results))
     if out is not None:
         click.echo(f"results: {out}/results.json, tune.csv, tune.md")

@@ -21,12 +21,56 @@ from ltcache.errors import LtcacheError
 from ltcache.metrics import fmt_pct
 from ltcache.progress import echo
 from ltcache.stage2 import api
-from ltcache.stage2.methods import METHODS, choose_preset, get_method, method_space, resolve_params
-from ltcache.stage2.space import SEARCHES, draw
+from ltcache.stage2.methods import METHODS, check_param, choose_preset, get_method, method_space, resolve_params
+from ltcache.stage2.space import SEARCHES, Dim, Space, draw
 
 SELECT_METRICS = {"val-balanced": ("balanced", True), "val-all": ("all", True), "val-nll": ("nll", False)}
 TUNE_SCHEMA = "ltcache-tune/1"
-OUTPUTS = ("results.json", "tune.csv", "tune.md")
+OUTPUTS = ("results.json", "tune.csv", "tune.md", "stage_a.json")
+
+
+def parse_space(items: Sequence[str]) -> dict[str, Dim]:
+    """``("delta=0.5:0.99", "epochs=10,20", "lr=log:1e-4:1e-2")`` -> replacement dimensions:
+    ``LOW:HIGH`` is linear (``log:LOW:HIGH`` log), ``a,b,c`` a choice; values are range-checked."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise LtcacheError(f"--space '{item}' must look like name=LOW:HIGH, name=log:LOW:HIGH or name=a,b,c")
+        name, spec = item.split("=", 1)
+        name = name.strip().lstrip("-").replace("-", "_")
+        try:
+            if ":" in spec:
+                parts = spec.split(":")
+                scale = "log" if parts[0] == "log" else "linear"
+                lo, hi = (parts[1:] if scale == "log" else parts)
+                lo, hi = check_param(name, lo), check_param(name, hi)
+                out[name] = Dim(name, "int" if isinstance(lo, int) else scale, lo, hi, source="--space")
+            else:
+                values = tuple(check_param(name, v.strip()) for v in spec.split(",") if v.strip())
+                out[name] = Dim(name, "choice", choices=values, source="--space")
+        except ValueError:
+            raise LtcacheError(f"--space '{item}': give LOW <= HIGH (a log range needs LOW > 0) or a list "
+                               "of values") from None
+    return out
+
+
+def _with_overrides(space: Space, method, overrides: dict[str, Dim]) -> Space:
+    """``space`` with the dimensions named in ``overrides`` replaced (added when the method has
+    the hyper-parameter but did not search it)."""
+    if not overrides:
+        return space
+    if space.candidates:
+        (name, _), = space.candidates.items()
+        if name in overrides:
+            d = overrides[name]
+            values = d.choices if d.scale == "choice" else tuple(d.levels(21))
+            return Space(candidates={name: values})
+        return space
+    dims = [overrides.get(d.name, d) for d in space.dims]
+    have = {d.name for d in dims}
+    from ltcache.stage2.methods import GENERIC
+    dims += [d for n, d in overrides.items() if n not in have and (n in method.tunables or n in GENERIC)]
+    return Space(dims=tuple(dims))
 
 
 def without_test(cache):
@@ -75,10 +119,14 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
          select_metric: str = "val-balanced", tune_seeds: Sequence[int] = (0,),
          seeds: Sequence[int] = (0, 1, 2, 3, 4), test_views: str = "all", device: str = "auto",
          quiet: bool = False, preset: Optional[str] = None, out_dir: Optional[Union[str, Path]] = None,
-         force: bool = False, jobs: Optional[int] = None, clean_view: bool = False) -> dict:
+         force: bool = False, jobs: Optional[int] = None, clean_view: bool = False,
+         space: Optional[dict[str, Dim]] = None) -> dict:
     """Tune every method in ``methods`` (default: all) on val with ``budget`` points each, pick
     per method by ``select_metric``, re-train picks and presets over ``seeds``; the results
-    document (``results["tune"]`` holds the picks, every point's val score and the timings)."""
+    document (``results["tune"]`` holds the picks, every point's val score and the timings).
+    ``space``: replacement dimensions (:func:`parse_space`) for the methods that have them.
+    With ``out_dir``, stage A's points are written (``stage_a.json``) as soon as they exist, so
+    a failure in stage B keeps them."""
     if budget < 1:
         raise LtcacheError(f"--budget must be >= 1 (got {budget}); e.g. --budget 32")
     if search not in SEARCHES:
@@ -90,6 +138,11 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
     if not names:
         raise LtcacheError("no methods given; use --all-methods or --methods a,b")
     chosen_methods = [get_method(n) for n in names]
+    for name in space or {}:
+        if not any(name in m.tunables or (name in ("lr", "wd", "epochs", "batch_size") and not m.closed_form)
+                   for m in chosen_methods):
+            raise LtcacheError(f"--space {name}: none of the chosen methods has a hyper-parameter '{name}' "
+                               "(`ltcache methods --space` lists each method's)")
     if out_dir is not None:
         from ltcache.outputs import check_output_dir
         check_output_dir(out_dir, force=force, outputs=OUTPUTS, what="--out folder")
@@ -103,7 +156,7 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
     # stage A: every method x budget points x tune seeds, one sweep, no test split in sight
     plans, owner = [], []
     for m in chosen_methods:
-        for point in draw(method_space(m, pre), budget, search, seed=0):
+        for point in draw(_with_overrides(method_space(m, pre), m, space or {}), budget, search, seed=0):
             plans.append((m, resolve_params(m, pre, point, n_train), point))
             owner.append((m.name, point))
     echo(f"tune stage A: {len(plans)} points x {len(tune_seeds)} seed(s) on val", quiet)
@@ -122,6 +175,11 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
         pts = points[m.name]
         best = pts[pick(pts, select_metric)]
         picks[m.name] = {"point": best["point"], "params": best["params"], "val": best["val"], "points": len(pts)}
+    if out_dir is not None:                           # kept even if stage B fails
+        from ltcache.stage2.results import write_json
+        write_json({"schema": "ltcache-tune-stage-a/1", "cache": res_a["cache"], "budget": budget, "search": search,
+                    "select_metric": select_metric, "tune_seeds": tune_seeds, "wall_time_s": wall_a,
+                    "picks": picks, "points": points}, Path(out_dir) / "stage_a.json")
 
     # stage B: each pick and each preset over the final seeds, evaluated on test
     t1 = time.perf_counter()
