@@ -6,9 +6,8 @@ so an interrupted run continues with ``--resume``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from ltcache import __version__
+from ltcache.cache.lock import OutputLock
 from ltcache.data import DatasetSpec, build_dataset
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
 from ltcache.metrics import accuracy_report, fmt_pct
-from ltcache.models import build_model
+from ltcache.models import build_model, list_models
+from ltcache.outputs import atomic_save, check_output_dir
 from ltcache.progress import echo, progress
 
 FORMAT = "ltcache-stage1"
@@ -84,6 +85,8 @@ class Stage1Options:
         for ok, msg in checks:
             if not ok:
                 raise LtcacheError(msg)
+        if self.arch not in list_models():
+            build_model(self.arch, 1)        # raises the registry's "unknown arch" error (with a did-you-mean)
 
 
 def lr_at(opts: Stage1Options, epoch: int, step: int, steps: int) -> float:
@@ -107,15 +110,10 @@ def maxnorm_radius(weight: torch.Tensor, thresh: float) -> float:
     return float(n.min() + thresh * (n.max() - n.min()))
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _save(obj: dict, path: Path) -> None:
+    """Write a checkpoint atomically (complete under its name or not there; a full disk is a
+    one-line error)."""
+    atomic_save(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_torch_file(path, missing_fix: str, damaged_fix: str):
@@ -189,9 +187,24 @@ def evaluate(model, ds, split: str, device, batch_size: int = 500, amp: bool = F
 
 
 def train_stage1(opts: Stage1Options) -> Path:
-    """Train stage 1 and return the path of ``stage1.pt``."""
+    """Train stage 1 and return the path of ``stage1.pt``. One run per ``--out`` at a time: a
+    second one is refused with the first one's pid."""
     opts.validate()
     out = Path(opts.out) if opts.out else _default_out(opts)
+    check_output_dir(out, force=True, what="--out folder")      # not a file, writable: before any work
+    created = not out.exists()
+    lock = OutputLock(out, what="stage-1 training")
+    lock.acquire()
+    try:
+        return _train(opts, out)
+    finally:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()                  # refused before anything was written: leave no empty folder
+
+
+def _train(opts: Stage1Options, out: Path) -> Path:
     resume_ck = _prepare_out(opts, out)      # refuse before any work or any file is written
     device = resolve_device(opts.device)
     amp = (device.type == "cuda") if opts.amp is None else bool(opts.amp and device.type == "cuda")
@@ -286,8 +299,8 @@ def train_stage1(opts: Stage1Options) -> Path:
         if val_all > best_val:
             best_val = val_all
             ck["best_val"] = best_val
-            _atomic_save(ck, out / BEST_NAME)
-        _atomic_save(ck, out / CKPT_NAME)
+            _save(ck, out / BEST_NAME)
+        _save(ck, out / CKPT_NAME)
         echo(f"epoch {epoch + 1}/{opts.epochs}  loss {rec['train_loss']:.4f}  val {fmt_pct(val['all'])}  "
              f"test {fmt_pct(test['all'])} (many {fmt_pct(test['many'])} / med {fmt_pct(test['medium'])} / "
              f"few {fmt_pct(test['few'])})  {seconds:.1f}s  {rec['images_per_s']:.0f} img/s", opts.quiet)

@@ -26,7 +26,7 @@ import ltcache.cache.build as cache_build  # noqa: E402
 from ltcache.cache import describe, extract, load, write_cache  # noqa: E402
 from ltcache.cache.extraction import BN_STATS, _seed, train_row_order  # noqa: E402
 from ltcache.cache.lock import LOCK  # noqa: E402
-from ltcache.cache.manifest import MANIFEST, PROGRESS, sha256_file  # noqa: E402
+from ltcache.cache.manifest import MANIFEST, PROGRESS, seal, sha256_file  # noqa: E402
 from ltcache.cli import cli  # noqa: E402
 from ltcache.data import DatasetSpec, build_dataset, hflip  # noqa: E402
 from ltcache.errors import LtcacheError  # noqa: E402
@@ -291,7 +291,7 @@ def test_damaged_shard_unverified_and_shape_mismatch(setup):
         f.create_dataset("features", data=feats[:, :1])
     man = json.loads((cache / MANIFEST).read_text())
     man["splits"]["test"]["shards"][0]["sha256"] = sha256_file(shard)
-    (cache / MANIFEST).write_text(json.dumps(man))
+    (cache / MANIFEST).write_text(json.dumps(seal(man)))      # re-sealed: consistent but wrong
     with pytest.raises(LtcacheError, match="test-00000.h5") as exc:
         load(cache, splits=("test",))
     assert "\n" not in str(exc.value)

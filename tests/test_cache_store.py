@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 from ltcache.cache import default_cache_path, load, write_cache  # noqa: E402
 from ltcache.cache.extraction import batches, shard_bounds  # noqa: E402
 from ltcache.cache.lock import LOCK, CacheLock  # noqa: E402
-from ltcache.cache.manifest import MANIFEST, sha256_file  # noqa: E402
+from ltcache.cache.manifest import MANIFEST, seal, sha256_file  # noqa: E402
 from ltcache.errors import LtcacheError  # noqa: E402
 
 cache_load = importlib.import_module("ltcache.cache.load")      # the module (ltcache.cache.load is the function)
@@ -50,7 +50,7 @@ def _rewrite_shard(cache: Path, name: str, **datasets) -> None:
         for rec in block["shards"]:
             if rec["file"] == name:
                 rec["sha256"] = sha256_file(shard)
-    (cache / MANIFEST).write_text(json.dumps(man))
+    (cache / MANIFEST).write_text(json.dumps(seal(man)))      # re-sealed: consistent but wrong
 
 
 def test_round_trip_float32_and_device_dtype(tmp_path):
@@ -100,7 +100,7 @@ def test_verify_false_skips_checksums_only(tmp_path):
     path = _write(tmp_path / "c")
     man = json.loads((path / MANIFEST).read_text())
     man["splits"]["train"]["shards"][1]["sha256"] = "0" * 64
-    (path / MANIFEST).write_text(json.dumps(man))
+    (path / MANIFEST).write_text(json.dumps(seal(man)))      # re-sealed: consistent but wrong
     with pytest.raises(LtcacheError, match="checksum"):
         load(path)
     assert load(path, verify=False).splits["train"].features.shape == (10, 2, D)

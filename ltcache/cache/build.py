@@ -20,11 +20,12 @@ import torch
 
 from ltcache import __version__
 from ltcache.cache.lock import CacheLock
-from ltcache.cache.manifest import (CLASSIFIER, MANIFEST, PROGRESS, SCHEMA_VERSION, sha256_file,
-                                    write_json_atomic)
+from ltcache.cache.manifest import (CLASSIFIER, MANIFEST, PROGRESS, SCHEMA_VERSION, checksum_ok, sha256_file,
+                                    write_json_atomic, write_manifest)
 from ltcache.cache.shards import shard_name, write_classifier, write_shard
 from ltcache.errors import LtcacheError
 from ltcache.groups import shot_groups
+from ltcache.outputs import atomic_save, os_error
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -39,12 +40,15 @@ class CacheWriter:
         self.key = json.loads(json.dumps(key))          # normalise (tuples -> lists)
         self.complete = False
         self.records: dict[str, dict] = {}
+        self._created = [] if self.final.exists() else [self.final]     # removed again if left empty
+        self.dir = self.final
         self.lock = CacheLock(self.final)
         self.lock.acquire()
         try:
             self.dir = self._choose_dir(force)
         except BaseException:
             self.lock.release()
+            self._remove_empty()
             raise
         self._queue: "queue.Queue" = queue.Queue(maxsize=2)    # bounded: at most two shards waiting in memory
         self._error: Optional[BaseException] = None
@@ -59,6 +63,12 @@ class CacheWriter:
                 old = json.loads(man.read_text())
             except (OSError, ValueError):
                 old = {}
+            old = old if isinstance(old, dict) else {}
+            if not checksum_ok(old):
+                if not force:
+                    raise LtcacheError(f"{man} is damaged or was edited (checksum mismatch); re-extract the cache "
+                                       "with --force")
+                old = {}                              # not to be trusted: rebuilt beside it, as for --force
             if old.get("key") == self.key:
                 shards = {r["file"]: r for b in old.get("splits", {}).values() for r in b.get("shards", [])}
                 extras_ok = all((self.final / n).is_file() and sha256_file(self.final / n) == r.get("sha256")
@@ -77,7 +87,11 @@ class CacheWriter:
             if not self._resume_from(staging, force=True):
                 if staging.exists():
                     shutil.rmtree(staging)
-                staging.mkdir(parents=True)
+                try:
+                    staging.mkdir(parents=True)
+                except OSError as exc:
+                    raise os_error(exc, staging) from None
+                self._created.append(staging)
             return staging
         self._resume_from(self.final, force)
         self.final.mkdir(parents=True, exist_ok=True)
@@ -135,6 +149,8 @@ class CacheWriter:
                 rec = write_shard(self.dir / shard_name(split, i), feats, labels, index)
                 self.records[rec["file"]] = rec
                 write_json_atomic({"key": self.key, "shards": self.records}, self.dir / PROGRESS)
+            except OSError as exc:        # e.g. a full disk: a one-line error in the main thread
+                self._error = os_error(exc, self.dir / shard_name(split, i))
             except BaseException as exc:  # surfaced in the main thread
                 self._error = exc
 
@@ -152,8 +168,8 @@ class CacheWriter:
         try:
             clf = write_classifier(self.dir / CLASSIFIER, weight, bias)
             extras = {}
-            for name, writer in (extra_files or {}).items():
-                writer(self.dir / name)
+            for name, save in (extra_files or {}).items():
+                atomic_save(self.dir / name, save)       # complete under its name, or not there
                 extras[name] = {"file": name, "sha256": sha256_file(self.dir / name)}
             split_block = {}
             for split, (views, n_shards) in splits.items():
@@ -162,7 +178,7 @@ class CacheWriter:
             man = {"schema_version": SCHEMA_VERSION, "ltcache_version": __version__,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **body,
                    "splits": split_block, "classifier": clf, "extra_files": extras, "key": self.key}
-            write_json_atomic(man, self.dir / MANIFEST)
+            write_manifest(man, self.dir / MANIFEST)
             (self.dir / PROGRESS).unlink(missing_ok=True)
             if self.dir != self.final:
                 old = self.final.with_name(f".{self.final.name}.old")
@@ -176,12 +192,21 @@ class CacheWriter:
             self.lock.release()
 
     def abort(self) -> None:
-        """Stop the writer thread and release the lock; completed shards stay for a resume."""
+        """Stop the writer thread and release the lock; completed shards stay for a resume, and a
+        folder this writer created is removed when nothing was written into it."""
         try:
             self._drain()
         except BaseException:
             pass
         self.lock.release()
+        self._remove_empty()
+
+    def _remove_empty(self) -> None:
+        for folder in reversed(self._created):
+            try:
+                folder.rmdir()                   # only succeeds when it is empty
+            except OSError:
+                pass
 
 
 def manifest_body(dataset: dict, class_counts, arch: str, feature_dim: int, checkpoint: dict,

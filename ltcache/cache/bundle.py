@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from ltcache.cache.load import BUNDLED, load
-from ltcache.cache.manifest import MANIFEST, read_manifest, write_json_atomic
+from ltcache.cache.manifest import MANIFEST, read_manifest, write_manifest
 from ltcache.errors import LtcacheError
 
 
@@ -32,7 +32,7 @@ def bundle_cache(src, provenance: dict, dest=BUNDLED, with_checkpoint: bool = Tr
         shutil.copy2(ck, tmp / "stage1.pt")
         man["checkpoint"] = {**man["checkpoint"], "path": "stage1.pt"}
     man["provenance"] = provenance
-    write_json_atomic(man, tmp / MANIFEST)
+    write_manifest(man, tmp / MANIFEST)            # re-sealed: its checksum covers the provenance
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)

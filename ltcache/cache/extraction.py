@@ -138,10 +138,10 @@ class _Extractor:
         return f.float()
 
     def views(self, split: str, rows: torch.Tensor, names: Sequence[str], train_bn: str,
-              gen: torch.Generator, dtype: str) -> torch.Tensor:
+              gen: torch.Generator, dtype: str, bar=None) -> torch.Tensor:
         """Features [m, V, D] in the storage dtype, on the host, of the given rows for every
         named view: the views are made on the device from one uploaded batch, cast there, and
-        come back in one device-to-host copy per batch."""
+        come back in one device-to-host copy per batch (``bar`` advances by each batch's images)."""
         sp = self.ds.splits[split]
         m = len(rows)
         out = None
@@ -173,6 +173,8 @@ class _Extractor:
             if out is None:
                 out = torch.empty((m,) + tuple(host.shape[1:]), dtype=host.dtype)
             out[pos] = host
+            if bar is not None:
+                bar.update(len(pos))
         _check_finite(int(bad), float(top), dtype, split)
         if out is None:                                        # an empty split (e.g. --val-per-class 0)
             out = torch.empty((0, len(names), self.model.feature_dim), dtype=TORCH_DTYPES[dtype])
@@ -308,7 +310,10 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
     layout, seconds, shift_s = {}, 0.0, 0.0
     order = [s for s in SPLITS if s in args["splits"]]
     shifted = False
-    with torch.no_grad():
+    # one bar for the whole extraction: the images of every split, advanced per batch (closed on
+    # the way out, also by an error, so that an error message starts its own line)
+    total = sum(len(ds.splits[s]) for s in order)
+    with torch.no_grad(), progress(total=total, desc="extract", quiet=quiet, unit="img") as bar:
         for split in order:
             if split != "train" and args["bn_shift"] != "none" and not shifted:
                 t = time.perf_counter()
@@ -320,7 +325,7 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
             sp = ds.splits[split]
             batch_stats = split == "train" and args["train_bn"] == "batch" and args["train_views"] > 0
             bounds = shard_bounds(len(sp), shard_rows, min(bs, shard_rows) // 2 if batch_stats else 1)
-            bar = progress(total=len(sp), desc=f"extract {split}", quiet=quiet, unit="img")
+            bar.set_description(f"extract {split}")
             # Batch-statistics views: the source order is sorted by class, so batches drawn inside
             # contiguous shards would each hold a few classes and their BN statistics would carry the
             # label. The train rows are stored in a seeded random order instead, which makes every
@@ -331,11 +336,11 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
                 if not writer.has_shard(split, i):
                     t, start = time.perf_counter(), ex.images_done
                     g = torch.Generator().manual_seed(_seed(args["seed"], split, i))
-                    feats = ex.views(split, rows, names, args["train_bn"], g, dtype)
+                    feats = ex.views(split, rows, names, args["train_bn"], g, dtype, bar=bar)
                     writer.submit(split, i, feats.numpy(), sp.labels[rows].numpy(), sp.index[rows].numpy())
                     bar.set_postfix(fwd_img_s=f"{(ex.images_done - start) / max(time.perf_counter() - t, 1e-9):.0f}")
-                bar.update(len(rows))
-            bar.close()
+                else:
+                    bar.update(len(rows))                # kept from an interrupted run
             seconds += time.perf_counter() - t_split
             layout[split] = (names, len(bounds))
         if args["bn_shift"] != "none" and not shifted:

@@ -1,9 +1,14 @@
-"""``ltcache info``: a readable summary of a cache."""
+"""``ltcache info``: a readable summary of a cache, and ``--verify``: every file checked."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ltcache.cache.manifest import read_manifest
+import h5py
+
+from ltcache.cache.manifest import CHECKSUM, MANIFEST, read_manifest, sha256_file
+from ltcache.cache.shards import check_shard
+from ltcache.errors import LtcacheError
+from ltcache.progress import progress
 
 
 def _size(path: Path) -> int:
@@ -48,3 +53,54 @@ def describe(path) -> str:
         for k, v in man["provenance"].items():
             lines.append(f"provenance   {k}: {v}")
     return "\n".join(lines)
+
+
+def verify(path, quiet: bool = True) -> str:
+    """Check a whole cache: the manifest's checksum, every shard (sha256, HDF5 readable, rows and
+    shape as the manifest says), the classifier and the extra files. Returns
+    ``verified: N shards OK``; raises a one-line LtcacheError naming the first damaged file."""
+    from ltcache.cache.load import _fix
+
+    path = Path(path)
+    man = read_manifest(path)                  # refuses a manifest whose checksum does not match
+    dtype, dim = man.get("dtype"), int(man["feature_dim"])
+    fix = _fix(path, man)
+    shards = [(name, block, rec) for name, block in man["splits"].items() for rec in block["shards"]]
+    rows = {name: 0 for name in man["splits"]}
+    for name, block, rec in progress(shards, desc="verify", quiet=quiet, unit="shard"):
+        file = path / rec["file"]
+        if not file.is_file():
+            raise LtcacheError(f"shard {file} is missing; {fix}")
+        if sha256_file(file) != rec["sha256"]:
+            raise LtcacheError(f"shard {file} is corrupt (checksum mismatch: truncated or altered); {fix}")
+        try:
+            check_shard(file, int(rec["rows"]), len(block["views"]), dim, dtype)
+        except LtcacheError as exc:
+            raise LtcacheError(f"{exc}; {fix}") from None
+        rows[name] += int(rec["rows"])
+    for name, block in man["splits"].items():
+        if rows[name] != int(block["rows"]):
+            raise LtcacheError(f"{path / MANIFEST}: split {name} has {block['rows']} rows but its shards hold "
+                               f"{rows[name]}; {fix}")
+    clf = path / man["classifier"]["file"]
+    if not clf.is_file():
+        raise LtcacheError(f"{clf} is missing; {fix}")
+    if sha256_file(clf) != man["classifier"]["sha256"]:
+        raise LtcacheError(f"{clf} is corrupt (checksum mismatch); {fix}")
+    k = int(man["num_classes"])
+    try:
+        with h5py.File(clf, "r") as f:
+            shapes = f["weight"].shape, f["bias"].shape
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise LtcacheError(f"{clf} is unreadable ({exc.__class__.__name__}); {fix}") from None
+    if shapes != ((k, dim), (k,)):
+        raise LtcacheError(f"{clf} holds weight {shapes[0]} / bias {shapes[1]}, the manifest says ({k}, {dim}) / "
+                           f"({k},); {fix}")
+    for name, rec in (man.get("extra_files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            raise LtcacheError(f"{file} is missing; {fix}")
+        if sha256_file(file) != rec["sha256"]:
+            raise LtcacheError(f"{file} is corrupt (checksum mismatch); {fix}")
+    note = "" if CHECKSUM in man else f" ({MANIFEST} has no checksum: a cache made before ltcache wrote one)"
+    return f"verified: {len(shards)} shards OK{note}"

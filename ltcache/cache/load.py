@@ -125,7 +125,8 @@ def _read_split(cache_dir: Path, name: str, block: dict, man: dict, verify: bool
 def load(path=None, splits: Sequence[str] = ("train", "val", "test"), device="cpu",
          dtype: torch.dtype = torch.float32, verify: bool = True, quiet: bool = True) -> FeatureCache:
     """Load a cache: per split one preallocated host buffer (pinned for CUDA), moved to the device
-    once. ``verify=False`` skips the checksums (explicit, never the default)."""
+    once. The manifest's own checksum is always checked; ``verify=False`` skips the files'
+    checksums (explicit, never the default)."""
     cache_dir = Path(path) if path is not None else default_cache_path()
     man = read_manifest(cache_dir)
     device = torch.device(device)

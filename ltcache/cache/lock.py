@@ -1,5 +1,5 @@
-"""One writer per cache directory: a lock file with the writer's pid and host; the lock of
-a process that no longer runs (on this host) is stale and taken over."""
+"""One writer per output folder (a cache, a stage-1 run): a lock file with the writer's pid and
+host; the lock of a process that no longer runs (on this host) is stale and taken over."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 from ltcache.errors import LtcacheError
+from ltcache.outputs import os_error
 
 LOCK = ".lock"
 
@@ -22,15 +23,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class CacheLock:
-    """Context manager holding ``DIR/.lock`` for the duration of a write."""
+class OutputLock:
+    """Context manager holding ``DIR/.lock`` while a run writes the folder ``DIR``; a second
+    writer is refused with the first one's pid. ``what`` names the work in messages."""
 
-    def __init__(self, cache_dir):
-        self.path = Path(cache_dir) / LOCK
+    def __init__(self, folder, what: str = "run"):
+        self.path = Path(folder) / LOCK
+        self.what = what
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Take the lock (creating the folder), or raise LtcacheError naming the holder."""
         me = {"pid": os.getpid(), "host": socket.gethostname()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, self.path.parent) from None
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -45,13 +52,23 @@ class CacheLock:
                     continue
                 raise LtcacheError(f"{self.path.parent} is being written by another process (pid {pid} on {host}); "
                                    f"wait for it, or delete {self.path} if that process is gone") from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
+            except OSError as exc:
+                raise os_error(exc, self.path) from None
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(me, fh)
+            except OSError as exc:
+                self.path.unlink(missing_ok=True)
+                raise os_error(exc, self.path) from None
             return
-        raise LtcacheError(f"could not take the lock {self.path}; delete it if no extraction is running")
+        raise LtcacheError(f"could not take the lock {self.path}; delete it if no {self.what} is running")
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Remove the lock file (nothing when it is already gone)."""
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def __enter__(self):
         self.acquire()
@@ -60,3 +77,10 @@ class CacheLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+class CacheLock(OutputLock):
+    """The lock of a cache directory (one extraction or write_cache at a time)."""
+
+    def __init__(self, cache_dir, what: str = "extraction"):
+        super().__init__(cache_dir, what)

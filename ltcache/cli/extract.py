@@ -54,12 +54,20 @@ def extract_cmd(ckpt, splits, test_views, **kw) -> None:
 
 @cli.command("info")
 @click.argument("cache", required=False)
-def info_cmd(cache) -> None:
+@click.option("--verify", is_flag=True, help="Check every file: the manifest's checksum, each shard's sha256, "
+              "rows and HDF5 readability, the classifier; exit 2 naming the first damaged file.")
+def info_cmd(cache, verify) -> None:
     """Summarise a cache: dataset, classes and groups, splits and views, size, provenance.
 
     Without CACHE, the default (bundled) cache.
     """
-    from ltcache.cache import default_cache_path
-    from ltcache.cache.info import describe
+    import sys
 
-    click.echo(describe(cache or default_cache_path()))
+    from ltcache.cache import default_cache_path
+    from ltcache.cache.info import describe, verify as verify_cache
+
+    path = cache or default_cache_path()
+    if verify:
+        click.echo(verify_cache(path, quiet=not sys.stderr.isatty()))
+        return
+    click.echo(describe(path))

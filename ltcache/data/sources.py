@@ -3,11 +3,13 @@
 decodes images only for the rows actually used."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import shutil
 import tarfile
 import tempfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from ltcache.errors import LtcacheError
+from ltcache.outputs import os_error
 from ltcache.progress import progress
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -65,8 +68,8 @@ def load_cifar(name: str, root: Path, download: bool) -> SourceData:
     if not base.is_dir():
         if not download:
             raise LtcacheError(
-                f"{name} not found under {root} (expected {base}); pass --download to fetch it "
-                "(needs a network), or use an image folder, e.g. --dataset "
+                f"{name} not found under {root} (expected {base}); pass --data-root DIR if DIR/{folder} "
+                "exists, --download to fetch it (needs a network), or use an image folder, e.g. --dataset "
                 "imagefolder:../shared/data/cifar10-jpg.tar.gz")
         import torchvision
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -163,11 +166,26 @@ def _unpack(tar_path: Path, data_root: Path, name: str, dest: Path) -> None:
     """Extract into a temporary folder beside ``dest``, mark it complete, then move it in place."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=data_root))
     try:
-        with tarfile.open(tar_path) as tf:
+        try:
+            tf = tarfile.open(tar_path)
+        except tarfile.TarError:
+            raise LtcacheError(f"cannot unpack {tar_path} (not a gzip/tar file); check the file") from None
+        with tf:
             tf.extractall(tmp, filter="data")
-    except (tarfile.TarError, OSError) as exc:
+    except LtcacheError:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise LtcacheError(f"cannot unpack {tar_path} ({exc}); check the file") from None
+        raise
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise os_error(exc, dest) from None                    # the data root is full or read-only
+        if isinstance(exc, tarfile.FilterError):
+            why = f"unsafe entry: {exc}"
+        elif isinstance(exc, OSError) and exc.strerror:
+            why = exc.strerror
+        else:
+            why = "truncated or damaged"
+        raise LtcacheError(f"cannot unpack {tar_path} ({why}); check the file") from None
     inner = [p for p in tmp.iterdir() if not p.name.startswith(".")]
     top = inner[0] if len(inner) == 1 and inner[0].is_dir() and not (tmp / "train").is_dir() else tmp
     (top / ".unpacked").write_text(str(tar_path))
@@ -195,6 +213,10 @@ def load_imagefolder(arg: str, data_root: Path, image_size: int, workers: int) -
     if not path.exists() and not path.is_absolute() and (data_root / arg).exists():
         path = data_root / arg
     if not path.exists():
+        if not path.is_absolute():          # e.g. a checkpoint's relative source, used from another folder
+            raise LtcacheError(f"image folder {arg} not found in {Path.cwd()} nor under the data root "
+                               f"{data_root.absolute()}; "
+                               f"pass --data-root DIR where DIR/{arg} exists, or give its full path")
         raise LtcacheError(f"image folder {arg} not found; give PATH with train/<class>/ and "
                            "test/<class>/ folders, or a .tar.gz of that layout")
     if path.is_file():
