@@ -47,6 +47,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "seed": (int, "training seed"),
     },
     "extract": {
+        "protocol": (str, "faithful (default) | clean: fills the four options below when not given"),
         "splits": (list, "splits to extract"),
         "test_views": (list, "views of val/test: center, hflip"),
         "train_views": (int, "augmented views per training image besides the clean one"),

@@ -18,8 +18,16 @@ def test_bundled_cache_loads_and_verifies():
     cache = load(path, verify=True)
     man = cache.manifest
     assert man["dataset"]["imb_ratio"] == 100 and cache.num_classes == 10 and cache.feature_dim == 64
-    assert sum(man["class_counts"]) == 12406 and len(cache.splits["test"].labels) == 10000
-    assert cache.splits["test"].views == ["center", "hflip"]
+    assert sum(man["class_counts"]) == 12406
+    # val covers every class (every val-based choice needs it); val and test are disjoint
+    val, test = cache.splits["val"], cache.splits["test"]
+    assert torch.bincount(val.labels, minlength=10).min() > 0
+    if man.get("val_split", {}).get("rule") == "from-test":      # interim: val carved from test
+        assert len(test.labels) + len(val.labels) == 10000
+        assert not set(val.index.tolist()) & set(test.index.tolist())
+    else:
+        assert len(test.labels) == 10000
+    assert test.views == ["center", "hflip"]
     prov = man["provenance"]
     assert prov["stage1_epochs"] >= 1 and "pipeline" in prov and "commands" in prov
     assert torch.isfinite(cache.splits["train"].features).all()
@@ -31,4 +39,5 @@ def test_bench_all_methods_on_the_bundled_cache(tmp_path):
     assert res.exit_code == 0, res.output
     results = json.loads((tmp_path / "results.json").read_text())
     assert len({r["method"] for r in results["runs"]}) >= 22
-    assert all(r["metrics"]["all"] is not None for r in results["runs"])
+    assert "tau-norm" in {r["method"] for r in results["runs"]} and not results["skipped"]
+    assert all(r["metrics"]["all"] is not None and r["val"]["balanced"] is not None for r in results["runs"])

@@ -62,7 +62,7 @@ def setup(tmp_path_factory):
     opts = Stage1Options(dataset=f"imagefolder:{folder}", imb_ratio=2, val_per_class=2, epochs=1, lr=0.01, batch_size=BATCH,
                          workers=2, out=str(base / "run"), quiet=True, warmup_epochs=0, device="cpu")
     ckpt = train_stage1(opts)
-    cache = extract(ckpt, cache=base / "cache", batch_size=BATCH, shard_rows=SHARD_ROWS, data_root=base,
+    cache = extract(ckpt, protocol="clean", cache=base / "cache", batch_size=BATCH, shard_rows=SHARD_ROWS, data_root=base,
                     quiet=True, workers=2, device="cpu")
     ck = torch.load(ckpt, map_location="cpu", weights_only=False)
     spec = DatasetSpec.from_dict(dict(ck["dataset"]))
@@ -83,7 +83,7 @@ def _kw(setup, **over):
 @pytest.fixture(scope="module")
 def batch_cache(setup):
     """An uninterrupted extraction with one augmented train view under batch-statistics BN."""
-    return extract(setup["ckpt"], cache=setup["base"] / "cache_batch",
+    return extract(setup["ckpt"], protocol="clean", cache=setup["base"] / "cache_batch",
                    **_kw(setup, splits=("train", "test"), train_views=1, train_bn="batch"))
 
 
@@ -171,7 +171,7 @@ def test_load_float16_and_split_selection(setup):
 
 def test_rerun_same_options_is_a_no_op(setup):
     before = (setup["cache"] / MANIFEST).read_bytes()
-    out = extract(setup["ckpt"], cache=setup["cache"], **_kw(setup))
+    out = extract(setup["ckpt"], protocol="clean", cache=setup["cache"], **_kw(setup))
     assert out == setup["cache"]
     assert (setup["cache"] / MANIFEST).read_bytes() == before
 
@@ -192,7 +192,7 @@ def test_interrupted_extraction_resumes_identically(setup, batch_cache, monkeypa
 
     monkeypatch.setattr(cache_build, "write_shard", failing)
     with pytest.raises(KeyboardInterrupt):
-        extract(setup["ckpt"], cache=target, **opts)
+        extract(setup["ckpt"], protocol="clean", cache=target, **opts)
     assert not (target / MANIFEST).exists()
     assert not (target / LOCK).exists()                       # released on the way out
     prog = json.loads((target / PROGRESS).read_text())
@@ -207,7 +207,7 @@ def test_interrupted_extraction_resumes_identically(setup, batch_cache, monkeypa
         return real(*a, **kw)
 
     monkeypatch.setattr(cache_build, "write_shard", counting)
-    extract(setup["ckpt"], cache=target, **opts)
+    extract(setup["ckpt"], protocol="clean", cache=target, **opts)
     got, want = _shard_records(target), _shard_records(batch_cache)
     total = sum(len(v) for v in want.values())
     assert len(written) == total - k                           # the k complete shards were kept
@@ -233,7 +233,7 @@ def test_interrupted_with_altered_partial_shard_recomputes_it(setup, monkeypatch
 
     monkeypatch.setattr(cache_build, "write_shard", failing)
     with pytest.raises(KeyboardInterrupt):
-        extract(setup["ckpt"], cache=target, **opts)
+        extract(setup["ckpt"], protocol="clean", cache=target, **opts)
     monkeypatch.setattr(cache_build, "write_shard", real)
     first = target / "test-00000.h5"
     with open(first, "r+b") as fh:            # a shard damaged after it was recorded
@@ -242,7 +242,7 @@ def test_interrupted_with_altered_partial_shard_recomputes_it(setup, monkeypatch
         fh.seek(-1, 1)
         fh.write(bytes([b[0] ^ 0xFF]))
     (target / ".test-00002.h5.tmp").write_bytes(b"half a shard")       # left by a kill -9
-    extract(setup["ckpt"], cache=target, **opts)
+    extract(setup["ckpt"], protocol="clean", cache=target, **opts)
     recs = _shard_records(target)["test"]
     base = _shard_records(setup["cache"])["test"]
     assert recs == base                        # same options on the test split: same bytes
@@ -317,7 +317,7 @@ def test_second_writer_is_refused(setup):
     lock = {"pid": os.getpid(), "host": socket.gethostname()}
     (target / LOCK).write_text(json.dumps(lock))
     with pytest.raises(LtcacheError, match="another process"):
-        extract(setup["ckpt"], cache=target, **_kw(setup, splits=("test",)))
+        extract(setup["ckpt"], protocol="clean", cache=target, **_kw(setup, splits=("test",)))
     assert json.loads((target / LOCK).read_text()) == lock        # not ours to remove
     assert not (target / MANIFEST).exists()
     assert not list(target.glob("*.h5"))
@@ -329,7 +329,7 @@ def test_stale_lock_is_taken_over(setup):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     (target / LOCK).write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname()}))
-    extract(setup["ckpt"], cache=target, **_kw(setup, splits=("test",)))
+    extract(setup["ckpt"], protocol="clean", cache=target, **_kw(setup, splits=("test",)))
     assert (target / MANIFEST).is_file() and not (target / LOCK).exists()
     assert _shard_records(target)["test"] == _shard_records(setup["cache"])["test"]
 
@@ -339,17 +339,17 @@ def test_overwrite_needs_force(setup):
     cache = _copy_cache(setup, "cache_overwrite")
     before = {p.name: p.read_bytes() for p in cache.iterdir()}
     with pytest.raises(LtcacheError, match="--force"):
-        extract(setup["ckpt"], cache=cache, **_kw(setup, test_views=("center",)))
+        extract(setup["ckpt"], protocol="clean", cache=cache, **_kw(setup, test_views=("center",)))
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before     # untouched, no lock left
     # via the CLI: exit 2, one error line
-    res = CliRunner().invoke(cli, ["extract", "--ckpt", str(setup["ckpt"]), "--cache", str(cache),
+    res = CliRunner().invoke(cli, ["extract", "--ckpt", str(setup["ckpt"]), "--cache", str(cache), "--protocol", "clean",
                                    "--test-views", "center", "--shard-rows", str(SHARD_ROWS),
                                    "--batch-size", str(BATCH), "--data-root", str(setup["base"]),
                                    "--device", "cpu", "--workers", "2", "--quiet"])
     assert res.exit_code == 2 and res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1
     assert "Traceback" not in res.output
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
-    out = extract(setup["ckpt"], cache=cache, **_kw(setup, splits=("test",), test_views=("center",), force=True))
+    out = extract(setup["ckpt"], protocol="clean", cache=cache, **_kw(setup, splits=("test",), test_views=("center",), force=True))
     assert out == cache
     fc = load(cache, splits=("test",))
     assert list(fc.manifest["splits"]) == ["test"] and fc.splits["test"].views == ["center"]
@@ -365,9 +365,9 @@ def test_foreign_state_dict(setup):
     torch.save(setup["model"].state_dict(), foreign)
     dataset = f"imagefolder:{setup['folder']}"
     with pytest.raises(LtcacheError, match="--arch"):
-        extract(foreign, cache=setup["base"] / "cache_foreign_noarch", dataset=dataset, imb_ratio=2,
+        extract(foreign, protocol="clean", cache=setup["base"] / "cache_foreign_noarch", dataset=dataset, imb_ratio=2,
                 val_per_class=2, **_kw(setup, splits=("test",)))
-    out = extract(foreign, cache=setup["base"] / "cache_foreign", arch="resnet32", dataset=dataset, imb_ratio=2,
+    out = extract(foreign, protocol="clean", cache=setup["base"] / "cache_foreign", arch="resnet32", dataset=dataset, imb_ratio=2,
                   val_per_class=2, **_kw(setup, splits=("train", "test")))
     fc = load(out)
     ref = setup["loaded"]
@@ -382,21 +382,21 @@ def test_foreign_state_dict(setup):
     wrapped = setup["base"] / "wrapped.pt"
     torch.save({"state_dict": setup["model"].state_dict(), "epoch": 3}, wrapped)
     with pytest.raises(LtcacheError, match="--arch"):
-        extract(wrapped, cache=setup["base"] / "cache_wrapped", dataset=dataset, **_kw(setup, splits=("test",)))
+        extract(wrapped, protocol="clean", cache=setup["base"] / "cache_wrapped", dataset=dataset, **_kw(setup, splits=("test",)))
     with pytest.raises(LtcacheError, match="contradicts"):
-        extract(setup["ckpt"], cache=setup["base"] / "cache_wrong_arch", arch="resnet18",
+        extract(setup["ckpt"], protocol="clean", cache=setup["base"] / "cache_wrong_arch", arch="resnet18",
                 **_kw(setup, splits=("test",)))
     bad = setup["base"] / "broken.pt"
     bad.write_bytes(foreign.read_bytes()[:200])
     with pytest.raises(LtcacheError, match="not a readable"):
-        extract(bad, cache=setup["base"] / "cache_broken", arch="resnet32", dataset=dataset,
+        extract(bad, protocol="clean", cache=setup["base"] / "cache_broken", arch="resnet32", dataset=dataset,
                 **_kw(setup, splits=("test",)))
 
 
 # -- BN shift ------------------------------------------------------------------------------------
 @torch.no_grad()
 def test_bn_shift_moves_only_running_stats(setup):
-    out = extract(setup["ckpt"], cache=setup["base"] / "cache_shift", **_kw(setup, bn_shift="instance"))
+    out = extract(setup["ckpt"], protocol="clean", cache=setup["base"] / "cache_shift", **_kw(setup, bn_shift="instance"))
     fc, ref = load(out), setup["loaded"]
     assert fc.manifest["extraction"]["bn_shift"] == "instance"
     assert fc.manifest["extraction"]["bn_stats_file"] == BN_STATS
@@ -427,7 +427,7 @@ def test_bn_shift_moves_only_running_stats(setup):
     (out / BN_STATS).write_bytes(b"damaged")
     with pytest.raises(LtcacheError, match=BN_STATS):
         load(out, splits=("test",))
-    extract(setup["ckpt"], cache=out, **_kw(setup, bn_shift="instance"))
+    extract(setup["ckpt"], protocol="clean", cache=out, **_kw(setup, bn_shift="instance"))
     restored = torch.load(out / BN_STATS, map_location="cpu")
     assert all(torch.equal(restored[k], stats[k]) for k in stats)
     assert _shard_records(out) == shards
@@ -498,7 +498,7 @@ def test_batch_statistics_batches_mix_the_classes():
 
 @torch.no_grad()
 def test_train_views_running_mode(setup, batch_cache):
-    out = extract(setup["ckpt"], cache=setup["base"] / "cache_aug_running",
+    out = extract(setup["ckpt"], protocol="clean", cache=setup["base"] / "cache_aug_running",
                   **_kw(setup, splits=("train",), train_views=2, train_bn="running"))
     fc, ref, ds = load(out, splits=("train",)), setup["loaded"], setup["ds"]
     tr = fc.splits["train"]
@@ -575,7 +575,7 @@ def test_info_of_extracted_cache(setup):
 def test_bad_options(setup, over, word):
     target = setup["base"] / "cache_bad"
     with pytest.raises(LtcacheError, match=word):
-        extract(setup["ckpt"], cache=target, **_kw(setup, **over))
+        extract(setup["ckpt"], protocol="clean", cache=target, **_kw(setup, **over))
     assert not target.exists()
 
 
@@ -593,14 +593,14 @@ def test_features_beyond_float16_or_non_finite_are_refused_at_extraction(setup):
     big = _tampered_checkpoint(setup, "huge.pt", 1e5)
     target = setup["base"] / "cache_huge"
     with pytest.raises(LtcacheError, match="float32"):
-        extract(big, cache=target, **_kw(setup, splits=("test",)))
+        extract(big, protocol="clean", cache=target, **_kw(setup, splits=("test",)))
     assert not (target / MANIFEST).exists() and not (target / LOCK).exists()
-    extract(big, cache=target, **_kw(setup, splits=("test",), dtype="float32", force=True))
+    extract(big, protocol="clean", cache=target, **_kw(setup, splits=("test",), dtype="float32", force=True))
     fc = load(target, splits=("test",))
     assert fc.manifest["dtype"] == "float32" and fc.splits["test"].features.abs().max() > 65504
     nan = _tampered_checkpoint(setup, "nan.pt", float("nan"))
     with pytest.raises(LtcacheError, match="non-finite"):
-        extract(nan, cache=setup["base"] / "cache_nan", **_kw(setup, splits=("test",), dtype="float32"))
+        extract(nan, protocol="clean", cache=setup["base"] / "cache_nan", **_kw(setup, splits=("test",), dtype="float32"))
 
 
 def test_bad_write_cache_dtype_and_missing_checkpoint(setup, tmp_path):
@@ -608,7 +608,7 @@ def test_bad_write_cache_dtype_and_missing_checkpoint(setup, tmp_path):
         write_cache(tmp_path / "c", {"test": (torch.zeros(2, 1, 3), torch.zeros(2), torch.arange(2), ["center"])},
                     torch.zeros(1, 3), torch.zeros(1), dataset={}, class_counts=[2], dtype="float64")
     with pytest.raises(LtcacheError, match="not found"):
-        extract(tmp_path / "nope.pt", cache=tmp_path / "c2", **_kw(setup))
+        extract(tmp_path / "nope.pt", protocol="clean", cache=tmp_path / "c2", **_kw(setup))
 
 
 # -- batch-statistics views with several batches per shard, repair, forced resume ----------------
@@ -617,7 +617,7 @@ def test_train_bn_batch_several_batches_per_shard(setup):
     from ltcache.cache.extraction import batches
 
     rows_per_shard, bs = 16, 6
-    out = extract(setup["ckpt"], cache=setup["base"] / "cache_batch6",
+    out = extract(setup["ckpt"], protocol="clean", cache=setup["base"] / "cache_batch6",
                   **_kw(setup, splits=("train",), train_views=1, train_bn="batch", shard_rows=rows_per_shard,
                         batch_size=bs))
     fc, ds = load(out, splits=("train",)), setup["ds"]
@@ -658,7 +658,7 @@ def test_rerun_recomputes_a_damaged_shard_of_a_complete_cache(setup, monkeypatch
         return real(*a, **kw)
 
     monkeypatch.setattr(cache_build, "write_shard", counting)
-    extract(setup["ckpt"], cache=cache, **_kw(setup))           # the fix the error message names
+    extract(setup["ckpt"], protocol="clean", cache=cache, **_kw(setup))           # the fix the error message names
     assert sorted(written) == ["test-00001.h5", "val-00000.h5"]
     assert _shard_records(cache) == _shard_records(setup["cache"])
     load(cache)
@@ -679,7 +679,7 @@ def test_interrupted_forced_replacement_keeps_the_old_cache_and_resumes(setup, m
 
     monkeypatch.setattr(cache_build, "write_shard", failing)
     with pytest.raises(KeyboardInterrupt):
-        extract(setup["ckpt"], cache=cache, **opts)
+        extract(setup["ckpt"], protocol="clean", cache=cache, **opts)
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before      # nothing already written is lost
     load(cache)
     written = []
@@ -689,7 +689,7 @@ def test_interrupted_forced_replacement_keeps_the_old_cache_and_resumes(setup, m
         return real(*a, **kw)
 
     monkeypatch.setattr(cache_build, "write_shard", counting)
-    extract(setup["ckpt"], cache=cache, **opts)
+    extract(setup["ckpt"], protocol="clean", cache=cache, **opts)
     assert written == ["test-00001.h5", "test-00002.h5"]                    # the first one was kept
     fc = load(cache, splits=("test",))
     assert list(fc.manifest["splits"]) == ["test"] and fc.splits["test"].views == ["center"]
@@ -700,7 +700,7 @@ def test_interrupted_forced_replacement_keeps_the_old_cache_and_resumes(setup, m
 def test_empty_val_split(setup):
     foreign = setup["base"] / "foreign_noval.pt"
     torch.save(setup["model"].state_dict(), foreign)
-    out = extract(foreign, cache=setup["base"] / "cache_noval", arch="resnet32",
+    out = extract(foreign, protocol="clean", cache=setup["base"] / "cache_noval", arch="resnet32",
                   dataset=f"imagefolder:{setup['folder']}", imb_ratio=2, val_per_class=0,
                   **_kw(setup, splits=("val", "test")))
     fc = load(out, splits=("val", "test"))

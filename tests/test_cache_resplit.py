@@ -41,7 +41,7 @@ def test_val_carved_from_test_is_balanced_disjoint_and_recorded(tmp_path):
         assert torch.equal(split.features, old.features[split.index])
         assert torch.equal(split.labels, old.labels[split.index])
     assert torch.equal(new.splits["train"].features, before.splits["train"].features)
-    assert new.manifest["val_split"]["rule"] == "from-test" and new.manifest["dataset"]["val_counts"] == [3, 3, 3]
+    assert new.manifest["val_split"]["rule"] == "from-test" and new.manifest["val_split"]["val_counts"] == [3, 3, 3]
     again = val_from_test(src, tmp_path / "again", per_class=3, seed=0)
     assert load(again, quiet=True).splits["val"].index.tolist() == val.index.tolist()
     with pytest.raises(LtcacheError, match="already exists"):

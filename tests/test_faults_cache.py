@@ -87,13 +87,13 @@ def run(tmp_path_factory):
                                           out=str(base / "run"), quiet=True))
     finally:
         os.chdir(here)
-    cache = extraction.extract(ckpt, cache=base / "cache", shard_rows=SHARD_ROWS, batch_size=16, data_root=base,
+    cache = extraction.extract(ckpt, protocol="clean", cache=base / "cache", shard_rows=SHARD_ROWS, batch_size=16, data_root=base,
                                device="cpu", workers=2, quiet=True)
     return SimpleNamespace(base=base, ckpt=ckpt, cache=cache)
 
 
 def _extract_args(run, cache, *extra):
-    return ["extract", "--ckpt", run.ckpt, "--cache", cache, "--shard-rows", SHARD_ROWS, "--batch-size", 16,
+    return ["extract", "--ckpt", run.ckpt, "--cache", cache, "--protocol", "clean", "--shard-rows", SHARD_ROWS, "--batch-size", 16,
             "--data-root", run.base, "--device", "cpu", "--workers", 2, "--quiet", *extra]
 
 
@@ -411,7 +411,7 @@ def test_progress_bar_counts_images_of_every_split_per_batch(run, tmp_path, monk
         return bar
 
     monkeypatch.setattr(extraction, "progress", recording)
-    cache = extraction.extract(run.ckpt, cache=tmp_path / "c", shard_rows=SHARD_ROWS, batch_size=4,
+    cache = extraction.extract(run.ckpt, protocol="clean", cache=tmp_path / "c", shard_rows=SHARD_ROWS, batch_size=4,
                                data_root=run.base, device="cpu", workers=2, quiet=True)
     man = json.loads((cache / MANIFEST).read_text())
     (kw, updates), = bars

@@ -23,7 +23,7 @@ def run(tmp_path_factory):
     ckpt = train_stage1(Stage1Options(dataset=f"imagefolder:{folder}", data_root=str(root), imb_ratio=2,
                                       val_per_class=2, epochs=1, batch_size=16, warmup_epochs=0, workers=2,
                                       out=str(root / "run"), quiet=True, device="cpu"))
-    cache = extract(ckpt, cache=root / "cache", dtype="float32", batch_size=16, data_root=str(root),
+    cache = extract(ckpt, protocol="clean", cache=root / "cache", dtype="float32", batch_size=16, data_root=str(root),
                     device="cpu", quiet=True, workers=2)
     return root, ckpt, cache
 

@@ -78,8 +78,6 @@ def val_from_test(src: Union[str, Path], dest: Union[str, Path], per_class: int 
             man["splits"][split] = {**man["splits"]["test"], "rows": int(sum(s["rows"] for s in shards)),
                                     "shards": shards}
         val_counts = np.bincount(y[val_rows], minlength=k).astype(int).tolist()
-        man["dataset"] = {**man["dataset"], "val_split": "from-test", "val_per_class": per_class,
-                          "val_counts": val_counts}
         man["val_split"] = {
             "rule": "from-test", "per_class": per_class, "seed": seed, "val_counts": val_counts,
             "test_counts": np.bincount(y[test_rows], minlength=k).astype(int).tolist(),

@@ -150,11 +150,17 @@ def unpack_tarball(tar_path: Path, data_root: Path) -> Path:
     dest = data_root / name
     if (dest / ".unpacked").exists():
         return dest
-    data_root.mkdir(parents=True, exist_ok=True)
     # several processes started at once (e.g. pipelines in parallel) unpack once: the others wait
     # on the lock, then find the folder complete (without it, a late finisher replaced the folder
     # while an early one was reading images from it)
-    with open(data_root / f".{name}.unpack.lock", "w") as lock:
+    try:
+        data_root.mkdir(parents=True, exist_ok=True)
+        lock = open(data_root / f".{name}.unpack.lock", "w")
+    except OSError as exc:
+        from ltcache.outputs import os_error
+        raise LtcacheError(f"{tar_path} is unpacked into the data root, but {os_error(exc, data_root / name)}; "
+                           "pass --data-root DIR with a folder you can write to") from None
+    with lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
         if not (dest / ".unpacked").exists():
