@@ -2,12 +2,23 @@
 
 Stage 1 trains a backbone once; extraction caches its penultimate features; stage 2
 re-trains many classifier heads on the cached tensors in one batched sweep.
+
+Methods of your own: ``ltcache.register_loss`` (a decorator; a loss may give only its
+forward), ``ltcache.register_method`` and ``ltcache.Param``, in a file loaded with
+``--plugin FILE`` (or ``ltcache.load_plugin``); README "Add a method".
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "load_model", "register_method", "register_loss", "Param", "load_plugin"]
+
+_LAZY = {
+    "register_method": ("ltcache.stage2.methods", "register_method"),
+    "register_loss": ("ltcache.stage2.losses", "register_loss"),
+    "Param": ("ltcache.stage2.params", "Param"),
+    "load_plugin": ("ltcache.plugins", "load_plugin"),
+}
 
 
 def load_model(path):
@@ -15,3 +26,13 @@ def load_model(path):
     from ltcache.export import load_model as _load_model
 
     return _load_model(path)
+
+
+def __getattr__(name: str):
+    """The extension API, imported on first use (``import ltcache`` stays light)."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'ltcache' has no attribute '{name}'")

@@ -2,6 +2,12 @@
 
 ``ltcache run pipelines/X.toml`` runs the steps in order into one output directory and skips
 steps whose outputs are already complete and valid, so an interrupted pipeline resumes.
+
+``[pipeline] plugins = ["my_methods.py"]`` imports plugin files (methods and losses of your own,
+paths relative to the pipeline file) before anything else is read; the ``[sweep]`` section
+accepts every declared hyper-parameter (generic, each registered method's) as an override, e.g.
+``delta = 0.9``, and as a ``grid`` key -- the keys come from the declarations, so a new loss
+adds its own.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "name": (str, "experiment name"),
         "out": (str, "output directory (relative to the pipeline file's directory or absolute)"),
         "description": (str, "free text"),
+        "plugins": (list, "plugin files (ltcache.register_method / register_loss) imported first, relative to "
+                          "this file"),
     },
     "dataset": {
         "source": (str, "cifar10 | cifar100 | imagefolder:PATH | splitlist:DIR/NAME"),
@@ -69,6 +77,24 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     },
 }
 REQUIRED = {"dataset": ("source",), "stage1": ("arch",)}
+_PY_TYPES = {float: _NUM, int: int, str: str}
+
+
+def hyper_keys() -> dict[str, tuple[Any, str]]:
+    """The [sweep] hyper-parameter keys, from the declarations (``ltcache.stage2.methods.
+    option_table``): each an override for the methods that have it, and a valid ``grid`` key."""
+    from ltcache.stage2.methods import option_table
+    out = {}
+    for name, rows in option_table().items():
+        users = sorted({u for _, us in rows for u in us})
+        out[name] = (_PY_TYPES[rows[0][0].type],
+                     f"{rows[0][0].help} (override{' for ' + ', '.join(users) if users else ''})")
+    return out
+
+
+def schema() -> dict[str, dict[str, tuple[Any, str]]]:
+    """Every accepted key per section, the [sweep] hyper-parameters included."""
+    return {**SCHEMA, "sweep": {**SCHEMA["sweep"], **hyper_keys()}}
 
 
 @dataclass
@@ -91,8 +117,8 @@ def _type_name(t: Any) -> str:
             dict: "table"}.get(t, str(t))
 
 
-def _check(section: str, key: str, value: Any, where: str) -> None:
-    expected = SCHEMA[section][key][0]
+def _check(section: str, key: str, value: Any, where: str, table: Optional[dict] = None) -> None:
+    expected = (table or SCHEMA[section])[key][0]
     types = expected if isinstance(expected, tuple) else (expected,)
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
@@ -100,6 +126,17 @@ def _check(section: str, key: str, value: Any, where: str) -> None:
         article = "an" if name[0] in "aeiou" else "a"
         raise LtcacheError(f"{where}: [{section}] {key} must be {article} {name}, "
                            f"got {type(value).__name__} {value!r}")
+
+
+def _check_grid(grid: dict, keys: dict, where: str) -> None:
+    """Each grid key a declared hyper-parameter, its values (a list) of the declared type."""
+    for key, values in grid.items():
+        if key not in keys:
+            raise LtcacheError(f"{where}: [sweep] grid key '{key}' is not a hyper-parameter; valid keys: "
+                               + ", ".join(keys))
+        _check("sweep", f"grid.{key}", values if isinstance(values, list) else [values], where, {f"grid.{key}": (list, "")})
+        for v in values if isinstance(values, list) else [values]:
+            _check("sweep", f"grid.{key}", v, where, {f"grid.{key}": (keys[key][0], "")})
 
 
 def parse_pipeline(path: str | Path) -> Pipeline:
@@ -111,17 +148,30 @@ def parse_pipeline(path: str | Path) -> Pipeline:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise LtcacheError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
+    if "plugins" in doc and not isinstance(doc["plugins"], dict):
+        raise LtcacheError(f"{path}: put plugins = [...] under [pipeline]")
+    plugins = doc.get("pipeline", {}).get("plugins", []) if isinstance(doc.get("pipeline"), dict) else []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise LtcacheError(f"{path}: [pipeline] plugins must be a list of file paths, got {plugins!r}")
+    from ltcache.plugins import load_plugins
+    try:
+        load_plugins(plugins, base=path.parent)         # before the [sweep] keys, which they may add
+    except LtcacheError as exc:
+        raise LtcacheError(f"{path}: [pipeline] {exc}") from None
+    full = schema()
     for section, table in doc.items():
-        if section not in SCHEMA:
+        if section not in full:
             raise LtcacheError(f"{path}: unknown section [{section}]; valid sections: "
-                               + ", ".join(f"[{s}]" for s in SCHEMA))
+                               + ", ".join(f"[{s}]" for s in full))
         if not isinstance(table, dict):
             raise LtcacheError(f"{path}: '{section}' must be a table ([{section}])")
         for key, value in table.items():
-            if key not in SCHEMA[section]:
+            if key not in full[section]:
                 raise LtcacheError(f"{path}: unknown key [{section}] {key}; valid keys: "
-                                   + ", ".join(SCHEMA[section]))
-            _check(section, key, value, str(path))
+                                   + ", ".join(full[section]))
+            _check(section, key, value, str(path), full[section])
+    if "grid" in doc.get("sweep", {}):
+        _check_grid(doc["sweep"]["grid"], hyper_keys(), str(path))
     for section, keys in REQUIRED.items():
         for key in keys:
             if key not in doc.get(section, {}):
@@ -192,13 +242,14 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
     extract(ckpt, cache=cache_dir, device=device, data_root=root, quiet=quiet, **ex)
     echo(f"[3/3] sweep -> {out_dir / 'results'}", quiet)
     sw = dict(pl.sweep)
+    overrides = {k: sw.pop(k) for k in list(sw) if k in hyper_keys()}
     methods = sw.pop("methods", "all")
     grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sw.pop("grid", {}).items()}
     test_views = sw.pop("test_views", ["center", "hflip"])
     results = bench(cache_dir, None if methods == "all" else list(methods), grid=grid or None,
                     seeds=sw.pop("seeds", [0]), select=sw.pop("select", "last"),
                     test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
-                    preset=sw.pop("preset", None), out_dir=out_dir / "results",
+                    preset=sw.pop("preset", None), out_dir=out_dir / "results", overrides=overrides or None,
                     clean_view=bool(sw.pop("clean_view", False)))
     if not quiet:
         echo(format_table(results))

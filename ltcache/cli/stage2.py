@@ -8,41 +8,80 @@ import click
 from ltcache.cli.app import cli
 from ltcache.errors import LtcacheError
 
-# each method's own hyper-parameters, as real options (refused when they do not apply)
-METHOD_OPTIONS = [
-    ("--delta", "delta", float, "LOS label over-smoothing delta in [0, 1]"),
-    ("--eps", "eps", float, "label smoothing epsilon (ls)"),
-    ("--eps-head", "eps_head", float, "MiSLAS smoothing of the most frequent class"),
-    ("--eps-tail", "eps_tail", float, "MiSLAS smoothing of the rarest class"),
-    ("--shape", "shape", click.Choice(["concave", "linear", "convex"]), "MiSLAS smoothing shape"),
-    ("--lr-factor", "lr_factor", float, "MiSLAS learning-rate ratio of W, b"),
-    ("--tau", "tau", float, "logit adjustment / tau-norm / VS tau (>= 0)"),
-    ("--gamma", "gamma", float, "focal / VS gamma"),
-    ("--beta", "beta", float, "class-balanced beta in [0, 1)"),
-    ("--margin", "margin", float, "LDAM largest margin"),
-    ("--scale", "scale", float, "cosine head scale"),
-    ("--maxnorm-thresh", "maxnorm_thresh", float, "LTWB MaxNorm threshold"),
-    ("--alpha", "alpha", float, "LADE regulariser weight"),
-    ("--lam", "lam", float, "LADE lambda"),
-    ("--p", "p", float, "Seesaw mitigation exponent"),
-    ("--q", "q", float, "Seesaw compensation exponent"),
-    ("--rho", "rho", float, "MARC GRW exponent"),
-]
-GENERIC_OPTIONS = [
-    ("--epochs", "epochs", int, "epochs (default: the method's preset)"),
-    ("--lr", "lr", float, "learning rate"),
-    ("--batch-size", "batch_size", int, "batch size"),
-    ("--wd", "wd", float, "weight decay"),
-    ("--schedule", "schedule", click.Choice(["cosine", "cosine-start", "constant"]), "lr schedule"),
-]
+PLUGIN_HELP = ("a Python file of your own methods and losses (ltcache.register_method / register_loss), "
+               "imported before the methods are resolved; repeatable")
 
 
-def _add(options):
-    def deco(f):
-        for flag, dest, typ, help_ in reversed(options):
-            f = click.option(flag, dest, type=typ, default=None, show_default=False, help=help_)(f)
-        return f
-    return deco
+def plugin_args(args) -> list[str]:
+    """The --plugin values in raw command-line ``args`` (before click parses them)."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            break
+        if a == "--plugin" and i + 1 < len(args):
+            out.append(args[i + 1])
+            i += 2
+            continue
+        if a.startswith("--plugin="):
+            out.append(a.split("=", 1)[1])
+        i += 1
+    return out
+
+
+def hyper_options(kind: str) -> list[click.Option]:
+    """The hyper-parameter options, generated from the declarations (``ltcache.stage2.methods.
+    option_table``): ``generic`` (lr, wd, epochs, ...) or ``all`` (also every registered method's
+    own, e.g. --delta): one option per name, its help naming the methods that use it."""
+    from ltcache.stage2.methods import GENERIC, option_table
+
+    out = []
+    for name, rows in option_table().items():
+        if kind != "all" and name not in GENERIC:
+            continue
+        p = rows[0][0]
+        typ = click.Choice(list(p.choices)) if p.choices else p.type
+        if name in GENERIC:
+            help_ = f"{p.help} (default: the method's preset)"
+        else:
+            help_ = "; ".join(f"{q.help} in {q.range_text()} ({', '.join(users)})" for q, users in rows)
+        out.append(click.Option(["--" + name.replace("_", "-"), name], type=typ, default=None, show_default=False,
+                                help=help_))
+    return out
+
+
+class PluginCommand(click.Command):
+    """A stage-2 command whose ``--plugin`` files are imported before its options are parsed,
+    and whose hyper-parameter options (``hyper``: "", "generic" or "all") are generated from the
+    declarations -- a plugin's own hyper-parameters become options too."""
+
+    def __init__(self, *args, hyper: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hyper = hyper
+        self._generated: tuple = ((), [])
+
+    def parse_args(self, ctx: click.Context, args: list) -> list:
+        from ltcache.plugins import load_plugins
+        load_plugins(plugin_args(args))
+        return super().parse_args(ctx, args)
+
+    def get_params(self, ctx: click.Context) -> list:
+        params = super().get_params(ctx)
+        if not self.hyper:
+            return params
+        from ltcache.stage2.losses import LOSSES
+        from ltcache.stage2.methods import METHODS
+        key = (tuple(METHODS), tuple(LOSSES))
+        if self._generated[0] != key:            # the same option objects while the registry is unchanged
+            taken = {p.name for p in params}
+            self._generated = (key, [o for o in hyper_options(self.hyper) if o.name not in taken])
+        help_opt = self.get_help_option(ctx)
+        return [p for p in params if p is not help_opt] + self._generated[1] + [p for p in params if p is help_opt]
+
+
+def _plugin_option(f):
+    return click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
+                        help=PLUGIN_HELP)(f)
 
 
 def _common(f):
@@ -70,8 +109,11 @@ def _common(f):
     return f
 
 
-def _overrides(kwargs: dict, names) -> dict:
-    return {dest: kwargs.pop(dest) for _, dest, _, _ in names if kwargs.get(dest) is not None}
+def _overrides(kwargs: dict) -> dict:
+    """The hyper-parameter options given (every generated option left in ``kwargs``)."""
+    from ltcache.stage2.methods import option_table
+    names = set(option_table())
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in names and kwargs[k] is not None}
 
 
 RESULT_FILES = ("results.json", "summary.csv", "summary.md")
@@ -98,11 +140,10 @@ def _claim_outputs(force: bool, files=(), folder=None) -> None:
         ctx.with_resource(output_lock(folder[1]))
 
 
-@cli.command("retrain")
+@cli.command("retrain", cls=PluginCommand, hyper="all")
 @click.option("--method", required=True, help="method name (see `ltcache methods`)")
 @_common
-@_add(GENERIC_OPTIONS)
-@_add(METHOD_OPTIONS)
+@_plugin_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="write the results JSON here (an existing file is never replaced without --force; written "
                    "to a temporary name and renamed)")
@@ -118,20 +159,21 @@ def _claim_outputs(force: bool, files=(), folder=None) -> None:
 @click.option("--no-augment", is_flag=True, help="--through-backbone: no crop/flip augmentation")
 @click.option("--eval-bn", is_flag=True, help="--through-backbone: BatchNorm in eval mode (running statistics)")
 def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jobs, quiet, clean_view, from_tune, out,
-                export_path, force, through_backbone, ckpt, data_root, no_augment, eval_bn, **kwargs):
+                export_path, force, through_backbone, ckpt, data_root, no_augment, eval_bn, plugins, **kwargs):
     """Re-train one stage-2 method on the cached features and print its metrics.
 
     \b
     Examples:
       ltcache retrain --method los --delta 0.98 --seeds 0,1,2
       ltcache retrain --method los --through-backbone --ckpt runs/c10/stage1.pt   # the papers' way
+      ltcache retrain --plugin my_methods.py --method my-loss        # a method of your own
     """
     from ltcache.stage2 import api
     from ltcache.stage2.methods import get_method, validate_overrides
     from ltcache.stage2.results import format_table, write_json
 
     m = get_method(method)
-    overrides = validate_overrides(m, {**_overrides(kwargs, GENERIC_OPTIONS), **_overrides(kwargs, METHOD_OPTIONS)})
+    overrides = validate_overrides(m, _overrides(kwargs))
     seed_list = api.parse_seeds(seeds)
     if export_path is not None and len(seed_list) > 1:
         raise LtcacheError(f"--export writes one model but --seeds gives {len(seed_list)} seeds; "
@@ -180,18 +222,18 @@ def parse_grid(items) -> dict:
     return grid
 
 
-@cli.command("bench")
-@click.option("--all-methods", is_flag=True, help="every registered method")
+@cli.command("bench", cls=PluginCommand, hyper="generic")
+@click.option("--all-methods", is_flag=True, help="every registered method (with --plugin: its methods too)")
 @click.option("--methods", "method_list", default=None, help="comma-separated method names")
 @click.option("--grid", multiple=True, help="name=v1,v2,... (repeatable): a Cartesian grid")
 @_common
-@_add(GENERIC_OPTIONS)
+@_plugin_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="directory for results.json, summary.csv and summary.md (a folder already holding them is "
                    "never replaced without --force; each is written to a temporary name and renamed)")
 @click.option("--force", is_flag=True, help="replace the results already in the --out folder")
 def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_views, device, preset, jobs, quiet,
-              clean_view, from_tune, out, force, **kwargs):
+              clean_view, from_tune, out, force, plugins, **kwargs):
     """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All."""
     from ltcache.stage2 import api
     from ltcache.stage2.methods import METHODS, get_method
@@ -205,7 +247,7 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
         raise LtcacheError("--methods is empty; e.g. --methods ce,los")
     grid_d = parse_grid(grid)
     seed_list = api.parse_seeds(seeds)
-    overrides = _overrides(kwargs, GENERIC_OPTIONS)
+    overrides = _overrides(kwargs)
     _claim_outputs(force, folder=("--out", out))
     results = api.bench(cache_dir, (None if all_methods else names) or None, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
                         device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out, jobs=jobs,
@@ -215,12 +257,13 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
         click.echo(f"results: {out}/results.json, summary.csv, summary.md")
 
 
-@cli.command("methods")
+@cli.command("methods", cls=PluginCommand)
+@_plugin_option
 @click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default="cifar", help="which defaults to show")
 @click.option("--space", is_flag=True,
               help="print each method's search space for `ltcache tune`: every dimension's scale, range and "
                    "where the range comes from")
-def methods_cmd(preset, space):
+def methods_cmd(plugins, preset, space):
     """List every stage-2 method: head, loss, sampler, defaults and source."""
     from ltcache.stage2.methods import METHODS, method_space
 

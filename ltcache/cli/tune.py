@@ -6,11 +6,12 @@ from pathlib import Path
 import click
 
 from ltcache.cli.app import cli
+from ltcache.cli.stage2 import PLUGIN_HELP, PluginCommand
 from ltcache.errors import LtcacheError
 
 
-@cli.command("tune")
-@click.option("--all-methods", is_flag=True, help="tune every registered method")
+@cli.command("tune", cls=PluginCommand)
+@click.option("--all-methods", is_flag=True, help="tune every registered method (with --plugin: its methods too)")
 @click.option("--methods", "method_list", default=None, help="comma-separated method names")
 @click.option("--budget", type=int, default=32,
               help="points of each method's search space tried in stage A (the same for every method; a method "
@@ -40,8 +41,9 @@ from ltcache.errors import LtcacheError
                    "replaced without --force)")
 @click.option("--force", is_flag=True, help="replace the results already in the --out folder")
 @click.option("--quiet", is_flag=True, help="no progress bars or status lines")
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path), help=PLUGIN_HELP)
 def tune_cmd(all_methods, method_list, budget, search, select_metric, space_items, tune_seeds, seeds, cache_dir, test_views,
-             preset, device, jobs, clean_view, out, force, quiet):
+             preset, device, jobs, clean_view, out, force, quiet, plugins):
     """Tune every method on val with the same budget, then re-train the picks over the final seeds.
 
     \b

@@ -12,79 +12,31 @@ preset uses the **stated stage-2 default** below and the entry's ``notes`` say s
 
 All presets use the per-epoch cosine schedule of LOS/MiSLAS (``cosine``); cRT, BALMS and
 LTWB stepped it at the start of each epoch (``--schedule cosine-start`` reproduces that).
+
+Every method is one ``register_method(...)`` call below (a plugin adds its own the same way,
+see :mod:`ltcache.plugins`); its hyper-parameters are declared once, by its loss unit
+(``ltcache/stage2/losses/``), by the method itself (``params=``) or as generic
+(:mod:`ltcache.stage2.params`).
 """
 from __future__ import annotations
 
 import difflib
 import math
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from ltcache.errors import LtcacheError
+from ltcache.stage2 import heads as H
+from ltcache.stage2.losses import _core as losses_core
+from ltcache.stage2.losses import get_loss
+from ltcache.stage2.params import GENERIC, GENERIC_PARAMS, SCHEDULES, Param  # noqa: F401  (re-exported)
+from ltcache.stage2.samplers import SAMPLERS
 from ltcache.stage2.space import Dim, Space
 
-# ---------------------------------------------------------------------------------------------
-# hyper-parameters: name -> (type, check, description)
-# ---------------------------------------------------------------------------------------------
-
-GENERIC = ("lr", "wd", "epochs", "batch_size", "schedule", "momentum")
-
-
-def _rng(lo, hi, lo_open=False, hi_open=False):
-    def check(v):
-        ok_lo = v > lo if lo_open else v >= lo
-        ok_hi = (v < hi if hi_open else v <= hi) if hi is not None else True
-        return ok_lo and ok_hi
-    lo_s = "(" if lo_open else "["
-    hi_s = (")" if hi_open else "]") if hi is not None else ")"
-    return check, f"{lo_s}{lo}, {hi if hi is not None else 'inf'}{hi_s}"
-
-
-PARAMS: dict[str, tuple] = {
-    "lr": (float, _rng(0, None), "learning rate"),
-    "wd": (float, _rng(0, None), "weight decay"),
-    "epochs": (int, _rng(1, None), "epochs"),
-    "batch_size": (int, _rng(1, None), "batch size"),
-    "momentum": (float, _rng(0, 1, hi_open=True), "SGD momentum"),
-    "schedule": (str, (lambda v: v in ("cosine", "cosine-start", "constant"), "{cosine, cosine-start, constant}"),
-                 "lr schedule"),
-    "delta": (float, _rng(0, 1), "LOS label over-smoothing"),
-    "eps": (float, _rng(0, 1), "label smoothing"),
-    "eps_head": (float, _rng(0, 1), "MiSLAS smoothing of the most frequent class"),
-    "eps_tail": (float, _rng(0, 1), "MiSLAS smoothing of the rarest class"),
-    "shape": (str, (lambda v: v in ("concave", "linear", "convex"), "{concave, linear, convex}"),
-              "MiSLAS smoothing shape"),
-    "gamma": (float, _rng(0, None), "focal / VS exponent"),
-    "beta": (float, _rng(0, 1, hi_open=True), "class-balanced effective-number beta"),
-    "tau": (float, _rng(0, None), "logit adjustment / tau-norm exponent"),
-    "margin": (float, _rng(0, None), "LDAM largest margin"),
-    "scale": (float, _rng(0, None, lo_open=True), "cosine head scale"),
-    "lr_factor": (float, _rng(0, None), "MiSLAS lr ratio of W, b"),
-    "maxnorm_thresh": (float, _rng(0, None), "LTWB MaxNorm threshold"),
-    "alpha": (float, _rng(0, None), "LADE regulariser weight"),
-    "lam": (float, _rng(0, None), "LADE lambda"),
-    "p": (float, _rng(0, None), "Seesaw mitigation exponent"),
-    "q": (float, _rng(0, None), "Seesaw compensation exponent"),
-    "rho": (float, _rng(0, None), "GRW exponent (MARC)"),
-}
-
-
-def check_param(name: str, value, method: str = ""):
-    """Convert and range-check one hyper-parameter; LtcacheError naming the fix if bad."""
-    if name not in PARAMS:
-        raise LtcacheError(f"unknown hyper-parameter '{name}'" + (f" for method {method}" if method else ""))
-    typ, (check, rng), desc = PARAMS[name]
-    try:
-        v = typ(value) if not (typ is int and isinstance(value, float) and not value.is_integer()) else None
-        if v is None:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise LtcacheError(f"{name} ({desc}) must be a {typ.__name__}, got '{value}'") from None
-    if isinstance(v, float) and not math.isfinite(v):
-        raise LtcacheError(f"{name} ({desc}) must be finite, got {v}")
-    if not check(v):
-        raise LtcacheError(f"{name} ({desc}) must be in {rng}, got {v}")
-    return v
+CLOSED_FORM_HEADS = ("tau-norm", "posthoc-la", "ncm")
+INITS = ("stage1", "fresh")
+PRESETS = ("cifar", "imagenet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,16 +49,18 @@ class Method:
 
     name: str
     head: str              # linear | cosine | lws | mislas | marc | tau-norm | posthoc-la | ncm
-    loss: str              # a losses.build_loss kind ("-" for closed-form methods)
+    loss: str              # a registered loss (ltcache/stage2/losses/; "-" for closed-form methods)
     sampler: str           # ib | cb | sqrt | progressive ("-" for closed form)
     init: str              # stage1 | fresh ("-" for closed form)
-    tunables: tuple        # the method's own hyper-parameters (CLI options)
+    tunables: tuple        # the method's own hyper-parameters (CLI options): its loss's, then its own
     presets: dict          # {"cifar": {...}, "imagenet": {...}}: generic + tunable defaults
     source: str
     notes: str = ""
     closed_form: bool = False
     sigmoid_bias: bool = False     # bias initialised to -log(K-1) (CB repo sigmoid/focal)
     space: Space = Space()         # the search space of the method's own hyper-parameters (tune)
+    params: tuple = ()             # declarations of the method's own (non-loss) hyper-parameters
+    origin: str = "built-in"       # where it was registered (a plugin file, a module)
 
     def defaults(self, preset: str) -> dict:
         """All hyper-parameters of ``preset`` (generic and the method's own)."""
@@ -115,12 +69,183 @@ class Method:
         return dict(self.presets[preset])
 
 
+METHODS: dict[str, Method] = {}
+
 CRT_CIFAR = dict(lr=0.1, wd=5e-4, epochs=30, batch_size=128, schedule="cosine", momentum=0.9)
 CRT_IMNET = dict(lr=0.2, wd=5e-4, epochs=10, batch_size=512, schedule="cosine", momentum=0.9)
 LOS_CIFAR = dict(lr=5e-4, wd=0.0, epochs=20, batch_size=64, schedule="cosine", momentum=0.9)
 LTWB_CIFAR = dict(lr=0.01, wd=0.1, epochs=10, batch_size=64, schedule="cosine", momentum=0.9)
+STATED_DEFAULTS = {"cifar": CRT_CIFAR, "imagenet": CRT_IMNET}    # a preset's generic values unless given
 UNVERIFIED = ("stage-2 hyper-parameters UNVERIFIED (source gives end-to-end values only): "
               "uses the stated stage-2 default (cRT budget, stage-1 init, IB)")
+
+
+# ---------------------------------------------------------------------------------------------
+# hyper-parameters: every declaration (generic, each loss's, each method's own)
+# ---------------------------------------------------------------------------------------------
+
+def method_params(method: Method) -> dict[str, Param]:
+    """name -> declaration of every hyper-parameter ``method`` accepts: the generic ones (trained
+    methods), its loss's and its own, in that order."""
+    out = {} if method.closed_form else {p.name: p for p in GENERIC_PARAMS}
+    if not method.closed_form:
+        out.update({p.name: p for p in get_loss(method.loss).params})
+    out.update({p.name: p for p in method.params})
+    return out
+
+
+def declarations(name: str) -> list[tuple[Param, str]]:
+    """Every declaration of hyper-parameter ``name``: (Param, owner) -- generic, loss units,
+    registered methods' own."""
+    out = [(p, "generic") for p in GENERIC_PARAMS if p.name == name]
+    out += losses_core.declarations(name)
+    out += [(p, f"method '{m.name}'") for m in METHODS.values() for p in m.params if p.name == name]
+    return out
+
+
+def check_param(name: str, value, method: str = ""):
+    """Convert and range-check one hyper-parameter; LtcacheError naming the fix if bad.
+
+    With ``method`` (a registered method's name) its own declaration is used; without, the
+    value must satisfy one declaration of ``name``."""
+    if method and method in METHODS:
+        decl = method_params(METHODS[method]).get(name)
+        if decl is not None:
+            return decl.check(value)
+    decls = declarations(name)
+    if not decls:
+        raise LtcacheError(f"unknown hyper-parameter '{name}'" + (f" for method {method}" if method else ""))
+    first = None
+    for p, _ in decls:
+        try:
+            return p.check(value)
+        except LtcacheError as exc:
+            first = first or exc
+    raise first
+
+
+def option_table() -> dict[str, list[tuple[Param, list[str]]]]:
+    """name -> [(declaration, methods using it)] over the registered methods (generic first):
+    what the ``retrain`` options and the pipeline ``[sweep]`` keys are generated from."""
+    table: dict[str, list[tuple[Param, list[str]]]] = {p.name: [(p, [])] for p in GENERIC_PARAMS}
+    for m in METHODS.values():
+        for name, p in method_params(m).items():
+            if name in GENERIC:
+                continue
+            rows = table.setdefault(name, [])
+            for q, users in rows:
+                if q == p:
+                    users.append(m.name)
+                    break
+            else:
+                rows.append((p, [m.name]))
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# registration
+# ---------------------------------------------------------------------------------------------
+
+def _caller_origin() -> str:
+    from ltcache import plugins
+    current = plugins.current_plugin()
+    if current is not None:
+        return f"plugin {current}"
+    frame = sys._getframe(2)
+    return "built-in" if frame.f_globals.get("__name__") == __name__ else frame.f_code.co_filename
+
+
+def register_method(name: str, *, loss: str, head: str = "linear", sampler: str = "ib", init: str = "stage1",
+                    presets: Optional[dict] = None, source: str = "", notes: str = "",
+                    params: Sequence[Param] = (), tunables: Optional[Sequence[str]] = None,
+                    space: Union[Space, Sequence[Dim], None] = None, sigmoid_bias: bool = False,
+                    closed_form: bool = False) -> Method:
+    """Register a stage-2 method: a head, a registered loss, a sampler and an initialisation.
+
+    ``presets``: {"cifar": {...}, "imagenet": {...}} (or one dict for both) of generic values
+    (lr, wd, epochs, batch_size, schedule, momentum) and the method's hyper-parameters; what is
+    not given comes from the stated stage-2 default (the cRT budget) and the declarations'
+    defaults. ``params``: declarations of hyper-parameters of the method itself (not of its
+    loss, e.g. a head's). ``tunables``: the order of its hyper-parameters in run names
+    (default: its loss's, then ``params``). ``space``: its search space for ``ltcache tune``.
+    Registering a name that exists is an error.
+    """
+    where = f"method '{name}'"
+    if not isinstance(name, str) or not name or any(ch.isspace() or ch == "," for ch in name):
+        raise LtcacheError(f"method name {name!r} must be a non-empty string without spaces or commas")
+    if name in METHODS:
+        raise LtcacheError(f"{where} is already registered ({METHODS[name].origin}); choose another name")
+    if closed_form:
+        if head not in CLOSED_FORM_HEADS:
+            raise LtcacheError(f"{where}: closed-form head '{head}' is unknown; use one of {', '.join(CLOSED_FORM_HEADS)}")
+        loss_params: tuple = ()
+    else:
+        if head not in H.HEADS:
+            raise LtcacheError(f"{where}: unknown head '{head}'; use one of {', '.join(H.HEADS)}")
+        if sampler not in SAMPLERS:
+            raise LtcacheError(f"{where}: unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")
+        if init not in INITS:
+            raise LtcacheError(f"{where}: unknown init '{init}'; use stage1 or fresh")
+        if loss not in losses_core.LOSSES:
+            raise LtcacheError(f"{where}: unknown loss '{loss}'; register it first with @ltcache.register_loss "
+                               f"(registered: {', '.join(losses_core.LOSSES)})")
+        loss_params = get_loss(loss).params
+    params = tuple(params)
+    losses_core._check_declared(params, where)
+    for p in params:
+        for other, owner in declarations(p.name):
+            if (other.type, other.choices) != (p.type, p.choices):
+                raise LtcacheError(f"{where}: hyper-parameter {p.name} is a {p.type.__name__} here but "
+                                   f"differs in {owner}; use another name")
+    own = [p.name for p in loss_params] + [p.name for p in params if p.name not in {q.name for q in loss_params}]
+    if tunables is None:
+        tunables = own
+    elif sorted(tunables) != sorted(own):
+        raise LtcacheError(f"{where}: tunables must list exactly its hyper-parameters ({', '.join(own) or 'none'})")
+    decl = {p.name: p for p in (*loss_params, *params)}
+
+    given = dict(presets or {})
+    if given and not set(given) <= set(PRESETS):
+        given = {pre: given for pre in PRESETS}               # one dict for both presets
+    full = {}
+    for pre in PRESETS:
+        d = {} if closed_form else dict(STATED_DEFAULTS[pre])
+        d.update({n: p.default for n, p in decl.items() if p.default is not None})
+        d.update(given.get(pre, {}))
+        allowed = set(decl) | (set() if closed_form else set(GENERIC) | {"iterations"})
+        for key, value in d.items():
+            if key not in allowed:
+                raise LtcacheError(f"{where}: preset {pre} sets '{key}', which is not one of its hyper-parameters "
+                                   f"({', '.join(sorted(allowed))})")
+            if value is not None and key != "iterations":
+                try:
+                    d[key] = (decl.get(key) or method_params_generic(key)).check(value)
+                except LtcacheError as exc:
+                    raise LtcacheError(f"{where}: preset {pre}: {exc}") from None
+        missing = [n for n in tunables if n not in d or (d[n] is None and not closed_form)]
+        if missing:
+            raise LtcacheError(f"{where}: preset {pre} has no value for {', '.join(missing)}; give it in presets "
+                               "or as Param(default=...)")
+        full[pre] = d
+
+    if space is None:
+        space = Space()
+    elif not isinstance(space, Space):
+        space = Space(dims=tuple(space))
+    allowed = set(tunables) | (set() if closed_form else set(GENERIC))
+    bad = [n for n in space.names if n not in allowed]
+    if bad:
+        raise LtcacheError(f"{where}: its space searches {', '.join(bad)}, which it does not have")
+    m = Method(name, head, loss if not closed_form else "-", sampler if not closed_form else "-",
+               init if not closed_form else "-", tuple(tunables), full, source, notes, closed_form, sigmoid_bias,
+               space, params, _caller_origin())
+    METHODS[name] = m
+    return m
+
+
+def method_params_generic(name: str) -> Param:
+    """The generic declaration ``name``."""
+    return next(p for p in GENERIC_PARAMS if p.name == name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,9 +266,6 @@ def _choice(name, values, src):
 
 BETA = _choice("beta", (0.9, 0.99, 0.999, 0.9999), "CB paper's beta values; 0.9999 in LDAM-DRW, LTWB (§13, §15)")
 TAU_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(21))     # cRT tau_norm.py: linspace(0, 2, 21)
-# post-hoc LA: Menon et al.'s tau = 1; on the bundled CIFAR-10-LT cache the val pick sat on the top
-# of 0..2, so its candidates reach 3 (0.1 steps; a --budget below 31 spreads them evenly)
-LA_TAU_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(31))
 
 
 def space(*dims: Dim) -> Space:
@@ -152,112 +274,128 @@ def space(*dims: Dim) -> Space:
     return Space(dims=tuple(dims))
 
 
-def _m(name, head, loss, sampler, init, tunables, cifar, imagenet, source, notes="", **kw) -> Method:
-    return Method(name, head, loss, sampler, init, tuple(tunables), {"cifar": cifar, "imagenet": imagenet},
-                  source, notes, **kw)
+# hyper-parameters of a head or a closed form (the losses declare theirs in their own files)
+SCALE = Param("scale", float, lo=0, lo_open=True, help="cosine head scale")
+LR_FACTOR = Param("lr_factor", float, lo=0, help="MiSLAS lr ratio of W, b")
+MAXNORM_THRESH = Param("maxnorm_thresh", float, lo=0, help="LTWB MaxNorm threshold")
+TAU_NORM = Param("tau", float, lo=0, help="tau-norm exponent, chosen on val unless given")
+TAU_POSTHOC = Param("tau", float, lo=0, help="post-hoc logit adjustment tau")
 
+# ---------------------------------------------------------------------------------------------
+# the built-in methods
+# ---------------------------------------------------------------------------------------------
 
-_CLOSED = dict(closed_form=True)
-
-METHODS: dict[str, Method] = {m.name: m for m in [
-    _m("ce", "linear", "ce", "ib", "stage1", [], LOS_CIFAR, CRT_IMNET,
-       "LOS main_stage2.py with delta=0 (METHODS §3)",
-       "CE re-train from the stage-1 head, LOS protocol; ImageNet preset: cRT budget (UNVERIFIED)"),
-    _m("crt", "linear", "ce", "cb", "fresh", [], CRT_CIFAR, CRT_IMNET,
-       "cRT config/*/cls_crt.yaml; BagofTricks cRT/cifar100_im100.yaml (METHODS §4)",
-       "fresh nn.Linear head, ClassAwareSampler(4); BoT's CIFAR warmup+step schedule replaced by cosine"),
-    _m("sqrt", "linear", "ce", "sqrt", "fresh", [], CRT_CIFAR, CRT_IMNET,
-       "cRT MixedPrioritizedSampler nroot=2 (METHODS §5)", "no stage-2 config in the source: cRT values (UNVERIFIED)"),
-    _m("progressive", "linear", "ce", "progressive", "fresh", [], CRT_CIFAR, CRT_IMNET,
-       "cRT feat_shift.yaml / BoT progressive (METHODS §2)", "cRT values (UNVERIFIED as stage 2)"),
-    _m("lws", "lws", "ce", "cb", "stage1", [], CRT_CIFAR, dict(CRT_IMNET, epochs=5),
-       "cRT cls_lws.yaml, TauNormClassifier.py; BoT LWS/cifar100_im100.yaml (METHODS §6)",
-       "s in R^K on the frozen stage-1 W, b (bias scaled too); wd applies to s"),
-    _m("tau-norm", "tau-norm", "-", "-", "-", ["tau"], {"tau": None}, {"tau": None},
-       "cRT tau_norm.py (METHODS §7)", "bias dropped (cRT); tau from linspace(0,2,21) chosen on val unless --tau",
-       space=Space(candidates={"tau": TAU_CANDIDATES}), **_CLOSED),
-    _m("ncm", "ncm", "-", "-", "-", [], {}, {}, "cRT KNNClassifier.py cl2n + l2 (METHODS §8)",
-       "centroids from the clean train view", **_CLOSED),
-    _m("cosine", "cosine", "ce", "ib", "fresh", ["scale"], dict(CRT_CIFAR, scale=16.0), dict(CRT_IMNET, scale=16.0),
-       "cRT CosNormClassifier (s=16) / LDAM NormedLinear (METHODS §9)",
-       "z = s cos(f, w_j), no squash, unit-row fresh init; " + UNVERIFIED,
-       space=space(_log("scale", 4.0, 64.0, "cRT s=16, LDAM s=30 (§9, §13)"))),
-    _m("posthoc-la", "posthoc-la", "-", "-", "-", ["tau"], {"tau": 1.0}, {"tau": 1.0},
-       "google-research logit_adjustment (METHODS §10)", "z - tau log pi on the stage-1 head",
-       space=Space(candidates={"tau": LA_TAU_CANDIDATES}), **_CLOSED),
-    _m("la-loss", "linear", "la", "ib", "stage1", ["tau"], dict(CRT_CIFAR, tau=1.0), dict(CRT_IMNET, tau=1.0),
-       "google-research logit_adjustment (METHODS §11)", UNVERIFIED,
-       space=space(_lin("tau", 0.0, 2.0, "tau = 1 (§11); 0 = plain CE"))),
-    _m("balanced-softmax", "linear", "balanced-softmax", "ib", "fresh", [],
-       dict(lr=0.1, wd=5e-4, batch_size=512, epochs=None, iterations=2000, schedule="cosine", momentum=0.9),
-       dict(lr=0.4, wd=5e-4, epochs=10, batch_size=512, schedule="cosine", momentum=0.9),
-       "BALMS config/*/decouple_balanced_softmax*.yaml (METHODS §12)",
-       "CIFAR: 2000 iterations -> epochs = ceil(2000 / steps per epoch) (IF200 config; IF100 UNVERIFIED)"),
-    _m("ldam", "cosine", "ldam", "ib", "fresh", ["margin", "scale"], dict(CRT_CIFAR, margin=0.5, scale=30.0),
-       dict(CRT_IMNET, margin=0.5, scale=30.0), "LDAM-DRW losses.py (METHODS §13)",
-       "s (cos - m_y), m_j = 0.5 (n_min/n_j)^(1/4); " + UNVERIFIED,
-       space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (§13)"), _log("scale", 4.0, 64.0, "s = 30 (§13)"))),
-    _m("ldam-drw", "cosine", "ldam-drw", "ib", "fresh", ["margin", "scale", "beta"],
-       dict(CRT_CIFAR, margin=0.5, scale=30.0, beta=0.9999), dict(CRT_IMNET, margin=0.5, scale=30.0, beta=0.9999),
-       "LDAM-DRW losses.py, cifar_train.py (METHODS §13)",
-       "DRW = CB weights (beta) for the whole re-training, PyTorch weighted mean; " + UNVERIFIED,
-       space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (§13)"), _log("scale", 4.0, 64.0, "s = 30 (§13)"), BETA)),
-    _m("focal", "linear", "focal", "ib", "stage1", ["gamma"], dict(CRT_CIFAR, gamma=1.0), dict(CRT_IMNET, gamma=1.0),
-       "LDAM-DRW FocalLoss (METHODS §14)", "(1-p)^gamma CE, p = exp(-CE); " + UNVERIFIED,
-       space=space(_lin("gamma", 0.0, 3.0, "gamma = 1 (LDAM-DRW), 2 (original focal) (§14)"))),
-    _m("cb", "linear", "cb", "ib", "stage1", ["beta"], dict(CRT_CIFAR, beta=0.9999), dict(CRT_IMNET, beta=0.9999),
-       "class-balanced-loss (TF) src/cifar_main.py (METHODS §15)",
-       "softmax form, TF normalisation sum w_y CE / B; " + UNVERIFIED, space=space(BETA)),
-    _m("cb-focal", "linear", "cb-focal", "ib", "stage1", ["beta", "gamma"], dict(CRT_CIFAR, beta=0.9999, gamma=1.0),
-       dict(CRT_IMNET, beta=0.9999, gamma=1.0), "class-balanced-loss (TF) sigmoid focal (METHODS §14-15)",
-       "bias init -log(K-1); " + UNVERIFIED, sigmoid_bias=True,
-       space=space(BETA, _lin("gamma", 0.0, 3.0, "gamma = 1 (CB script), 2 (original focal) (§14)"))),
-    _m("cb-sigmoid", "linear", "cb-sigmoid", "ib", "stage1", ["beta"], dict(CRT_CIFAR, beta=0.9999),
-       dict(CRT_IMNET, beta=0.9999), "class-balanced-loss (TF) sigmoid (METHODS §15)",
-       "bias init -log(K-1); " + UNVERIFIED, sigmoid_bias=True, space=space(BETA)),
-    _m("ls", "linear", "ls", "ib", "stage1", ["eps"], dict(CRT_CIFAR, eps=0.1), dict(CRT_IMNET, eps=0.1),
-       "PyTorch label_smoothing (METHODS §16)", "eps is free (0.1 stated default); " + UNVERIFIED,
-       space=space(_lin("eps", 0.0, 0.5, "0.1 stated default (§16); LOS is eps near 1"))),
-    _m("los", "linear", "los", "ib", "stage1", ["delta"], dict(LOS_CIFAR, delta=0.98), dict(LOS_CIFAR, delta=0.98),
-       "LOS main_stage2.py, utils/config.py (METHODS §17)",
-       "CE with label_smoothing delta; ImageNet values not in the repo: CIFAR values (UNVERIFIED)",
-       space=space(_lin("delta", 0.0, 0.99, "0.98 at K = 100 (§17); the target q_y = 1 - delta (K-1)/K "
-                        "flattens faster at small K, so the range reaches down to plain CE"))),
-    _m("mislas", "mislas", "las", "cb", "stage1", ["eps_head", "eps_tail", "shape", "lr_factor"],
-       dict(lr=0.1, wd=2e-4, epochs=10, batch_size=128, schedule="cosine", momentum=0.9,
-            eps_head=0.4, eps_tail=0.1, shape="concave", lr_factor=0.2),
-       dict(lr=0.1, wd=5e-4, epochs=10, batch_size=256, schedule="cosine", momentum=0.9,
-            eps_head=0.3, eps_tail=0.0, shape="concave", lr_factor=0.05),
-       "MiSLAS config/*/*_stage2_mislas.yaml (METHODS §18)",
-       "cifar = CIFAR-100 IF100 row (CIFAR-10 IF100: eps 0.3/0.0, lr_factor 0.5); BN shift not reproducible on a cache",
-       space=space(_lin("eps_head", 0.0, 0.5, "0.2-0.4 in the MiSLAS configs (§18)"),
-                   _lin("eps_tail", 0.0, 0.2, "0.0-0.1 in the MiSLAS configs (§18)"),
-                   _log("lr_factor", 0.05, 0.5, "0.05-0.5 in the MiSLAS configs (§18)"))),
-    _m("maxnorm", "linear", "ltwb-cb", "ib", "stage1", ["beta", "maxnorm_thresh"],
-       dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1), dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1),
-       "LTWB demo2_second-stage-training.py, utils/regularizers.py (METHODS §19)",
-       "CB 'softmax' = BCE on softmax, wd 0.1, MaxNorm once per epoch; ImageNet UNVERIFIED (CIFAR values)",
-       space=space(_lin("maxnorm_thresh", 0.0, 0.5, "thresh = 0.1 (§19)"),
-                   _log("wd", 1e-3, 1.0, "LTWB's wd 0.1 was chosen by grid search (§19)"))),
-    _m("marc", "marc", "grw", "ib", "stage1", ["rho"], dict(CRT_CIFAR, rho=1.2), dict(CRT_IMNET, rho=1.2),
-       "MARC official code MARCLinear + GRWCrossEntropyLoss (METHODS §20)",
-       "a z + b ||w||, GRW exponent 1.2 (code default); sampler/epochs/lr UNVERIFIED: stated default",
-       space=space(_lin("rho", 0.0, 2.0, "exp_scale 1.2 (§20)"))),
-    _m("vs", "linear", "vs", "ib", "stage1", ["gamma", "tau"], dict(CRT_CIFAR, gamma=0.2, tau=1.2),
-       dict(CRT_IMNET, gamma=0.3, tau=1.0), "VS-Loss class_imbalance/losses.py (METHODS §24)",
-       "cifar: README CIFAR-10 example; imagenet: parser defaults; " + UNVERIFIED,
-       space=space(_lin("gamma", 0.0, 0.5, "0.2 (README CIFAR-10), 0.3 (parser) (§24)"),
-                   _lin("tau", 0.0, 2.0, "1.2 (README CIFAR-10), 1.0 (parser) (§24)"))),
-    _m("seesaw", "linear", "seesaw", "ib", "stage1", ["p", "q"], dict(CRT_CIFAR, p=0.8, q=2.0),
-       dict(CRT_IMNET, p=0.8, q=2.0), "mmdet seesaw_loss.py (METHODS §23)",
-       "static class counts instead of cumulative; " + UNVERIFIED,
-       space=space(_lin("p", 0.0, 1.5, "p = 0.8 (§23)"), _lin("q", 0.0, 3.0, "q = 2 (§23)"))),
-    _m("lade", "linear", "lade", "ib", "stage1", ["alpha", "lam"], dict(CRT_CIFAR, alpha=0.1, lam=0.01),
-       dict(CRT_IMNET, alpha=0.05, lam=0.5), "hyperconnect/LADE loss/LADELoss.py, README (METHODS §22)",
-       "PriorCE + alpha LADER; " + UNVERIFIED,
-       space=space(_log("alpha", 0.005, 0.5, "0.005-0.1 in the LADE README (§22)"),
-                   _log("lam", 0.005, 1.0, "0.01-0.5 in the LADE README (§22)"))),
-]}
+register_method("ce", loss="ce", presets={"cifar": LOS_CIFAR, "imagenet": CRT_IMNET},
+                source="LOS main_stage2.py with delta=0 (METHODS §3)",
+                notes="CE re-train from the stage-1 head, LOS protocol; ImageNet preset: cRT budget (UNVERIFIED)")
+register_method("crt", loss="ce", sampler="cb", init="fresh", presets={"cifar": CRT_CIFAR, "imagenet": CRT_IMNET},
+                source="cRT config/*/cls_crt.yaml; BagofTricks cRT/cifar100_im100.yaml (METHODS §4)",
+                notes="fresh nn.Linear head, ClassAwareSampler(4); BoT's CIFAR warmup+step schedule replaced by cosine")
+register_method("sqrt", loss="ce", sampler="sqrt", init="fresh", presets={"cifar": CRT_CIFAR, "imagenet": CRT_IMNET},
+                source="cRT MixedPrioritizedSampler nroot=2 (METHODS §5)",
+                notes="no stage-2 config in the source: cRT values (UNVERIFIED)")
+register_method("progressive", loss="ce", sampler="progressive", init="fresh",
+                presets={"cifar": CRT_CIFAR, "imagenet": CRT_IMNET},
+                source="cRT feat_shift.yaml / BoT progressive (METHODS §2)", notes="cRT values (UNVERIFIED as stage 2)")
+register_method("lws", head="lws", loss="ce", sampler="cb", presets={"cifar": CRT_CIFAR, "imagenet": dict(CRT_IMNET, epochs=5)},
+                source="cRT cls_lws.yaml, TauNormClassifier.py; BoT LWS/cifar100_im100.yaml (METHODS §6)",
+                notes="s in R^K on the frozen stage-1 W, b (bias scaled too); wd applies to s")
+register_method("tau-norm", head="tau-norm", loss="-", closed_form=True, params=(TAU_NORM,),
+                presets={"cifar": {"tau": None}, "imagenet": {"tau": None}}, source="cRT tau_norm.py (METHODS §7)",
+                notes="bias dropped (cRT); tau from linspace(0,2,21) chosen on val unless --tau",
+                space=Space(candidates={"tau": TAU_CANDIDATES}))
+register_method("ncm", head="ncm", loss="-", closed_form=True, presets={"cifar": {}, "imagenet": {}},
+                source="cRT KNNClassifier.py cl2n + l2 (METHODS §8)", notes="centroids from the clean train view")
+register_method("cosine", head="cosine", loss="ce", init="fresh", params=(SCALE,),
+                presets={"cifar": dict(CRT_CIFAR, scale=16.0), "imagenet": dict(CRT_IMNET, scale=16.0)},
+                source="cRT CosNormClassifier (s=16) / LDAM NormedLinear (METHODS §9)",
+                notes="z = s cos(f, w_j), no squash, unit-row fresh init; " + UNVERIFIED,
+                space=space(_log("scale", 4.0, 64.0, "cRT s=16, LDAM s=30 (§9, §13)")))
+register_method("posthoc-la", head="posthoc-la", loss="-", closed_form=True, params=(TAU_POSTHOC,),
+                presets={"cifar": {"tau": 1.0}, "imagenet": {"tau": 1.0}},
+                source="google-research logit_adjustment (METHODS §10)", notes="z - tau log pi on the stage-1 head",
+                space=Space(candidates={"tau": TAU_CANDIDATES}))
+register_method("la-loss", loss="la", presets={"cifar": dict(CRT_CIFAR, tau=1.0), "imagenet": dict(CRT_IMNET, tau=1.0)},
+                source="google-research logit_adjustment (METHODS §11)", notes=UNVERIFIED,
+                space=space(_lin("tau", 0.0, 2.0, "tau = 1 (§11); 0 = plain CE")))
+register_method("balanced-softmax", loss="balanced-softmax", init="fresh",
+                presets={"cifar": dict(lr=0.1, wd=5e-4, batch_size=512, epochs=None, iterations=2000, schedule="cosine",
+                                       momentum=0.9),
+                         "imagenet": dict(lr=0.4, wd=5e-4, epochs=10, batch_size=512, schedule="cosine", momentum=0.9)},
+                source="BALMS config/*/decouple_balanced_softmax*.yaml (METHODS §12)",
+                notes="CIFAR: 2000 iterations -> epochs = ceil(2000 / steps per epoch) (IF200 config; IF100 UNVERIFIED)")
+register_method("ldam", head="cosine", loss="ldam", init="fresh", params=(SCALE,),
+                presets={"cifar": dict(CRT_CIFAR, margin=0.5, scale=30.0), "imagenet": dict(CRT_IMNET, margin=0.5, scale=30.0)},
+                source="LDAM-DRW losses.py (METHODS §13)", notes="s (cos - m_y), m_j = 0.5 (n_min/n_j)^(1/4); " + UNVERIFIED,
+                space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (§13)"), _log("scale", 4.0, 64.0, "s = 30 (§13)")))
+register_method("ldam-drw", head="cosine", loss="ldam-drw", init="fresh", params=(SCALE,),
+                tunables=("margin", "scale", "beta"),
+                presets={"cifar": dict(CRT_CIFAR, margin=0.5, scale=30.0, beta=0.9999),
+                         "imagenet": dict(CRT_IMNET, margin=0.5, scale=30.0, beta=0.9999)},
+                source="LDAM-DRW losses.py, cifar_train.py (METHODS §13)",
+                notes="DRW = CB weights (beta) for the whole re-training, PyTorch weighted mean; " + UNVERIFIED,
+                space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (§13)"), _log("scale", 4.0, 64.0, "s = 30 (§13)"), BETA))
+register_method("focal", loss="focal", presets={"cifar": dict(CRT_CIFAR, gamma=1.0), "imagenet": dict(CRT_IMNET, gamma=1.0)},
+                source="LDAM-DRW FocalLoss (METHODS §14)", notes="(1-p)^gamma CE, p = exp(-CE); " + UNVERIFIED,
+                space=space(_lin("gamma", 0.0, 3.0, "gamma = 1 (LDAM-DRW), 2 (original focal) (§14)")))
+register_method("cb", loss="cb", presets={"cifar": dict(CRT_CIFAR, beta=0.9999), "imagenet": dict(CRT_IMNET, beta=0.9999)},
+                source="class-balanced-loss (TF) src/cifar_main.py (METHODS §15)",
+                notes="softmax form, TF normalisation sum w_y CE / B; " + UNVERIFIED, space=space(BETA))
+register_method("cb-focal", loss="cb-focal", sigmoid_bias=True,
+                presets={"cifar": dict(CRT_CIFAR, beta=0.9999, gamma=1.0), "imagenet": dict(CRT_IMNET, beta=0.9999, gamma=1.0)},
+                source="class-balanced-loss (TF) sigmoid focal (METHODS §14-15)", notes="bias init -log(K-1); " + UNVERIFIED,
+                space=space(BETA, _lin("gamma", 0.0, 3.0, "gamma = 1 (CB script), 2 (original focal) (§14)")))
+register_method("cb-sigmoid", loss="cb-sigmoid", sigmoid_bias=True,
+                presets={"cifar": dict(CRT_CIFAR, beta=0.9999), "imagenet": dict(CRT_IMNET, beta=0.9999)},
+                source="class-balanced-loss (TF) sigmoid (METHODS §15)", notes="bias init -log(K-1); " + UNVERIFIED,
+                space=space(BETA))
+register_method("ls", loss="ls", presets={"cifar": dict(CRT_CIFAR, eps=0.1), "imagenet": dict(CRT_IMNET, eps=0.1)},
+                source="PyTorch label_smoothing (METHODS §16)", notes="eps is free (0.1 stated default); " + UNVERIFIED,
+                space=space(_lin("eps", 0.0, 0.5, "0.1 stated default (§16); LOS is eps near 1")))
+register_method("los", loss="los", presets={"cifar": dict(LOS_CIFAR, delta=0.98), "imagenet": dict(LOS_CIFAR, delta=0.98)},
+                source="LOS main_stage2.py, utils/config.py (METHODS §17)",
+                notes="CE with label_smoothing delta; ImageNet values not in the repo: CIFAR values (UNVERIFIED)",
+                space=space(_lin("delta", 0.0, 0.99, "0.98 at K = 100 (§17); the target q_y = 1 - delta (K-1)/K "
+                                 "flattens faster at small K, so the range reaches down to plain CE")))
+register_method("mislas", head="mislas", loss="las", sampler="cb", params=(LR_FACTOR,),
+                presets={"cifar": dict(lr=0.1, wd=2e-4, epochs=10, batch_size=128, schedule="cosine", momentum=0.9,
+                                       eps_head=0.4, eps_tail=0.1, shape="concave", lr_factor=0.2),
+                         "imagenet": dict(lr=0.1, wd=5e-4, epochs=10, batch_size=256, schedule="cosine", momentum=0.9,
+                                          eps_head=0.3, eps_tail=0.0, shape="concave", lr_factor=0.05)},
+                source="MiSLAS config/*/*_stage2_mislas.yaml (METHODS §18)",
+                notes="cifar = CIFAR-100 IF100 row (CIFAR-10 IF100: eps 0.3/0.0, lr_factor 0.5); BN shift not "
+                      "reproducible on a cache",
+                space=space(_lin("eps_head", 0.0, 0.5, "0.2-0.4 in the MiSLAS configs (§18)"),
+                            _lin("eps_tail", 0.0, 0.2, "0.0-0.1 in the MiSLAS configs (§18)"),
+                            _log("lr_factor", 0.05, 0.5, "0.05-0.5 in the MiSLAS configs (§18)")))
+register_method("maxnorm", loss="ltwb-cb", params=(MAXNORM_THRESH,),
+                presets={"cifar": dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1),
+                         "imagenet": dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1)},
+                source="LTWB demo2_second-stage-training.py, utils/regularizers.py (METHODS §19)",
+                notes="CB 'softmax' = BCE on softmax, wd 0.1, MaxNorm once per epoch; ImageNet UNVERIFIED (CIFAR values)",
+                space=space(_lin("maxnorm_thresh", 0.0, 0.5, "thresh = 0.1 (§19)"),
+                            _log("wd", 1e-3, 1.0, "LTWB's wd 0.1 was chosen by grid search (§19)")))
+register_method("marc", head="marc", loss="grw", presets={"cifar": dict(CRT_CIFAR, rho=1.2), "imagenet": dict(CRT_IMNET, rho=1.2)},
+                source="MARC official code MARCLinear + GRWCrossEntropyLoss (METHODS §20)",
+                notes="a z + b ||w||, GRW exponent 1.2 (code default); sampler/epochs/lr UNVERIFIED: stated default",
+                space=space(_lin("rho", 0.0, 2.0, "exp_scale 1.2 (§20)")))
+register_method("vs", loss="vs", presets={"cifar": dict(CRT_CIFAR, gamma=0.2, tau=1.2), "imagenet": dict(CRT_IMNET, gamma=0.3, tau=1.0)},
+                source="VS-Loss class_imbalance/losses.py (METHODS §24)",
+                notes="cifar: README CIFAR-10 example; imagenet: parser defaults; " + UNVERIFIED,
+                space=space(_lin("gamma", 0.0, 0.5, "0.2 (README CIFAR-10), 0.3 (parser) (§24)"),
+                            _lin("tau", 0.0, 2.0, "1.2 (README CIFAR-10), 1.0 (parser) (§24)")))
+register_method("seesaw", loss="seesaw", presets={"cifar": dict(CRT_CIFAR, p=0.8, q=2.0), "imagenet": dict(CRT_IMNET, p=0.8, q=2.0)},
+                source="mmdet seesaw_loss.py (METHODS §23)", notes="static class counts instead of cumulative; " + UNVERIFIED,
+                space=space(_lin("p", 0.0, 1.5, "p = 0.8 (§23)"), _lin("q", 0.0, 3.0, "q = 2 (§23)")))
+register_method("lade", loss="lade", presets={"cifar": dict(CRT_CIFAR, alpha=0.1, lam=0.01), "imagenet": dict(CRT_IMNET, alpha=0.05, lam=0.5)},
+                source="hyperconnect/LADE loss/LADELoss.py, README (METHODS §22)", notes="PriorCE + alpha LADER; " + UNVERIFIED,
+                space=space(_log("alpha", 0.005, 0.5, "0.005-0.1 in the LADE README (§22)"),
+                            _log("lam", 0.005, 1.0, "0.01-0.5 in the LADE README (§22)")))
+register_method("poly1", loss="poly1", presets={"cifar": LOS_CIFAR, "imagenet": CRT_IMNET},
+                source="Leng et al., PolyLoss, ICLR 2022 (not in METHODS.md)",
+                notes="CE + epsilon (1 - p_y), epsilon = 1 (the paper's default); generic CE budgets (UNVERIFIED)",
+                space=space(_lin("epsilon", -1.0, 3.0, "epsilon = 1 the Poly-1 default; -1 cancels the first "
+                                 "polynomial term of CE (Leng et al.)")))
 
 
 GENERIC_EPOCHS = _choice("epochs", (10, 20, 30), "the sources disagree: MiSLAS, LTWB 10; LOS 20; cRT/BoT 30 "
@@ -283,13 +421,14 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     close = difflib.get_close_matches(name, list(METHODS), n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise LtcacheError(f"unknown method '{name}'{hint} (`ltcache methods` lists all {len(METHODS)})")
+    raise LtcacheError(f"unknown method '{name}'{hint} (`ltcache methods` lists all {len(METHODS)}; a method of "
+                       "your own: --plugin FILE)")
 
 
 def choose_preset(num_classes: int, feature_dim: int, preset: Optional[str] = None) -> str:
     """``preset`` if given, else cifar for K <= 100 and D <= 512, imagenet otherwise."""
     if preset:
-        if preset not in ("cifar", "imagenet"):
+        if preset not in PRESETS:
             raise LtcacheError(f"unknown preset '{preset}'; use cifar or imagenet")
         return preset
     return "cifar" if num_classes <= 100 and feature_dim <= 512 else "imagenet"

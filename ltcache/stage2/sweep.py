@@ -8,9 +8,11 @@ fewer steps or epochs than the group is padded with invalid samples and inactive
 update, no momentum decay). Per step there is one gather, one batched matmul, the analytic
 gradient of the vectorised loss of all M configurations (per-configuration hyper-parameters
 as tensors; no autograd graph), one bmm for the weight gradient and one hand-written batched
-SGD-momentum update. Heads that train only an affine correction of the frozen stage-1 layer
-(LWS, MARC) gather precomputed base logits instead of features. Members that read the same
-rows (same sampler, seed and epochs: e.g. every instance-balanced method of one seed) sit in
+SGD-momentum update (members whose loss is given only as a forward get their loss gradient by
+autograd, :mod:`ltcache.stage2.losses._fallback`, placed into the group's). Heads that train
+only an affine correction of the frozen stage-1 layer (LWS, MARC) gather precomputed base
+logits instead of features. Members that read the same rows (same sampler, seed and epochs:
+e.g. every instance-balanced method of one seed) sit in
 blocks that share one gather and one wider GEMM (:func:`stream_blocks`); the loss still sees
 the members in the caller's order. Python loops run over epochs, steps and parameter names,
 never over configurations inside a step.
@@ -49,6 +51,7 @@ from ltcache.progress import progress
 from ltcache.stage2 import heads as H
 from ltcache.stage2.losses import (LossSpec, LossTargets, batched_loss_grad, loss_signature, loss_targets,
                                    stack_specs)
+from ltcache.stage2.losses._fallback import AutogradLossGrad
 from ltcache.stage2.samplers import ClassIndex, epoch_indices, steps_per_epoch
 from ltcache.stage2.workers import in_worker, run_in_workers, worth_workers
 
@@ -271,13 +274,20 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
     n, n_views, d = data.x.shape
     k = data.w0.shape[0]
     # parameters live in "param order" (members reading the same rows in blocks, see
-    # stream_blocks); the loss sees the caller's order (its optional terms on contiguous slices)
+    # stream_blocks); the loss sees the caller's order (its optional terms on contiguous slices),
+    # members with a forward-only loss (autograd fallback) moved after the nb built-in ones
     order, n_blocks, r = (stream_blocks(cfgs) if not base and data.gather is None
                           else (list(range(m)), 0, 1))
-    loss_cfgs, cfgs = cfgs, [cfgs[i] for i in order]
-    permuted = order != list(range(m))
-    to_param = torch.tensor(order, device=dev)
+    by_loss = ([i for i, c in enumerate(cfgs) if c.loss.user is None]
+               + [i for i, c in enumerate(cfgs) if c.loss.user is not None])
+    loss_pos = {c: j for j, c in enumerate(by_loss)}
+    loss_cfgs, cfgs = [cfgs[i] for i in by_loss], [cfgs[i] for i in order]
+    nb = sum(c.loss.user is None for c in loss_cfgs)
+    param_to_loss = [loss_pos[i] for i in order]          # param position -> loss position
+    permuted = param_to_loss != list(range(m))
+    to_param = torch.tensor(param_to_loss, device=dev)
     to_loss = torch.empty_like(to_param).index_copy_(0, to_param, torch.arange(m, device=dev))
+    to_loss_cpu = to_loss.cpu()
     n_shared = n_blocks * r
     w0c, b0c = data.w0.detach().float().cpu(), data.b0.detach().float().cpu()
 
@@ -306,7 +316,11 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
     any_wd = any(c.wd for c in cfgs)
     mom = torch.tensor([c.momentum for c in cfgs], device=dev)
     mbuf = {a: torch.zeros_like(p[a]) for a in need}
-    lb = stack_specs([c.loss for c in loss_cfgs], data.class_index.counts, dev)
+    lb = stack_specs([c.loss for c in loss_cfgs[:nb]], data.class_index.counts, dev) if nb else None
+    # forward-only losses: dL/dz by autograd, placed into the group's dz (the head backward and
+    # the update stay the engine's)
+    user = (AutogradLossGrad([c.loss for c in loss_cfgs[nb:]], [c.method for c in loss_cfgs[nb:]],
+                             data.class_index.counts, dev) if nb < m else None)
     use_maxnorm = any(c.maxnorm_thresh is not None for c in cfgs)
     if use_maxnorm:
         radius = torch.tensor([maxnorm_radius(w0c, c.maxnorm_thresh) if c.maxnorm_thresh is not None
@@ -365,7 +379,16 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
         per_step = lambda t: t.unbind(0)                                         # noqa: E731 (views, one op)
         if permuted:
             ys_s, vf_s = ys_s.index_select(1, to_loss), vf_s.index_select(1, to_loss)
-        targets = loss_targets(lb, ys_s, vf_s)                                     # the epoch's, at once
+        if nb == m:
+            targets = loss_targets(lb, ys_s, vf_s)                                 # the epoch's, at once
+        else:
+            targets = (loss_targets(lb, ys_s[:, :nb], vf_s[:, :nb]) if nb
+                       else LossTargets(*([None] * len(LossTargets._fields))))
+            uvalid = (valid.index_select(0, to_loss_cpu) if permuted else valid)[nb:]   # [mu, S, B] CPU
+            un = uvalid.sum(-1)
+            user_step = SimpleNamespace(
+                y=per_step(ys_s[:, nb:]), valid=per_step(vf_s[:, nb:]), n=un.t().tolist(),
+                prefix=bool((uvalid == (torch.arange(bsz) < un.unsqueeze(-1))).all()))
         shared = None
         if n_blocks:
             blk_rows = rows[:n_shared].view(n_blocks, r, s_max, bsz)
@@ -374,7 +397,7 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
                 shared = (per_step(rows[:n_shared:r].transpose(0, 1).reshape(s_max, n_blocks * bsz).to(dev)),
                           per_step(rows[n_shared:].transpose(0, 1).reshape(s_max, (m - n_shared) * bsz).to(dev)))
         return SimpleNamespace(
-            s_max=s_max, shared=shared,
+            s_max=s_max, shared=shared, user=user_step if nb < m else None,
             rows=per_step(rows.transpose(0, 1).reshape(s_max, m * bsz).to(dev)),     # [M*B] per step
             valid=per_step(valid.transpose(0, 1).reshape(s_max, m * bsz)),
             targets=[LossTargets(*f) for f in zip(*(per_step(t) if t is not None else [None] * s_max
@@ -399,7 +422,16 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
             for s in range(s_max):
                 xb = features(ep, s)
                 z, ctx = H.forward_train(family, pf, tbuf, xb, base)                   # [M, K, B]
-                if permuted:
+                if user is not None:
+                    zl = z.index_select(0, to_loss) if permuted else z
+                    dz = torch.empty_like(zl)
+                    if nb:
+                        dz[:nb] = batched_loss_grad(zl[:nb], None, None, lb, targets[s])
+                    u = ep.user
+                    dz[nb:] = user(zl[nb:], u.y[s], u.valid[s], u.n[s], u.prefix)
+                    if permuted:
+                        dz = dz.index_select(0, to_param)
+                elif permuted:
                     dz = batched_loss_grad(z.index_select(0, to_loss), None, None, lb, targets[s])
                     dz = dz.index_select(0, to_param)
                 else:

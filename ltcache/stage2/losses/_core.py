@@ -1,0 +1,583 @@
+"""The fused batched loss of M configurations, and the loss registry it dispatches through.
+
+Every built-in loss is a point of one family (DESIGN.md "The stage-2 engine")::
+
+    z'  = mult * z + offset - margin[y] * e_y (+ shifts of the detached logits, e.g. Seesaw)
+    q   = (1 - eps[y]) e_y + eps[y] / K
+    l   = w[y] * modulation(sum_k -q_k log softmax(z')_k)      (the ``softmax`` form)
+
+plus what does not fit it, each owned by the loss unit that needs it: other per-sample *forms*
+(LTWB's BCE on softmax, the CB repo's sigmoid), *terms* (Seesaw's shift, the focal modulation,
+Poly-1's per-sample term, LADE's regulariser on the batch). A loss unit (one file per loss in
+this package, registered with :func:`register_loss`) declares its hyper-parameters and turns
+them into a :class:`LossSpec`: per-class vectors of the family plus the coefficients of its
+terms. :func:`stack_specs` stacks M specs into tensors ``[M, ...]``; :func:`batched_loss`
+evaluates all M losses and :func:`batched_loss_grad` their exact gradient with no Python
+branching per configuration (only per *group*: a form or term is computed on the slice of
+members that needs it).
+
+A loss registered with only a forward (plain PyTorch on one configuration's logits) has no
+spec terms: the engine takes its gradient by autograd (:mod:`ltcache.stage2.losses._fallback`).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ltcache.errors import LtcacheError
+from ltcache.stage2.params import GENERIC, RESERVED, Param
+
+
+# --------------------------------------------------------------------------------------------
+# one configuration's loss
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class LossSpec:
+    """Hyper-parameters of one configuration's loss as per-class vectors (length K) and the
+    coefficients of its terms; or, for a forward-only loss, its name and hyper-parameters."""
+
+    num_classes: int
+    mult: Optional[torch.Tensor] = None      # z_k * mult_k (VS multiplicative term)
+    offset: Optional[torch.Tensor] = None    # + offset_k (LA, balanced softmax, VS, LADE prior)
+    margin: Optional[torch.Tensor] = None    # - margin_y on the true class (LDAM, already * scale)
+    eps: Optional[torch.Tensor] = None       # smoothing of label y (LS, LOS, MiSLAS LAS)
+    weight: Optional[torch.Tensor] = None    # class weight w_y (CB, DRW, GRW)
+    weighted_mean: bool = False              # PyTorch weighted mean (sum w_y l / sum w_y) vs / B
+    form: str = "softmax"                    # a registered form: softmax | bce_softmax | sigmoid
+    terms: dict = field(default_factory=dict)        # term name -> {coefficient: value}
+    user: Optional[str] = None               # forward-only loss: its registered name (autograd)
+    user_params: dict = field(default_factory=dict)  # ... and its declared hyper-parameters
+    notes: list = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# forms and terms: the pieces of the fused loss that belong to one loss unit
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Form:
+    """A per-sample loss on z' selected per configuration.
+
+    ``loss(zt [m,B,K], y [m,B], onehot, w_y [m,B], lb) -> [m,B]`` (the definition) and
+    ``grad(zt [m,K,B], t: LossTargets, lb, first) -> [m,K,B]``: d(loss)/dz' with ``t.factor``
+    (class weight and batch normalisation) applied, for members ``first .. first + m``.
+    """
+
+    name: str
+    loss: Callable
+    grad: Callable
+
+
+@dataclass(frozen=True)
+class Term:
+    """A part of the loss owned by one loss unit, with per-configuration coefficients.
+
+    ``coefs`` maps each coefficient to its neutral value: members without the term (or inside
+    its slice of a group without using it) get the neutral values, which make it vanish.
+    ``active(values)`` says whether a configuration's values switch the term on (default: any
+    value differs from its neutral one). ``form``: the term applies only to members of that form.
+
+    Hooks (each optional). Definition hooks see coefficients as [M] tensors, gradient hooks as
+    [m, 1, 1] slices; the definition layout is [m, B, K], the gradient's class-major [m, K, B]:
+
+    * ``shift(z_detached, yi, c, lb, dim)`` -> added to z' (no gradient of its own; ``dim`` is
+      the class dimension, ``yi`` the labels with a size-1 class dimension);
+    * ``modulate`` / ``modulate_grad``: a modification of the per-sample loss of its form, called
+      by that form (see the form's docstring for the arguments);
+    * ``sample_loss(zt, y, onehot, c, lb) -> [m, B]`` added to the per-sample loss (weighted by
+      w_y and averaged like it); ``sample_grad(zt, t, c, lb) -> [m, K, B]`` its gradient with
+      ``t.factor`` applied;
+    * ``batch_loss(z, onehot, valid, c, lb) -> [m]`` added to each configuration's loss (on the
+      raw logits); ``batch_grad(z, t, c, lb) -> [m, K, B]``.
+    """
+
+    name: str
+    coefs: dict
+    form: Optional[str] = None
+    active: Optional[Callable[[dict], bool]] = None
+    shift: Optional[Callable] = None
+    modulate: Optional[Callable] = None
+    modulate_grad: Optional[Callable] = None
+    sample_loss: Optional[Callable] = None
+    sample_grad: Optional[Callable] = None
+    batch_loss: Optional[Callable] = None
+    batch_grad: Optional[Callable] = None
+
+    def on(self, spec: LossSpec) -> bool:
+        """Whether ``spec`` uses this term."""
+        values = spec.terms.get(self.name)
+        if values is None or (self.form is not None and spec.form != self.form):
+            return False
+        return bool(self.active(values)) if self.active else any(
+            float(values.get(c, n)) != n for c, n in self.coefs.items())
+
+
+FORMS: list[str] = []                      # registration order; a member's form is an index into it
+_FORMS: dict[str, Form] = {}
+TERMS: dict[str, Term] = {}
+_RANGE_KEYS = ("mult", "eps", "tiled")
+
+
+def register_form(form: Form) -> Form:
+    """Add a per-sample form to the fused loss (built-in loss units only)."""
+    if form.name in _FORMS or form.name in TERMS or form.name in _RANGE_KEYS:
+        raise LtcacheError(f"loss form '{form.name}' is already registered")
+    _FORMS[form.name] = form
+    FORMS.append(form.name)
+    return form
+
+
+def register_term(term: Term) -> Term:
+    """Add a term to the fused loss (built-in loss units only)."""
+    if term.name in TERMS or term.name in _FORMS or term.name in _RANGE_KEYS:
+        raise LtcacheError(f"loss term '{term.name}' is already registered")
+    TERMS[term.name] = term
+    return term
+
+
+# --------------------------------------------------------------------------------------------
+# the loss registry
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LossUnit:
+    """A registered loss: its hyper-parameters and either its batched form (``spec``: params,
+    class counts, head scale -> :class:`LossSpec`) or only its ``forward`` (autograd fallback)."""
+
+    name: str
+    params: tuple
+    spec: Optional[Callable]
+    forward: Optional[Callable]
+    origin: str
+    doc: str = ""
+
+    def resolve(self, params: dict) -> dict:
+        """``params`` with the declared defaults filled in (LtcacheError if one is missing)."""
+        out = dict(params)
+        for p in self.params:
+            if out.get(p.name) is None:
+                if p.default is None:
+                    raise LtcacheError(f"loss '{self.name}' needs hyper-parameter {p.name}; give it in the "
+                                       f"method's presets or as Param(default=...)")
+                out[p.name] = p.default
+        return out
+
+
+LOSSES: dict[str, LossUnit] = {}
+
+
+def _origin(obj) -> str:
+    from ltcache import plugins
+    current = plugins.current_plugin()
+    if current is not None:
+        return f"plugin {current}"
+    if str(getattr(obj, "__module__", "")).startswith("ltcache."):
+        return "built-in"
+    try:
+        return inspect.getsourcefile(obj) or obj.__module__
+    except TypeError:
+        return getattr(obj, "__module__", "?")
+
+
+def _forward_arity(fn: Callable, name: str) -> Callable:
+    """``fn`` called as fn(z, y, params, counts), whichever of those it takes (2 to 4)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn
+    pos = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()) or len(pos) >= 4:
+        return fn
+    if len(pos) < 2:
+        raise LtcacheError(f"loss '{name}': forward must take (z, y[, params[, counts]]), it takes "
+                           f"{len(pos)} argument(s)")
+    n = len(pos)
+    return lambda z, y, params, counts: fn(*(z, y, params, counts)[:n])
+
+
+def register_loss(name: str, params: Sequence[Param] = (), *, doc: str = "") -> Callable:
+    """Decorator registering a loss under ``name`` (as timm's ``@register_model``).
+
+    On a class: its ``params`` attribute (or the ``params`` argument) declares the
+    hyper-parameters; a ``spec(self, params, counts, scale) -> LossSpec`` method gives the
+    batched built-in form, or a ``forward(self, z, y, params, counts)`` method only a forward.
+    On a function: the function is the forward ``f(z [B, K], y [B], params, counts [K]) ->
+    scalar`` (the mean loss over the batch, plain PyTorch); the engine takes dL/dz by autograd.
+    Registering a name that exists is an error.
+    """
+    if not isinstance(name, str) or not name or any(ch.isspace() or ch == "," for ch in name):
+        raise LtcacheError(f"loss name {name!r} must be a non-empty string without spaces or commas")
+
+    def deco(obj):
+        if inspect.isclass(obj):
+            inst = obj()
+            declared = tuple(params) or tuple(getattr(obj, "params", ()))
+            spec = getattr(inst, "spec", None)
+            forward = getattr(inst, "forward", None)
+        elif callable(obj):
+            declared, spec, forward = tuple(params), None, obj
+        else:
+            raise LtcacheError(f"@register_loss('{name}') decorates a function or a class, not {type(obj).__name__}")
+        if spec is None and forward is None:
+            raise LtcacheError(f"loss '{name}' gives neither spec() nor forward(); give a forward(z, y, params, counts)")
+        if name in LOSSES:
+            raise LtcacheError(f"loss '{name}' is already registered ({LOSSES[name].origin}); choose another name")
+        _check_declared(declared, f"loss '{name}'")
+        fwd = _forward_arity(forward, name) if forward is not None else None
+        LOSSES[name] = LossUnit(name, declared, spec, fwd, _origin(obj), doc or (inspect.getdoc(obj) or "").split("\n")[0])
+        return obj
+
+    return deco
+
+
+def _check_declared(declared: Sequence[Param], owner: str) -> None:
+    """Every declaration is a Param, not generic or reserved, and agrees in type with the other
+    declarations of its name (one CLI option per name)."""
+    seen = set()
+    for p in declared:
+        if not isinstance(p, Param):
+            raise LtcacheError(f"{owner}: params must be ltcache.Param(...) declarations, got {p!r}")
+        if p.name in seen:
+            raise LtcacheError(f"{owner}: hyper-parameter {p.name} is declared twice")
+        seen.add(p.name)
+        if p.name in GENERIC or p.name in RESERVED:
+            raise LtcacheError(f"{owner}: hyper-parameter name '{p.name}' is taken by "
+                               f"{'a generic hyper-parameter' if p.name in GENERIC else 'a command option'}; "
+                               "choose another name")
+        for other, where in declarations(p.name):
+            if (other.type, other.choices) != (p.type, p.choices):
+                raise LtcacheError(f"{owner}: hyper-parameter {p.name} is a {p.type.__name__} here but a "
+                                   f"{other.type.__name__}{' with other choices' if other.type is p.type else ''} "
+                                   f"in {where}; use another name")
+
+
+def declarations(name: str) -> list[tuple[Param, str]]:
+    """Every loss-unit declaration of ``name``: (Param, 'loss X')."""
+    return [(p, f"loss '{u.name}'") for u in LOSSES.values() for p in u.params if p.name == name]
+
+
+def get_loss(name: str) -> LossUnit:
+    """The registered loss ``name``."""
+    if name not in LOSSES:
+        raise LtcacheError(f"unknown loss '{name}'; registered: {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+def build_loss(kind: str, params: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
+    """The :class:`LossSpec` of a registered loss with the method's hyper-parameters.
+
+    ``counts`` are the training class counts; ``scale`` is the cosine head's scale (LDAM
+    margins are subtracted before the scale in the source, i.e. s * (cos - m_y)).
+    """
+    unit = get_loss(kind)
+    p = unit.resolve(params)
+    if unit.spec is not None:
+        return unit.spec(p, counts, scale)
+    return LossSpec(num_classes=len(counts), user=unit.name, user_params={q.name: p[q.name] for q in unit.params})
+
+
+# --------------------------------------------------------------------------------------------
+# M configurations at once
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class LossBatch:
+    """M stacked :class:`LossSpec` (tensors ``[M, K]`` / ``[M]``; ``None`` where no member
+    uses a term) plus, for each optional part, the range of members that need it."""
+
+    mult: Optional[torch.Tensor]
+    offset: Optional[torch.Tensor]
+    margin: Optional[torch.Tensor]
+    eps: Optional[torch.Tensor]
+    weight: Optional[torch.Tensor]
+    weighted_mean: torch.Tensor
+    form: torch.Tensor
+    coef: dict                      # term -> coefficient -> [M] (only the terms some member uses)
+    log_counts: torch.Tensor
+    prior: torch.Tensor
+    forms_used: tuple
+    # part -> (first, stop): the smallest slice of members holding every member that needs it
+    # (forms, terms, "mult", "eps"). Members inside a slice that do not need the part have
+    # neutral values, so a slice wider than needed is still exact; :func:`loss_signature`
+    # orders a group so it is tight.
+    ranges: dict = field(default_factory=dict)
+    pure_forms: tuple = ()           # forms whose slice holds only members of that form
+    cache: dict = field(default_factory=dict)   # per-batch constants a term computes once
+
+    def __post_init__(self):
+        """Class-major views [M, K, 1] / [M, 1, 1] for :func:`batched_loss_grad`, and the
+        terms that each hook of the fused loss runs."""
+        k = self.prior.shape[0]
+        self.weighted_any = bool(self.weighted_mean.any())
+        self.mult3 = None if self.mult is None else self.mult.unsqueeze(2)
+        self.offset3 = None if self.offset is None else self.offset.unsqueeze(2)
+        self.coef3 = {t: {c: v[:, None, None] for c, v in cs.items()} for t, cs in self.coef.items()}
+        self.log_counts3 = self.log_counts.view(1, k, 1)
+        self.prior3 = self.prior.view(1, k, 1)
+        used = [TERMS[n] for n in TERMS if n in self.coef]
+        self.shift_terms = [t for t in used if t.shift]
+        self.sample_terms = [t for t in used if t.sample_loss]
+        self.batch_terms = [t for t in used if t.batch_loss]
+        self.modulators = {f: [t for t in used if t.form == f and (t.modulate or t.modulate_grad)] for f in FORMS}
+
+    def coef_slice(self, term: str, a: int, e: int) -> dict:
+        """Coefficients of ``term`` for members a..e, shaped [e - a, 1, 1]."""
+        return {c: v[a:e] for c, v in self.coef3[term].items()}
+
+
+def loss_signature(spec: LossSpec) -> tuple:
+    """Sort key that makes the members needing each optional part contiguous in a group
+    (forward-only losses last, grouped by loss and hyper-parameters)."""
+    if spec.user is not None:
+        return (1, spec.user, repr(sorted(spec.user_params.items())))
+    return (0, FORMS.index(spec.form), *(t.on(spec) for t in TERMS.values()), spec.mult is not None,
+            spec.eps is not None)
+
+
+def stack_specs(specs: Sequence[LossSpec], counts: torch.Tensor, device, dtype=torch.float32) -> LossBatch:
+    """Stack M loss specs into tensors on ``device``; parts nobody uses are left out (None)."""
+    if any(s.user is not None for s in specs):
+        raise ValueError("stack_specs takes built-in losses; forward-only losses train by autograd")
+    k = specs[0].num_classes
+
+    def vec(attr: str, fill: float):
+        if all(getattr(s, attr) is None for s in specs):
+            return None
+        rows = [getattr(s, attr) if getattr(s, attr) is not None else torch.full((k,), fill) for s in specs]
+        return torch.stack([r.float() for r in rows]).to(device=device, dtype=dtype)
+
+    def span(flags) -> Optional[tuple]:
+        idx = [i for i, f in enumerate(flags) if f]
+        return (idx[0], idx[-1] + 1) if idx else None
+
+    ranges = {f: span([s.form == f for s in specs]) for f in FORMS}
+    coef = {}
+    for name, term in TERMS.items():
+        users = [term.on(s) for s in specs]
+        ranges[name] = span(users)
+        if ranges[name] is not None:
+            coef[name] = {c: torch.tensor([float(s.terms[name].get(c, neutral)) if on else neutral
+                                           for s, on in zip(specs, users)], device=device, dtype=dtype)
+                          for c, neutral in term.coefs.items()}
+    ranges["mult"] = span([s.mult is not None for s in specs])
+    ranges["eps"] = span([s.eps is not None for s in specs])
+    ranges = {a: r for a, r in ranges.items() if r is not None}
+    pure = tuple(f for f in FORMS if f in ranges and all(specs[i].form == f for i in range(*ranges[f])))
+    if len(pure) == len({sp.form for sp in specs}):      # the forms' slices tile the members
+        pure = pure + ("tiled",)
+    n = counts.double()
+    return LossBatch(
+        mult=vec("mult", 1.0),
+        offset=vec("offset", 0.0),
+        margin=vec("margin", 0.0),
+        eps=vec("eps", 0.0),
+        weight=vec("weight", 1.0),
+        weighted_mean=torch.tensor([s.weighted_mean for s in specs], device=device),
+        form=torch.tensor([FORMS.index(s.form) for s in specs], device=device),
+        coef=coef,
+        log_counts=n.log().to(device=device, dtype=dtype),
+        prior=(n / n.sum()).to(device=device, dtype=dtype),
+        forms_used=tuple(sorted({s.form for s in specs})),
+        ranges=ranges,
+        pure_forms=pure,
+    )
+
+
+def _class_weight(lb: LossBatch, y: torch.Tensor) -> torch.Tensor:
+    return torch.ones(y.shape, dtype=lb.prior.dtype, device=y.device) if lb.weight is None else lb.weight.gather(1, y)
+
+
+def batched_loss(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb: LossBatch) -> torch.Tensor:
+    """The loss of each of M configurations, shape [M] -- the definition (the engine trains
+    with its exact gradient, :func:`batched_loss_grad`).
+
+    z: logits [M, B, K] (the head's output); y: labels [M, B]; valid: float mask [M, B]
+    (0 for padding of a short last batch or an inactive step). The mean over a batch counts
+    only valid samples, so a padded batch equals the smaller batch of the source code.
+    """
+    m, b, k = z.shape
+    onehot = F.one_hot(y, k).to(z.dtype)
+    zt = z
+    if lb.mult is not None:
+        zt = zt * lb.mult[:, None, :]
+    if lb.offset is not None:
+        zt = zt + lb.offset[:, None, :]
+    if lb.margin is not None:
+        zt = zt - onehot * lb.margin.gather(1, y).unsqueeze(-1)
+    for term in lb.shift_terms:
+        zt = zt + term.shift(z.detach(), y.unsqueeze(-1), lb.coef3[term.name], lb, -1)
+
+    w_y = _class_weight(lb, y)
+    per_sample = None
+    for name in lb.forms_used:
+        loss = _FORMS[name].loss(zt, y, onehot, w_y, lb)
+        if per_sample is None:
+            per_sample = loss
+        else:
+            per_sample = torch.where((lb.form == FORMS.index(name))[:, None], loss, per_sample)
+    for term in lb.sample_terms:
+        per_sample = per_sample + w_y * term.sample_loss(zt, y, onehot, lb.coef[term.name], lb)
+
+    num = (per_sample * valid).sum(1)
+    denom = torch.where(lb.weighted_mean, (w_y * valid).sum(1), valid.sum(1)).clamp_min(1e-12)
+    loss = num / denom
+    for term in lb.batch_terms:
+        loss = loss + term.batch_loss(z, onehot, valid, lb.coef[term.name], lb)
+    return loss
+
+
+def _softmax_loss(zt, y, onehot, w_y, lb: LossBatch) -> torch.Tensor:
+    """The softmax form: w_y sum_k -q_k log softmax(z')_k, then each softmax term's
+    ``modulate(l [m, B], c) -> [m, B]`` (e.g. focal)."""
+    logp = torch.log_softmax(zt, dim=-1)
+    ce = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    if lb.eps is not None:
+        eps_y = lb.eps.gather(1, y)
+        ce = (1 - eps_y) * ce + eps_y * (-logp.mean(-1))
+    loss = w_y * ce
+    for term in lb.modulators["softmax"]:
+        loss = term.modulate(loss, lb.coef[term.name])
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# the analytic gradient (the engine's training step; no autograd per step)
+# --------------------------------------------------------------------------------------------
+
+class LossTargets(NamedTuple):
+    """Per-sample quantities of the gradient that depend only on labels and validity, so the
+    engine computes them for a whole epoch at once ([..., M, 1, B], class-major broadcast);
+    indexing with a step number gives that step's targets."""
+
+    yi: torch.Tensor                      # labels [.., M, 1, B]
+    factor: torch.Tensor                  # dloss_m/dl_i with w_y folded in: w_y valid / (B or sum w_y valid)
+    neg_target: torch.Tensor              # added at the label: eps_y - 1 (or -1)
+    eps_k: Optional[torch.Tensor]         # eps_y / K subtracted everywhere (label smoothing)
+    neg_margin: Optional[torch.Tensor]    # -margin_y at the label (LDAM)
+    valid: torch.Tensor                   # [.., M, 1, B]
+    y: torch.Tensor                       # [.., M, B]
+
+    def step(self, s: int) -> "LossTargets":
+        return LossTargets(*(None if t is None else t[s] for t in self))
+
+
+def loss_targets(lb: LossBatch, y: torch.Tensor, valid: torch.Tensor) -> LossTargets:
+    """The :class:`LossTargets` of labels y and float mask valid, both [..., M, B]."""
+    k = lb.prior.shape[0]
+    w = None if lb.weight is None else lb.weight.expand(y.shape[:-2] + lb.weight.shape).gather(-1, y)
+    if w is not None and lb.weighted_any:
+        denom = torch.where(lb.weighted_mean.unsqueeze(-1), (w * valid).sum(-1, keepdim=True),
+                            valid.sum(-1, keepdim=True))
+    else:
+        denom = valid.sum(-1, keepdim=True)
+    factor = valid / denom.clamp_min(1e-12)
+    if w is not None:
+        factor = factor * w
+    if lb.eps is not None:
+        eps_y = lb.eps.expand(y.shape[:-2] + lb.eps.shape).gather(-1, y)
+        neg_target, eps_k = (eps_y - 1).unsqueeze(-2), (eps_y / k).unsqueeze(-2)
+    else:
+        neg_target, eps_k = torch.full_like(factor, -1.0).unsqueeze(-2), None
+    neg_margin = None
+    if lb.margin is not None:
+        neg_margin = -lb.margin.expand(y.shape[:-2] + lb.margin.shape).gather(-1, y).unsqueeze(-2)
+    return LossTargets(y.unsqueeze(-2), factor.unsqueeze(-2), neg_target, eps_k, neg_margin,
+                       valid.unsqueeze(-2), y)
+
+
+def batched_loss_grad(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb: LossBatch,
+                      targets: Optional[LossTargets] = None) -> torch.Tensor:
+    """d(sum_m loss_m)/dz: the exact gradient of :func:`batched_loss`, in the engine's
+    class-major layout: z and the result are [M, K, B] (y [M, B], valid [M, B]; or their
+    precomputed ``targets``).
+
+    Written out by hand because autograd's graph costs more than the arithmetic on the small
+    per-step tensors of a sweep, and each optional part (a form, a term) is computed only on
+    the slice of members that needs it (``lb.ranges``).
+    tests/test_stage2_losses.py checks it against autograd for every loss (clamps included:
+    where a log is clamped its gradient is 0, as in PyTorch).
+    """
+    t = loss_targets(lb, y, valid) if targets is None else targets
+    m = z.shape[0]
+    rg = lb.ranges
+    zt = z
+    if lb.mult is not None and lb.offset is not None:
+        zt = torch.addcmul(lb.offset3, z, lb.mult3)
+    elif lb.mult is not None:
+        zt = z * lb.mult3
+    elif lb.offset is not None:
+        zt = z + lb.offset3
+    if t.neg_margin is not None:
+        zt = zt.scatter_add(1, t.yi, t.neg_margin)
+    for term in lb.shift_terms:      # functions of the detached logits: shift zt, no gradient of their own
+        a, e = rg[term.name]
+        zt = zt.clone() if zt is z else zt
+        zt[a:e] += term.shift(z[a:e], t.yi[a:e], lb.coef_slice(term.name, a, e), lb, 1)
+
+    if len(lb.forms_used) == 1 and rg[lb.forms_used[0]] == (0, m):
+        dzt = _FORMS[lb.forms_used[0]].grad(zt, t, lb, 0)
+    else:
+        dzt = torch.empty_like(z) if "tiled" in lb.pure_forms else torch.zeros_like(z)
+        for form in lb.forms_used:
+            a, e = rg[form]
+            d = _FORMS[form].grad(zt[a:e], slice_targets(t, a, e), lb, a)
+            if form in lb.pure_forms:
+                dzt[a:e] = d
+            else:                     # the slice holds members of another form (unsorted group)
+                dzt[a:e] = torch.where((lb.form[a:e] == FORMS.index(form))[:, None, None], d, dzt[a:e])
+    dz = dzt                         # ours (a new tensor): updated in place below
+    for term in lb.sample_terms:
+        a, e = rg[term.name]
+        dz[a:e] += term.sample_grad(zt[a:e], slice_targets(t, a, e), lb.coef_slice(term.name, a, e), lb)
+    if "mult" in rg:                 # scale only the members with a multiplier
+        a, e = rg["mult"]
+        dz[a:e].mul_(lb.mult3[a:e])
+    for term in lb.batch_terms:
+        a, e = rg[term.name]
+        dz[a:e] += term.batch_grad(z[a:e], slice_targets(t, a, e), lb.coef_slice(term.name, a, e), lb)
+    return dz
+
+
+def within(span: tuple, first: int, m: int) -> tuple:
+    """An absolute member span relative to a slice starting at ``first`` of length m (clipped)."""
+    return max(span[0] - first, 0), min(span[1] - first, m)
+
+
+def slice_targets(t: LossTargets, a: int, e: int) -> LossTargets:
+    """The targets of members a..e."""
+    return LossTargets(*(None if x is None else x[a:e] for x in t))
+
+
+def _softmax_grad(zt, t: LossTargets, lb: LossBatch, first: int) -> torch.Tensor:
+    """Softmax-form members: l = -sum_k q_k log p_k with q = (1 - eps_y) e_y + eps_y / K, so
+    dl/dzt = p - q; a modulating term (focal) scales it by its ``modulate_grad(l [m', 1, B],
+    c) -> d modulated(l) / dl``, on the members it covers."""
+    m = zt.shape[0]
+    d = torch.softmax(zt, dim=1)
+    if t.eps_k is not None:
+        a, e = within(lb.ranges["eps"], first, m)
+        if a < e:
+            d[a:e] -= t.eps_k[a:e]
+    d.scatter_add_(1, t.yi, t.neg_target)
+    factor = t.factor
+    for term in lb.modulators["softmax"]:
+        a, e = within(lb.ranges[term.name], first, m)
+        if a < e:
+            logp = torch.log_softmax(zt[a:e], dim=1)
+            # ce = -sum_k q_k logp_k = -(1 - eps_y) logp_y - eps_y mean_k logp_k
+            ce = logp.gather(1, t.yi[a:e]) * t.neg_target[a:e]
+            if t.eps_k is not None:
+                ce = ce - t.eps_k[a:e] * logp.sum(1, keepdim=True)
+            w = 1.0 if lb.weight is None else lb.weight[first + a:first + e].gather(1, t.y[a:e]).unsqueeze(1)
+            factor = factor.clone() if factor is t.factor else factor
+            factor[a:e] *= term.modulate_grad(w * ce, lb.coef_slice(term.name, first + a, first + e))
+    return d.mul_(factor)
+
+
+register_form(Form("softmax", _softmax_loss, _softmax_grad))

@@ -1,0 +1,24 @@
+"""``grw``: generalised re-weighting (MARC official code GRWCrossEntropyLoss, METHODS §20)."""
+from __future__ import annotations
+
+import torch
+
+from ltcache.stage2.losses._core import LossSpec, register_loss
+from ltcache.stage2.params import Param
+
+
+def grw_weights(counts: torch.Tensor, rho: float) -> torch.Tensor:
+    """Generalised re-weighting (DisAlign/MARC): u_j = pi_j^-rho, normalised to sum K."""
+    pi = counts.double() / counts.sum()
+    u = pi.pow(-rho)
+    return (u / u.sum() * len(pi)).float()
+
+
+@register_loss("grw")
+class GeneralisedReweighting:
+    """F.cross_entropy(weight=u): PyTorch's weighted mean."""
+
+    params = (Param("rho", float, lo=0, help="GRW exponent (MARC)"),)
+
+    def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
+        return LossSpec(num_classes=len(counts), weight=grw_weights(counts, p["rho"]), weighted_mean=True)

@@ -1,0 +1,23 @@
+"""``la``: the logit-adjusted loss (google-research logit_adjustment, METHODS §11)."""
+from __future__ import annotations
+
+import torch
+
+from ltcache.stage2.losses._core import LossSpec, register_loss
+from ltcache.stage2.params import Param
+
+
+def log_prior(counts: torch.Tensor) -> torch.Tensor:
+    """log pi_j = log(n_j / N), float32 (computed in float64)."""
+    n = counts.double()
+    return torch.log(n / n.sum()).float()
+
+
+@register_loss("la")
+class LogitAdjusted:
+    """CE(z + tau log pi)  (the source's +1e-12 omitted)."""
+
+    params = (Param("tau", float, lo=0, help="logit adjustment tau"),)
+
+    def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
+        return LossSpec(num_classes=len(counts), offset=float(p["tau"]) * log_prior(counts))

@@ -1,0 +1,50 @@
+"""``seesaw``: Seesaw loss (mmdet seesaw_loss.py, METHODS §23) with static class counts.
+
+A shift of z' off the label by log M_yj + log C_yj, a function of the detached logits (a term
+of the fused loss; it has no gradient of its own). Static counts instead of mmdet's cumulative
+counts (METHODS §23.5).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ltcache.stage2.losses._core import LossBatch, LossSpec, Term, register_loss, register_term
+from ltcache.stage2.params import Param
+
+SEESAW_EPS = 1e-2  # mmdet default
+
+
+def seesaw_shift(z: torch.Tensor, yi: torch.Tensor, c: dict, lb: LossBatch, dim: int) -> torch.Tensor:
+    """log M_yj + log C_yj added to the logits j != y (mmdet seesaw_ce_loss), with
+    M_yj = (n_j / n_y)^p if n_j < n_y, C_yj = (sigma_j / max(sigma_y, eps))^q if > 1 and
+    sigma = softmax of the detached raw logits; p = q = 0 gives 0.
+
+    Either layout: ``dim`` is the class dimension of z, yi holds the labels with a size-1
+    class dimension; p and q broadcast against z ([M] definition coefficients are reshaped).
+    """
+    p, q = c["p"], c["q"]
+    if p.dim() == 1:
+        p, q = p[:, None, None], q[:, None, None]
+    shape = [1, 1, 1]
+    shape[dim] = -1
+    log_counts = lb.log_counts.view(shape)
+    log_m = p * (log_counts - lb.log_counts[yi]).clamp(max=0)
+    logsig = torch.log_softmax(z.detach(), dim=dim)
+    log_c = q * (logsig - logsig.gather(dim, yi).clamp_min(math.log(SEESAW_EPS))).clamp_min(0)
+    return (log_m + log_c).scatter(dim, yi, 0.0)
+
+
+register_term(Term("seesaw", {"p": 0.0, "q": 0.0}, active=lambda c: bool(c["p"] or c["q"]), shift=seesaw_shift))
+
+
+@register_loss("seesaw")
+class Seesaw:
+    """CE on logits shifted by the mitigation (p) and compensation (q) factors."""
+
+    params = (Param("p", float, lo=0, help="Seesaw mitigation exponent"),
+              Param("q", float, lo=0, help="Seesaw compensation exponent"))
+
+    def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
+        return LossSpec(num_classes=len(counts), terms={"seesaw": {"p": float(p["p"]), "q": float(p["q"])}})
