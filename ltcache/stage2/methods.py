@@ -266,6 +266,9 @@ def _choice(name, values, src):
 
 BETA = _choice("beta", (0.9, 0.99, 0.999, 0.9999), "CB paper's beta values; 0.9999 in LDAM-DRW, LTWB (§13, §15)")
 TAU_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(21))     # cRT tau_norm.py: linspace(0, 2, 21)
+# post-hoc LA: Menon et al.'s tau = 1; on the bundled CIFAR-10-LT cache the val pick sat on the top
+# of 0..2, so its candidates reach 3 (0.1 steps; a --budget below 31 spreads them evenly)
+LA_TAU_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(31))
 
 
 def space(*dims: Dim) -> Space:
@@ -314,7 +317,7 @@ register_method("cosine", head="cosine", loss="ce", init="fresh", params=(SCALE,
 register_method("posthoc-la", head="posthoc-la", loss="-", closed_form=True, params=(TAU_POSTHOC,),
                 presets={"cifar": {"tau": 1.0}, "imagenet": {"tau": 1.0}},
                 source="google-research logit_adjustment (METHODS §10)", notes="z - tau log pi on the stage-1 head",
-                space=Space(candidates={"tau": TAU_CANDIDATES}))
+                space=Space(candidates={"tau": LA_TAU_CANDIDATES}))
 register_method("la-loss", loss="la", presets={"cifar": dict(CRT_CIFAR, tau=1.0), "imagenet": dict(CRT_IMNET, tau=1.0)},
                 source="google-research logit_adjustment (METHODS §11)", notes=UNVERIFIED,
                 space=space(_lin("tau", 0.0, 2.0, "tau = 1 (§11); 0 = plain CE")))
