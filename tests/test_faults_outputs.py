@@ -272,3 +272,43 @@ def test_table_and_results_name_the_cache(tmp_path):
     assert doc["cache"]["path"] == path
     assert run(*BENCH, "--out", tmp_path / "b")[0] == 0
     assert (tmp_path / "b" / "summary.md").read_text().startswith(f"cache: {path} (")
+
+
+def test_kill_9_during_a_results_write_keeps_the_previous_file(tmp_path):
+    """A process killed (SIGKILL) in the middle of writing results.json: the previous, valid
+    file is still there under its name; at most a hidden temporary file is left beside it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "results.json"
+    good = {"schema": "old", "runs": [1, 2, 3]}
+    target.write_text(json.dumps(good))
+    started = tmp_path / "started"
+    script = f"""
+import json, time
+from ltcache.stage2 import results
+def slow_dump(obj, fh, **kw):
+    fh.write('{{"schema": "new", "runs": [')
+    fh.flush()
+    open({str(started)!r}, "w").close()
+    time.sleep(60)                                  # killed here, half-written
+results.json.dump = slow_dump
+results.write_json({{"schema": "new"}}, {str(target)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        for _ in range(600):
+            if started.exists():
+                break
+            time.sleep(0.05)
+        assert started.exists(), "the writer never started"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert json.loads(target.read_text()) == good
+    left = [p.name for p in tmp_path.iterdir() if p.name not in ("results.json", "started")]
+    assert all(n.startswith(".results.json.") and n.endswith(".tmp") for n in left), left
