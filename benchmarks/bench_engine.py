@@ -10,11 +10,16 @@ For each feature shape (random, class-separable features; counts of the real LT 
   view-mean features, per view for cosine and NCM layers, closed forms once) and
   the achieved fraction of this machine's fp32 matmul rate, measured in the same run with
   large square ``torch.mm`` (the best of two measurements);
-* the same trained configurations one at a time by a plain loop (DataLoader over a
-  TensorDataset, one ``nn.Linear``, torch.optim.SGD, CE), on one thread for the D 64 shape (its
-  faster setting there) and on all threads for the larger ones. ``--loop-sample`` times a subset of configurations fully and
-  extrapolates the rest by step count (per-step time at the same batch size); the report says
-  how many were timed.
+* the same trained configurations one at a time by the **fastest plain loop**: batches gathered
+  by tensor indexing (``x[idx]``), one ``nn.Linear``, autograd, ``torch.optim.SGD``, CE, the
+  configuration's batch size, epochs and steps per epoch. It runs at its best thread setting
+  (1 thread or all threads, chosen by timing one configuration both ways in the same run) and,
+  separately, as one single-thread process per core side by side (configurations dealt out
+  longest first) -- the way a user with a loop script fills a multi-core box;
+* the ``DataLoader(TensorDataset)`` loop as a second row (it fetches samples one by one).
+  ``--loop-sample N`` times N configurations of a loop in full and extrapolates the rest by step
+  count; ``--loop-sample 0`` (the default for the D 64 shape) times every configuration. The
+  report says what was timed and what was extrapolated.
 
 ``--epochs-cap E`` trains every method for at most E epochs (for the ImageNet-LT shape on a
 CPU, where the source epochs take hours; the matmul-rate fraction is a rate and stays
@@ -111,6 +116,69 @@ def plain_loop(cfg, cache, device):
     return steps
 
 
+def indexed_loop(cfg, cache, device, n_steps_per_epoch=None):
+    """One configuration, the fastest plain way: batches by tensor indexing, autograd, SGD."""
+    tr = cache.splits["train"]
+    x, y = tr.features[:, 0].contiguous(), tr.labels
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(cfg.seed)
+    lin = torch.nn.Linear(x.shape[1], cache.num_classes).to(device)
+    opt = torch.optim.SGD(lin.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.wd)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    spe = n_steps_per_epoch or math.ceil(n / cfg.batch_size)
+    b = cfg.batch_size
+    steps = 0
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=g).to(device)
+        for s in range(spe):
+            idx = perm[(s * b) % n:(s * b) % n + b]
+            opt.zero_grad()
+            F.cross_entropy(lin(x[idx]), y[idx]).backward()
+            opt.step()
+            steps += 1
+        sched.step()
+    return steps
+
+
+def _time_loop(loop, configs, cache, device, spe):
+    """Seconds per configuration (list) of ``loop`` over ``configs``."""
+    out = []
+    for c in configs:
+        t = time.perf_counter()
+        loop(c, cache, device, spe[id(c)]) if loop is indexed_loop else loop(c, cache, device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+_PROC = None
+
+
+def _proc_init():
+    torch.set_num_threads(1)
+
+
+def _proc_run(i):
+    cfgs, cache, device, spe = _PROC
+    c = cfgs[i]
+    t = time.perf_counter()
+    indexed_loop(c, cache, device, spe[i])
+    return time.perf_counter() - t
+
+
+def indexed_loop_processes(cfgs, cache, device, spe_list, procs):
+    """Wall time of every configuration by the indexed loop in ``procs`` single-thread forked
+    processes side by side (longest first)."""
+    import multiprocessing
+    global _PROC
+    order = sorted(range(len(cfgs)), key=lambda i: -cfgs[i].epochs * spe_list[i] * cfgs[i].batch_size)
+    _PROC = (cfgs, cache, device, spe_list)
+    t = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(procs, initializer=_proc_init) as pool:
+        list(pool.imap_unordered(_proc_run, order))
+    _PROC = None
+    return time.perf_counter() - t
+
+
 def run_shape(shape, seeds, device, loop_sample, quick, epochs_cap=None, methods=None):
     cache = synthetic_cache(shape, device)
     n = int(cache.splits["train"].labels.numel())
@@ -160,35 +228,62 @@ def run_shape(shape, seeds, device, loop_sample, quick, epochs_cap=None, methods
                 eval_flops += 2.0 * n_val * d * k
         eval_flops += 2.0 * n_test * d * k * (v_test if m.head in ("cosine", "ncm") else 1)
     flops = train_flops + eval_flops
-    # plain loop: time a sample (one seed of evenly spread methods), extrapolate by steps
-    first_seed = [(c, s) for c, s in zip(cfgs, cfg_steps) if c.seed == seeds[0]]
-    stride = max(1, math.ceil(len(first_seed) / loop_sample))
-    sample = first_seed[::stride][:loop_sample]
-    per_step = {}
-    timed = 0.0
+    # plain loops, one configuration at a time (CE on an nn.Linear, the configuration's batch
+    # size, epochs and steps per epoch)
     threads = torch.get_num_threads()
-    loop_threads = 1 if d * k <= 10_000 else threads      # one thread is faster only for tiny steps
-    torch.set_num_threads(loop_threads)
-    try:
-        for c, _ in sample:
-            t = time.perf_counter()
-            st = plain_loop(c, cache, device)
-            dt = time.perf_counter() - t
-            timed += dt
-            per_step.setdefault(c.batch_size, []).append(dt / st)
-    finally:
-        torch.set_num_threads(threads)
-    mean_ps = {b: sum(v) / len(v) for b, v in per_step.items()}
-    fallback = sum(sum(v) for v in per_step.values()) / sum(len(v) for v in per_step.values())
-    loop_total = sum(s * mean_ps.get(c.batch_size, fallback) for c, s in zip(cfgs, cfg_steps))
-    out = {"shape": SHAPES[shape]["label"], "n_train": n, "device": str(device), "threads": threads, "plain_loop_threads": loop_threads,
+    spe = {id(c): steps_per_epoch(c.sampler, n, c.batch_size) for c in cfgs}
+    spe_list = [spe[id(c)] for c in cfgs]
+    probe = max(cfgs, key=lambda c: c.batch_size * spe[id(c)] * min(c.epochs, 2))
+    probe_cfg = SimpleNamespace(**{**vars(probe), "epochs": 2}) if hasattr(probe, "__dict__") else probe
+    per_thread = {}
+    for th in sorted({1, threads}):
+        torch.set_num_threads(th)
+        per_thread[th] = min(_time_loop(indexed_loop, [probe_cfg], cache, device, {id(probe_cfg): spe[id(probe)]})[0]
+                             for _ in range(2))
+    best_threads = min(per_thread, key=per_thread.get)
+
+    def timed(loop, sample_n, th):
+        """(total seconds for all cfgs, timed count, timed seconds): sample_n 0 = every config."""
+        torch.set_num_threads(th)
+        try:
+            if sample_n <= 0 or sample_n >= len(cfgs):
+                secs = _time_loop(loop, cfgs, cache, device, spe)
+                return sum(secs), len(cfgs), sum(secs)
+            first_seed = [c for c in cfgs if c.seed == seeds[0]]
+            stride = max(1, math.ceil(len(first_seed) / sample_n))
+            sample = first_seed[::stride][:sample_n]
+            secs = _time_loop(loop, sample, cache, device, spe)
+            per_step = {}
+            for c, dt in zip(sample, secs):
+                per_step.setdefault(c.batch_size, []).append(dt / (c.epochs * spe[id(c)]))
+            mean_ps = {b: sum(v) / len(v) for b, v in per_step.items()}
+            fb = sum(sum(v) for v in per_step.values()) / sum(len(v) for v in per_step.values())
+            return (sum(c.epochs * spe[id(c)] * mean_ps.get(c.batch_size, fb) for c in cfgs), len(sample), sum(secs))
+        finally:
+            torch.set_num_threads(threads)
+
+    idx_total, idx_timed, idx_secs = timed(indexed_loop, loop_sample, best_threads)
+    procs = max(1, threads)
+    proc_wall = (indexed_loop_processes(cfgs, cache, device, spe_list, procs)
+                 if loop_sample <= 0 and device.type == "cpu" and procs > 1 else None)
+    dl_total, dl_timed, dl_secs = timed(plain_loop, max(1, min(8, len(cfgs))) if loop_sample <= 0 else loop_sample,
+                                        1 if d * k <= 10_000 else threads)
+    baseline = min(x for x in (idx_total, proc_wall) if x is not None)
+    out = {"shape": SHAPES[shape]["label"], "n_train": n, "device": str(device), "threads": threads,
            "seeds": list(seeds), "epochs_cap": epochs_cap, "runs": len(res["runs"]),
            "trained_configs": len(cfgs), "sweep_wall_s": wall, "sweep_flops": flops,
            "sweep_gflops_per_s": flops / wall / 1e9, "matmul_gflops_per_s": rate / 1e9,
            "fraction_of_matmul_rate": flops / wall / rate,
-           "plain_loop_timed_configs": len(sample), "plain_loop_timed_s": timed,
-           "plain_loop_per_config_s": timed / len(sample), "plain_loop_total_s_est": loop_total,
-           "speedup": loop_total / wall, "best": res["summary"][0]["name"]}
+           "indexed_loop_probe_s_by_threads": per_thread, "indexed_loop_threads": best_threads,
+           "indexed_loop_total_s": idx_total, "indexed_loop_timed_configs": idx_timed,
+           "indexed_loop_timed_s": idx_secs, "indexed_loop_extrapolated": idx_timed < len(cfgs),
+           "indexed_loop_processes": procs if proc_wall is not None else None,
+           "indexed_loop_processes_wall_s": proc_wall,
+           "dataloader_loop_total_s": dl_total, "dataloader_loop_timed_configs": dl_timed,
+           "dataloader_loop_extrapolated": dl_timed < len(cfgs),
+           "fastest_plain_loop_s": baseline,
+           "speedup_vs_fastest_loop": baseline / wall, "speedup_vs_dataloader_loop": dl_total / wall,
+           "best": res["summary"][0]["name"]}
     return out
 
 
@@ -197,7 +292,9 @@ def main(argv=None):
     ap.add_argument("--shapes", default="c10,c100", help="comma list of c10, c100, imnet")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--loop-sample", type=int, default=25, help="configurations timed in the plain loop")
+    ap.add_argument("--loop-sample", type=int, default=None,
+                    help="configurations timed in full per plain loop, the rest extrapolated by steps "
+                         "(0: every configuration; default: 0 for c10, 5 otherwise)")
     ap.add_argument("--quick", action="store_true", help="seeds 0,1 and 4 plain-loop configurations")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     ap.add_argument("--epochs-cap", type=int, default=None, help="train every method for at most this many epochs")
@@ -209,7 +306,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}", file=sys.stderr)
     results = []
     for shape in a.shapes.split(","):
-        r = run_shape(shape.strip(), seeds, device, loop_sample, a.quick, a.epochs_cap,
+        ls = loop_sample if loop_sample is not None else (0 if shape.strip() == "c10" else 5)
+        r = run_shape(shape.strip(), seeds, device, ls, a.quick, a.epochs_cap,
                       a.methods.split(",") if a.methods else None)
         results.append(r)
         print(json.dumps(r, indent=1))
