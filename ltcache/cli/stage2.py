@@ -7,6 +7,7 @@ import click
 
 from ltcache.cli.app import cli
 from ltcache.errors import LtcacheError
+from ltcache.threads import apply_threads
 
 PLUGIN_HELP = ("a Python file of your own methods and losses (ltcache.register_method / register_loss), "
                "imported before the methods are resolved; repeatable")
@@ -84,7 +85,12 @@ def _plugin_option(f):
                         help=PLUGIN_HELP)(f)
 
 
+THREADS_HELP = ("intra-op threads (default: the cores free when the command starts -- the cores this process may "
+                "use less the machine's 1-minute load -- so a busy machine is not oversubscribed)")
+
+
 def _common(f):
+    f = click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False, help=THREADS_HELP)(f)
     f = click.option("--from-tune", "from_tune", type=click.Path(path_type=Path), default=None,
                      help="re-run the configurations `ltcache tune --out DIR` chose (DIR/results.json) on the "
                           "same cache; options given here override them")(f)
@@ -158,8 +164,8 @@ def _claim_outputs(force: bool, files=(), folder=None) -> None:
 @click.option("--data-root", default=None, help="data root for --through-backbone")
 @click.option("--no-augment", is_flag=True, help="--through-backbone: no crop/flip augmentation")
 @click.option("--eval-bn", is_flag=True, help="--through-backbone: BatchNorm in eval mode (running statistics)")
-def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jobs, quiet, clean_view, from_tune, out,
-                export_path, force, through_backbone, ckpt, data_root, no_augment, eval_bn, plugins, **kwargs):
+def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jobs, quiet, clean_view, from_tune, threads,
+                out, export_path, force, through_backbone, ckpt, data_root, no_augment, eval_bn, plugins, **kwargs):
     """Re-train one stage-2 method on the cached features and print its metrics.
 
     \b
@@ -179,6 +185,7 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
         raise LtcacheError(f"--export writes one model but --seeds gives {len(seed_list)} seeds; "
                            "pass one seed with --export (e.g. --seeds 0)")
     _claim_outputs(force, files=[("--out", out, "results.json"), ("--export", export_path, "model.pt")])
+    apply_threads(threads, quiet)
     if through_backbone or ckpt is not None or no_augment or eval_bn:
         if not through_backbone or ckpt is None:
             raise LtcacheError("--through-backbone needs --ckpt stage1.pt (and --ckpt, --no-augment, --eval-bn "
@@ -233,7 +240,7 @@ def parse_grid(items) -> dict:
                    "never replaced without --force; each is written to a temporary name and renamed)")
 @click.option("--force", is_flag=True, help="replace the results already in the --out folder")
 def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_views, device, preset, jobs, quiet,
-              clean_view, from_tune, out, force, plugins, **kwargs):
+              clean_view, from_tune, threads, out, force, plugins, **kwargs):
     """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All."""
     from ltcache.stage2 import api
     from ltcache.stage2.methods import METHODS, get_method
@@ -249,6 +256,7 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
     seed_list = api.parse_seeds(seeds)
     overrides = _overrides(kwargs)
     _claim_outputs(force, folder=("--out", out))
+    apply_threads(threads, quiet)
     results = api.bench(cache_dir, (None if all_methods else names) or None, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
                         device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out, jobs=jobs,
                         clean_view=clean_view, from_tune=from_tune)

@@ -36,6 +36,8 @@ from ltcache.errors import LtcacheError
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="worker processes for CPU sweeps of small heads (1: this process only)")
 @click.option("--clean-view", is_flag=True, help="also draw the clean train view in the epochs")
+@click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False,
+              help="intra-op threads (default: the cores free when the command starts)")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="folder for results.json, tune.csv and tune.md (a folder already holding them is never "
                    "replaced without --force)")
@@ -43,7 +45,7 @@ from ltcache.errors import LtcacheError
 @click.option("--quiet", is_flag=True, help="no progress bars or status lines")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path), help=PLUGIN_HELP)
 def tune_cmd(all_methods, method_list, budget, search, select_metric, space_items, tune_seeds, seeds, cache_dir, test_views,
-             preset, device, jobs, clean_view, out, force, quiet, plugins):
+             preset, device, jobs, clean_view, threads, out, force, quiet, plugins):
     """Tune every method on val with the same budget, then re-train the picks over the final seeds.
 
     \b
@@ -73,6 +75,8 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
     if out is not None:
         check_output_dir(out, force, what="--out folder", outputs=OUTPUTS)
         click.get_current_context().with_resource(output_lock(out))
+    from ltcache.threads import apply_threads
+    apply_threads(threads, quiet)
     results = api.tune(cache_dir, names, budget=budget, search=search, select_metric=select_metric,
                        tune_seeds=api.parse_seeds(tune_seeds), seeds=api.parse_seeds(seeds), test_views=test_views,
                        device=device, quiet=quiet, preset=preset, out_dir=out, force=True, jobs=jobs,
