@@ -9,19 +9,41 @@ import torch
 from ltcache.groups import GROUPS, shot_groups
 
 
-def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Accuracy of each class (NaN for a class absent from ``labels``), shape [K]."""
+def class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Accuracy of each class, float64 [..., K] on ``labels``' device, of predictions ``pred``
+    [..., N] (any leading axes: e.g. m heads at once); NaN for a class absent from ``labels``.
+
+    The one definition of per-class accuracy: :func:`per_class_accuracy`, :func:`group_accuracy`
+    and :func:`class_mean_accuracy` (val selection, the tau-norm search) all read it."""
     labels = labels.long()
     correct = (pred.long() == labels).double()
-    hits = torch.zeros(num_classes, dtype=torch.float64, device=labels.device).index_add_(0, labels, correct)
+    lead = correct.shape[:-1]
+    flat = correct.reshape(math.prod(lead), labels.shape[0])
+    hits = torch.zeros(flat.shape[0], num_classes, dtype=torch.float64, device=labels.device)
+    hits.index_add_(1, labels, flat)
     total = torch.bincount(labels, minlength=num_classes).double()
     acc = hits / total.clamp_min(1)
-    acc[total == 0] = float("nan")
-    return acc.cpu()
+    acc[:, total == 0] = float("nan")
+    return acc.reshape(*lead, num_classes)
+
+
+def class_mean_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class-balanced accuracy (a fraction): the mean of :func:`class_accuracy` over the classes
+    present in ``labels``; float64 with ``pred``'s leading axes ([m] for m heads' [m, N])."""
+    acc = class_accuracy(pred, labels, num_classes)
+    present = torch.bincount(labels.long(), minlength=num_classes) > 0
+    return acc[..., present].mean(-1)
+
+
+def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Accuracy of each class (NaN for a class absent from ``labels``), shape [K], on the CPU."""
+    return class_accuracy(pred, labels, num_classes).cpu()
 
 
 def group_accuracy(per_class: torch.Tensor, class_counts: Sequence[int]) -> dict[str, Optional[float]]:
-    """Mean per-class accuracy (in %) over All / Many / Medium / Few; ``None`` for an empty group."""
+    """Mean per-class accuracy (in %) over All / Many / Medium / Few; ``None`` for an empty group.
+
+    ``per_class`` is :func:`per_class_accuracy` (NaN: a class absent from the evaluated split)."""
     names = shot_groups(class_counts)
     out: dict[str, Optional[float]] = {}
     valid = ~torch.isnan(per_class)
