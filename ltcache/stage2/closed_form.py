@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ltcache.errors import LtcacheError
+from ltcache.metrics import class_mean_accuracy
 
 TAU_GRID = [round(0.1 * i, 1) for i in range(21)]   # numpy linspace(0, 2, 21)
 
@@ -67,8 +68,6 @@ def select_tau(w0: torch.Tensor, val_x: Optional[torch.Tensor], val_labels: Opti
         raise LtcacheError("tau-norm picks tau on the val split but the cache has none; "
                            "pass --tau (e.g. --tau 1.0) or extract a cache with a val split")
     k = w0.shape[0]
-    cnt = torch.bincount(val_labels, minlength=k).double()
-    present = cnt > 0
     # w_j / ||w_j||^tau scales logit column j, and the bias is dropped: one GEMM of the view-mean
     # features serves every tau of the grid
     w = w0.to(val_x)
@@ -78,10 +77,29 @@ def select_tau(w0: torch.Tensor, val_x: Optional[torch.Tensor], val_labels: Opti
     for tau in grid:
         _check_tau(tau)
         pred = (z0 * torch.exp(-tau * lognorm).to(z0)).argmax(1)
-        hit = (pred == val_labels).double()
-        acc = float((torch.zeros(k, dtype=torch.float64, device=z0.device).index_add_(0, val_labels, hit)[present]
-                     / cnt[present]).mean())
+        acc = float(class_mean_accuracy(pred, val_labels, k))
         curve.append({"tau": tau, "val_acc": acc * 100})
         if acc > best_acc:
             best_tau, best_acc = tau, acc
     return float(best_tau), curve
+
+
+def closed_form_layer(method, params: dict, cache, data, counts: torch.Tensor) -> tuple[dict, dict]:
+    """The layer of closed-form ``method`` (a registry entry) and what it adds to its run
+    (tau-norm without a tau: the val curve, ``tau_curve``; the chosen tau is written into
+    ``params``). ``data``: the sweep's :class:`~ltcache.stage2.plan.TrainData`."""
+    w0, b0 = data.w0.cpu(), data.b0.cpu()
+    extra = {}
+    if method.head == "tau-norm":
+        tau = params.get("tau")
+        if tau is None:
+            tau, curve = select_tau(data.w0, data.val_x, data.val_labels)
+            params["tau"] = tau
+            extra["tau_curve"] = curve
+        return tau_norm_layer(w0, tau), extra
+    if method.head == "posthoc-la":
+        return posthoc_la_layer(w0, b0, counts, params["tau"]), extra
+    if method.head == "ncm":
+        clean = cache.splits["train"].features[:, 0].to(device=data.x.device, dtype=torch.float32)   # the clean (first) view
+        return ncm_layer(clean, data.labels, len(counts)), extra
+    raise LtcacheError(f"method {method.name} has no closed form")

@@ -99,20 +99,6 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
-def forward(family: str, p: dict, buf: dict, x: torch.Tensor) -> torch.Tensor:
-    """Logits [M, B, K] of M heads on x [M, B, D] (or [1, B, D], broadcast)."""
-    if family == "affine":
-        w_t = p["W"].transpose(1, 2)
-        if x.shape[0] == p["W"].shape[0]:
-            lin = torch.baddbmm(p["b"].unsqueeze(1), x, w_t)
-        else:
-            lin = torch.matmul(x, w_t) + p["b"].unsqueeze(1)
-        return p["s"].unsqueeze(1) * lin + (p["c"] * buf["u"]).unsqueeze(1)
-    xn = F.normalize(x, dim=-1)
-    wn = F.normalize(p["W"], dim=-1)
-    return buf["scale"].view(-1, 1, 1) * torch.matmul(xn, wn.transpose(1, 2))
-
-
 @dataclass
 class SharedRows:
     """A training step's features when blocks of members read the same rows.
@@ -180,7 +166,12 @@ def _gx(g: torch.Tensor, x, into: Optional[torch.Tensor] = None, beta: float = 0
 
 
 def forward_train(family: str, p: dict, buf: dict, x: "torch.Tensor | SharedRows", base: bool = False):
-    """Training forward of M heads: class-major logits [M, K, B] and what :func:`backward` needs.
+    """The logits of M heads, class-major [M, K, B], and what :func:`backward` needs: the one
+    place the logit formula of each family is written (:func:`forward` and the engine's val
+    selection read it too).
+
+    affine: z = s * (x W^T + b) + c * u; s, c and u are left out when absent from ``p`` / ``buf``
+    (the engine drops what no member trains: s = 1, c * u = 0). cosine: z = scale <x/||x||, w_j/||w_j||>.
 
     Class-major because the weight then multiplies the batch from the left (W x^T), which is
     several times faster than x W^T when K is small, and the loss reduces over K in that
@@ -203,6 +194,16 @@ def forward_train(family: str, p: dict, buf: dict, x: "torch.Tensor | SharedRows
     wn = p["W"] / wnorm
     z = _wx(wn, xn).mul_(buf["scale"].view(-1, 1, 1))
     return z, (xn, wn, wnorm)
+
+
+def forward(family: str, p: dict, buf: dict, x: torch.Tensor) -> torch.Tensor:
+    """Logits [M, B, K] of M heads on x [M, B, D], or on x [1, B, D] shared by all of them:
+    :func:`forward_train` read batch-major (a shared x is one block of M members on the same
+    rows, one GEMM). Differentiable for M = 1 or a per-member x (the tests' autograd reference)."""
+    m = p["W"].shape[0]
+    if x.shape[0] != m:
+        x = SharedRows(x, m, x[:0])
+    return forward_train(family, p, buf, x)[0].transpose(1, 2)
 
 
 def backward(family: str, p: dict, buf: dict, ctx, dz: torch.Tensor, need: tuple,

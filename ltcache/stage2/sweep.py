@@ -1,4 +1,5 @@
-"""The batched stage-2 engine: M head configurations trained as one computation.
+"""Steps 2 and 3 of a stage-2 sweep (see :mod:`ltcache.stage2.plan`): configurations in
+groups, each group trained as one computation of M stacked heads.
 
 Configurations that share a head family, a batch size and whether the stage-1 layer stays
 frozen (:func:`group_key`) form a group. Their parameters are stacked ([M, K, D] ...). Per
@@ -16,6 +17,14 @@ e.g. every instance-balanced method of one seed) sit in
 blocks that share one gather and one wider GEMM (:func:`stream_blocks`); the loss still sees
 the members in the caller's order. Python loops run over epochs, steps and parameter names,
 never over configurations inside a step.
+
+Reading order: :func:`train_sweep` (groups by :func:`make_groups`, in this process or in
+workers) -> :func:`train_group`, which drives a :class:`GroupTrainer`: its initialisation
+stacks the members' parameters; :meth:`~GroupTrainer.prepare_epoch` makes an epoch's index
+batches and per-step factors; :meth:`~GroupTrainer.step` is features -> forward
+(:func:`heads.forward_train`) -> loss gradient -> backward (:func:`heads.backward`) -> update;
+:meth:`~GroupTrainer.end_epoch` projects (MaxNorm) and selects on val;
+:meth:`~GroupTrainer.collect` gives each member's deployable layer.
 
 Where the time goes: on a GPU or with large shapes (D 512+) the two bmm per step dominate,
 with the element-wise loss work next (about a third of a D 512 step on a CPU). On a CPU with
@@ -37,80 +46,27 @@ Learning-rate schedules, per epoch (METHODS.md §0.3(5)):
 """
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from ltcache.errors import LtcacheError
+from ltcache.metrics import class_mean_accuracy
 from ltcache.progress import progress
 from ltcache.stage2 import heads as H
-from ltcache.stage2.losses import (LossSpec, LossTargets, batched_loss_grad, loss_signature, loss_targets,
-                                   stack_specs)
+from ltcache.stage2.losses import LossTargets, batched_loss_grad, loss_signature, loss_targets, stack_specs
 from ltcache.stage2.losses._fallback import AutogradLossGrad
+from ltcache.stage2.params import SCHEDULES  # noqa: F401  (re-exported)
+from ltcache.stage2.plan import Config, TrainData  # noqa: F401  (re-exported: sweep.Config, sweep.TrainData)
 from ltcache.stage2.samplers import ClassIndex, epoch_indices, steps_per_epoch
 from ltcache.stage2.workers import in_worker, run_in_workers, worth_workers
 
-SCHEDULES = ("cosine", "cosine-start", "constant")
 EVAL_CHUNK = 1 << 25     # elements of a [m, N, K] logits block at evaluation
-
-
-@dataclass
-class Config:
-    """One stage-2 training configuration (a method with its hyper-parameters and a seed)."""
-
-    name: str
-    method: str
-    params: dict
-    seed: int
-    head: str
-    init: str
-    sampler: str
-    loss: LossSpec
-    lr: float
-    wd: float
-    epochs: int
-    batch_size: int
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    lr_factor: float = 1.0
-    maxnorm_thresh: Optional[float] = None
-    scale: float = 1.0
-    bias_init: Optional[float] = None
-
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of 0-based ``epoch`` under this configuration's schedule."""
-        if self.schedule == "constant":
-            return self.lr
-        t = epoch + (1 if self.schedule == "cosine-start" else 0)
-        if self.schedule not in SCHEDULES:
-            raise LtcacheError(f"unknown schedule '{self.schedule}'; use {', '.join(SCHEDULES)}")
-        return 0.5 * self.lr * (1 + math.cos(math.pi * t / self.epochs))
-
-
-@dataclass
-class TrainData:
-    """What training needs from a cache, already on the compute device."""
-
-    x: torch.Tensor                   # train features [N, V, D]
-    labels: torch.Tensor              # [N] long (device)
-    w0: torch.Tensor                  # stage-1 weight [K, D]
-    b0: torch.Tensor                  # stage-1 bias [K]
-    class_index: ClassIndex = None    # CPU
-    val_x: Optional[torch.Tensor] = None   # val features [Nv, V', D] (views used for selection)
-    val_labels: Optional[torch.Tensor] = None
-    # Optional feature source replacing the cached gather: gather(rows [M*B], valid [M*B]) ->
-    # features [M*B, D]. The reference "through the backbone" path plugs the frozen backbone in
-    # here, so both paths share the samplers, losses and optimiser step.
-    gather: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
-
-    def __post_init__(self):
-        if self.class_index is None:
-            self.class_index = ClassIndex.from_labels(self.labels.cpu(), self.w0.shape[0])
 
 
 @dataclass
@@ -122,6 +78,10 @@ class TrainedHead:
     selected_epoch: int
     history: list = field(default_factory=list)
 
+
+# ---------------------------------------------------------------------------------------------
+# step 2: groups
+# ---------------------------------------------------------------------------------------------
 
 def frozen_base(cfg: Config) -> bool:
     """True for heads that train only the affine s, c on the frozen stage-1 layer (LWS, MARC):
@@ -136,6 +96,19 @@ def group_key(cfg: Config) -> tuple:
     return (H.get_head(cfg.head).family, frozen_base(cfg), cfg.batch_size)
 
 
+def make_groups(configs: Sequence[Config]) -> list[list[int]]:
+    """The indices of ``configs`` in groups (:func:`group_key`); inside a group, members needing
+    the same optional loss terms side by side (each term then runs on one slice)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault(group_key(c), []).append(i)
+
+    def order(i: int) -> tuple:
+        return loss_signature(configs[i].loss), "s" in H.get_head(configs[i].head).trained
+
+    return [sorted(members, key=order) for members in groups.values()]
+
+
 def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last",
                 quiet: bool = False, n_jobs: Optional[int] = None) -> list[TrainedHead]:
     """Train every configuration; groups by :func:`group_key`; results in input order.
@@ -147,15 +120,8 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
     if select == "val" and data.val_x is None:
         raise LtcacheError("--select val needs a val split in the cache; use --select last "
                            "or extract the cache with a val split")
-    groups: dict[tuple, list[int]] = {}
-    for i, c in enumerate(configs):
-        groups.setdefault(group_key(c), []).append(i)
+    plan = make_groups(configs)
     out: list[Optional[TrainedHead]] = [None] * len(configs)
-    # members needing the same optional loss terms side by side: each term runs on one slice
-    def order(i: int) -> tuple:
-        return loss_signature(configs[i].loss), "s" in H.get_head(configs[i].head).trained
-
-    plan = [sorted(members, key=order) for members in groups.values()]
     jobs = min(n_jobs or os.cpu_count() or 1, torch.get_num_threads())
     if not worth_workers(plan, configs, data, jobs):
         for members in plan:
@@ -168,6 +134,354 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
     for i, t in run_in_workers(train_group, plan, configs, data, select, quiet, jobs):
         out[i] = t
     return out  # type: ignore[return-value]
+
+
+def stream_blocks(cfgs: Sequence[Config]) -> tuple[list[int], int, int]:
+    """A member order with the members that read identical rows in blocks: (order, S, r).
+
+    A configuration's batches depend only on its sampler, seed, epochs and what its head's
+    initialisation draws from the same generator first (a fresh or cosine head draws its
+    weights); the batch size and views are the group's. Members equal in those read the same
+    rows at every step. Blocks hold r members (the r that puts the most members in blocks;
+    the larger on ties); the S blocks come first in ``order``, then the other members in their
+    given order. S = 0 when no two members share a stream. The engine still checks, each
+    epoch, that every block's rows are equal, and gathers per member if they are not."""
+    streams: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        draws = H.get_head(c.head).family == "cosine" or c.init == "fresh"
+        streams.setdefault((c.sampler, int(c.seed), c.epochs, draws), []).append(i)
+    sizes = {len(v) for v in streams.values() if len(v) >= 2}
+    if not sizes:
+        return list(range(len(cfgs))), 0, 1
+    r = max(sizes, key=lambda r: (sum(len(v) // r * r for v in streams.values()), r))
+    blocks = [v[j * r:(j + 1) * r] for v in streams.values() for j in range(len(v) // r)]
+    inside = {i for b in blocks for i in b}
+    return [i for b in blocks for i in b] + [i for i in range(len(cfgs)) if i not in inside], len(blocks), r
+
+
+# ---------------------------------------------------------------------------------------------
+# step 3: one group trained as one stacked computation
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
+                quiet: bool = False, bar_position: int = 0) -> list[TrainedHead]:
+    """Train M configurations of one group (same :func:`group_key`) together."""
+    group = GroupTrainer(cfgs, data, select)                 # the stacked parameters, initialised
+    label = "frozen-base " if group.base else ""
+    bar = progress(total=group.total_steps, desc=f"train {label}{group.family} B={group.bsz} x{group.m}",
+                   quiet=quiet, unit="step", position=bar_position)
+    try:
+        with _prepared_ahead(group.prepare_epoch, group.epochs, group.dev) as epochs:
+            for e, ep in epochs:
+                for s in range(ep.s_max):
+                    group.step(ep, s)               # features -> forward -> loss grad -> backward -> update
+                bar.update(ep.s_max)
+                group.end_epoch(e)                  # MaxNorm projection, val selection
+    finally:
+        bar.close()
+    return group.collect()
+
+
+@contextmanager
+def _prepared_ahead(prepare: Callable[[int], "Epoch"], epochs: int, dev: torch.device) -> Iterator:
+    """(e, prepare(e)) for every epoch; each epoch prepared on a thread while the previous one
+    trains when this process runs ops on one thread (or a GPU): beside multi-threaded CPU ops it
+    would only compete for the same cores."""
+    pool = (ThreadPoolExecutor(max_workers=1)
+            if dev.type == "cuda" or (not in_worker() and torch.get_num_threads() == 1) else None)
+
+    def stream():
+        upcoming = pool.submit(prepare, 0) if pool else None
+        for e in range(epochs):
+            ep = upcoming.result() if pool else prepare(e)
+            if pool and e + 1 < epochs:
+                upcoming = pool.submit(prepare, e + 1)
+            yield e, ep
+
+    try:
+        yield stream()
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+
+
+@dataclass
+class Epoch:
+    """Everything one epoch's steps read, made ahead: per step (tuples of views, one per step)
+    the gathered rows, loss targets and the update's per-member factors."""
+
+    s_max: int                 # steps (the longest member's)
+    rows: tuple                # flat cache rows [M*B] (param order)
+    valid: tuple               # [M*B] bool, CPU
+    shared: Optional[tuple]    # (rows of the blocks' first members, rows of the rest) or None
+    targets: list              # LossTargets of the built-in losses (loss order)
+    user: Optional[SimpleNamespace]   # labels / valid / counts of the forward-only losses
+    paused: list               # a step where some member pauses mid-run (needs the masked update)
+    c_mom: dict                # momentum factor: mu for an active member, 1 for an inactive one
+    act: dict                  # 1 for an active member, 0 otherwise
+    neg_lr: dict               # -lr x the parameter's lr factor for an active member, 0 otherwise
+
+
+class GroupTrainer:
+    """The state of M configurations of one group trained together.
+
+    Parameters live in "param order" (members reading the same rows in blocks, see
+    :func:`stream_blocks`); the loss sees the caller's order (its optional terms on contiguous
+    slices), members with a forward-only loss (autograd fallback) moved after the ``nb``
+    built-in ones. :meth:`prepare_epoch` makes an epoch's batches, :meth:`step` trains one
+    step, :meth:`end_epoch` projects and selects, :meth:`collect` gives the trained heads."""
+
+    def __init__(self, cfgs: Sequence[Config], data: TrainData, select: str = "last"):
+        key = group_key(cfgs[0])
+        if any(group_key(c) != key for c in cfgs):
+            raise ValueError("train_group needs configurations of one group_key (head family, frozen base, batch size)")
+        self.family, self.base, self.bsz = key
+        self.data, self.select = data, select
+        self.dev, self.m = data.x.device, len(cfgs)
+        self.n, self.n_views, self.d = data.x.shape
+        self.k = data.w0.shape[0]
+        self._order_members(cfgs)
+        self._init_params()
+        self._init_optimiser()
+        self._init_losses()
+        self._init_inputs()
+        self._init_selection()
+
+    # -- initialisation -----------------------------------------------------------------------
+
+    def _order_members(self, cfgs: Sequence[Config]) -> None:
+        """Param order (blocks first) and loss order (built-in losses, then forward-only ones)."""
+        m, dev = self.m, self.dev
+        self.order, self.n_blocks, self.r = (stream_blocks(cfgs) if not self.base and self.data.gather is None
+                                             else (list(range(m)), 0, 1))
+        by_loss = ([i for i, c in enumerate(cfgs) if c.loss.user is None]
+                   + [i for i, c in enumerate(cfgs) if c.loss.user is not None])
+        loss_pos = {c: j for j, c in enumerate(by_loss)}
+        self.loss_cfgs, self.cfgs = [cfgs[i] for i in by_loss], [cfgs[i] for i in self.order]
+        self.nb = sum(c.loss.user is None for c in self.loss_cfgs)
+        param_to_loss = [loss_pos[i] for i in self.order]          # param position -> loss position
+        self.permuted = param_to_loss != list(range(m))
+        self.to_param = torch.tensor(param_to_loss, device=dev)
+        self.to_loss = torch.empty_like(self.to_param).index_copy_(0, self.to_param, torch.arange(m, device=dev))
+        self.to_loss_cpu = self.to_loss.cpu()
+        self.n_shared = self.n_blocks * self.r
+
+    def _init_params(self) -> None:
+        """Each member's head initialised from its own generator (seeded by its seed), stacked."""
+        cfgs, dev, family = self.cfgs, self.dev, self.family
+        self.w0c = self.data.w0.detach().float().cpu()
+        b0c = self.data.b0.detach().float().cpu()
+        self.gens = [torch.Generator().manual_seed(int(c.seed)) for c in cfgs]
+        kinds = [H.get_head(c.head) for c in cfgs]
+        inits = [H.init_head(kd, c.init, self.w0c, b0c, g, c.bias_init) for kd, c, g in zip(kinds, cfgs, self.gens)]
+        self.names = H.param_names(family)
+        self.p = {a: torch.stack([i[0][a] for i in inits]).to(dev) for a in self.names}
+        self.buf = {a: torch.stack([i[1][a] for i in inits]).to(dev) for a in inits[0][1]}
+        if family == "cosine":
+            self.buf["scale"] = torch.tensor([float(c.scale) for c in cfgs], device=dev)
+        # the training step leaves out what no member uses (MARC's c * ||w_j|| term, frozen parameters)
+        self.tbuf = {a: t for a, t in self.buf.items() if a != "u" or any(kd.uses_base_norm for kd in kinds)}
+        self.need = tuple(a for a in self.names if any(a in kd.trained for kd in kinds))
+        s_members = [i for i, kd in enumerate(kinds) if "s" in kd.trained]
+        self.s_span = (s_members[0], s_members[-1] + 1) if s_members else None     # s = 1 for the others
+        # parameters the training forward needs: s and c are the identity (1, 0) unless trained
+        self.pf = {a: t for a, t in self.p.items() if a in self.need or (a in ("W", "b") and not self.base)}
+        self.kinds = kinds
+
+    def _init_optimiser(self) -> None:
+        """Per-member SGD-momentum settings as tensors, momentum buffers, MaxNorm radii."""
+        cfgs, dev, m, p, need = self.cfgs, self.dev, self.m, self.p, self.need
+
+        def lr_mult(kd: H.HeadKind, c: Config, a: str) -> float:
+            if a not in kd.trained:
+                return 0.0
+            return c.lr_factor if a in kd.slow else 1.0
+
+        self.shape = {a: (m,) + (1,) * (p[a].dim() - 1) for a in self.names}
+        self.lrm = {a: torch.tensor([lr_mult(kd, c, a) for kd, c in zip(self.kinds, cfgs)], device=dev) for a in need}
+        self.wd = {a: torch.tensor([c.wd for c in cfgs], device=dev).view(self.shape[a]) for a in need}
+        self.any_wd = any(c.wd for c in cfgs)
+        self.mom = torch.tensor([c.momentum for c in cfgs], device=dev)
+        self.mbuf = {a: torch.zeros_like(p[a]) for a in need}
+        self.uniform_mom = len({c.momentum for c in cfgs}) == 1
+        self.momentum = float(cfgs[0].momentum)
+        # the last (epoch, step) at which each member trains: after it, a member's momentum buffer
+        # no longer matters, so a step whose only inactive members are finished can use the fused
+        # update (one momentum factor for all); a member paused mid-run needs the masked update.
+        self.last = [(c.epochs - 1, steps_per_epoch(c.sampler, self.n, self.bsz) - 1) for c in cfgs]
+        self.use_maxnorm = any(c.maxnorm_thresh is not None for c in cfgs)
+        if self.use_maxnorm:
+            self.radius = torch.tensor([maxnorm_radius(self.w0c, c.maxnorm_thresh) if c.maxnorm_thresh is not None
+                                        else float("inf") for c in cfgs], device=dev).view(m, 1)
+
+    def _init_losses(self) -> None:
+        """The built-in losses stacked (:func:`stack_specs`); forward-only losses get dL/dz by
+        autograd, placed into the group's dz (the head backward and the update stay the engine's)."""
+        nb, m, dev, counts = self.nb, self.m, self.dev, self.data.class_index.counts
+        self.lb = stack_specs([c.loss for c in self.loss_cfgs[:nb]], counts, dev) if nb else None
+        self.user = (AutogradLossGrad([c.loss for c in self.loss_cfgs[nb:]], [c.method for c in self.loss_cfgs[nb:]],
+                                      counts, dev) if nb < m else None)
+
+    def _init_inputs(self) -> None:
+        """The flat cache rows, the stage-1 layer on the device and, for a frozen-base group,
+        the stage-1 logits of every cache row (K numbers per row instead of D), once."""
+        data, dev = self.data, self.dev
+        self.x_flat = data.x.reshape(self.n * self.n_views, self.d)
+        self.w0, self.b0 = data.w0.detach().to(dev, torch.float32), data.b0.detach().to(dev, torch.float32)
+        if self.base and data.gather is None:
+            self.table = torch.cat([torch.addmm(self.b0, self.x_flat[i:i + 65536].float(), self.w0.t())
+                                    for i in range(0, self.x_flat.shape[0], 65536)])
+        self.epochs = max(c.epochs for c in self.cfgs)
+        self.total_steps = sum(max(steps_per_epoch(c.sampler, self.n, self.bsz) for c in self.cfgs if e < c.epochs)
+                               for e in range(self.epochs))
+
+    def _init_selection(self) -> None:
+        """The best val accuracy and epoch of each member so far (``select="val"``)."""
+        self.best_acc = torch.full((self.m,), -1.0, dtype=torch.float64, device=self.dev)
+        self.best_epoch = torch.tensor([c.epochs for c in self.cfgs])
+        self.best = {a: t.clone() for a, t in self.p.items()} if self.select == "val" else None
+
+    # -- an epoch -----------------------------------------------------------------------------
+
+    def prepare_epoch(self, e: int) -> Epoch:
+        """Everything epoch ``e``'s steps read, made ahead (on a worker thread, while the previous
+        epoch trains): its index batches, loss targets, momentum/lr factors, paused steps."""
+        m, bsz, dev, nb, need, shape = self.m, self.bsz, self.dev, self.nb, self.need, self.shape
+        rows, ys, valid = _epoch_batches(self.cfgs, self.data.class_index, self.gens, e, self.n_views)
+        s_max = rows.shape[1]
+        ys_s = ys.transpose(0, 1).contiguous().to(dev)                             # [S, M, B]
+        vf_s = valid.transpose(0, 1).contiguous().to(dev, torch.float32)
+        act_cpu = valid.any(-1).t().contiguous()                                   # [S, M]
+        # steps of this epoch before each member's last step: (e, s) < (last epoch, last step)
+        lim = torch.tensor([s_max if le > e else (ls if le == e else 0) for le, ls in self.last])
+        act = act_cpu.to(dev, torch.float32)
+        lr_e = torch.tensor([c.lr_at(e) if e < c.epochs else 0.0 for c in self.cfgs], device=dev)
+        per_step = lambda t: t.unbind(0)                                         # noqa: E731 (views, one op)
+        if self.permuted:
+            ys_s, vf_s = ys_s.index_select(1, self.to_loss), vf_s.index_select(1, self.to_loss)
+        user_step = None
+        if nb == m:
+            targets = loss_targets(self.lb, ys_s, vf_s)                            # the epoch's, at once
+        else:
+            targets = (loss_targets(self.lb, ys_s[:, :nb], vf_s[:, :nb]) if nb
+                       else LossTargets(*([None] * len(LossTargets._fields))))
+            uvalid = (valid.index_select(0, self.to_loss_cpu) if self.permuted else valid)[nb:]   # [mu, S, B] CPU
+            un = uvalid.sum(-1)
+            user_step = SimpleNamespace(
+                y=per_step(ys_s[:, nb:]), valid=per_step(vf_s[:, nb:]), n=un.t().tolist(),
+                prefix=bool((uvalid == (torch.arange(bsz) < un.unsqueeze(-1))).all()))
+        shared = None
+        n_blocks, r, n_shared = self.n_blocks, self.r, self.n_shared
+        if n_blocks:
+            blk_rows = rows[:n_shared].view(n_blocks, r, s_max, bsz)
+            blk_valid = valid[:n_shared].view(n_blocks, r, s_max, bsz)
+            if bool((blk_rows == blk_rows[:, :1]).all()) and bool((blk_valid == blk_valid[:, :1]).all()):
+                shared = (per_step(rows[:n_shared:r].transpose(0, 1).reshape(s_max, n_blocks * bsz).to(dev)),
+                          per_step(rows[n_shared:].transpose(0, 1).reshape(s_max, (m - n_shared) * bsz).to(dev)))
+        return Epoch(
+            s_max=s_max, shared=shared, user=user_step,
+            rows=per_step(rows.transpose(0, 1).reshape(s_max, m * bsz).to(dev)),     # [M*B] per step
+            valid=per_step(valid.transpose(0, 1).reshape(s_max, m * bsz)),
+            targets=[LossTargets(*f) for f in zip(*(per_step(t) if t is not None else [None] * s_max
+                                                   for t in targets))],
+            paused=(~act_cpu & (torch.arange(s_max).unsqueeze(1) < lim)).any(1).tolist(),
+            c_mom={a: per_step((1 - act * (1 - self.mom)).view((s_max,) + shape[a])) for a in need},
+            act={a: per_step(act.view((s_max,) + shape[a])) for a in need},
+            neg_lr={a: per_step((act * (lr_e * self.lrm[a])).neg().view((s_max,) + shape[a])) for a in need})
+
+    # -- a step -------------------------------------------------------------------------------
+
+    def step(self, ep: Epoch, s: int) -> None:
+        """One training step of every member: features -> forward -> loss gradient -> backward
+        and SGD-momentum update."""
+        xb = self.features(ep, s)
+        z, ctx = H.forward_train(self.family, self.pf, self.tbuf, xb, self.base)       # [M, K, B]
+        dz = self.loss_grad(ep, s, z)
+        self.update(ep, s, ctx, dz)
+
+    def features(self, ep: Epoch, s: int):
+        """Step s's inputs: [M, B, D] features, [M, B, K] base logits for a frozen-base group,
+        or SharedRows (one gather per block of members on the same rows)."""
+        x_flat, bsz, m = self.x_flat, self.bsz, self.m
+        if ep.shared:
+            return H.SharedRows(x_flat.index_select(0, ep.shared[0][s]).view(self.n_blocks, bsz, self.d), self.r,
+                                x_flat.index_select(0, ep.shared[1][s]).view(m - self.n_shared, bsz, self.d))
+        rows, gather = ep.rows[s], self.data.gather
+        if gather is not None:
+            xb = gather(rows, ep.valid[s])
+            return torch.addmm(self.b0, xb, self.w0.t()).view(m, bsz, self.k) if self.base else xb.view(m, bsz, self.d)
+        if self.base:
+            return self.table.index_select(0, rows).view(m, bsz, self.k)
+        return x_flat.index_select(0, rows).view(m, bsz, self.d)
+
+    def loss_grad(self, ep: Epoch, s: int, z: torch.Tensor) -> torch.Tensor:
+        """dL/dz [M, K, B] (param order) of every member's loss: analytic for the built-in
+        losses (in loss order), by autograd for the forward-only ones."""
+        lb, targets, permuted, nb = self.lb, ep.targets, self.permuted, self.nb
+        if self.user is not None:
+            zl = z.index_select(0, self.to_loss) if permuted else z
+            dz = torch.empty_like(zl)
+            if nb:
+                dz[:nb] = batched_loss_grad(zl[:nb], None, None, lb, targets[s])
+            u = ep.user
+            dz[nb:] = self.user(zl[nb:], u.y[s], u.valid[s], u.n[s], u.prefix)
+            return dz.index_select(0, self.to_param) if permuted else dz
+        if permuted:
+            dz = batched_loss_grad(z.index_select(0, self.to_loss), None, None, lb, targets[s])
+            return dz.index_select(0, self.to_param)
+        return batched_loss_grad(z, None, None, lb, targets[s])
+
+    def update(self, ep: Epoch, s: int, ctx, dz: torch.Tensor) -> None:
+        """The head's backward and the SGD-momentum update (PyTorch semantics: g += wd p;
+        buf = mu buf + g; p -= lr buf)."""
+        p, mbuf, wd, need, neg_lr, any_wd = self.p, self.mbuf, self.wd, self.need, ep.neg_lr, self.any_wd
+        if self.uniform_mom and not ep.paused[s]:
+            # fused: mbuf = mu mbuf + grad (+ wd p); finished members get lr 0
+            H.backward(self.family, self.pf, self.tbuf, ctx, dz, need, into=mbuf, beta=self.momentum,
+                       s_span=self.s_span)
+            for a in need:
+                if any_wd:
+                    mbuf[a].addcmul_(p[a], wd[a])
+                p[a].addcmul_(mbuf[a], neg_lr[a][s])
+        else:
+            grads = H.backward(self.family, self.pf, self.tbuf, ctx, dz, need, s_span=self.s_span)
+            c_mom, act_v = ep.c_mom, ep.act
+            for a in need:
+                g = grads[a]
+                if any_wd:
+                    g.addcmul_(p[a], wd[a])
+                mbuf[a].mul_(c_mom[a][s]).addcmul_(g, act_v[a][s])
+                p[a].addcmul_(mbuf[a], neg_lr[a][s])
+
+    # -- end of an epoch, end of training -------------------------------------------------------
+
+    def end_epoch(self, e: int) -> None:
+        """After epoch ``e``'s last step: the MaxNorm projection, then val selection."""
+        if self.use_maxnorm:
+            # LTWB PGD: once per epoch, after the last batch, rows with ||w_j|| > r -> w_j r/||w_j||
+            live = torch.tensor([e < c.epochs for c in self.cfgs], device=self.dev).view(self.m, 1)
+            norms = self.p["W"].norm(dim=-1)
+            factor = torch.where(live, (self.radius / norms.clamp_min(1e-12)).clamp(max=1.0), torch.ones_like(norms))
+            self.p["W"].mul_(factor.unsqueeze(-1))
+        if self.select == "val":
+            acc = _val_accuracy(self.family, self.p, self.buf, self.data)
+            live = torch.tensor([e < c.epochs for c in self.cfgs], device=self.dev)
+            better = live & (acc > self.best_acc)      # ties keep the earlier epoch
+            self.best_acc = torch.where(better, acc, self.best_acc)
+            self.best_epoch = torch.where(better.cpu(), torch.tensor(e + 1), self.best_epoch)
+            for a in self.names:
+                self.best[a] = torch.where(better.view(self.shape[a]), self.p[a], self.best[a])
+
+    def collect(self) -> list[TrainedHead]:
+        """Every member's deployable layer (the kept epoch's), in the caller's order."""
+        final = self.best if self.select == "val" else self.p
+        out: list = [None] * self.m
+        for i, c in enumerate(self.cfgs):
+            layer = H.effective(self.family, {a: final[a][i].cpu() for a in self.names},
+                                {a: self.buf[a][i].cpu() for a in self.buf})
+            out[self.order[i]] = TrainedHead(config=c, layer=layer, selected_epoch=int(self.best_epoch[i]))
+        return out
 
 
 def _epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_views: int):
@@ -199,29 +513,6 @@ def _epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_v
             torch.stack([pad(v, False) for v in vals]))
 
 
-def stream_blocks(cfgs: Sequence[Config]) -> tuple[list[int], int, int]:
-    """A member order with the members that read identical rows in blocks: (order, S, r).
-
-    A configuration's batches depend only on its sampler, seed, epochs and what its head's
-    initialisation draws from the same generator first (a fresh or cosine head draws its
-    weights); the batch size and views are the group's. Members equal in those read the same
-    rows at every step. Blocks hold r members (the r that puts the most members in blocks;
-    the larger on ties); the S blocks come first in ``order``, then the other members in their
-    given order. S = 0 when no two members share a stream. The engine still checks, each
-    epoch, that every block's rows are equal, and gathers per member if they are not."""
-    streams: dict[tuple, list[int]] = {}
-    for i, c in enumerate(cfgs):
-        draws = H.get_head(c.head).family == "cosine" or c.init == "fresh"
-        streams.setdefault((c.sampler, int(c.seed), c.epochs, draws), []).append(i)
-    sizes = {len(v) for v in streams.values() if len(v) >= 2}
-    if not sizes:
-        return list(range(len(cfgs))), 0, 1
-    r = max(sizes, key=lambda r: (sum(len(v) // r * r for v in streams.values()), r))
-    blocks = [v[j * r:(j + 1) * r] for v in streams.values() for j in range(len(v) // r)]
-    inside = {i for b in blocks for i in b}
-    return [i for b in blocks for i in b] + [i for i in range(len(cfgs)) if i not in inside], len(blocks), r
-
-
 def maxnorm_radius(w0: torch.Tensor, thresh: float) -> float:
     """LTWB ``MaxNorm_via_PGD.setPerLayerThresh`` on the stage-1 weights:
     r = min_j ||w_j|| + thresh * (max_j ||w_j|| - min_j ||w_j||)."""
@@ -239,17 +530,8 @@ def eval_logits(family: str, p: dict, buf: dict, x: torch.Tensor) -> torch.Tenso
     return out / x.shape[1]
 
 
-def _class_mean_acc(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean per-class accuracy of each of m heads, [m] (classes absent from labels skipped)."""
-    correct = (logits.argmax(-1) == labels.unsqueeze(0)).double()          # [m, N]
-    hits = torch.zeros(correct.shape[0], k, dtype=torch.float64, device=logits.device)
-    hits.index_add_(1, labels, correct)
-    cnt = torch.bincount(labels, minlength=k).double()
-    present = cnt > 0
-    return (hits[:, present] / cnt[present]).mean(1)
-
-
 def _val_accuracy(family: str, p: dict, buf: dict, data: TrainData) -> torch.Tensor:
+    """Class-mean val accuracy [m] of the group's current heads (in chunks of heads)."""
     m = p["W"].shape[0]
     k = data.w0.shape[0]
     n = data.val_x.shape[0]
@@ -258,222 +540,6 @@ def _val_accuracy(family: str, p: dict, buf: dict, data: TrainData) -> torch.Ten
     for i in range(0, m, chunk):
         pp = {a: t[i:i + chunk] for a, t in p.items()}
         bb = {a: t[i:i + chunk] for a, t in buf.items()}
-        accs.append(_class_mean_acc(eval_logits(family, pp, bb, data.val_x), data.val_labels, k))
+        pred = eval_logits(family, pp, bb, data.val_x).argmax(-1)
+        accs.append(class_mean_accuracy(pred, data.val_labels, k))
     return torch.cat(accs)
-
-
-@torch.no_grad()
-def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
-                quiet: bool = False, bar_position: int = 0) -> list[TrainedHead]:
-    """Train M configurations of one group (same :func:`group_key`) together."""
-    key = group_key(cfgs[0])
-    family, base, bsz = key
-    if any(group_key(c) != key for c in cfgs):
-        raise ValueError("train_group needs configurations of one group_key (head family, frozen base, batch size)")
-    dev, m = data.x.device, len(cfgs)
-    n, n_views, d = data.x.shape
-    k = data.w0.shape[0]
-    # parameters live in "param order" (members reading the same rows in blocks, see
-    # stream_blocks); the loss sees the caller's order (its optional terms on contiguous slices),
-    # members with a forward-only loss (autograd fallback) moved after the nb built-in ones
-    order, n_blocks, r = (stream_blocks(cfgs) if not base and data.gather is None
-                          else (list(range(m)), 0, 1))
-    by_loss = ([i for i, c in enumerate(cfgs) if c.loss.user is None]
-               + [i for i, c in enumerate(cfgs) if c.loss.user is not None])
-    loss_pos = {c: j for j, c in enumerate(by_loss)}
-    loss_cfgs, cfgs = [cfgs[i] for i in by_loss], [cfgs[i] for i in order]
-    nb = sum(c.loss.user is None for c in loss_cfgs)
-    param_to_loss = [loss_pos[i] for i in order]          # param position -> loss position
-    permuted = param_to_loss != list(range(m))
-    to_param = torch.tensor(param_to_loss, device=dev)
-    to_loss = torch.empty_like(to_param).index_copy_(0, to_param, torch.arange(m, device=dev))
-    to_loss_cpu = to_loss.cpu()
-    n_shared = n_blocks * r
-    w0c, b0c = data.w0.detach().float().cpu(), data.b0.detach().float().cpu()
-
-    gens = [torch.Generator().manual_seed(int(c.seed)) for c in cfgs]
-    kinds = [H.get_head(c.head) for c in cfgs]
-    inits = [H.init_head(kd, c.init, w0c, b0c, g, c.bias_init) for kd, c, g in zip(kinds, cfgs, gens)]
-    names = H.param_names(family)
-    p = {a: torch.stack([i[0][a] for i in inits]).to(dev) for a in names}
-    buf = {a: torch.stack([i[1][a] for i in inits]).to(dev) for a in inits[0][1]}
-    if family == "cosine":
-        buf["scale"] = torch.tensor([float(c.scale) for c in cfgs], device=dev)
-    # the training step leaves out what no member uses (MARC's c * ||w_j|| term, frozen parameters)
-    tbuf = {a: t for a, t in buf.items() if a != "u" or any(kd.uses_base_norm for kd in kinds)}
-    need = tuple(a for a in names if any(a in kd.trained for kd in kinds))
-    s_members = [i for i, kd in enumerate(kinds) if "s" in kd.trained]
-    s_span = (s_members[0], s_members[-1] + 1) if s_members else None     # s = 1 for the others
-
-    def lr_mult(kd: H.HeadKind, c: Config, a: str) -> float:
-        if a not in kd.trained:
-            return 0.0
-        return c.lr_factor if a in kd.slow else 1.0
-
-    shape = {a: (m,) + (1,) * (p[a].dim() - 1) for a in names}
-    lrm = {a: torch.tensor([lr_mult(kd, c, a) for kd, c in zip(kinds, cfgs)], device=dev) for a in need}
-    wd = {a: torch.tensor([c.wd for c in cfgs], device=dev).view(shape[a]) for a in need}
-    any_wd = any(c.wd for c in cfgs)
-    mom = torch.tensor([c.momentum for c in cfgs], device=dev)
-    mbuf = {a: torch.zeros_like(p[a]) for a in need}
-    lb = stack_specs([c.loss for c in loss_cfgs[:nb]], data.class_index.counts, dev) if nb else None
-    # forward-only losses: dL/dz by autograd, placed into the group's dz (the head backward and
-    # the update stay the engine's)
-    user = (AutogradLossGrad([c.loss for c in loss_cfgs[nb:]], [c.method for c in loss_cfgs[nb:]],
-                             data.class_index.counts, dev) if nb < m else None)
-    use_maxnorm = any(c.maxnorm_thresh is not None for c in cfgs)
-    if use_maxnorm:
-        radius = torch.tensor([maxnorm_radius(w0c, c.maxnorm_thresh) if c.maxnorm_thresh is not None
-                               else float("inf") for c in cfgs], device=dev).view(m, 1)
-
-    x_flat = data.x.reshape(n * n_views, d)
-    w0, b0 = data.w0.detach().to(dev, torch.float32), data.b0.detach().to(dev, torch.float32)
-    if base and data.gather is None:
-        # frozen stage-1 layer: its logits of every cache row, once (K numbers per row instead of D)
-        table = torch.cat([torch.addmm(b0, x_flat[i:i + 65536].float(), w0.t())
-                           for i in range(0, x_flat.shape[0], 65536)])
-    epochs = max(c.epochs for c in cfgs)
-    total = sum(max(steps_per_epoch(c.sampler, n, bsz) for c in cfgs if e < c.epochs) for e in range(epochs))
-    best_acc = torch.full((m,), -1.0, dtype=torch.float64, device=dev)
-    best_epoch = torch.tensor([c.epochs for c in cfgs])
-    best = {a: t.clone() for a, t in p.items()} if select == "val" else None
-
-    def features(ep: SimpleNamespace, s: int):
-        """Step s's inputs: [M, B, D] features, [M, B, K] base logits for a frozen-base group,
-        or SharedRows (one gather per block of members on the same rows)."""
-        if ep.shared:
-            return H.SharedRows(x_flat.index_select(0, ep.shared[0][s]).view(n_blocks, bsz, d), r,
-                                x_flat.index_select(0, ep.shared[1][s]).view(m - n_shared, bsz, d))
-        rows, valid = ep.rows[s], ep.valid[s]
-        if data.gather is not None:
-            xb = data.gather(rows, valid)
-            return torch.addmm(b0, xb, w0.t()).view(m, bsz, k) if base else xb.view(m, bsz, d)
-        if base:
-            return table.index_select(0, rows).view(m, bsz, k)
-        return x_flat.index_select(0, rows).view(m, bsz, d)
-
-    # parameters the training forward needs: s and c are the identity (1, 0) unless trained
-    pf = {a: t for a, t in p.items() if a in need or (a in ("W", "b") and not base)}
-    uniform_mom = len({c.momentum for c in cfgs}) == 1
-    momentum = float(cfgs[0].momentum)
-    # the last (epoch, step) at which each member trains: after it, a member's momentum buffer
-    # no longer matters, so a step whose only inactive members are finished can use the fused
-    # update (one momentum factor for all); a member paused mid-run needs the masked update.
-    last = [(c.epochs - 1, steps_per_epoch(c.sampler, n, bsz) - 1) for c in cfgs]
-
-    label = "frozen-base " if base else ""
-    bar = progress(total=total, desc=f"train {label}{family} B={bsz} x{m}", quiet=quiet, unit="step",
-                   position=bar_position)
-    def prepare(e: int) -> SimpleNamespace:
-        """Everything an epoch's steps read, made ahead (on a worker thread, while the previous
-        epoch trains): its index batches, loss targets, momentum/lr factors, paused steps."""
-        rows, ys, valid = _epoch_batches(cfgs, data.class_index, gens, e, n_views)
-        s_max = rows.shape[1]
-        ys_s = ys.transpose(0, 1).contiguous().to(dev)                             # [S, M, B]
-        vf_s = valid.transpose(0, 1).contiguous().to(dev, torch.float32)
-        act_cpu = valid.any(-1).t().contiguous()                                   # [S, M]
-        # steps of this epoch before each member's last step: (e, s) < (last epoch, last step)
-        lim = torch.tensor([s_max if le > e else (ls if le == e else 0) for le, ls in last])
-        act = act_cpu.to(dev, torch.float32)
-        lr_e = torch.tensor([c.lr_at(e) if e < c.epochs else 0.0 for c in cfgs], device=dev)
-        per_step = lambda t: t.unbind(0)                                         # noqa: E731 (views, one op)
-        if permuted:
-            ys_s, vf_s = ys_s.index_select(1, to_loss), vf_s.index_select(1, to_loss)
-        if nb == m:
-            targets = loss_targets(lb, ys_s, vf_s)                                 # the epoch's, at once
-        else:
-            targets = (loss_targets(lb, ys_s[:, :nb], vf_s[:, :nb]) if nb
-                       else LossTargets(*([None] * len(LossTargets._fields))))
-            uvalid = (valid.index_select(0, to_loss_cpu) if permuted else valid)[nb:]   # [mu, S, B] CPU
-            un = uvalid.sum(-1)
-            user_step = SimpleNamespace(
-                y=per_step(ys_s[:, nb:]), valid=per_step(vf_s[:, nb:]), n=un.t().tolist(),
-                prefix=bool((uvalid == (torch.arange(bsz) < un.unsqueeze(-1))).all()))
-        shared = None
-        if n_blocks:
-            blk_rows = rows[:n_shared].view(n_blocks, r, s_max, bsz)
-            blk_valid = valid[:n_shared].view(n_blocks, r, s_max, bsz)
-            if bool((blk_rows == blk_rows[:, :1]).all()) and bool((blk_valid == blk_valid[:, :1]).all()):
-                shared = (per_step(rows[:n_shared:r].transpose(0, 1).reshape(s_max, n_blocks * bsz).to(dev)),
-                          per_step(rows[n_shared:].transpose(0, 1).reshape(s_max, (m - n_shared) * bsz).to(dev)))
-        return SimpleNamespace(
-            s_max=s_max, shared=shared, user=user_step if nb < m else None,
-            rows=per_step(rows.transpose(0, 1).reshape(s_max, m * bsz).to(dev)),     # [M*B] per step
-            valid=per_step(valid.transpose(0, 1).reshape(s_max, m * bsz)),
-            targets=[LossTargets(*f) for f in zip(*(per_step(t) if t is not None else [None] * s_max
-                                                   for t in targets))],
-            paused=(~act_cpu & (torch.arange(s_max).unsqueeze(1) < lim)).any(1).tolist(),
-            c_mom={a: per_step((1 - act * (1 - mom)).view((s_max,) + shape[a])) for a in need},
-            act={a: per_step(act.view((s_max,) + shape[a])) for a in need},
-            neg_lr={a: per_step((act * (lr_e * lrm[a])).neg().view((s_max,) + shape[a])) for a in need})
-
-    # prepare the next epoch on a thread when this process runs ops on one thread (or a GPU);
-    # beside multi-threaded CPU ops it would only compete for the same cores
-    pool = (ThreadPoolExecutor(max_workers=1)
-            if dev.type == "cuda" or (not in_worker() and torch.get_num_threads() == 1) else None)
-    try:
-        upcoming = pool.submit(prepare, 0) if pool else None
-        for e in range(epochs):
-            ep = upcoming.result() if pool else prepare(e)
-            if pool and e + 1 < epochs:
-                upcoming = pool.submit(prepare, e + 1)
-            s_max, targets, paused = ep.s_max, ep.targets, ep.paused
-            c_mom, act_v, neg_lr = ep.c_mom, ep.act, ep.neg_lr
-            for s in range(s_max):
-                xb = features(ep, s)
-                z, ctx = H.forward_train(family, pf, tbuf, xb, base)                   # [M, K, B]
-                if user is not None:
-                    zl = z.index_select(0, to_loss) if permuted else z
-                    dz = torch.empty_like(zl)
-                    if nb:
-                        dz[:nb] = batched_loss_grad(zl[:nb], None, None, lb, targets[s])
-                    u = ep.user
-                    dz[nb:] = user(zl[nb:], u.y[s], u.valid[s], u.n[s], u.prefix)
-                    if permuted:
-                        dz = dz.index_select(0, to_param)
-                elif permuted:
-                    dz = batched_loss_grad(z.index_select(0, to_loss), None, None, lb, targets[s])
-                    dz = dz.index_select(0, to_param)
-                else:
-                    dz = batched_loss_grad(z, None, None, lb, targets[s])
-                if uniform_mom and not paused[s]:
-                    # fused: mbuf = mu mbuf + grad (+ wd p); finished members get lr 0
-                    H.backward(family, pf, tbuf, ctx, dz, need, into=mbuf, beta=momentum, s_span=s_span)
-                    for a in need:
-                        if any_wd:
-                            mbuf[a].addcmul_(p[a], wd[a])
-                        p[a].addcmul_(mbuf[a], neg_lr[a][s])
-                else:
-                    grads = H.backward(family, pf, tbuf, ctx, dz, need, s_span=s_span)
-                    for a in need:
-                        g = grads[a]
-                        if any_wd:
-                            g.addcmul_(p[a], wd[a])
-                        mbuf[a].mul_(c_mom[a][s]).addcmul_(g, act_v[a][s])
-                        p[a].addcmul_(mbuf[a], neg_lr[a][s])
-            bar.update(s_max)
-            if use_maxnorm:
-                # LTWB PGD: once per epoch, after the last batch, rows with ||w_j|| > r -> w_j r/||w_j||
-                live = torch.tensor([e < c.epochs for c in cfgs], device=dev).view(m, 1)
-                norms = p["W"].norm(dim=-1)
-                factor = torch.where(live, (radius / norms.clamp_min(1e-12)).clamp(max=1.0), torch.ones_like(norms))
-                p["W"].mul_(factor.unsqueeze(-1))
-            if select == "val":
-                acc = _val_accuracy(family, p, buf, data)
-                live = torch.tensor([e < c.epochs for c in cfgs], device=dev)
-                better = live & (acc > best_acc)      # ties keep the earlier epoch
-                best_acc = torch.where(better, acc, best_acc)
-                best_epoch = torch.where(better.cpu(), torch.tensor(e + 1), best_epoch)
-                for a in names:
-                    best[a] = torch.where(better.view(shape[a]), p[a], best[a])
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
-        bar.close()
-
-    final = best if select == "val" else p
-    out: list = [None] * m
-    for i, c in enumerate(cfgs):
-        layer = H.effective(family, {a: final[a][i].cpu() for a in names}, {a: buf[a][i].cpu() for a in buf})
-        out[order[i]] = TrainedHead(config=c, layer=layer, selected_epoch=int(best_epoch[i]))
-    return out
