@@ -23,7 +23,8 @@ from ltcache.data import DatasetSpec, build_dataset
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
 from ltcache.metrics import accuracy_report, fmt_pct
-from ltcache.models import build_model, list_models
+from ltcache.models import build_model
+from ltcache.models.registry import check_arch, load_pretrained
 from ltcache.outputs import atomic_save, check_output_dir
 from ltcache.progress import echo, progress
 
@@ -44,6 +45,7 @@ class Stage1Options:
     selection: str = "shuffle"
     val_per_class: Optional[int] = None      # None: auto (20, or enough for 1,000 val images)
     arch: str = "resnet32"
+    pretrained: Optional[str] = None         # local backbone weights to start from (e.g. torchvision's)
     epochs: int = 200
     batch_size: int = 128
     lr: float = 0.1
@@ -85,8 +87,10 @@ class Stage1Options:
         for ok, msg in checks:
             if not ok:
                 raise LtcacheError(msg)
-        if self.arch not in list_models():
-            build_model(self.arch, 1)        # raises the registry's "unknown arch" error (with a did-you-mean)
+        check_arch(self.arch)                # the registry's "unknown arch" error (with a did-you-mean)
+        if self.pretrained is not None and not Path(self.pretrained).is_file():
+            raise LtcacheError(f"--pretrained {self.pretrained} not found; give a local weights file "
+                               "(e.g. torch.save(torchvision.models.resnet18(weights=...).state_dict(), 'r18.pth'))")
 
 
 def lr_at(opts: Stage1Options, epoch: int, step: int, steps: int) -> float:
@@ -110,6 +114,11 @@ def maxnorm_radius(weight: torch.Tensor, thresh: float) -> float:
     return float(n.min() + thresh * (n.max() - n.min()))
 
 
+def _sha256(path) -> str:
+    from ltcache.cache.manifest import sha256_file
+    return sha256_file(path)
+
+
 def _save(obj: dict, path: Path) -> None:
     """Write a checkpoint atomically (complete under its name or not there; a full disk is a
     one-line error)."""
@@ -129,6 +138,21 @@ def read_torch_file(path, missing_fix: str, damaged_fix: str):
                            f"it may be truncated: {damaged_fix}") from None
 
 
+def read_pretrained(path) -> dict:
+    """The state dict in a local weights file: a plain state dict (torchvision's layout or
+    ltcache's), one under ``state_dict`` / ``model``, or an ltcache stage-1 checkpoint's."""
+    path = Path(path)
+    obj = read_torch_file(path, "give a local weights file", "save the weights again")
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "state_dict_model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise LtcacheError(f"{path} holds no state dict (a dict of tensors); save model.state_dict() with torch.save")
+    return obj
+
+
 def load_checkpoint(path) -> dict:
     """Read a ``stage1.pt``; an unreadable, truncated or foreign file is a one-line error."""
     path = Path(path)
@@ -143,7 +167,7 @@ def load_checkpoint(path) -> dict:
 
 def _default_out(opts: Stage1Options) -> Path:
     ir = f"{opts.imb_ratio:g}"
-    return Path("runs") / f"{DatasetSpec(opts.dataset).short_name}-ir{ir}-{opts.arch}"
+    return Path("runs") / f"{DatasetSpec(opts.dataset).short_name}-ir{ir}-{opts.arch.replace(':', '-')}"
 
 
 def _prepare_out(opts: Stage1Options, out: Path) -> Optional[dict]:
@@ -212,7 +236,13 @@ def _train(opts: Stage1Options, out: Path) -> Path:
                        selection=opts.selection, seed=opts.seed, val_per_class=opts.val_per_class)
     ds = build_dataset(spec, opts.data_root, download=opts.download, quiet=opts.quiet, workers=opts.workers)
     torch.manual_seed(opts.seed)
-    model = build_model(opts.arch, ds.num_classes).to(device)
+    model = build_model(opts.arch, ds.num_classes)
+    pretrained = None
+    if opts.pretrained is not None and resume_ck is None:       # a resumed run has its weights already
+        kept = load_pretrained(model, read_pretrained(opts.pretrained))
+        pretrained = {"path": str(Path(opts.pretrained).resolve()), "sha256": _sha256(opts.pretrained),
+                      "classifier": "taken from the weights" if kept else "fresh (the weights' head has other classes)"}
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.wd)
@@ -227,6 +257,7 @@ def _train(opts: Stage1Options, out: Path) -> Path:
         if resume_ck.get("rng") is not None:
             gen.set_state(resume_ck["rng"])
         history, start = list(resume_ck["history"]), int(resume_ck["epoch"])
+        pretrained = resume_ck.get("pretrained")
         best_val = float(resume_ck.get("best_val", -1.0))
         if start >= opts.epochs:
             echo(f"{out / CKPT_NAME} already finished {start} epochs; nothing to do", opts.quiet)
@@ -292,7 +323,8 @@ def _train(opts: Stage1Options, out: Path) -> Path:
               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
               "dataset": {**ds.spec.to_dict(), "groups": ds.groups, "image_size": ds.image_size,
                           "mean": list(ds.mean), "std": list(ds.std)},
-              "train_args": opts.run_args(), "history": history, "epoch": epoch + 1, "epochs": opts.epochs,
+              "train_args": opts.run_args(), "pretrained": pretrained, "history": history, "epoch": epoch + 1,
+              "epochs": opts.epochs,
               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": gen.get_state(),
               "best_val": best_val}
         val_all = val["all"] if val["all"] is not None else -1.0

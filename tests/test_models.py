@@ -94,3 +94,93 @@ def test_load_foreign_state_dict_mismatch():
         load_foreign_state_dict(model, partial)
     for k, v in model.state_dict().items():      # nothing loaded on failure
         assert torch.equal(v, before[k]), k
+
+
+# -- torchvision:NAME ----------------------------------------------------------------------------
+TV = "torchvision:mobilenet_v3_small"          # classifier = Sequential(Linear 576->1024, Hardswish, Dropout, Linear)
+
+
+def test_torchvision_by_name_cuts_at_the_last_linear():
+    from ltcache.models.registry import check_arch, load_pretrained
+
+    torch.manual_seed(0)
+    model = build_model(TV, 7).eval()
+    assert model.head_name == "classifier.3" and model.feature_dim == 1024
+    assert isinstance(model.body.classifier[3], torch.nn.Identity)
+    assert model.fc.in_features == 1024 and model.fc.out_features == 7
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        f, out = model.features(x), model(x)
+    assert f.shape == (2, 1024) and torch.allclose(out, model.fc(f), atol=1e-5)
+    assert build_model("torchvision:resnet18", 3).feature_dim == 512
+    # torchvision's own state dict: the head of the dataset's classes loads as fc, strictly
+    tv = torchvision.models.get_model("mobilenet_v3_small", weights=None, num_classes=7).eval()
+    load_foreign_state_dict(model, tv.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(x), tv(x), atol=1e-5)
+    # ImageNet-style weights (1000 classes): --pretrained takes the backbone, keeps a fresh head
+    tv1000 = torchvision.models.get_model("mobilenet_v3_small", weights=None)
+    fresh = build_model(TV, 7)
+    fc_before = fresh.fc.weight.clone()
+    assert load_pretrained(fresh, tv1000.state_dict()) is False
+    assert torch.equal(fresh.body.features[0][0].weight, tv1000.features[0][0].weight)
+    assert torch.equal(fresh.fc.weight, fc_before)
+    assert load_pretrained(build_model(TV, 1000), tv1000.state_dict()) is True
+    with pytest.raises(LtcacheError, match="does not fit this --arch"):
+        load_pretrained(fresh, torchvision.models.resnet18().state_dict())
+    check_arch(TV)
+
+
+@pytest.mark.parametrize("arch,needle", [
+    ("torchvision:squeezenet1_0", "has no Linear classifier"),
+    ("torchvision:resnet19", "did you mean torchvision:resnet18"),
+    ("resnet33", "or torchvision:NAME"),
+])
+def test_torchvision_names_refused(arch, needle):
+    with pytest.raises(LtcacheError, match=needle):
+        build_model(arch, 3)
+
+
+def test_train_and_extract_a_torchvision_model_by_name(tmp_path):
+    """`ltcache train --arch torchvision:NAME [--pretrained]` and `ltcache extract` of its checkpoint, or
+    of local weights alone (--pretrained): features of the model's penultimate layer."""
+    from click.testing import CliRunner
+
+    import datagen
+    from ltcache.cache import load
+    from ltcache.cli import cli
+    from ltcache.stage1 import load_checkpoint
+
+    folder = datagen.make_imagefolder(tmp_path / "tiny", num_classes=4, per_class_train=20, per_class_test=4)
+    data = ["--dataset", f"imagefolder:{folder}", "--data-root", str(tmp_path / "root"), "--imb-ratio", "2",
+            "--val-per-class", "2"]
+    weights = tmp_path / "mnv3s-imagenet-layout.pth"        # random weights in torchvision's layout (1000 classes)
+    torch.save(torchvision.models.get_model("mobilenet_v3_small", weights=None).state_dict(), weights)
+    run = CliRunner().invoke(cli, ["train", *data, "--arch", TV, "--pretrained", str(weights), "--epochs", "1",
+                                   "--batch-size", "8", "--warmup-epochs", "0", "--device", "cpu", "--workers", "1",
+                                   "--out", str(tmp_path / "run"), "--quiet"])
+    assert run.exit_code == 0, run.output + repr(run.exception)
+    ck = load_checkpoint(tmp_path / "run" / "stage1.pt")
+    assert ck["arch"] == TV and ck["feature_dim"] == 1024 and ck["state_dict"]["fc.weight"].shape == (4, 1024)
+    assert ck["pretrained"]["sha256"] and ck["pretrained"]["classifier"].startswith("fresh")
+    res = CliRunner().invoke(cli, ["extract", "--ckpt", str(tmp_path / "run" / "stage1.pt"), "--cache",
+                                   str(tmp_path / "cache"), "--protocol", "clean", "--device", "cpu", "--workers", "1",
+                                   "--data-root", str(tmp_path / "root"), "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    cache = load(tmp_path / "cache")
+    assert cache.manifest["arch"] == TV and cache.feature_dim == 1024
+    assert torch.equal(cache.weight, ck["state_dict"]["fc.weight"])
+    model = build_model(TV, 4)
+    model.load_state_dict(ck["state_dict"])
+    # local weights alone: their 1000-class head is no stage-1 classifier for 4 classes
+    res = CliRunner().invoke(cli, ["extract", "--pretrained", str(weights), "--arch", TV, *data, "--splits",
+                                   "train,test", "--cache", str(tmp_path / "cache-pre"), "--protocol", "clean",
+                                   "--device", "cpu", "--workers", "1", "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    pre = load(tmp_path / "cache-pre")
+    assert pre.feature_dim == 1024 and pre.manifest["stage1_classifier"]["source"] == "none"
+    assert pre.manifest["extraction"]["weights"] == "pretrained" and not pre.weight.any()
+    res = CliRunner().invoke(cli, ["retrain", "--method", "tau-norm", "--tau", "1", "--cache", str(tmp_path / "cache-pre")])
+    assert res.exit_code == 2 and "has none; train one from these weights" in res.output
+    res = CliRunner().invoke(cli, ["extract", "--arch", TV, *data, "--cache", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "give --ckpt" in res.output and not (tmp_path / "x").exists()

@@ -25,6 +25,7 @@ from ltcache.data import DatasetSpec, build_dataset, hflip
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
 from ltcache.models import build_model, load_foreign_state_dict
+from ltcache.models.registry import check_arch, load_pretrained
 from ltcache.progress import echo, progress
 from ltcache.stage1 import read_torch_file
 
@@ -258,17 +259,23 @@ PROTOCOLS = {"faithful": {"train_views": 4, "train_bn": "batch", "bn_shift": "in
              "clean": {"train_views": 0, "train_bn": "running", "bn_shift": "none", "batch_size": 256}}
 
 
-def extract(ckpt, cache=None, splits: Sequence[str] = SPLITS, test_views: Sequence[str] = TEST_VIEWS,
+def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: Sequence[str] = TEST_VIEWS,
             train_views: Optional[int] = None, train_bn: Optional[str] = None, bn_shift: Optional[str] = None,
             bn_shift_passes: int = 1, dtype: str = "float16", shard_rows: int = 8192,
             batch_size: Optional[int] = None, device: str = "auto",
             data_root=None, arch: Optional[str] = None, dataset: Optional[str] = None, imb_ratio: float = 100.0,
             profile: str = "exp", selection: str = "shuffle", val_per_class: Optional[int] = None, seed: int = 0,
-            force: bool = False, quiet: bool = False, workers: int = 8, protocol: str = "faithful") -> Path:
+            force: bool = False, quiet: bool = False, workers: int = 8, protocol: str = "faithful",
+            pretrained=None) -> Path:
     """Extract the penultimate features of every split into a cache directory; returns it.
 
     ``protocol`` (:data:`PROTOCOLS`) fills train_views, train_bn, bn_shift and batch_size where
-    they are not given: ``faithful`` (the default) or ``clean``."""
+    they are not given: ``faithful`` (the default) or ``clean``. ``pretrained`` (instead of
+    ``ckpt``): local backbone weights for ``arch`` (e.g. ``torchvision:resnet18``); their classifier
+    is the stage-1 classifier when it has the dataset's classes, else the cache records none."""
+    if (ckpt is None) == (pretrained is None):
+        raise LtcacheError("give --ckpt (a stage-1 checkpoint or a state dict) or --pretrained (local backbone "
+                           "weights, with --arch and --dataset), one of them")
     _check("protocol", protocol, tuple(PROTOCOLS))
     chosen = PROTOCOLS[protocol]
     train_views = chosen["train_views"] if train_views is None else train_views
@@ -287,7 +294,12 @@ def extract(ckpt, cache=None, splits: Sequence[str] = SPLITS, test_views: Sequen
     _check("dtype", dtype, tuple(DTYPES))
     if train_views < 0 or shard_rows < 1 or batch_size < 2 or bn_shift_passes < 1:
         raise LtcacheError("--train-views must be >= 0, --shard-rows >= 1, --batch-size >= 2, --bn-shift-passes >= 1")
-    ckpt = Path(ckpt)
+    if pretrained is not None and not (arch and dataset):
+        raise LtcacheError("--pretrained needs --arch NAME (e.g. torchvision:resnet18) and --dataset (with "
+                           "--imb-ratio, ... as for `ltcache train`)")
+    ckpt = Path(ckpt if ckpt is not None else pretrained)
+    if arch:
+        check_arch(arch)                       # before reading the checkpoint or the dataset
     sd, spec_dict, arch = read_backbone(ckpt, arch, {"dataset": dataset, "imb_ratio": imb_ratio, "profile": profile,
                                                      "selection": selection, "seed": seed,
                                                      "val_per_class": val_per_class})
@@ -296,6 +308,8 @@ def extract(ckpt, cache=None, splits: Sequence[str] = SPLITS, test_views: Sequen
     args = {"splits": splits, "test_views": test_views, "train_views": train_views, "train_bn": train_bn,
             "bn_shift": bn_shift, "bn_shift_passes": bn_shift_passes, "batch_size": batch_size, "seed": seed,
             "train_row_order": "shuffled" if (train_bn == "batch" and train_views > 0) else "source"}
+    if pretrained is not None:
+        args["weights"] = "pretrained"
     key = {"checkpoint_sha256": ck_sha, "arch": arch, "dtype": dtype, "shard_rows": shard_rows, "dataset": {
         k: spec_dict.get(k) for k in ("source", "imb_ratio", "profile", "selection", "seed", "val_per_class")}, **args}
     writer = CacheWriter(cache_dir, key, force=force)
@@ -317,7 +331,11 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
     spec = DatasetSpec.from_dict(spec_dict)
     ds = build_dataset(spec, data_root, quiet=quiet, workers=workers)
     model = build_model(arch, ds.num_classes)
-    load_foreign_state_dict(model, sd)
+    if args.get("weights") == "pretrained":
+        head_kept = load_pretrained(model, sd)
+    else:
+        load_foreign_state_dict(model, sd)
+        head_kept = True
     model = model.to(dev).eval()
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -375,8 +393,15 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
     body = manifest_body({**spec_dict, **ds.spec.to_dict(), "groups": ds.groups}, ds.class_counts, arch,
                          model.feature_dim, {"path": str(ckpt.resolve()), "sha256": ck_sha}, dtype, extraction)
     extra = {BN_STATS: (lambda p: torch.save(bn_state, p))} if args["bn_shift"] != "none" else None
-    path = writer.finish(body, layout, model.fc.weight.detach().cpu().numpy(), model.fc.bias.detach().cpu().numpy(),
-                         extra_files=extra)
+    weight, bias = model.fc.weight.detach().cpu().numpy(), model.fc.bias.detach().cpu().numpy()
+    if args.get("weights") == "pretrained":
+        body["stage1_classifier"] = {"source": "given", "from": f"the head of --pretrained {ckpt}"} if head_kept else {
+            "source": "none", "why": f"the head of --pretrained {ckpt} does not have the dataset's {ds.num_classes} classes",
+            "fix": f"train one from these weights (`ltcache train --arch {arch} --pretrained {ckpt}`) and extract its "
+                   "stage1.pt, or save this cache's features to .npz and `ltcache import ... --fit-classifier`"}
+        if not head_kept:
+            weight, bias = np.zeros_like(weight), np.zeros_like(bias)      # a placeholder the loader accepts
+    path = writer.finish(body, layout, weight, bias, extra_files=extra)
     echo(f"extracted {ex.images_done} images (rows x views) in {seconds:.1f}s: {rate:.0f} img/s; bare backbone "
          f"inference in the same run: {bare:.0f} img/s ({100 * rate / max(bare, 1e-9):.0f}%)"
          + (f"; BN shift {shift_s:.1f}s" if shift_s else "") + f" -> {path}", quiet)

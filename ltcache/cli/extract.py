@@ -11,7 +11,11 @@ def _names(text: str) -> list:
 
 
 @cli.command("extract")
-@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="stage1.pt from `ltcache train`, or a plain state dict (then give --arch and --dataset).")
+@click.option("--ckpt", default=None, type=click.Path(dir_okay=False), help="stage1.pt from `ltcache train`, or a plain state dict (then give --arch and --dataset); or use --pretrained.")
+@click.option("--pretrained", default=None, type=click.Path(dir_okay=False),
+              help="Instead of --ckpt: local backbone weights (a state dict, e.g. torchvision's ImageNet weights) with "
+                   "--arch and --dataset. Their classifier is the stage-1 classifier when it has the dataset's "
+                   "classes; otherwise the cache has none (methods that start from it are refused).")
 @click.option("--cache", default=None, help="Cache directory (default: 'cache' beside the checkpoint).")
 @click.option("--splits", default="train,val,test", help="Splits to extract.")
 @click.option("--test-views", default="center,hflip", help="Views of val/test: center and/or hflip (flip averaging later without the backbone).")
@@ -31,7 +35,8 @@ def _names(text: str) -> list:
 @click.option("--device", default="auto", help="auto | cpu | cuda.")
 @click.option("--data-root", default=None, help="Data root (default: ./data or $LTCACHE_DATA).")
 @click.option("--workers", type=click.IntRange(min=1), default=8, help="Image decoding threads.")
-@click.option("--arch", default=None, help="Backbone of a foreign (plain state dict) checkpoint.")
+@click.option("--arch", default=None, help="Backbone of a foreign (plain state dict) checkpoint or of --pretrained: "
+              "a registered name or torchvision:NAME (any torchvision classification model, e.g. torchvision:resnet18).")
 @click.option("--dataset", default=None, help="Dataset of a foreign checkpoint (as for `ltcache train`).")
 @click.option("--imb-ratio", type=float, default=100.0, help="Foreign checkpoint: imbalance ratio.")
 @click.option("--profile", type=click.Choice(["exp", "step"]), default="exp", help="Foreign checkpoint: LT profile.")
@@ -47,6 +52,7 @@ def extract_cmd(ckpt, splits, test_views, **kw) -> None:
     Examples:
       ltcache extract --ckpt runs/cifar10_lt_ir100/stage1.pt                    # the faithful protocol
       ltcache extract --ckpt runs/cifar10_lt_ir100/stage1.pt --protocol clean   # fast, clean features
+      ltcache extract --arch torchvision:resnet18 --pretrained r18.pth --dataset cifar10 --imb-ratio 100
     An interrupted extraction resumes where it stopped when re-run with the same options.
     """
     from ltcache.cache.extraction import extract

@@ -15,7 +15,13 @@ from ltcache.cli.app import cli
 @click.option("--selection", type=click.Choice(["first", "shuffle"]), default="shuffle",
               help="Which images a class keeps: first n_i in source order (LOS, LTWB) or seeded shuffle (LDAM-DRW, MiSLAS).")
 @click.option("--val-per-class", type=click.IntRange(min=0), default=None, show_default=False, help="Balanced val images per class, held out of the full training set before the long-tailed profile draws from the rest (default: 20, or enough for 1,000 val images: 100 per class on CIFAR-10; 0: no val).")
-@click.option("--arch", default="resnet32", help="Backbone: resnet32, resnet34-cifar, resnet18, resnet50, resnext50_32x4d.")
+@click.option("--arch", default="resnet32", help="Backbone: resnet32, resnet34-cifar, resnet18, resnet50, resnext50_32x4d, "
+              "or torchvision:NAME -- any torchvision classification model (e.g. torchvision:mobilenet_v3_small), "
+              "built with weights=None; its last Linear becomes the classifier.")
+@click.option("--pretrained", default=None, type=click.Path(dir_okay=False),
+              help="Local weights to start from (a state dict, e.g. torchvision's ImageNet weights saved with "
+                   "torch.save(model.state_dict(), PATH)); nothing is downloaded. Their classifier is kept when it "
+                   "has the dataset's classes, else a fresh one is trained.")
 @click.option("--epochs", type=click.IntRange(min=1), default=200, help="Training epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Batch size.")
 @click.option("--lr", type=float, default=0.1, help="Base learning rate (SGD).")

@@ -30,6 +30,7 @@ from ltcache.stage2.methods import METHODS, GENERIC, Method, choose_preset, get_
 from ltcache.stage2.plan import (TEST_VIEWS, Config, TrainData, _load_cache, _train_data,  # noqa: F401
                                  _view_names, _views, expand, make_config, needs_val, parse_seeds, plan_runs,
                                  require_val, train_view_names, train_view_pool, val_gaps)
+from ltcache.stage2.requirements import require_stage1, skip_stage1
 from ltcache.stage2.results import build_results
 from ltcache.stage2.sweep import train_sweep
 
@@ -49,6 +50,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
         raise LtcacheError(f"unknown --select '{select}'; use last or val")
     dev = resolve_device(device)
     cache = _load_cache(cache, dev)
+    require_stage1(cache, plans)                        # a cache without a stage-1 classifier: refused before work
     seeds = parse_seeds(seeds)
     why = needs_val(plans, select)
     if why:
@@ -161,6 +163,7 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
         plans = keep
         for sk in skipped:
             echo(f"skipped {sk['name']}: {sk['why']}", quiet)
+    plans, skipped = skip_stage1(cache, plans, skipped, methods, quiet)
     results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view)
     results["preset"] = pre
     results["skipped"] = skipped
