@@ -49,11 +49,9 @@ def choose_threads(requested: Optional[int] = None, load: Optional[float] = None
 
 
 def apply_threads(requested: Optional[int] = None, quiet: bool = True) -> int:
-    """Set torch's intra-op threads for this process from :func:`choose_threads`; returns it."""
+    """Set torch's intra-op threads for this process from :func:`choose_threads`; returns it.
+    (Silent: the count goes into the results as ``threads``.)"""
     n = choose_threads(requested)
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
-    if not quiet and requested is None and n < usable_cores():
-        from ltcache.progress import echo
-        echo(f"threads: {n} of {usable_cores()} cores (the others are busy; --threads N overrides)", quiet)
     return n

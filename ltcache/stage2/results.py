@@ -74,7 +74,12 @@ def build_results(cache, runs: list, stage1: dict, wall_time_s: float, device: s
     return {"schema": SCHEMA, "ltcache_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "cache": _cache_block(cache), "wall_time_s": float(wall_time_s), "device": device,
-            "stage1": stage1, "runs": runs, "summary": summarize(runs)}
+            "threads": _threads(), "stage1": stage1, "runs": runs, "summary": summarize(runs)}
+
+
+def _threads() -> int:
+    import torch
+    return int(torch.get_num_threads())
 
 
 def _num(v, fmt="{:.3f}") -> str:
