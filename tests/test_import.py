@@ -192,5 +192,7 @@ def test_without_a_classifier_stage1_methods_are_refused_and_bench_skips_them(so
     assert all("--fit-classifier" in s["why"] for s in res["skipped"])
     assert {r["method"] for r in res["runs"]} == set(METHODS) - stage1
     assert {"crt", "ncm", "cosine", "ldam"} <= {r["method"] for r in res["runs"]}
+    from ltcache.stage2.results import format_table
+    assert res["stage1_classifier"] is False and "stage-1 head" not in format_table(res)   # no placeholder row
     res = api.bench(out, methods=["crt"], overrides={"epochs": 1}, quiet=True, device="cpu", jobs=1)
     assert [r["method"] for r in res["runs"]] == ["crt"] and res["skipped"][0]["method"] == "ce"   # the reference row

@@ -30,7 +30,7 @@ from ltcache.stage2.methods import METHODS, GENERIC, Method, choose_preset, get_
 from ltcache.stage2.plan import (TEST_VIEWS, Config, TrainData, _load_cache, _train_data,  # noqa: F401
                                  _view_names, _views, expand, make_config, needs_val, parse_seeds, plan_runs,
                                  require_val, train_view_names, train_view_pool, val_gaps)
-from ltcache.stage2.requirements import require_stage1, skip_stage1
+from ltcache.stage2.requirements import has_stage1_classifier, require_stage1, skip_stage1
 from ltcache.stage2.results import build_results
 from ltcache.stage2.sweep import train_sweep
 
@@ -73,6 +73,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
     # 5. results
     results = build_results(cache, runs, stage1, wall, str(dev))
     results["stage1_val"] = stage1_val
+    results["stage1_classifier"] = has_stage1_classifier(cache)     # False: the stage-1 row is a placeholder
     results["train_views"] = train_view_names(cache.splits["train"], clean_view)
     echo(f"sweep: {len(runs)} runs ({len(runs_plan.configs)} trained) in {wall:.1f} s on {dev}", quiet)
     return results, list(zip(runs, layers))

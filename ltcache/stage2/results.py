@@ -94,6 +94,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
              _num(results["stage1"]["ece"], "{:.2f}"), _num(results["stage1"]["nll"]),
              "/".join(_num(results["stage1"]["lm_groups"][g], "{:.2f}") for g in ("many", "medium", "few")),
              "/".join(_num(results["stage1"]["rsd_groups"][g], "{:.2f}") for g in ("many", "medium", "few"))]]
+    if results.get("stage1_classifier") is False:          # an imported cache without a stage-1 head
+        rows = []
     for r in results["summary"]:
         name = r["name"] + (" (reference)" if r["method"] == "ce" else "")
         rows.append([name, fmt_pct(r["all_mean"], r["all_std"] if r["n_seeds"] > 1 else None),
