@@ -71,36 +71,10 @@ def os_error(exc: OSError, path: PathLike, needed: Optional[int] = None) -> Ltca
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "w", **open_kw) -> Iterator:
-    """``with atomic_write(p) as fh: fh.write(...)`` -- the file appears under ``p`` complete or
-    not at all. ``mode`` is "w" (text) or "wb" (binary). OS errors become LtcacheError."""
-    if mode not in ("w", "wb"):
-        raise ValueError("atomic_write writes whole files: mode must be 'w' or 'wb'")
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise os_error(exc, path) from None
-    try:
-        with os.fdopen(fd, mode, **open_kw) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        _usual_mode(tmp, path)
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove(tmp)
-        raise os_error(exc, path) from None
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def atomic_save(path: PathLike, save: Callable[[str], None]) -> Path:
-    """Run ``save(tmp_name)`` (e.g. ``lambda p: torch.save(obj, p)``) on a temporary name in the
-    same folder, then rename it to ``path``; the temporary file never outlives a failure."""
-    path = Path(path)
+def _staged(path: Path) -> Iterator[str]:
+    """A temporary name beside ``path``; when the block succeeds the file is fsynced, given the
+    usual mode and renamed over ``path``; when it fails the temporary file is removed. OS errors
+    become one-line LtcacheErrors."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -108,7 +82,7 @@ def atomic_save(path: PathLike, save: Callable[[str], None]) -> Path:
     except OSError as exc:
         raise os_error(exc, path) from None
     try:
-        save(tmp)
+        yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         _usual_mode(tmp, path)
@@ -116,14 +90,32 @@ def atomic_save(path: PathLike, save: Callable[[str], None]) -> Path:
     except OSError as exc:
         _remove(tmp)
         raise os_error(exc, path) from None
-    except RuntimeError as exc:          # torch.save wraps a failed write (e.g. ENOSPC) in RuntimeError
-        _remove(tmp)
-        if "write" in str(exc).lower() or "file" in str(exc).lower():
-            raise os_error(OSError(errno.ENOSPC if _full(path) else errno.EIO, str(exc)), path) from None
-        raise
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "w", **open_kw) -> Iterator:
+    """``with atomic_write(p) as fh: fh.write(...)`` -- the file appears under ``p`` complete or
+    not at all. ``mode`` is "w" (text) or "wb" (binary). OS errors become LtcacheError."""
+    if mode not in ("w", "wb"):
+        raise ValueError("atomic_write writes whole files: mode must be 'w' or 'wb'")
+    with _staged(Path(path)) as tmp, open(tmp, mode, **open_kw) as fh:
+        yield fh
+
+
+def atomic_save(path: PathLike, save: Callable[[str], None]) -> Path:
+    """Run ``save(tmp_name)`` (e.g. ``lambda p: torch.save(obj, p)``) on a temporary name in the
+    same folder, then rename it to ``path``; the temporary file never outlives a failure."""
+    path = Path(path)
+    with _staged(path) as tmp:
+        try:
+            save(tmp)
+        except RuntimeError as exc:     # torch.save wraps a failed write (e.g. ENOSPC) in RuntimeError
+            if "write" in str(exc).lower() or "file" in str(exc).lower():
+                raise OSError(errno.ENOSPC if _full(path) else errno.EIO, str(exc)) from None
+            raise
     return path
 
 
