@@ -21,11 +21,13 @@ _LAZY = {
 }
 
 
-def load_model(path):
-    """Load a classifier exported by ``ltcache retrain --export`` as a ready ``nn.Module``."""
+def load_model(path: "str | os.PathLike", flip: "bool | None" = None) -> "torch.nn.Module":
+    """Load a classifier exported by ``ltcache retrain --export`` as a ready ``nn.Module`` that
+    takes raw images (PIL or uint8 tensors) through its stored preprocessing and test-time views
+    (``flip``: average the flipped view too; default as stored). See ``ltcache.export``."""
     from ltcache.export import load_model as _load_model
 
-    return _load_model(path)
+    return _load_model(path, flip=flip)
 
 
 def __getattr__(name: str):

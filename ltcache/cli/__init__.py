@@ -11,6 +11,7 @@ from ltcache.cli import report as _report  # noqa: F401,E402
 from ltcache.cli import run as _run  # noqa: F401,E402
 from ltcache.cli import tune as _tune  # noqa: F401,E402
 from ltcache.cli import import_cmd as _import  # noqa: F401,E402
+from ltcache.cli import predict as _predict  # noqa: F401,E402
 
 
 def main() -> None:
