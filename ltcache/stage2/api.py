@@ -109,7 +109,8 @@ def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequenc
     results["preset"] = pre
     if export is not None:
         from ltcache.export import export_model
-        export_model(cache, pairs[0][1], export, meta={"method": m.name, "params": pairs[0][0]["params"]})
+        export_model(cache, pairs[0][1], export, meta={"method": m.name, "params": pairs[0][0]["params"]},
+                     views=["center"] if test_views == "center" else None)      # the views the number reports
     return results
 
 
