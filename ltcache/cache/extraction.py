@@ -25,6 +25,7 @@ from ltcache.data import DatasetSpec, build_dataset, hflip
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
 from ltcache.models import build_model, load_foreign_state_dict
+from ltcache.models.layouts import resolve as resolve_layout
 from ltcache.models.registry import check_arch, load_pretrained
 from ltcache.progress import echo, progress
 from ltcache.stage1 import read_torch_file
@@ -45,28 +46,58 @@ def train_row_order(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, "train", "row-order")))
 
 
-def read_backbone(ckpt: Path, arch: Optional[str], dataset_args: dict) -> tuple[dict, dict, str]:
-    """(state_dict, dataset spec dict, arch) from an ltcache checkpoint or a foreign state dict."""
-    obj = read_torch_file(ckpt, "train one with `ltcache train` or fix --ckpt", "re-train or fix --ckpt")
+def _read_file(ckpt: Path):
+    try:
+        return read_torch_file(ckpt, "train one with `ltcache train` or fix --ckpt", "re-train or fix --ckpt")
+    except LtcacheError as exc:
+        if "(ModuleNotFoundError)" in str(exc) or "(AttributeError)" in str(exc):
+            raise LtcacheError(f"{ckpt} holds a pickled model object (torch.save(model), as LOS's main_stage1.py "
+                               "writes) whose class cannot be imported here; re-save it with "
+                               "torch.save(model.state_dict(), FILE) where it was trained") from None
+        raise
+
+
+def read_backbone(ckpt: Path, arch: Optional[str], dataset_args: dict, source: Optional[str] = None,
+                  pretrained: bool = False) -> tuple[dict, dict, str, Optional[dict]]:
+    """(state_dict, dataset spec dict, arch, layout) from an ltcache checkpoint or a foreign one.
+
+    A foreign checkpoint is read in the layout ``source`` (``--from``: los, mislas, crt, ldam-drw,
+    bot, torchvision; None: the one that fits, :mod:`ltcache.models.layouts`); its state dict comes
+    back in ``build_model(arch, K)``'s key names with the source's classifier as ``fc``, and
+    ``layout`` says what was read (None for an ltcache checkpoint). ``pretrained``: local backbone
+    weights (``--pretrained``), returned as they are (their head may be absent or of other classes)."""
+    obj = _read_file(ckpt)
     if isinstance(obj, dict) and obj.get("format") == "ltcache-stage1":
         if arch and arch != obj["arch"]:
             raise LtcacheError(f"--arch {arch} contradicts the checkpoint's arch {obj['arch']}; drop --arch")
-        return obj["state_dict"], dict(obj["dataset"]), obj["arch"]
-    sd = obj
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "state_dict_model"):
-            if isinstance(obj.get(key), dict):
-                sd = obj[key]
-                break
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        if source is not None:
+            raise LtcacheError(f"{ckpt} is an ltcache checkpoint; drop --from {source}")
+        return obj["state_dict"], dict(obj["dataset"]), obj["arch"], None
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict) or not any(torch.is_tensor(v) or isinstance(v, dict) for v in obj.values()):
         raise LtcacheError(f"{ckpt} holds neither an ltcache checkpoint nor a state dict")
     if not arch or not dataset_args.get("dataset"):
-        raise LtcacheError(f"{ckpt} is a plain state dict: give --arch NAME and the dataset flags "
-                           "(--dataset, --imb-ratio, ...) it was trained with")
+        raise LtcacheError(f"{ckpt} is a foreign checkpoint: give --arch NAME and the dataset flags "
+                           "(--dataset, --imb-ratio, ...) it was trained with (and --from LAYOUT if not detected)")
+    if pretrained:
+        for key in ("state_dict", "model", "state_dict_model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if not all(torch.is_tensor(v) for v in obj.values()):
+            raise LtcacheError(f"{ckpt} holds neither an ltcache checkpoint nor a state dict")
+    else:
+        reading = resolve_layout(obj, arch, source, ckpt, build_model(arch, 1))
     spec = DatasetSpec(dataset_args["dataset"], imb_ratio=dataset_args.get("imb_ratio", 100.0),
                        profile=dataset_args.get("profile", "exp"), selection=dataset_args.get("selection", "shuffle"),
                        seed=dataset_args.get("seed", 0), val_per_class=dataset_args.get("val_per_class"))
-    return sd, spec.to_dict(), arch
+    if pretrained:
+        return obj, spec.to_dict(), arch, None
+    layout = reading.manifest()
+    if reading.pool_input:
+        layout["pool_input"] = reading.pool_input
+    return reading.state_dict, spec.to_dict(), arch, layout
 
 
 def default_cache_dir(ckpt: Path) -> Path:
@@ -266,7 +297,7 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
             data_root=None, arch: Optional[str] = None, dataset: Optional[str] = None, imb_ratio: float = 100.0,
             profile: str = "exp", selection: str = "shuffle", val_per_class: Optional[int] = None, seed: int = 0,
             force: bool = False, quiet: bool = False, workers: int = 8, protocol: str = "faithful",
-            pretrained=None) -> Path:
+            pretrained=None, source: Optional[str] = None) -> Path:
     """Extract the penultimate features of every split into a cache directory; returns it.
 
     ``protocol`` (:data:`PROTOCOLS`) fills train_views, train_bn, bn_shift and batch_size where
@@ -297,12 +328,14 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
     if pretrained is not None and not (arch and dataset):
         raise LtcacheError("--pretrained needs --arch NAME (e.g. torchvision:resnet18) and --dataset (with "
                            "--imb-ratio, ... as for `ltcache train`)")
+    if pretrained is not None and source is not None:
+        raise LtcacheError(f"--from {source} reads a --ckpt checkpoint; drop it with --pretrained")
     ckpt = Path(ckpt if ckpt is not None else pretrained)
     if arch:
         check_arch(arch)                       # before reading the checkpoint or the dataset
-    sd, spec_dict, arch = read_backbone(ckpt, arch, {"dataset": dataset, "imb_ratio": imb_ratio, "profile": profile,
-                                                     "selection": selection, "seed": seed,
-                                                     "val_per_class": val_per_class})
+    sd, spec_dict, arch, ck_layout = read_backbone(
+        ckpt, arch, {"dataset": dataset, "imb_ratio": imb_ratio, "profile": profile, "selection": selection,
+                     "seed": seed, "val_per_class": val_per_class}, source=source, pretrained=pretrained is not None)
     ck_sha = sha256_file(ckpt)
     cache_dir = Path(cache) if cache else default_cache_dir(ckpt)
     args = {"splits": splits, "test_views": test_views, "train_views": train_views, "train_bn": train_bn,
@@ -312,6 +345,8 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
         args["weights"] = "pretrained"
     key = {"checkpoint_sha256": ck_sha, "arch": arch, "dtype": dtype, "shard_rows": shard_rows, "dataset": {
         k: spec_dict.get(k) for k in ("source", "imb_ratio", "profile", "selection", "seed", "val_per_class")}, **args}
+    if ck_layout is not None:
+        key["checkpoint_layout"] = ck_layout["from"]
     writer = CacheWriter(cache_dir, key, force=force)
     if writer.complete:
         writer.abort()
@@ -319,22 +354,27 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
         return cache_dir
     try:
         return _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows, device,
-                        data_root, quiet, workers)
+                        data_root, quiet, workers, ck_layout)
     except BaseException:
         writer.abort()      # completed shards stay; the next run resumes from them
         raise
 
 
-def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows, device, data_root, quiet, workers):
+def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows, device, data_root, quiet, workers,
+             ck_layout=None):
     dev = resolve_device(device)
     amp = dev.type == "cuda"
     spec = DatasetSpec.from_dict(spec_dict)
     ds = build_dataset(spec, data_root, quiet=quiet, workers=workers)
+    if ck_layout and ck_layout.get("pool_input") and ds.image_size != ck_layout["pool_input"]:
+        raise LtcacheError(f"{ckpt}: the {ck_layout['from']} network pools with a fixed AvgPool2d window, which equals "
+                           f"ltcache's global average pooling only on {ck_layout['pool_input']}x{ck_layout['pool_input']} "
+                           f"images (this dataset has {ds.image_size}); extract it on such a dataset")
     model = build_model(arch, ds.num_classes)
     if args.get("weights") == "pretrained":
         head_kept = load_pretrained(model, sd)
     else:
-        load_foreign_state_dict(model, sd)
+        load_foreign_state_dict(model, sd, str(ckpt))
         head_kept = True
     model = model.to(dev).eval()
     if dev.type == "cuda":
@@ -390,8 +430,15 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
                   "seconds": round(seconds, 2), "images_per_s": round(rate, 1), "bn_shift_seconds": round(shift_s, 2),
                   "bare_inference_images_per_s": round(bare, 1),
                   "bn_stats_file": BN_STATS if args["bn_shift"] != "none" else None}
+    ck_info = {"path": str(ckpt.resolve()), "sha256": ck_sha}
+    if ck_layout is not None:
+        ck_info["layout"] = {k: v for k, v in ck_layout.items() if k != "pool_input"}
     body = manifest_body({**spec_dict, **ds.spec.to_dict(), "groups": ds.groups}, ds.class_counts, arch,
-                         model.feature_dim, {"path": str(ckpt.resolve()), "sha256": ck_sha}, dtype, extraction)
+                         model.feature_dim, ck_info, dtype, extraction)
+    if ck_layout is not None:
+        body["stage1_classifier"] = {"source": "given", "from": f"the {ck_layout['from']} checkpoint's classifier "
+                                     f"({ck_layout['read']})", "head": ck_layout["head"],
+                                     **({"note": ck_layout["note"]} if ck_layout.get("note") else {})}
     extra = {BN_STATS: (lambda p: torch.save(bn_state, p))} if args["bn_shift"] != "none" else None
     weight, bias = model.fc.weight.detach().cpu().numpy(), model.fc.bias.detach().cpu().numpy()
     if args.get("weights") == "pretrained":

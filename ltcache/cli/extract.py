@@ -37,6 +37,10 @@ def _names(text: str) -> list:
 @click.option("--workers", type=click.IntRange(min=1), default=8, help="Image decoding threads.")
 @click.option("--arch", default=None, help="Backbone of a foreign (plain state dict) checkpoint or of --pretrained: "
               "a registered name or torchvision:NAME (any torchvision classification model, e.g. torchvision:resnet18).")
+@click.option("--from", "source", type=click.Choice(["los", "mislas", "crt", "ldam-drw", "bot", "torchvision", "ltcache"]),
+              default=None, help="Layout of a foreign --ckpt: the papers' checkpoints (LOS, MiSLAS, cRT, LDAM-DRW, "
+              "BagofTricks-LT) or a torchvision state dict; default: the one that fits (its classifier becomes the "
+              "stage-1 classifier).")
 @click.option("--dataset", default=None, help="Dataset of a foreign checkpoint (as for `ltcache train`).")
 @click.option("--imb-ratio", type=float, default=100.0, help="Foreign checkpoint: imbalance ratio.")
 @click.option("--profile", type=click.Choice(["exp", "step"]), default="exp", help="Foreign checkpoint: LT profile.")
@@ -53,6 +57,7 @@ def extract_cmd(ckpt, splits, test_views, **kw) -> None:
       ltcache extract --ckpt runs/cifar10_lt_ir100/stage1.pt                    # the faithful protocol
       ltcache extract --ckpt runs/cifar10_lt_ir100/stage1.pt --protocol clean   # fast, clean features
       ltcache extract --arch torchvision:resnet18 --pretrained r18.pth --dataset cifar10 --imb-ratio 100
+      ltcache extract --ckpt ckpt.best.pth.tar --from ldam-drw --arch resnet32 --dataset cifar10 --imb-ratio 100
     An interrupted extraction resumes where it stopped when re-run with the same options.
     """
     from ltcache.cache.extraction import extract

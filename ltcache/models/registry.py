@@ -72,11 +72,13 @@ def _refuse_mismatch(own: dict, sd: dict, what: str) -> None:
             "and the number of classes")
 
 
-def load_foreign_state_dict(model: nn.Module, state_dict: dict) -> None:
+def load_foreign_state_dict(model: nn.Module, state_dict: dict, what: str = "the checkpoint") -> None:
     """Load a plain state dict (e.g. torchvision's, possibly saved from DataParallel) into a
-    registered backbone; a mismatch is a one-line error with the key counts."""
+    registered backbone; a mismatch is a one-line error with the key counts. The papers' own
+    checkpoint layouts (LOS, MiSLAS, cRT, LDAM-DRW, BagofTricks-LT) are read into this form first
+    by :func:`ltcache.models.layouts.resolve`."""
     sd = _layout(model, state_dict)
-    _refuse_mismatch(model.state_dict(), sd, "the checkpoint")
+    _refuse_mismatch(model.state_dict(), sd, what)
     model.load_state_dict(sd)
 
 
