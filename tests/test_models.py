@@ -184,3 +184,49 @@ def test_train_and_extract_a_torchvision_model_by_name(tmp_path):
     assert res.exit_code == 2 and "has none; train one from these weights" in res.output
     res = CliRunner().invoke(cli, ["extract", "--arch", TV, *data, "--cache", str(tmp_path / "x")])
     assert res.exit_code == 2 and "give --ckpt" in res.output and not (tmp_path / "x").exists()
+
+
+def test_timm_model_by_name_and_its_local_weights(tmp_path, monkeypatch):
+    """`--arch timm:NAME`: timm's pooled features (num_classes=0, nothing downloaded), its own state
+    dict loads (classifier keys from its pretrained_cfg), and extract runs from local weights."""
+    timm = pytest.importorskip("timm")
+    from click.testing import CliRunner
+
+    import datagen
+    from ltcache.cache import load
+    from ltcache.cli import cli
+    from ltcache.models.registry import load_foreign_state_dict
+
+    arch = "timm:resnet18"
+    model = build_model(arch, 4)
+    assert model.feature_dim == 512 and model.head_name == "fc"
+    x = torch.randn(2, 3, 32, 32)
+    net = timm.create_model("resnet18", pretrained=False)          # timm's own layout, 1000 classes
+    net.eval()
+    model.eval()
+    load_foreign_state_dict(model, {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+                            | {"fc.weight": torch.randn(4, 512), "fc.bias": torch.zeros(4)})
+    net.reset_classifier(0)
+    assert torch.allclose(model.features(x), net(x), atol=1e-6)
+    with pytest.raises(LtcacheError, match="unknown arch 'timm:resnet19'.*did you mean"):
+        build_model("timm:resnet19", 4)
+    folder = datagen.make_imagefolder(tmp_path / "tiny", num_classes=4, per_class_train=20, per_class_test=4)
+    weights = tmp_path / "r18-timm.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), weights)
+    res = CliRunner().invoke(cli, ["extract", "--pretrained", str(weights), "--arch", arch, "--dataset",
+                                   f"imagefolder:{folder}", "--data-root", str(tmp_path / "root"), "--imb-ratio", "2",
+                                   "--val-per-class", "2", "--splits", "train,test", "--cache", str(tmp_path / "c"),
+                                   "--protocol", "clean", "--device", "cpu", "--workers", "1", "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert load(tmp_path / "c").feature_dim == 512
+    import builtins
+    real_import = builtins.__import__
+
+    def no_timm(name, *a, **k):
+        if name == "timm":
+            raise ImportError("no timm")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    with pytest.raises(LtcacheError, match=r"needs the optional timm package: pip install 'ltcache\[timm\]'"):
+        build_model(arch, 4)

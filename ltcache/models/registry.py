@@ -11,6 +11,7 @@ from ltcache.errors import LtcacheError
 
 _REGISTRY: dict[str, Callable[[int], nn.Module]] = {}
 TORCHVISION = "torchvision:"
+TIMM = "timm:"
 
 
 def register_model(name: str):
@@ -34,11 +35,16 @@ def check_arch(arch: str) -> None:
         from ltcache.models.torchvision_nets import check_torchvision
         check_torchvision(arch)
         return
+    if arch.startswith(TIMM):
+        from ltcache.models.timm_nets import check_timm
+        check_timm(arch)
+        return
     if arch not in _REGISTRY:
         close = difflib.get_close_matches(arch, list_models(), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise LtcacheError(f"unknown arch '{arch}'{hint}; valid: {', '.join(list_models())}, or "
-                           "torchvision:NAME for any torchvision classification model (e.g. torchvision:mobilenet_v3_small)")
+                           "torchvision:NAME for any torchvision classification model (e.g. torchvision:mobilenet_v3_small), or "
+                           "timm:NAME (pip install 'ltcache[timm]')")
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:
@@ -49,6 +55,9 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     if arch.startswith(TORCHVISION):
         from ltcache.models.torchvision_nets import build_torchvision
         return build_torchvision(arch, num_classes)
+    if arch.startswith(TIMM):
+        from ltcache.models.timm_nets import build_timm
+        return build_timm(arch, num_classes)
     return _REGISTRY[arch](num_classes)
 
 
