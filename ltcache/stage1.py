@@ -1,15 +1,16 @@
 """Stage 1: train a backbone on a long-tailed dataset with instance-balanced cross-entropy.
 
 A plain loop in the style of torchvision's references/classification. Writes ``stage1.pt``
-(last epoch, the one extraction uses) and ``best.pt`` (best val All) every epoch, atomically,
-so an interrupted run continues with ``--resume``.
+(last epoch, the one extraction uses) every epoch and ``best.pt`` (best val All among the evaluated
+epochs), atomically, so an interrupted run continues with ``--resume``. Val and test are evaluated
+every ``eval_every`` epochs and always at the last one; the other epochs record them as null.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +32,25 @@ from ltcache.progress import echo, progress
 FORMAT = "ltcache-stage1"
 FORMAT_VERSION = 1
 CKPT_NAME, BEST_NAME = "stage1.pt", "best.pt"
+DEFAULT_WARMUP = 5                           # the recipe's warm-up, shortened only when a run is too short for it
+DROPS = ((0.8, 1e-2), (0.9, 1e-4))           # LDAM-DRW step schedule: (fraction of the epochs, lr factor)
+
+
+def step_milestones(epochs: int) -> tuple[int, int]:
+    """Epochs trained before each LDAM-DRW lr drop (x0.01, x0.0001): (160, 180) for 200 epochs.
+    A drop at ``epochs`` or later never happens."""
+    return int(round(DROPS[0][0] * epochs)), int(round(DROPS[1][0] * epochs))
+
+
+def _drops_fit(epochs: int) -> bool:
+    """The step drops that happen within the run fall on different epochs."""
+    first, second = step_milestones(epochs)
+    return not (first == second < epochs)
+
+
+def epochs_before_first_drop(schedule: str, epochs: int) -> int:
+    """Epochs the warm-up must end within: up to the first step drop, or the whole run for cosine."""
+    return min(epochs, step_milestones(epochs)[0]) if schedule == "step" else epochs
 
 
 @dataclass
@@ -52,7 +72,7 @@ class Stage1Options:
     momentum: float = 0.9
     wd: float = 2e-4
     schedule: str = "step"
-    warmup_epochs: int = 5
+    warmup_epochs: Optional[int] = None      # None: 5, or the longest that fits a shorter run
     label_smoothing: float = 0.0
     mixup: float = 0.0
     maxnorm: float = 0.0
@@ -64,6 +84,8 @@ class Stage1Options:
     resume: bool = False
     force: bool = False
     quiet: bool = False
+    eval_every: int = 1                      # evaluate val/test every N epochs and at the last; 0: last only
+    warmup_auto: bool = field(default=False, init=False, repr=False)   # warmup_epochs was filled in
 
     # options that define the run (a resumed run must agree on them)
     RUN_KEYS = ("dataset", "imb_ratio", "profile", "selection", "val_per_class", "arch", "epochs",
@@ -71,9 +93,32 @@ class Stage1Options:
                 "label_smoothing", "mixup", "maxnorm", "seed")
 
     def run_args(self) -> dict:
+        """The options that define the run (recorded in the checkpoint as ``train_args``)."""
         return {k: getattr(self, k) for k in self.RUN_KEYS}
 
+    def evaluates(self, epoch: int) -> bool:
+        """Whether val and test are evaluated after (1-based) ``epoch``: every ``eval_every``
+        epochs and always at the last one (``best.pt`` is chosen among these epochs)."""
+        return epoch >= self.epochs or (self.eval_every > 0 and epoch % self.eval_every == 0)
+
+    def check_schedule(self) -> None:
+        """Refuse a warm-up or step schedule that does not fit ``epochs`` (one line, with the fix)."""
+        if self.schedule == "step" and not _drops_fit(self.epochs):
+            at = step_milestones(self.epochs)[0]
+            fits = next(e for e in range(self.epochs + 1, self.epochs + 100) if _drops_fit(e))
+            raise LtcacheError(f"--epochs {self.epochs} is too short for --schedule step: both lr drops "
+                               f"(x0.01 at 80 % and x0.0001 at 90 % of the epochs) fall after epoch {at}; "
+                               f"use --schedule cosine to train that short, or --epochs {fits} or more")
+        room = epochs_before_first_drop(self.schedule, self.epochs)
+        if self.warmup_epochs >= room:
+            rule = (f"shorter than the {room} epochs before the first lr drop (80 % of {self.epochs})"
+                    if room < self.epochs else f"shorter than the run ({self.epochs} epoch{'s' * (self.epochs > 1)})")
+            fix = f"--warmup-epochs {room - 1}" + (" or less" if room > 1 else "")
+            raise LtcacheError(f"--warmup-epochs {self.warmup_epochs} does not fit --epochs {self.epochs} with "
+                               f"--schedule {self.schedule}: warm-up must be {rule}; use {fix}, or more --epochs")
+
     def validate(self) -> None:
+        """Check every option (one-line errors naming the fix); fill in an unset warm-up."""
         if self.imb_ratio < 1:
             raise LtcacheError(f"--imb-ratio must be >= 1 (got {self.imb_ratio}); 100 is the usual CIFAR-LT setting")
         checks = [(self.epochs >= 1, "--epochs must be >= 1"), (self.batch_size >= 1, "--batch-size must be >= 1"),
@@ -82,11 +127,17 @@ class Stage1Options:
                   (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
                   (self.mixup >= 0, "--mixup must be >= 0 (0 turns it off)"),
                   (self.maxnorm >= 0, "--maxnorm must be >= 0 (0 turns it off)"),
-                  (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+                  (self.warmup_epochs is None or self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+                  (self.eval_every >= 0, "--eval-every must be >= 0 (0 evaluates only the last epoch)"),
                   (self.schedule in ("cosine", "step"), "--schedule must be cosine or step")]
         for ok, msg in checks:
             if not ok:
                 raise LtcacheError(msg)
+        if self.warmup_epochs is None or self.warmup_auto:
+            # unset: the recipe's 5 epochs, or the longest warm-up that ends before the first drop
+            room = epochs_before_first_drop(self.schedule, self.epochs)
+            self.warmup_epochs, self.warmup_auto = max(0, min(DEFAULT_WARMUP, room - 1)), True
+        self.check_schedule()
         check_arch(self.arch)                # the registry's "unknown arch" error (with a did-you-mean)
         if self.pretrained is not None and not Path(self.pretrained).is_file():
             raise LtcacheError(f"--pretrained {self.pretrained} not found; give a local weights file "
@@ -94,17 +145,20 @@ class Stage1Options:
 
 
 def lr_at(opts: Stage1Options, epoch: int, step: int, steps: int) -> float:
-    """Learning rate for a step: linear warm-up, then cosine to 0 or the LDAM-DRW steps
-    (x0.01 at 80% and x0.0001 at 90% of training: epochs 160 and 180 of 200)."""
+    """Learning rate for a step (0-based ``epoch``): linear warm-up, then cosine to 0 or the
+    LDAM-DRW steps (x0.01 at 80% and x0.0001 at 90% of training: epochs 160 and 180 of 200).
+    ``opts`` must be validated (its warm-up filled in)."""
     t = epoch + step / max(1, steps)
-    if opts.warmup_epochs and t < opts.warmup_epochs:
-        return opts.lr * (t + 1 / max(1, steps)) / opts.warmup_epochs
+    warmup = opts.warmup_epochs or 0
+    if warmup and t < warmup:
+        return opts.lr * (t + 1 / max(1, steps)) / warmup
     if opts.schedule == "cosine":
         return 0.5 * opts.lr * (1 + math.cos(math.pi * t / opts.epochs))
-    if epoch >= int(round(0.9 * opts.epochs)):
-        return opts.lr * 1e-4
-    if epoch >= int(round(0.8 * opts.epochs)):
-        return opts.lr * 1e-2
+    first, second = step_milestones(opts.epochs)
+    if epoch >= second:
+        return opts.lr * DROPS[1][1]
+    if epoch >= first:
+        return opts.lr * DROPS[0][1]
     return opts.lr
 
 
@@ -176,6 +230,9 @@ def _prepare_out(opts: Stage1Options, out: Path) -> Optional[dict]:
     if opts.resume:
         ck = load_checkpoint(ck_path)
         old = ck.get("train_args", {})
+        if opts.warmup_auto and isinstance(old.get("warmup_epochs"), int):
+            opts.warmup_epochs = old["warmup_epochs"]        # an unset warm-up is the run's, whatever --epochs
+            opts.check_schedule()
         # --epochs may change: resuming with more epochs extends a finished run
         diff = [k for k in opts.RUN_KEYS if k != "epochs" and k in old and old[k] != getattr(opts, k)]
         if diff:
@@ -313,8 +370,9 @@ def _train(opts: Stage1Options, out: Path) -> Path:
                 norms = model.fc.weight.norm(dim=1, keepdim=True)
                 model.fc.weight.mul_((radius / norms.clamp_min(1e-12)).clamp(max=1.0))
         seconds = time.time() - t0
-        val = evaluate(model, ds, "val", device, amp=amp)
-        test = evaluate(model, ds, "test", device, amp=amp)
+        evaluated = opts.evaluates(epoch + 1)
+        val = evaluate(model, ds, "val", device, amp=amp) if evaluated else None
+        test = evaluate(model, ds, "test", device, amp=amp) if evaluated else None
         rec = {"epoch": epoch + 1, "train_loss": total_loss / max(1, seen), "lr": lr_at(opts, epoch, steps - 1, steps),
                "val": val, "test": test, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
         history.append(rec)
@@ -324,16 +382,17 @@ def _train(opts: Stage1Options, out: Path) -> Path:
               "dataset": {**ds.spec.to_dict(), "groups": ds.groups, "image_size": ds.image_size,
                           "mean": list(ds.mean), "std": list(ds.std)},
               "train_args": opts.run_args(), "pretrained": pretrained, "history": history, "epoch": epoch + 1,
-              "epochs": opts.epochs,
+              "epochs": opts.epochs, "eval_every": opts.eval_every,
               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": gen.get_state(),
               "best_val": best_val}
-        val_all = val["all"] if val["all"] is not None else -1.0
-        if val_all > best_val:
+        val_all = val["all"] if val is not None and val["all"] is not None else -1.0
+        if val_all > best_val:               # best.pt: the best of the evaluated epochs
             best_val = val_all
             ck["best_val"] = best_val
             _save(ck, out / BEST_NAME)
         _save(ck, out / CKPT_NAME)
-        echo(f"epoch {epoch + 1}/{opts.epochs}  loss {rec['train_loss']:.4f}  val {fmt_pct(val['all'])}  "
-             f"test {fmt_pct(test['all'])} (many {fmt_pct(test['many'])} / med {fmt_pct(test['medium'])} / "
-             f"few {fmt_pct(test['few'])})  {seconds:.1f}s  {rec['images_per_s']:.0f} img/s", opts.quiet)
+        scores = (f"val {fmt_pct(val['all'])}  test {fmt_pct(test['all'])} (many {fmt_pct(test['many'])} / "
+                  f"med {fmt_pct(test['medium'])} / few {fmt_pct(test['few'])})" if evaluated else "not evaluated")
+        echo(f"epoch {epoch + 1}/{opts.epochs}  loss {rec['train_loss']:.4f}  {scores}  {seconds:.1f}s  "
+             f"{rec['images_per_s']:.0f} img/s", opts.quiet)
     return out / CKPT_NAME

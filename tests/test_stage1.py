@@ -180,3 +180,154 @@ def test_bad_inputs_exit_2_and_leave_the_run_alone(run2, tiny, tmp_path):
     foreign.mkdir()
     torch.save({"state_dict": {}}, foreign / "stage1.pt")
     _bad(_args(folder, foreign, "--resume"), "not an ltcache stage-1 checkpoint", foreign / "stage1.pt")
+
+
+# -- --eval-every: val/test every N epochs and after the last; best.pt among the evaluated epochs ------
+def _count_evaluations(monkeypatch) -> list:
+    """Record (split) of every stage-1 evaluation."""
+    from ltcache import stage1
+    calls, real = [], stage1.evaluate
+
+    def counting(model, ds, split, *a, **kw):
+        calls.append(split)
+        return real(model, ds, split, *a, **kw)
+    monkeypatch.setattr(stage1, "evaluate", counting)
+    return calls
+
+
+def test_eval_every_2_evaluates_epochs_2_and_3(tiny, tmp_path, monkeypatch):
+    _, folder = tiny
+    calls = _count_evaluations(monkeypatch)
+    res = _invoke(_args(folder, tmp_path / "run", "--eval-every", "2", epochs=3))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert calls == ["val", "test"] * 2
+    ck = load_checkpoint(tmp_path / "run" / "stage1.pt")
+    h = ck["history"]
+    assert [e["epoch"] for e in h] == [1, 2, 3] and ck["eval_every"] == 2
+    assert h[0]["val"] is None and h[0]["test"] is None                 # not evaluated: null, same fields
+    assert all(EPOCH_FIELDS <= set(e) for e in h)
+    assert all(set(e["val"]) >= ACC_FIELDS and set(e["test"]) >= ACC_FIELDS for e in h[1:])
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["epoch"] in (2, 3)
+    assert best["history"][-1]["val"]["all"] == max(e["val"]["all"] for e in h[1:])
+    assert "stage 1 done: 3/3 epochs" in res.output and "val All -" not in res.output
+
+
+def test_eval_every_0_evaluates_only_the_last_epoch_and_trains_the_same(run2, tiny, tmp_path, monkeypatch):
+    _, folder = tiny
+    calls = _count_evaluations(monkeypatch)
+    res = _invoke(_args(folder, tmp_path / "run", "--eval-every", "0"))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert calls == ["val", "test"]
+    h = load_checkpoint(tmp_path / "run" / "stage1.pt")["history"]
+    assert h[0]["val"] is None and h[0]["test"] is None and h[1]["val"] is not None and h[1]["test"] is not None
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
+    # evaluating or not does not change the training (same seed, same machine)
+    assert [e["train_loss"] for e in h] == [e["train_loss"] for e in load_checkpoint(run2[0] / "stage1.pt")["history"]]
+
+
+def test_eval_every_is_a_pipeline_key(tmp_path):
+    from ltcache.pipeline import parse_pipeline
+    path = tmp_path / "p.toml"
+    path.write_text("[dataset]\nsource = 'cifar10'\n[stage1]\narch = 'resnet32'\neval_every = 0\n")
+    assert parse_pipeline(path).stage1["eval_every"] == 0
+    path.write_text("[dataset]\nsource = 'cifar10'\n[stage1]\narch = 'resnet32'\neval_every = 'often'\n")
+    with pytest.raises(Exception, match=r"\[stage1\] eval_every must be an integer"):
+        parse_pipeline(path)
+
+
+# -- the schedule must fit --epochs: refused before the dataset is built ----------------------------
+def test_a_schedule_that_does_not_fit_is_refused_before_any_work(tiny, tmp_path, monkeypatch):
+    from ltcache import stage1
+    _, folder = tiny
+
+    def refuse(*a, **kw):
+        raise AssertionError("the dataset was built before the refusal")
+    monkeypatch.setattr(stage1, "build_dataset", refuse)
+
+    def args(*extra, epochs):
+        a = _args(folder, tmp_path / "out", epochs=epochs)
+        del a[a.index("--warmup-epochs"):a.index("--warmup-epochs") + 2]
+        del a[a.index("--schedule"):a.index("--schedule") + 2]
+        return a + list(extra)
+
+    # 5 epochs on the step schedule: both drops after epoch 4 (the issue's run), with or without warm-up
+    for extra in ((), ("--warmup-epochs", "0"), ("--schedule", "step", "--warmup-epochs", "5")):
+        msg = _bad(args(*extra, epochs=5), "--epochs 5 is too short for --schedule step")
+        assert "fall after epoch 4" in msg and "--schedule cosine" in msg and "--epochs 8 or more" in msg
+    msg = _bad(args("--warmup-epochs", "8", epochs=10), "--warmup-epochs 8 does not fit --epochs 10")
+    assert "8 epochs before the first lr drop" in msg and "--warmup-epochs 7 or less" in msg
+    msg = _bad(args("--schedule", "cosine", "--warmup-epochs", "3", epochs=3), "--warmup-epochs 3 does not fit")
+    assert "shorter than the run (3 epochs)" in msg and "--warmup-epochs 2 or less" in msg
+    _bad(args("--eval-every", "-1", epochs=3), "--eval-every")
+    assert not (tmp_path / "out").exists()                              # nothing written, not even the folder
+
+
+def test_an_unset_warmup_is_5_or_the_longest_that_fits():
+    from ltcache.errors import LtcacheError
+    from ltcache.stage1 import Stage1Options
+
+    def warmup(**kw) -> int:
+        o = Stage1Options(**kw)
+        o.validate()
+        return o.warmup_epochs
+    assert warmup(epochs=200) == 5 and warmup(epochs=30) == 5 and warmup(epochs=8) == 5
+    assert warmup(epochs=1) == 0 and warmup(epochs=2) == 1 and warmup(epochs=4) == 2   # step: before the drop
+    assert warmup(epochs=3, schedule="cosine") == 2 and warmup(epochs=6, schedule="cosine") == 5
+    assert warmup(epochs=200, warmup_epochs=0) == 0
+    for bad in (dict(epochs=6), dict(epochs=7, warmup_epochs=0), dict(epochs=8, warmup_epochs=6),
+                dict(epochs=1, warmup_epochs=1), dict(epochs=10, eval_every=-1)):
+        with pytest.raises(LtcacheError):
+            Stage1Options(**bad).validate()
+    Stage1Options(epochs=8, warmup_epochs=5).validate()                 # drops after epochs 6 and 7
+    Stage1Options(epochs=5, schedule="cosine", warmup_epochs=4).validate()
+
+
+def test_resume_keeps_the_runs_unset_warmup(tmp_path):
+    """A run trained with the filled-in warm-up resumes with that warm-up when --epochs grows."""
+    from ltcache.stage1 import FORMAT, Stage1Options, _prepare_out
+    first = Stage1Options(epochs=2, schedule="cosine")
+    first.validate()
+    assert first.warmup_epochs == 1
+    torch.save({"format": FORMAT, "format_version": 1, "train_args": first.run_args()}, tmp_path / "stage1.pt")
+    again = Stage1Options(epochs=10, schedule="cosine", resume=True)
+    again.validate()
+    assert again.warmup_epochs == 5
+    _prepare_out(again, tmp_path)
+    assert again.warmup_epochs == 1
+    explicit = Stage1Options(epochs=10, schedule="cosine", resume=True, warmup_epochs=5)
+    explicit.validate()
+    with pytest.raises(Exception, match="warmup_epochs=1, not 5"):
+        _prepare_out(explicit, tmp_path)
+
+
+def _lr_before(lr, epochs, warmup, schedule, epoch, step, steps):
+    """lr_at as it was before the schedule checks (the reference for the 200-epoch recipe)."""
+    import math
+    t = epoch + step / max(1, steps)
+    if warmup and t < warmup:
+        return lr * (t + 1 / max(1, steps)) / warmup
+    if schedule == "cosine":
+        return 0.5 * lr * (1 + math.cos(math.pi * t / epochs))
+    if epoch >= int(round(0.9 * epochs)):
+        return lr * 1e-4
+    if epoch >= int(round(0.8 * epochs)):
+        return lr * 1e-2
+    return lr
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine"])
+@pytest.mark.parametrize("warmup", [None, 5, 0])
+def test_the_200_epoch_schedule_is_unchanged(schedule, warmup):
+    from ltcache.stage1 import Stage1Options, lr_at, step_milestones
+    o = Stage1Options(epochs=200, schedule=schedule, warmup_epochs=warmup)
+    o.validate()
+    steps = 97                                  # CIFAR-10-LT IR 100 at batch 128 (12,406 images)
+    for epoch in range(200):
+        for step in (0, 1, 48, 96):
+            assert lr_at(o, epoch, step, steps) == _lr_before(0.1, 200, 5 if warmup is None else warmup,
+                                                              schedule, epoch, step, steps), (epoch, step)
+    if schedule == "step":
+        assert step_milestones(200) == (160, 180)
+        assert [lr_at(o, e, 0, steps) for e in (159, 160, 179, 180, 199)] == [0.1, 0.1 * 1e-2, 0.1 * 1e-2,
+                                                                              0.1 * 1e-4, 0.1 * 1e-4]

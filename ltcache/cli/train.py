@@ -28,11 +28,17 @@ from ltcache.cli.app import cli
 @click.option("--momentum", type=float, default=0.9, help="SGD momentum.")
 @click.option("--wd", type=float, default=2e-4, help="Weight decay.")
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default="step",
-              help="cosine to 0, or step (x0.01 at 80%, x0.0001 at 90% of the epochs, as LDAM-DRW).")
-@click.option("--warmup-epochs", type=click.IntRange(min=0), default=5, help="Linear warm-up epochs.")
+              help="cosine to 0, or step (x0.01 at 80%, x0.0001 at 90% of the epochs, as LDAM-DRW; refused "
+                   "when both drops would fall on the same epoch: 5-7 epochs).")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=None, show_default=False,
+              help="Linear warm-up epochs; must end before the first lr drop (step) or the last epoch (cosine). "
+                   "Default: 5, or the longest that fits a shorter run.")
 @click.option("--label-smoothing", type=float, default=0.0, help="Label smoothing epsilon.")
 @click.option("--mixup", type=float, default=0.0, metavar="ALPHA", help="Mixup alpha (MiSLAS stage 1 uses 1.0); 0 = off.")
 @click.option("--maxnorm", type=float, default=0.0, metavar="THRESH", help="LTWB MaxNorm threshold (e.g. 0.1); 0 = off.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=1, metavar="N",
+              help="Evaluate val and test every N epochs and always after the last; 0: only after the last. "
+                   "best.pt is the best of the evaluated epochs.")
 @click.option("--seed", type=int, default=0, help="Seed of the LT selection, val split and training.")
 @click.option("--device", default="auto", help="auto | cpu | cuda.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (default: on for CUDA, off on CPU).")
@@ -52,9 +58,10 @@ def train_cmd(**kw) -> None:
 
     path = train_stage1(Stage1Options(**kw))
     ck = load_checkpoint(path)
-    last = ck["history"][-1] if ck["history"] else {}
+    # the last evaluated epoch (the last one, unless a resume asked for fewer epochs than were run)
+    last = next((h for h in reversed(ck["history"]) if h.get("val") is not None), {})
     from ltcache.metrics import fmt_pct
     secs = [h["seconds"] for h in ck["history"]]
-    click.echo(f"stage 1 done: {ck['epoch']}/{ck['epochs']} epochs, val All {fmt_pct(last.get('val', {}).get('all'))}, "
-               f"test All {fmt_pct(last.get('test', {}).get('all'))}, "
+    val, test = (last.get("val") or {}).get("all"), (last.get("test") or {}).get("all")
+    click.echo(f"stage 1 done: {ck['epoch']}/{ck['epochs']} epochs, val All {fmt_pct(val)}, test All {fmt_pct(test)}, "
                f"{sum(secs) / max(1, len(secs)):.1f} s/epoch -> {path}")
