@@ -125,6 +125,15 @@ def _overrides(kwargs: dict) -> dict:
 RESULT_FILES = ("results.json", "summary.csv", "summary.md")
 
 
+def join_ranks(device: str) -> bool:
+    """Under torchrun, join the other ranks (left when the command ends); True on the rank that
+    prints and writes files (rank 0, and always without torchrun)."""
+    from ltcache import distributed
+    if distributed.init_from_env(device):
+        click.get_current_context().call_on_close(distributed.shutdown)
+    return distributed.is_main()
+
+
 def _claim_outputs(force: bool, files=(), folder=None) -> None:
     """Before any work: check each output -- ``files``: (flag, path, example name), ``folder``: (flag,
     path) of a results folder -- (an existing one is refused without --force), then lock each one
@@ -184,7 +193,11 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
     if export_path is not None and len(seed_list) > 1:
         raise LtcacheError(f"--export writes one model but --seeds gives {len(seed_list)} seeds; "
                            "pass one seed with --export (e.g. --seeds 0)")
-    _claim_outputs(force, files=[("--out", out, "results.json"), ("--export", export_path, "model.pt")])
+    main = join_ranks(device)
+    if main:
+        _claim_outputs(force, files=[("--out", out, "results.json"), ("--export", export_path, "model.pt")])
+    else:                                   # another torchrun rank: trains its share, prints and writes nothing
+        quiet, out, export_path = True, None, None
     apply_threads(threads, quiet)
     if through_backbone or ckpt is not None or no_augment or eval_bn:
         if not through_backbone or ckpt is None:
@@ -194,6 +207,8 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
             raise LtcacheError("--through-backbone reads images, not a cache: drop --cache, --export, --select, "
                                "--clean-view and --from-tune")
         from ltcache.through_backbone import retrain_through_backbone
+        if not main:
+            return
         results = retrain_through_backbone(ckpt, m.name, overrides, seeds=seed_list, augment=not no_augment,
                                            train_bn=not eval_bn, test_views=test_views, device=device,
                                            data_root=data_root, preset=preset, quiet=quiet)
@@ -205,6 +220,8 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
     results = api.retrain(cache_dir, m.name, overrides, seeds=seed_list, select=select, test_views=test_views,
                           device=device, quiet=quiet, preset=preset, export=export_path, jobs=jobs,
                           clean_view=clean_view, from_tune=from_tune)
+    if not main:
+        return
     click.echo(format_table(results))
     if out is not None:
         write_json(results, out)
@@ -255,11 +272,17 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
     grid_d = parse_grid(grid)
     seed_list = api.parse_seeds(seeds)
     overrides = _overrides(kwargs)
-    _claim_outputs(force, folder=("--out", out))
+    main = join_ranks(device)
+    if main:
+        _claim_outputs(force, folder=("--out", out))
+    else:                                   # another torchrun rank: trains its share, prints and writes nothing
+        quiet, out = True, None
     apply_threads(threads, quiet)
     results = api.bench(cache_dir, (None if all_methods else names) or None, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
                         device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out, jobs=jobs,
                         clean_view=clean_view, from_tune=from_tune)
+    if not main:
+        return
     click.echo(format_table(results))
     if out is not None:
         click.echo(f"results: {out}/results.json, summary.csv, summary.md")

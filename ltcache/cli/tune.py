@@ -7,6 +7,7 @@ import click
 
 from ltcache.cli.app import cli
 from ltcache.cli.stage2 import PLUGIN_HELP, PluginCommand
+from ltcache.distributed import is_main as _is_main
 from ltcache.errors import LtcacheError
 
 
@@ -72,6 +73,9 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
     api.parse_seeds(tune_seeds)
     api.parse_seeds(seeds)
     space = parse_space(space_items)
+    from ltcache.cli.stage2 import join_ranks
+    if not join_ranks(device):              # another torchrun rank: trains its share, prints and writes nothing
+        quiet, out = True, None
     if out is not None:
         check_output_dir(out, force, what="--out folder", outputs=OUTPUTS)
         click.get_current_context().with_resource(output_lock(out))
@@ -81,6 +85,8 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
                        tune_seeds=api.parse_seeds(tune_seeds), seeds=api.parse_seeds(seeds), test_views=test_views,
                        device=device, quiet=quiet, preset=preset, out_dir=out, force=True, jobs=jobs,
                        clean_view=clean_view, space=space)
+    if not _is_main():
+        return
     click.echo(format_tune_table(results))
     if out is not None:
         click.echo(f"results: {out}/results.json, tune.csv, tune.md")

@@ -47,6 +47,7 @@ Learning-rate schedules, per epoch (METHODS.md §0.3(5)):
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from ltcache import distributed as _dist
 from ltcache.errors import LtcacheError
 from ltcache.metrics import class_mean_accuracy
 from ltcache.progress import progress
@@ -120,6 +122,14 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
     if select == "val" and data.val_x is None:
         raise LtcacheError("--select val needs a val split in the cache; use --select last "
                            "or extract the cache with a val split")
+    if _dist.init_from_env(data.x.device):
+        return _train_across_ranks(configs, data, select, quiet, n_jobs)
+    return _train_here(configs, data, select, quiet, n_jobs)
+
+
+def _train_here(configs: Sequence[Config], data: TrainData, select: str, quiet: bool,
+                n_jobs: Optional[int]) -> list[TrainedHead]:
+    """:func:`train_sweep` in this process (and its forked workers)."""
     plan = make_groups(configs)
     out: list[Optional[TrainedHead]] = [None] * len(configs)
     jobs = min(n_jobs or os.cpu_count() or 1, torch.get_num_threads())
@@ -133,6 +143,41 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
     # better over processes: train whole groups side by side in worker processes.
     for i, t in run_in_workers(train_group, plan, configs, data, select, quiet, jobs):
         out[i] = t
+    return out  # type: ignore[return-value]
+
+
+def _train_across_ranks(configs: Sequence[Config], data: TrainData, select: str, quiet: bool,
+                        n_jobs: Optional[int]) -> list[TrainedHead]:
+    """torchrun (:mod:`ltcache.distributed`): the same plan checked on every rank, its groups
+    split (balanced as the workers' parts are) across the ranks, each rank's share trained here,
+    the heads all-gathered: every rank returns every configuration's head, in input order."""
+    from ltcache.stage2.workers import _balance, _work
+    keys = [(c.name, c.method, c.seed, sorted(c.params.items()), c.head, c.init, c.sampler, c.lr, c.wd,
+             c.epochs, c.batch_size, c.momentum, c.schedule, c.lr_factor, c.maxnorm_thresh, c.scale,
+             c.bias_init) for c in configs]
+    _dist.check_same((keys, select, tuple(data.x.shape), tuple(data.w0.shape)), "sweep")
+    n, me = _dist.world(), _dist.rank()
+    parts = _balance(make_groups(configs), configs, data, n)       # costliest first
+    while len(parts) < n and max(len(p) for p in parts) >= 2:     # every rank gets work while it can
+        top = max(parts, key=len)
+        parts.remove(top)
+        parts += [top[:len(top) // 2], top[len(top) // 2:]]
+    parts.sort(key=lambda p: -_work(configs, p, data))
+    if os.environ.get("LTCACHE_DIST_DEBUG"):
+        print(f"rank {me}: parts {parts}", file=sys.stderr, flush=True)
+    load, mine = [0.0] * n, []
+    for part in parts:                                              # each part to the least-loaded rank
+        r = min(range(n), key=lambda q: (load[q], q))
+        load[r] += _work(configs, part, data)
+        if r == me:
+            mine.extend(part)
+    mine.sort()
+    trained = _train_here([configs[i] for i in mine], data, select, quiet, n_jobs) if mine else []
+    _dist.barrier("the sweep")                                     # gloo: names a rank that died training
+    out: list[Optional[TrainedHead]] = [None] * len(configs)
+    for idx, heads in _dist.all_gather_objects((mine, trained), what="the gather of the trained heads"):
+        for i, t in zip(idx, heads):
+            out[i] = t
     return out  # type: ignore[return-value]
 
 

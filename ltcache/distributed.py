@@ -1,0 +1,186 @@
+"""Many processes and machines: a sweep's configurations split across ``torchrun`` ranks.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every rank loads the whole cache,
+plans the same sweep, trains its share of the configurations and all-gathers the trained heads,
+so every rank holds every head (as DINOv2's linear evaluation holds the whole feature matrix
+on each rank). A configuration's result does not depend on which process trained it, so the
+results equal a one-process run's. Only rank 0 prints and writes files (the CLI's part).
+
+Without torchrun (no ``WORLD_SIZE``) every function here is a no-op for one process.
+
+Environment: ``LTCACHE_DIST_TIMEOUT`` (minutes, default 30): how long a rank waits for the
+others at a collective before it gives up with an error instead of hanging.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from typing import Any, Optional, Union
+
+import torch
+
+from ltcache.errors import LtcacheError
+
+_BACKEND: Optional[str] = None
+
+
+def env_world() -> int:
+    """``WORLD_SIZE`` from the environment (1 without torchrun)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise LtcacheError(f"WORLD_SIZE must be an integer (got '{os.environ.get('WORLD_SIZE')}')") from None
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist
+
+
+def active() -> bool:
+    """True when a process group of several ranks is initialised."""
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without torchrun)."""
+    if active():
+        return _dist().get_rank()
+    return int(os.environ.get("RANK", "0") or 0) if env_world() > 1 else 0
+
+
+def world() -> int:
+    """Number of ranks (1 without torchrun)."""
+    return _dist().get_world_size() if active() else env_world()
+
+
+def is_main() -> bool:
+    """True on rank 0 (the one that prints and writes files), and always without torchrun."""
+    return rank() == 0
+
+
+def timeout() -> datetime.timedelta:
+    """The collective timeout: ``LTCACHE_DIST_TIMEOUT`` minutes (default 30)."""
+    raw = os.environ.get("LTCACHE_DIST_TIMEOUT", "30")
+    try:
+        minutes = float(raw)
+    except ValueError:
+        raise LtcacheError(f"LTCACHE_DIST_TIMEOUT must be a number of minutes (got '{raw}')") from None
+    if minutes <= 0:
+        raise LtcacheError(f"LTCACHE_DIST_TIMEOUT must be > 0 minutes (got {raw})")
+    return datetime.timedelta(minutes=minutes)
+
+
+def init_from_env(device: Union[str, torch.device, None] = "auto") -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); idempotent.
+
+    Backend: NCCL when ``device`` is (or ``auto`` resolves to) CUDA, each rank on GPU
+    ``LOCAL_RANK``; gloo on CPU. Returns True when several ranks take part."""
+    global _BACKEND
+    if env_world() <= 1:
+        return False
+    dist = _dist()
+    if not dist.is_available():
+        raise LtcacheError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    name = str(device or "auto").lower()
+    cuda = torch.cuda.is_available() and (name == "auto" or name.startswith("cuda"))
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        if local >= torch.cuda.device_count():
+            raise LtcacheError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible; "
+                               "give --nproc_per_node at most the GPU count")
+        torch.cuda.set_device(local)
+    _BACKEND = "nccl" if cuda else "gloo"
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        if key not in os.environ:
+            raise LtcacheError(f"WORLD_SIZE > 1 but {key} is not set; start with torchrun "
+                               "(e.g. torchrun --nproc_per_node 2 -m ltcache bench ...)")
+    try:
+        dist.init_process_group(_BACKEND, timeout=timeout())
+    except (RuntimeError, ValueError) as exc:
+        raise LtcacheError(f"rank {os.environ.get('RANK')}: could not join the other ranks: "
+                           f"{_first_line(exc)}") from None
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _lost(exc: BaseException, what: str) -> LtcacheError:
+    return LtcacheError(f"rank {rank()}: lost the other ranks during {what} (a rank died, was stopped or "
+                        f"timed out after {timeout()}): {_first_line(exc)}")
+
+
+def barrier(what: str = "a barrier") -> None:
+    """Wait for every rank. On gloo a rank that does not arrive is named (monitored barrier)."""
+    if not active():
+        return
+    dist = _dist()
+    try:
+        if _BACKEND == "gloo" or dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timeout(), wait_all_ranks=True)
+        else:
+            dist.barrier()
+    except RuntimeError as exc:
+        raise _lost(exc, what) from None
+
+
+def all_gather_objects(obj: Any, what: str = "a gather") -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` for one process."""
+    if not active():
+        return [obj]
+    dist = _dist()
+    out: list = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(out, obj)
+    except RuntimeError as exc:
+        raise _lost(exc, what) from None
+    return out
+
+
+def gather_objects(obj: Any, what: str = "a gather") -> Optional[list]:
+    """Every rank's ``obj`` in rank order on rank 0 (None on the other ranks)."""
+    if not active():
+        return [obj]
+    dist = _dist()
+    out: Optional[list] = [None] * dist.get_world_size() if is_main() else None
+    try:
+        dist.gather_object(obj, out, dst=0)
+    except RuntimeError as exc:
+        raise _lost(exc, what) from None
+    return out
+
+
+def fingerprint(obj: Any) -> str:
+    """A short hash of ``repr(obj)`` (plain values: the same plan gives the same hash on every rank)."""
+    return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
+
+
+def check_same(obj: Any, what: str) -> None:
+    """Refuse (on every rank, one line) when ``obj``'s fingerprint differs between ranks."""
+    if not active():
+        return
+    hashes = all_gather_objects(fingerprint(obj), what=f"the check of {what}")
+    bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+    if bad:
+        ranks = ", ".join(str(r) for r in bad)
+        raise LtcacheError(f"rank{'s' if len(bad) > 1 else ''} {ranks} planned a different {what} than rank 0 "
+                           "(different options, seeds or cache on that rank?); give every rank the same arguments")
+
+
+def shutdown() -> None:
+    """Leave the process group (no-op when none was joined)."""
+    global _BACKEND
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except RuntimeError:
+            pass
+    _BACKEND = None
