@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import difflib
 import os
-import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -439,11 +437,6 @@ def _python_call(paths, classifier, fit_head, name, arch, dtype) -> str:
         ("classifier", str(classifier) if classifier else None), ("fit_classifier_head", fit_head),
         ("name", name), ("arch", arch), ("dtype", dtype)) if v]
     return f"ltcache.cache.importer.import_features({', '.join(args)}, ...)"
-
-
-def command_line(argv: Optional[Sequence[str]] = None) -> str:
-    """The ``ltcache ...`` command line being run (for the manifest's provenance)."""
-    return shlex.join(["ltcache"] + list(sys.argv[1:] if argv is None else argv))
 
 
 def _write(out: Path, splits: dict, w, b, body: dict, dtype: str, shard_rows: int, quiet: bool) -> Path:

@@ -57,11 +57,28 @@ def import_cmd(sources, out, classifier, fit_classifier, name, arch, dtype, shar
     classifier: tau-norm, LWS, MARC, post-hoc LA and every method starting from stage 1 are
     refused on it (bench --all-methods leaves them out).
     """
-    from ltcache.cache.importer import command_line, import_features
+    from ltcache.cache.importer import import_features
     from ltcache.cache.info import describe
 
     path = import_features(list(sources), out, classifier=classifier, fit_classifier_head=fit_classifier,
                            name=name, arch=arch, dtype=dtype, shard_rows=shard_rows, force=force,
-                           command=command_line(), quiet=quiet)
+                           command=_command(), quiet=quiet)
     if not quiet:
         click.echo(describe(path))
+
+
+def _command() -> str:
+    """``ltcache import ...`` as given: rebuilt from click's parsed parameters (sys.argv is the
+    caller's, e.g. pytest's, when the command runs inside another program)."""
+    ctx = click.get_current_context()
+    args = [str(v) for v in ctx.params.get("sources", ())]
+    for p in ctx.command.params:
+        if p.name == "sources" or not isinstance(p, click.Option):
+            continue
+        value = ctx.params.get(p.name)
+        if value is None or value is False or value == p.default:
+            continue
+        flag = max(p.opts, key=len)
+        args += [flag] if value is True else [flag, str(value)]
+    import shlex
+    return shlex.join(["ltcache", "import", *args])
