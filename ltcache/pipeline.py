@@ -76,6 +76,17 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "preset": (str, "cifar | imagenet (default: from the cache)"),
         "clean_view": (bool, "also draw the clean train view (default false: augmented views only)"),
     },
+    "tune": {
+        "methods": ((str, list), "'all' or a list of method names to tune on val (`ltcache tune`)"),
+        "budget": (int, "points of each method's search space in stage A (default 32)"),
+        "search": (str, "sobol | random | grid"),
+        "select_metric": (str, "val-balanced | val-all | val-nll"),
+        "tune_seeds": (list, "seeds of stage A"),
+        "seeds": (list, "seeds the picks and presets are re-trained with (stage B)"),
+        "space": (dict, "replacement dimensions, e.g. {delta = \"0.5:0.99\", epochs = \"10,20\"}"),
+        "test_views": (list, "views averaged at evaluation"),
+        "preset": (str, "cifar | imagenet (default: from the cache)"),
+    },
 }
 REQUIRED = {"dataset": ("source",), "stage1": ("arch",)}
 _PY_TYPES = {float: _NUM, int: int, str: str}
@@ -109,6 +120,7 @@ class Pipeline:
     stage1: dict = field(default_factory=dict)
     extract: dict = field(default_factory=dict)
     sweep: dict = field(default_factory=dict)
+    tune: Optional[dict] = None             # an optional [tune] step after the sweep
 
 
 def _type_name(t: Any) -> str:
@@ -182,7 +194,8 @@ def parse_pipeline(path: str | Path) -> Pipeline:
     out = Path(meta.get("out", f"runs/{name}"))
     return Pipeline(path=path, name=name, out=out, dataset=dict(doc.get("dataset", {})),
                     stage1=dict(doc.get("stage1", {})), extract=dict(doc.get("extract", {})),
-                    sweep=dict(doc.get("sweep", {})))
+                    sweep=dict(doc.get("sweep", {})),
+                    tune=dict(doc["tune"]) if "tune" in doc else None)
 
 
 def _resolve(base: Path, p: str | Path) -> Path:
@@ -205,7 +218,8 @@ def _stage1_complete(ckpt: Path, run_args: dict) -> bool:
 
 def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "auto", data_root: Optional[str] = None,
                  quiet: bool = False, epochs: Optional[int] = None) -> dict:
-    """Run a pipeline file: stage 1 -> extraction -> sweep, skipping complete steps.
+    """Run a pipeline file: stage 1 -> extraction -> sweep (-> tune, when the file has [tune]),
+    skipping complete steps.
 
     Returns the sweep results. ``epochs`` overrides ``[stage1] epochs`` (e.g. a shorter CPU run;
     the checkpoint records what was actually run).
@@ -231,17 +245,18 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
                          out=str(out_dir / "stage1"), **{**ds, **s1})
     opts.validate()
     ckpt = out_dir / "stage1" / "stage1.pt"
-    echo(f"[1/3] stage 1 -> {ckpt}", quiet)
+    steps = 4 if pl.tune is not None else 3
+    echo(f"[1/{steps}] stage 1 -> {ckpt}", quiet)
     if _stage1_complete(ckpt, opts.run_args()):
         echo("      complete, skipped", quiet)
     else:
         opts.resume = ckpt.is_file()
         train_stage1(opts)
     cache_dir = out_dir / "cache"
-    echo(f"[2/3] extract -> {cache_dir}", quiet)
+    echo(f"[2/{steps}] extract -> {cache_dir}", quiet)
     ex = dict(pl.extract)
     extract(ckpt, cache=cache_dir, device=device, data_root=root, quiet=quiet, **ex)
-    echo(f"[3/3] sweep -> {out_dir / 'results'}", quiet)
+    echo(f"[3/{steps}] sweep -> {out_dir / 'results'}", quiet)
     sw = dict(pl.sweep)
     overrides = {k: sw.pop(k) for k in list(sw) if k in hyper_keys()}
     methods = sw.pop("methods", "all")
@@ -254,7 +269,30 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
                     clean_view=bool(sw.pop("clean_view", False)))
     if not quiet:
         echo(format_table(results))
+    if pl.tune is not None:
+        results["tune"] = _run_tune(pl.tune, cache_dir, out_dir / "tune", device, quiet, steps)
     ck = load_checkpoint(ckpt)
     results["pipeline"] = {"file": str(Path(path)), "name": pl.name, "stage1_epochs": ck["epoch"],
                            "stage1_test": ck["history"][-1]["test"] if ck["history"] else None}
     return results
+
+
+def _run_tune(tn: dict, cache_dir: Path, out: Path, device: str, quiet: bool, steps: int) -> dict:
+    """The [tune] step: ``ltcache tune`` on the pipeline's cache; returns the tuned table."""
+    from ltcache.stage2.api import tune
+    from ltcache.stage2.tune import format_tune_table, parse_space
+
+    echo(f"[{steps}/{steps}] tune -> {out}", quiet)
+    tn = dict(tn)
+    methods = tn.pop("methods", "all")
+    test_views = tn.pop("test_views", ["center", "hflip"])
+    space = parse_space([f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
+                         for k, v in tn.pop("space", {}).items()])
+    res = tune(cache_dir, None if methods == "all" else list(methods), budget=int(tn.pop("budget", 32)),
+               search=tn.pop("search", "sobol"), select_metric=tn.pop("select_metric", "val-balanced"),
+               tune_seeds=tn.pop("tune_seeds", [0]), seeds=tn.pop("seeds", [0, 1, 2, 3, 4]),
+               test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
+               preset=tn.pop("preset", None), out_dir=out, force=True, space=space)
+    if not quiet:
+        echo(format_tune_table(res))
+    return res["tune"]["table"]

@@ -35,6 +35,8 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
     methods = {r["method"] for r in results["runs"]}
     assert {"ce", "los", "crt", "lws", "tau-norm", "balanced-softmax", "marc"} <= methods
     assert all(r["metrics"]["all"] is not None for r in results["runs"])
+    tuned = json.loads((out / "tune" / "results.json").read_text())          # the [tune] step
+    assert set(tuned["tune"]["picks"]) == {"ce", "los", "tau-norm"} and (out / "tune" / "tune.md").is_file()
     ckpt = out / "stage1" / "stage1.pt"
     manifest = out / "cache" / "manifest.json"
     stamps = (ckpt.stat().st_mtime_ns, manifest.stat().st_mtime_ns)
@@ -48,6 +50,7 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
     ("[dataset]\nsource = 'cifar10'\n[stage1]\narch = 'resnet32'\nepochs = 'ten'\n", "[stage1] epochs must be an integer"),
     ("[dataset]\nsource = 'cifar10'\n[stage1]\narch = 'resnet32'\n[sweeep]\n", "unknown section [sweeep]"),
     ("[stage1]\narch = 'resnet32'\n", "missing [dataset] source"),
+    ("[dataset]\nsource = 'cifar10'\n[stage1]\narch = 'resnet32'\n[tune]\nbudget = 'many'\n", "[tune] budget must be an integer"),
     ("[dataset\nsource=", "not valid TOML"),
 ])
 def test_bad_pipeline_files(tmp_path, text, needle):
