@@ -54,6 +54,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "mixup": (_NUM, "mixup alpha (0 = off)"),
         "maxnorm": (_NUM, "MaxNorm threshold (0 = off)"),
         "seed": (int, "training seed"),
+        "pretrained": (str, "local backbone weights to start from (relative to this file or absolute), e.g. "
+                            "ImageNet weights for Places-LT; nothing is downloaded"),
+        "workers": (int, "image decoding workers"),
     },
     "extract": {
         "protocol": (str, "faithful (default) | clean: fills the four options below when not given"),
@@ -66,6 +69,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "dtype": (str, "float16 | float32"),
         "batch_size": (int, "extraction batch size"),
         "shard_rows": (int, "rows per HDF5 shard"),
+        "workers": (int, "image decoding workers"),
     },
     "sweep": {
         "methods": ((str, list), "'all' or a list of method names"),
@@ -239,6 +243,8 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
     s1 = dict(pl.stage1)
     if epochs is not None:
         s1["epochs"] = int(epochs)
+    if "pretrained" in s1:
+        s1["pretrained"] = str(_resolve(Path(path).parent, s1["pretrained"]))
     if "seed" in ds and "seed" in s1 and ds["seed"] != s1["seed"]:
         raise LtcacheError(f"{path}: [dataset] seed and [stage1] seed differ; ltcache uses one seed for both")
     opts = Stage1Options(dataset=source, data_root=root, download=download, device=device, quiet=quiet,

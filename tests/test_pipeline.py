@@ -18,10 +18,21 @@ torch.set_num_threads(1)
 PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
 
-@pytest.mark.parametrize("name", ["cifar10_lt_ir100", "cifar10_lt_ir50", "cifar10_lt_ir10", "cifar100_lt_ir100", "smoke"])
+@pytest.mark.parametrize("name", ["cifar10_lt_ir100", "cifar10_lt_ir50", "cifar10_lt_ir10", "cifar100_lt_ir100", "smoke",
+                                  "imagenet_lt_resnext50", "imagenet_lt_resnet50", "inat2018_resnet50",
+                                  "places_lt_resnet152"])
 def test_shipped_pipelines_parse(name):
     pl = parse_pipeline(PIPELINES / f"{name}.toml")
     assert pl.name == name and pl.stage1["arch"]
+    # the recipe is one `ltcache train` accepts (arch registered, schedule and warm-up fit) and the
+    # [extract] keys are extract()'s parameters (the weights file of Places-LT is the user's)
+    import inspect
+    from ltcache.cache.extraction import extract
+    from ltcache.stage1 import Stage1Options
+    s1 = {k: v for k, v in pl.stage1.items() if k != "pretrained"}
+    ds = {k: v for k, v in pl.dataset.items() if k not in ("source", "data_root", "download")}
+    Stage1Options(dataset=pl.dataset["source"], **{**ds, **s1}).validate()
+    inspect.signature(extract).bind_partial(**pl.extract)
 
 
 def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
