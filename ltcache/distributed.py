@@ -13,9 +13,11 @@ others at a collective before it gives up with an error instead of hanging.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
+import time
 from typing import Any, Optional, Union
 
 import torch
@@ -184,3 +186,154 @@ def shutdown() -> None:
         except RuntimeError:
             pass
     _BACKEND = None
+
+
+# -- one rank decides, every rank learns; a lost rank named ---------------------------------------------
+def broadcast_object(obj: Any, what: str = "a broadcast", src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (picklable) on every rank; ``obj`` itself for one process."""
+    if not active():
+        return obj
+    box = [obj if rank() == src else None]
+    try:
+        _dist().broadcast_object_list(box, src=src)
+    except RuntimeError as exc:
+        raise _lost(exc, what) from None
+    return box[0]
+
+
+def on_main(fn, what: str) -> Any:
+    """Run ``fn()`` on rank 0 only (e.g. the output checks and lock: the other ranks must not race
+    on them) and return its result on every rank; its one-line LtcacheError is raised on every rank."""
+    if not active():
+        return fn()
+    outcome: Any = None
+    if is_main():
+        try:
+            outcome = ("ok", fn())
+        except LtcacheError as exc:
+            outcome = ("error", str(exc))
+        except BaseException as exc:
+            broadcast_object(("error", f"rank 0 failed during {what} ({type(exc).__name__}: {_first_line(exc)}); "
+                                       "see rank 0's log"), what)
+            raise
+    kind, value = broadcast_object(outcome, what)
+    if kind == "error":
+        raise LtcacheError(value)
+    return value
+
+
+def broadcast_(tensors, src: int = 0, what: str = "a broadcast") -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s (e.g. BatchNorm buffers); no-op for one process."""
+    if not active():
+        return
+    try:
+        for t in tensors:
+            _dist().broadcast(t, src=src)
+    except RuntimeError as exc:
+        raise _lost(exc, what) from None
+
+
+def all_reduce_sum_(tensor: torch.Tensor, what: str = "a reduction") -> torch.Tensor:
+    """Sum ``tensor`` over the ranks, in place; returned unchanged for one process."""
+    if active():
+        try:
+            _dist().all_reduce(tensor)
+        except RuntimeError as exc:
+            raise _lost(exc, what) from None
+    return tensor
+
+
+def _comm_failure(exc: BaseException) -> Optional[BaseException]:
+    """The communication error behind ``exc`` (a peer gone, a collective timed out), or None."""
+    for e in (exc, exc.__context__):
+        if e is None:
+            continue
+        if isinstance(e, getattr(_dist(), "DistError", ())):
+            return e
+        text = str(e)
+        if isinstance(e, RuntimeError) and any(s in text for s in ("gloo", "NCCL", "Connection", "monitoredBarrier",
+                                                                  "Timed out", "timed out")):
+            return e
+    return None
+
+
+def _store():
+    try:
+        return _dist().distributed_c10d._get_default_store()
+    except Exception:                        # noqa: BLE001 -- a private API: without it, no names
+        return None
+
+
+def _status_key(r: int) -> str:
+    return f"ltcache/status/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{r}"
+
+
+def _post_status(status: str) -> None:
+    store = _store()
+    if store is not None:
+        try:
+            store.set(_status_key(rank()), status)
+        except Exception:                    # noqa: BLE001 -- the store left with its host
+            pass
+
+
+def grace_seconds() -> float:
+    """How long a rank that lost a peer waits for the other survivors to check in: a tenth of the
+    collective timeout, between 1 and 10 s."""
+    return min(10.0, max(1.0, timeout().total_seconds() / 10))
+
+
+def lost_ranks(exc: BaseException, what: str, fix: str = "") -> LtcacheError:
+    """One line naming the ranks that are gone after a collective failed with ``exc``.
+
+    Every surviving rank checks in at the rendezvous store and waits :func:`grace_seconds` for the
+    others: a rank that posted an error is named with it, one that never checks in is named as lost."""
+    me, n = rank(), world()
+    _post_status("alive")
+    store, errors = _store(), {}
+    missing = set(range(n)) - {me} if store is not None else set()      # without the store: no names
+    deadline = time.monotonic() + grace_seconds()
+    tail = f"; {fix}" if fix else ""
+    try:
+        while missing and store is not None:
+            for r in sorted(missing):
+                if store.check([_status_key(r)]):
+                    missing.discard(r)
+                    status = store.get(_status_key(r)).decode(errors="replace")
+                    if status != "alive":
+                        errors[r] = status
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except Exception:                        # noqa: BLE001 -- the store is gone: with rank 0 when it hosted it
+        store, missing = None, ({0} if me != 0 else set())
+    if errors:
+        r, status = sorted(errors.items())[0]
+        return LtcacheError(f"rank {me}: rank {r} stopped during {what} with an error ({status}); "
+                            f"see rank {r}'s log{tail}")
+    if missing:
+        ranks = ", ".join(str(r) for r in sorted(missing))
+        s = "s" if len(missing) > 1 else ""
+        return LtcacheError(f"rank {me}: lost rank{s} {ranks} during {what} (died, was stopped or did not answer "
+                            f"within {grace_seconds():g} s of the failure: {_first_line(exc)}){tail}")
+    return LtcacheError(f"rank {me}: lost the other ranks during {what}: {_first_line(exc)}{tail}")
+
+
+@contextlib.contextmanager
+def watch(what, fix: str = ""):
+    """Run collective work; when a peer is lost, end with one line naming it (:func:`lost_ranks`).
+
+    ``what``: a string or a callable giving one (e.g. the current epoch). An error of this rank's
+    own is posted for the others to name, then raised as it is. No-op for one process."""
+    if not active():
+        yield
+        return
+    try:
+        yield
+    except BaseException as exc:
+        comm = _comm_failure(exc) if isinstance(exc, Exception) else None
+        if comm is None:
+            _post_status(f"{type(exc).__name__}: {_first_line(exc)}" if not isinstance(exc, LtcacheError)
+                         else f"error: {_first_line(exc)}")
+            raise
+        raise lost_ranks(comm, what() if callable(what) else what, fix) from None

@@ -4,11 +4,17 @@ A plain loop in the style of torchvision's references/classification. Writes ``s
 (last epoch, the one extraction uses) every epoch and ``best.pt`` (best val All among the evaluated
 epochs), atomically, so an interrupted run continues with ``--resume``. Val and test are evaluated
 every ``eval_every`` epochs and always at the last one; the other epochs record them as null.
+
+Under torchrun each rank trains its even share of every global batch (``--batch-size``) with
+DistributedDataParallel: all ranks draw the same permutation and augmentation from one seeded
+generator, so the checkpoint (the generator state included) does not depend on the world size and
+resumes with any number of ranks. Rank 0 alone checks, locks and writes ``--out`` and prints.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ltcache import __version__
+from ltcache import __version__, distributed
 from ltcache.cache.lock import OutputLock
 from ltcache.data import DatasetSpec, build_dataset
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
-from ltcache.metrics import accuracy_report, fmt_pct
+from ltcache.metrics import accuracy_report, fmt_pct, group_accuracy, per_class_accuracy
 from ltcache.models import build_model
 from ltcache.models.registry import check_arch, load_pretrained
 from ltcache.outputs import atomic_save, check_output_dir
@@ -85,6 +91,7 @@ class Stage1Options:
     force: bool = False
     quiet: bool = False
     eval_every: int = 1                      # evaluate val/test every N epochs and at the last; 0: last only
+    sync_bn: bool = False                    # torchrun on GPUs: BatchNorm statistics over the global batch
     warmup_auto: bool = field(default=False, init=False, repr=False)   # warmup_epochs was filled in
 
     # options that define the run (a resumed run must agree on them)
@@ -252,46 +259,182 @@ def _mixup(x, y, alpha, gen):
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 
 
+def share(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous rows ``[lo, hi)`` of a batch of ``rows`` that ``rank`` of ``world`` takes: an even
+    split, the first ``rows % world`` ranks one row more (rank 0 always has rows when there are any)."""
+    base, extra = divmod(rows, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) of the training: (0, 1) unless a process group of several ranks is joined."""
+    return (distributed.rank(), distributed.world()) if distributed.active() else (0, 1)
+
+
+def _top1(model, x, amp: bool, device) -> torch.Tensor:
+    with torch.autocast(device.type, enabled=amp):
+        return model(x).float().cpu()
+
+
 @torch.no_grad()
-def evaluate(model, ds, split: str, device, batch_size: int = 500, amp: bool = False) -> dict:
-    """All/Many/Medium/Few top-1 of the model on one split (eval mode, center view)."""
+def evaluate(model, ds, split: str, device, batch_size: int = 500, amp: bool = False, workers: int = 8) -> dict:
+    """All/Many/Medium/Few top-1 of the model on one split (eval mode, center view).
+
+    Under torchrun every rank evaluates its contiguous share of the split and the top-1 predictions
+    are all-gathered (a few bytes a row), so every rank returns the same report and no GPU idles
+    through a large test set."""
     sp = ds.splits[split]
     if len(sp) == 0:
         return {"all": None, "many": None, "medium": None, "few": None}
     model.eval()
-    outs = []
-    for i in range(0, len(sp), batch_size):
-        x = ds.normalize(sp.images(torch.arange(i, min(i + batch_size, len(sp)))).to(device))
-        with torch.autocast(device.type, enabled=amp):
-            outs.append(model(x).float().cpu())
-    return accuracy_report(torch.cat(outs), sp.labels, ds.class_counts)
+    rank, world = _ranks()
+    if world == 1 and not getattr(sp, "streamed", False):
+        outs = []
+        for i in range(0, len(sp), batch_size):
+            x = ds.normalize(sp.images(torch.arange(i, min(i + batch_size, len(sp)))).to(device))
+            outs.append(_top1(model, x, amp, device))
+        return accuracy_report(torch.cat(outs), sp.labels, ds.class_counts)
+    lo, hi = share(len(sp), rank, world)
+    preds, labels = [], []
+    if getattr(sp, "streamed", False):
+        for b in ds.loader(split, torch.arange(lo, hi), batch_size, ["center"], None, workers, False):
+            preds.append(_top1(model, ds.normalize(b.images[:, 0].to(device)), amp, device).argmax(1))
+            labels.append(torch.as_tensor(b.labels).cpu())
+    else:
+        for i in range(lo, hi, batch_size):
+            x = ds.normalize(sp.images(torch.arange(i, min(i + batch_size, hi))).to(device))
+            preds.append(_top1(model, x, amp, device).argmax(1))
+        labels.append(sp.labels[lo:hi])
+    mine = (torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long),
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+    parts = distributed.all_gather_objects(mine, what=f"the evaluation of {split}")
+    pred, lab = torch.cat([p for p, _ in parts]), torch.cat([y for _, y in parts])
+    return group_accuracy(per_class_accuracy(pred, lab, ds.num_classes), ds.class_counts)
+
+
+def preflight(opts: Stage1Options, world: int) -> None:
+    """Every check that needs no data and no other rank (one-line errors, identical on every rank):
+    the options, the global batch split over ``world`` ranks, --sync-bn on a GPU."""
+    opts.validate()
+    if opts.batch_size % world:
+        lower = opts.batch_size - opts.batch_size % world
+        fix = f"--batch-size {lower} or {lower + world}" if lower else f"--batch-size {world}"
+        raise LtcacheError(f"--batch-size {opts.batch_size} (the global batch) does not split evenly over "
+                           f"{world} ranks; use {fix} (a multiple of {world}) or another --nproc_per_node")
+    if opts.sync_bn and resolve_device(opts.device).type == "cpu":
+        raise LtcacheError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA/XPU only); drop it on CPU "
+                           "(each rank then normalises over its own share of the batch)")
+
+
+def _same_everywhere(opts: Stage1Options) -> dict:
+    """What every rank must agree on (paths like --data-root and --out may differ between machines)."""
+    return {**opts.run_args(), "eval_every": opts.eval_every, "sync_bn": opts.sync_bn, "resume": opts.resume,
+            "force": opts.force, "amp": opts.amp, "device": opts.device, "version": __version__}
 
 
 def train_stage1(opts: Stage1Options) -> Path:
     """Train stage 1 and return the path of ``stage1.pt``. One run per ``--out`` at a time: a
-    second one is refused with the first one's pid."""
-    opts.validate()
+    second one is refused with the first one's pid.
+
+    Under torchrun (a process group joined, e.g. by ``ltcache train``) every rank trains its share
+    of each global batch with DistributedDataParallel; rank 0 alone checks, locks and writes
+    ``--out`` and hands the checkpoint to resume from to the others."""
+    rank, world = _ranks()
+    preflight(opts, world)
+    distributed.check_same(_same_everywhere(opts), "training options")
     out = Path(opts.out) if opts.out else _default_out(opts)
-    check_output_dir(out, force=True, what="--out folder")      # not a file, writable: before any work
-    created = not out.exists()
-    lock = OutputLock(out, what="stage-1 training")
-    lock.acquire()
+    held: dict = {}
+
+    def claim():
+        check_output_dir(out, force=True, what="--out folder")      # not a file, writable: before any work
+        held["created"] = not out.exists()
+        held["lock"] = OutputLock(out, what="stage-1 training")
+        held["lock"].acquire()
+        try:
+            return _prepare_out(opts, out), opts.warmup_epochs  # refuse before any work or any file is written
+        except BaseException:
+            _release(held, out)
+            raise
+
+    resume_ck, opts.warmup_epochs = distributed.on_main(claim, "the check of --out")
     try:
-        return _train(opts, out)
+        return _train(opts, out, resume_ck)
     finally:
+        _release(held, out)
+
+
+def _release(held: dict, out: Path) -> None:
+    lock = held.pop("lock", None)
+    if lock is not None:
         lock.release()
-        if created:
+        if held.get("created"):
             with contextlib.suppress(OSError):
                 out.rmdir()                  # refused before anything was written: leave no empty folder
 
 
-def _train(opts: Stage1Options, out: Path) -> Path:
-    resume_ck = _prepare_out(opts, out)      # refuse before any work or any file is written
+def _build(spec: DatasetSpec, opts: Stage1Options, quiet: bool):
+    """The dataset; with --download under torchrun each machine's first rank fetches it before the others read it."""
+    def build():
+        return build_dataset(spec, opts.data_root, download=opts.download, quiet=quiet, workers=opts.workers)
+    if not (opts.download and distributed.active()):
+        return build()
+    first = int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
+    ds = build() if first else None
+    distributed.barrier("the dataset download")
+    return ds if first else build()
+
+
+def _wrap(model, device, sync_bn: bool):
+    """DistributedDataParallel around ``model`` (optionally with SyncBatchNorm) under torchrun; the model itself otherwise."""
+    if not distributed.active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    # BatchNorm buffers: rank 0's are broadcast before each forward (the default), so the model is rank 0's
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _mixup_local(x, y, alpha, gen, rows: int, lo: int):
+    """Mixup of this rank's rows ``[lo, lo + len(x))`` of a streamed global batch of ``rows``: the
+    shared generator draws the global batch's (lam, permutation) as one process would; each rank
+    mixes within its own rows in the order of those rows' partners (one process: the same mixup)."""
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen))).beta(alpha, alpha))
+    perm = torch.randperm(rows, generator=gen)[lo:lo + x.shape[0]]
+    local = perm.argsort().argsort().to(x.device)
+    return lam * x + (1 - lam) * x[local], y, y[local], lam
+
+
+def _stream_epoch(ds, perm, seeds, batch_size: int, rank: int, world: int, device, workers: int):
+    """This rank's (uint8 -> normalised) share of each global batch of a streamed train split, read
+    and augmented (RandomResizedCrop + flip, seeded per row) by the dataset's loader."""
+    n = len(perm)
+    pos = [torch.arange(s + lo, s + hi) for s in range(0, n, batch_size)
+           for lo, hi in [share(min(batch_size, n - s), rank, world)]]
+    pos = torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long)
+    for b in ds.loader("train", perm[pos], batch_size // world, ["train"], seeds[pos], workers, False):
+        yield ds.normalize(b.images[:, 0].to(device, non_blocking=True)), \
+            torch.as_tensor(b.labels).to(device, non_blocking=True)
+
+
+def _train(opts: Stage1Options, out: Path, resume_ck: Optional[dict]) -> Path:
+    rank, world = _ranks()
+    quiet = opts.quiet or rank != 0          # one voice: rank 0 prints
+    phase = {"what": "the set-up"}
+    fix = f"{out / CKPT_NAME} holds the last complete epoch: continue with --resume (any number of ranks)"
+    with distributed.watch(lambda: phase["what"], fix):
+        return _loop(opts, out, resume_ck, rank, world, quiet, phase)
+
+
+def _loop(opts: Stage1Options, out: Path, resume_ck: Optional[dict], rank: int, world: int, quiet: bool,
+          phase: dict) -> Path:
+    main = rank == 0
     device = resolve_device(opts.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())   # LOCAL_RANK's GPU (set when joining)
     amp = (device.type == "cuda") if opts.amp is None else bool(opts.amp and device.type == "cuda")
     spec = DatasetSpec(opts.dataset, imb_ratio=opts.imb_ratio, profile=opts.profile,
                        selection=opts.selection, seed=opts.seed, val_per_class=opts.val_per_class)
-    ds = build_dataset(spec, opts.data_root, download=opts.download, quiet=opts.quiet, workers=opts.workers)
+    ds = _build(spec, opts, quiet)
     torch.manual_seed(opts.seed)
     model = build_model(opts.arch, ds.num_classes)
     pretrained = None
@@ -302,9 +445,12 @@ def _train(opts: Stage1Options, out: Path) -> Path:
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    sync_bn = bool(opts.sync_bn and world > 1)
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # same parameters and state-dict keys
     optimizer = torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    gen = torch.Generator().manual_seed(opts.seed)
+    gen = torch.Generator().manual_seed(opts.seed)     # the same on every rank: one global permutation
     history, start, best_val = [], 0, -1.0
     if resume_ck is not None:
         model.load_state_dict(resume_ck["state_dict"])
@@ -317,45 +463,78 @@ def _train(opts: Stage1Options, out: Path) -> Path:
         pretrained = resume_ck.get("pretrained")
         best_val = float(resume_ck.get("best_val", -1.0))
         if start >= opts.epochs:
-            echo(f"{out / CKPT_NAME} already finished {start} epochs; nothing to do", opts.quiet)
+            echo(f"{out / CKPT_NAME} already finished {start} epochs; nothing to do", quiet)
             return out / CKPT_NAME
-    out.mkdir(parents=True, exist_ok=True)
+    net = _wrap(model, device, sync_bn)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     radius = None
     train = ds.splits["train"]
+    streamed = bool(getattr(train, "streamed", False))
     n = len(train)
     steps = n // opts.batch_size + (1 if n % opts.batch_size else 0)
-    train_images, train_labels = train.images(), train.labels
-    if device.type == "cuda":
-        train_images, train_labels = train_images.to(device), train_labels.to(device)
+    if not streamed:
+        train_images, train_labels = train.images(), train.labels
+        if device.type == "cuda":
+            train_images, train_labels = train_images.to(device), train_labels.to(device)
 
     for epoch in range(start, opts.epochs):
-        model.train()
+        phase["what"] = f"epoch {epoch + 1}"
+        net.train()
         t0 = time.time()
         perm = torch.randperm(n, generator=gen)
         total_loss, seen = 0.0, 0
-        bar = progress(range(steps), desc=f"epoch {epoch + 1}/{opts.epochs}", quiet=opts.quiet, unit="step")
+        if streamed:                         # per-row augmentation seeds: one draw per epoch, whatever the world size
+            seeds = torch.randint(2**31, (n,), generator=gen)
+            batches = _stream_epoch(ds, perm, seeds, opts.batch_size, rank, world, device, opts.workers)
+        bar = progress(range(steps), desc=f"epoch {epoch + 1}/{opts.epochs}", quiet=quiet, unit="step")
         for s in bar:
             idx = perm[s * opts.batch_size:(s + 1) * opts.batch_size]
-            xb = train_images[idx.to(train_images.device)].to(device, non_blocking=True)
-            yb = train_labels[idx.to(train_labels.device)].to(device, non_blocking=True)
-            xb = ds.normalize(ds.augment(xb, gen if xb.device.type == "cpu" else None))
+            lo, hi = share(len(idx), rank, world)
+            if streamed:
+                xb, yb = next(batches) if hi > lo else (None, None)
+                if xb is None:               # no rows of a tiny last batch: an empty forward keeps DDP in step
+                    xb = torch.zeros(0, 3, ds.image_size, ds.image_size, device=device)
+                    yb = torch.zeros(0, dtype=torch.long, device=device)
+            else:                            # every rank augments the whole global batch: one generator stream
+                xb = train_images[idx.to(train_images.device)].to(device, non_blocking=True)
+                yb = train_labels[idx.to(train_labels.device)].to(device, non_blocking=True)
+                xb = ds.normalize(ds.augment(xb, gen if xb.device.type == "cpu" else None))
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(opts, epoch, s, steps)
+            ya = yb2 = None
+            lam = 1.0
+            if opts.mixup > 0:
+                if streamed:
+                    xb, ya, yb2, lam = _mixup_local(xb, yb, opts.mixup, gen, len(idx), lo)
+                else:                        # the global batch's mixup, then this rank's rows
+                    xb, ya, yb2, lam = _mixup(xb, yb, opts.mixup, gen)
+            if world > 1 and not streamed:
+                xb, yb = xb[lo:hi], yb[lo:hi]
+                if ya is not None:
+                    ya, yb2 = ya[lo:hi], yb2[lo:hi]
             with torch.autocast(device.type, enabled=amp):
-                if opts.mixup > 0:
-                    xm, ya, yb2, lam = _mixup(xb, yb, opts.mixup, gen)
-                    logits = model(xm)
+                logits = net(xb)
+                if hi == lo:
+                    loss = logits.sum() * 0.0
+                elif ya is not None:
                     loss = lam * F.cross_entropy(logits, ya, label_smoothing=opts.label_smoothing) + \
                         (1 - lam) * F.cross_entropy(logits, yb2, label_smoothing=opts.label_smoothing)
                 else:
-                    loss = F.cross_entropy(model(xb), yb, label_smoothing=opts.label_smoothing)
+                    loss = F.cross_entropy(logits, yb, label_smoothing=opts.label_smoothing)
+            # DDP averages the ranks' gradients: weighting each rank's mean loss by its share of the
+            # global batch (1 for an even split) makes that the global batch's mean-loss gradient
+            weight = (hi - lo) * world / len(idx)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * weight if weight != 1 and hi > lo else loss).backward()
             scaler.step(optimizer)
             scaler.update()
             loss = loss.detach()
+            if world > 1:                    # the global batch's mean loss, the same on every rank
+                rows_loss = loss.float().reshape(1) * (hi - lo)
+                loss = distributed.all_reduce_sum_(rows_loss, "the loss reduction")[0] / len(idx)
             if not torch.isfinite(loss):
                 raise LtcacheError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
             total_loss += float(loss) * len(idx)
@@ -369,30 +548,35 @@ def _train(opts: Stage1Options, out: Path) -> Path:
                     radius = maxnorm_radius(model.fc.weight, opts.maxnorm)
                 norms = model.fc.weight.norm(dim=1, keepdim=True)
                 model.fc.weight.mul_((radius / norms.clamp_min(1e-12)).clamp(max=1.0))
+        # the model is rank 0's: its BatchNorm statistics (DDP broadcasts them before each forward)
+        distributed.broadcast_(list(model.buffers()), what=f"the BatchNorm statistics of epoch {epoch + 1}")
         seconds = time.time() - t0
         evaluated = opts.evaluates(epoch + 1)
-        val = evaluate(model, ds, "val", device, amp=amp) if evaluated else None
-        test = evaluate(model, ds, "test", device, amp=amp) if evaluated else None
+        val = evaluate(model, ds, "val", device, amp=amp, workers=opts.workers) if evaluated else None
+        test = evaluate(model, ds, "test", device, amp=amp, workers=opts.workers) if evaluated else None
         rec = {"epoch": epoch + 1, "train_loss": total_loss / max(1, seen), "lr": lr_at(opts, epoch, steps - 1, steps),
                "val": val, "test": test, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
         history.append(rec)
-        ck = {"format": FORMAT, "format_version": FORMAT_VERSION, "ltcache_version": __version__,
-              "arch": opts.arch, "num_classes": ds.num_classes, "feature_dim": model.feature_dim,
-              "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-              "dataset": {**ds.spec.to_dict(), "groups": ds.groups, "image_size": ds.image_size,
-                          "mean": list(ds.mean), "std": list(ds.std)},
-              "train_args": opts.run_args(), "pretrained": pretrained, "history": history, "epoch": epoch + 1,
-              "epochs": opts.epochs, "eval_every": opts.eval_every,
-              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": gen.get_state(),
-              "best_val": best_val}
         val_all = val["all"] if val is not None and val["all"] is not None else -1.0
-        if val_all > best_val:               # best.pt: the best of the evaluated epochs
+        improved = val_all > best_val        # best.pt: the best of the evaluated epochs
+        if improved:
             best_val = val_all
-            ck["best_val"] = best_val
-            _save(ck, out / BEST_NAME)
-        _save(ck, out / CKPT_NAME)
+        if main:
+            ck = {"format": FORMAT, "format_version": FORMAT_VERSION, "ltcache_version": __version__,
+                  "arch": opts.arch, "num_classes": ds.num_classes, "feature_dim": model.feature_dim,
+                  "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                  "dataset": {**ds.spec.to_dict(), "groups": ds.groups, "image_size": ds.image_size,
+                              "mean": list(ds.mean), "std": list(ds.std)},
+                  "train_args": opts.run_args(), "pretrained": pretrained, "history": history, "epoch": epoch + 1,
+                  "epochs": opts.epochs, "eval_every": opts.eval_every,
+                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": gen.get_state(),
+                  "best_val": best_val, "world_size": world, "sync_bn": sync_bn}
+            if improved:
+                _save(ck, out / BEST_NAME)
+            _save(ck, out / CKPT_NAME)
         scores = (f"val {fmt_pct(val['all'])}  test {fmt_pct(test['all'])} (many {fmt_pct(test['many'])} / "
                   f"med {fmt_pct(test['medium'])} / few {fmt_pct(test['few'])})" if evaluated else "not evaluated")
         echo(f"epoch {epoch + 1}/{opts.epochs}  loss {rec['train_loss']:.4f}  {scores}  {seconds:.1f}s  "
-             f"{rec['images_per_s']:.0f} img/s", opts.quiet)
+             f"{rec['images_per_s']:.0f} img/s", quiet)
+        distributed.barrier(f"the end of epoch {epoch + 1}")   # gloo: a rank that is gone is named
     return out / CKPT_NAME

@@ -46,6 +46,9 @@ from ltcache.cli.app import cli
 @click.option("--out", default=None, help="Output directory (default: runs/<dataset>-ir<IR>-<arch>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--force", is_flag=True, help="Overwrite a different run in --out.")
+@click.option("--sync-bn", is_flag=True,
+              help="Under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm) instead of "
+                   "each rank's share; refused on CPU.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def train_cmd(**kw) -> None:
     """Stage 1: train a backbone on a long-tailed dataset -> OUT/stage1.pt (+ best.pt).
@@ -53,10 +56,23 @@ def train_cmd(**kw) -> None:
     \b
     Example (the real CIFAR-10 shipped as JPEGs, IR 100, ResNet-32):
       ltcache train --dataset imagefolder:data/cifar10-jpg.tar.gz --imb-ratio 100 --arch resnet32
-    """
-    from ltcache.stage1 import Stage1Options, load_checkpoint, train_stage1
 
-    path = train_stage1(Stage1Options(**kw))
+    \b
+    Several GPUs or machines: torchrun splits each --batch-size global batch evenly over the ranks
+    (same lr, same results as one process up to per-rank BatchNorm statistics; --sync-bn for global ones):
+      torchrun --nproc_per_node 4 -m ltcache train ... --batch-size 256
+      torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m ltcache train ...
+    """
+    from ltcache import distributed
+    from ltcache.cli.stage2 import join_ranks
+    from ltcache.stage1 import Stage1Options, load_checkpoint, preflight, train_stage1
+
+    opts = Stage1Options(**kw)
+    preflight(opts, distributed.env_world())       # refused on every rank before waiting for the others
+    if not join_ranks(opts.device):
+        train_stage1(opts)
+        return                                     # rank 0 reads the checkpoint and prints
+    path = train_stage1(opts)
     ck = load_checkpoint(path)
     # the last evaluated epoch (the last one, unless a resume asked for fewer epochs than were run)
     last = next((h for h in reversed(ck["history"]) if h.get("val") is not None), {})

@@ -1,0 +1,169 @@
+"""Stage 1 under torchrun (DistributedDataParallel, 2 CPU ranks, gloo).
+
+On CPU there is no SyncBatchNorm, so two ranks do not train the one-process model: each rank's
+BatchNorm normalises over its half of the global batch. The test checks the exact relation instead:
+a one-process reference that forwards each half separately, averages the halves' gradients (each
+half's loss weighted by its share of the global batch) and keeps rank 0's BatchNorm statistics (as
+DDP's broadcast_buffers does) gives the two-rank checkpoint's weights."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+import datagen
+from ltcache import distributed
+from ltcache.cli import cli
+from ltcache.stage1 import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None or not distributed._dist().is_available(),
+                                    reason="torchrun / torch.distributed not available")
+BATCH = 8                                    # global batch: 4 rows a rank; the last batch is short and uneven
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    datagen.make_cifar_pickles(root / "data", "cifar10", per_class_train=10, per_class_test=3, num_classes=4)
+    return root
+
+
+def _args(out, *extra, epochs: int = 1, batch: int = BATCH, data="data") -> list:
+    return ["train", "--dataset", "cifar10", "--data-root", str(data), "--imb-ratio", "2", "--val-per-class", "1",
+            "--arch", "resnet32", "--epochs", str(epochs), "--batch-size", str(batch), "--lr", "0.05",
+            "--warmup-epochs", "0", "--schedule", "cosine", "--eval-every", "0", "--device", "cpu",
+            "--workers", "1", "--seed", "0", "--out", str(out), "--quiet", *extra]
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", LTCACHE_DIST_TIMEOUT="1",
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), **extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(launch: list, args: list, cwd: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen([TORCHRUN, *launch, "-m", "ltcache", *args], cwd=cwd, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def _done(p: subprocess.Popen) -> tuple:
+    out, err = p.communicate(timeout=180)
+    return p.returncode, out, err
+
+
+@pytest.fixture()
+def one_thread():
+    """One thread like each rank (OMP_NUM_THREADS=1): the convolutions sum in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _reference(root: Path) -> dict:
+    """What two ranks compute for one epoch, in one process (see the module docstring)."""
+    from ltcache.data import DatasetSpec, build_dataset
+    from ltcache.models import build_model
+    from ltcache.stage1 import Stage1Options, lr_at, share
+    o = Stage1Options(dataset="cifar10", data_root=str(root / "data"), imb_ratio=2, val_per_class=1, epochs=1,
+                      batch_size=BATCH, lr=0.05, warmup_epochs=0, schedule="cosine", device="cpu", seed=0)
+    o.validate()
+    ds = build_dataset(DatasetSpec("cifar10", imb_ratio=2, seed=0, val_per_class=1), o.data_root, quiet=True)
+    torch.manual_seed(0)
+    model = build_model("resnet32", ds.num_classes)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.wd)
+    gen = torch.Generator().manual_seed(0)
+    train = ds.splits["train"]
+    n = len(train)
+    steps = -(-n // BATCH)
+    assert n % BATCH % 2 == 1, n                                  # the last batch splits unevenly
+    model.train()
+    perm = torch.randperm(n, generator=gen)
+    for s in range(steps):
+        idx = perm[s * BATCH:(s + 1) * BATCH]
+        x = ds.normalize(ds.augment(train.images(idx), gen))      # the whole global batch, one generator
+        y = train.labels[idx]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(o, 0, s, steps)
+        grads = []
+        for r in (1, 0):                                          # rank 1's statistics are dropped
+            lo, hi = share(len(idx), r, 2)
+            kept = {k: b.clone() for k, b in model.named_buffers()}
+            loss = F.cross_entropy(model(x[lo:hi]), y[lo:hi])
+            weight = (hi - lo) * 2 / len(idx)
+            grads.append(torch.autograd.grad(loss * weight if weight != 1 else loss, params))
+            if r:
+                for k, b in model.named_buffers():
+                    b.copy_(kept[k])
+        for p, g1, g0 in zip(params, *grads):                      # DDP: the mean of the ranks' gradients
+            p.grad = g0 / 2 + g1 / 2
+        opt.step()
+    return model.state_dict()
+
+
+@needs_torchrun
+def test_two_ranks_train_the_two_halves_and_resume_with_one_process(root, one_thread):
+    code, out, err = _done(_torchrun(["--standalone", "--nproc_per_node", "2"], _args("two"), root))
+    assert code == 0, err[-3000:]
+    assert out.count("stage 1 done: 1/1 epochs") == 1                          # rank 0 alone prints
+    assert sorted(p.name for p in (root / "two").iterdir()) == ["best.pt", "stage1.pt"]
+    ck = load_checkpoint(root / "two" / "stage1.pt")
+    assert ck["world_size"] == 2 and ck["sync_bn"] is False and "world_size" not in ck["train_args"]
+    ref = _reference(root)
+    assert set(ref) == set(ck["state_dict"])
+    for k, v in ref.items():
+        torch.testing.assert_close(ck["state_dict"][k], v, atol=1e-5, rtol=1e-5, msg=k)
+    # the checkpoint is world-size independent: one process continues it
+    res = CliRunner().invoke(cli, _args(root / "two", "--resume", epochs=2, data=root / "data"))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    again = load_checkpoint(root / "two" / "stage1.pt")
+    assert again["epoch"] == 2 and again["world_size"] == 1 and again["history"][0] == ck["history"][0]
+
+
+@needs_torchrun
+def test_a_batch_that_does_not_split_over_the_ranks_is_one_line(root):
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "ltcache", *_args("odd", batch=7)], cwd=root, text=True,
+                              env=_env(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in range(2)]
+    for p in procs:
+        code, out, err = _done(p)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1, err
+        assert lines[0].startswith("error: --batch-size 7") and "2 ranks" in lines[0] and "--batch-size 6 or 8" \
+            in lines[0], lines[0]
+    assert not (root / "odd").exists()
+
+
+@needs_torchrun
+def test_two_nodes_on_localhost_write_one_checkpoint(root):
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [_torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r), "--rdzv-backend", "c10d",
+                        "--rdzv-endpoint", endpoint, "--rdzv-id", "ltcache-test"], _args("nodes"), root)
+             for r in range(2)]
+    results = [_done(p) for p in nodes]
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    assert sum(out.count("stage 1 done: 1/1 epochs") for _, out, _ in results) == 1
+    assert sorted(p.name for p in (root / "nodes").iterdir()) == ["best.pt", "stage1.pt"]
+    assert load_checkpoint(root / "nodes" / "stage1.pt")["world_size"] == 2
