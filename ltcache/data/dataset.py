@@ -1,11 +1,13 @@
-"""LTDataset: a long-tailed train split, a balanced val split and the test split, decoded once
-into memory as uint8 tensors."""
+"""LTDataset: a long-tailed train split, a balanced val split and the test split. Small images
+(CIFAR-sized, up to SMALL_IMAGE px) are decoded once into memory as uint8 tensors; larger ones are
+streamed: the split keeps file paths and ``LTDataset.loader`` decodes them batch by batch in
+DataLoader workers (ltcache.data.streaming)."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from ltcache.data.profiles import (default_val_per_class, draw_validation, holdo
                                    select_indices)
 from ltcache.data.sources import SMALL_IMAGE, SourceData, load_cifar, load_imagefolder, load_splitlist
 from ltcache.data.spec import DatasetSpec, parse_source
+from ltcache.data.streaming import Batch, PathTable, check_views, decode_center, stream_batches
 from ltcache.errors import LtcacheError
 from ltcache.groups import shot_groups
 from ltcache.progress import echo
@@ -27,17 +30,36 @@ def default_data_root() -> Path:
 
 @dataclass
 class Split:
-    """One split in memory: images uint8 [N,3,H,W], labels [N], index = row in the source split."""
+    """One split: labels [N], index = row in the source split, and either the images in memory
+    (uint8 [N,3,H,W]) or, for a streamed split, the file paths of the source split (``paths``,
+    ``_images`` None) whose centre views are ``crop`` px."""
 
-    _images: torch.Tensor
+    _images: Optional[torch.Tensor]
     labels: torch.Tensor
     index: torch.Tensor
+    paths: Optional[PathTable] = None
+    crop: int = 224
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def streamed(self) -> bool:
+        """True for a path-backed split (images read batch by batch by ``LTDataset.loader``)."""
+        return self._images is None
+
+    def row_paths(self, rows) -> PathTable:
+        """The file paths of the given rows of a streamed split."""
+        idx = self.index[torch.as_tensor(rows, dtype=torch.long)]
+        return self.paths.subset(idx.numpy())
+
     def images(self, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """uint8 images of the given rows (all rows when ``idx`` is None), on the CPU."""
+        """uint8 images of the given rows (all rows when ``idx`` is None), on the CPU. A streamed
+        split decodes those rows' centre views here, one by one: for small uses only."""
+        if self.streamed:
+            rows = torch.arange(len(self)) if idx is None else torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+            pt = self.row_paths(rows)
+            return decode_center([pt[i] for i in range(len(pt))], self.crop)
         return self._images if idx is None else self._images[torch.as_tensor(idx, dtype=torch.long)]
 
 
@@ -65,6 +87,11 @@ class LTDataset:
     def small_images(self) -> bool:
         return self.image_size <= SMALL_IMAGE
 
+    @property
+    def streamed(self) -> bool:
+        """True when any split is path-backed (read batch by batch through ``loader``)."""
+        return any(getattr(sp, "streamed", False) for sp in self.splits.values())
+
     def augment(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Training augmentation of a uint8 batch: CIFAR crop(pad 4)+flip for small images,
         RandomResizedCrop+flip for large ones."""
@@ -76,22 +103,77 @@ class LTDataset:
         """uint8 -> normalised float32."""
         return A.normalize(x, self.mean, self.std)
 
+    def loader(self, split: str, rows: torch.Tensor, batch_size: int, views: Sequence[str],
+               seeds: Optional[torch.Tensor] = None, workers: int = 8, skip_bad: bool = False,
+               pin_memory: bool = False) -> Iterator[Batch]:
+        """Batches of the given ``rows`` of ``split``, in order, ``batch_size`` rows each (the last
+        one shorter): ``Batch.images`` uint8 [b, V, 3, S, S] with one entry per name in ``views``
+        ("center"; "hflip" = the centre view flipped; "train" = the training augmentation, each
+        "train" entry an independent draw), ``labels``, ``pos`` (positions within ``rows``) and
+        ``skipped`` (unreadable files left out, with ``skip_bad``; without it such a file raises a
+        one-line LtcacheError). ``seeds`` (one int64 per row) are required for "train" views.
 
-def _load_source(spec: DatasetSpec, root: Path, download: bool, image_size: int, workers: int) -> SourceData:
+        Streamed splits are decoded by ``workers`` DataLoader workers (0: in this process), the
+        k-th train view of a row seeded by (its seed, k) alone. In-memory splits are batched from
+        memory, their train views drawn by ``augment`` with one generator per batch seeded from
+        the batch's row seeds."""
+        sp = self.splits[split]
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1).cpu()
+        if seeds is not None:
+            seeds = torch.as_tensor(seeds, dtype=torch.long).reshape(-1).cpu()
+            if len(seeds) != len(rows):
+                raise ValueError(f"{len(seeds)} seeds for {len(rows)} rows; give one seed per row")
+        if getattr(sp, "streamed", False):
+            return stream_batches(sp.row_paths(rows), sp.labels[rows], batch_size, views, seeds, workers,
+                                  skip_bad, pin_memory, crop=sp.crop)
+        check_views(views, seeds)
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size} must be positive")
+        return self._memory_batches(sp, rows, batch_size, list(views), seeds, pin_memory)
+
+    def _memory_batches(self, sp: Split, rows: torch.Tensor, batch_size: int, views: list,
+                        seeds: Optional[torch.Tensor], pin_memory: bool) -> Iterator[Batch]:
+        pin = pin_memory and torch.cuda.is_available()
+        for lo in range(0, len(rows), batch_size):
+            r = rows[lo:lo + batch_size]
+            x = sp.images(r)
+            out, k = [], 0
+            for v in views:
+                if v == "center":
+                    out.append(x)
+                elif v == "hflip":
+                    out.append(A.hflip(x))
+                else:
+                    chunk = [int(s) % (1 << 64) for s in seeds[lo:lo + batch_size]]
+                    seed = int(np.random.SeedSequence(chunk + [k]).generate_state(1, np.uint64)[0])
+                    out.append(self.augment(x, torch.Generator().manual_seed(seed)))
+                    k += 1
+            images = torch.stack(out, 1)
+            yield Batch(images.pin_memory() if pin else images, sp.labels[r].clone(),
+                        torch.arange(lo, lo + len(r), dtype=torch.long), [])
+
+
+def _load_source(spec: DatasetSpec, root: Path, download: bool, image_size: int, workers: int,
+                 stream: Optional[bool]) -> SourceData:
     kind, arg = parse_source(spec.source)
     if kind in ("cifar10", "cifar100"):
-        return load_cifar(kind, root, download)
+        return load_cifar(kind, root, download)          # 32 px pickles: always in memory
     if kind == "imagefolder":
-        return load_imagefolder(arg, root, image_size, workers)
-    return load_splitlist(arg, root, image_size, workers)
+        return load_imagefolder(arg, root, image_size, workers, stream)
+    return load_splitlist(arg, root, image_size, workers, stream)
 
 
 def build_dataset(spec: DatasetSpec, data_root=None, download: bool = False, quiet: bool = False,
-                  image_size: int = 224, workers: int = 8) -> LTDataset:
+                  image_size: int = 224, workers: int = 8, stream: Optional[bool] = None) -> LTDataset:
     """Build the long-tailed dataset described by ``spec``; fills ``spec.class_names`` and
-    ``spec.class_counts``. Raises LtcacheError for every user-fixable problem."""
+    ``spec.class_counts``. Raises LtcacheError for every user-fixable problem.
+
+    ``stream``: image folders and split lists keep file paths only and are read batch by batch
+    through ``LTDataset.loader`` (crops of ``image_size`` px); None streams exactly when their
+    images are larger than SMALL_IMAGE px (one image's header is read). False decodes them into
+    memory (larger images as centre crops of ``image_size``). ``workers``: decode workers."""
     root = Path(data_root) if data_root else default_data_root()
-    src = _load_source(spec, root, download, image_size, workers)
+    src = _load_source(spec, root, download, image_size, workers, stream)
     k = len(src.class_names)
     train_labels = src.train.labels
     if train_labels.min() < 0 or train_labels.max() >= k:
@@ -128,10 +210,13 @@ def build_dataset(spec: DatasetSpec, data_root=None, download: bool = False, qui
     test_idx = np.arange(len(src.test.labels), dtype=np.int64)
 
     def make(raw, idx):
-        return Split(raw.load(idx), torch.from_numpy(raw.labels[idx].copy()), torch.from_numpy(idx.copy()))
+        labels, index = torch.from_numpy(raw.labels[idx].copy()), torch.from_numpy(idx.copy())
+        if raw.streamed:
+            return Split(None, labels, index, raw.paths, image_size)
+        return Split(raw.load(idx), labels, index)
 
     splits = {"train": make(src.train, sel), "val": make(val_src, val_idx), "test": make(src.test, test_idx)}
-    size = int(splits["train"].images().shape[-1])
+    size = int(image_size) if src.streamed else int(splits["train"].images().shape[-1])
     small = size <= SMALL_IMAGE
     spec.class_names = list(src.class_names)
     spec.class_counts = [int(c) for c in counts]

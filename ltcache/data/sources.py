@@ -1,6 +1,8 @@
 """Readers for the supported image sources: CIFAR pickles (torchvision), image folders
 (optionally a .tar.gz), and ImageNet-LT-style split lists. Each yields labels up front and
-decodes images only for the rows actually used."""
+decodes images only for the rows actually used: small images (up to SMALL_IMAGE px) into memory,
+larger ones not at all -- their splits keep the file paths and are streamed batch by batch
+(ltcache.data.streaming)."""
 from __future__ import annotations
 
 import errno
@@ -23,6 +25,7 @@ except ImportError:                    # pragma: no cover
 import numpy as np
 import torch
 
+from ltcache.data.streaming import PathTable, image_size as file_image_size
 from ltcache.errors import LtcacheError
 from ltcache.outputs import os_error
 from ltcache.progress import progress
@@ -33,10 +36,16 @@ SMALL_IMAGE = 64      # images up to this size keep their native resolution
 
 @dataclass
 class RawSplit:
-    """Labels of one source split, plus a loader that decodes chosen rows to uint8 [n,3,H,W]."""
+    """Labels of one source split, plus a loader that decodes chosen rows to uint8 [n,3,H,W]
+    (in-memory splits) or the file paths of its rows (streamed splits, ``load`` None)."""
 
     labels: np.ndarray
-    load: Callable[[np.ndarray], torch.Tensor]
+    load: Optional[Callable[[np.ndarray], torch.Tensor]]
+    paths: Optional[PathTable] = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.load is None
 
 
 @dataclass
@@ -46,6 +55,10 @@ class SourceData:
     test: RawSplit
     val: Optional[RawSplit] = None        # given by the source (image folder val/, split list)
     train_is_lt: bool = False             # split lists: the given train list already is long-tailed
+
+    @property
+    def streamed(self) -> bool:
+        return self.train.streamed
 
 
 # ---------------------------------------------------------------------------------- CIFAR
@@ -140,6 +153,26 @@ def decoder(paths: list, image_size: int, desc: str, workers: int = 8,
     return load
 
 
+def large_images(paths: list, tries: int = 8) -> bool:
+    """Whether the images of a split are larger than SMALL_IMAGE px, from the header of its first
+    readable file (of the first ``tries``)."""
+    err = None
+    for p in paths[:tries]:
+        try:
+            return max(file_image_size(p)) > SMALL_IMAGE
+        except LtcacheError as exc:
+            err = err or exc
+    raise err if err else LtcacheError("no image to look at; the split is empty")
+
+
+def raw_split(paths: list, labels: np.ndarray, stream: bool, image_size: int, desc: str,
+              workers: int) -> RawSplit:
+    """A streamed split (paths only) or an in-memory one (decoded on first use)."""
+    if stream:
+        return RawSplit(labels, None, PathTable(paths))
+    return RawSplit(labels, decoder(paths, image_size, desc, workers))
+
+
 # ---------------------------------------------------------------------------------- folders
 def unpack_tarball(tar_path: Path, data_root: Path) -> Path:
     """Unpack a .tar.gz image folder once into the data root (atomic); return its folder."""
@@ -213,8 +246,10 @@ def _scan(split_dir: Path, class_names: list) -> tuple[list, np.ndarray]:
     return paths, np.asarray(labels, dtype=np.int64)
 
 
-def load_imagefolder(arg: str, data_root: Path, image_size: int, workers: int) -> SourceData:
-    """PATH/train/<class>/*, PATH/test/<class>/*, optional PATH/val/<class>/* (or a .tar.gz)."""
+def load_imagefolder(arg: str, data_root: Path, image_size: int, workers: int,
+                     stream: Optional[bool] = None) -> SourceData:
+    """PATH/train/<class>/*, PATH/test/<class>/*, optional PATH/val/<class>/* (or a .tar.gz).
+    ``stream``: keep paths only (None: when the images are larger than SMALL_IMAGE px)."""
     path = Path(arg).expanduser()
     if not path.exists() and not path.is_absolute() and (data_root / arg).exists():
         path = data_root / arg
@@ -237,14 +272,17 @@ def load_imagefolder(arg: str, data_root: Path, image_size: int, workers: int) -
         names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not names:
         raise LtcacheError(f"{train_dir} has no class folders")
-    splits = {}
+    found = {}
     for split, d in (("train", train_dir), ("test", test_dir), ("val", val_dir)):
         if not d.is_dir():
             continue
         paths, labels = _scan(d, names)
         if len(paths) == 0:
             raise LtcacheError(f"{d} holds no images ({', '.join(IMAGE_EXTS)})")
-        splits[split] = RawSplit(labels, decoder(paths, image_size, f"{path.name}/{split}", workers))
+        found[split] = (paths, labels)
+    if stream is None:
+        stream = large_images(found["train"][0])
+    splits = {s: raw_split(p, y, stream, image_size, f"{path.name}/{s}", workers) for s, (p, y) in found.items()}
     return SourceData(class_names=names, train=splits["train"], test=splits["test"], val=splits.get("val"))
 
 
@@ -264,19 +302,20 @@ def _read_list(path: Path, image_root: Path) -> tuple[list, np.ndarray]:
     return paths, np.asarray(labels, dtype=np.int64)
 
 
-def load_splitlist(arg: str, data_root: Path, image_size: int, workers: int) -> SourceData:
-    """ImageNet-LT / Places-LT / iNaturalist-2018 lists: DIR/NAME_{train,val,test}.txt."""
+def load_splitlist(arg: str, data_root: Path, image_size: int, workers: int,
+                   stream: Optional[bool] = None) -> SourceData:
+    """ImageNet-LT / Places-LT / iNaturalist-2018 lists: DIR/NAME_{train,val,test}.txt.
+    ``stream``: keep paths only (None: when the images are larger than SMALL_IMAGE px)."""
     prefix = Path(arg).expanduser()
     files = {s: Path(f"{prefix}_{s}.txt") for s in ("train", "val", "test")}
     missing = [str(p) for s, p in files.items() if s != "val" and not p.is_file()]
     if missing:
         raise LtcacheError(f"split list(s) not found: {', '.join(missing)}; give splitlist:DIR/NAME "
                            "with NAME_train.txt, NAME_val.txt and NAME_test.txt in DIR")
-    splits = {}
-    for s, p in files.items():
-        if p.is_file():
-            paths, labels = _read_list(p, data_root)
-            splits[s] = RawSplit(labels, decoder(paths, image_size, f"{prefix.name}/{s}", workers))
+    found = {s: _read_list(p, data_root) for s, p in files.items() if p.is_file()}
+    if stream is None:
+        stream = large_images(found["train"][0] or found["test"][0])
+    splits = {s: raw_split(p, y, stream, image_size, f"{prefix.name}/{s}", workers) for s, (p, y) in found.items()}
     k = int(max(splits["train"].labels.max(), splits["test"].labels.max())) + 1
     return SourceData(class_names=[str(i) for i in range(k)], train=splits["train"],
                       test=splits["test"], val=splits.get("val"), train_is_lt=True)
