@@ -87,7 +87,7 @@ def make_tarball(folder, tar_path) -> Path:
     return tar_path
 
 
-def make_splitlists(root, name: str, num_classes: int, counts) -> Path:
+def make_splitlists(root, name: str, num_classes: int, counts, size: int = 32) -> Path:
     """Images under root/images/ and ImageNet-LT-style lists root/<name>_{train,val,test}.txt."""
     root = Path(root)
     rng = np.random.default_rng(2)
@@ -95,10 +95,36 @@ def make_splitlists(root, name: str, num_classes: int, counts) -> Path:
         lines = []
         for c in range(num_classes):
             n = counts[c] if per is None else per
-            for p in _write_images(root / "images" / split / f"c{c}", c, num_classes, n, 32, rng):
+            for p in _write_images(root / "images" / split / f"c{c}", c, num_classes, n, size, rng):
                 lines.append(f"{p.relative_to(root)} {c}")
         (root / f"{name}_{split}.txt").write_text("\n".join(lines) + "\n")
     return root / name
+
+
+def make_large_imagefolder(root, num_classes: int = 3, per_class_train: int = 8, per_class_test: int = 3,
+                           width: int = 96, height: int = 80, ext: str = "jpg") -> Path:
+    """An image folder of images larger than 64 px (streamed): root/{train,test}/<class>/NNNN.<ext>,
+    ``width`` x ``height`` px, a class colour plus noise and a gradient (so crops and flips show)."""
+    root = Path(root)
+    rng = np.random.default_rng(3)
+    ramp = np.linspace(0, 120, width, dtype=np.float32)[None, None, :]
+    for split, n in (("train", per_class_train), ("test", per_class_test)):
+        for c in range(num_classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            hue = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 181 + 160) % 256], dtype=np.float32)
+            for i in range(n):
+                arr = hue[:, None, None] * 0.5 + ramp + rng.normal(0, 25, size=(3, height, width))
+                img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8).transpose(1, 2, 0))
+                img.save(folder / f"{i:04d}.{ext}")
+    return root
+
+
+def corrupt_image(path) -> Path:
+    """Overwrite ``path`` with bytes no image reader accepts (keeps the file name)."""
+    path = Path(path)
+    path.write_bytes(b"not an image" * 10)
+    return path
 
 
 if __name__ == "__main__":
