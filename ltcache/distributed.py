@@ -264,6 +264,17 @@ def _store():
         return None
 
 
+def _store_up() -> bool:
+    """Whether the rendezvous store still answers at MASTER_ADDR:MASTER_PORT (a plain TCP connect, so
+    that a store gone with its host is seen without the store client's own noisy retries)."""
+    import socket
+    try:
+        with socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), timeout=2):
+            return True
+    except (KeyError, ValueError, OSError):
+        return False
+
+
 def _status_key(r: int) -> str:
     return f"ltcache/status/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{r}"
 
@@ -275,6 +286,14 @@ def _post_status(status: str) -> None:
             store.set(_status_key(rank()), status)
         except Exception:                    # noqa: BLE001 -- the store left with its host
             pass
+
+
+def _cause(exc: BaseException) -> str:
+    """The first sentence of an error, without a source location such as ``[.../pair.cc:561]``."""
+    line = _first_line(exc)
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line.split(". ", 1)[0].rstrip(".")
 
 
 def grace_seconds() -> float:
@@ -289,6 +308,9 @@ def lost_ranks(exc: BaseException, what: str, fix: str = "") -> LtcacheError:
     Every surviving rank checks in at the rendezvous store and waits :func:`grace_seconds` for the
     others: a rank that posted an error is named with it, one that never checks in is named as lost."""
     me, n = rank(), world()
+    if me != 0 and not _store_up():          # the store went with its host: rank 0 (or torchrun's agent on its node)
+        return LtcacheError(f"rank {me}: lost rank 0 during {what} (it hosted the rendezvous store, which is "
+                            f"gone: {_cause(exc)}){f'; {fix}' if fix else ''}")
     _post_status("alive")
     store, errors = _store(), {}
     missing = set(range(n)) - {me} if store is not None else set()      # without the store: no names
@@ -315,8 +337,8 @@ def lost_ranks(exc: BaseException, what: str, fix: str = "") -> LtcacheError:
         ranks = ", ".join(str(r) for r in sorted(missing))
         s = "s" if len(missing) > 1 else ""
         return LtcacheError(f"rank {me}: lost rank{s} {ranks} during {what} (died, was stopped or did not answer "
-                            f"within {grace_seconds():g} s of the failure: {_first_line(exc)}){tail}")
-    return LtcacheError(f"rank {me}: lost the other ranks during {what}: {_first_line(exc)}{tail}")
+                            f"within {grace_seconds():g} s of the failure: {_cause(exc)}){tail}")
+    return LtcacheError(f"rank {me}: lost the other ranks during {what}: {_cause(exc)}{tail}")
 
 
 @contextlib.contextmanager

@@ -48,8 +48,8 @@ def _args(out, *extra, epochs: int = 1, batch: int = BATCH, data="data") -> list
 def _env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", LTCACHE_DIST_TIMEOUT="1",
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), **extra)
+    env.update({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "LTCACHE_DIST_TIMEOUT": "1",
+                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), **extra})
     return env
 
 
@@ -117,7 +117,7 @@ def _reference(root: Path) -> dict:
         for p, g1, g0 in zip(params, *grads):                      # DDP: the mean of the ranks' gradients
             p.grad = g0 / 2 + g1 / 2
         opt.step()
-    return model.state_dict()
+    return model.state_dict(), ds
 
 
 @needs_torchrun
@@ -128,10 +128,17 @@ def test_two_ranks_train_the_two_halves_and_resume_with_one_process(root, one_th
     assert sorted(p.name for p in (root / "two").iterdir()) == ["best.pt", "stage1.pt"]
     ck = load_checkpoint(root / "two" / "stage1.pt")
     assert ck["world_size"] == 2 and ck["sync_bn"] is False and "world_size" not in ck["train_args"]
-    ref = _reference(root)
+    ref, ds = _reference(root)
     assert set(ref) == set(ck["state_dict"])
     for k, v in ref.items():
         torch.testing.assert_close(ck["state_dict"][k], v, atol=1e-5, rtol=1e-5, msg=k)
+    # the evaluation split over the ranks reports what one process reports for these weights
+    from ltcache.models import build_model
+    from ltcache.stage1 import evaluate
+    model = build_model("resnet32", ds.num_classes)
+    model.load_state_dict(ck["state_dict"])
+    for split in ("val", "test"):
+        assert ck["history"][-1][split] == evaluate(model, ds, split, torch.device("cpu")), split
     # the checkpoint is world-size independent: one process continues it
     res = CliRunner().invoke(cli, _args(root / "two", "--resume", epochs=2, data=root / "data"))
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -139,20 +146,17 @@ def test_two_ranks_train_the_two_halves_and_resume_with_one_process(root, one_th
     assert again["epoch"] == 2 and again["world_size"] == 1 and again["history"][0] == ck["history"][0]
 
 
-@needs_torchrun
-def test_a_batch_that_does_not_split_over_the_ranks_is_one_line(root):
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "ltcache", *_args("odd", batch=7)], cwd=root, text=True,
-                              env=_env(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for r in range(2)]
-    for p in procs:
-        code, out, err = _done(p)
-        lines = [ln for ln in err.splitlines() if ln.strip()]
-        assert code == 2 and len(lines) == 1, err
-        assert lines[0].startswith("error: --batch-size 7") and "2 ranks" in lines[0] and "--batch-size 6 or 8" \
-            in lines[0], lines[0]
-    assert not (root / "odd").exists()
+def test_a_batch_that_does_not_split_over_the_ranks_is_one_line(root, monkeypatch):
+    # refused before joining the other ranks (so in-process, with torchrun's environment of rank 0 of 2)
+    for key, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(key, value)
+    res = CliRunner().invoke(cli, _args(root / "odd", data=root / "data", batch=7))
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: --batch-size 7") and "2 ranks" in lines[0] and "--batch-size 6 or 8" \
+        in lines[0], lines[0]
+    assert not (root / "odd").exists() and not distributed.active()
 
 
 @needs_torchrun
@@ -160,10 +164,37 @@ def test_two_nodes_on_localhost_write_one_checkpoint(root):
     endpoint = f"127.0.0.1:{_free_port()}"
     nodes = [_torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r), "--rdzv-backend", "c10d",
                         "--rdzv-endpoint", endpoint, "--rdzv-id", "ltcache-test"], _args("nodes"), root)
-             for r in range(2)]
+             for r in range(2)]                   # as on two machines: torchrun on each, one c10d rendezvous
     results = [_done(p) for p in nodes]
     for code, out, err in results:
         assert code == 0, err[-3000:]
     assert sum(out.count("stage 1 done: 1/1 epochs") for _, out, _ in results) == 1
     assert sorted(p.name for p in (root / "nodes").iterdir()) == ["best.pt", "stage1.pt"]
     assert load_checkpoint(root / "nodes" / "stage1.pt")["world_size"] == 2
+
+
+DIE_AT_EPOCH_2 = ("import os, ltcache.stage1 as S; lr = S.lr_at\n"
+                  "S.lr_at = lambda o, e, s, n: os._exit(9) if (e, s) == (1, 1) else lr(o, e, s, n)\n"
+                  "from ltcache.cli import main; main()")
+
+
+@needs_torchrun
+def test_a_rank_that_dies_is_named_and_the_last_epoch_is_kept(root):
+    port = str(_free_port())
+    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, LTCACHE_DIST_TIMEOUT="0.5")
+    run = [[sys.executable, "-m", "ltcache"], [sys.executable, "-c", DIE_AT_EPOCH_2]]   # rank 1 dies in epoch 2
+    procs = [subprocess.Popen(run[r] + _args("die", epochs=3), cwd=root, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=_env(RANK=str(r), LOCAL_RANK=str(r), **env))
+             for r in range(2)]
+    (code, out, err), (code1, _, _) = (_done(p) for p in procs)
+    assert code1 == 9 and code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0: lost rank 1 during epoch 2") and "--resume" in last, err
+    assert load_checkpoint(root / "die" / "stage1.pt")["epoch"] == 1
+    assert sorted(p.name for p in (root / "die").iterdir()) == ["stage1.pt"]       # lock released
+
+
+def test_sync_bn_is_refused_on_cpu(root):
+    res = CliRunner().invoke(cli, _args(root / "sync", "--sync-bn", data=root / "data"))
+    assert res.exit_code == 2 and res.output.strip().startswith("error: --sync-bn needs GPUs"), res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (root / "sync").exists()
