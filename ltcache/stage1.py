@@ -298,7 +298,8 @@ def evaluate(model, ds, split: str, device, batch_size: int = 500, amp: bool = F
     lo, hi = share(len(sp), rank, world)
     preds, labels = [], []
     if getattr(sp, "streamed", False):
-        for b in ds.loader(split, torch.arange(lo, hi), batch_size, ["center"], None, workers, False):
+        for b in ds.loader(split, torch.arange(lo, hi), batch_size, ["center"], workers=workers,
+                           pin_memory=device.type == "cuda"):
             preds.append(_top1(model, ds.normalize(b.images[:, 0].to(device)), amp, device).argmax(1))
             labels.append(torch.as_tensor(b.labels).cpu())
     else:
@@ -385,8 +386,8 @@ def _build(spec: DatasetSpec, opts: Stage1Options, quiet: bool):
     return ds if first else build()
 
 
-def _wrap(model, device, sync_bn: bool):
-    """DistributedDataParallel around ``model`` (optionally with SyncBatchNorm) under torchrun; the model itself otherwise."""
+def _wrap(model, device):
+    """DistributedDataParallel around ``model`` under torchrun; the model itself otherwise."""
     if not distributed.active():
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -411,7 +412,8 @@ def _stream_epoch(ds, perm, seeds, batch_size: int, rank: int, world: int, devic
     pos = [torch.arange(s + lo, s + hi) for s in range(0, n, batch_size)
            for lo, hi in [share(min(batch_size, n - s), rank, world)]]
     pos = torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long)
-    for b in ds.loader("train", perm[pos], batch_size // world, ["train"], seeds[pos], workers, False):
+    for b in ds.loader("train", perm[pos], batch_size // world, ["train"], seeds=seeds[pos], workers=workers,
+                       pin_memory=device.type == "cuda"):
         yield ds.normalize(b.images[:, 0].to(device, non_blocking=True)), \
             torch.as_tensor(b.labels).to(device, non_blocking=True)
 
@@ -465,7 +467,7 @@ def _loop(opts: Stage1Options, out: Path, resume_ck: Optional[dict], rank: int, 
         if start >= opts.epochs:
             echo(f"{out / CKPT_NAME} already finished {start} epochs; nothing to do", quiet)
             return out / CKPT_NAME
-    net = _wrap(model, device, sync_bn)
+    net = _wrap(model, device)
     if main:
         out.mkdir(parents=True, exist_ok=True)
     radius = None

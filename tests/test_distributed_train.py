@@ -31,15 +31,20 @@ needs_torchrun = pytest.mark.skipif(TORCHRUN is None or not distributed._dist().
 BATCH = 8                                    # global batch: 4 rows a rank; the last batch is short and uneven
 
 
+LARGE = "imagefolder:large"                  # 96x80 px images: streamed, 224 px crops, 6 training images
+LARGE_BATCH = 4
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     datagen.make_cifar_pickles(root / "data", "cifar10", per_class_train=10, per_class_test=3, num_classes=4)
+    datagen.make_large_imagefolder(root / "large", num_classes=2, per_class_train=5, per_class_test=1)
     return root
 
 
-def _args(out, *extra, epochs: int = 1, batch: int = BATCH, data="data") -> list:
-    return ["train", "--dataset", "cifar10", "--data-root", str(data), "--imb-ratio", "2", "--val-per-class", "1",
+def _args(out, *extra, epochs: int = 1, batch: int = BATCH, data="data", dataset="cifar10") -> list:
+    return ["train", "--dataset", dataset, "--data-root", str(data), "--imb-ratio", "2", "--val-per-class", "1",
             "--arch", "resnet32", "--epochs", str(epochs), "--batch-size", str(batch), "--lr", "0.05",
             "--warmup-epochs", "0", "--schedule", "cosine", "--eval-every", "0", "--device", "cpu",
             "--workers", "1", "--seed", "0", "--out", str(out), "--quiet", *extra]
@@ -78,15 +83,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _reference(root: Path) -> dict:
-    """What two ranks compute for one epoch, in one process (see the module docstring)."""
+def _reference(dataset: str = "cifar10", batch: int = BATCH) -> tuple:
+    """What two ranks compute for one epoch, in one process (see the module docstring), run in the
+    runs' folder (their relative paths)."""
     from ltcache.data import DatasetSpec, build_dataset
     from ltcache.models import build_model
     from ltcache.stage1 import Stage1Options, lr_at, share
-    o = Stage1Options(dataset="cifar10", data_root=str(root / "data"), imb_ratio=2, val_per_class=1, epochs=1,
-                      batch_size=BATCH, lr=0.05, warmup_epochs=0, schedule="cosine", device="cpu", seed=0)
+    o = Stage1Options(dataset=dataset, imb_ratio=2, val_per_class=1, epochs=1, batch_size=batch, lr=0.05,
+                      warmup_epochs=0, schedule="cosine", device="cpu", seed=0)
     o.validate()
-    ds = build_dataset(DatasetSpec("cifar10", imb_ratio=2, seed=0, val_per_class=1), o.data_root, quiet=True)
+    ds = build_dataset(DatasetSpec(dataset, imb_ratio=2, seed=0, val_per_class=1), "data", quiet=True, workers=1)
     torch.manual_seed(0)
     model = build_model("resnet32", ds.num_classes)
     params = list(model.parameters())
@@ -94,14 +100,17 @@ def _reference(root: Path) -> dict:
     gen = torch.Generator().manual_seed(0)
     train = ds.splits["train"]
     n = len(train)
-    steps = -(-n // BATCH)
-    assert n % BATCH % 2 == 1, n                                  # the last batch splits unevenly
+    steps = -(-n // batch)
     model.train()
     perm = torch.randperm(n, generator=gen)
+    seeds = torch.randint(2**31, (n,), generator=gen) if train.streamed else None
     for s in range(steps):
-        idx = perm[s * BATCH:(s + 1) * BATCH]
-        x = ds.normalize(ds.augment(train.images(idx), gen))      # the whole global batch, one generator
-        y = train.labels[idx]
+        idx = perm[s * batch:(s + 1) * batch]
+        if train.streamed:                                        # each row's augmentation from its own seed
+            b = next(ds.loader("train", idx, len(idx), ["train"], seeds=seeds[s * batch:(s + 1) * batch], workers=0))
+            x, y = ds.normalize(b.images[:, 0]), b.labels
+        else:                                                     # the whole global batch, one generator
+            x, y = ds.normalize(ds.augment(train.images(idx), gen)), train.labels[idx]
         for g in opt.param_groups:
             g["lr"] = lr_at(o, 0, s, steps)
         grads = []
@@ -121,14 +130,16 @@ def _reference(root: Path) -> dict:
 
 
 @needs_torchrun
-def test_two_ranks_train_the_two_halves_and_resume_with_one_process(root, one_thread):
+def test_two_ranks_train_the_two_halves_and_resume_with_one_process(root, one_thread, monkeypatch):
+    monkeypatch.chdir(root)
     code, out, err = _done(_torchrun(["--standalone", "--nproc_per_node", "2"], _args("two"), root))
     assert code == 0, err[-3000:]
     assert out.count("stage 1 done: 1/1 epochs") == 1                          # rank 0 alone prints
     assert sorted(p.name for p in (root / "two").iterdir()) == ["best.pt", "stage1.pt"]
     ck = load_checkpoint(root / "two" / "stage1.pt")
     assert ck["world_size"] == 2 and ck["sync_bn"] is False and "world_size" not in ck["train_args"]
-    ref, ds = _reference(root)
+    ref, ds = _reference()
+    assert len(ds.splits["train"]) % BATCH % 2 == 1                # the short last batch split unevenly: 2 + 1
     assert set(ref) == set(ck["state_dict"])
     for k, v in ref.items():
         torch.testing.assert_close(ck["state_dict"][k], v, atol=1e-5, rtol=1e-5, msg=k)
@@ -160,17 +171,26 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_one_line(root, monkeypatc
 
 
 @needs_torchrun
-def test_two_nodes_on_localhost_write_one_checkpoint(root):
+def test_two_nodes_on_localhost_stream_large_images(root, one_thread, monkeypatch):
+    """Two torchrun invocations as on two machines (one c10d rendezvous), on a streamed image folder:
+    each rank reads only its rows of every global batch, augmented from the rows' own seeds."""
+    monkeypatch.chdir(root)
     endpoint = f"127.0.0.1:{_free_port()}"
+    args = _args("nodes", dataset=LARGE, batch=LARGE_BATCH)
     nodes = [_torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r), "--rdzv-backend", "c10d",
-                        "--rdzv-endpoint", endpoint, "--rdzv-id", "ltcache-test"], _args("nodes"), root)
-             for r in range(2)]                   # as on two machines: torchrun on each, one c10d rendezvous
+                        "--rdzv-endpoint", endpoint, "--rdzv-id", "ltcache-test"], args, root)
+             for r in range(2)]
     results = [_done(p) for p in nodes]
     for code, out, err in results:
         assert code == 0, err[-3000:]
     assert sum(out.count("stage 1 done: 1/1 epochs") for _, out, _ in results) == 1
     assert sorted(p.name for p in (root / "nodes").iterdir()) == ["best.pt", "stage1.pt"]
-    assert load_checkpoint(root / "nodes" / "stage1.pt")["world_size"] == 2
+    ck = load_checkpoint(root / "nodes" / "stage1.pt")
+    assert ck["world_size"] == 2 and ck["dataset"]["image_size"] == 224
+    ref, ds = _reference(LARGE, LARGE_BATCH)
+    assert ds.splits["train"].streamed and len(ds.splits["train"]) > LARGE_BATCH
+    for k, v in ref.items():
+        torch.testing.assert_close(ck["state_dict"][k], v, atol=1e-5, rtol=1e-5, msg=k)
 
 
 DIE_AT_EPOCH_2 = ("import os, ltcache.stage1 as S; lr = S.lr_at\n"

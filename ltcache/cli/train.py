@@ -59,7 +59,7 @@ def train_cmd(**kw) -> None:
 
     \b
     Several GPUs or machines: torchrun splits each --batch-size global batch evenly over the ranks
-    (same lr, same results as one process up to per-rank BatchNorm statistics; --sync-bn for global ones):
+    (same lr; one process's training but for BatchNorm, which normalises each rank's share unless --sync-bn):
       torchrun --nproc_per_node 4 -m ltcache train ... --batch-size 256
       torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m ltcache train ...
     """
