@@ -343,7 +343,7 @@ def train_stage1(opts: Stage1Options) -> Path:
     ``--out`` and hands the checkpoint to resume from to the others."""
     rank, world = _ranks()
     preflight(opts, world)
-    distributed.check_same(_same_everywhere(opts), "training options")
+    distributed.check_same(_same_everywhere(opts), "training run")
     out = Path(opts.out) if opts.out else _default_out(opts)
     held: dict = {}
 
