@@ -2,6 +2,11 @@
 
 One writer serves extraction and :func:`write_cache` (a cache from tensors: tests and
 benchmarks), so there is a single code path for what lands on disk.
+
+Several processes (torchrun ranks) write one cache: rank 0's :class:`CacheWriter` holds the lock,
+chooses the folder and writes the manifest; every other rank writes its own shards into that
+folder through a :class:`RankWriter`. Each rank keeps its own resume bookkeeping
+(``progress.json`` for rank 0, ``progress.rank<r>.json`` for rank r), so no file has two writers.
 """
 from __future__ import annotations
 
@@ -30,14 +35,96 @@ from ltcache.outputs import atomic_save, os_error
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-class CacheWriter:
+def progress_name(rank: int) -> str:
+    """The resume bookkeeping file of a rank (``progress.json`` for rank 0 and one process)."""
+    return PROGRESS if rank == 0 else f"progress.rank{rank}.json"
+
+
+def read_progress(folder: Path) -> list:
+    """Every rank's progress document in ``folder`` (rank 0's first); unreadable ones count as empty."""
+    paths = [folder / PROGRESS] + sorted(folder.glob("progress.rank*.json"))
+    docs = []
+    for path in paths:
+        if path.is_file():
+            try:
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError):
+                doc = {}
+            docs.append(doc if isinstance(doc, dict) else {})
+    return docs
+
+
+class _ShardQueue:
+    """The writer thread shared by both writers: shards are written in the background and each
+    completed shard is recorded in this rank's progress file."""
+
+    dir: Path
+    key: dict
+    world: int = 1
+    rank: int = 0
+
+    def _start(self) -> None:
+        self._queue: "queue.Queue" = queue.Queue(maxsize=2)    # bounded: at most two shards waiting in memory
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def has_shard(self, split: str, i: int) -> bool:
+        """True when shard i of split is already complete (kept from an interrupted run)."""
+        return shard_name(split, i) in self.records
+
+    def submit(self, split: str, i: int, features: np.ndarray, labels: np.ndarray, index: np.ndarray) -> None:
+        """Queue a shard for the writer thread (overlaps HDF5 writes with compute)."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put((split, i, features, labels, index))
+
+    def _progress_doc(self) -> dict:
+        doc = {"key": self.key, "shards": self.records}
+        if self.world > 1:
+            doc["world"] = self.world
+        return doc
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            split, i, feats, labels, index = item
+            try:
+                rec = write_shard(self.dir / shard_name(split, i), feats, labels, index)
+                self.records[rec["file"]] = rec
+                write_json_atomic(self._progress_doc(), self.dir / progress_name(self.rank))
+                if os.environ.get("LTCACHE_TEST_DIE_AFTER_SHARD") == str(self.rank):
+                    os._exit(17)                  # tests: this rank dies once its first shard is on disk
+            except OSError as exc:        # e.g. a full disk: a one-line error in the main thread
+                self._error = os_error(exc, self.dir / shard_name(split, i))
+            except BaseException as exc:  # surfaced in the main thread
+                self._error = exc
+
+    def _drain(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class CacheWriter(_ShardQueue):
     """Writes one cache directory. ``key`` identifies what is being made (checkpoint hash and
     options): complete shards of an interrupted run with the same key are kept; a cache with
-    another key is refused unless ``force``, and then replaced only once the new one is whole."""
+    another key is refused unless ``force``, and then replaced only once the new one is whole.
 
-    def __init__(self, cache_dir, key: dict, force: bool = False):
+    ``world`` > 1: rank 0 of a multi-process extraction (the other ranks write through
+    :class:`RankWriter` into :attr:`dir`); an unfinished extraction by another number of
+    processes is refused (its shards cover other rows) unless ``force``."""
+
+    def __init__(self, cache_dir, key: dict, force: bool = False, world: int = 1):
         self.final = Path(cache_dir)
         self.key = json.loads(json.dumps(key))          # normalise (tuples -> lists)
+        self.world = world
         self.complete = False
         self.records: dict[str, dict] = {}
         self._created = [] if self.final.exists() else [self.final]     # removed again if left empty
@@ -50,10 +137,7 @@ class CacheWriter:
             self.lock.release()
             self._remove_empty()
             raise
-        self._queue: "queue.Queue" = queue.Queue(maxsize=2)    # bounded: at most two shards waiting in memory
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._start()
 
     # -- where to write ------------------------------------------------------------------------
     def _choose_dir(self, force: bool) -> Path:
@@ -76,10 +160,17 @@ class CacheWriter:
                 if self._keep_intact(self.final, shards) and extras_ok:
                     self.complete = True
                     return self.final
-                # same cache, but a shard is damaged or gone: recompute only those
-                write_json_atomic({"key": self.key, "shards": self.records}, self.final / PROGRESS)
-                man.unlink()
-                return self.final
+                made_by = int((old.get("extraction") or {}).get("world_size", 1) or 1)
+                if made_by == self.world:
+                    # same cache, but a shard is damaged or gone: recompute only those
+                    write_json_atomic(self._progress_doc(), self.final / PROGRESS)
+                    man.unlink()
+                    return self.final
+                if not force:
+                    raise LtcacheError(f"{self.final} was extracted by {_procs(made_by)} and a shard is damaged or "
+                                       f"gone; re-run with {_procs(made_by)} to recompute only that, or pass "
+                                       "--force to re-extract it all")
+                self.records = {}
             if not force:
                 raise LtcacheError(f"{self.final} already holds a cache made from a different checkpoint or "
                                    "options; pass --force to replace it, or choose another --cache")
@@ -98,21 +189,23 @@ class CacheWriter:
         return self.final
 
     def _resume_from(self, folder: Path, force: bool) -> bool:
-        """Keep the intact shards of an interrupted run with the same key in ``folder``."""
-        progress = folder / PROGRESS
-        if not progress.is_file():
+        """Keep the intact shards of an interrupted run with the same key (and number of
+        processes) in ``folder``; True when there was such a run."""
+        docs = read_progress(folder)
+        if not docs:
             return False
-        try:
-            prog = json.loads(progress.read_text())
-        except (OSError, ValueError):
-            prog = {}
-        if prog.get("key") != self.key:
-            if not force:
-                raise LtcacheError(f"{folder} holds an unfinished extraction with other options; "
-                                   "re-run it with the same options to finish it, or pass --force to start over")
-            return False
-        self._keep_intact(folder, prog.get("shards", {}))
-        return True
+        if any(d.get("key") != self.key for d in docs) and not force:
+            raise LtcacheError(f"{folder} holds an unfinished extraction with other options; "
+                               "re-run it with the same options to finish it, or pass --force to start over")
+        same = [d for d in docs if d.get("key") == self.key]
+        other = sorted({int(d.get("world", 1) or 1) for d in same} - {self.world})
+        if other and not force:
+            raise LtcacheError(f"{folder} holds an unfinished extraction by {_procs(other[0])}; resume it with "
+                               f"{_procs(other[0])} (its shards cover other rows), or pass --force to start over")
+        kept = [d for d in same if int(d.get("world", 1) or 1) == self.world]
+        for doc in kept:
+            self._keep_intact(folder, doc.get("shards", {}))
+        return bool(kept)
 
     def _keep_intact(self, folder: Path, shards: dict) -> bool:
         """Record the shards whose file matches its checksum; True when all of them do."""
@@ -126,45 +219,18 @@ class CacheWriter:
         clf = folder / CLASSIFIER
         return whole and clf.is_file()
 
-    # -- shards --------------------------------------------------------------------------------
-    def has_shard(self, split: str, i: int) -> bool:
-        """True when shard i of split is already complete (kept from an interrupted run)."""
-        return shard_name(split, i) in self.records
-
-    def submit(self, split: str, i: int, features: np.ndarray, labels: np.ndarray, index: np.ndarray) -> None:
-        """Queue a shard for the writer thread (overlaps HDF5 writes with compute)."""
-        if self._error is not None:
-            raise self._error
-        self._queue.put((split, i, features, labels, index))
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._error is not None:
-                continue
-            split, i, feats, labels, index = item
-            try:
-                rec = write_shard(self.dir / shard_name(split, i), feats, labels, index)
-                self.records[rec["file"]] = rec
-                write_json_atomic({"key": self.key, "shards": self.records}, self.dir / PROGRESS)
-            except OSError as exc:        # e.g. a full disk: a one-line error in the main thread
-                self._error = os_error(exc, self.dir / shard_name(split, i))
-            except BaseException as exc:  # surfaced in the main thread
-                self._error = exc
-
-    def _drain(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
     # -- finishing -----------------------------------------------------------------------------
-    def finish(self, body: dict, splits: dict, weight: np.ndarray, bias: np.ndarray,
-               extra_files: Optional[dict] = None) -> Path:
-        """Write the classifier and the manifest (last), swap a forced replacement in place."""
+    def drain(self) -> dict:
+        """Wait until every queued shard is on disk; this rank's shard records."""
         self._drain()
+        return dict(self.records)
+
+    def finish(self, body: dict, splits: dict, weight: np.ndarray, bias: np.ndarray,
+               extra_files: Optional[dict] = None, more_records: Optional[dict] = None) -> Path:
+        """Write the classifier and the manifest (last), swap a forced replacement in place.
+        ``more_records``: the shard records of the other ranks."""
+        self._drain()
+        self.records.update(more_records or {})
         try:
             clf = write_classifier(self.dir / CLASSIFIER, weight, bias)
             extras = {}
@@ -180,6 +246,8 @@ class CacheWriter:
                    "splits": split_block, "classifier": clf, "extra_files": extras, "key": self.key}
             write_manifest(man, self.dir / MANIFEST)
             (self.dir / PROGRESS).unlink(missing_ok=True)
+            for rank_file in self.dir.glob("progress.rank*.json"):
+                rank_file.unlink(missing_ok=True)
             if self.dir != self.final:
                 old = self.final.with_name(f".{self.final.name}.old")
                 if old.exists():
@@ -207,6 +275,49 @@ class CacheWriter:
                 folder.rmdir()                   # only succeeds when it is empty
             except OSError:
                 pass
+
+
+class RankWriter(_ShardQueue):
+    """The shard writer of rank r > 0: writes into the folder rank 0 chose (``folder``), takes no
+    lock (rank 0 holds it for the whole extraction), and keeps the intact shards an interrupted
+    run with the same key and number of processes recorded (checked when asked for)."""
+
+    def __init__(self, folder, key: dict, world: int, rank: int):
+        self.dir = Path(folder)
+        self.key = json.loads(json.dumps(key))
+        self.world, self.rank = world, rank
+        if not self.dir.is_dir():
+            raise LtcacheError(f"rank {rank} cannot see the cache folder {self.dir} that rank 0 writes; put --cache "
+                               "on a file system every node shares")
+        self._candidates = {}
+        for doc in read_progress(self.dir):
+            if doc.get("key") == self.key and int(doc.get("world", 1) or 1) == world:
+                self._candidates.update(doc.get("shards") or {})
+        self.records: dict[str, dict] = {}
+        self._start()
+
+    def has_shard(self, split: str, i: int) -> bool:
+        name = shard_name(split, i)
+        rec = self._candidates.pop(name, None)
+        if rec is not None and (self.dir / name).is_file() and sha256_file(self.dir / name) == rec.get("sha256"):
+            self.records[name] = rec
+        return name in self.records
+
+    def drain(self) -> dict:
+        """Wait until every queued shard is on disk; this rank's shard records."""
+        self._drain()
+        return dict(self.records)
+
+    def abort(self) -> None:
+        """Stop the writer thread; completed shards stay for a resume."""
+        try:
+            self._drain()
+        except BaseException:
+            pass
+
+
+def _procs(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes (torchrun ranks)"
 
 
 def manifest_body(dataset: dict, class_counts, arch: str, feature_dim: int, checkpoint: dict,

@@ -7,9 +7,24 @@ running statistics can be shifted on augmented training batches before val/test 
 (``--bn-shift instance|class``): what the papers' stage 2 does by re-running the backbone in
 train mode (DESIGN.md). Every random choice is seeded per (split, shard), so a resumed
 extraction writes exactly the shards an uninterrupted one would.
+
+Under torchrun (``WORLD_SIZE`` > 1) rank r extracts the contiguous rows [r*n/W, (r+1)*n/W) of every
+split's storage order into its own shards, numbered after those of the ranks before it, so the
+manifest (written by rank 0 once every rank is done) lists the rows in one process's order.
+Eval-mode views (clean, center, hflip) equal one process's row for row; every rank runs the same
+seeded BN shift, so val/test do too. Augmented train views of in-memory splits are seeded per
+shard, and batch-statistics views depend on the shards' batches: they depend on the number of
+processes,
+which the manifest records (``extraction.world_size``); an unfinished extraction resumes only with
+the number of processes that started it.
+
+Streamed (large-image) splits are decoded batch by batch by the dataset's loader; their
+augmentation is seeded per row (seed, split, row), whatever the number of processes.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
 import zlib
 from pathlib import Path
@@ -19,8 +34,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ltcache.cache.build import DTYPES, CacheWriter, manifest_body
+from ltcache import distributed
+from ltcache.cache.build import DTYPES, CacheWriter, RankWriter, manifest_body
 from ltcache.cache.manifest import sha256_file
+from ltcache.cache.shards import shard_name
 from ltcache.data import DatasetSpec, build_dataset, hflip
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
@@ -34,6 +51,7 @@ SPLITS = ("train", "val", "test")
 TEST_VIEWS = ("center", "hflip")
 BN_STATS = "bn_stats.pt"
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+SKIPPED_LISTED = 5          # undecodable images named in the manifest (all are counted)
 
 
 def _seed(seed: int, *parts) -> int:
@@ -140,6 +158,27 @@ def shard_bounds(n: int, shard_rows: int, min_last: int = 1) -> list:
     return bounds
 
 
+def rank_shards(n: int, shard_rows: int, min_last: int = 1, world: int = 1) -> list:
+    """For each rank: its shards as (global shard index, lo, hi) over the storage order. Rank r
+    takes the contiguous rows [r*n/W, (r+1)*n/W), cut by :func:`shard_bounds`; the indices run on
+    across the ranks, so they sort in row order. One process: ``shard_bounds(n, ...)``; an empty
+    split has one empty shard (rank 0's)."""
+    out, i = [], 0
+    for r in range(world):
+        lo, hi = r * n // world, (r + 1) * n // world
+        own = [(lo + a, lo + b) for a, b in shard_bounds(hi - lo, shard_rows, min_last)] \
+            if hi > lo or (n == 0 and r == 0) else []
+        out.append([(i + j, a, b) for j, (a, b) in enumerate(own)])
+        i += len(own)
+    return out
+
+
+def row_seeds(seed: int, split: str, rows: torch.Tensor) -> torch.Tensor:
+    """Augmentation seed of each row of a streamed split: from (seed, split, row), so it does not
+    depend on shards or on the number of processes."""
+    return torch.tensor([_seed(seed, split, "row", int(r)) for r in rows.tolist()], dtype=torch.long)
+
+
 def batches(order: torch.Tensor, batch_size: int) -> tuple:
     """Split a shard's row order into ceil(m / batch_size) near-equal batches (none tiny)."""
     m = len(order)
@@ -149,9 +188,13 @@ def batches(order: torch.Tensor, batch_size: int) -> tuple:
 class _Extractor:
     """Forwards batches of uint8 images through the frozen backbone on the device."""
 
-    def __init__(self, model, ds, device, amp, batch_size):
+    def __init__(self, model, ds, device, amp, batch_size, workers: int = 8, skip_bad: bool = False,
+                 seed: int = 0):
         self.model, self.ds, self.device, self.amp, self.bs = model, ds, device, amp, batch_size
+        self.workers, self.skip_bad, self.seed = workers, skip_bad, seed
         self.images_done = 0
+        self.skipped: list = []                 # streamed images that could not be decoded (--skip-bad-images)
+        self.n_skipped = 0
 
     def to_device(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """One host-to-device copy of a uint8 batch (page-locked first on CUDA, asynchronous)."""
@@ -170,47 +213,96 @@ class _Extractor:
         return f.float()
 
     def views(self, split: str, rows: torch.Tensor, names: Sequence[str], train_bn: str,
-              gen: torch.Generator, dtype: str, bar=None) -> torch.Tensor:
-        """Features [m, V, D] in the storage dtype, on the host, of the given rows for every
-        named view: the views are made on the device from one uploaded batch, cast there, and
-        come back in one device-to-host copy per batch (``bar`` advances by each batch's images)."""
+              gen: torch.Generator, dtype: str, bar=None) -> tuple:
+        """Features [m', V, D] in the storage dtype, on the host, of the given rows for every
+        named view, and the positions in ``rows`` they belong to (None: every row; a streamed split
+        with ``skip_bad`` leaves out the images that cannot be decoded). The views are made on the
+        device from one uploaded batch, cast there, and come back in one device-to-host copy per
+        batch (``bar`` advances by each batch's images)."""
         sp = self.ds.splits[split]
         m = len(rows)
         out = None
-        top = torch.zeros((), device=self.device)          # largest |feature| (range check, one sync per shard)
-        bad = torch.zeros((), dtype=torch.long, device=self.device)    # non-finite count
+        self._top = torch.zeros((), device=self.device)     # largest |feature| (range check, one sync per shard)
+        self._bad = torch.zeros((), dtype=torch.long, device=self.device)    # non-finite count
         # batch-statistics views: batches formed by a seeded permutation of the shard's rows
         batch_stats = split == "train" and train_bn == "batch"
         order = torch.randperm(m, generator=gen) if batch_stats else torch.arange(m)
-        for pos in batches(order, self.bs):
-            imgs = self.to_device(sp.images(rows[pos]))
-            parts = []
-            for v in names:
-                if v in ("clean", "center"):
-                    parts.append(self.forward(imgs))
-                elif v == "hflip":
-                    parts.append(self.forward(hflip(imgs)))
-                else:                                          # augmented training view
-                    aug = self.ds.augment(imgs, gen)
-                    if batch_stats:
-                        with _FrozenBN(self.model):
-                            parts.append(self.forward(aug))
-                    else:
-                        parts.append(self.forward(aug))
-            feats = torch.stack(parts, 1)
-            finite = torch.isfinite(feats)
-            bad += (~finite).sum()
-            top = torch.maximum(top, torch.where(finite, feats.abs(), 0.0).amax())
-            host = feats.to(TORCH_DTYPES[dtype]).cpu()            # the one D2H copy of this batch
-            if out is None:
-                out = torch.empty((m,) + tuple(host.shape[1:]), dtype=host.dtype)
-            out[pos] = host
-            if bar is not None:
-                bar.update(len(pos))
-        _check_finite(int(bad), float(top), dtype, split)
+        keep = None
+        if getattr(sp, "streamed", False):
+            out, keep = self._streamed(split, rows, order, names, batch_stats, dtype, bar)
+        else:
+            for pos in batches(order, self.bs):
+                imgs = self.to_device(sp.images(rows[pos]))
+                parts = []
+                for v in names:
+                    if v in ("clean", "center"):
+                        parts.append(self.forward(imgs))
+                    elif v == "hflip":
+                        parts.append(self.forward(hflip(imgs)))
+                    else:                                          # augmented training view
+                        aug = self.ds.augment(imgs, gen)
+                        parts.append(self._forward_aug(aug, batch_stats))
+                out = self._collect(out, m, pos, parts, dtype, bar)
+        _check_finite(int(self._bad), float(self._top), dtype, split)
         if out is None:                                        # an empty split (e.g. --val-per-class 0)
             out = torch.empty((0, len(names), self.model.feature_dim), dtype=TORCH_DTYPES[dtype])
+        return out, keep
+
+    def _forward_aug(self, aug: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+        if batch_stats:
+            with _FrozenBN(self.model):
+                return self.forward(aug)
+        return self.forward(aug)
+
+    def _collect(self, out, m: int, pos: torch.Tensor, parts: list, dtype: str, bar):
+        """Check and cast one batch's views, copy them to the host rows ``pos`` of ``out``."""
+        feats = torch.stack(parts, 1)
+        finite = torch.isfinite(feats)
+        self._bad += (~finite).sum()
+        self._top = torch.maximum(self._top, torch.where(finite, feats.abs(), 0.0).amax())
+        host = feats.to(TORCH_DTYPES[dtype]).cpu()            # the one D2H copy of this batch
+        if out is None:
+            out = torch.empty((m,) + tuple(host.shape[1:]), dtype=host.dtype)
+        out[pos] = host
+        if bar is not None:
+            bar.update(len(pos))
         return out
+
+    def _streamed(self, split: str, rows: torch.Tensor, order: torch.Tensor, names: Sequence[str],
+                  batch_stats: bool, dtype: str, bar) -> tuple:
+        """The views of a streamed split, decoded batch by batch by the dataset's loader (in the
+        order ``order``: the batches of batch-statistics views); returns (features, kept positions)."""
+        m = len(rows)
+        asked = ["center" if v == "clean" else (v if v in TEST_VIEWS else "train") for v in names]
+        seeds = row_seeds(self.seed, split, rows[order])
+        out, seen = None, torch.zeros(m, dtype=torch.bool)
+        for b in self.ds.loader(split, rows[order], self.bs, asked, seeds, self.workers, self.skip_bad,
+                                  pin_memory=self.device.type == "cuda"):
+            self._note_skipped(b.skipped)
+            pos = order[torch.as_tensor(b.pos, dtype=torch.long)]
+            if len(pos) == 0:
+                continue
+            imgs = self.to_device(b.images)
+            parts = [self._forward_aug(imgs[:, j], batch_stats) if a == "train" else self.forward(imgs[:, j])
+                     for j, a in enumerate(asked)]
+            out = self._collect(out, m, pos, parts, dtype, None)
+            seen[pos] = True
+            if bar is not None:
+                bar.update(len(pos))
+        if bar is not None and int(seen.sum()) < m:
+            bar.update(m - int(seen.sum()))
+        if bool(seen.all()):
+            return out, None
+        keep = torch.nonzero(seen).flatten()
+        return (out[keep] if out is not None else None), keep
+
+    def _note_skipped(self, skipped) -> None:
+        if isinstance(skipped, int):
+            self.n_skipped += skipped
+            return
+        items = list(skipped or [])
+        self.n_skipped += len(items)
+        self.skipped.extend(str(x) for x in items[:max(0, SKIPPED_LISTED - len(self.skipped))])
 
 
 def bare_inference_rate(model, ds, device, amp, batch_size: int, repeats: int = 3) -> float:
@@ -238,9 +330,10 @@ def bare_inference_rate(model, ds, device, amp, batch_size: int, repeats: int = 
 
 @torch.no_grad()
 def shift_bn(model: nn.Module, ds, device, amp, mode: str, passes: int, batch_size: int, seed: int,
-             quiet: bool) -> None:
+             quiet: bool, workers: int = 8, skip_bad: bool = False) -> None:
     """Move only the BN running statistics: train-mode forwards (no gradients) over augmented
-    training batches drawn instance- or class-balanced (MiSLAS "shift learning on BN")."""
+    training batches drawn instance- or class-balanced (MiSLAS "shift learning on BN").
+    Deterministic for a seed: every torchrun rank shifts its own copy to the same statistics."""
     sp = ds.splits["train"]
     n, k = len(sp), ds.num_classes
     g = torch.Generator().manual_seed(_seed(seed, "bn-shift"))
@@ -249,6 +342,12 @@ def shift_bn(model: nn.Module, ds, device, amp, mode: str, passes: int, batch_si
     per_pass = max(1, n // bs)              # full batches only: a short last batch would skew the statistics
     ex = _Extractor(model, ds, device, amp, bs)
     model.train()
+    if getattr(sp, "streamed", False):
+        try:
+            _shift_streamed(ex, sp, g, by_class, mode, passes, per_pass, bs, seed, quiet, workers, skip_bad)
+        finally:
+            model.eval()
+        return
     try:
         for s in progress(range(passes * per_pass), desc=f"bn-shift ({mode})", quiet=quiet, unit="batch"):
             if mode == "instance":
@@ -264,6 +363,25 @@ def shift_bn(model: nn.Module, ds, device, amp, mode: str, passes: int, batch_si
                 ex.forward(ds.augment(ex.to_device(sp.images(idx)), g))
     finally:
         model.eval()
+
+
+def _shift_streamed(ex, sp, g, by_class, mode, passes, per_pass, bs, seed, quiet, workers, skip_bad) -> None:
+    """:func:`shift_bn` on a streamed train split: each pass's rows are drawn first, then decoded
+    and augmented batch by batch by the loader (seeded per draw)."""
+    n, k = len(sp), len(by_class)
+    for p in progress(range(passes), desc=f"bn-shift ({'instance' if mode == 'instance' else 'class'})",
+                      quiet=quiet, unit="pass"):
+        if mode == "instance":
+            idx = torch.randperm(n, generator=g)[:per_pass * bs]
+        else:
+            cls = torch.randint(k, (per_pass * bs,), generator=g)
+            pick = torch.randint(1 << 30, (per_pass * bs,), generator=g)
+            idx = torch.stack([by_class[c][q % len(by_class[c])] for c, q in zip(cls.tolist(), pick.tolist())])
+        seeds = torch.tensor([_seed(seed, "bn-shift", p, j) for j in range(len(idx))], dtype=torch.long)
+        for b in ex.ds.loader("train", idx, bs, ["train"], seeds, workers, skip_bad,
+                                  pin_memory=ex.device.type == "cuda"):
+            if b.images.shape[0] > 1:
+                ex.forward(ex.to_device(b.images[:, 0]))
 
 
 def _check_finite(n_bad: int, top: float, dtype: str, split: str) -> None:
@@ -297,13 +415,23 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
             data_root=None, arch: Optional[str] = None, dataset: Optional[str] = None, imb_ratio: float = 100.0,
             profile: str = "exp", selection: str = "shuffle", val_per_class: Optional[int] = None, seed: int = 0,
             force: bool = False, quiet: bool = False, workers: int = 8, protocol: str = "faithful",
-            pretrained=None, source: Optional[str] = None) -> Path:
+            pretrained=None, source: Optional[str] = None, skip_bad: bool = False) -> Path:
     """Extract the penultimate features of every split into a cache directory; returns it.
 
     ``protocol`` (:data:`PROTOCOLS`) fills train_views, train_bn, bn_shift and batch_size where
     they are not given: ``faithful`` (the default) or ``clean``. ``pretrained`` (instead of
     ``ckpt``): local backbone weights for ``arch`` (e.g. ``torchvision:resnet18``); their classifier
-    is the stage-1 classifier when it has the dataset's classes, else the cache records none."""
+    is the stage-1 classifier when it has the dataset's classes, else the cache records none.
+    ``skip_bad``: images of a streamed split that cannot be decoded are left out (counted in the
+    manifest) instead of stopping the extraction.
+
+    Under torchrun every rank calls this with the same arguments (checked before any work); each
+    extracts its share of the rows and rank 0 writes the manifest (module docstring)."""
+    distributed.init_from_env(device)            # torchrun: join the other ranks (idempotent)
+    world, rank = (distributed.world(), distributed.rank()) if distributed.active() else (1, 0)
+    distributed.check_same({k: str(v) for k, v in locals().items() if k not in (
+        "quiet", "workers", "data_root", "world", "rank")}, "extraction (its options)")
+    quiet = quiet or rank > 0                    # rank 0 prints for everyone
     if (ckpt is None) == (pretrained is None):
         raise LtcacheError("give --ckpt (a stage-1 checkpoint or a state dict) or --pretrained (local backbone "
                            "weights, with --arch and --dataset), one of them")
@@ -347,21 +475,75 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
         k: spec_dict.get(k) for k in ("source", "imb_ratio", "profile", "selection", "seed", "val_per_class")}, **args}
     if ck_layout is not None:
         key["checkpoint_layout"] = ck_layout["from"]
-    writer = CacheWriter(cache_dir, key, force=force)
-    if writer.complete:
-        writer.abort()
+    distributed.check_same([key, str(cache_dir)], "extraction (checkpoint, options and cache folder)")
+    writer, complete = _open_writer(cache_dir, key, force, world, rank)
+    if complete:
+        if writer is not None:
+            writer.abort()
         echo(f"{cache_dir} is already complete for this checkpoint and these options", quiet)
         return cache_dir
     try:
-        return _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows, device,
-                        data_root, quiet, workers, ck_layout)
+        with _sigterm_ends(rank, world), \
+                distributed.watch("the extraction", fix="re-run the same command to resume from the completed shards"):
+            path = _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows, device,
+                            data_root, quiet, workers, ck_layout, world=world, rank=rank, skip_bad=skip_bad)
     except BaseException:
         writer.abort()      # completed shards stay; the next run resumes from them
         raise
+    return path if path is not None else cache_dir
+
+
+@contextlib.contextmanager
+def _sigterm_ends(rank: int, world: int):
+    """Several processes: SIGTERM (torchrun stops every rank once one has failed) ends this rank
+    with one line, its writer stopped and the lock released on the way out, instead of a bare kill."""
+    def stop(signum, frame):
+        raise LtcacheError(f"rank {rank}: stopped by SIGTERM (torchrun stops every rank when one fails; its summary "
+                           "names that rank); the completed shards are kept: re-run the same command to resume")
+    old = None
+    if world > 1:
+        try:
+            old = signal.signal(signal.SIGTERM, stop)
+        except ValueError:                  # not the main thread: leave the default
+            old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _open_writer(cache_dir: Path, key: dict, force: bool, world: int, rank: int) -> tuple:
+    """(writer, complete). One process: a :class:`CacheWriter`. Several: rank 0 alone opens the
+    cache (lock, folder, resume check) and tells the others where to write; every other rank opens
+    a :class:`RankWriter` there (None when the cache is already complete). A refusal on any rank
+    ends every rank with one line."""
+    if world == 1:
+        writer = CacheWriter(cache_dir, key, force=force)
+        return writer, writer.complete
+    held = {}
+
+    def open_cache():
+        held["w"] = CacheWriter(cache_dir, key, force=force, world=world)
+        return str(held["w"].dir), held["w"].complete
+
+    folder, complete = distributed.on_main(open_cache, "opening the cache")
+    writer, err = held.get("w"), None
+    if rank > 0 and not complete:
+        try:
+            writer = RankWriter(folder, key, world, rank)
+        except LtcacheError as exc:
+            err = str(exc)
+    bad = [(r, e) for r, e in enumerate(distributed.all_gather_objects(err, "opening the cache")) if e]
+    if bad:
+        if writer is not None:
+            writer.abort()
+        raise LtcacheError(err or f"rank {bad[0][0]} could not open the cache: {bad[0][1]}")
+    return writer, complete
 
 
 def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows, device, data_root, quiet, workers,
-             ck_layout=None):
+             ck_layout=None, world: int = 1, rank: int = 0, skip_bad: bool = False) -> Optional[Path]:
     dev = resolve_device(device)
     amp = dev.type == "cuda"
     spec = DatasetSpec.from_dict(spec_dict)
@@ -383,53 +565,99 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
         p.requires_grad_(False)
     bs = args["batch_size"]
     bare = bare_inference_rate(model, ds, dev, amp, bs)
-    ex = _Extractor(model, ds, dev, amp, bs)
+    ex = _Extractor(model, ds, dev, amp, bs, workers=workers, skip_bad=skip_bad, seed=args["seed"])
     layout, seconds, shift_s = {}, 0.0, 0.0
     order = [s for s in SPLITS if s in args["splits"]]
     shifted = False
+    # every split's shards, per rank: (global index, lo, hi) over the storage order
+    plans = {}
+    for split in order:
+        batch_stats = split == "train" and args["train_bn"] == "batch" and args["train_views"] > 0
+        plans[split] = rank_shards(len(ds.splits[split]), shard_rows,
+                                   min(bs, shard_rows) // 2 if batch_stats else 1, world)
     # one bar for the whole extraction: the images of every split, advanced per batch (closed on
     # the way out, also by an error, so that an error message starts its own line)
-    total = sum(len(ds.splits[s]) for s in order)
+    total = sum(hi - lo for s in order for _, lo, hi in plans[s][rank])
+    began = time.time()
     with torch.no_grad(), progress(total=total, desc="extract", quiet=quiet, unit="img") as bar:
         for split in order:
             if split != "train" and args["bn_shift"] != "none" and not shifted:
                 t = time.perf_counter()
-                shift_bn(model, ds, dev, amp, args["bn_shift"], args["bn_shift_passes"], bs, args["seed"], quiet)
+                shift_bn(model, ds, dev, amp, args["bn_shift"], args["bn_shift_passes"], bs, args["seed"], quiet,
+                         workers, skip_bad)
                 shift_s, shifted = time.perf_counter() - t, True
             t_split = time.perf_counter()
             names = (["clean"] + [f"aug{i}" for i in range(1, args["train_views"] + 1)]) if split == "train" \
                 else args["test_views"]
             sp = ds.splits[split]
             batch_stats = split == "train" and args["train_bn"] == "batch" and args["train_views"] > 0
-            bounds = shard_bounds(len(sp), shard_rows, min(bs, shard_rows) // 2 if batch_stats else 1)
             bar.set_description(f"extract {split}")
             # Batch-statistics views: the source order is sorted by class, so batches drawn inside
             # contiguous shards would each hold a few classes and their BN statistics would carry the
             # label. The train rows are stored in a seeded random order instead, which makes every
             # shard a uniform sample of the split and its batches the papers' shuffled batches.
             row_order = train_row_order(len(sp), args["seed"]) if batch_stats else torch.arange(len(sp))
-            for i, (lo, hi) in enumerate(bounds):
+            for i, lo, hi in plans[split][rank]:
                 rows = row_order[lo:hi]
                 if not writer.has_shard(split, i):
                     t, start = time.perf_counter(), ex.images_done
                     g = torch.Generator().manual_seed(_seed(args["seed"], split, i))
-                    feats = ex.views(split, rows, names, args["train_bn"], g, dtype, bar=bar)
+                    feats, keep = ex.views(split, rows, names, args["train_bn"], g, dtype, bar=bar)
+                    rows = rows if keep is None else rows[keep]         # undecodable images left out
                     writer.submit(split, i, feats.numpy(), sp.labels[rows].numpy(), sp.index[rows].numpy())
                     bar.set_postfix(fwd_img_s=f"{(ex.images_done - start) / max(time.perf_counter() - t, 1e-9):.0f}")
                 else:
                     bar.update(len(rows))                # kept from an interrupted run
             seconds += time.perf_counter() - t_split
-            layout[split] = (names, len(bounds))
+            layout[split] = (names, sum(len(p) for p in plans[split]))
         if args["bn_shift"] != "none" and not shifted:
             t = time.perf_counter()
-            shift_bn(model, ds, dev, amp, args["bn_shift"], args["bn_shift_passes"], bs, args["seed"], quiet)
+            shift_bn(model, ds, dev, amp, args["bn_shift"], args["bn_shift_passes"], bs, args["seed"], quiet,
+                     workers, skip_bad)
             shift_s = time.perf_counter() - t
     rate = ex.images_done / max(seconds, 1e-9)
+    mine = {"rank": rank, "images_forwarded": ex.images_done, "seconds": round(seconds, 2),
+            "images_per_s": round(rate, 1), "span": [round(began, 3), round(time.time(), 3)],
+            "skipped": ex.n_skipped, "skipped_first": ex.skipped}
+    more, ranks = None, [mine]
+    if world > 1:
+        # every rank's shards on disk, then rank 0 gathers their records and writes the manifest
+        records = writer.drain()
+        distributed.barrier("the extraction")
+        gathered = distributed.gather_objects((records, mine), "the extraction")
+        if rank > 0:
+            failed = distributed.all_gather_objects(None, "writing the manifest")[0]
+            if failed:
+                raise LtcacheError(f"rank 0 could not finish the cache: {failed}")
+            return None
+        more = {k: v for recs, _ in gathered[1:] for k, v in recs.items()}
+        ranks = [st for _, st in gathered]
+        images = sum(st["images_forwarded"] for st in ranks)
+        seconds = max(st["seconds"] for st in ranks)
+        rate = images / max(seconds, 1e-9)
     bn_state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
-    extraction = {**args, "device": str(dev), "amp": amp, "images_forwarded": ex.images_done,
+    extraction = {**args, "device": str(dev), "amp": amp, "images_forwarded": sum(st["images_forwarded"] for st in ranks),
                   "seconds": round(seconds, 2), "images_per_s": round(rate, 1), "bn_shift_seconds": round(shift_s, 2),
                   "bare_inference_images_per_s": round(bare, 1),
-                  "bn_stats_file": BN_STATS if args["bn_shift"] != "none" else None}
+                  "bn_stats_file": BN_STATS if args["bn_shift"] != "none" else None, "world_size": world}
+    if world > 1:
+        # span: wall-clock start and end (epoch seconds) of each rank's extraction loop (BN shift included)
+        extraction["ranks"] = [{k: st[k] for k in ("rank", "images_forwarded", "seconds", "images_per_s", "span")}
+                               for st in ranks]
+        if args["train_views"] > 0:
+            extraction["world_size_note"] = ("augmented train views of in-memory splits are seeded per shard, and "
+                                             "batch-statistics views use the shards' batches: both depend on "
+                                             "world_size (streamed splits' views are seeded per row)")
+    if skip_bad:
+        # not part of the key: a shard is the same with or without it unless an image was left out.
+        # The count is of the rows absent from the shards (also those kept from an interrupted run),
+        # the paths those this run saw.
+        recs = {**writer.drain(), **(more or {})}
+        absent = sum(len(ds.splits[s]) - sum(recs[shard_name(s, i)]["rows"] for i in range(layout[s][1]))
+                     for s in layout)
+        extraction["skip_bad_images"] = True
+        extraction["skipped_images"] = {"count": int(absent),
+                                        "first": [p for st in ranks for p in st["skipped_first"]][:SKIPPED_LISTED]}
     ck_info = {"path": str(ckpt.resolve()), "sha256": ck_sha}
     if ck_layout is not None:
         ck_info["layout"] = {k: v for k, v in ck_layout.items() if k != "pool_input"}
@@ -448,8 +676,17 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
                    "stage1.pt, or save this cache's features to .npz and `ltcache import ... --fit-classifier`"}
         if not head_kept:
             weight, bias = np.zeros_like(weight), np.zeros_like(bias)      # a placeholder the loader accepts
-    path = writer.finish(body, layout, weight, bias, extra_files=extra)
-    echo(f"extracted {ex.images_done} images (rows x views) in {seconds:.1f}s: {rate:.0f} img/s; bare backbone "
+    try:
+        path = writer.finish(body, layout, weight, bias, extra_files=extra, more_records=more)
+    except BaseException as exc:
+        if world > 1:                            # the other ranks wait for the outcome
+            distributed.all_gather_objects(str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                                           "writing the manifest")
+        raise
+    if world > 1:
+        distributed.all_gather_objects(None, "writing the manifest")
+    echo(f"extracted {extraction['images_forwarded']} images (rows x views) in {seconds:.1f}s"
+         + (f" on {world} processes" if world > 1 else "") + f": {rate:.0f} img/s; bare backbone "
          f"inference in the same run: {bare:.0f} img/s ({100 * rate / max(bare, 1e-9):.0f}%)"
          + (f"; BN shift {shift_s:.1f}s" if shift_s else "") + f" -> {path}", quiet)
     return path

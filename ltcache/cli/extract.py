@@ -47,6 +47,9 @@ def _names(text: str) -> list:
 @click.option("--selection", type=click.Choice(["first", "shuffle"]), default="shuffle", help="Foreign checkpoint: selection rule.")
 @click.option("--val-per-class", type=click.IntRange(min=0), default=None, show_default=False, help="Foreign checkpoint: val images per class (default: as `ltcache train`).")
 @click.option("--seed", type=int, default=0, help="Seed of augmentation, BN batches and BN shift (and a foreign dataset's selection).")
+@click.option("--skip-bad-images", "skip_bad", is_flag=True,
+              help="Streamed (large-image) datasets: leave out images that cannot be decoded instead of stopping; "
+                   "the manifest counts them and names the first few.")
 @click.option("--force", is_flag=True, help="Replace a cache made from another checkpoint or other options.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def extract_cmd(ckpt, splits, test_views, **kw) -> None:
@@ -59,12 +62,21 @@ def extract_cmd(ckpt, splits, test_views, **kw) -> None:
       ltcache extract --arch torchvision:resnet18 --pretrained r18.pth --dataset cifar10 --imb-ratio 100
       ltcache extract --ckpt ckpt.best.pth.tar --from ldam-drw --arch resnet32 --dataset cifar10 --imb-ratio 100
     An interrupted extraction resumes where it stopped when re-run with the same options.
+
+    \b
+    Several processes or machines (each rank extracts a contiguous share of every split into its
+    own shards; rank 0 writes the manifest; --cache on a file system every node shares):
+      torchrun --nproc_per_node 2 -m ltcache extract --ckpt runs/c10/stage1.pt --protocol clean
+    Eval-mode views equal one process's cache row for row; augmented train views depend on the
+    number of processes, and an interrupted run resumes with the number it started with.
     """
     from ltcache.cache.extraction import extract
     from ltcache.cache.info import describe
+    from ltcache.cli.stage2 import join_ranks
 
+    main = join_ranks(kw["device"])
     path = extract(ckpt, splits=_names(splits), test_views=_names(test_views), **kw)
-    if not kw["quiet"]:
+    if main and not kw["quiet"]:
         click.echo(describe(path))
 
 
