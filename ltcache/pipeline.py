@@ -226,14 +226,18 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
     skipping complete steps.
 
     Returns the sweep results. ``epochs`` overrides ``[stage1] epochs`` (e.g. a shorter CPU run;
-    the checkpoint records what was actually run).
+    the checkpoint records what was actually run). Under torchrun (the process group joined by the
+    caller) every step runs on every rank; only rank 0 writes the sweep and tune results.
     """
+    from ltcache import distributed
     from ltcache.cache.extraction import extract
     from ltcache.stage1 import Stage1Options, load_checkpoint, train_stage1
     from ltcache.stage2.api import bench
     from ltcache.stage2.results import format_table
 
     pl = parse_pipeline(path)
+    main = distributed.is_main()
+    quiet = quiet or not main
     out_dir = Path(out) if out else _resolve(Path.cwd(), pl.out)
     ds = dict(pl.dataset)
     root = data_root or ds.pop("data_root", None)
@@ -271,19 +275,19 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
     results = bench(cache_dir, None if methods == "all" else list(methods), grid=grid or None,
                     seeds=sw.pop("seeds", [0]), select=sw.pop("select", "last"),
                     test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
-                    preset=sw.pop("preset", None), out_dir=out_dir / "results", overrides=overrides or None,
+                    preset=sw.pop("preset", None), out_dir=out_dir / "results" if main else None, overrides=overrides or None,
                     clean_view=bool(sw.pop("clean_view", False)))
     if not quiet:
         echo(format_table(results))
     if pl.tune is not None:
-        results["tune"] = _run_tune(pl.tune, cache_dir, out_dir / "tune", device, quiet, steps)
+        results["tune"] = _run_tune(pl.tune, cache_dir, out_dir / "tune" if main else None, device, quiet, steps)
     ck = load_checkpoint(ckpt)
     results["pipeline"] = {"file": str(Path(path)), "name": pl.name, "stage1_epochs": ck["epoch"],
                            "stage1_test": ck["history"][-1]["test"] if ck["history"] else None}
     return results
 
 
-def _run_tune(tn: dict, cache_dir: Path, out: Path, device: str, quiet: bool, steps: int) -> dict:
+def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet: bool, steps: int) -> dict:
     """The [tune] step: ``ltcache tune`` on the pipeline's cache; returns the tuned table."""
     from ltcache.stage2.api import tune
     from ltcache.stage2.tune import format_tune_table, parse_space

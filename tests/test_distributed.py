@@ -143,3 +143,55 @@ def _lonely_rank0(tmp_path: Path) -> tuple:
     p = subprocess.run([sys.executable, "-m", "ltcache", "bench", "--methods", "ce", "--epochs", "1", "--quiet"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     return p.returncode, p.stdout, p.stderr
+
+
+PIPELINE = """
+[pipeline]
+name = "tiny"
+[dataset]
+source = "imagefolder:imgs"
+imb_ratio = 2
+val_per_class = 2
+[stage1]
+arch = "resnet32"
+epochs = 1
+batch_size = 8
+lr = 0.05
+schedule = "cosine"
+warmup_epochs = 0
+eval_every = 0
+[extract]
+protocol = "clean"
+shard_rows = 16
+[sweep]
+methods = ["ce", "tau-norm"]
+seeds = [0]
+epochs = 1
+[tune]
+methods = ["ce"]
+budget = 2
+seeds = [0]
+"""
+
+
+@needs_torchrun
+def test_pipeline_under_torchrun(tmp_path):
+    # every step of `ltcache run` on two ranks: DDP stage 1, split extraction, split sweep and tune;
+    # rank 0 alone prints and writes
+    sys.path.insert(0, str(REPO / "tests"))
+    import datagen
+    datagen.make_imagefolder(tmp_path / "imgs", num_classes=3, per_class_train=12, per_class_test=4, size=32)
+    (tmp_path / "tiny.toml").write_text(PIPELINE)
+    res = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "ltcache", "run", "tiny.toml",
+                          "--out", "out", "--device", "cpu", "--data-root", ".", "--quiet"], cwd=tmp_path,
+                         env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    import torch
+    assert torch.load(out / "stage1" / "stage1.pt", weights_only=False)["world_size"] == 2
+    man = json.loads((out / "cache" / "manifest.json").read_text())
+    assert man["extraction"].get("world_size") == 2
+    runs = json.loads((out / "results" / "results.json").read_text())["runs"]
+    assert {r["method"] for r in runs} == {"ce", "tau-norm"}
+    assert json.loads((out / "tune" / "results.json").read_text())["tune"]["picks"].keys() == {"ce"}
+    assert res.stdout.count("tau-norm") == 1                 # one table, from rank 0

@@ -18,10 +18,18 @@ def run_cmd(pipeline, out, device, data_root, epochs, quiet) -> None:
 
     Steps whose outputs are already complete and valid are skipped, so an interrupted
     pipeline resumes where it stopped. Example: ltcache run pipelines/smoke.toml
+
+    
+    Many GPUs or machines: torchrun --nproc_per_node 8 -m ltcache run pipelines/imagenet_lt_resnext50.toml
+    (stage 1 with DistributedDataParallel, extraction split across the ranks, the sweep's
+    configurations split across the ranks; rank 0 prints and writes the results).
     """
+    from ltcache.cli.stage2 import join_ranks
     from ltcache.pipeline import run_pipeline
     from ltcache.stage2.results import format_table
 
-    results = run_pipeline(pipeline, out=out, device=device, data_root=data_root, quiet=quiet, epochs=epochs)
-    if quiet:
+    main = join_ranks(device)
+    results = run_pipeline(pipeline, out=out, device=device, data_root=data_root, quiet=quiet or not main,
+                           epochs=epochs)
+    if quiet and main:
         click.echo(format_table(results))
