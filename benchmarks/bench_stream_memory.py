@@ -127,6 +127,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--views", default="center,train")
     ap.add_argument("--measure-only", action="store_true", help="skip generation, measure in this process")
+    ap.add_argument("--generate-only", action="store_true", help="only make the images")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
@@ -144,6 +145,8 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     generate(root, a.images, a.classes, a.layout, quiet=a.quiet)
     print(f"images ready in {root} ({time.perf_counter() - t0:.0f} s)")
+    if a.generate_only:
+        return
     print("measured from outside with:\n  /usr/bin/time -v " + " ".join(child) + "   # 'Maximum resident set size'")
     out = subprocess.run(child + (["--quiet"] if a.quiet else []), stdout=subprocess.PIPE, text=True, check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])

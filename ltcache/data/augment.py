@@ -43,7 +43,11 @@ def crop_flip(x: torch.Tensor, padding: int = 4, generator: Optional[torch.Gener
 
 def resized_crop_flip(x: torch.Tensor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """ImageNet-style RandomResizedCrop + flip on a batch of equal-size images (per image)."""
+    """ImageNet-style RandomResizedCrop + flip on a batch of equal-size images (per image).
+
+    For large images decoded into memory (``build_dataset(stream=False)``), i.e. on centre
+    crops: a crop of a crop, without ColorJitter. Streamed splits get the papers' protocol from
+    the full-size image instead (ltcache.data.streaming.train_transform)."""
     b, c, h, w = x.shape
     out = torch.empty_like(x)
     area = h * w

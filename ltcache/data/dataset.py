@@ -48,18 +48,16 @@ class Split:
         """True for a path-backed split (images read batch by batch by ``LTDataset.loader``)."""
         return self._images is None
 
-    def row_paths(self, rows) -> PathTable:
+    def row_paths(self, rows) -> list:
         """The file paths of the given rows of a streamed split."""
-        idx = self.index[torch.as_tensor(rows, dtype=torch.long)]
-        return self.paths.subset(idx.numpy())
+        return [self.paths[int(i)] for i in self.index[torch.as_tensor(rows, dtype=torch.long).reshape(-1)]]
 
     def images(self, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """uint8 images of the given rows (all rows when ``idx`` is None), on the CPU. A streamed
         split decodes those rows' centre views here, one by one: for small uses only."""
         if self.streamed:
             rows = torch.arange(len(self)) if idx is None else torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-            pt = self.row_paths(rows)
-            return decode_center([pt[i] for i in range(len(pt))], self.crop)
+            return decode_center(self.row_paths(rows), self.crop)
         return self._images if idx is None else self._images[torch.as_tensor(idx, dtype=torch.long)]
 
 
@@ -124,7 +122,7 @@ class LTDataset:
             if len(seeds) != len(rows):
                 raise ValueError(f"{len(seeds)} seeds for {len(rows)} rows; give one seed per row")
         if getattr(sp, "streamed", False):
-            return stream_batches(sp.row_paths(rows), sp.labels[rows], batch_size, views, seeds, workers,
+            return stream_batches(sp.paths, sp.index[rows], sp.labels[rows], batch_size, views, seeds, workers,
                                   skip_bad, pin_memory, crop=sp.crop)
         check_views(views, seeds)
         if batch_size < 1:

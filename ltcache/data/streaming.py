@@ -45,7 +45,7 @@ class PathTable:
     """File paths as one UTF-8 byte buffer plus offsets: a few bytes a path, cheap to pickle to
     workers, and no per-string Python objects whose reference counts copy forked pages."""
 
-    def __init__(self, paths: Sequence[str]):
+    def __init__(self, paths: Sequence[str] = ()):
         enc = [str(p).encode("utf-8", "surrogateescape") for p in paths]
         self.offsets = np.zeros(len(enc) + 1, dtype=np.int64)
         if enc:
@@ -60,8 +60,17 @@ class PathTable:
         return self.buf[lo:hi].tobytes().decode("utf-8", "surrogateescape")
 
     def subset(self, rows) -> "PathTable":
-        """The paths of ``rows`` (in that order) as a new table."""
-        return PathTable([self[int(r)] for r in np.asarray(rows, dtype=np.int64)])
+        """The paths of ``rows`` (in that order) as a new table (byte slices, no decoding)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows outside [0, {len(self)})")
+        lo, hi = self.offsets[rows], self.offsets[rows + 1]
+        out = PathTable()
+        out.offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(hi - lo, out=out.offsets[1:])
+        buf = self.buf
+        out.buf = np.concatenate([buf[a:b] for a, b in zip(lo.tolist(), hi.tolist())]) if len(rows) else buf[:0].copy()
+        return out
 
 
 # ---------------------------------------------------------------------------------- transforms
@@ -101,7 +110,7 @@ def open_rgb(path: str):
     try:
         with Image.open(path) as im:
             return im.convert("RGB")        # convert() loads the pixels: truncated files fail here
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:                # PIL's decoders raise many types (OSError, SyntaxError, zlib...)
         raise BadImage(str(exc) or exc.__class__.__name__) from None
 
 
@@ -115,7 +124,7 @@ def image_size(path: str) -> tuple:
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:
         raise bad_image_error(path, str(exc) or exc.__class__.__name__) from None
 
 
@@ -133,23 +142,24 @@ def decode_center(paths: Sequence[str], crop: int = 224) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- dataset
 class ViewDataset(torch.utils.data.Dataset):
-    """Item i: the asked views of one file, made from one decode of the full-size image.
-    Returns (i, views uint8 [V,3,S,S] or None, label, path, reason-if-bad)."""
+    """Item i: the asked views of file ``paths[index[i]]``, made from one decode of the full-size
+    image. Returns (i, views uint8 [V,3,S,S] or None, label, path, reason-if-bad)."""
 
-    def __init__(self, paths: PathTable, labels: torch.Tensor, views: Sequence[str],
+    def __init__(self, paths: PathTable, index, labels: torch.Tensor, views: Sequence[str],
                  seeds: Optional[torch.Tensor], crop: int = 224, jitter: float = JITTER):
-        self.paths, self.labels, self.views, self.crop = paths, labels, list(views), crop
+        self.paths, self.views, self.crop, self.jitter = paths, list(views), crop, jitter
+        self.index = np.asarray(torch.as_tensor(index, dtype=torch.long).cpu()).reshape(-1)
+        self.labels = np.asarray(torch.as_tensor(labels, dtype=torch.long).cpu()).reshape(-1)
         self.seeds = None if seeds is None else np.asarray(torch.as_tensor(seeds, dtype=torch.long).cpu())
-        self.jitter = jitter
         self._eval = self._train = None            # built lazily (in the worker)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.index)
 
     def __getitem__(self, i: int):
         if self._eval is None:
             self._eval, self._train = eval_transform(self.crop), train_transform(self.crop, self.jitter)
-        path = self.paths[i]
+        path = self.paths[int(self.index[i])]
         try:
             im = open_rgb(path)
         except BadImage as exc:
@@ -190,18 +200,19 @@ def check_views(views: Sequence[str], seeds) -> None:
         raise ValueError("a 'train' view needs seeds (one int64 per row)")
 
 
-def stream_batches(paths: PathTable, labels: torch.Tensor, batch_size: int, views: Sequence[str],
+def stream_batches(paths: PathTable, index, labels: torch.Tensor, batch_size: int, views: Sequence[str],
                    seeds: Optional[torch.Tensor] = None, workers: int = 8, skip_bad: bool = False,
                    pin_memory: bool = False, crop: int = 224, jitter: float = JITTER) -> Iterator[Batch]:
-    """Batches of ``batch_size`` consecutive items of (``paths``, ``labels``), in order, decoded by
-    ``workers`` DataLoader workers (0: in this process). Every chunk yields one batch, even one
-    whose images were all skipped (so ranks stepping together stay in step)."""
+    """Batches of ``batch_size`` consecutive items (files ``paths[index[i]]`` with ``labels[i]``),
+    in order, decoded by ``workers`` DataLoader workers (0: in this process). Every chunk yields
+    one batch, even one whose images were all skipped (so ranks stepping together stay in step)."""
     check_views(views, seeds)
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size} must be positive")
-    if seeds is not None and len(seeds) != len(paths):
-        raise ValueError(f"{len(seeds)} seeds for {len(paths)} rows; give one seed per row")
-    ds = ViewDataset(paths, labels, views, seeds, crop, jitter)
+    if len(index) != len(labels) or (seeds is not None and len(seeds) != len(index)):
+        raise ValueError(f"{len(index)} rows, {len(labels)} labels, {'no' if seeds is None else len(seeds)} seeds; "
+                         "give one label and seed per row")
+    ds = ViewDataset(paths, index, labels, views, seeds, crop, jitter)
     if len(ds) == 0:
         return
     workers = max(0, min(int(workers), -(-len(ds) // batch_size)))
