@@ -317,6 +317,20 @@ def test_splitlists(tmp_path):
     assert ds.splits["test"].labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
 
 
+def test_splitlist_without_val_list_holds_val_out_of_train(tmp_path):
+    # iNaturalist-2018: no val list (its official val list is given as the test list); val is held
+    # out of the train list, never taking a class's last image, and never overlaps train
+    prefix = datagen.make_splitlists(tmp_path, "Nat", 3, [12, 4, 1])
+    (tmp_path / "Nat_val.txt").unlink()
+    ds = build_dataset(DatasetSpec(f"splitlist:{prefix}", val_per_class=3), data_root=tmp_path, quiet=True, workers=2)
+    assert torch.bincount(ds.splits["val"].labels, minlength=3).tolist() == [3, 3, 0]
+    assert ds.class_counts == [9, 1, 1] and ds.spec.val_counts == [3, 3, 0]
+    assert not set(ds.splits["val"].index.tolist()) & set(ds.splits["train"].index.tolist())
+    again = build_dataset(DatasetSpec(f"splitlist:{prefix}", val_per_class=3), data_root=tmp_path, quiet=True,
+                          workers=2)
+    assert torch.equal(again.splits["val"].index, ds.splits["val"].index)          # seeded
+
+
 # ------------------------------------------------------------------------------ augmentation
 def test_augment_cifar_shape_dtype_determinism(tmp_path):
     folder = datagen.make_imagefolder(tmp_path / "tiny", num_classes=2, per_class_train=8, per_class_test=2)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ltcache.data import augment as A
-from ltcache.data.profiles import (default_val_per_class, draw_validation, holdout_then_select, lt_counts,
-                                   select_indices)
+from ltcache.data.profiles import (default_val_per_class, draw_validation, holdout_from_list, holdout_then_select,
+                                   lt_counts, select_indices)
 from ltcache.data.sources import SMALL_IMAGE, SourceData, load_cifar, load_imagefolder, load_splitlist
 from ltcache.data.spec import DatasetSpec, parse_source
 from ltcache.data.streaming import Batch, PathTable, check_views, decode_center, stream_batches
@@ -185,6 +185,15 @@ def build_dataset(spec: DatasetSpec, data_root=None, download: bool = False, qui
             empty = counts.index(0)
             raise LtcacheError(f"class {empty} has no training image in the train list; fix the list")
         sel = np.arange(len(train_labels), dtype=np.int64)
+        if src.val is None and spec.val_split == "holdout" and per_class > 0:
+            # no val list (iNaturalist-2018: its val list is the reported test set): val held out of
+            # the train list, never a class's last image
+            sel, val_idx, short = holdout_from_list(train_labels, per_class, spec.seed, src.class_names)
+            counts = np.bincount(train_labels[sel], minlength=k).tolist()
+            if short:
+                echo(f"val split: {len(short)} class(es) have too few training images for {per_class} val "
+                     f"images each (e.g. {short[0][0]}: {short[0][1]}); val accuracy averages over the classes "
+                     "present", quiet)
     else:
         n_max = int(np.bincount(train_labels, minlength=k).max())
         counts = lt_counts(n_max, k, spec.imb_ratio, spec.profile)
@@ -196,7 +205,7 @@ def build_dataset(spec: DatasetSpec, data_root=None, download: bool = False, qui
             sel = select_indices(train_labels, counts, spec.selection, spec.seed)
     if src.val is not None:
         val_src, val_idx = src.val, np.arange(len(src.val.labels), dtype=np.int64)
-    elif spec.val_split == "holdout" and not src.train_is_lt and per_class > 0:
+    elif spec.val_split == "holdout" and per_class > 0:
         val_src = src.train
     else:
         val_src = src.train

@@ -120,6 +120,29 @@ def holdout_then_select(labels: Sequence[int], counts: Sequence[int], per_class:
     return (np.concatenate(train).astype(np.int64), np.concatenate(val).astype(np.int64), kept)
 
 
+def holdout_from_list(labels: Sequence[int], per_class: int, seed: int = 0,
+                      class_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, list]:
+    """Val held out of a train list that already is long-tailed (a split list without a val list,
+    e.g. iNaturalist-2018, whose official val list is the reported test set): ``per_class`` images
+    of each class drawn (seeded), but never a class's last training image. Returns (train rows,
+    val rows, the classes given fewer than ``per_class`` val images as (name, count))."""
+    labels = np.asarray(labels)
+    rng = np.random.RandomState(seed + 1)
+    train, val, short = [], [], []
+    for c in range(int(labels.max()) + 1 if len(labels) else 0):
+        rows = np.where(labels == c)[0]
+        take = max(0, min(per_class, len(rows) - 1))
+        if take < per_class:
+            short.append((class_names[c] if class_names is not None else str(c), take))
+        picked = rng.choice(len(rows), take, replace=False) if take else np.zeros(0, dtype=np.int64)
+        keep = np.ones(len(rows), dtype=bool)
+        keep[picked] = False
+        train.append(rows[keep])
+        val.append(np.sort(rows[picked]))
+    cat = lambda parts: np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+    return cat(train), cat(val), short
+
+
 def draw_validation(labels: Sequence[int], selected: np.ndarray, per_class: int,
                     seed: int = 0, class_names: Sequence[str] | None = None) -> tuple[np.ndarray, list]:
     """The LEGACY val split (``val_split="leftover"``, checkpoints made before the holdout rule):
