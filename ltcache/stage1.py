@@ -29,7 +29,7 @@ from ltcache.cache.lock import OutputLock
 from ltcache.data import DatasetSpec, build_dataset
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
-from ltcache.metrics import accuracy_report, fmt_pct, group_accuracy, per_class_accuracy
+from ltcache.metrics import fmt_pct, group_accuracy, per_class_accuracy
 from ltcache.models import build_model
 from ltcache.models.registry import check_arch, load_pretrained
 from ltcache.outputs import atomic_save, check_output_dir
@@ -289,13 +289,7 @@ def evaluate(model, ds, split: str, device, batch_size: int = 500, amp: bool = F
         return {"all": None, "many": None, "medium": None, "few": None}
     model.eval()
     rank, world = _ranks()
-    if world == 1 and not getattr(sp, "streamed", False):
-        outs = []
-        for i in range(0, len(sp), batch_size):
-            x = ds.normalize(sp.images(torch.arange(i, min(i + batch_size, len(sp)))).to(device))
-            outs.append(_top1(model, x, amp, device))
-        return accuracy_report(torch.cat(outs), sp.labels, ds.class_counts)
-    lo, hi = share(len(sp), rank, world)
+    lo, hi = share(len(sp), rank, world)           # one process: the whole split
     preds, labels = [], []
     if getattr(sp, "streamed", False):
         for b in ds.loader(split, torch.arange(lo, hi), batch_size, ["center"], workers=workers,
