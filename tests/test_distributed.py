@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import datagen
 from ltcache import distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,8 +180,6 @@ seeds = [0]
 def test_pipeline_under_torchrun(tmp_path):
     # every step of `ltcache run` on two ranks: DDP stage 1, split extraction, split sweep and tune;
     # rank 0 alone prints and writes
-    sys.path.insert(0, str(REPO / "tests"))
-    import datagen
     datagen.make_imagefolder(tmp_path / "imgs", num_classes=3, per_class_train=12, per_class_test=4, size=32)
     (tmp_path / "tiny.toml").write_text(PIPELINE)
     res = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "ltcache", "run", "tiny.toml",
@@ -187,7 +187,6 @@ def test_pipeline_under_torchrun(tmp_path):
                          env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "out"
-    import torch
     assert torch.load(out / "stage1" / "stage1.pt", weights_only=False)["world_size"] == 2
     man = json.loads((out / "cache" / "manifest.json").read_text())
     assert man["extraction"].get("world_size") == 2
