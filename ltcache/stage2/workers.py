@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ltcache.stage2.losses import loss_signature
 from ltcache.stage2.samplers import steps_per_epoch
 
 SMALL_STEP = 2e7          # M * B * D * K of one step below which a CPU step is op-overhead bound
@@ -25,7 +26,15 @@ SMALL_STEP = 2e7          # M * B * D * K of one step below which a CPU step is 
 # single-thread workers train the sweep ~10 % faster than one process on both cores. At D 2048
 # the GEMMs dominate and one process with all threads is as fast.
 ELEMENTWISE_D = 1024
-MIN_PARALLEL_WORK = 2e9   # below this (about a second of work) forking workers does not pay
+MIN_PARALLEL_WORK = 1e10  # below this (well under a second of work) forking workers does not pay
+# The cost model of a group (:func:`_work`), in multiply-adds of a CPU core, fitted to
+# ``benchmarks/profile_groups.py`` on one thread (D 64 and D 512; 1.5e10 units ~ one second): a
+# step costs a fixed ~0.1 ms of op overhead, ~70 us more per distinct loss (its optional terms
+# are ops of their own) plus, per member and logit, D multiply-adds of the two GEMMs and ~150
+# equivalents of element-wise loss and update work (more with many loss terms).
+STEP_OVERHEAD = 1.5e6
+LOSS_OVERHEAD = 1e6
+ELEMENTWISE_PER_LOGIT = 150
 _FORKED = None            # (train_group, configs, data, select) inherited by the forked workers
 _IN_WORKER = False
 
@@ -80,29 +89,62 @@ def _step_size(configs: Sequence, members: list[int], data) -> float:
 
 
 def _work(configs: Sequence, members: list[int], data) -> float:
-    """Rough cost of training ``members`` as one group: steps x (per-step overhead + size)."""
-    n = data.x.shape[0]
+    """Rough cost of training ``members`` as one group, in multiply-adds: steps x (a fixed
+    per-step cost and one per distinct loss + per member B K (D + elementwise)); frozen-base
+    groups do no D-sized work."""
+    from ltcache.stage2.sweep import frozen_base
+    n, d, k = data.x.shape[0], data.x.shape[-1], data.w0.shape[0]
     b = configs[members[0]].batch_size
     steps = max(configs[i].epochs * steps_per_epoch(configs[i].sampler, n, b) for i in members)
-    return steps * (2e5 + _step_size(configs, members, data))
+    per_logit = (0 if frozen_base(configs[members[0]]) else d) + ELEMENTWISE_PER_LOGIT
+    losses = len({loss_signature(configs[i].loss) for i in members})
+    return steps * (STEP_OVERHEAD + LOSS_OVERHEAD * losses + len(members) * b * k * per_logit)
+
+
+def _makespan(parts: list[list[int]], jobs: int, work: Callable) -> float:
+    """The longest worker's work when ``parts`` go, costliest first, each to the worker that is
+    free first (as the pool hands them out)."""
+    loads = [0.0] * jobs
+    for w in sorted((work(p) for p in parts), reverse=True):
+        loads[loads.index(min(loads))] += w
+    return max(loads)
 
 
 def _balance(plan: list[list[int]], configs, data, jobs: int) -> list[list[int]]:
-    """Split the costliest group in halves while it holds more than a worker's share and the
-    halves are clearly cheaper (the per-step overhead does not halve); the parts come back
-    costliest first, so the pool starts the long ones first."""
+    """Split the costliest group in halves while it holds more than a worker's share -- or most
+    of it while other parts are there to fill around its halves (a part that large leaves the
+    pool nothing to even out the cost model's errors with) -- and the halves are clearly cheaper
+    (the per-step cost does not halve); then go on splitting while a split shortens the longest
+    worker's share (:func:`_makespan`). The parts come back costliest first, so the pool starts
+    the long ones first."""
     parts = [list(p) for p in plan]
 
     def work(p):
         return _work(configs, p, data)
 
+    def halves(p):
+        return [p[:len(p) // 2], p[len(p) // 2:]]
+
     for _ in range(4 * jobs):
         parts.sort(key=lambda p: -work(p))
         top = parts[0]
-        halves = [top[:len(top) // 2], top[len(top) // 2:]]
-        if (len(top) < 2 or work(top) <= sum(work(p) for p in parts) / jobs
-                or max(work(h) for h in halves) > 0.75 * work(top)):
+        share = sum(work(p) for p in parts) / jobs
+        large = work(top) > share or (len(parts) > jobs and work(top) > 0.8 * share)
+        if len(top) < 2 or not large or max(work(h) for h in halves(top)) > 0.75 * work(top):
             break
-        parts[0:1] = halves
+        parts[0:1] = halves(top)
+    best = _makespan(parts, jobs, work)
+    for _ in range(4 * jobs):
+        parts.sort(key=lambda p: -work(p))
+        for i, top in enumerate(parts):
+            if len(top) < 2:
+                continue
+            trial = parts[:i] + halves(top) + parts[i + 1:]
+            span = _makespan(trial, jobs, work)
+            if span < 0.98 * best:
+                parts, best = trial, span
+                break
+        else:
+            break
     parts.sort(key=lambda p: -work(p))
     return parts
