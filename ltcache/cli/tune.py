@@ -39,6 +39,9 @@ from ltcache.errors import LtcacheError
 @click.option("--clean-view", is_flag=True, help="also draw the clean train view in the epochs")
 @click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False,
               help="intra-op threads (default: the cores free when the command starts)")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "tf32"]), default="fp32", show_default=True,
+              help="arithmetic of the training GEMMs in both stages: fp32 (exact), bf16 or tf32 (CUDA); see "
+                   "`ltcache bench --help`")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="folder for results.json, tune.csv and tune.md (a folder already holding them is never "
                    "replaced without --force)")
@@ -46,7 +49,7 @@ from ltcache.errors import LtcacheError
 @click.option("--quiet", is_flag=True, help="no progress bars or status lines")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path), help=PLUGIN_HELP)
 def tune_cmd(all_methods, method_list, budget, search, select_metric, space_items, tune_seeds, seeds, cache_dir, test_views,
-             preset, device, jobs, clean_view, threads, out, force, quiet, plugins):
+             preset, device, jobs, clean_view, threads, precision, out, force, quiet, plugins):
     """Tune every method on val with the same budget, then re-train the picks over the final seeds.
 
     \b
@@ -73,7 +76,8 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
     api.parse_seeds(tune_seeds)
     api.parse_seeds(seeds)
     space = parse_space(space_items)
-    from ltcache.cli.stage2 import join_ranks
+    from ltcache.cli.stage2 import _check_precision, join_ranks
+    _check_precision(precision, device)
     if not join_ranks(device):              # another torchrun rank: trains its share, prints and writes nothing
         quiet, out = True, None
     if out is not None:
@@ -84,7 +88,7 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
     results = api.tune(cache_dir, names, budget=budget, search=search, select_metric=select_metric,
                        tune_seeds=api.parse_seeds(tune_seeds), seeds=api.parse_seeds(seeds), test_views=test_views,
                        device=device, quiet=quiet, preset=preset, out_dir=out, force=True, jobs=jobs,
-                       clean_view=clean_view, space=space)
+                       clean_view=clean_view, space=space, precision=precision)
     if not _is_main():
         return
     click.echo(format_tune_table(results))

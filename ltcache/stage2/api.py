@@ -27,6 +27,7 @@ from ltcache.errors import LtcacheError
 from ltcache.progress import echo
 from ltcache.stage2.evaluate import VAL_METRICS, Evaluator, evaluate_layer, layer_logits, val_report  # noqa: F401
 from ltcache.stage2.methods import METHODS, GENERIC, Method, choose_preset, get_method, resolve_params, run_name
+from ltcache.stage2.precision import PRECISIONS, check_precision  # noqa: F401
 from ltcache.stage2.plan import (TEST_VIEWS, Config, TrainData, _load_cache, _train_data,  # noqa: F401
                                  _view_names, _views, expand, make_config, needs_val, parse_seeds, plan_runs,
                                  require_val, train_view_names, train_view_pool, val_gaps)
@@ -37,18 +38,22 @@ from ltcache.stage2.sweep import train_sweep
 
 def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int], select: str = "last",
               test_views: str = "all", device: str = "auto", quiet: bool = False,
-              jobs: Optional[int] = None, clean_view: bool = False, evaluate_test: bool = True) -> tuple[dict, list]:
+              jobs: Optional[int] = None, clean_view: bool = False, evaluate_test: bool = True,
+              precision: str = "fp32") -> tuple[dict, list]:
     """Train/compute every plan x seed; returns (results dict, [(run dict, layer)]).
 
     Every run records its val metrics (``run["val"]``, when the cache has a val split) beside
     its test metrics. ``evaluate_test=False`` never reads the test split (selection sweeps).
     ``jobs``: worker processes for CPU sweeps of small heads (None: the cores torch may use; 1: none).
-    ``clean_view``: also draw the clean train view (default: augmented views only, when present)."""
+    ``clean_view``: also draw the clean train view (default: augmented views only, when present).
+    ``precision``: the training GEMMs' arithmetic, fp32 (exact), bf16 or tf32 (CUDA) --
+    :mod:`ltcache.stage2.precision`."""
     if jobs is not None and jobs < 1:
         raise LtcacheError(f"--jobs must be >= 1 (got {jobs}); 1 trains everything in this process")
     if select not in ("last", "val"):
         raise LtcacheError(f"unknown --select '{select}'; use last or val")
     dev = resolve_device(device)
+    check_precision(precision, dev)
     cache = _load_cache(cache, dev)
     require_stage1(cache, plans)                        # a cache without a stage-1 classifier: refused before work
     seeds = parse_seeds(seeds)
@@ -59,7 +64,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
         raise LtcacheError("the cache has no test split; re-extract it with the test split")
     t0 = time.perf_counter()
     # 1. plan: the cache's tensors, the runs and the configurations to train
-    data = _train_data(cache, dev, test_views, clean_view)
+    data = _train_data(cache, dev, test_views, clean_view, precision)
     counts = torch.as_tensor(cache.class_counts).long().cpu()
     runs_plan = plan_runs(plans, seeds, counts)
     # 2.-3. groups, trained
@@ -75,6 +80,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
     results["stage1_val"] = stage1_val
     results["stage1_classifier"] = has_stage1_classifier(cache)     # False: the stage-1 row is a placeholder
     results["train_views"] = train_view_names(cache.splits["train"], clean_view)
+    results["precision"] = precision
     echo(f"sweep: {len(runs)} runs ({len(runs_plan.configs)} trained) in {wall:.1f} s on {dev}", quiet)
     return results, list(zip(runs, layers))
 
@@ -83,7 +89,7 @@ def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequenc
             select: str = "last", test_views: str = "all", device: str = "auto", quiet: bool = False,
             preset: Optional[str] = None, export: Optional[Union[str, Path]] = None,
             jobs: Optional[int] = None, clean_view: bool = False,
-            from_tune: Optional[Union[str, Path]] = None) -> dict:
+            from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32") -> dict:
     """Re-train one method (with ``overrides`` of its hyper-parameters) for each seed.
 
     Returns the results JSON dict. ``export`` writes the first seed's head with the stage-1
@@ -105,7 +111,8 @@ def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequenc
         overrides = {**picks[m.name], **(overrides or {})}
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
     plans = expand([m.name], overrides, None, pre, int(cache.splits["train"].labels.numel()))
-    results, pairs = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view)
+    results, pairs = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
+                               precision=precision)
     results["preset"] = pre
     if export is not None:
         from ltcache.export import export_model
@@ -119,7 +126,7 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
           device: str = "auto", quiet: bool = False, preset: Optional[str] = None,
           overrides: Optional[dict] = None, out_dir: Optional[Union[str, Path]] = None,
           jobs: Optional[int] = None, clean_view: bool = False,
-          from_tune: Optional[Union[str, Path]] = None) -> dict:
+          from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32") -> dict:
     """One sweep over ``methods`` (default: all) x ``grid`` x ``seeds``; optional files in out_dir.
 
     ``from_tune``: a ``tune`` results.json of this cache; each method runs at its chosen values
@@ -166,7 +173,8 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
         for sk in skipped:
             echo(f"skipped {sk['name']}: {sk['why']}", quiet)
     plans, skipped = skip_stage1(cache, plans, skipped, methods, quiet)
-    results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view)
+    results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
+                           precision=precision)
     results["preset"] = pre
     results["skipped"] = skipped
     if out_dir is not None:

@@ -96,6 +96,9 @@ def init_head(kind: HeadKind, init: str, w0: torch.Tensor, b0: torch.Tensor, g: 
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm, computed in float32 at least and returned in x's dtype."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return F.normalize(x.float(), dim=-1).to(x.dtype)
     return F.normalize(x, dim=-1)
 
 
@@ -136,32 +139,60 @@ def _block_parts(x: SharedRows, *blocks: torch.Tensor) -> list:
 
 
 def _wx(w: torch.Tensor, x, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Class-major products [M, K, B] = w x^T (+ bias [M, K, 1]) for x [M, B, D] or SharedRows."""
+    """Class-major products [M, K, B] = w x^T (+ bias [M, K, 1]) for x [M, B, D] or SharedRows.
+    Features held in a lower precision (``--precision bf16``) multiply w cast to theirs; the
+    products come back in w's dtype."""
+    low = _low(w, x)
     if not isinstance(x, SharedRows):
+        if low is not None:
+            z = torch.bmm(w.to(low), x.transpose(1, 2)).to(w.dtype)
+            return z if bias is None else z.add_(bias)
         return torch.bmm(w, x.transpose(1, 2)) if bias is None else torch.baddbmm(bias, w, x.transpose(1, 2))
     out = torch.empty(w.shape[0], w.shape[1], x.xs.shape[1], dtype=w.dtype, device=w.device)
     (wb, wr), (ob, orest) = _split(w, x), _split(out, x)
     bb, br = _split(bias, x) if bias is not None else (None, None)
     for wp, xp, op, bp in _block_parts(x, wb, x.xs, ob, bb) + [(wr, x.rest, orest, br)]:
         if op.shape[0]:
-            if bp is None:
+            if low is not None:
+                op.copy_(torch.bmm(wp.to(low), xp.transpose(1, 2)))
+                if bp is not None:
+                    op.add_(bp)
+            elif bp is None:
                 torch.bmm(wp, xp.transpose(1, 2), out=op)
             else:
                 torch.baddbmm(bp, wp, xp.transpose(1, 2), out=op)
     return out
 
 
+def _low(t: torch.Tensor, x) -> Optional[torch.dtype]:
+    """The features' dtype when it is not ``t``'s (a GEMM then runs in it), else None."""
+    dt = (x.xs if isinstance(x, SharedRows) else x).dtype
+    return dt if dt != t.dtype else None
+
+
 def _gx(g: torch.Tensor, x, into: Optional[torch.Tensor] = None, beta: float = 0.0) -> torch.Tensor:
-    """g [M, K, B] times x: the weight gradient [M, K, D]; with ``into``, into = beta*into + g x."""
+    """g [M, K, B] times x: the weight gradient [M, K, D]; with ``into``, into = beta*into + g x.
+    With features in a lower precision, g is cast to it and the product accumulated in g's dtype."""
+    low = _low(g, x)
     if not isinstance(x, SharedRows):
-        return torch.bmm(g, x) if into is None else into.baddbmm_(g, x, beta=beta)
+        if low is None:
+            return torch.bmm(g, x) if into is None else into.baddbmm_(g, x, beta=beta)
+        gx = torch.bmm(g.to(low), x).to(g.dtype)
+        if into is None:
+            return gx
+        return into.copy_(gx) if beta == 0.0 else into.mul_(beta).add_(gx)     # beta 0: no 0 * NaN
     if into is None:
         into = torch.empty(g.shape[0], g.shape[1], x.xs.shape[2], dtype=g.dtype, device=g.device)
         beta = 0.0
     (gb, gr), (ib, ir) = _split(g, x), _split(into, x)
     for gp, xp, ip in _block_parts(x, gb, x.xs, ib) + [(gr, x.rest, ir)]:
         if ip.shape[0]:
-            ip.baddbmm_(gp, xp, beta=beta)
+            if low is None:
+                ip.baddbmm_(gp, xp, beta=beta)
+            elif beta == 0.0:                   # into may be uninitialised: no 0 * NaN
+                ip.copy_(torch.bmm(gp.to(low), xp))
+            else:
+                ip.mul_(beta).add_(torch.bmm(gp.to(low), xp))
     return into
 
 

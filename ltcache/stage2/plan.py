@@ -29,6 +29,7 @@ from ltcache.errors import LtcacheError
 from ltcache.stage2.losses import LossSpec, build_loss
 from ltcache.stage2.methods import GENERIC, Method, check_param, get_method, resolve_params, run_name
 from ltcache.stage2.params import SCHEDULES
+from ltcache.stage2.precision import check_precision
 from ltcache.stage2.samplers import ClassIndex
 
 TEST_VIEWS = ("all", "center")
@@ -195,6 +196,8 @@ class TrainData:
     # features [M*B, D]. The reference "through the backbone" path plugs the frozen backbone in
     # here, so both paths share the samplers, losses and optimiser step.
     gather: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    # the arithmetic of the training GEMMs (:mod:`ltcache.stage2.precision`): fp32, bf16 or tf32
+    precision: str = "fp32"
 
     def __post_init__(self):
         if self.class_index is None:
@@ -256,7 +259,7 @@ def train_view_names(split, clean_view: bool) -> list[str]:
     return [names[i] if i < len(names) else str(i) for i in train_view_pool(split, clean_view)]
 
 
-def _train_data(cache, device, test_views: str, clean_view: bool = False) -> TrainData:
+def _train_data(cache, device, test_views: str, clean_view: bool = False, precision: str = "fp32") -> TrainData:
     """The cache's :class:`TrainData`: the pooled train views, the stage-1 layer, the val views."""
     tr = cache.splits["train"]
     val = cache.splits.get("val")
@@ -265,7 +268,7 @@ def _train_data(cache, device, test_views: str, clean_view: bool = False) -> Tra
     val_x, val_labels = eval_split(val, device, test_views) if val is not None else (None, None)
     return TrainData(x=_float(x, device), labels=tr.labels.to(device).long(),
                      w0=_float(cache.weight, device), b0=_float(cache.bias, device),
-                     val_x=val_x, val_labels=val_labels)
+                     val_x=val_x, val_labels=val_labels, precision=check_precision(precision, device))
 
 
 def val_gaps(cache) -> Optional[str]:

@@ -50,7 +50,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -65,6 +65,7 @@ from ltcache.stage2.losses import LossTargets, batched_loss_grad, loss_signature
 from ltcache.stage2.losses._fallback import AutogradLossGrad
 from ltcache.stage2.params import SCHEDULES  # noqa: F401  (re-exported)
 from ltcache.stage2.plan import Config, TrainData  # noqa: F401  (re-exported: sweep.Config, sweep.TrainData)
+from ltcache.stage2.precision import feature_dtype, matmul_mode
 from ltcache.stage2.samplers import ClassIndex, epoch_indices, steps_per_epoch
 from ltcache.stage2.workers import in_worker, run_in_workers, worth_workers
 
@@ -122,9 +123,13 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
     if select == "val" and data.val_x is None:
         raise LtcacheError("--select val needs a val split in the cache; use --select last "
                            "or extract the cache with a val split")
-    if _dist.init_from_env(data.x.device):
-        return _train_across_ranks(configs, data, select, quiet, n_jobs)
-    return _train_here(configs, data, select, quiet, n_jobs)
+    low = feature_dtype(data.precision)
+    if low != torch.float32 and data.x.dtype != low and data.gather is None:
+        data = replace(data, x=data.x.to(low))        # bf16 features: cast once, before any fork
+    with matmul_mode(data.precision):
+        if _dist.init_from_env(data.x.device):
+            return _train_across_ranks(configs, data, select, quiet, n_jobs)
+        return _train_here(configs, data, select, quiet, n_jobs)
 
 
 def _train_here(configs: Sequence[Config], data: TrainData, select: str, quiet: bool,
@@ -377,6 +382,7 @@ class GroupTrainer:
         if self.base and data.gather is None:
             self.table = torch.cat([torch.addmm(self.b0, self.x_flat[i:i + 65536].float(), self.w0.t())
                                     for i in range(0, self.x_flat.shape[0], 65536)])
+        self.x_dtype = data.x.dtype if data.gather is None else feature_dtype(data.precision)
         self.epochs = max(c.epochs for c in self.cfgs)
         self.total_steps = sum(max(steps_per_epoch(c.sampler, self.n, self.bsz) for c in self.cfgs if e < c.epochs)
                                for e in range(self.epochs))
@@ -455,7 +461,9 @@ class GroupTrainer:
         rows, gather = ep.rows[s], self.data.gather
         if gather is not None:
             xb = gather(rows, ep.valid[s])
-            return torch.addmm(self.b0, xb, self.w0.t()).view(m, bsz, self.k) if self.base else xb.view(m, bsz, self.d)
+            if self.base:
+                return torch.addmm(self.b0, xb, self.w0.t()).view(m, bsz, self.k)
+            return xb.to(self.x_dtype).view(m, bsz, self.d)
         if self.base:
             return self.table.index_select(0, rows).view(m, bsz, self.k)
         return x_flat.index_select(0, rows).view(m, bsz, self.d)

@@ -120,11 +120,12 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
          seeds: Sequence[int] = (0, 1, 2, 3, 4), test_views: str = "all", device: str = "auto",
          quiet: bool = False, preset: Optional[str] = None, out_dir: Optional[Union[str, Path]] = None,
          force: bool = False, jobs: Optional[int] = None, clean_view: bool = False,
-         space: Optional[dict[str, Dim]] = None) -> dict:
+         space: Optional[dict[str, Dim]] = None, precision: str = "fp32") -> dict:
     """Tune every method in ``methods`` (default: all) on val with ``budget`` points each, pick
     per method by ``select_metric``, re-train picks and presets over ``seeds``; the results
     document (``results["tune"]`` holds the picks, every point's val score and the timings).
     ``space``: replacement dimensions (:func:`parse_space`) for the methods that have them.
+    ``precision``: the training GEMMs' arithmetic in both stages (:mod:`ltcache.stage2.precision`).
     With ``out_dir``, stage A's points are written (``stage_a.json``) as soon as they exist, so
     a failure in stage B keeps them."""
     if budget < 1:
@@ -147,6 +148,7 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
         from ltcache.outputs import check_output_dir
         check_output_dir(out_dir, force=force, outputs=OUTPUTS, what="--out folder")
     dev = api.resolve_device(device)
+    api.check_precision(precision, dev)
     full = api._load_cache(cache, dev)
     api.require_val(full, "tune")
     pre = choose_preset(full.num_classes, full.feature_dim, preset)
@@ -161,7 +163,7 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
             owner.append((m.name, point))
     echo(f"tune stage A: {len(plans)} points x {len(tune_seeds)} seed(s) on val", quiet)
     res_a, _ = api.run_sweep(without_test(full), plans, tune_seeds, "last", test_views, device, quiet, jobs,
-                             clean_view, evaluate_test=False)
+                             clean_view, evaluate_test=False, precision=precision)
     by_name: dict[str, list[dict]] = {}
     for r in res_a["runs"]:
         by_name.setdefault(r["name"], []).append(r)
@@ -194,7 +196,8 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
             tags[api.run_name(*base)] = (m.name, "preset")
             plans_b.append(base)
     echo(f"tune stage B: {len(plans_b)} configurations x {len(seeds)} seeds on test", quiet)
-    results, _ = api.run_sweep(full, plans_b, seeds, "last", test_views, device, quiet, jobs, clean_view)
+    results, _ = api.run_sweep(full, plans_b, seeds, "last", test_views, device, quiet, jobs, clean_view,
+                               precision=precision)
     wall_b = time.perf_counter() - t1
     for r in results["runs"]:
         r["tune_role"] = tags.get(r["name"], (r["method"], "tuned"))[1]
