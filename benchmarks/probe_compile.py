@@ -10,6 +10,12 @@ the first epoch's steps after the first call):
 * the tensor part alone -- head forward + the batched loss gradient, given the step's features
   and loss targets as tensors -- eager and compiled.
 It prints the compile times and the largest difference from eager.
+
+``python benchmarks/probe_compile.py --groups c10`` (or c100) asks the question for whole
+sweeps: every engine group of ``bench --all-methods`` (5 seeds, source epochs) timed alone by
+``profile_groups.py``, eager and then with the engine's loss gradient compiled once per group
+(``torch.compile(dynamic=False)`` of ``batched_loss_grad`` with the group's stacked losses
+bound), the first calls (compile, or Inductor's on-disk cache) timed separately.
 """
 from __future__ import annotations
 
@@ -80,5 +86,47 @@ def main(steps: int = 60) -> None:
               f"median {med * 1e3:.3f} ms, max |diff| {diff:.1e}")
 
 
+def groups(shape: str) -> None:
+    """Every group of a sweep, eager vs. its loss gradient compiled (first calls timed apart)."""
+    import profile_groups
+    from ltcache.stage2 import sweep
+
+    print(f"== eager ({shape})")
+    eager = profile_groups.main(["--shape", shape])
+    plain, compiled, first = sweep.batched_loss_grad, {}, [0.0]
+
+    def loss_grad(z, y, valid, lb, targets=None):
+        f = compiled.get(id(lb))
+        if f is None:
+            f = compiled[id(lb)] = torch.compile(lambda zz, tt, lb=lb: plain(zz, None, None, lb, tt), dynamic=False)
+            t = time.perf_counter()
+            out = f(z, targets)
+            first[0] += time.perf_counter() - t
+            return out
+        return f(z, targets)
+
+    sweep.batched_loss_grad = loss_grad
+    try:
+        print(f"== loss gradient compiled per group ({shape})")
+        comp = profile_groups.main(["--shape", shape])
+    finally:
+        sweep.batched_loss_grad = plain
+    print(f"first calls (compile / cache load): {first[0]:.1f} s in all")
+    for e, c in zip(eager, comp):
+        print(f"{e['group']:26s} eager {e['ms_per_step']:7.2f} ms/step   compiled {c['ms_per_step']:7.2f} ms/step "
+              "(first call included)")
+    print(f"all groups: eager {sum(r['wall_s'] for r in eager):.1f} s, compiled {sum(r['wall_s'] for r in comp):.1f} s "
+          f"of which {first[0]:.1f} s first calls")
+
+
 if __name__ == "__main__":
-    main()
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--groups", default=None, help="c10 or c100: time whole sweep groups eager vs compiled loss")
+    a = ap.parse_args()
+    if a.groups:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        torch.set_num_threads(1)
+        groups(a.groups)
+    else:
+        main()
