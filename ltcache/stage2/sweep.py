@@ -186,20 +186,26 @@ def _train_across_ranks(configs: Sequence[Config], data: TrainData, select: str,
     return out  # type: ignore[return-value]
 
 
-def stream_blocks(cfgs: Sequence[Config]) -> tuple[list[int], int, int]:
-    """A member order with the members that read identical rows in blocks: (order, S, r).
+def stream_key(c: Config) -> tuple:
+    """What a configuration's batches depend on besides its group's batch size and views: its
+    sampler, seed, epochs and whether its head's initialisation draws from the same generator
+    first (a fresh or cosine head draws its weights). Members with equal keys read the same
+    rows at every step."""
+    draws = H.get_head(c.head).family == "cosine" or c.init == "fresh"
+    return (c.sampler, int(c.seed), c.epochs, draws)
 
-    A configuration's batches depend only on its sampler, seed, epochs and what its head's
-    initialisation draws from the same generator first (a fresh or cosine head draws its
-    weights); the batch size and views are the group's. Members equal in those read the same
-    rows at every step. Blocks hold r members (the r that puts the most members in blocks;
-    the larger on ties); the S blocks come first in ``order``, then the other members in their
-    given order. S = 0 when no two members share a stream. The engine still checks, each
-    epoch, that every block's rows are equal, and gathers per member if they are not."""
+
+def stream_blocks(cfgs: Sequence[Config]) -> tuple[list[int], int, int]:
+    """A member order with the members that read identical rows (:func:`stream_key`) in
+    blocks: (order, S, r).
+
+    Blocks hold r members (the r that puts the most members in blocks; the larger on ties);
+    the S blocks come first in ``order``, then the other members in their given order. S = 0
+    when no two members share a stream. The engine still checks, each epoch, that every
+    block's rows are equal, and gathers per member if they are not."""
     streams: dict[tuple, list[int]] = {}
     for i, c in enumerate(cfgs):
-        draws = H.get_head(c.head).family == "cosine" or c.init == "fresh"
-        streams.setdefault((c.sampler, int(c.seed), c.epochs, draws), []).append(i)
+        streams.setdefault(stream_key(c), []).append(i)
     sizes = {len(v) for v in streams.values() if len(v) >= 2}
     if not sizes:
         return list(range(len(cfgs))), 0, 1
@@ -314,7 +320,7 @@ class GroupTrainer:
         self.permuted = param_to_loss != list(range(m))
         self.to_param = torch.tensor(param_to_loss, device=dev)
         self.to_loss = torch.empty_like(self.to_param).index_copy_(0, self.to_param, torch.arange(m, device=dev))
-        self.to_loss_cpu = self.to_loss.cpu()
+        self.by_loss = self.to_loss.cpu().tolist()          # the param position of each loss position
         self.n_shared = self.n_blocks * self.r
 
     def _init_params(self) -> None:
@@ -399,25 +405,27 @@ class GroupTrainer:
         """Everything epoch ``e``'s steps read, made ahead (on a worker thread, while the previous
         epoch trains): its index batches, loss targets, momentum/lr factors, paused steps."""
         m, bsz, dev, nb, need, shape = self.m, self.bsz, self.dev, self.nb, self.need, self.shape
-        rows, ys, valid = _epoch_batches(self.cfgs, self.data.class_index, self.gens, e, self.n_views)
-        s_max = rows.shape[1]
-        ys_s = ys.transpose(0, 1).contiguous().to(dev)                             # [S, M, B]
-        vf_s = valid.transpose(0, 1).contiguous().to(dev, torch.float32)
+        parts = _epoch_batches(self.cfgs, self.data.class_index, self.gens, e, self.n_views)
+        s_max = max(p[0].shape[0] for p in parts)
+        rows, valid = _stacked(parts, 0, range(m), s_max, 0), _stacked(parts, 2, range(m), s_max, False)
+        # labels and validity in loss order (stacked so, not permuted after)
+        loss_order = self.by_loss if self.permuted else range(m)
+        valid_l = _stacked(parts, 2, loss_order, s_max, False) if self.permuted else valid
+        ys_s = _stacked(parts, 1, loss_order, s_max, 0).transpose(0, 1).contiguous().to(dev)      # [S, M, B]
+        vf_s = valid_l.transpose(0, 1).contiguous().to(dev, torch.float32)
         act_cpu = valid.any(-1).t().contiguous()                                   # [S, M]
         # steps of this epoch before each member's last step: (e, s) < (last epoch, last step)
         lim = torch.tensor([s_max if le > e else (ls if le == e else 0) for le, ls in self.last])
         act = act_cpu.to(dev, torch.float32)
         lr_e = torch.tensor([c.lr_at(e) if e < c.epochs else 0.0 for c in self.cfgs], device=dev)
         per_step = lambda t: t.unbind(0)                                         # noqa: E731 (views, one op)
-        if self.permuted:
-            ys_s, vf_s = ys_s.index_select(1, self.to_loss), vf_s.index_select(1, self.to_loss)
         user_step = None
         if nb == m:
             targets = loss_targets(self.lb, ys_s, vf_s)                            # the epoch's, at once
         else:
             targets = (loss_targets(self.lb, ys_s[:, :nb], vf_s[:, :nb]) if nb
                        else LossTargets(*([None] * len(LossTargets._fields))))
-            uvalid = (valid.index_select(0, self.to_loss_cpu) if self.permuted else valid)[nb:]   # [mu, S, B] CPU
+            uvalid = valid_l[nb:]                                                  # [mu, S, B] CPU
             un = uvalid.sum(-1)
             user_step = SimpleNamespace(
                 y=per_step(ys_s[:, nb:]), valid=per_step(vf_s[:, nb:]), n=un.t().tolist(),
@@ -537,33 +545,36 @@ class GroupTrainer:
         return out
 
 
-def _epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_views: int):
-    """Index batches of one epoch for all configs: flat rows [M,S,B], labels, valid [M,S,B]."""
+def _epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_views: int) -> list:
+    """Index batches of one epoch, per config: (flat rows [S_i, B], labels, valid [S_i, B]).
+    Configs with the same :func:`stream_key` draw identical batches, so each stream is drawn
+    once, from its first member's generator (the others' generators are then never read)."""
     b = cfgs[0].batch_size
-    rows, labs, vals = [], [], []
+    drawn: dict[tuple, tuple] = {}
+    out = []
     for c, g in zip(cfgs, gens):
-        if epoch < c.epochs:
-            idx, valid = epoch_indices(c.sampler, ci, b, epoch, c.epochs, g)
-            if n_views > 1:
-                view = torch.randint(n_views, (ci.n,), generator=g)
-                flat = idx * n_views + view[idx]
+        key = stream_key(c)
+        if key not in drawn:
+            if epoch < c.epochs:
+                idx, valid = epoch_indices(c.sampler, ci, b, epoch, c.epochs, g)
+                if n_views > 1:
+                    view = torch.randint(n_views, (ci.n,), generator=g)
+                    flat = idx * n_views + view[idx]
+                else:
+                    flat = idx
             else:
-                flat = idx
-        else:
-            idx = torch.zeros(1, b, dtype=torch.long)
-            flat, valid = idx, torch.zeros(1, b, dtype=torch.bool)
-        rows.append(flat)
-        labs.append(ci.labels[idx])
-        vals.append(valid)
-    s = max(r.shape[0] for r in rows)
+                idx = torch.zeros(1, b, dtype=torch.long)
+                flat, valid = idx, torch.zeros(1, b, dtype=torch.bool)
+            drawn[key] = (flat, ci.labels[idx], valid)
+        out.append(drawn[key])
+    return out
 
-    def pad(t, fill):
-        if t.shape[0] == s:
-            return t
-        return torch.cat([t, t.new_full((s - t.shape[0], b), fill)])
 
-    return (torch.stack([pad(r, 0) for r in rows]), torch.stack([pad(y, 0) for y in labs]),
-            torch.stack([pad(v, False) for v in vals]))
+def _stacked(parts: list, field: int, order, s: int, fill) -> torch.Tensor:
+    """Field ``field`` of :func:`_epoch_batches`' parts in ``order``, padded to s steps: [M, S, B]."""
+    def pad(t):
+        return t if t.shape[0] == s else torch.cat([t, t.new_full((s - t.shape[0], t.shape[1]), fill)])
+    return torch.stack([pad(parts[i][field]) for i in order])
 
 
 def maxnorm_radius(w0: torch.Tensor, thresh: float) -> float:
