@@ -119,7 +119,7 @@ class SharedRows:
     rest: torch.Tensor
 
     def map(self, fn) -> "SharedRows":
-        return SharedRows(fn(self.xs), self.r, fn(self.rest))
+        return SharedRows(fn(self.xs), self.r, fn(self.rest) if self.rest.shape[0] else self.rest)
 
 
 def _split(t: torch.Tensor, x: SharedRows) -> tuple[torch.Tensor, torch.Tensor]:

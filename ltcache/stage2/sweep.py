@@ -313,6 +313,8 @@ class GroupTrainer:
                                              else (list(range(m)), 0, 1))
         by_loss = ([i for i, c in enumerate(cfgs) if c.loss.user is None]
                    + [i for i, c in enumerate(cfgs) if c.loss.user is not None])
+        if by_loss != self.order and _as_tight(cfgs, self.order, by_loss, self.data.class_index.counts):
+            by_loss = list(self.order)          # the loss's slices are as tight in param order: no permutation
         loss_pos = {c: j for j, c in enumerate(by_loss)}
         self.loss_cfgs, self.cfgs = [cfgs[i] for i in by_loss], [cfgs[i] for i in self.order]
         self.nb = sum(c.loss.user is None for c in self.loss_cfgs)
@@ -389,6 +391,7 @@ class GroupTrainer:
             self.table = torch.cat([torch.addmm(self.b0, self.x_flat[i:i + 65536].float(), self.w0.t())
                                     for i in range(0, self.x_flat.shape[0], 65536)])
         self.x_dtype = data.x.dtype if data.gather is None else feature_dtype(data.precision)
+        self.no_rest = self.x_flat.new_empty((0, self.bsz, self.d))        # every member in a block
         self.epochs = max(c.epochs for c in self.cfgs)
         self.total_steps = sum(max(steps_per_epoch(c.sampler, self.n, self.bsz) for c in self.cfgs if e < c.epochs)
                                for e in range(self.epochs))
@@ -464,8 +467,9 @@ class GroupTrainer:
         or SharedRows (one gather per block of members on the same rows)."""
         x_flat, bsz, m = self.x_flat, self.bsz, self.m
         if ep.shared:
-            return H.SharedRows(x_flat.index_select(0, ep.shared[0][s]).view(self.n_blocks, bsz, self.d), self.r,
-                                x_flat.index_select(0, ep.shared[1][s]).view(m - self.n_shared, bsz, self.d))
+            rest = (x_flat.index_select(0, ep.shared[1][s]).view(m - self.n_shared, bsz, self.d)
+                    if m > self.n_shared else self.no_rest)
+            return H.SharedRows(x_flat.index_select(0, ep.shared[0][s]).view(self.n_blocks, bsz, self.d), self.r, rest)
         rows, gather = ep.rows[s], self.data.gather
         if gather is not None:
             xb = gather(rows, ep.valid[s])
@@ -543,6 +547,20 @@ class GroupTrainer:
                                 {a: self.buf[a][i].cpu() for a in self.buf})
             out[self.order[i]] = TrainedHead(config=c, layer=layer, selected_epoch=int(self.best_epoch[i]))
         return out
+
+
+def _as_tight(cfgs: Sequence[Config], order: list, by_loss: list, counts: torch.Tensor) -> bool:
+    """Whether the built-in losses of ``cfgs`` taken in ``order`` run their optional parts on
+    slices no wider (and forms no less pure) than in ``by_loss`` order; then the loss can read
+    the members in ``order`` with no permutation per step (any order is exact: members inside
+    a slice that do not use its part have neutral values)."""
+    if any(c.loss.user is not None for c in cfgs):
+        return False
+    a, b = (stack_specs([cfgs[i].loss for i in o], counts, "cpu") for o in (order, by_loss))
+
+    def width(lb):
+        return sum(e - f for f, e in lb.ranges.values())
+    return width(a) <= width(b) and set(a.pure_forms) >= set(b.pure_forms)
 
 
 def _epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_views: int) -> list:
