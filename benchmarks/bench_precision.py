@@ -7,7 +7,8 @@ Accuracy: ``bench --all-methods --seeds 0,1,2,3,4`` on the cache (default: the b
 once in fp32 and once in bf16, every method's mean test All (top-1 %) and val-balanced side by
 side. Speed: the same all-methods 5-seed sweep on the synthetic shapes of ``bench_engine.py``,
 wall time in fp32 and bf16 measured in the same run, with this machine's fp32 and bf16 2048^3
-matmul rates. Nothing is extrapolated.
+matmul rates, and the accuracy change there too (synthetic float32 features, so bf16's rounding
+of them is real; the bundled cache stores float16). Nothing is extrapolated.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def per_method(res: dict) -> dict:
     out = {}
     for name, runs in rows.items():
         val = [r["val"]["balanced"] for r in runs if r.get("val") and r["val"].get("balanced") is not None]
-        out[name] = {"all": statistics.mean(r["test"]["all"] for r in runs),
+        out[name] = {"all": statistics.mean(r["metrics"]["all"] for r in runs),
                      "val_balanced": statistics.mean(val) if val else None}
     return out
 
@@ -74,13 +75,18 @@ def accuracy(cache) -> dict:
 def speed(shape: str) -> dict:
     cache = synthetic_cache(shape, torch.device("cpu"))
     out = {"fp32_mm_gflops": mm_rate(torch.float32) / 1e9, "bf16_mm_gflops": mm_rate(torch.bfloat16) / 1e9}
+    acc = {}
     for prec in ("fp32", "bf16"):
         t = time.perf_counter()
-        api.bench(cache, None, seeds=SEEDS, device="cpu", quiet=True, precision=prec)
+        res = api.bench(cache, None, seeds=SEEDS, device="cpu", quiet=True, precision=prec)
         out[f"{prec}_sweep_s"] = time.perf_counter() - t
+        acc[prec] = per_method(res)
     out["speedup"] = out["fp32_sweep_s"] / out["bf16_sweep_s"]
+    deltas = [abs(acc["bf16"][n]["all"] - acc["fp32"][n]["all"]) for n in acc["fp32"]]
+    out["max_abs_delta_all"], out["mean_abs_delta_all"] = max(deltas), statistics.mean(deltas)
     print(f"{shape}: sweep fp32 {out['fp32_sweep_s']:.1f} s, bf16 {out['bf16_sweep_s']:.1f} s (x{out['speedup']:.2f}); "
-          f"2048^3 mm fp32 {out['fp32_mm_gflops']:.0f}, bf16 {out['bf16_mm_gflops']:.0f} GFLOP/s")
+          f"2048^3 mm fp32 {out['fp32_mm_gflops']:.0f}, bf16 {out['bf16_mm_gflops']:.0f} GFLOP/s; "
+          f"All (synthetic features) max |delta| {out['max_abs_delta_all']:.2f}, mean {out['mean_abs_delta_all']:.3f} points")
     return out
 
 

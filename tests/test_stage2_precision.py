@@ -84,3 +84,14 @@ def test_precision_is_checked_and_recorded(tmp_path, monkeypatch):
                               "--precision", "bf16", "--out", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "r.json").read_text())["precision"] == "bf16"
+
+
+def test_tf32_mode_is_scoped():
+    """tf32 turns CUDA's TF32 GEMMs on for the sweep only (the flag is settable without a GPU)."""
+    from ltcache.stage2.precision import matmul_mode
+    before = torch.backends.cuda.matmul.allow_tf32
+    with matmul_mode("tf32"):
+        assert torch.backends.cuda.matmul.allow_tf32
+        with matmul_mode("fp32"):
+            assert torch.backends.cuda.matmul.allow_tf32          # fp32 leaves the caller's setting alone
+    assert torch.backends.cuda.matmul.allow_tf32 == before
