@@ -261,10 +261,13 @@ def backward(family: str, p: dict, buf: dict, ctx, dz: torch.Tensor, need: tuple
         if "s" in need:
             a, e = s_span or (0, dz.shape[0])
             ds = (dz[a:e] * lin[a:e]).sum(2)
-            if (a, e) != (0, dz.shape[0]):
-                ds = torch.zeros(dz.shape[:2], dtype=dz.dtype, device=dz.device).index_copy_(
-                    0, torch.arange(a, e, device=dz.device), ds)
-            put("s", ds)
+            if (a, e) == (0, dz.shape[0]):
+                put("s", ds)
+            elif into is not None:          # outside the span s has lr 0: its buffer is never applied
+                into["s"][a:e].mul_(beta).add_(ds)
+            else:
+                put("s", torch.zeros(dz.shape[:2], dtype=dz.dtype, device=dz.device).index_copy_(
+                    0, torch.arange(a, e, device=dz.device), ds))
         if "c" in need:
             put("c", dz.sum(2) * buf["u"])
         if "W" in need or "b" in need:
