@@ -260,3 +260,56 @@ def test_poly1_end_to_end():
     for key in ("weight", "bias"):
         assert torch.allclose(got[key], ref[key], atol=2e-5, rtol=1e-5), (key, (got[key] - ref[key]).abs().max())
     assert not torch.allclose(got["weight"], cache.weight)
+
+
+def test_term_targets_and_derived_hooks_match_autograd():
+    """Term.targets (label-only per-epoch rows, read as t.aux) and Term.derived (coefficient-only
+    quantities in c): two probe terms with 1 and 2 rows next to LADE's 3, on overlapping slices
+    of an unsorted batch (the aux rows widened to their span), with padding and an inactive member."""
+    def probe_a_loss(z, onehot, valid, c, lb):          # beta sum_i v_i z_{i y_i} / max(N, 1)
+        return c["beta"] * ((z * onehot).sum(-1) * valid).sum(1) / valid.sum(1).clamp_min(1)
+
+    def probe_b_loss(z, onehot, valid, c, lb):          # gamma sum_i v_i |z_i|^2 / max(N, 1)
+        return c["gamma"] * ((z ** 2).sum(-1) * valid).sum(1) / valid.sum(1).clamp_min(1)
+
+    def per_n(valid):
+        return valid / valid.sum(-1, keepdim=True).clamp_min(1)
+
+    def probe_a_grad(z, t, c, lb):
+        return torch.zeros_like(z).scatter_(1, t.yi, t.aux * c["beta"])
+
+    def probe_b_grad(z, t, c, lb):
+        assert t.aux.shape[1] == 2 and torch.equal(t.aux[:, 1:2], t.valid)
+        return z * t.aux[:, 0:1] * c["gamma2"]
+
+    terms = [L.Term("probe_a", {"beta": 0.0}, batch_loss=probe_a_loss, batch_grad=probe_a_grad,
+                    targets=lambda y, valid, c, lb: per_n(valid).unsqueeze(-2)),
+             L.Term("probe_b", {"gamma": 0.0}, batch_loss=probe_b_loss, batch_grad=probe_b_grad,
+                    targets=lambda y, valid, c, lb: torch.stack([per_n(valid), valid], dim=-2),
+                    derived=lambda c, lb: {"gamma2": 2 * c["gamma"]})]
+    for term in terms:
+        L.register_term(term)
+    try:
+        lade = L.build_loss("lade", {"alpha": 0.1, "lam": 0.01}, COUNTS)
+        specs = [L.build_loss("ce", {}, COUNTS), L.LossSpec(K, terms={"probe_a": {"beta": 0.3}}), lade,
+                 L.LossSpec(K, terms={"probe_b": {"gamma": 0.2}}), L.build_loss("focal", {"gamma": 1.0}, COUNTS),
+                 L.LossSpec(K, terms={"probe_a": {"beta": -0.5}, "probe_b": {"gamma": 0.1}}), lade,
+                 L.build_loss("ce", {}, COUNTS)]
+        lb = L.stack_specs(specs, COUNTS, "cpu", dtype=torch.float64)
+        m, b = len(specs), 16
+        g = torch.Generator().manual_seed(7)
+        z = torch.randn(m, b, K, generator=g, dtype=torch.float64) * 3
+        y = torch.randint(K, (m, b), generator=g)
+        valid = torch.ones(m, b, dtype=torch.float64)
+        valid[:, -3:] = 0
+        valid[3] = 0
+        z.requires_grad_(True)
+        auto, = torch.autograd.grad(L.batched_loss(z, y, valid, lb).sum(), z)
+        targets = L.loss_targets(lb, y.unsqueeze(0), valid.unsqueeze(0))     # an "epoch" of one step
+        assert targets.aux.shape == (1, 6, 6, b)                              # members 1..7, rows 3 + 1 + 2
+        ours = L.batched_loss_grad(z.detach().transpose(1, 2).contiguous(), None, None, lb,
+                                   targets.step(0)).transpose(1, 2)
+        assert torch.allclose(ours, auto, atol=1e-10, rtol=1e-8), (ours - auto).abs().amax(dim=(1, 2))
+    finally:
+        for term in terms:
+            L.TERMS.pop(term.name, None)

@@ -95,6 +95,18 @@ class Term:
       ``t.factor`` applied;
     * ``batch_loss(z, onehot, valid, c, lb) -> [m]`` added to each configuration's loss (on the
       raw logits); ``batch_grad(z, t, c, lb) -> [m, K, B]``.
+
+    The ``t`` a gradient hook gets holds its members' :class:`LossTargets`, read as attributes
+    (``t.yi``, ``t.factor``, ...; a :class:`TargetsSlice` where the hook runs on a slice).
+
+    Two optional hooks let the gradient hooks skip work that does not depend on the logits:
+
+    * ``derived(c, lb) -> dict``: coefficient-only quantities (e.g. gamma - 1), computed once per
+      group from the [m, 1, 1] slices; the gradient hooks find them in ``c`` next to the
+      coefficients;
+    * ``targets(y, valid, c, lb) -> [..., m, R, B]``: label-only per-sample quantities, computed
+      with :func:`loss_targets` once per epoch (y, valid [..., m, B] of the term's members, c its
+      [m] coefficients); the gradient hooks read them as ``t.aux`` [m, R, B].
     """
 
     name: str
@@ -108,6 +120,8 @@ class Term:
     sample_grad: Optional[Callable] = None
     batch_loss: Optional[Callable] = None
     batch_grad: Optional[Callable] = None
+    derived: Optional[Callable] = None
+    targets: Optional[Callable] = None
 
     def on(self, spec: LossSpec) -> bool:
         """Whether ``spec`` uses this term."""
@@ -311,8 +325,9 @@ class LossBatch:
     cache: dict = field(default_factory=dict)   # per-batch constants a term computes once
 
     def __post_init__(self):
-        """Class-major views [M, K, 1] / [M, 1, 1] for :func:`batched_loss_grad`, and the
-        terms that each hook of the fused loss runs."""
+        """Class-major views [M, K, 1] / [M, 1, 1] for :func:`batched_loss_grad`, the terms that
+        each hook of the fused loss runs, and each term's coefficient slice (with its ``derived``
+        quantities), so that a gradient call slices nothing it can look up."""
         k = self.prior.shape[0]
         self.weighted_any = bool(self.weighted_mean.any())
         self.mult3 = None if self.mult is None else self.mult.unsqueeze(2)
@@ -325,10 +340,50 @@ class LossBatch:
         self.sample_terms = [t for t in used if t.sample_loss]
         self.batch_terms = [t for t in used if t.batch_loss]
         self.modulators = {f: [t for t in used if t.form == f and (t.modulate or t.modulate_grad)] for f in FORMS}
+        self.aux_terms = [t for t in used if t.targets]
+        # members a..e holding every member of a term with per-epoch targets: LossTargets.aux's rows
+        spans = [self.ranges[t.name] for t in self.aux_terms]
+        self.aux_span = (min(a for a, _ in spans), max(e for _, e in spans)) if spans else None
+        self.aux_rows: dict = {}          # term -> (first row, stop row) of its part of LossTargets.aux
+        self._coef_slices: dict = {}
+        for t in used:
+            self.coef_slice(t.name, *self.ranges[t.name])
+        self.mult_slice = None if "mult" not in self.ranges else self.mult3[slice(*self.ranges["mult"])]
 
     def coef_slice(self, term: str, a: int, e: int) -> dict:
-        """Coefficients of ``term`` for members a..e, shaped [e - a, 1, 1]."""
-        return {c: v[a:e] for c, v in self.coef3[term].items()}
+        """Coefficients of ``term`` for members a..e, shaped [e - a, 1, 1], plus the term's
+        ``derived`` quantities (made once per slice, then looked up)."""
+        key = (term, a, e)
+        c = self._coef_slices.get(key)
+        if c is None:
+            c = {n: v[a:e] for n, v in self.coef3[term].items()}
+            if TERMS[term].derived is not None:
+                c.update(TERMS[term].derived(dict(c), self))
+            self._coef_slices[key] = c
+        return c
+
+    def overlaps(self, part: str, a: int, e: int) -> bool:
+        """Whether a member a..e needs ``part``: a form, term, "mult" or "eps" (its range), or
+        "weight" (a class weight other than 1), so that a hook can skip a no-op on a slice."""
+        key = ("overlaps", part, a, e)
+        hit = self.cache.get(key)
+        if hit is None:
+            if part == "weight":
+                hit = self.weight is not None and bool((self.weight[a:e] != 1).any())
+            else:
+                r = self.ranges.get(part)
+                hit = r is not None and r[0] < e and a < r[1]
+            self.cache[key] = hit
+        return hit
+
+    def filled(self, value: float, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A cached constant tensor (e.g. the -1 that :meth:`Tensor.scatter_add_` puts at the
+        label), so that a gradient call does not build it each time. Read-only."""
+        key = ("filled", value, tuple(shape), dtype)
+        x = self.cache.get(key)
+        if x is None:
+            x = self.cache[key] = torch.full(shape, value, dtype=dtype, device=self.prior.device)
+        return x
 
 
 def loss_signature(spec: LossSpec) -> tuple:
@@ -462,6 +517,9 @@ class LossTargets(NamedTuple):
     neg_margin: Optional[torch.Tensor]    # -margin_y at the label (LDAM)
     valid: torch.Tensor                   # [.., M, 1, B]
     y: torch.Tensor                       # [.., M, B]
+    weight_y: Optional[torch.Tensor] = None   # class weight of the label w_y [.., M, 1, B] (None: all 1)
+    aux: Optional[torch.Tensor] = None    # the terms' own targets (Term.targets) [.., m, R, B] of
+    #                                       members lb.aux_span, rows lb.aux_rows[term]
 
     def step(self, s: int) -> "LossTargets":
         return LossTargets(*(None if t is None else t[s] for t in self))
@@ -488,7 +546,67 @@ def loss_targets(lb: LossBatch, y: torch.Tensor, valid: torch.Tensor) -> LossTar
     if lb.margin is not None:
         neg_margin = -lb.margin.expand(y.shape[:-2] + lb.margin.shape).gather(-1, y).unsqueeze(-2)
     return LossTargets(y.unsqueeze(-2), factor.unsqueeze(-2), neg_target, eps_k, neg_margin,
-                       valid.unsqueeze(-2), y)
+                       valid.unsqueeze(-2), y, None if w is None else w.unsqueeze(-2), _aux_targets(lb, y, valid))
+
+
+def _aux_targets(lb: LossBatch, y: torch.Tensor, valid: torch.Tensor) -> Optional[torch.Tensor]:
+    """The terms' own per-epoch targets (``Term.targets``) stacked along rows: [..., m, R, B]
+    for the members lb.aux_span (0 where a member is outside a term's slice)."""
+    if not lb.aux_terms:
+        return None
+    f, stop = lb.aux_span
+    parts, rows = [], {}
+    for term in lb.aux_terms:
+        a, e = lb.ranges[term.name]
+        coefs = {c: v[a:e] for c, v in lb.coef[term.name].items()}
+        part = term.targets(y[..., a:e, :], valid[..., a:e, :], coefs, lb)
+        if (a, e) != (f, stop):               # widen to the span: 0 for the members outside the slice
+            full = part.new_zeros(part.shape[:-3] + (stop - f,) + part.shape[-2:])
+            full[..., a - f:e - f, :, :] = part
+            part = full
+        n = sum(p.shape[-2] for p in parts)
+        rows[term.name] = (n, n + part.shape[-2])
+        parts.append(part)
+    lb.aux_rows = rows                        # the same every epoch (one assignment: thread-safe)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+class TargetsSlice:
+    """The :class:`LossTargets` of members a..e, read like one (``t.yi``, ``t.factor``, ...):
+    a field is sliced when a hook first reads it, since a hook reads two or three of them and
+    each slice is a torch op. ``aux`` is the part of LossTargets.aux of ``term`` (its rows)."""
+
+    def __init__(self, t, a: int, e: int, term: Optional[str] = None, lb: Optional[LossBatch] = None):
+        self._t, self._a, self._e, self._term, self._lb = t, a, e, term, lb
+
+    def __getattr__(self, name: str):
+        if name == "aux":
+            value = _term_aux(self._t, self._a, self._e, self._term, self._lb)
+        elif name in LossTargets._fields:
+            value = getattr(self._t, name)
+            value = None if value is None else value[self._a:self._e]
+        else:
+            raise AttributeError(name)
+        setattr(self, name, value)            # once: later reads find the attribute
+        return value
+
+
+def _term_aux(t, a: int, e: int, term: Optional[str], lb: Optional[LossBatch]) -> Optional[torch.Tensor]:
+    """Rows of ``term`` and members a..e of t.aux (t: full targets); no op where it is all of it."""
+    if t.aux is None or term not in lb.aux_rows:
+        return None
+    f, stop = lb.aux_span
+    r0, r1 = lb.aux_rows[term]
+    aux = t.aux if (a, e) == (f, stop) else t.aux[a - f:e - f]
+    return aux if (r0, r1) == (0, t.aux.shape[-2]) else aux[:, r0:r1]
+
+
+def _targets_of(t: LossTargets, a: int, e: int, m: int, term: Optional[str] = None,
+                lb: Optional[LossBatch] = None):
+    """The targets a hook of members a..e (of m) sees: t itself where that is all of them."""
+    if (a, e) == (0, m) and (t.aux is None or term is None or _term_aux(t, a, e, term, lb) is t.aux):
+        return t
+    return TargetsSlice(t, a, e, term, lb)
 
 
 def batched_loss_grad(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb: LossBatch,
@@ -499,7 +617,10 @@ def batched_loss_grad(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb:
 
     Written out by hand because autograd's graph costs more than the arithmetic on the small
     per-step tensors of a sweep, and each optional part (a form, a term) is computed only on
-    the slice of members that needs it (``lb.ranges``).
+    the slice of members that needs it (``lb.ranges``). On a CPU a small torch op costs a few
+    microseconds whatever its size, so what does not depend on the logits is made ahead
+    (:func:`loss_targets` per epoch, :class:`LossBatch` per group) and slices are updated in
+    place (``x[a:e].add_(...)``, not ``x[a:e] += ...``, which copies the slice back).
     tests/test_stage2_losses.py checks it against autograd for every loss (clamps included:
     where a log is clamped its gradient is 0, as in PyTorch).
     """
@@ -507,10 +628,10 @@ def batched_loss_grad(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb:
     m = z.shape[0]
     rg = lb.ranges
     zt = z
-    if lb.mult is not None and lb.offset is not None:
-        zt = torch.addcmul(lb.offset3, z, lb.mult3)
-    elif lb.mult is not None:
-        zt = z * lb.mult3
+    if lb.mult is not None:          # mul then add: PyTorch's broadcasting addcmul is several times slower
+        zt = torch.mul(z, lb.mult3)
+        if lb.offset is not None:
+            zt.add_(lb.offset3)
     elif lb.offset is not None:
         zt = z + lb.offset3
     if t.neg_margin is not None:
@@ -518,29 +639,33 @@ def batched_loss_grad(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb:
     for term in lb.shift_terms:      # functions of the detached logits: shift zt, no gradient of their own
         a, e = rg[term.name]
         zt = zt.clone() if zt is z else zt
-        zt[a:e] += term.shift(z[a:e], t.yi[a:e], lb.coef_slice(term.name, a, e), lb, 1)
+        zt[a:e].add_(term.shift(z[a:e], t.yi[a:e], lb.coef_slice(term.name, a, e), lb, 1))
 
     if len(lb.forms_used) == 1 and rg[lb.forms_used[0]] == (0, m):
-        dzt = _FORMS[lb.forms_used[0]].grad(zt, t, lb, 0)
+        dz = _FORMS[lb.forms_used[0]].grad(zt, t, lb, 0)
+    elif "tiled" in lb.pure_forms:   # each form's slice holds only its members: stack their gradients
+        order = sorted(lb.forms_used, key=lambda f: rg[f])
+        dz = torch.cat([_FORMS[f].grad(zt[slice(*rg[f])], _targets_of(t, *rg[f], m), lb, rg[f][0]) for f in order])
     else:
-        dzt = torch.empty_like(z) if "tiled" in lb.pure_forms else torch.zeros_like(z)
+        dz = torch.zeros_like(z)
         for form in lb.forms_used:
             a, e = rg[form]
-            d = _FORMS[form].grad(zt[a:e], slice_targets(t, a, e), lb, a)
+            d = _FORMS[form].grad(zt[a:e], _targets_of(t, a, e, m), lb, a)
             if form in lb.pure_forms:
-                dzt[a:e] = d
+                dz[a:e] = d
             else:                     # the slice holds members of another form (unsorted group)
-                dzt[a:e] = torch.where((lb.form[a:e] == FORMS.index(form))[:, None, None], d, dzt[a:e])
-    dz = dzt                         # ours (a new tensor): updated in place below
+                dz[a:e] = torch.where((lb.form[a:e] == FORMS.index(form))[:, None, None], d, dz[a:e])
+    # dz is ours (a new tensor): updated in place below
     for term in lb.sample_terms:
         a, e = rg[term.name]
-        dz[a:e] += term.sample_grad(zt[a:e], slice_targets(t, a, e), lb.coef_slice(term.name, a, e), lb)
-    if "mult" in rg:                 # scale only the members with a multiplier
-        a, e = rg["mult"]
-        dz[a:e].mul_(lb.mult3[a:e])
+        dz[a:e].add_(term.sample_grad(zt[a:e], _targets_of(t, a, e, m, term.name, lb),
+                                      lb.coef_slice(term.name, a, e), lb))
+    if lb.mult_slice is not None:    # scale only the members with a multiplier
+        dz[slice(*rg["mult"])].mul_(lb.mult_slice)
     for term in lb.batch_terms:
         a, e = rg[term.name]
-        dz[a:e] += term.batch_grad(z[a:e], slice_targets(t, a, e), lb.coef_slice(term.name, a, e), lb)
+        dz[a:e].add_(term.batch_grad(z[a:e], _targets_of(t, a, e, m, term.name, lb),
+                                     lb.coef_slice(term.name, a, e), lb))
     return dz
 
 
@@ -550,7 +675,7 @@ def within(span: tuple, first: int, m: int) -> tuple:
 
 
 def slice_targets(t: LossTargets, a: int, e: int) -> LossTargets:
-    """The targets of members a..e."""
+    """The targets of members a..e (every field sliced; the engine uses :class:`TargetsSlice`)."""
     return LossTargets(*(None if x is None else x[a:e] for x in t))
 
 
@@ -563,21 +688,20 @@ def _softmax_grad(zt, t: LossTargets, lb: LossBatch, first: int) -> torch.Tensor
     if t.eps_k is not None:
         a, e = within(lb.ranges["eps"], first, m)
         if a < e:
-            d[a:e] -= t.eps_k[a:e]
+            d[a:e].sub_(t.eps_k[a:e])
     d.scatter_add_(1, t.yi, t.neg_target)
-    factor = t.factor
     for term in lb.modulators["softmax"]:
         a, e = within(lb.ranges[term.name], first, m)
         if a < e:
             logp = torch.log_softmax(zt[a:e], dim=1)
-            # ce = -sum_k q_k logp_k = -(1 - eps_y) logp_y - eps_y mean_k logp_k
-            ce = logp.gather(1, t.yi[a:e]) * t.neg_target[a:e]
-            if t.eps_k is not None:
-                ce = ce - t.eps_k[a:e] * logp.sum(1, keepdim=True)
-            w = 1.0 if lb.weight is None else lb.weight[first + a:first + e].gather(1, t.y[a:e]).unsqueeze(1)
-            factor = factor.clone() if factor is t.factor else factor
-            factor[a:e] *= term.modulate_grad(w * ce, lb.coef_slice(term.name, first + a, first + e))
-    return d.mul_(factor)
+            # w_y ce with ce = -sum_k q_k logp_k = -(1 - eps_y) logp_y - eps_y mean_k logp_k
+            ce = logp.gather(1, t.yi[a:e]).mul_(t.neg_target[a:e])
+            if t.eps_k is not None and lb.overlaps("eps", first + a, first + e):
+                ce.sub_(t.eps_k[a:e] * logp.sum(1, keepdim=True))
+            if t.weight_y is not None and lb.overlaps("weight", first + a, first + e):
+                ce.mul_(t.weight_y[a:e])
+            d[a:e].mul_(term.modulate_grad(ce, lb.coef_slice(term.name, first + a, first + e)))
+    return d.mul_(t.factor)
 
 
 register_form(Form("softmax", _softmax_loss, _softmax_grad))

@@ -22,12 +22,22 @@ def sigmoid_focal_modulate(zt, onehot, bce, c: dict) -> torch.Tensor:
 
 def sigmoid_focal_modulate_grad(zs, yi, d, c: dict) -> torch.Tensor:
     """With mod = exp(-g o zs - g softplus(-zs)): d(mod BCE)/dzs = mod (g (sigma(-zs) - o) BCE + d),
-    where d = sigma(zs) - o is dBCE/dzs (class-major [m, K, B], g [m, 1, 1])."""
-    o = torch.zeros_like(zs).scatter_(1, yi, 1.0)
+    where d = sigma(zs) - o is dBCE/dzs (class-major [m, K, B], g [m, 1, 1]).
+
+    Written with u = (1 - 2o) zs (the logit turned away from the target): BCE = -logsigmoid(-u),
+    mod = exp(g logsigmoid(u)) and sigma(-zs) - o = (1 - 2o) sigma(-u), so
+    result = mod (d - g (1 - 2o) sigma(-u) logsigmoid(-u)). One logsigmoid serves both, by
+    logsigmoid(-u) = logsigmoid(u) - u (the subtraction loses digits only for u << 0, where
+    mod = sigma(u)^g ~ 0 scales the term away) and sigma(-u) = exp(logsigmoid(-u)); no log of a
+    probability that could round to 0."""
     g = c["gamma"]
-    bce = F.binary_cross_entropy_with_logits(zs, o, reduction="none")
-    mod = torch.exp(-g * o * zs - g * F.softplus(-zs))
-    return mod * (g * (torch.sigmoid(-zs) - o) * bce + d)
+    sgn = torch.ones_like(zs).scatter_(1, yi, -1.0)                        # 1 - 2o
+    u = zs * sgn
+    ls = F.logsigmoid(u)
+    mod = torch.mul(ls, g).exp_()
+    lpt = ls.sub_(u)                                                       # logsigmoid(-u) = -BCE
+    r = torch.exp(lpt).mul_(lpt).mul_(sgn)                                # (sigma(-zs) - o) (-BCE)
+    return torch.addcmul(d, r, g, value=-1.0).mul_(mod)
 
 
 register_term(Term("sigmoid_focal", {"gamma": 0.0}, form="sigmoid", active=lambda c: c["gamma"] > 0,

@@ -25,11 +25,12 @@ def sigmoid_loss(zt, y, onehot, w_y, lb: LossBatch) -> torch.Tensor:
 def sigmoid_grad(zt, t: LossTargets, lb: LossBatch, first: int) -> torch.Tensor:
     """dl/dzt = sigma(zt) - o, then each modulating term on the members it covers."""
     m = zt.shape[0]
-    d = torch.sigmoid(zt).scatter_add_(1, t.yi, torch.full_like(t.factor, -1.0))
+    d = torch.sigmoid(zt).scatter_add_(1, t.yi, lb.filled(-1.0, t.yi.shape, zt.dtype))
     for term in lb.modulators["sigmoid"]:
         a, e = within(lb.ranges[term.name], first, m)
         if a < e:
-            d[a:e] = term.modulate_grad(zt[a:e], t.yi[a:e], d[a:e], lb.coef_slice(term.name, first + a, first + e))
+            ds = d[a:e]
+            ds.copy_(term.modulate_grad(zt[a:e], t.yi[a:e], ds, lb.coef_slice(term.name, first + a, first + e)))
     return d.mul_(t.factor)
 
 

@@ -19,19 +19,25 @@ def focal_modulate(loss: torch.Tensor, c: dict) -> torch.Tensor:
 
 
 def focal_modulate_grad(loss: torch.Tensor, c: dict) -> torch.Tensor:
-    """d[(1 - e^-l)^gamma l]/dl = mod + l dmod (0 where the clamp at 1e-12 is active)."""
+    """d[(1 - e^-l)^gamma l]/dl = mod + l dmod (0 where the clamp at 1e-12 is active).
+
+    With tc = clamp(1 - e^-l, 1e-12) and pw = tc^(gamma - 1): mod = pw tc and
+    dmod = gamma pw e^-l, so the result is pw (tc + gamma l e^-l [not clamped]): one pow, and
+    gamma = 0 (a member without the term inside its slice) gives pw tc = 1 with no branch.
+    ``c["gamma_m1"]`` (gamma - 1) is made once per group (``derived``); l [m, 1, B]."""
     g = c["gamma"]
+    gm1 = c["gamma_m1"] if "gamma_m1" in c else g - 1
     el = torch.exp(-loss)
     tt = 1 - el
     tc = tt.clamp_min(1e-12)
-    on = g > 0
-    mod = torch.where(on, tc ** g, torch.ones_like(loss))
-    dmod = torch.where(on & (tt >= 1e-12), g * tc ** (g - 1) * el, torch.zeros_like(loss))
-    return mod + loss * dmod
+    pw = tc.pow(gm1)
+    le = torch.mul(loss, el).mul_(tt >= 1e-12)                      # l e^-l, 0 under the clamp
+    return torch.addcmul(tc, le, g).mul_(pw)
 
 
 register_term(Term("focal", {"gamma": 0.0}, form="softmax", active=lambda c: c["gamma"] > 0,
-                   modulate=focal_modulate, modulate_grad=focal_modulate_grad))
+                   modulate=focal_modulate, modulate_grad=focal_modulate_grad,
+                   derived=lambda c, lb: {"gamma_m1": c["gamma"] - 1}))
 
 
 @register_loss("focal")

@@ -39,25 +39,47 @@ def lade_loss(z, onehot, valid, c: dict, lb: LossBatch) -> torch.Tensor:
     return c["alpha"] * lade_regulariser(z, onehot, valid, lb, c["lam"])
 
 
+def lade_targets(y: torch.Tensor, valid: torch.Tensor, c: dict, lb: LossBatch) -> torch.Tensor:
+    """The label-only parts of the gradient, made per epoch ([..., m, 3, B]; y, valid [..., m, B]):
+
+    0. -alpha pi_y valid_i / (N_y + 1e-8): alpha pi_c dT1_c/dz_ic at the label (N_c the valid
+       samples of class c in the batch), subtracted;
+    1. 1 - 2 lambda log max(N, 1) (N = sum_c N_c), constant over B: 1 + 2 lambda T2 is this plus
+       2 lambda logsumexp;
+    2. 0 / -1e4 for a valid / padded sample, added to the spread so that padding drops out of the
+       logsumexp (the definition's torch.where).
+    """
+    k = lb.prior.shape[0]
+    n_c = torch.zeros(y.shape[:-1] + (k,), dtype=valid.dtype, device=valid.device).scatter_add_(-1, y, valid)
+    alpha, lam = (c[n].to(valid.dtype).unsqueeze(-1) for n in ("alpha", "lam"))
+    neg_r = -(alpha * lb.prior.to(valid.dtype)[y]) * (valid / (n_c.gather(-1, y) + 1e-8))
+    c0 = 1 - 2 * lam * torch.log(valid.sum(-1, keepdim=True).clamp_min(1))
+    pad = torch.where(valid > 0, 0.0, -1e4).to(valid.dtype)
+    return torch.stack([neg_r, c0.expand_as(neg_r), pad], dim=-2)
+
+
 def lade_grad(z: torch.Tensor, t: LossTargets, c: dict, lb: LossBatch) -> torch.Tensor:
-    """alpha d LADER / dz, class-major [m, K, B] (alpha, lambda [m, 1, 1])."""
+    """alpha d LADER / dz, class-major [m, K, B] (alpha, lambda [m, 1, 1]):
+    alpha pi_c [(1 + 2 lambda T2_c) softmax_i(spread_c) - dT1_c/dz_ic]. The softmax over the
+    batch is masked by valid, and so is T1's part, so a step with no valid sample gives 0 (the
+    definition's factor N > 0)."""
     if "lade_shift3" not in lb.cache:
         k = lb.prior.shape[0]
         lb.cache["lade_shift3"] = (math.log(1.0 / k) - torch.log(lb.prior + 1e-9)).view(1, k, 1)
-    v = t.valid                                                            # [m, 1, B]
-    pos = torch.zeros_like(z).scatter_(1, t.yi, v)
-    spread = torch.where(v > 0, z + lb.cache["lade_shift3"], torch.full_like(z, -1e4))
-    nb = v.sum(2, keepdim=True)                                            # [m, 1, 1]
-    lse = torch.logsumexp(spread, dim=2, keepdim=True)                     # [m, K, 1]
-    t2 = lse - torch.log(nb.clamp_min(1))
-    soft = torch.exp(spread - lse).mul_(v)                                 # dt2/dz
-    dt1 = pos / (pos.sum(2, keepdim=True) + 1e-8)
-    dest = dt1 - (1 + 2 * c["lam"] * t2) * soft
-    return dest.mul_(-(c["alpha"] * lb.prior3) * (nb > 0).to(z.dtype))
+    aux = t.aux
+    neg_r, c0, pad = aux[:, 0:1], aux[:, 1:2, :1], aux[:, 2:3]
+    spread = torch.add(z, lb.cache["lade_shift3"]).add_(pad)
+    mx = spread.amax(2, keepdim=True)
+    soft = spread.sub_(mx).exp_()                         # logsumexp by hand: its exp is the softmax's too
+    se = soft.sum(2, keepdim=True)
+    # per class [m, K, 1]: alpha pi_c (1 + 2 lambda T2_c) / se_c, T2 = log se + mx - log N
+    h = torch.addcmul(c0, se.log().add_(mx), c["lam2"]).mul_(c["alpha_prior"]).div_(se)
+    return soft.mul_(h).mul_(t.valid).scatter_add_(1, t.yi, neg_r)
 
 
 register_term(Term("lade", {"alpha": 0.0, "lam": 0.0}, active=lambda c: c["alpha"] > 0,
-                   batch_loss=lade_loss, batch_grad=lade_grad))
+                   batch_loss=lade_loss, batch_grad=lade_grad, targets=lade_targets,
+                   derived=lambda c, lb: {"lam2": 2 * c["lam"], "alpha_prior": c["alpha"] * lb.prior3}))
 
 
 @register_loss("lade")

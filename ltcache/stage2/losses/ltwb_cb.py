@@ -22,15 +22,17 @@ def bce_softmax_loss(zt, y, onehot, w_y, lb: LossBatch) -> torch.Tensor:
 
 def bce_softmax_grad(zt, t: LossTargets, lb: LossBatch, first: int) -> torch.Tensor:
     """l = -(1/K) sum_k [o_k clamp(log p_k) + (1 - o_k) clamp(log(1 - p_k))]; with
-    a_k = o_k [kept] - (1 - o_k) [kept] p_k/(1 - p_k), dl/dzt_j = -(a_j - p_j sum_k a_k) / K."""
+    a_k = o_k [kept] - (1 - o_k) [kept] p_k/(1 - p_k), dl/dzt_j = -(a_j - p_j sum_k a_k) / K.
+
+    log(1 - p) >= -100 exactly where p < 1: below 1, 1 - p is at least the format's epsilon
+    (whose log is > -37 even in float64), so the clamp drops exactly the p that round to 1."""
     k = zt.shape[1]
     logp = torch.log_softmax(zt, dim=1)
     p = logp.exp()
-    keep0 = torch.log1p(-p.clamp_max(1.0)) >= -100
-    a = torch.where(keep0, p / (p - 1).clamp_max(-1e-30), torch.zeros_like(p))        # -(1 - o) ratio off the label
+    a = torch.where(p < 1, p / (p - 1), 0.0)                                        # -(1 - o) ratio off the label
     a.scatter_(1, t.yi, (logp.gather(1, t.yi) >= -100).to(zt.dtype))                 # o [kept] at the label
-    d = (p * a.sum(1, keepdim=True) - a).div_(k)
-    return d.mul_(t.factor)
+    d = torch.addcmul(a, p, a.sum(1, keepdim=True), value=-1.0)                      # -(dl/dzt) K
+    return d.mul_(t.factor).div_(-k)
 
 
 register_form(Form("bce_softmax", bce_softmax_loss, bce_softmax_grad))

@@ -27,13 +27,13 @@ def seesaw_shift(z: torch.Tensor, yi: torch.Tensor, c: dict, lb: LossBatch, dim:
     p, q = c["p"], c["q"]
     if p.dim() == 1:
         p, q = p[:, None, None], q[:, None, None]
-    shape = [1, 1, 1]
-    shape[dim] = -1
-    log_counts = lb.log_counts.view(shape)
-    log_m = p * (log_counts - lb.log_counts[yi]).clamp(max=0)
-    logsig = torch.log_softmax(z.detach(), dim=dim)
-    log_c = q * (logsig - logsig.gather(dim, yi).clamp_min(math.log(SEESAW_EPS))).clamp_min(0)
-    return (log_m + log_c).scatter(dim, yi, 0.0)
+    log_counts = lb.log_counts3 if dim == 1 else lb.log_counts.view([-1 if i == dim % 3 else 1 for i in range(3)])
+    log_m = (log_counts - lb.log_counts.take(yi)).clamp_max_(0).mul_(p)
+    logsig = torch.log_softmax(z.detach() if z.requires_grad else z, dim=dim)
+    log_c = (logsig - logsig.gather(dim, yi).clamp_min_(math.log(SEESAW_EPS))).clamp_min_(0).mul_(q)
+    # both vanish at the label (log_counts_y - log_counts_y = 0; logsig_y - max(logsig_y, .) <= 0
+    # clamped to 0), exactly, so the label needs no scatter of 0
+    return log_m.add_(log_c)
 
 
 register_term(Term("seesaw", {"p": 0.0, "q": 0.0}, active=lambda c: bool(c["p"] or c["q"]), shift=seesaw_shift))
