@@ -220,6 +220,18 @@ def test_poly1_value(batch):
     assert one("poly1", {}, z, y, v) == pytest.approx(float(F.cross_entropy(z, y) + (1 - p_y).mean()), abs=1e-6)
 
 
+def padded_batch(m: int, seed: int, scale: float, inactive: int, b: int = 16):
+    """float64 logits z [m, b, K] (requiring grad), labels and a validity mask whose last 3
+    samples are padding and whose member ``inactive`` has no valid sample."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(m, b, K, generator=g, dtype=torch.float64) * scale
+    y = torch.randint(K, (m, b), generator=g)
+    valid = torch.ones(m, b, dtype=torch.float64)
+    valid[:, -3:] = 0
+    valid[inactive] = 0
+    return z.requires_grad_(True), y, valid
+
+
 @pytest.mark.parametrize("mixed", [False, True])
 def test_poly1_analytic_gradient_equals_autograd(mixed):
     """d/dz_j of epsilon (1 - p_y) is -epsilon p_y (1[j=y] - p_j): alone, and in a batch with every
@@ -229,15 +241,8 @@ def test_poly1_analytic_gradient_equals_autograd(mixed):
         kinds = ALL_KINDS[:8] + kinds + ALL_KINDS[8:]
     specs = [L.build_loss(k, p, COUNTS, scale=30.0 if k.startswith("ldam") else 1.0) for k, p in kinds]
     lb = L.stack_specs(specs, COUNTS, "cpu", dtype=torch.float64)
-    m, b = len(specs), 16
-    g = torch.Generator().manual_seed(5)
-    z = torch.randn(m, b, K, generator=g, dtype=torch.float64) * 4
-    z[:, 0] = torch.tensor([60.0, -60.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-    y = torch.randint(K, (m, b), generator=g)
-    valid = torch.ones(m, b, dtype=torch.float64)
-    valid[:, -3:] = 0
-    valid[1] = 0
-    z.requires_grad_(True)
+    z, y, valid = padded_batch(len(specs), seed=5, scale=4.0, inactive=1)
+    z.detach()[:, 0] = torch.tensor([60.0, -60.0, 0.0, 0.0, 0.0], dtype=torch.float64)   # the clamps
     auto, = torch.autograd.grad(L.batched_loss(z, y, valid, lb).sum(), z)
     ours = L.batched_loss_grad(z.detach().transpose(1, 2).contiguous(), y, valid, lb).transpose(1, 2)
     assert torch.allclose(ours, auto, atol=1e-10, rtol=1e-8), (ours - auto).abs().amax(dim=(1, 2))
@@ -296,14 +301,8 @@ def test_term_targets_and_derived_hooks_match_autograd():
                  L.LossSpec(K, terms={"probe_a": {"beta": -0.5}, "probe_b": {"gamma": 0.1}}), lade,
                  L.build_loss("ce", {}, COUNTS)]
         lb = L.stack_specs(specs, COUNTS, "cpu", dtype=torch.float64)
-        m, b = len(specs), 16
-        g = torch.Generator().manual_seed(7)
-        z = torch.randn(m, b, K, generator=g, dtype=torch.float64) * 3
-        y = torch.randint(K, (m, b), generator=g)
-        valid = torch.ones(m, b, dtype=torch.float64)
-        valid[:, -3:] = 0
-        valid[3] = 0
-        z.requires_grad_(True)
+        b = 16
+        z, y, valid = padded_batch(len(specs), seed=7, scale=3.0, inactive=3, b=b)
         auto, = torch.autograd.grad(L.batched_loss(z, y, valid, lb).sum(), z)
         targets = L.loss_targets(lb, y.unsqueeze(0), valid.unsqueeze(0))     # an "epoch" of one step
         assert targets.aux.shape == (1, 6, 6, b)                              # members 1..7, rows 3 + 1 + 2

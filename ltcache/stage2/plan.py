@@ -29,7 +29,6 @@ from ltcache.errors import LtcacheError
 from ltcache.stage2.losses import LossSpec, build_loss
 from ltcache.stage2.methods import GENERIC, Method, check_param, get_method, resolve_params, run_name
 from ltcache.stage2.params import SCHEDULES
-from ltcache.stage2.precision import check_precision
 from ltcache.stage2.samplers import ClassIndex
 
 TEST_VIEWS = ("all", "center")
@@ -268,7 +267,7 @@ def _train_data(cache, device, test_views: str, clean_view: bool = False, precis
     val_x, val_labels = eval_split(val, device, test_views) if val is not None else (None, None)
     return TrainData(x=_float(x, device), labels=tr.labels.to(device).long(),
                      w0=_float(cache.weight, device), b0=_float(cache.bias, device),
-                     val_x=val_x, val_labels=val_labels, precision=check_precision(precision, device))
+                     val_x=val_x, val_labels=val_labels, precision=precision)
 
 
 def val_gaps(cache) -> Optional[str]:

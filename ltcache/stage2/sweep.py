@@ -390,7 +390,7 @@ class GroupTrainer:
         if self.base and data.gather is None:
             self.table = torch.cat([torch.addmm(self.b0, self.x_flat[i:i + 65536].float(), self.w0.t())
                                     for i in range(0, self.x_flat.shape[0], 65536)])
-        self.x_dtype = data.x.dtype if data.gather is None else feature_dtype(data.precision)
+        self.x_dtype = feature_dtype(data.precision)         # of features from a gather source
         self.no_rest = self.x_flat.new_empty((0, self.bsz, self.d))        # every member in a block
         self.epochs = max(c.epochs for c in self.cfgs)
         self.total_steps = sum(max(steps_per_epoch(c.sampler, self.n, self.bsz) for c in self.cfgs if e < c.epochs)
