@@ -13,7 +13,6 @@ of them is real; the bundled cache stores float16). Nothing is extrapolated.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -103,7 +102,8 @@ def main(argv=None) -> dict:
     for shape in [s for s in a.speed.split(",") if s]:
         report.setdefault("speed", {})[shape] = speed(shape)
     if a.out:
-        Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+        from ltcache.stage2.results import write_json
+        write_json(report, a.out)                 # a temporary name, then a rename
     return report
 
 
