@@ -5,7 +5,7 @@ backbone); train holds the ``clean`` view (eval-mode BN) plus ``--train-views`` 
 Augmented train views can use BatchNorm batch statistics (``--train-bn batch``), and the BN
 running statistics can be shifted on augmented training batches before val/test are extracted
 (``--bn-shift instance|class``): what the papers' stage 2 does by re-running the backbone in
-train mode (DESIGN.md). Every random choice is seeded per (split, shard), so a resumed
+train mode (docs/ARCHITECTURE.md, "Cache"). Every random choice is seeded per (split, shard), so a resumed
 extraction writes exactly the shards an uninterrupted one would.
 
 Under torchrun (``WORLD_SIZE`` > 1) rank r extracts the contiguous rows [r*n/W, (r+1)*n/W) of every
