@@ -1,0 +1,75 @@
+"""How far the stage-2 recipes before the source-faithful fix were from their sources' loops.
+
+For each method whose recipe changed (the cosine stepped at the start of each epoch, the batches
+per epoch, the parameters without weight decay, the progressive weight), trains one seed at its
+preset on a cache three ways and prints the relative differences of the final heads:
+
+* ``old``: the engine with the earlier recipe (``cosine`` after each epoch, the sampler's default
+  batches per epoch, weight decay on every parameter, the progressive weight e / E);
+* ``engine``: the engine with the method's recipe now;
+* ``reference``: :func:`ltcache.stage2.reference.train_reference`, the plain PyTorch loop written
+  as the source's script runs it.
+
+    PYTHONPATH=$PWD python benchmarks/replay_recipes.py [--cache DIR] [--preset cifar] [--seed 0]
+
+Results go into benchmarks/RESULTS.md by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from ltcache.stage2 import api, samplers
+from ltcache.stage2.methods import choose_preset, get_method, resolve_params
+from ltcache.stage2.plan import _load_cache
+from ltcache.stage2.reference import train_reference
+from ltcache.stage2.samplers import epoch_samples, steps_per_epoch
+from ltcache.stage2.sweep import train_sweep
+
+CHANGED = ("maxnorm", "crt", "lws", "sqrt", "progressive", "balanced-softmax", "mislas", "cb-sigmoid", "cb-focal")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default=None, help="cache directory (default: the bundled cache)")
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cache = _load_cache(args.cache, torch.device("cpu"))
+    data = api._train_data(cache, torch.device("cpu"), "all")
+    preset = choose_preset(cache.num_classes, cache.feature_dim, args.preset)
+    ci = data.class_index
+    print(f"cache {cache.path} N={ci.n} K={cache.num_classes} D={cache.feature_dim} preset {preset} seed {args.seed}")
+    print("| method | batches/epoch old -> now | schedule old -> now | no wd | "
+          "old vs reference W (b) | engine vs reference, max abs |")
+    print("|---|---|---|---|---|---|")
+    for name in CHANGED:
+        m = get_method(name)
+        params = resolve_params(m, preset, {}, ci.n)
+        cfg = api.make_config(m, params, args.seed, name, cache.class_counts)
+        old = dataclasses.replace(cfg, schedule="cosine", steps="", no_wd=())
+        ref = train_reference(cfg, data)
+        now = train_sweep([cfg], data, quiet=True, n_jobs=1)[0].layer
+        saved = samplers.progressive_lambda
+        samplers.progressive_lambda = lambda e, total: e / max(1, total)      # the earlier weight
+        try:
+            before = train_sweep([old], data, quiet=True, n_jobs=1)[0].layer
+        finally:
+            samplers.progressive_lambda = saved
+        s_old = steps_per_epoch(cfg.sampler, ci.n, cfg.batch_size, "", epoch_samples(cfg.sampler, ci))
+        s_new = steps_per_epoch(cfg.sampler, ci.n, cfg.batch_size, cfg.steps, epoch_samples(cfg.sampler, ci))
+        diff = max(float((now[k] - ref[k]).abs().max()) for k in ("weight", "bias"))
+        print(f"| {name} | {s_old} x {cfg.epochs} -> {s_new} x {cfg.epochs} | cosine -> {cfg.schedule} | "
+              f"{','.join(cfg.no_wd) or '-'} | {100 * rel(before['weight'], ref['weight']):.2f} % "
+              f"({100 * rel(before['bias'], ref['bias']):.2f} %) | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
