@@ -34,14 +34,15 @@ side by side in forked single-thread worker processes (``n_jobs``, see
 :mod:`ltcache.stage2.workers`; also used up to D 1024).
 
 Optimiser: PyTorch SGD semantics (dampening 0, no Nesterov): g += wd * p; buf = mu * buf + g
-(buf = g on the first step); p -= lr * buf.
+(buf = g on the first step); p -= lr * buf; wd is 0 on a member's ``no_wd`` parameters.
+Batches per epoch: the member's sampler cut by its step rule (:mod:`ltcache.stage2.samplers`).
 
-Learning-rate schedules, per epoch (METHODS.md §0.3(5)):
+Learning-rate schedules, per epoch (each method's preset picks the one its script uses):
 * ``cosine``       lr_e = lr/2 (1 + cos(pi e / E)), e = 0..E-1 -- LOS (CosineAnnealingLR
-                   stepped after each epoch) and MiSLAS (explicit formula). The default.
-* ``cosine-start`` lr_e = lr/2 (1 + cos(pi (e+1) / E)) -- cRT, BALMS and LTWB call
-                   ``scheduler.step()`` at the start of each epoch under PyTorch >= 1.1, so
-                   the last epoch has lr 0.
+                   stepped after each epoch) and MiSLAS (explicit formula).
+* ``cosine-start`` lr_e = lr/2 (1 + cos(pi (e+1) / E)) -- cRT, BALMS, BagofTricks and LTWB
+                   call ``scheduler.step()`` at the start of each epoch under PyTorch >= 1.1,
+                   so the last epoch has lr 0.
 * ``constant``     lr_e = lr.
 """
 from __future__ import annotations
