@@ -93,7 +93,8 @@ def gaps_markdown(gaps: dict) -> str:
     for m, g in gaps.items():
         beyond = ", ".join(f"{c['class']} {c['gap']:+.1f} / {c['backbone_spread']:.1f}"
                            for c in g["per_class"] if c["beyond"]) or "none"
-        lines.append(f"| {m} | {FAMILIES.get(m, '')} | {g.get('bn', '')} | {g['cache_all']:.2f} ± {g['cache_std']:.2f} | "
+        lines.append(f"| {m} | {FAMILIES.get(m, '')} | {g.get('bn', '')} | "
+                     f"{g['cache_all']:.2f} ± {g['cache_std']:.2f} | "
                      f"{g['backbone_all']:.2f} ± {g['backbone_std']:.2f} | {g['all_gap']:+.2f} | {beyond} |")
     return "\n".join(lines) + "\n"
 

@@ -361,7 +361,8 @@ def methods_cmd(plugins, preset, space, show_notes):
             continue
         rule = m.steps or DEFAULT_STEPS.get(m.sampler, "ceil")
         rows.append((m.name, str(m.defaults(preset).get("schedule")), steps_text.get(rule, rule),
-                     ",".join(m.no_wd) or "-", script or "stated default (no stage-2 script)", verified or "not checked"))
+                     ",".join(m.no_wd) or "-", script or "stated default (no stage-2 script)",
+                     verified or "not checked"))
     click.echo("")
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:

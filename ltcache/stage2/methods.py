@@ -277,7 +277,8 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
     if isinstance(scripts, dict):
         given_scripts = {pre: tuple(v) for pre, v in scripts.items()}
         if not set(given_scripts) <= set(PRESETS):
-            raise LtcacheError(f"{where}: scripts is keyed by preset ({', '.join(PRESETS)}); got {', '.join(given_scripts)}")
+            raise LtcacheError(f"{where}: scripts is keyed by preset ({', '.join(PRESETS)}); "
+                               f"got {', '.join(given_scripts)}")
     else:
         given_scripts = {pre: tuple(scripts) for pre in PRESETS} if scripts else {}
     m = Method(name, head, loss if not closed_form else "-", sampler if not closed_form else "-",
