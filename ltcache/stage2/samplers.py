@@ -34,9 +34,9 @@ from typing import Optional, Union
 import torch
 
 from ltcache.errors import LtcacheError
+from ltcache.stage2.prepare import CB_PER_CLASS, class_aware_draw, class_aware_plan, sample_weights  # noqa: F401
 
 SAMPLERS = ("ib", "cb", "sqrt", "progressive")
-CB_PER_CLASS = 4
 STEP_RULES = ("floor", "ceil", "ceil+1")
 DEFAULT_STEPS = {"ib": "ceil", "cb": "floor", "sqrt": "ceil", "progressive": "ceil"}
 
@@ -114,31 +114,13 @@ def _batches(flat: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.T
 
 
 def _class_aware(ci: ClassIndex, total: int, g: torch.Generator) -> torch.Tensor:
-    k = len(ci.counts)
-    visits = math.ceil(total / CB_PER_CLASS)
-    rounds = math.ceil(visits / k)
-    class_seq = torch.argsort(torch.rand(rounds, k, generator=g), dim=1).reshape(-1)[:visits]
-    visit_no = torch.arange(visits) // k                       # each class once per round
-    pos = (visit_no * CB_PER_CLASS).unsqueeze(1) + torch.arange(CB_PER_CLASS)   # [visits, 4]
-    cls = class_seq.unsqueeze(1).expand_as(pos)
-    n_c = ci.counts[cls]
-    # one random permutation per (class, cycle through the class): a class of n_c images needs
-    # ceil(4 rounds / n_c) cycles. All permutations come from ONE sort of random keys offset by
-    # their segment number, so the work is ~N + total, not cycles x N.
-    counts = ci.counts.clamp_min(1)
-    cycles = (rounds * CB_PER_CLASS + counts - 1) // counts                # [K]
-    seg_len = counts.repeat_interleave(cycles)                             # segments class-major
-    seg_first = torch.cumsum(seg_len, 0) - seg_len
-    class_first_seg = torch.cumsum(cycles, 0) - cycles
-    n_seg = int(seg_len.numel())
-    seg_of = torch.arange(n_seg).repeat_interleave(seg_len)
-    item = torch.arange(int(seg_len.sum())) - seg_first[seg_of]           # position inside the class
-    keys = torch.rand(int(seg_len.sum()), generator=g, dtype=torch.float64) + seg_of.double() * 2
-    perm = item[torch.argsort(keys)]                                       # per segment: a permutation
-    cyc = pos // n_c
-    off = pos % n_c
-    picked = perm[seg_first[class_first_seg[cls] + cyc] + off]
-    return ci.order[ci.start[cls] + picked].reshape(-1)[:total]
+    """Classes round-robin over a class list reshuffled per round (one ``rand`` [rounds, K]
+    argsorted per row), CB_PER_CLASS consecutive items of a per-class permutation per visit.
+    A class of n_c images needs ceil(4 rounds / n_c) cycles, one random permutation each; all
+    of them come from ONE sort of random keys offset by their segment number (``rand`` +
+    2 segment), so the work is ~N + total, not cycles x N. The draw-independent layout is
+    made once per sweep (:mod:`ltcache.stage2.prepare`)."""
+    return class_aware_draw(class_aware_plan(ci, total), g)
 
 
 def epoch_indices(kind: str, ci: ClassIndex, batch_size: int, epoch: int, epochs: int,
@@ -153,14 +135,8 @@ def epoch_indices(kind: str, ci: ClassIndex, batch_size: int, epoch: int, epochs
         return _batches(torch.randperm(n, generator=g)[:total], batch_size)
     if kind == "cb":
         return _batches(_class_aware(ci, total, g), batch_size)
-    counts = ci.counts.double()
-    if kind == "sqrt":
-        p_class = counts.sqrt()
-    elif kind == "progressive":
-        t = progressive_lambda(epoch, epochs) if lam is None else float(lam)
-        p_class = (1 - t) * counts / counts.sum() + t / len(counts) * (counts > 0).double()
-    else:
+    if kind not in ("sqrt", "progressive"):
         raise LtcacheError(f"unknown sampler '{kind}'; use one of {', '.join(SAMPLERS)}")
-    w = (p_class / counts.clamp_min(1))[ci.labels]
-    flat = torch.multinomial(w.float(), n, replacement=True, generator=g)
+    t = (progressive_lambda(epoch, epochs) if lam is None else float(lam)) if kind == "progressive" else 0.0
+    flat = torch.multinomial(sample_weights(ci, kind, t), n, replacement=True, generator=g)
     return _batches(flat[:total], batch_size)
