@@ -61,7 +61,9 @@ from ltcache import distributed as _dist
 from ltcache.errors import LtcacheError
 from ltcache.metrics import class_mean_accuracy
 from ltcache.progress import progress
+from ltcache.stage2 import graphs
 from ltcache.stage2 import heads as H
+from ltcache.stage2.graphs import StaticStep
 from ltcache.stage2.losses import LossTargets, batched_loss_grad, loss_signature, loss_targets, stack_specs
 from ltcache.stage2.losses._fallback import AutogradLossGrad
 from ltcache.stage2.params import SCHEDULES  # noqa: F401  (re-exported)
@@ -228,11 +230,12 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
     label = "frozen-base " if group.base else ""
     bar = progress(total=group.total_steps, desc=f"train {label}{group.family} B={group.bsz} x{group.m}",
                    quiet=quiet, unit="step", position=bar_position)
+    step = StaticStep(group).step if graphs.wanted(group) else group.step     # CUDA graphs (graphs.py)
     try:
         with _prepared_ahead(group.prepare_epoch, group.epochs, group.dev) as epochs:
             for e, ep in epochs:
                 for s in range(ep.s_max):
-                    group.step(ep, s)               # features -> forward -> loss grad -> backward -> update
+                    step(ep, s)                     # features -> forward -> loss grad -> backward -> update
                 bar.update(ep.s_max)
                 group.end_epoch(e)                  # MaxNorm projection, val selection
     finally:
