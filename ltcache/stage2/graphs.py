@@ -32,6 +32,7 @@ import torch
 
 MODES = ("auto", "on", "off")
 _mode = "auto"
+STATS = {"captured": 0, "failed": []}    # graphs captured / capture failures (one line each) in this process
 
 
 @contextmanager
@@ -156,11 +157,13 @@ class StaticStep:
             with torch.cuda.graph(graph):
                 self.g.step(static, 0)
             self.graphs[variant] = graph
+            STATS["captured"] += 1
             return graph
         except Exception as exc:                  # pragma: no cover - needs a CUDA device
             self.eager_only.add(variant)
             torch.cuda.synchronize()
-            print(f"note: CUDA graph capture failed for the {self.g.family} B={self.g.bsz} group "
-                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); stepping eagerly",
-                  file=sys.stderr)
+            line = (f"note: CUDA graph capture failed for the {self.g.family} B={self.g.bsz} group "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); stepping eagerly")
+            STATS["failed"].append(line)
+            print(line, file=sys.stderr)
             return None
