@@ -129,8 +129,8 @@ def trained_configs(cache, methods, seeds, cap=None) -> list:
 
 def rows(cfgs, n) -> float:
     """Training sample-rows of ``cfgs`` (steps x B; frozen-base heads count a tenth: K-wide rows)."""
-    return sum(c.epochs * steps_per_epoch(c.sampler, n, c.batch_size) * c.batch_size * (0.1 if frozen_base(c) else 1)
-               for c in cfgs)
+    return sum(c.epochs * steps_per_epoch(c.sampler, n, c.batch_size) * c.batch_size
+               * (0.1 if frozen_base(c) else 1) for c in cfgs)
 
 
 def plain_loop(cache, dev, cfgs, sample: int, epochs_cap=None) -> dict:
@@ -238,7 +238,7 @@ def main(argv=None) -> dict:
         cache = caches[shape] if tiny else device_cache(shape, dev)
         sample = a.imnet_methods.split(",") if not tiny else list(TINY_METHODS[:3])
         n = int(cache.splits["train"].labels.numel())
-        first = sweep(cache, dev, sample, seeds, "auto", cap=1)          # one epoch: the rate, and whether source epochs fit
+        first = sweep(cache, dev, sample, seeds, "auto", cap=1)   # one epoch: the rate; do source epochs fit?
         src_rows = rows(trained_configs(cache, sample, seeds, cap), n)
         one_rows = rows(trained_configs(cache, sample, seeds, 1), n)
         est_src = first["wall_s"] * src_rows / one_rows if "wall_s" in first else None

@@ -31,7 +31,9 @@ with the element-wise loss work next (about a third of a D 512 step on a CPU). O
 small shapes (CIFAR-10, D 64) a step costs mostly per-op overhead, so the engine prepares each
 epoch's indices and loss targets ahead on a thread and, on several cores, trains whole groups
 side by side in forked single-thread worker processes (``n_jobs``, see
-:mod:`ltcache.stage2.workers`; also used up to D 1024).
+:mod:`ltcache.stage2.workers`; also used up to D 1024). On a GPU a step is launch-bound
+(100-200 small kernels): it runs through static buffers, captured once per group as a CUDA
+graph and replayed (:mod:`ltcache.stage2.graphs`).
 
 Optimiser: PyTorch SGD semantics (dampening 0, no Nesterov): g += wd * p; buf = mu * buf + g
 (buf = g on the first step); p -= lr * buf; wd is 0 on a member's ``no_wd`` parameters.
