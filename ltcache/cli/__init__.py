@@ -15,8 +15,13 @@ from ltcache.cli import predict as _predict  # noqa: F401,E402
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="ltcache")
+    """Console-script entry point (also ``python -m ltcache``): this process's signals are ltcache's."""
+    from ltcache import interrupts
+    interrupts.OWNED = True
+    try:
+        cli(prog_name="ltcache")
+    finally:
+        interrupts.ending()
 
 
 __all__ = ["cli", "main"]
