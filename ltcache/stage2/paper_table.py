@@ -336,3 +336,35 @@ def render(doc: dict, fmt: str = "terminal", against: Optional[str] = None) -> s
     if fmt not in FORMATTERS:
         raise LtcacheError(f"unknown --format '{fmt}'; use one of: {', '.join(FORMATTERS)}")
     return FORMATTERS[fmt](compute(doc, against or doc.get("against") or "ce"))
+
+
+def load_multi(path) -> dict:
+    """A multi-cache results document (results.json or its folder); one-line errors otherwise."""
+    import json
+    from pathlib import Path
+
+    from ltcache.stage2.multi import is_multi
+    p = Path(path)
+    p = p / "results.json" if p.is_dir() else p
+    if not p.is_file():
+        raise LtcacheError(f"{p}: no such file; give the results.json of a `bench` / `tune` over several --cache")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise LtcacheError(f"{p} is unreadable ({str(exc).splitlines()[0]}); re-run the bench / tune") from None
+    if not is_multi(doc):
+        raise LtcacheError(f"{p} holds the runs of one cache; the paper table needs a `bench` / `tune` over several "
+                           "caches (--cache A --cache B ...)")
+    return doc
+
+
+def resolve_against(doc: dict, against: Optional[str]) -> str:
+    """The reference method: ``against`` (an alias is resolved when the method is registered) or
+    the one the run recorded."""
+    if against is None:
+        return doc.get("against") or "ce"
+    try:
+        from ltcache.stage2.methods import get_method
+        return get_method(against).name
+    except LtcacheError:
+        return against
