@@ -242,3 +242,25 @@ def test_bad_multi_cache_input_is_one_line_exit_2_before_training(three, odd, tm
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.output
     assert not out.exists() or not any(out.iterdir())
+
+
+# ------------------------------------------------------------------------------- report
+
+def test_report_of_a_multi_cache_run_draws_the_heat_maps_and_the_table(bench_doc, tmp_path):
+    from PIL import Image
+
+    from ltcache.report import make_report
+    from ltcache.stage2.multi import write_multi
+    write_multi(bench_doc, tmp_path / "res")
+    page = make_report(tmp_path / "res", quiet=True)
+    text = page.read_text()
+    figs = tmp_path / "res" / "report" / "figures"
+    stems = ["datasets_heatmap", "gain_heatmap", "classes_heatmap_1", "classes_heatmap_2"]
+    assert sorted(p.stem for p in figs.iterdir()) == sorted(stems)
+    for stem in stems:
+        with Image.open(figs / f"{stem}.png") as im:
+            assert im.size[0] == 1000 and im.size[1] >= 300
+        assert f'src="figures/{stem}.png"' in text
+    assert "Paper table" in text and "<b>" in text and "Δ vs ce" in text and "stage-1 seed 1" in text
+    res = CliRunner().invoke(cli, ["report", str(tmp_path / "res"), "--methods", "nope"])
+    assert res.exit_code == 2 and "'nope' not in" in res.output
