@@ -17,11 +17,13 @@ def _nan(v) -> float:
 
 def draw(values: Sequence[Sequence[Optional[float]]], rows: Sequence[str], cols: Sequence[str], title: str,
          cbar: str, out_dir, stem: str, fmt: str, diverging: bool = False, col_groups: Sequence[tuple] = (),
-         xlabel: str = "", cell_fmt: str = "{:.1f}") -> tuple[object, tuple]:
+         xlabel: str = "", cell_fmt: str = "{:.1f}", per_column: bool = False) -> tuple[object, tuple]:
     """One heat map (rows top to bottom as given); returns (path, size in inches).
 
     ``diverging``: a red-blue scale centred on 0 (gains); otherwise a sequential scale.
-    ``col_groups``: (label, first column, last column) spans drawn as labelled brackets on top."""
+    ``col_groups``: (label, first column, last column) spans drawn as labelled brackets on top.
+    ``per_column``: colours scaled within each column (its worst to its best; e.g. datasets whose
+    accuracies lie far apart), the values written in the cells still the raw ones."""
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
     n, k = len(rows), len(cols)
@@ -40,7 +42,13 @@ def draw(values: Sequence[Sequence[Optional[float]]], rows: Sequence[str], cols:
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         norm, cmap = None, "viridis"
     kw = {"norm": norm} if norm is not None else {"vmin": lo, "vmax": hi if hi > lo else lo + 1}
-    im = ax.imshow(np.ma.masked_invalid(arr), aspect="auto", cmap=cmap, interpolation="nearest", **kw)
+    shown = arr
+    if per_column:
+        lo_c, hi_c = np.nanmin(np.where(np.isfinite(arr), arr, np.inf), 0), np.nanmax(np.where(np.isfinite(arr), arr, -np.inf), 0)
+        span = np.where(hi_c > lo_c, hi_c - lo_c, 1.0)
+        shown = (arr - lo_c) / span
+        kw = {"vmin": 0.0, "vmax": 1.0}
+    im = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap=cmap, interpolation="nearest", **kw)
     ax.set_yticks(range(n))
     ax.set_yticklabels([r if len(r) <= 48 else r[:47] + "…" for r in rows], fontsize=8 if n > 20 else 9)
     ax.set_xticks(range(k))
@@ -58,7 +66,7 @@ def draw(values: Sequence[Sequence[Optional[float]]], rows: Sequence[str], cols:
                 if not math.isfinite(v):
                     ax.text(j, i, "-", ha="center", va="center", fontsize=size, color="0.4")
                     continue
-                r, g, b, _ = cm(im.norm(v))
+                r, g, b, _ = cm(im.norm(shown[i, j]))
                 dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
                 ax.text(j, i, (("+" if diverging and v > 0 else "") + cell_fmt.format(v)), ha="center",
                         va="center", fontsize=size, color="white" if dark else "black")
@@ -69,7 +77,10 @@ def draw(values: Sequence[Sequence[Optional[float]]], rows: Sequence[str], cols:
                     annotation_clip=False, fontweight="bold")
     if xlabel:
         ax.set_xlabel(xlabel)
-    fig.colorbar(im, ax=ax, label=cbar, fraction=0.03, pad=0.01)
+    cb = fig.colorbar(im, ax=ax, label=cbar, fraction=0.03, pad=0.01)
+    if per_column:
+        cb.set_ticks([0, 1])
+        cb.set_ticklabels(["worst", "best"])
     ax.set_title(title, pad=18 if col_groups else 6)
     return save(fig, out_dir, stem, fmt), (WIDTH, height)
 

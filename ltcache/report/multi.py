@@ -22,11 +22,13 @@ def datasets_heatmap(table: dict, out_dir, fmt: str) -> dict:
     values = [[(r["cells"].get((c, "all")) or {}).get("mean") for c in cols] for r in rows]
     path, size = heatmap.draw(values, [_label(r) for r in rows], cols,
                               "Test accuracy (All, %) per dataset; rows by average rank (in brackets)",
-                              "test accuracy (%)", out_dir, "datasets_heatmap", fmt, cell_fmt="{:.2f}")
+                              "colour: within the dataset (column)", out_dir, "datasets_heatmap", fmt,
+                              cell_fmt="{:.2f}", per_column=True)
     return {"stem": "datasets_heatmap", "path": path, "size": size, "title": "Methods x datasets, accuracy",
             "caption": "Mean top-1 test accuracy (All, %) of each method (rows, sorted by average rank over the "
                        "datasets, rank in brackets) on each dataset (columns), over its backbones x stage-2 seeds. "
-                       "The colour scale is shared by every column."}
+                       "Colours are scaled within each column, from its worst to its best method, so that "
+                       "datasets of very different accuracy read alike; the numbers are the accuracies."}
 
 
 def gain_heatmap(table: dict, out_dir, fmt: str) -> dict:
