@@ -264,3 +264,38 @@ def test_report_of_a_multi_cache_run_draws_the_heat_maps_and_the_table(bench_doc
     assert "Paper table" in text and "<b>" in text and "Δ vs ce" in text and "stage-1 seed 1" in text
     res = CliRunner().invoke(cli, ["report", str(tmp_path / "res"), "--methods", "nope"])
     assert res.exit_code == 2 and "'nope' not in" in res.output
+
+
+# ------------------------------------------------------------------------------- pipelines
+
+def test_pipeline_sweep_and_tune_caches_run_over_the_pipelines_cache_and_the_listed_ones(three, tmp_path,
+                                                                                         monkeypatch):
+    import shutil
+
+    import ltcache.cache.extraction as extraction
+    import ltcache.pipeline as pipeline
+    import ltcache.stage1 as stage1
+    out = tmp_path / "run"
+    shutil.copytree(three[0], out / "cache")             # the pipeline's own cache, as if extracted
+    (tmp_path / "more").mkdir()
+    shutil.copytree(three[1], tmp_path / "more" / "s1")
+    shutil.copytree(three[2], tmp_path / "more" / "ir50")
+    monkeypatch.setattr(pipeline, "_stage1_complete", lambda ckpt, args: True)
+    monkeypatch.setattr(extraction, "extract", lambda ckpt, cache, **kw: cache)
+    monkeypatch.setattr(stage1, "load_checkpoint", lambda p: {"epoch": 1, "history": []})
+    toml = tmp_path / "p.toml"
+    toml.write_text("[dataset]\nsource = 'cifar10'\nimb_ratio = 10\n[stage1]\narch = 'resnet32'\n"
+                    "[sweep]\nmethods = ['ce', 'los']\nseeds = [0, 1]\ncaches = ['more/s1', 'more/ir50']\n"
+                    "against = 'los'\n"
+                    "[tune]\nmethods = ['ce', 'los']\nbudget = 1\nseeds = [0]\ncaches = ['more/s1']\n")
+    res = pipeline.run_pipeline(toml, out=str(out), device="cpu", quiet=True)
+    doc = json.loads((out / "results" / "results.json").read_text())
+    assert doc["schema"] == "ltcache-multi/1" and doc["against"] == "los" and len(doc["caches"]) == 3
+    assert [d["caches"] for d in doc["datasets"]] == [[0, 1], [2]] and (out / "results" / "paper.tex").is_file()
+    tuned = json.loads((out / "tune" / "results.json").read_text())
+    assert tuned["kind"] == "tune" and len(tuned["caches"]) == 2
+    assert {r["method"] for r in res["tune"]} == {"ce", "los"}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dataset]\nsource = 'cifar10'\n[stage1]\narch = 'resnet32'\n[sweep]\ncaches = 'x'\n")
+    with pytest.raises(LtcacheError, match=r"\[sweep\] caches must be a list"):
+        pipeline.parse_pipeline(bad)
