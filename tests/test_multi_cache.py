@@ -299,3 +299,23 @@ def test_pipeline_sweep_and_tune_caches_run_over_the_pipelines_cache_and_the_lis
     bad.write_text("[dataset]\nsource = 'cifar10'\n[stage1]\narch = 'resnet32'\n[sweep]\ncaches = 'x'\n")
     with pytest.raises(LtcacheError, match=r"\[sweep\] caches must be a list"):
         pipeline.parse_pipeline(bad)
+
+
+def test_import_records_the_stage1_seed_and_imports_of_one_name_are_replicates(tmp_path):
+    import numpy as np
+
+    from ltcache.cache import load
+    paths = []
+    for seed in (3, 4):
+        c = fake_cache(seed=seed)
+        np.savez(tmp_path / f"f{seed}.npz", **{f"{s}_features": c.splits[s].features.numpy() for s in ("train", "test")},
+                 **{f"{s}_labels": c.splits[s].labels.numpy() for s in ("train", "test")},
+                 weight=c.weight.numpy(), bias=c.bias.numpy())
+        res = CliRunner().invoke(cli, ["import", str(tmp_path / f"f{seed}.npz"), "--out", str(tmp_path / f"c{seed}"),
+                                       "--name", "mine", "--stage1-seed", str(seed), "--quiet"])
+        assert res.exit_code == 0, res.output
+        paths.append(tmp_path / f"c{seed}")
+    ids = [identify(load(p), str(p)) for p in paths]
+    assert [(i.stage1_seed, i.seed_source, i.imported) for i in ids] == [(3, "manifest", True), (4, "manifest", True)]
+    groups, notices = group_caches(ids)
+    assert [(g.label, g.members) for g in groups] == [("mine", [0, 1])] and notices == []
