@@ -214,7 +214,7 @@ def odd(tmp_path_factory):
 
 
 @pytest.mark.parametrize("cmd,extra,needle", [
-    ("bench", ["four"], "different classes"),
+    ("bench", ["four"], "different classes (5 vs 4 classes)"),
     ("tune", ["noval"], "no val split"),
     ("bench", ["again"], "is given twice"),
     ("bench", ["against"], "--against ncm: the run has no method 'ncm'"),
@@ -319,3 +319,23 @@ def test_import_records_the_stage1_seed_and_imports_of_one_name_are_replicates(t
     assert [(i.stage1_seed, i.seed_source, i.imported) for i in ids] == [(3, "manifest", True), (4, "manifest", True)]
     groups, notices = group_caches(ids)
     assert [(g.label, g.members) for g in groups] == [("mine", [0, 1])] and notices == []
+
+
+def test_imported_caches_named_like_an_extracted_dataset_join_it_only_with_a_seed(three, tmp_path):
+    from ltcache.cache import load
+    imp = {"name": "cifar10 IR 10", "source": "cifar10 IR 10 (import:x.npz)", "imported": True,
+           "class_names": [f"c{j}" for j in range(5)]}
+    seeded = disk_cache(tmp_path / "seeded", 7, dataset=imp)
+    unseeded = disk_cache(tmp_path / "unseeded", 8, dataset=imp, stage1=False)
+    ids = [identify(load(p), str(p)) for p in (three[0], three[1], seeded)]
+    groups, notices = group_caches(ids)
+    assert [(g.label, g.members) for g in groups] == [("cifar10 IR 10", [0, 1, 2])]
+    assert len(notices) == 1 and "grouped with the extracted caches" in notices[0]
+    ids[2] = identify(load(unseeded), str(unseeded))
+    with pytest.raises(LtcacheError, match="has no stage-1 seed but other caches of this dataset do"):
+        group_caches(ids)
+    # one cache under two paths (identical manifests) is refused too
+    import shutil
+    shutil.copytree(three[0], tmp_path / "copy")
+    with pytest.raises(LtcacheError, match="are the same cache"):
+        group_caches([identify(load(p), str(p)) for p in (three[0], tmp_path / "copy")])

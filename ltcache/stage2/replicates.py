@@ -117,27 +117,43 @@ def group_caches(ids: Sequence[CacheId]) -> tuple[list[DatasetGroup], list[str]]
     (dataset and stage-1 seed) twice; caches with and without a known stage-1 seed in one group."""
     seen: dict[str, int] = {}
     for i, c in enumerate(ids):
-        for k in {c.fingerprint, c.path} - {""}:
-            if k in seen:
-                raise LtcacheError(f"--cache {ids[seen[k]].path or seen[k]} is given twice (cache {seen[k] + 1} and "
-                                   f"{i + 1}); give each cache once")
-            seen[k] = i
+        for k in (c.path, c.fingerprint):
+            if k and k in seen:
+                j = seen[k]
+                what = (f"--cache {c.path} is given twice" if ids[j].path == c.path else
+                        f"--cache {ids[j].path} and --cache {c.path} are the same cache (identical manifests)")
+                raise LtcacheError(f"{what} (cache {j + 1} and {i + 1}); give each cache once")
+        seen.update({k: i for k in (c.path, c.fingerprint) if k})
     out: dict[str, DatasetGroup] = {}
     for i, c in enumerate(ids):
         g = out.setdefault(c.dataset_key, DatasetGroup(c.dataset_label, c.dataset_key))
         g.members.append(i)
-    labels = [g.label for g in out.values()]
     notices = []
+    # imported caches named like an extracted dataset (`ltcache import --name "cifar10 IR 100"`) join it
+    extracted = {g.label: g for g in out.values() if not ids[g.members[0]].imported}
+    for key, g in list(out.items()):
+        if ids[g.members[0]].imported and g.label in extracted:
+            extracted[g.label].members += g.members
+            del out[key]
+            notices.append(f"notice: imported cache(s) {', '.join(ids[i].path for i in g.members)} named "
+                           f"'{g.label}' grouped with the extracted caches of that dataset")
+    labels = [g.label for g in out.values()]
+    nth: dict[str, int] = {}
     for g in out.values():
+        g.members.sort()
         if labels.count(g.label) > 1:                    # two datasets that read alike: tell them apart
-            g.label = f"{g.label} #{labels[:list(out.values()).index(g) + 1].count(g.label)}"
+            nth[g.label] = nth.get(g.label, 0) + 1
+            g.label = f"{g.label} #{nth[g.label]}"
         first = ids[g.members[0]]
         for i in g.members[1:]:
             c = ids[i]
             if c.class_names != first.class_names:
+                a, b = first.class_names, c.class_names
+                why = (f"{len(a)} vs {len(b)} classes" if len(a) != len(b) else
+                       "class '{}' vs '{}'".format(*next((x, y) for x, y in zip(a, b) if x != y)))
                 raise LtcacheError(f"caches {first.path} and {c.path} are both '{g.label}' but have different classes "
-                                   f"({len(first.class_names)} vs {len(c.class_names)}, or other names); caches of one "
-                                   "dataset must share their class list: check the --cache paths")
+                                   f"({why}); caches of one dataset must share their class list: check the --cache "
+                                   "paths")
         seeds = [ids[i].stage1_seed for i in g.members]
         if len(g.members) > 1 and None in seeds and any(s is not None for s in seeds):
             unknown = next(ids[i].path for i in g.members if ids[i].stage1_seed is None)
