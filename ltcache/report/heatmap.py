@@ -44,7 +44,8 @@ def draw(values: Sequence[Sequence[Optional[float]]], rows: Sequence[str], cols:
     kw = {"norm": norm} if norm is not None else {"vmin": lo, "vmax": hi if hi > lo else lo + 1}
     shown = arr
     if per_column:
-        lo_c, hi_c = np.nanmin(np.where(np.isfinite(arr), arr, np.inf), 0), np.nanmax(np.where(np.isfinite(arr), arr, -np.inf), 0)
+        ok = np.isfinite(arr)
+        lo_c, hi_c = np.where(ok, arr, np.inf).min(0), np.where(ok, arr, -np.inf).max(0)
         span = np.where(hi_c > lo_c, hi_c - lo_c, 1.0)
         shown = (arr - lo_c) / span
         kw = {"vmin": 0.0, "vmax": 1.0}

@@ -99,7 +99,7 @@ def render_multi(doc: dict, table: dict, out_dir, fmt: str, quiet: bool = True) 
 
 def table_html(table: dict) -> str:
     """The paper table as an HTML table (best of each column in bold)."""
-    from ltcache.stage2.paper_table import _grid
+    from ltcache.stage2.paper_format import _grid
     _, head, body = _grid(table, ("\x01", "\x02"))
     esc = lambda s: html.escape(s).replace("\x01", "<b>").replace("\x02", "</b>")  # noqa: E731
     spans = ['<th colspan="2"></th>'] + [f'<th colspan="{len(d["columns"])}">{esc(d["label"])}</th>'
@@ -119,7 +119,7 @@ def write_multi_html(doc: dict, table: dict, figures: list, out_dir, source: Opt
     """report.html of a multi-cache run, atomically (figure paths relative)."""
     from ltcache.outputs import atomic_write
     from ltcache.report.html import CSS
-    from ltcache.stage2.paper_table import footer
+    from ltcache.stage2.paper_format import footer
     out_dir = Path(out_dir)
     caches = "".join(f"<li><code>{html.escape(c['id']['path'])}</code>: {html.escape(c['dataset'])}, "
                      f"{html.escape(c['backbone'])}</li>" for c in doc["caches"])
