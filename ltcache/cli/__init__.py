@@ -12,6 +12,7 @@ from ltcache.cli import run as _run  # noqa: F401,E402
 from ltcache.cli import tune as _tune  # noqa: F401,E402
 from ltcache.cli import import_cmd as _import  # noqa: F401,E402
 from ltcache.cli import predict as _predict  # noqa: F401,E402
+from ltcache.cli import table as _table  # noqa: F401,E402
 
 
 def main() -> None:
