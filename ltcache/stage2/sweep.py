@@ -191,7 +191,7 @@ def stream_key(c: Config) -> tuple:
     sampler, seed, epochs and whether its head's initialisation draws from the same generator
     first (a fresh or cosine head draws its weights). Members with equal keys read the same
     rows at every step."""
-    draws = H.get_head(c.head).family == "cosine" or c.init == "fresh"
+    draws = H.get_head(c.head).family != "affine" or c.init == "fresh"
     return (c.sampler, int(c.seed), c.epochs, draws)
 
 
@@ -339,7 +339,8 @@ class GroupTrainer:
         if family == "cosine":
             self.buf["scale"] = torch.tensor([float(c.scale) for c in cfgs], device=dev)
         # the training step leaves out what no member uses (MARC's c * ||w_j|| term, frozen parameters)
-        self.tbuf = {a: t for a, t in self.buf.items() if a != "u" or any(kd.uses_base_norm for kd in kinds)}
+        self.tbuf = {a: t for a, t in self.buf.items()
+                     if a != "u" or family != "affine" or any(kd.uses_base_norm for kd in kinds)}
         self.need = tuple(a for a in self.names if any(a in kd.trained for kd in kinds))
         s_members = [i for i, kd in enumerate(kinds) if "s" in kd.trained]
         self.s_span = (s_members[0], s_members[-1] + 1) if s_members else None     # s = 1 for the others
@@ -614,7 +615,7 @@ def eval_logits(family: str, p: dict, buf: dict, x: torch.Tensor) -> torch.Tenso
 
 def _val_accuracy(family: str, p: dict, buf: dict, data: TrainData) -> torch.Tensor:
     """Class-mean val accuracy [m] of the group's current heads (in chunks of heads)."""
-    m = p["W"].shape[0]
+    m = next(iter(p.values())).shape[0]
     k = data.w0.shape[0]
     n = data.val_x.shape[0]
     chunk = max(1, EVAL_CHUNK // max(1, n * k))

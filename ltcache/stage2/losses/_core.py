@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ltcache.errors import LtcacheError
+from ltcache.registry import Registry, check_name, origin_of
 from ltcache.stage2.params import GENERIC, RESERVED, Param
 
 
@@ -132,27 +133,21 @@ class Term:
             float(values.get(c, n)) != n for c, n in self.coefs.items())
 
 
-FORMS: list[str] = []                      # registration order; a member's form is an index into it
-_FORMS: dict[str, Form] = {}
-TERMS: dict[str, Term] = {}
+FORMS: Registry = Registry("loss form")     # registration order; a member's form is an index into it
+TERMS: Registry = Registry("loss term")
 _RANGE_KEYS = ("mult", "eps", "tiled")
 
 
 def register_form(form: Form) -> Form:
-    """Add a per-sample form to the fused loss (built-in loss units only)."""
-    if form.name in _FORMS or form.name in TERMS or form.name in _RANGE_KEYS:
-        raise LtcacheError(f"loss form '{form.name}' is already registered")
-    _FORMS[form.name] = form
-    FORMS.append(form.name)
-    return form
+    """Add a per-sample form to the fused loss (forms and terms share one namespace)."""
+    return FORMS.register(form.name, form, origin_of(form.loss), taken=(*TERMS, *_RANGE_KEYS))
 
 
 def register_term(term: Term) -> Term:
-    """Add a term to the fused loss (built-in loss units only)."""
-    if term.name in TERMS or term.name in _FORMS or term.name in _RANGE_KEYS:
-        raise LtcacheError(f"loss term '{term.name}' is already registered")
-    TERMS[term.name] = term
-    return term
+    """Add a term to the fused loss (forms and terms share one namespace)."""
+    return TERMS.register(term.name, term, origin_of(next((h for h in (term.shift, term.modulate, term.sample_loss,
+                                                                         term.batch_loss) if h is not None), None)),
+                          taken=(*FORMS, *_RANGE_KEYS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,20 +178,7 @@ class LossUnit:
         return out
 
 
-LOSSES: dict[str, LossUnit] = {}
-
-
-def _origin(obj) -> str:
-    from ltcache import plugins
-    current = plugins.current_plugin()
-    if current is not None:
-        return f"plugin {current}"
-    if str(getattr(obj, "__module__", "")).startswith("ltcache."):
-        return "built-in"
-    try:
-        return inspect.getsourcefile(obj) or obj.__module__
-    except TypeError:
-        return getattr(obj, "__module__", "?")
+LOSSES: Registry = Registry("loss", "a loss of your own: @ltcache.register_loss in a --plugin FILE")
 
 
 def _forward_arity(fn: Callable, name: str) -> Callable:
@@ -225,8 +207,7 @@ def register_loss(name: str, params: Sequence[Param] = (), *, doc: str = "") -> 
     scalar`` (the mean loss over the batch, plain PyTorch); the engine takes dL/dz by autograd.
     Registering a name that exists is an error.
     """
-    if not isinstance(name, str) or not name or any(ch.isspace() or ch == "," for ch in name):
-        raise LtcacheError(f"loss name {name!r} must be a non-empty string without spaces or commas")
+    check_name(name, "loss")
 
     def deco(obj):
         if inspect.isclass(obj):
@@ -240,11 +221,12 @@ def register_loss(name: str, params: Sequence[Param] = (), *, doc: str = "") -> 
             raise LtcacheError(f"@register_loss('{name}') decorates a function or a class, not {type(obj).__name__}")
         if spec is None and forward is None:
             raise LtcacheError(f"loss '{name}' gives neither spec() nor forward(); give a forward(z, y, params, counts)")
-        if name in LOSSES:
-            raise LtcacheError(f"loss '{name}' is already registered ({LOSSES[name].origin}); choose another name")
+        LOSSES.check_free(name)
         _check_declared(declared, f"loss '{name}'")
         fwd = _forward_arity(forward, name) if forward is not None else None
-        LOSSES[name] = LossUnit(name, declared, spec, fwd, _origin(obj), doc or (inspect.getdoc(obj) or "").split("\n")[0])
+        origin = origin_of(obj)
+        LOSSES.register(name, LossUnit(name, declared, spec, fwd, origin,
+                                       doc or (inspect.getdoc(obj) or "").split("\n")[0]), origin)
         return obj
 
     return deco
@@ -278,9 +260,7 @@ def declarations(name: str) -> list[tuple[Param, str]]:
 
 def get_loss(name: str) -> LossUnit:
     """The registered loss ``name``."""
-    if name not in LOSSES:
-        raise LtcacheError(f"unknown loss '{name}'; registered: {', '.join(LOSSES)}")
-    return LOSSES[name]
+    return LOSSES.get(name)
 
 
 def build_loss(kind: str, params: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
@@ -471,7 +451,7 @@ def batched_loss(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb: Loss
     w_y = _class_weight(lb, y)
     per_sample = None
     for name in lb.forms_used:
-        loss = _FORMS[name].loss(zt, y, onehot, w_y, lb)
+        loss = FORMS[name].loss(zt, y, onehot, w_y, lb)
         if per_sample is None:
             per_sample = loss
         else:
@@ -642,15 +622,15 @@ def batched_loss_grad(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb:
         zt[a:e].add_(term.shift(z[a:e], t.yi[a:e], lb.coef_slice(term.name, a, e), lb, 1))
 
     if len(lb.forms_used) == 1 and rg[lb.forms_used[0]] == (0, m):
-        dz = _FORMS[lb.forms_used[0]].grad(zt, t, lb, 0)
+        dz = FORMS[lb.forms_used[0]].grad(zt, t, lb, 0)
     elif "tiled" in lb.pure_forms:   # each form's slice holds only its members: stack their gradients
         order = sorted(lb.forms_used, key=lambda f: rg[f])
-        dz = torch.cat([_FORMS[f].grad(zt[slice(*rg[f])], _targets_of(t, *rg[f], m), lb, rg[f][0]) for f in order])
+        dz = torch.cat([FORMS[f].grad(zt[slice(*rg[f])], _targets_of(t, *rg[f], m), lb, rg[f][0]) for f in order])
     else:
         dz = torch.zeros_like(z)
         for form in lb.forms_used:
             a, e = rg[form]
-            d = _FORMS[form].grad(zt[a:e], _targets_of(t, a, e, m), lb, a)
+            d = FORMS[form].grad(zt[a:e], _targets_of(t, a, e, m), lb, a)
             if form in lb.pure_forms:
                 dz[a:e] = d
             else:                     # the slice holds members of another form (unsorted group)
