@@ -311,10 +311,25 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
 @click.option("--space", is_flag=True,
               help="print each method's search space for `ltcache tune`: every dimension's scale, range and "
                    "where the range comes from")
-def methods_cmd(plugins, preset, space):
-    """List every stage-2 method: head, loss, sampler, defaults and source."""
+@click.option("--parts", is_flag=True,
+              help="list the parts a method is made of -- losses, heads, samplers, post-hoc rules and what a "
+                   "composed loss (ltcache.LossSpec) combines: its vectors, forms and terms -- with where each "
+                   "was registered (built-in or a plugin file)")
+def methods_cmd(plugins, preset, space, parts):
+    """List every stage-2 method: head, loss, sampler, defaults and source.
+
+    \b
+    Examples:
+      ltcache methods                       the methods and their cifar defaults
+      ltcache methods --space               each method's search space for `ltcache tune`
+      ltcache methods --parts --plugin my.py  every registered part, a plugin's included
+    """
     from ltcache.stage2.methods import METHODS, method_space
 
+    if parts:
+        for line in parts_lines():
+            click.echo(line)
+        return
     if space:
         for m in METHODS.values():
             sp = method_space(m, preset)
@@ -335,3 +350,26 @@ def methods_cmd(plugins, preset, space):
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+
+
+def parts_lines() -> list[str]:
+    """``ltcache methods --parts``: every registry's entries with their origins, and what a
+    composed loss combines."""
+    from ltcache.registry import registries
+    from ltcache.stage2.losses import composable
+    from ltcache.stage2.methods import METHODS  # noqa: F401  (every registry filled)
+
+    out = []
+    for kind, reg in registries().items():
+        if kind in ("method", "loss form", "loss term", "backbone"):
+            continue
+        out.append(("losses" if kind == "loss" else f"{kind}s") + ":")
+        out += [f"  {n:<18} {reg.origin(n)}" for n in reg]
+    comp = composable()
+    out.append("composed losses (ltcache.LossSpec) combine:")
+    out.append("  vectors  " + ", ".join(f"{k} (neutral {v:g})" for k, v in comp["vectors"].items()))
+    out.append("  forms    " + ", ".join(comp["forms"]))
+    for name, t in comp["terms"].items():
+        coefs = ", ".join(f"{c}={v:g}" for c, v in t["coefs"].items())
+        out.append(f"  term {name:<12} {coefs:<24} form {t['form']:<8} {t['origin']}")
+    return out

@@ -41,7 +41,21 @@ from ltcache.stage2.params import GENERIC, RESERVED, Param
 @dataclass
 class LossSpec:
     """Hyper-parameters of one configuration's loss as per-class vectors (length K) and the
-    coefficients of its terms; or, for a forward-only loss, its name and hyper-parameters."""
+    coefficients of its terms; or, for a forward-only loss, its name and hyper-parameters.
+
+    The composition path (public as ``ltcache.LossSpec``): a loss class whose ``spec(params,
+    counts, scale)`` returns one trains at built-in speed with the exact analytic gradient.
+    What composes, with z the logits and y the label::
+
+        z' = mult * z + offset - margin[y] e_y (+ the shift of a term, e.g. seesaw)
+        l  = w[y] * form(z', y; eps)  (+ the terms' per-sample parts)  (+ the terms' batch parts)
+
+    * the per-class vectors ``mult``, ``offset``, ``margin``, ``eps``, ``weight`` (any
+      together; None = neutral), with ``weighted_mean`` (sum w_y l / sum w_y instead of / B);
+    * one ``form`` per member (``softmax``, ``bce_softmax``, ``sigmoid``);
+    * any registered ``terms`` ({name: {coefficient: value}}), each applying to the forms it
+      names (e.g. ``focal`` modulates only the softmax form). :func:`composable` lists them.
+    """
 
     num_classes: int
     mult: Optional[torch.Tensor] = None      # z_k * mult_k (VS multiplicative term)
@@ -150,6 +164,17 @@ def register_term(term: Term) -> Term:
                           taken=(*FORMS, *_RANGE_KEYS))
 
 
+def composable() -> dict:
+    """What a :class:`LossSpec` can combine: the per-class vectors, the forms and every
+    registered term with its coefficients (neutral values), its form and its origin."""
+    return {
+        "vectors": {"mult": 1.0, "offset": 0.0, "margin": 0.0, "eps": 0.0, "weight": 1.0},
+        "forms": {name: FORMS.origin(name) for name in FORMS},
+        "terms": {name: {"coefs": dict(t.coefs), "form": t.form or "any", "origin": TERMS.origin(name)}
+                  for name, t in TERMS.items()},
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # the loss registry
 # --------------------------------------------------------------------------------------------
@@ -165,6 +190,8 @@ class LossUnit:
     forward: Optional[Callable]
     origin: str
     doc: str = ""
+    reads: tuple = ()                  # what the forward reads beyond z, y: "h" (features), "head" (parameters)
+    grad: Optional[Callable] = None    # its analytic gradient (same arguments as forward), else autograd
 
     def resolve(self, params: dict) -> dict:
         """``params`` with the declared defaults filled in (LtcacheError if one is missing)."""
@@ -181,40 +208,75 @@ class LossUnit:
 LOSSES: Registry = Registry("loss", "a loss of your own: @ltcache.register_loss in a --plugin FILE")
 
 
-def _forward_arity(fn: Callable, name: str) -> Callable:
-    """``fn`` called as fn(z, y, params, counts), whichever of those it takes (2 to 4)."""
+READS = ("h", "head")                   # what a forward may read beyond the logits and labels
+
+
+def _reads(fn: Callable) -> tuple:
+    """The keyword arguments of READS that ``fn`` takes (``h``: the batch's features, ``head``:
+    the member's head parameters)."""
+    try:
+        names = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return ()
+    return tuple(r for r in READS if r in names)
+
+
+def _forward_arity(fn: Callable, name: str, what: str = "forward") -> Callable:
+    """``fn`` called as fn(z, y, params, counts, **reads), whichever of z, y, params, counts it
+    takes positionally (2 to 4) and whichever of ``h`` / ``head`` it names."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return fn
-    pos = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()) or len(pos) >= 4:
+    reads = _reads(fn)
+    pos = [p for p in sig.parameters.values()
+           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in reads]
+    if any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()):
         return fn
     if len(pos) < 2:
-        raise LtcacheError(f"loss '{name}': forward must take (z, y[, params[, counts]]), it takes "
-                           f"{len(pos)} argument(s)")
-    n = len(pos)
-    return lambda z, y, params, counts: fn(*(z, y, params, counts)[:n])
+        raise LtcacheError(f"loss '{name}': {what} must take (z, y[, params[, counts]][, h=, head=]), it takes "
+                           f"{len(pos)} positional argument(s)")
+    n = min(len(pos), 4)
+    if n == 4 and not reads:
+        return fn
+    return lambda z, y, params, counts, **kw: fn(*(z, y, params, counts)[:n], **{r: kw.get(r) for r in reads})
 
 
 def register_loss(name: str, params: Sequence[Param] = (), *, doc: str = "") -> Callable:
     """Decorator registering a loss under ``name`` (as timm's ``@register_model``).
 
-    On a class: its ``params`` attribute (or the ``params`` argument) declares the
-    hyper-parameters; a ``spec(self, params, counts, scale) -> LossSpec`` method gives the
-    batched built-in form, or a ``forward(self, z, y, params, counts)`` method only a forward.
-    On a function: the function is the forward ``f(z [B, K], y [B], params, counts [K]) ->
-    scalar`` (the mean loss over the batch, plain PyTorch); the engine takes dL/dz by autograd.
+    Three ways, fastest first:
+
+    * **composed** (a class with ``spec(self, params, counts, scale) -> LossSpec``): the loss is
+      a point of the fused family (:class:`LossSpec`: per-class ``mult``, ``offset``,
+      ``margin``, ``eps``, ``weight``, a ``form`` and coefficients of registered ``terms``);
+      it trains at built-in speed with the exact analytic gradient. What composes: any
+      per-class vectors together, one form per member, and every term whose ``form`` matches
+      (``ltcache methods --terms`` lists forms and terms with their coefficients).
+    * **forward with its gradient** (a class with ``forward`` and ``grad``, same arguments):
+      ``grad`` returns dL/dz ``[B, K]`` of the mean loss; checked against autograd of
+      ``forward`` at the first step.
+    * **forward only** (a function, or a class with ``forward``): ``f(z [B, K], y [B], params,
+      counts [K]) -> scalar``, the mean loss over the batch in plain PyTorch; the engine takes
+      dL/dz by autograd, all members of a group in one call when the loss is a mean of
+      per-sample terms (checked at the first step).
+
+    A forward (and ``grad``) may also read the batch: ``h=`` the features ``[B, D]`` of its
+    samples (e.g. the influence-balanced loss's ||h||_1) and ``head=`` the member's head
+    parameters ({name: tensor}, e.g. a penalty on ||W||; their gradient is added to the
+    head's). Name them as keyword arguments: ``def f(z, y, params, counts, h=None)``.
     Registering a name that exists is an error.
     """
     check_name(name, "loss")
 
     def deco(obj):
+        grad = None
         if inspect.isclass(obj):
             inst = obj()
             declared = tuple(params) or tuple(getattr(obj, "params", ()))
             spec = getattr(inst, "spec", None)
             forward = getattr(inst, "forward", None)
+            grad = getattr(inst, "grad", None)
         elif callable(obj):
             declared, spec, forward = tuple(params), None, obj
         else:
@@ -224,9 +286,14 @@ def register_loss(name: str, params: Sequence[Param] = (), *, doc: str = "") -> 
         LOSSES.check_free(name)
         _check_declared(declared, f"loss '{name}'")
         fwd = _forward_arity(forward, name) if forward is not None else None
+        reads = _reads(forward) if forward is not None else ()
+        if grad is not None and (forward is None or _reads(grad) != reads):
+            raise LtcacheError(f"loss '{name}': grad needs a forward with the same arguments (it reads "
+                               f"{', '.join(_reads(grad)) or 'z, y'}); give both or only forward")
         origin = origin_of(obj)
         LOSSES.register(name, LossUnit(name, declared, spec, fwd, origin,
-                                       doc or (inspect.getdoc(obj) or "").split("\n")[0]), origin)
+                                       doc or (inspect.getdoc(obj) or "").split("\n")[0], reads,
+                                       _forward_arity(grad, name, "grad") if grad is not None else None), origin)
         return obj
 
     return deco
