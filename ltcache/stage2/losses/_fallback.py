@@ -152,8 +152,8 @@ class AutogradLossGrad:
     empty when no loss reads ``head``)."""
 
     def __init__(self, specs: Sequence, methods: Sequence[str], counts: torch.Tensor, device,
-                 mode: str = VMAP, vmap_min: int = VMAP_MIN, flat: bool = True):
-        self.counts = counts.to(device=device, dtype=torch.float32)
+                 mode: str = VMAP, vmap_min: int = VMAP_MIN, flat: bool = True, dtype=torch.float32):
+        self.counts = counts.to(device=device, dtype=dtype)
         self.vmap_min = vmap_min
         self.runs: list[_Run] = []
         a = 0
