@@ -377,6 +377,47 @@ def check_posthoc(name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# before a sweep: the plugin entries it uses, on a few rows
+# --------------------------------------------------------------------------------------------
+
+def preflight(configs, data) -> None:
+    """Run every plugin head, sampler and loss that ``configs`` use once on a few rows of
+    ``data`` before anything trains: a head that cannot be differentiated, a sampler's bad
+    indices, a loss that raises or is not finite are refused (one line naming the plugin file,
+    the entry and the fix) before the first group trains."""
+    from ltcache.stage2 import heads as H
+    from ltcache.stage2.losses import LOSSES
+    from ltcache.stage2.losses._fallback import AutogradLossGrad
+    from ltcache.stage2.samplers import SAMPLERS, epoch_indices
+    seen = set()
+    x = data.x[:8, 0].float().cpu()
+    y = data.labels[:8].cpu()
+    w0, b0 = data.w0.float().cpu(), data.b0.float().cpu()
+    for c in configs:
+        if c.sampler not in seen and SAMPLERS.origin(c.sampler) != "built-in":
+            seen.add(c.sampler)
+            epoch_indices(c.sampler, data.class_index, c.batch_size, 0, c.epochs, torch.Generator().manual_seed(c.seed))
+        kind = H.get_head(c.head)
+        if kind.plugin is not None and ("head", c.head) not in seen:
+            seen.add(("head", c.head))
+            p, buf = H.init_head(kind, c.init, w0, b0, torch.Generator().manual_seed(c.seed))
+            p = {a: t.unsqueeze(0) for a, t in p.items()}
+            buf = {a: t.unsqueeze(0) for a, t in buf.items()}
+            z, ctx = H.forward_train(kind.family, p, buf, x.unsqueeze(0))
+            H.backward(kind.family, p, buf, ctx, torch.ones_like(z), kind.trained)
+        key = (c.loss.user, repr(sorted(c.loss.user_params.items())))
+        if c.loss.user is not None and LOSSES.origin(c.loss.user) != "built-in" and key not in seen:
+            seen.add(key)
+            fb = AutogradLossGrad([c.loss], [c.method], data.class_index.counts, "cpu")
+            z = (x @ w0.t() + b0).t().unsqueeze(0)
+            head = None
+            if "head" in fb.reads:
+                p0, _ = H.init_head(H.get_head(c.head), c.init, w0, b0, torch.Generator().manual_seed(c.seed))
+                head = {a: t.unsqueeze(0) for a, t in p0.items()}
+            fb(z, y.unsqueeze(0), torch.ones(1, len(y)), [len(y)], True, h=x.unsqueeze(0), head=head)
+
+
+# --------------------------------------------------------------------------------------------
 # a plugin file
 # --------------------------------------------------------------------------------------------
 
