@@ -14,8 +14,9 @@ For a group of M members with the same loss and hyper-parameters (batch B, K cla
 feature dim D) it times, per step:
 
 * ``dz``: the loss gradient dL/dz of the group -- ``batched_loss_grad`` (built-in) vs the
-  fallback's call (``AutogradLossGrad``: by default the flat path, one autograd call over the
-  members' samples laid end to end; ``per member`` = the older vmap / summed-autograd path);
+  fallback's call (``AutogradLossGrad``: by default the flat path, the members' samples laid
+  end to end through one traced gradient graph with class-major softmax; ``flat, untraced``:
+  the same through eager autograd; ``per member``: the earlier vmap / summed-autograd path);
 * ``step``: ``train_group`` of the M members for one epoch of synthetic features (N 12,406
   rows, the CIFAR-10-LT size), wall time / steps: gather, two matmuls, loss gradient, head
   backward, update.
@@ -109,8 +110,9 @@ def dz_times(m: int, b: int, k: int, repeats: int) -> dict:
         t = loss_targets(lb, y, valid)
         out[(name, "dz", "built-in")] = median_time(lambda: batched_loss_grad(z, None, None, lb, t), repeats, 200)
         specs = [build_loss(pl, pp, counts)] * m
-        for label, flat in (("plugin", True), ("plugin, per member", False)):
-            fb = AutogradLossGrad(specs, ["bench"] * m, counts, "cpu", flat=flat)
+        for label, flat, trace in (("plugin", True, True), ("plugin, flat untraced", True, False),
+                                   ("plugin, per member", False, False)):
+            fb = AutogradLossGrad(specs, ["bench"] * m, counts, "cpu", flat=flat, trace=trace)
             out[(name, "dz", label)] = median_time(lambda: fb(z, y, valid, [b] * m, True), repeats, 50)
     return out
 
@@ -157,16 +159,16 @@ def main() -> None:
         for m in members:
             res[m] = {**dz_times(m, args.batch, args.classes, args.repeats),
                       **step_times(m, args.batch, args.classes, args.dim, args.repeats)}
-    print("\n| loss | what | M | built-in | plugin | plugin / built-in | plugin, per member (old) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| loss | what | M | built-in | plugin | plugin / built-in | flat, untraced | per member (before) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in PAIRS:
         for what in ("dz", "step"):
             for m in members:
                 r = res[m]
                 bi, pl = r[(name, what, "built-in")], r[(name, what, "plugin")]
-                old = r.get((name, what, "plugin, per member"))
+                cols = [r.get((name, what, k)) for k in ("plugin, flat untraced", "plugin, per member")]
                 print(f"| {name} | {what} | {m} | {bi * 1e3:.3f} | {pl * 1e3:.3f} | **{pl / bi:.2f}x** | "
-                      f"{'' if old is None else f'{old * 1e3:.3f} ({old / bi:.1f}x)'} |")
+                      + " | ".join('' if c is None else f'{c * 1e3:.3f} ({c / bi:.1f}x)' for c in cols) + " |")
 
 
 if __name__ == "__main__":

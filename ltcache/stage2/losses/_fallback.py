@@ -19,8 +19,13 @@ How, fastest first (benchmarks/RESULTS.md "Plugin losses at near built-in speed"
   ``VMAP_MIN`` members, else one autograd call on the summed per-member losses (also the path
   of forwards vmap cannot run: ``.item()``, data-dependent control flow, randomness).
 
-A loss class that gives ``grad`` (its analytic dL/dz) skips autograd on the flat path; its
-``grad`` is checked against autograd of its forward at the first step.
+On the flat path each run's forward and its gradient are traced once per shape into one graph
+of ATen ops (``make_fx`` of ``torch.func.grad_and_value``, with fake tensors, so a forward with
+data-dependent Python control flow is not traced but runs eagerly), and the graph's softmax /
+log-softmax over the class dimension run on the class-major layout the engine keeps its logits
+in: ATen's softmax over a short last dimension (K 10) is many times slower than over the
+leading one. A loss class that gives ``grad`` (its analytic dL/dz) skips autograd on the flat
+path; its ``grad`` is checked against autograd of its forward at the first step.
 
 Padding is handled as on the built-in path: a member's padded samples (the end of a short last
 batch, or a whole inactive step) are cut off before its forward, so the loss sees only valid
@@ -31,6 +36,7 @@ the method. Later steps are not checked.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -43,6 +49,9 @@ VMAP, LOOP = "vmap", "loop"
 # hyper-parameters on (per-member path only)
 VMAP_MIN = 8
 FLAT_RTOL = 1e-4                  # flat vs per-member gradient at the first step (float32 sums)
+# traced gradient graphs, once per process per (loss forward, hyper-parameters, shapes): a sweep's
+# groups and a tune's rounds reuse them (tracing costs ~0.1-0.2 s)
+_TRACED: dict = {}
 
 
 def _line(exc: BaseException) -> str:
@@ -51,8 +60,9 @@ def _line(exc: BaseException) -> str:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = FLAT_RTOL) -> bool:
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    return bool(torch.allclose(a, b, rtol=rtol, atol=rtol * max(scale, 1e-12)))
+    fin = torch.isfinite(b)
+    scale = float(b[fin].abs().max()) if bool(fin.any()) else 0.0
+    return bool(torch.allclose(a, b, rtol=rtol, atol=rtol * max(scale, 1e-12), equal_nan=True))
 
 
 class _Run:
@@ -87,6 +97,22 @@ class _Run:
         if "head" in self.reads:
             out["head"] = head
         return out
+
+    def traced(self, z: torch.Tensor, y: torch.Tensor, h: Optional[torch.Tensor]):
+        """The traced gradient graph of this run for inputs of z's shape (None: run eagerly)."""
+        key = (id(self.unit.forward), repr(sorted(self.params.items())), tuple(z.shape), z.dtype,
+               None if h is None else tuple(h.shape))
+        if key not in _TRACED:
+            gm = trace_grad(self.f, z.contiguous(), y, None if h is None else h.contiguous())
+            if gm is not None:                       # once per shape: the graph agrees with eager autograd
+                with torch.enable_grad():
+                    leaf = z.detach().requires_grad_(True)
+                    ref = torch.autograd.grad(self.f(leaf, y, **self.kw(h, None)), leaf)[0]
+                got = gm(z, y) if h is None else gm(z, y, h)
+                if not _close(got[0], ref, 1e-5):
+                    gm = None
+            _TRACED[key] = (self.unit.forward, gm)     # the forward kept alive: its id stays unique
+        return _TRACED[key][1]
 
     def check_first(self, z: torch.Tensor, y: torch.Tensor, h=None, head=None) -> None:
         """One eager call of the forward on one member's valid samples: raises, shape,
@@ -152,7 +178,8 @@ class AutogradLossGrad:
     empty when no loss reads ``head``)."""
 
     def __init__(self, specs: Sequence, methods: Sequence[str], counts: torch.Tensor, device,
-                 mode: str = VMAP, vmap_min: int = VMAP_MIN, flat: bool = True, dtype=torch.float32):
+                 mode: str = VMAP, vmap_min: int = VMAP_MIN, flat: bool = True, dtype=torch.float32,
+                 trace: bool = True):
         self.counts = counts.to(device=device, dtype=dtype)
         self.vmap_min = vmap_min
         self.runs: list[_Run] = []
@@ -165,6 +192,7 @@ class AutogradLossGrad:
             for run in self.runs:
                 run.flat = False
         self.reads = tuple(sorted({r for run in self.runs for r in run.reads}))
+        self.trace = trace
         self.head_grad: dict = {}
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor,
@@ -229,13 +257,19 @@ class AutogradLossGrad:
             for run, idx, n in jobs:
                 sel = _sel(idx, zb.device)
                 j = len(idx)
-                zf = _take(zb, sel)[:, :n].reshape(j * n, k)
+                # [j*n, K] rows, stored class-major ([K, j*n]): a transposed view, as the traced graph wants
+                zf = _take(zb, sel)[:, :n].permute(2, 0, 1).reshape(k, j * n).t()
                 yf = _take(y, sel)[:, :n].reshape(j * n)
                 hf = None if h is None else _take(h, sel)[:, :n].reshape(j * n, h.shape[2])
                 kw = run.kw(hf, None)
                 if run.g is not None:
                     g = run.g(zf, yf, **kw)
                     parts.append((run, sel, n, j, (g[0] if isinstance(g, tuple) else g).mul(j), None))
+                    continue
+                gm = run.traced(zf, yf, hf) if self.trace else None
+                if gm is not None:
+                    g, v = gm(zf, yf) if hf is None else gm(zf, yf, hf)
+                    parts.append((run, sel, n, j, g.mul(j), v))
                     continue
                 leaf = zf.detach().requires_grad_(True)
                 try:
@@ -257,7 +291,7 @@ class AutogradLossGrad:
             if g is None:
                 g = next(it)
                 g = torch.zeros(j * n, k, dtype=zb.dtype, device=zb.device) if g is None else g
-            g = g.view(j, n, k)
+            g = g.reshape(j, n, k)
             if not run.checked:
                 run.check_result(g, v.detach() if v is not None else torch.zeros(()))
             if run.flat is None and j >= 2:
@@ -321,3 +355,59 @@ def _take(t: torch.Tensor, sel) -> torch.Tensor:
 
 def _put(out: torch.Tensor, sel, n: int, g: torch.Tensor) -> None:
     out[sel, :n] = g
+
+
+# --------------------------------------------------------------------------------------------
+# the traced flat gradient
+# --------------------------------------------------------------------------------------------
+
+_ATEN = torch.ops.aten
+_SOFTMAX = (_ATEN._softmax.default, _ATEN._log_softmax.default)
+_SOFTMAX_BACK = (_ATEN._softmax_backward_data.default, _ATEN._log_softmax_backward_data.default)
+
+
+def _rows_major(x: torch.Tensor) -> torch.Tensor:
+    """x [n, K] as the contiguous [K, n] (free when x is a transposed view of it)."""
+    return x.t().contiguous()
+
+
+def _class_major(gm):
+    """Rewrite a traced graph's softmax / log-softmax (and their backward) over the last dim of
+    [n, K] into the same op over dim 0 of [K, n]: the values are identical, the kernel fast."""
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _SOFTMAX and node.args[1] in (-1, 1):
+            x, _, half = node.args
+            with g.inserting_before(node):
+                s = g.call_function(node.target, (g.call_function(_rows_major, (x,)), 0, half))
+                out = g.call_function(_ATEN.t.default, (s,))
+        elif node.target in _SOFTMAX_BACK and node.args[2] in (-1, 1):
+            grad, value, _, dtype = node.args
+            with g.inserting_before(node):
+                s = g.call_function(node.target, (g.call_function(_rows_major, (grad,)),
+                                                  g.call_function(_rows_major, (value,)), 0, dtype))
+                out = g.call_function(_ATEN.t.default, (s,))
+        else:
+            continue
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+def trace_grad(f, z: torch.Tensor, y: torch.Tensor, h: Optional[torch.Tensor]):
+    """``(z, y[, h]) -> (dL/dz, L)`` of ``f`` as one traced graph (class-major softmax), or None
+    when the forward cannot be traced with fake tensors (data-dependent control flow, .item())."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    fn = (lambda z, y, h: f(z, y, h=h)) if h is not None else (lambda z, y: f(z, y))
+    args = (z, y) if h is None else (z, y, h)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = make_fx(torch.func.grad_and_value(fn), tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
+        return _class_major(gm)
+    except Exception:
+        return None
