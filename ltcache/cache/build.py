@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ltcache import __version__
+from ltcache import __version__, interrupts
 from ltcache.cache.lock import CacheLock
 from ltcache.cache.manifest import (CLASSIFIER, MANIFEST, PROGRESS, SCHEMA_VERSION, checksum_ok, sha256_file,
                                     write_json_atomic, write_manifest)
@@ -97,6 +97,7 @@ class _ShardQueue:
                 rec = write_shard(self.dir / shard_name(split, i), feats, labels, index)
                 self.records[rec["file"]] = rec
                 write_json_atomic(self._progress_doc(), self.dir / progress_name(self.rank))
+                interrupts.test_point("shard")
                 if os.environ.get("LTCACHE_TEST_DIE_AFTER_SHARD") == str(self.rank):
                     os._exit(17)                  # tests: this rank dies once its first shard is on disk
             except OSError as exc:        # e.g. a full disk: a one-line error in the main thread

@@ -1,12 +1,12 @@
 """The method registry: every stage-2 method as data (head, loss, sampler, defaults, source).
 
-Hyper-parameters come from METHODS.md (the commit each was read from is listed there).
-Where a method's source only has end-to-end values (marked UNVERIFIED in METHODS.md), the
+Hyper-parameters come from the authors' code (docs/methods.md: each method's paper, code and
+commit read). Where a method's source only has end-to-end values (marked UNVERIFIED), the
 preset uses the **stated stage-2 default** below and the entry's ``notes`` say so:
 
 * cifar    stage-1 init, instance-balanced, 30 epochs, lr 0.1, wd 5e-4, batch 128, cosine --
-           the cRT/BagofTricks CIFAR-100-LT stage-2 budget (METHODS §4), which METHODS.md
-           itself suggests reusing where nothing else is known.
+           the cRT/BagofTricks CIFAR-100-LT stage-2 budget (docs/methods.md#stated-defaults),
+           reused where nothing else is known.
 * imagenet stage-1 init, instance-balanced, 10 epochs, lr 0.2, wd 5e-4, batch 512, cosine --
            the cRT ImageNet-LT stage-2 budget.
 
@@ -236,7 +236,7 @@ def method_params_generic(name: str) -> Param:
 
 
 # ---------------------------------------------------------------------------------------------
-# search spaces (``ltcache tune``): ranges from the sources' values and ablations (METHODS.md)
+# search spaces (``ltcache tune``): ranges from the sources' values and ablations (docs/methods.md)
 # ---------------------------------------------------------------------------------------------
 
 def _lin(name, lo, hi, src):
@@ -251,7 +251,7 @@ def _choice(name, values, src):
     return Dim(name, "choice", choices=tuple(values), source=src)
 
 
-BETA = _choice("beta", (0.9, 0.99, 0.999, 0.9999), "CB paper's beta values; 0.9999 in LDAM-DRW, LTWB (§13, §15)")
+BETA = _choice("beta", (0.9, 0.99, 0.999, 0.9999), "CB paper's beta values; 0.9999 in LDAM-DRW, LTWB (docs/methods.md#cb)")
 TAU_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(21))     # cRT tau_norm.py: linspace(0, 2, 21)
 # post-hoc LA: Menon et al.'s tau = 1; on the bundled CIFAR-10-LT cache the val pick sat on the top
 # of 0..2, so its candidates reach 3 (0.1 steps; a --budget below 31 spreads them evenly)
@@ -276,120 +276,120 @@ TAU_POSTHOC = Param("tau", float, lo=0, help="post-hoc logit adjustment tau")
 # ---------------------------------------------------------------------------------------------
 
 register_method("ce", loss="ce", presets={"cifar": LOS_CIFAR, "imagenet": CRT_IMNET},
-                source="LOS main_stage2.py with delta=0 (METHODS §3)",
+                source="LOS main_stage2.py with delta=0 (docs/methods.md#ce)",
                 notes="CE re-train from the stage-1 head, LOS protocol; ImageNet preset: cRT budget (UNVERIFIED)")
 register_method("crt", loss="ce", sampler="cb", init="fresh", presets={"cifar": CRT_CIFAR, "imagenet": CRT_IMNET},
-                source="cRT config/*/cls_crt.yaml; BagofTricks cRT/cifar100_im100.yaml (METHODS §4)",
+                source="cRT config/*/cls_crt.yaml; BagofTricks cRT/cifar100_im100.yaml (docs/methods.md#crt)",
                 notes="fresh nn.Linear head, ClassAwareSampler(4); BoT's CIFAR warmup+step schedule replaced by cosine")
 register_method("sqrt", loss="ce", sampler="sqrt", init="fresh", presets={"cifar": CRT_CIFAR, "imagenet": CRT_IMNET},
-                source="cRT MixedPrioritizedSampler nroot=2 (METHODS §5)",
+                source="cRT MixedPrioritizedSampler nroot=2 (docs/methods.md#sqrt)",
                 notes="fresh nn.Linear head; no stage-2 config in the source: cRT values (UNVERIFIED)")
 register_method("progressive", loss="ce", sampler="progressive", init="fresh",
                 presets={"cifar": CRT_CIFAR, "imagenet": CRT_IMNET},
-                source="cRT feat_shift.yaml / BoT progressive (METHODS §2)", notes="fresh nn.Linear head; cRT values (UNVERIFIED as stage 2)")
+                source="cRT feat_shift.yaml / BoT progressive (docs/methods.md#progressive)", notes="fresh nn.Linear head; cRT values (UNVERIFIED as stage 2)")
 register_method("lws", head="lws", loss="ce", sampler="cb", presets={"cifar": CRT_CIFAR, "imagenet": dict(CRT_IMNET, epochs=5)},
-                source="cRT cls_lws.yaml, TauNormClassifier.py; BoT LWS/cifar100_im100.yaml (METHODS §6)",
+                source="cRT cls_lws.yaml, TauNormClassifier.py; BoT LWS/cifar100_im100.yaml (docs/methods.md#lws)",
                 notes="s in R^K on the frozen stage-1 W, b (bias scaled too); wd applies to s")
 register_method("tau-norm", head="tau-norm", loss="-", closed_form=True, params=(TAU_NORM,),
-                presets={"cifar": {"tau": None}, "imagenet": {"tau": None}}, source="cRT tau_norm.py (METHODS §7)",
+                presets={"cifar": {"tau": None}, "imagenet": {"tau": None}}, source="cRT tau_norm.py (docs/methods.md#tau-norm)",
                 notes="from the stage-1 weights, bias dropped (cRT); tau from linspace(0,2,21) chosen on val unless --tau",
                 space=Space(candidates={"tau": TAU_CANDIDATES}))
 register_method("ncm", head="ncm", loss="-", closed_form=True, presets={"cifar": {}, "imagenet": {}},
-                source="cRT KNNClassifier.py cl2n + l2 (METHODS §8)", notes="no head trained or read: centroids from the clean train view")
+                source="cRT KNNClassifier.py cl2n + l2 (docs/methods.md#ncm)", notes="no head trained or read: centroids from the clean train view")
 register_method("cosine", head="cosine", loss="ce", init="fresh", params=(SCALE,),
                 presets={"cifar": dict(CRT_CIFAR, scale=16.0), "imagenet": dict(CRT_IMNET, scale=16.0)},
-                source="cRT CosNormClassifier (s=16) / LDAM NormedLinear (METHODS §9)",
+                source="cRT CosNormClassifier (s=16) / LDAM NormedLinear (docs/methods.md#cosine)",
                 notes="z = s cos(f, w_j), no squash, unit-row fresh init; " + UNVERIFIED,
-                space=space(_log("scale", 4.0, 64.0, "cRT s=16, LDAM s=30 (§9, §13)")))
+                space=space(_log("scale", 4.0, 64.0, "cRT s=16, LDAM s=30 (docs/methods.md#cosine)")))
 register_method("posthoc-la", head="posthoc-la", loss="-", closed_form=True, params=(TAU_POSTHOC,),
                 presets={"cifar": {"tau": 1.0}, "imagenet": {"tau": 1.0}},
-                source="google-research logit_adjustment (METHODS §10)", notes="z - tau log pi on the stage-1 head",
+                source="google-research logit_adjustment (docs/methods.md#posthoc-la)", notes="z - tau log pi on the stage-1 head",
                 space=Space(candidates={"tau": LA_TAU_CANDIDATES}))
 register_method("la-loss", loss="la", presets={"cifar": dict(CRT_CIFAR, tau=1.0), "imagenet": dict(CRT_IMNET, tau=1.0)},
-                source="google-research logit_adjustment (METHODS §11)", notes="from the stage-1 head; " + UNVERIFIED,
-                space=space(_lin("tau", 0.0, 2.0, "tau = 1 (§11); 0 = plain CE")))
+                source="google-research logit_adjustment (docs/methods.md#la-loss)", notes="from the stage-1 head; " + UNVERIFIED,
+                space=space(_lin("tau", 0.0, 2.0, "tau = 1 (docs/methods.md#la-loss); 0 = plain CE")))
 register_method("balanced-softmax", loss="balanced-softmax", init="fresh",
                 presets={"cifar": dict(lr=0.1, wd=5e-4, batch_size=512, epochs=None, iterations=2000, schedule="cosine",
                                        momentum=0.9),
                          "imagenet": dict(lr=0.4, wd=5e-4, epochs=10, batch_size=512, schedule="cosine", momentum=0.9)},
-                source="BALMS config/*/decouple_balanced_softmax*.yaml (METHODS §12)",
+                source="BALMS config/*/decouple_balanced_softmax*.yaml (docs/methods.md#balanced-softmax)",
                 notes="fresh nn.Linear head; CIFAR: 2000 iterations -> epochs = ceil(2000 / steps per epoch) (IF200 config; IF100 UNVERIFIED)")
 register_method("ldam", head="cosine", loss="ldam", init="fresh", params=(SCALE,),
                 presets={"cifar": dict(CRT_CIFAR, margin=0.5, scale=30.0), "imagenet": dict(CRT_IMNET, margin=0.5, scale=30.0)},
-                source="LDAM-DRW losses.py (METHODS §13)", notes="fresh cosine head (unit rows); s (cos - m_y), m_j = 0.5 (n_min/n_j)^(1/4); " + UNVERIFIED,
-                space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (§13)"), _log("scale", 4.0, 64.0, "s = 30 (§13)")))
+                source="LDAM-DRW losses.py (docs/methods.md#ldam)", notes="fresh cosine head (unit rows); s (cos - m_y), m_j = 0.5 (n_min/n_j)^(1/4); " + UNVERIFIED,
+                space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (docs/methods.md#ldam)"), _log("scale", 4.0, 64.0, "s = 30 (docs/methods.md#ldam)")))
 register_method("ldam-drw", head="cosine", loss="ldam-drw", init="fresh", params=(SCALE,),
                 tunables=("margin", "scale", "beta"),
                 presets={"cifar": dict(CRT_CIFAR, margin=0.5, scale=30.0, beta=0.9999),
                          "imagenet": dict(CRT_IMNET, margin=0.5, scale=30.0, beta=0.9999)},
-                source="LDAM-DRW losses.py, cifar_train.py (METHODS §13)",
+                source="LDAM-DRW losses.py, cifar_train.py (docs/methods.md#ldam-drw)",
                 notes="fresh cosine head (unit rows); DRW = CB weights (beta) for the whole re-training, PyTorch weighted mean; " + UNVERIFIED,
-                space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (§13)"), _log("scale", 4.0, 64.0, "s = 30 (§13)"), BETA))
+                space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (docs/methods.md#ldam)"), _log("scale", 4.0, 64.0, "s = 30 (docs/methods.md#ldam)"), BETA))
 register_method("focal", loss="focal", presets={"cifar": dict(CRT_CIFAR, gamma=1.0), "imagenet": dict(CRT_IMNET, gamma=1.0)},
-                source="LDAM-DRW FocalLoss (METHODS §14)", notes="from the stage-1 head; (1-p)^gamma CE, p = exp(-CE); " + UNVERIFIED,
-                space=space(_lin("gamma", 0.0, 3.0, "gamma = 1 (LDAM-DRW), 2 (original focal) (§14)")))
+                source="LDAM-DRW FocalLoss (docs/methods.md#focal)", notes="from the stage-1 head; (1-p)^gamma CE, p = exp(-CE); " + UNVERIFIED,
+                space=space(_lin("gamma", 0.0, 3.0, "gamma = 1 (LDAM-DRW), 2 (original focal) (docs/methods.md#focal)")))
 register_method("cb", loss="cb", presets={"cifar": dict(CRT_CIFAR, beta=0.9999), "imagenet": dict(CRT_IMNET, beta=0.9999)},
-                source="class-balanced-loss (TF) src/cifar_main.py (METHODS §15)",
+                source="class-balanced-loss (TF) src/cifar_main.py (docs/methods.md#cb)",
                 notes="from the stage-1 head; softmax form, TF normalisation sum w_y CE / B; " + UNVERIFIED, space=space(BETA))
 register_method("cb-focal", loss="cb-focal", sigmoid_bias=True,
                 presets={"cifar": dict(CRT_CIFAR, beta=0.9999, gamma=1.0), "imagenet": dict(CRT_IMNET, beta=0.9999, gamma=1.0)},
-                source="class-balanced-loss (TF) sigmoid focal (METHODS §14-15)", notes="W from the stage-1 head, bias init -log(K-1); " + UNVERIFIED,
-                space=space(BETA, _lin("gamma", 0.0, 3.0, "gamma = 1 (CB script), 2 (original focal) (§14)")))
+                source="class-balanced-loss (TF) sigmoid focal (docs/methods.md#cb-focal)", notes="W from the stage-1 head, bias init -log(K-1); " + UNVERIFIED,
+                space=space(BETA, _lin("gamma", 0.0, 3.0, "gamma = 1 (CB script), 2 (original focal) (docs/methods.md#cb-focal)")))
 register_method("cb-sigmoid", loss="cb-sigmoid", sigmoid_bias=True,
                 presets={"cifar": dict(CRT_CIFAR, beta=0.9999), "imagenet": dict(CRT_IMNET, beta=0.9999)},
-                source="class-balanced-loss (TF) sigmoid (METHODS §15)", notes="W from the stage-1 head, bias init -log(K-1); " + UNVERIFIED,
+                source="class-balanced-loss (TF) sigmoid (docs/methods.md#cb-sigmoid)", notes="W from the stage-1 head, bias init -log(K-1); " + UNVERIFIED,
                 space=space(BETA))
 register_method("ls", loss="ls", presets={"cifar": dict(CRT_CIFAR, eps=0.1), "imagenet": dict(CRT_IMNET, eps=0.1)},
-                source="PyTorch label_smoothing (METHODS §16)", notes="from the stage-1 head; eps is free (0.1 stated default); " + UNVERIFIED,
-                space=space(_lin("eps", 0.0, 0.5, "0.1 stated default (§16); LOS is eps near 1")))
+                source="PyTorch label_smoothing (docs/methods.md#ls)", notes="from the stage-1 head; eps is free (0.1 stated default); " + UNVERIFIED,
+                space=space(_lin("eps", 0.0, 0.5, "0.1 stated default (docs/methods.md#ls); LOS is eps near 1")))
 register_method("los", loss="los", presets={"cifar": dict(LOS_CIFAR, delta=0.98), "imagenet": dict(LOS_CIFAR, delta=0.98)},
-                source="LOS main_stage2.py, utils/config.py (METHODS §17)",
+                source="LOS main_stage2.py, utils/config.py (docs/methods.md#los)",
                 notes="from the stage-1 head; CE with label_smoothing delta; ImageNet values not in the repo: CIFAR values (UNVERIFIED)",
-                space=space(_lin("delta", 0.0, 0.99, "0.98 at K = 100 (§17); the target q_y = 1 - delta (K-1)/K "
+                space=space(_lin("delta", 0.0, 0.99, "0.98 at K = 100 (docs/methods.md#los); the target q_y = 1 - delta (K-1)/K "
                                  "flattens faster at small K, so the range reaches down to plain CE")))
 register_method("mislas", head="mislas", loss="las", sampler="cb", params=(LR_FACTOR,),
                 presets={"cifar": dict(lr=0.1, wd=2e-4, epochs=10, batch_size=128, schedule="cosine", momentum=0.9,
                                        eps_head=0.4, eps_tail=0.1, shape="concave", lr_factor=0.2),
                          "imagenet": dict(lr=0.1, wd=5e-4, epochs=10, batch_size=256, schedule="cosine", momentum=0.9,
                                           eps_head=0.3, eps_tail=0.0, shape="concave", lr_factor=0.05)},
-                source="MiSLAS config/*/*_stage2_mislas.yaml (METHODS §18)",
+                source="MiSLAS config/*/*_stage2_mislas.yaml (docs/methods.md#mislas)",
                 notes="from the stage-1 head; cifar = CIFAR-100 IF100 row (CIFAR-10 IF100: eps 0.3/0.0, lr_factor 0.5); BN shift not "
                       "reproducible on a cache",
-                space=space(_lin("eps_head", 0.0, 0.5, "0.2-0.4 in the MiSLAS configs (§18)"),
-                            _lin("eps_tail", 0.0, 0.2, "0.0-0.1 in the MiSLAS configs (§18)"),
-                            _log("lr_factor", 0.05, 0.5, "0.05-0.5 in the MiSLAS configs (§18)")))
+                space=space(_lin("eps_head", 0.0, 0.5, "0.2-0.4 in the MiSLAS configs (docs/methods.md#mislas)"),
+                            _lin("eps_tail", 0.0, 0.2, "0.0-0.1 in the MiSLAS configs (docs/methods.md#mislas)"),
+                            _log("lr_factor", 0.05, 0.5, "0.05-0.5 in the MiSLAS configs (docs/methods.md#mislas)")))
 register_method("maxnorm", loss="ltwb-cb", params=(MAXNORM_THRESH,),
                 presets={"cifar": dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1),
                          "imagenet": dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1)},
-                source="LTWB demo2_second-stage-training.py, utils/regularizers.py (METHODS §19)",
+                source="LTWB demo2_second-stage-training.py, utils/regularizers.py (docs/methods.md#maxnorm)",
                 notes="from the stage-1 head; CB 'softmax' = BCE on softmax, wd 0.1, MaxNorm once per epoch; ImageNet UNVERIFIED (CIFAR values)",
-                space=space(_lin("maxnorm_thresh", 0.0, 0.5, "thresh = 0.1 (§19)"),
-                            _log("wd", 1e-3, 1.0, "LTWB's wd 0.1 was chosen by grid search (§19)")))
+                space=space(_lin("maxnorm_thresh", 0.0, 0.5, "thresh = 0.1 (docs/methods.md#maxnorm)"),
+                            _log("wd", 1e-3, 1.0, "LTWB's wd 0.1 was chosen by grid search (docs/methods.md#maxnorm)")))
 register_method("marc", head="marc", loss="grw", presets={"cifar": dict(CRT_CIFAR, rho=1.2), "imagenet": dict(CRT_IMNET, rho=1.2)},
-                source="MARC official code MARCLinear + GRWCrossEntropyLoss (METHODS §20)",
+                source="MARC official code MARCLinear + GRWCrossEntropyLoss (docs/methods.md#marc)",
                 notes="a z + b ||w|| on the frozen stage-1 head, GRW exponent 1.2 (code default); sampler/epochs/lr UNVERIFIED: stated default",
-                space=space(_lin("rho", 0.0, 2.0, "exp_scale 1.2 (§20)")))
+                space=space(_lin("rho", 0.0, 2.0, "exp_scale 1.2 (docs/methods.md#marc)")))
 register_method("vs", loss="vs", presets={"cifar": dict(CRT_CIFAR, gamma=0.2, tau=1.2), "imagenet": dict(CRT_IMNET, gamma=0.3, tau=1.0)},
-                source="VS-Loss class_imbalance/losses.py (METHODS §24)",
+                source="VS-Loss class_imbalance/losses.py (docs/methods.md#vs)",
                 notes="from the stage-1 head; cifar: README CIFAR-10 example; imagenet: parser defaults; " + UNVERIFIED,
-                space=space(_lin("gamma", 0.0, 0.5, "0.2 (README CIFAR-10), 0.3 (parser) (§24)"),
-                            _lin("tau", 0.0, 2.0, "1.2 (README CIFAR-10), 1.0 (parser) (§24)")))
+                space=space(_lin("gamma", 0.0, 0.5, "0.2 (README CIFAR-10), 0.3 (parser) (docs/methods.md#vs)"),
+                            _lin("tau", 0.0, 2.0, "1.2 (README CIFAR-10), 1.0 (parser) (docs/methods.md#vs)")))
 register_method("seesaw", loss="seesaw", presets={"cifar": dict(CRT_CIFAR, p=0.8, q=2.0), "imagenet": dict(CRT_IMNET, p=0.8, q=2.0)},
-                source="mmdet seesaw_loss.py (METHODS §23)", notes="from the stage-1 head; static class counts instead of cumulative; " + UNVERIFIED,
-                space=space(_lin("p", 0.0, 1.5, "p = 0.8 (§23)"), _lin("q", 0.0, 3.0, "q = 2 (§23)")))
+                source="mmdet seesaw_loss.py (docs/methods.md#seesaw)", notes="from the stage-1 head; static class counts instead of cumulative; " + UNVERIFIED,
+                space=space(_lin("p", 0.0, 1.5, "p = 0.8 (docs/methods.md#seesaw)"), _lin("q", 0.0, 3.0, "q = 2 (docs/methods.md#seesaw)")))
 register_method("lade", loss="lade", presets={"cifar": dict(CRT_CIFAR, alpha=0.1, lam=0.01), "imagenet": dict(CRT_IMNET, alpha=0.05, lam=0.5)},
-                source="hyperconnect/LADE loss/LADELoss.py, README (METHODS §22)", notes="from the stage-1 head; PriorCE + alpha LADER; " + UNVERIFIED,
-                space=space(_log("alpha", 0.005, 0.5, "0.005-0.1 in the LADE README (§22)"),
-                            _log("lam", 0.005, 1.0, "0.01-0.5 in the LADE README (§22)")))
+                source="hyperconnect/LADE loss/LADELoss.py, README (docs/methods.md#lade)", notes="from the stage-1 head; PriorCE + alpha LADER; " + UNVERIFIED,
+                space=space(_log("alpha", 0.005, 0.5, "0.005-0.1 in the LADE README (docs/methods.md#lade)"),
+                            _log("lam", 0.005, 1.0, "0.01-0.5 in the LADE README (docs/methods.md#lade)")))
 register_method("poly1", loss="poly1", presets={"cifar": LOS_CIFAR, "imagenet": CRT_IMNET},
-                source="Leng et al., PolyLoss, ICLR 2022 (not in METHODS.md)",
+                source="Leng et al., PolyLoss, ICLR 2022 (docs/methods.md#poly1)",
                 notes="from the stage-1 head; CE + epsilon (1 - p_y), epsilon = 1 (the paper's default); generic CE budgets (UNVERIFIED)",
                 space=space(_lin("epsilon", -1.0, 3.0, "epsilon = 1 the Poly-1 default; -1 cancels the first "
                                  "polynomial term of CE (Leng et al.)")))
 
 
 GENERIC_EPOCHS = _choice("epochs", (10, 20, 30), "the sources disagree: MiSLAS, LTWB 10; LOS 20; cRT/BoT 30 "
-                         "(§4, §17-19)")
+                         "(docs/methods.md#search-spaces)")
 
 
 def method_space(method: Method, preset: str) -> Space:
@@ -400,7 +400,7 @@ def method_space(method: Method, preset: str) -> Space:
     d = method.defaults(preset)
     own = {x.name for x in method.space.dims}
     generic = [_log("lr", d["lr"] / 10, d["lr"] * 10, f"the {preset} preset's lr {d['lr']:g}, a decade either side"),
-               _log("wd", 1e-5, 1e-1, "cRT / MiSLAS 5e-4 and 2e-4, LTWB 0.1; LOS uses 0 (§4, §17-19)"),
+               _log("wd", 1e-5, 1e-1, "cRT / MiSLAS 5e-4 and 2e-4, LTWB 0.1; LOS uses 0 (docs/methods.md#search-spaces)"),
                GENERIC_EPOCHS]
     return Space(dims=tuple(x for x in generic if x.name not in own) + method.space.dims)
 

@@ -9,7 +9,7 @@ configuration trained inside a sweep sees exactly the indices it would see alone
 * ``cb``   cRT ``ClassAwareSampler`` with 4 images per class visit: classes round-robin over
            a class list reshuffled at each wrap; inside a class, consecutive items of a
            cycling per-class permutation (reshuffled at each wrap). cRT caps the epoch at
-           int(N/B) full batches (METHODS.md §0.3(6)). Deviation, named: the class and
+           int(N/B) full batches (docs/methods.md#class-aware-sampler-cb). Deviation, named: the class and
            per-class streams restart at each epoch instead of continuing across epochs
            (the same distribution: exact class balance, no repeat inside a class cycle).
 * ``sqrt`` square-root sampling: P(class j) ~ n_j^(1/2), image uniform in the class, with

@@ -36,7 +36,7 @@ side by side in forked single-thread worker processes (``n_jobs``, see
 Optimiser: PyTorch SGD semantics (dampening 0, no Nesterov): g += wd * p; buf = mu * buf + g
 (buf = g on the first step); p -= lr * buf.
 
-Learning-rate schedules, per epoch (METHODS.md §0.3(5)):
+Learning-rate schedules, per epoch (docs/methods.md#learning-rate-schedules):
 * ``cosine``       lr_e = lr/2 (1 + cos(pi e / E)), e = 0..E-1 -- LOS (CosineAnnealingLR
                    stepped after each epoch) and MiSLAS (explicit formula). The default.
 * ``cosine-start`` lr_e = lr/2 (1 + cos(pi (e+1) / E)) -- cRT, BALMS and LTWB call

@@ -12,6 +12,7 @@ configuration's result does not depend on which group, split or process it train
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -71,6 +72,8 @@ def run_in_workers(train_group: Callable, plan: list[list[int]], configs: Sequen
 
 def _worker_init() -> None:
     global _IN_WORKER
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the pool's terminate() ends a worker quietly
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
     _IN_WORKER = True
 
