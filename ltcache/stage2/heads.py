@@ -298,7 +298,7 @@ def forward_train(family: str, p: dict, buf: dict, x: "torch.Tensor | SharedRows
     :class:`SharedRows` (blocks of members on the same rows).
     """
     if family not in ("affine", "cosine"):
-        x = dense(x)
+        x = dense(x).to(next(iter(p.values())).dtype)            # bf16 features: the head's dtype
         return _plugin_forward(family, p, buf, x).transpose(1, 2), x
     if family == "affine":
         if base:
