@@ -101,3 +101,14 @@ def test_check_plugin_names_the_file_entry_and_fix(tmp_path):
     assert str(path) in lines[0] and "loss 'half-ce'" in lines[0] and "grad disagrees with autograd" in lines[0]
     good = CliRunner().invoke(cli, ["check-plugin", "--quiet", str(path.parent / "none.py")])
     assert good.exit_code == 2 and "not found" in good.output
+
+
+def test_export_of_a_plugin_head_is_refused_before_training(tmp_path, monkeypatch):
+    from pathlib import Path
+    example = Path(__file__).resolve().parent.parent / "examples" / "cosine_temperature.py"
+    monkeypatch.setattr(api, "_load_cache", lambda cache, device: fake_cache())
+    res = CliRunner().invoke(cli, ["retrain", "--method", "cosine-t", "--plugin", str(example), "--export",
+                                   str(tmp_path / "m.pt"), "--seeds", "0", "--quiet", "--device", "cpu"])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "cosine-t" in lines[0] and str(example) in lines[0], res.output
+    assert not (tmp_path / "m.pt").exists()

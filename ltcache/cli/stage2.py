@@ -208,6 +208,11 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
     if export_path is not None and len(seed_list) > 1:
         raise LtcacheError(f"--export writes one model but --seeds gives {len(seed_list)} seeds; "
                            "pass one seed with --export (e.g. --seeds 0)")
+    if export_path is not None and not m.closed_form:
+        from ltcache.stage2.heads import HEADS
+        if HEADS.get(m.head).plugin is not None:
+            raise LtcacheError(f"--export writes linear, cosine and NCM heads; method {method}'s head '{m.head}' "
+                               f"({HEADS.origin(m.head)}) is a plugin's: drop --export (its results are written)")
     main = join_ranks(device)
     if main:
         _claim_outputs(force, files=[("--out", out, "results.json"), ("--export", export_path, "model.pt")])
