@@ -6,7 +6,8 @@ At epoch e of E a sample of class j is drawn with probability proportional to
     (1 - a) / N + a / (K n_j),   a = min(1, e / ceil(E / 2))
 
 so the first epoch is instance-balanced, and from the middle of training on every class is
-equally likely. N draws with replacement per epoch, in full batches.
+equally likely. N draws with replacement per epoch; the engine cuts them into batches by the
+method's step rule (here ceil(N/B), the last batch short).
 
     ltcache tune --plugin examples/cb_warmup.py --methods cb-warmup,crt,ce
 """
@@ -18,14 +19,12 @@ import ltcache
 
 
 @ltcache.register_sampler("cb-warmup")
-def cb_warmup(ci, batch_size, epoch, epochs, g):
-    """One epoch's batches [S, B] of train indices (ci: labels, class counts)."""
+def cb_warmup(ci, epoch, epochs, g):
+    """One epoch's draws of train indices (ci: labels, class counts)."""
     a = min(1.0, epoch / max(1, math.ceil(epochs / 2)))
     k = len(ci.counts)
     p = (1 - a) / ci.n + a / (k * ci.counts.double().clamp_min(1))[ci.labels]
-    steps = math.ceil(ci.n / batch_size)
-    idx = torch.multinomial(p.float(), steps * batch_size, replacement=True, generator=g)
-    return idx.view(steps, batch_size)
+    return torch.multinomial(p.float(), ci.n, replacement=True, generator=g)
 
 
 ltcache.register_method(

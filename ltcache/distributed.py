@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import json
 import os
 import time
 from typing import Any, Optional, Union
@@ -154,6 +155,41 @@ def dead_peers() -> list:
     return [r for r, p in enumerate(_PEERS) if r != me and p.get("host") == host and _gone(int(p["pid"]))]
 
 
+def announce_lock(path) -> None:
+    """Record in the rendezvous store that this rank holds the output lock ``path``, so that the
+    survivors release it if this rank is killed (torchrun's store outlives the ranks)."""
+    store = _store() if active() else None
+    if store is None:
+        return
+    key = f"ltcache/locks/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank()}"
+    try:
+        held = json.loads(store.get(key).decode()) if store.check([key]) else []
+        store.set(key, json.dumps(held + [str(path)]))
+    except Exception:                        # noqa: BLE001 -- best effort: a stale lock is also taken over later
+        pass
+
+
+def release_locks_of(dead: list) -> None:
+    """Remove the output locks that the ended ranks ``dead`` held (each still naming that rank's
+    process), so that the same command can start again at once, from any host."""
+    store = _store()
+    if store is None:
+        return
+    for r in dead:
+        key = f"ltcache/locks/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{r}"
+        try:
+            paths = json.loads(store.get(key).decode()) if store.check([key]) else []
+        except Exception:                    # noqa: BLE001 -- the store went with that rank
+            return
+        for path in paths:
+            try:
+                held = json.loads(open(path).read() or "{}")
+                if int(held.get("pid", -1)) == int(_PEERS[r]["pid"]) and held.get("host") == _PEERS[r]["host"]:
+                    os.unlink(path)
+            except (OSError, ValueError, IndexError, KeyError):
+                pass
+
+
 def wait_dead_peers(seconds: float = 2.0) -> list:
     """:func:`dead_peers`, waiting up to ``seconds`` for one to show: a killed process's sockets close
     (and its peers' collectives fail) a moment before the process itself is seen to have ended."""
@@ -162,6 +198,7 @@ def wait_dead_peers(seconds: float = 2.0) -> list:
     while not dead and _PEERS and time.monotonic() < deadline:
         time.sleep(0.05)
         dead = dead_peers()
+    release_locks_of(dead)
     return dead
 
 

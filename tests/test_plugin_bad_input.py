@@ -20,8 +20,8 @@ CASES = {
                     "    def init(self, w0, b0, g, init): return {'W': w0}, {}\n"
                     "    def forward(self, p, buf, x): return x @ p['W'].transpose(1, 2)\n",
                     "head 'cosine' is already registered (built-in); choose another name"),
-    "sampler-exists-other-case": (HEAD + "@ltcache.register_sampler('IB')\ndef s(ci, b, e, E, g):\n"
-                                  "    return torch.zeros(1, b, dtype=torch.long)\n",
+    "sampler-exists-other-case": (HEAD + "@ltcache.register_sampler('IB')\ndef s(ci, e, E, g):\n"
+                                  "    return torch.zeros(ci.n, dtype=torch.long)\n",
                                   "sampler 'IB' is already registered as 'ib'"),
     "posthoc-exists": (HEAD + "@ltcache.register_posthoc('ncm')\ndef r(inp, params): return inp.w0, inp.b0\n",
                        "post-hoc rule 'ncm' is already registered"),
@@ -30,12 +30,12 @@ CASES = {
                          "    def forward(self, p, buf, x): return (x @ p['W'].transpose(1, 2)).detach()\n"
                          + M.format("loss='ce', head='frozen'"),
                          "head 'frozen' (plugin {path}): forward is not differentiable in its parameters"),
-    "sampler-float": (HEAD + "@ltcache.register_sampler('floaty')\ndef s(ci, b, e, E, g):\n"
-                      "    n = -(-ci.n // b)\n    return torch.rand(n, b, generator=g) * ci.n\n"
+    "sampler-float": (HEAD + "@ltcache.register_sampler('floaty')\ndef s(ci, e, E, g):\n"
+                      "    return torch.rand(ci.n, generator=g) * ci.n\n"
                       + M.format("loss='ce', sampler='floaty'"),
-                      "sampler 'floaty' (plugin {path}) returned torch.float32 indices; return a torch.long tensor"),
-    "sampler-out-of-range": (HEAD + "@ltcache.register_sampler('wide')\ndef s(ci, b, e, E, g):\n"
-                             "    n = -(-ci.n // b)\n    return torch.full((n, b), ci.n + 5, dtype=torch.long)\n"
+                      "sampler 'floaty' (plugin {path}) returned torch.float32 indices; return a 1-D torch.long tensor"),
+    "sampler-out-of-range": (HEAD + "@ltcache.register_sampler('wide')\ndef s(ci, e, E, g):\n"
+                             "    return torch.full((ci.n,), ci.n + 5, dtype=torch.long)\n"
                              + M.format("loss='ce', sampler='wide'"),
                              "sampler 'wide' (plugin {path}) returned index 263 outside 0..257"),
     "loss-nan": (HEAD + "@ltcache.register_loss('nan-loss')\ndef f(z, y):\n    return (z * float('nan')).mean()\n"

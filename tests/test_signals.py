@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -194,3 +195,19 @@ def test_a_killed_rank_is_named_by_the_survivor(tiny, tmp_path, command, victim)
     assert line.startswith(f"error: rank {survivor}: lost rank {victim} during "), line
     if survivor == 0:                                       # rank 0 held the output lock: released
         assert not _leftovers(tmp_path / "o")
+
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+
+
+@pytest.mark.skipif(TORCHRUN is None or not distributed._dist().is_available(), reason="torchrun not available")
+def test_under_torchrun_the_survivor_names_rank_0_and_releases_its_lock(tmp_path):
+    # torchrun stops the surviving rank with SIGTERM once rank 0 is gone: one line naming rank 0,
+    # and the output lock rank 0 held is released (torchrun's store outlives the ranks)
+    res = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "--log-dir", "logs", "--redirects", "3",
+                          "-m", "ltcache", *BENCH, "--out", "o"], cwd=tmp_path, env=_env(LTCACHE_TEST_KILL="0:3"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    (err1,) = [p.read_text() for p in (tmp_path / "logs").rglob("stderr.log") if p.parent.name == "1"]
+    assert _one_line(err1).startswith("error: rank 1: lost rank 0 during "), err1
+    assert not _leftovers(tmp_path / "o")

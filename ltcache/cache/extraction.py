@@ -157,18 +157,13 @@ def shard_bounds(n: int, shard_rows: int, min_last: int = 1) -> list:
 
 
 def rank_shards(n: int, shard_rows: int, min_last: int = 1, world: int = 1) -> list:
-    """For each rank: its shards as (global shard index, lo, hi) over the storage order. Rank r
-    takes the contiguous rows [r*n/W, (r+1)*n/W), cut by :func:`shard_bounds`; the indices run on
-    across the ranks, so they sort in row order. One process: ``shard_bounds(n, ...)``; an empty
-    split has one empty shard (rank 0's)."""
-    out, i = [], 0
-    for r in range(world):
-        lo, hi = r * n // world, (r + 1) * n // world
-        own = [(lo + a, lo + b) for a, b in shard_bounds(hi - lo, shard_rows, min_last)] \
-            if hi > lo or (n == 0 and r == 0) else []
-        out.append([(i + j, a, b) for j, (a, b) in enumerate(own)])
-        i += len(own)
-    return out
+    """For each rank: its shards as (global shard index, lo, hi) over the storage order. The shards
+    are those of one process (:func:`shard_bounds`), whole shards handed to the ranks in contiguous
+    runs, so a shard -- its rows, its BN batches, its seed -- is the same for every number of
+    processes, and a cache is too; an empty split has one empty shard (rank 0's)."""
+    bounds = shard_bounds(n, shard_rows, min_last)
+    s = len(bounds)
+    return [[(i, *bounds[i]) for i in range(r * s // world, (r + 1) * s // world)] for r in range(world)]
 
 
 def row_seeds(seed: int, split: str, rows: torch.Tensor) -> torch.Tensor:
@@ -627,10 +622,6 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
         # span: wall-clock start and end (epoch seconds) of each rank's extraction loop (BN shift included)
         extraction["ranks"] = [{k: st[k] for k in ("rank", "images_forwarded", "seconds", "images_per_s", "span")}
                                for st in ranks]
-        if args["train_views"] > 0:
-            extraction["world_size_note"] = ("augmented train views of in-memory splits are seeded per shard, and "
-                                             "batch-statistics views use the shards' batches: both depend on "
-                                             "world_size (streamed splits' views are seeded per row)")
     if skip_bad:
         # not part of the key: a shard is the same with or without it unless an image was left out.
         # The count is of the rows absent from the shards (also those kept from an interrupted run),

@@ -12,13 +12,14 @@ kind               checks
 method             presets pass their own Param ranges; an out-of-range value is refused in
                    one line; its search space names only its options and says where each
                    range comes from; trained in a mixed sweep it equals the same
-                   configuration trained alone (1e-5) and a plain reference loop (autograd +
-                   ``torch.optim.SGD`` on the same batches, 2e-5)
+                   configuration trained alone (1e-5) and the plain reference loop
+                   (:mod:`ltcache.stage2.reference`: autograd + ``torch.optim.SGD``, 2e-5)
 loss               the gradient the engine trains with equals autograd of the loss's
                    definition in float64, mixed in one group with every other loss; finite
 head               its backward equals autograd of its forward (float64); init gives the
                    declared parameters
-sampler            long indices in range, [steps, B], the same batches from the same seed
+sampler            long indices in range, enough for every step rule, the same batches from the
+                   same seed
 post-hoc rule      a layer of shape [K, D] / [K] from the tiny cache's stage-1 layer
 =================  ==========================================================================
 """
@@ -34,7 +35,7 @@ from ltcache.registry import Registry
 
 K, D, COUNTS = 5, 8, (150, 60, 30, 12, 6)
 MIXED_TOL, REFERENCE_TOL = 1e-5, 2e-5
-SHORT = {"epochs": 2, "batch_size": 32}          # the sweeps' budget (a few steps on the tiny cache)
+SHORT = {"epochs": 2, "batch_size": 64}          # the sweeps' budget (a few steps on the tiny cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,13 +164,14 @@ def check_mixed_equals_alone(name: str, data, mixed: dict) -> None:
     """The configuration of ``name`` trained alone equals it trained in the mixed sweep
     (``mixed``: :func:`mixed_sweep`'s result) and the plain reference loop."""
     from ltcache.stage2.methods import METHODS
+    from ltcache.stage2.reference import train_reference
     from ltcache.stage2.sweep import train_sweep
     cfg = config(name, data)
     alone = train_sweep([cfg], data, quiet=True, n_jobs=1)[0].layer
     where = _where(METHODS, name, "method")
     _same(alone, mixed[name], MIXED_TOL, f"{where}: trained in a mixed sweep it differs from trained alone",
           "draw random numbers only from the member's generator g, and read only its own rows")
-    _same(alone, reference_train(cfg, data), REFERENCE_TOL,
+    _same(alone, train_reference(cfg, data), REFERENCE_TOL,
           f"{where}: the engine differs from a plain autograd + torch.optim.SGD loop",
           "check the loss's grad / the head's backward against autograd")
 
@@ -182,57 +184,6 @@ def _same(a: dict, b: dict, tol: float, what: str, fix: str) -> None:
             err = float((t - b[key].to(t)).abs().max()) if t.numel() else 0.0
             if not err <= tol * max(1.0, float(t.abs().max())):
                 raise LtcacheError(f"{what} by {err:.2e} in {key} (tolerance {tol:g}); {fix}")
-
-
-def reference_train(cfg, data) -> dict:
-    """One configuration trained the plain way: autograd through the head's forward and the
-    loss's definition (the fused loss, or a plugin's forward), ``torch.optim.SGD`` (parameter
-    groups for the lr factors), the engine's batches and views drawn from the same generator."""
-    from ltcache.stage2 import heads as H
-    from ltcache.stage2 import losses as L
-    from ltcache.stage2.samplers import epoch_indices
-    from ltcache.stage2.sweep import maxnorm_radius, reads_batch
-    n, v, d = data.x.shape
-    g = torch.Generator().manual_seed(cfg.seed)
-    kind = H.get_head(cfg.head)
-    p0, b0 = H.init_head(kind, cfg.init, data.w0.float().cpu(), data.b0.float().cpu(), g, cfg.bias_init)
-    p = {a: t.clone().unsqueeze(0).requires_grad_(a in kind.trained) for a, t in p0.items()}
-    buf = {a: t.unsqueeze(0) for a, t in b0.items()}
-    if kind.family == "cosine":
-        buf["scale"] = torch.tensor([float(cfg.scale)])
-    factors = {a: (cfg.lr_factor if a in kind.slow else 1.0) for a in kind.trained}
-    opt = torch.optim.SGD([{"params": [p[a]], "lr": cfg.lr * f} for a, f in factors.items()],
-                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
-    counts = data.class_index.counts
-    user = L.get_loss(cfg.loss.user) if cfg.loss.user is not None else None
-    lb = None if user else L.stack_specs([cfg.loss], counts, "cpu")
-    reads = reads_batch(cfg)
-    x_flat = data.x.reshape(n * v, d)
-    for e in range(cfg.epochs):
-        for grp, f in zip(opt.param_groups, factors.values()):
-            grp["lr"] = cfg.lr_at(e) * f
-        idx, valid = epoch_indices(cfg.sampler, data.class_index, cfg.batch_size, e, cfg.epochs, g)
-        rows = idx * v + torch.randint(v, (n,), generator=g)[idx] if v > 1 else idx
-        for s in range(idx.shape[0]):
-            keep = valid[s]
-            x = x_flat[rows[s][keep]].unsqueeze(0)
-            y = data.labels[idx[s][keep]]
-            z = H.forward(kind.family, p, buf, x)
-            if user is None:
-                loss = L.batched_loss(z, y.unsqueeze(0), torch.ones(1, len(y)), lb).sum()
-            else:
-                kw = {"h": x[0]} if "h" in reads else {}
-                if "head" in reads:
-                    kw["head"] = {a: t[0] for a, t in p.items()}
-                loss = user.forward(z[0], y, dict(cfg.loss.user_params), counts.float(), **kw)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        if cfg.maxnorm_thresh is not None:
-            with torch.no_grad():
-                r = maxnorm_radius(data.w0.float().cpu(), cfg.maxnorm_thresh)
-                p["W"].mul_((r / p["W"].norm(dim=-1, keepdim=True)).clamp(max=1.0))
-    return H.effective(kind.family, {a: t[0].detach() for a, t in p.items()}, {a: t[0] for a, t in buf.items()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,15 +297,13 @@ def check_head(name: str) -> None:
 
 
 def check_sampler(name: str) -> None:
-    """Long indices in range of shape [steps, B], and the same batches from the same seed."""
-    from ltcache.stage2.samplers import SAMPLERS, ClassIndex, check_batches, epoch_indices, steps_per_epoch
+    """Long indices in range, enough for every step rule, and the same batches from the same seed."""
+    from ltcache.stage2.samplers import SAMPLERS, STEP_RULES, ClassIndex, epoch_indices
     labels = torch.cat([torch.full((n,), j) for j, n in enumerate(COUNTS)])
     ci = ClassIndex.from_labels(labels, K)
-    steps = steps_per_epoch(name, ci.n, 32)
-    for epoch in (0, 1):
-        a = epoch_indices(name, ci, 32, epoch, 2, torch.Generator().manual_seed(7))
-        a = check_batches(name, a, ci.n, 32, steps)
-        b = epoch_indices(name, ci, 32, epoch, 2, torch.Generator().manual_seed(7))
+    for epoch, rule in zip((0, 1, 1), STEP_RULES):           # every step rule cuts its draws (checked)
+        a = epoch_indices(name, ci, 32, epoch, 2, torch.Generator().manual_seed(7), steps=rule)
+        b = epoch_indices(name, ci, 32, epoch, 2, torch.Generator().manual_seed(7), steps=rule)
         if not (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])):
             raise LtcacheError(f"{_where(SAMPLERS, name, 'sampler')}: two draws from the same seed differ; draw "
                                "random numbers only from the generator g it is given")
@@ -396,7 +345,8 @@ def preflight(configs, data) -> None:
     for c in configs:
         if c.sampler not in seen and SAMPLERS.origin(c.sampler) != "built-in":
             seen.add(c.sampler)
-            epoch_indices(c.sampler, data.class_index, c.batch_size, 0, c.epochs, torch.Generator().manual_seed(c.seed))
+            epoch_indices(c.sampler, data.class_index, c.batch_size, 0, c.epochs,
+                          torch.Generator().manual_seed(c.seed), steps=c.steps)
         kind = H.get_head(c.head)
         if kind.plugin is not None and ("head", c.head) not in seen:
             seen.add(("head", c.head))
@@ -447,7 +397,7 @@ def run_checks(entries: dict[str, list[str]], report: Callable[[str], None] = la
         ok(f"head {name}: backward equals autograd of forward")
     for name in entries.get("sampler", []):
         check_sampler(name)
-        ok(f"sampler {name}: long indices in range, [steps, B], reproducible from its seed")
+        ok(f"sampler {name}: long indices in range for every step rule, reproducible from its seed")
     for name in entries.get("post-hoc rule", []):
         check_posthoc(name)
         ok(f"post-hoc rule {name}: a finite [K, D] layer")
@@ -484,6 +434,6 @@ def check_plugin(path: str, report: Callable[[str], None] = lambda s: None) -> i
         raise LtcacheError(msg if str(path) in msg else f"plugin {path}: {msg}") from None
 
 
-__all__ = ["tiny_cache", "tiny_data", "run_checks", "check_plugin", "reference_train", "check_presets",
+__all__ = ["tiny_cache", "tiny_data", "run_checks", "check_plugin", "preflight", "check_presets",
            "check_refuses_out_of_range", "check_space", "check_mixed_equals_alone", "check_loss_gradient",
            "check_head", "check_sampler", "check_posthoc", "mixed_sweep"]

@@ -14,64 +14,76 @@ configuration trained inside a sweep sees exactly the indices it would see alone
            (the same distribution: exact class balance, no repeat inside a class cycle).
 * ``sqrt`` square-root sampling: P(class j) ~ n_j^(1/2), image uniform in the class, with
            replacement, N draws (ceil(N/B) batches).
-* ``progressive`` cRT/BoT progressively balanced: p_j(t) = (1 - t/T) n_j/N + (t/T)/K at
-           epoch t of T, with replacement, N draws.
+* ``progressive`` cRT ``ClassPrioritySampler`` (linear shifting): p_j = (1 - lam) n_j/N + lam/K
+           with lam = ``linspace(0, 1, E)[e]`` at 0-based epoch e of E (instance-balanced in the
+           first epoch, class-balanced in the last), with replacement, N draws.
 
-Each is an entry of the :data:`SAMPLERS` registry; a sampler of your own is one
-:func:`register_sampler` function in a ``--plugin`` file (its batches are checked: dtype,
-shape, range).
+How many batches an epoch has is the method's **step rule** (``STEP_RULES``), as its source's
+loop has it: ``floor`` = int(N/B) full batches (cRT, BALMS and BagofTricks break at
+``epoch_steps = int(N/B)`` / ``drop_last=True``), ``ceil`` = ceil(N/B), the last one short
+(``drop_last=False``), ``ceil+1`` = ceil(N/B) + 1 (MiSLAS: ``if i > end_steps: break``). The
+batches are cut from the sampler's epoch (N draws; for ``cb`` its ``n_max K``), never beyond it.
+Unset, a sampler's rule is ``DEFAULT_STEPS``.
+
+Each sampler is an entry of the :data:`SAMPLERS` registry (its draw function, its default step
+rule and the size of its epoch); a sampler of your own is one :func:`register_sampler` function
+in a ``--plugin`` file, cut into batches by the same step rules (its draws are checked: dtype,
+length, range).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from ltcache.errors import LtcacheError
-from ltcache.registry import Registry, check_name, origin_of
+from ltcache.registry import Registry, check_name, origin_of, track
 
 CB_PER_CLASS = 4
+STEP_RULES = ("floor", "ceil", "ceil+1")
+DEFAULT_STEPS: dict = track({})          # sampler -> its step rule when the method sets none
 
 
 @dataclass(frozen=True)
 class Sampler:
-    """A registered sampler: ``draw(ci, batch_size, epoch, epochs, g) -> idx [S, B]`` or
-    ``(idx, valid)``, and its number of batches per epoch ``steps(n, batch_size)``."""
+    """A registered sampler: ``draw(ci, total, epoch, epochs, g, lam) -> flat indices`` (at least
+    ``total`` of them: the epoch's draws, cut into batches by the step rule) and ``samples(ci)``,
+    the draws one epoch holds (None: N)."""
 
     name: str
     draw: Callable
-    steps: Callable[[int, int], int]
+    samples: Optional[Callable] = None
 
 
 SAMPLERS: Registry = Registry("sampler", "a sampler of your own: @ltcache.register_sampler in a --plugin FILE")
 
 
-def register_sampler(name: str, steps: Optional[Callable[[int, int], int]] = None) -> Callable:
+def register_sampler(name: str, steps: str = "ceil", samples: Optional[Callable] = None) -> Callable:
     """Decorator registering a sampler under ``name``, for ``register_method(..., sampler=name)``.
 
-    The function is ``draw(ci: ClassIndex, batch_size, epoch, epochs, g) -> idx`` (or ``(idx,
-    valid)``): one epoch's batches of train indices, a long tensor ``[S, B]`` with values in
-    ``0 .. N-1`` (``valid [S, B]`` bool marks padding; default all valid). ``ci`` holds the
-    labels, class counts and the indices sorted by class; draw random numbers only from ``g``
-    (the member's own generator: a member then trains the same alone or in a sweep).
-    ``steps(n, batch_size)``: S (default ``ceil(n / batch_size)``), which the engine needs
-    before drawing.
+    The function is ``draw(ci: ClassIndex, epoch, epochs, g) -> idx``: one epoch's draws of
+    train indices, a 1-D ``torch.long`` tensor with values in ``0 .. N-1`` (``ci`` holds the
+    labels ``ci.labels``, the class counts ``ci.counts`` and the indices sorted by class
+    ``ci.order``; ``epoch`` is 0-based of ``epochs``). Draw random numbers only from ``g``, the
+    member's own generator: a member then trains the same alone or in a sweep. The engine cuts
+    the draws into batches by the method's step rule (``steps``: this sampler's default,
+    ``floor`` / ``ceil`` / ``ceil+1``); an epoch holds ``samples(ci)`` draws (default N).
     """
     check_name(name, "sampler")
+    if steps not in STEP_RULES:
+        raise LtcacheError(f"sampler '{name}': unknown step rule '{steps}'; use one of {', '.join(STEP_RULES)}")
 
     def deco(fn):
         if not callable(fn):
-            raise LtcacheError(f"@register_sampler('{name}') decorates a function draw(ci, batch_size, epoch, epochs, g)")
-        SAMPLERS.register(name, Sampler(name, fn, steps or _ceil_steps), origin_of(fn))
+            raise LtcacheError(f"@register_sampler('{name}') decorates a function draw(ci, epoch, epochs, g)")
+        SAMPLERS.register(name, Sampler(name, lambda ci, total, epoch, epochs, g, lam: fn(ci, epoch, epochs, g),
+                                        samples), origin_of(fn))
+        DEFAULT_STEPS[name] = steps
         return fn
 
     return deco
-
-
-def _ceil_steps(n: int, batch_size: int) -> int:
-    return math.ceil(n / batch_size)
 
 
 @dataclass
@@ -96,9 +108,43 @@ class ClassIndex:
         return int(self.labels.numel())
 
 
-def steps_per_epoch(kind: str, n: int, batch_size: int) -> int:
-    """Number of batches in one epoch of sampler ``kind``."""
-    return int(SAMPLERS.get(kind).steps(n, batch_size))
+def epoch_samples(kind: str, ci: "ClassIndex") -> int:
+    """How many draws one epoch of sampler ``kind`` holds before a step rule cuts it: N, or
+    n_max K for the class-aware sampler (cRT / MiSLAS ``ClassAwareSampler.__len__``)."""
+    sampler = SAMPLERS.get(kind)
+    return int(sampler.samples(ci)) if sampler.samples is not None else ci.n
+
+
+def steps_per_epoch(kind: str, n: int, batch_size: int, rule: str = "", samples: int = 0) -> int:
+    """Number of batches in one epoch of sampler ``kind`` under step ``rule`` (see the module
+    docstring; "" = the sampler's default) for N = ``n`` images; ``samples``: the sampler's epoch
+    (:func:`epoch_samples`, 0 = N), which no rule reads beyond."""
+    rule = rule or DEFAULT_STEPS.get(kind, "ceil")
+    if rule == "floor":
+        s = n // batch_size
+    elif rule == "ceil":
+        s = math.ceil(n / batch_size)
+    elif rule == "ceil+1":
+        s = math.ceil(n / batch_size) + 1
+    else:
+        raise LtcacheError(f"unknown step rule '{rule}'; use one of {', '.join(STEP_RULES)}")
+    cap = math.ceil(max(samples or n, batch_size if kind == "cb" else 0) / batch_size)
+    return max(1, min(s, cap))
+
+
+def epoch_total(kind: str, ci: "ClassIndex", batch_size: int, rule: Union[str, int] = "") -> int:
+    """Draws used by one epoch: its batches (:func:`steps_per_epoch` of step rule ``rule``, or
+    ``rule`` batches when it is a number) x B, cut at the sampler's epoch."""
+    samples = max(epoch_samples(kind, ci), batch_size if kind == "cb" else 0)
+    s = rule if isinstance(rule, int) else steps_per_epoch(kind, ci.n, batch_size, rule, samples)
+    return min(s * batch_size, samples)
+
+
+def progressive_lambda(epoch: int, epochs: int) -> float:
+    """The progressive sampler's weight on the class-balanced distribution at 0-based ``epoch``:
+    ``np.linspace(0, 1, epochs)[epoch]`` (cRT ``ClassPrioritySampler``: 0 in the first epoch,
+    1 in the last)."""
+    return epoch / (epochs - 1) if epochs > 1 else 0.0
 
 
 def _batches(flat: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,62 +186,62 @@ def _class_aware(ci: ClassIndex, total: int, g: torch.Generator) -> torch.Tensor
 
 
 def epoch_indices(kind: str, ci: ClassIndex, batch_size: int, epoch: int, epochs: int,
-                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batches of one epoch: ``(idx [S, B], valid [S, B])``; a plugin's checked."""
+                  g: torch.Generator, steps: Union[str, int] = "",
+                  lam: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batches of one epoch: ``(idx [S, B], valid [S, B])``; ``steps``: the step rule
+    (module docstring) or a number of batches; ``lam``: the progressive sampler's weight
+    (default :func:`progressive_lambda`). A plugin sampler's draws are checked."""
     sampler = SAMPLERS.get(kind)
-    out = sampler.draw(ci, batch_size, epoch, epochs, g)
-    if SAMPLERS.origin(kind) == "built-in":
-        return out
-    return check_batches(kind, out, ci.n, batch_size, sampler.steps(ci.n, batch_size))
+    total = epoch_total(kind, ci, batch_size, steps)
+    flat = sampler.draw(ci, total, epoch, epochs, g, lam)
+    if SAMPLERS.origin(kind) != "built-in":
+        flat = check_draws(kind, flat, ci.n, total)
+    return _batches(flat[:total], batch_size)
 
 
-def check_batches(kind: str, out, n: int, batch_size: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sampler's result as (idx, valid), or a one-line error naming the sampler and the fix."""
+def check_draws(kind: str, flat, n: int, total: int) -> torch.Tensor:
+    """A plugin sampler's draws, or a one-line error naming the sampler and the fix."""
     where = f"sampler '{kind}' ({SAMPLERS.origin(kind)})"
-    idx, valid = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
-    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long:
-        raise LtcacheError(f"{where} returned {getattr(idx, 'dtype', type(idx).__name__)} indices; return a "
-                           "torch.long tensor [S, B] (e.g. idx.long())")
-    if tuple(idx.shape) != (steps, batch_size):
-        raise LtcacheError(f"{where} returned indices of shape {list(idx.shape)}, not [S, B] = [{steps}, {batch_size}]; "
-                           "return steps(n, batch_size) batches of batch_size, or declare steps=")
-    if valid is None:
-        valid = torch.ones(idx.shape, dtype=torch.bool)
-    elif not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != idx.shape:
-        raise LtcacheError(f"{where} returned a valid mask that is not a bool tensor of its indices' shape; fix it")
-    live = idx[valid]
-    if live.numel() and (int(live.min()) < 0 or int(live.max()) >= n):
-        raise LtcacheError(f"{where} returned index {int(live.min()) if int(live.min()) < 0 else int(live.max())} "
-                           f"outside 0..{n - 1}; draw indices of the training set (e.g. from ci.order)")
-    return idx.cpu(), valid.cpu()
+    if not isinstance(flat, torch.Tensor) or flat.dtype != torch.long:
+        raise LtcacheError(f"{where} returned {getattr(flat, 'dtype', type(flat).__name__)} indices; return a "
+                           "1-D torch.long tensor (e.g. idx.long())")
+    if flat.dim() != 1 or flat.numel() < total:
+        raise LtcacheError(f"{where} returned indices of shape {list(flat.shape)}; return a 1-D tensor of at least "
+                           f"{total} draws (the epoch's batches), or declare samples= in register_sampler")
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n):
+        bad = int(flat.min()) if int(flat.min()) < 0 else int(flat.max())
+        raise LtcacheError(f"{where} returned index {bad} outside 0..{n - 1}; draw indices of the training set "
+                           "(e.g. from ci.order)")
+    return flat.cpu()
 
 
-def _ib(ci: ClassIndex, batch_size: int, epoch: int, epochs: int, g: torch.Generator):
-    return _batches(torch.randperm(ci.n, generator=g), batch_size)
-
-
-def _cb(ci: ClassIndex, batch_size: int, epoch: int, epochs: int, g: torch.Generator):
-    s = max(1, ci.n // batch_size)
-    flat = _class_aware(ci, s * batch_size, g)
-    return flat.view(s, batch_size), torch.ones(s, batch_size, dtype=torch.bool)
-
-
-def _by_class(p_class: torch.Tensor, ci: ClassIndex, batch_size: int, g: torch.Generator):
+def _by_class(p_class: torch.Tensor, ci: ClassIndex, g: torch.Generator) -> torch.Tensor:
     """N draws with replacement, class j with probability ~ p_class[j], uniform inside a class."""
     w = (p_class / ci.counts.double().clamp_min(1))[ci.labels]
-    return _batches(torch.multinomial(w.float(), ci.n, replacement=True, generator=g), batch_size)
+    return torch.multinomial(w.float(), ci.n, replacement=True, generator=g)
 
 
-def _sqrt(ci: ClassIndex, batch_size: int, epoch: int, epochs: int, g: torch.Generator):
-    return _by_class(ci.counts.double().sqrt(), ci, batch_size, g)
+def _ib(ci: ClassIndex, total: int, epoch: int, epochs: int, g: torch.Generator, lam=None) -> torch.Tensor:
+    return torch.randperm(ci.n, generator=g)[:total]
 
 
-def _progressive(ci: ClassIndex, batch_size: int, epoch: int, epochs: int, g: torch.Generator):
+def _cb(ci: ClassIndex, total: int, epoch: int, epochs: int, g: torch.Generator, lam=None) -> torch.Tensor:
+    return _class_aware(ci, total, g)
+
+
+def _sqrt(ci: ClassIndex, total: int, epoch: int, epochs: int, g: torch.Generator, lam=None) -> torch.Tensor:
+    return _by_class(ci.counts.double().sqrt(), ci, g)
+
+
+def _progressive(ci: ClassIndex, total: int, epoch: int, epochs: int, g: torch.Generator,
+                 lam: Optional[float] = None) -> torch.Tensor:
     counts = ci.counts.double()
-    t = epoch / max(1, epochs)
-    return _by_class((1 - t) * counts / counts.sum() + t / len(counts) * (counts > 0).double(), ci, batch_size, g)
+    t = progressive_lambda(epoch, epochs) if lam is None else float(lam)
+    return _by_class((1 - t) * counts / counts.sum() + t / len(counts) * (counts > 0).double(), ci, g)
 
 
-for _s in (Sampler("ib", _ib, _ceil_steps), Sampler("cb", _cb, lambda n, b: max(1, n // b)),
-           Sampler("sqrt", _sqrt, _ceil_steps), Sampler("progressive", _progressive, _ceil_steps)):
+for _s, _rule in ((Sampler("ib", _ib), "ceil"),
+                  (Sampler("cb", _cb, lambda ci: int(ci.counts.max()) * len(ci.counts)), "floor"),
+                  (Sampler("sqrt", _sqrt), "ceil"), (Sampler("progressive", _progressive), "ceil")):
     SAMPLERS.register(_s.name, _s, "built-in")
+    DEFAULT_STEPS[_s.name] = _rule

@@ -98,7 +98,7 @@ def _work(configs: Sequence, members: list[int], data) -> float:
     from ltcache.stage2.sweep import frozen_base
     n, d, k = data.x.shape[0], data.x.shape[-1], data.w0.shape[0]
     b = configs[members[0]].batch_size
-    steps = max(configs[i].epochs * steps_per_epoch(configs[i].sampler, n, b) for i in members)
+    steps = max(configs[i].epochs * steps_per_epoch(configs[i].sampler, n, b, configs[i].steps) for i in members)
     per_logit = (0 if frozen_base(configs[members[0]]) else d) + ELEMENTWISE_PER_LOGIT
     losses = len({loss_signature(configs[i].loss) for i in members})
     return steps * (STEP_OVERHEAD + LOSS_OVERHEAD * losses + len(members) * b * k * per_logit)
