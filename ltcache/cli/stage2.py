@@ -9,8 +9,9 @@ from ltcache.cli.app import cli
 from ltcache.errors import LtcacheError
 from ltcache.threads import apply_threads
 
-PLUGIN_HELP = ("a Python file of your own methods and losses (ltcache.register_method / register_loss), "
-               "imported before the methods are resolved; repeatable")
+PLUGIN_HELP = ("a Python file of your own methods, losses, heads, samplers or post-hoc rules "
+               "(ltcache.register_method / register_loss / register_head / register_sampler / register_posthoc), "
+               "imported before the methods are resolved; `ltcache check-plugin FILE` checks it; repeatable")
 
 
 def plugin_args(args) -> list[str]:
