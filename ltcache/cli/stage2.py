@@ -9,8 +9,9 @@ from ltcache.cli.app import cli
 from ltcache.errors import LtcacheError
 from ltcache.threads import apply_threads
 
-PLUGIN_HELP = ("a Python file of your own methods and losses (ltcache.register_method / register_loss), "
-               "imported before the methods are resolved; repeatable")
+PLUGIN_HELP = ("a Python file of your own methods, losses, heads, samplers or post-hoc rules "
+               "(ltcache.register_method / register_loss / register_head / register_sampler / register_posthoc), "
+               "imported before the methods are resolved; `ltcache check-plugin FILE` checks it; repeatable")
 
 
 def plugin_args(args) -> list[str]:
@@ -222,6 +223,11 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
     if export_path is not None and len(seed_list) > 1:
         raise LtcacheError(f"--export writes one model but --seeds gives {len(seed_list)} seeds; "
                            "pass one seed with --export (e.g. --seeds 0)")
+    if export_path is not None and not m.closed_form:
+        from ltcache.stage2.heads import HEADS
+        if HEADS.get(m.head).plugin is not None:
+            raise LtcacheError(f"--export writes linear, cosine and NCM heads; method {method}'s head '{m.head}' "
+                               f"({HEADS.origin(m.head)}) is a plugin's: drop --export (its results are written)")
     main = join_ranks(device)
     if main:
         _claim_outputs(force, files=[("--out", out, "results.json"), ("--export", export_path, "model.pt")])
@@ -342,9 +348,13 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select,
 @click.option("--space", is_flag=True,
               help="print each method's search space for `ltcache tune`: every dimension's scale, range and "
                    "where the range comes from")
+@click.option("--parts", is_flag=True,
+              help="list the parts a method is made of -- losses, heads, samplers, post-hoc rules and what a "
+                   "composed loss (ltcache.LossSpec) combines: its vectors, forms and terms -- with where each "
+                   "was registered (built-in or a plugin file)")
 @click.option("--notes", "show_notes", is_flag=True,
               help="print each method's notes: its initialisation and every deliberate deviation from its source")
-def methods_cmd(plugins, preset, space, show_notes):
+def methods_cmd(plugins, preset, space, parts, show_notes):
     """List every stage-2 method: head, loss, sampler, defaults and source; then each method's
     stage-2 recipe at the preset (lr schedule, batches per epoch, parameters without weight decay),
     the script it follows and the repository@commit whose code it was checked against.
@@ -354,6 +364,8 @@ def methods_cmd(plugins, preset, space, show_notes):
       ltcache methods                       # the CIFAR presets
       ltcache methods --preset imagenet     # the ImageNet presets
       ltcache methods --notes               # deviations from the sources, per method
+      ltcache methods --space               # each method's search space for `ltcache tune`
+      ltcache methods --parts --plugin my.py  # every registered part, a plugin's included
     """
     from ltcache.stage2.methods import METHODS, method_space
     from ltcache.stage2.samplers import DEFAULT_STEPS
@@ -363,6 +375,10 @@ def methods_cmd(plugins, preset, space, show_notes):
             click.echo(f"{m.name}: {m.notes or '-'}")
         return
 
+    if parts:
+        for line in parts_lines():
+            click.echo(line)
+        return
     if space:
         for m in METHODS.values():
             sp = method_space(m, preset)
@@ -398,3 +414,51 @@ def methods_cmd(plugins, preset, space, show_notes):
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+
+
+@cli.command("check-plugin")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--quiet", is_flag=True, help="print only the summary line")
+def check_plugin_cmd(file, quiet):
+    """Run the common checks on every method, loss, head, sampler and post-hoc rule FILE registers.
+
+    The same checks the test suite runs on the built-in entries, on a tiny generated cache (a few
+    seconds): presets within their ranges, out-of-range values refused, the search space, the
+    loss gradient against autograd (float64, mixed with every other loss), a head's backward
+    against autograd, a sampler's indices, a post-hoc rule's layer, and a method trained in a
+    mixed sweep equal to it trained alone and to a plain autograd + SGD loop. The first failure
+    is one line naming the file, the entry and the fix (exit 2).
+
+    \b
+    Example:
+      ltcache check-plugin examples/ib_loss.py
+    """
+    from ltcache.stage2.checks import check_plugin
+    import torch
+
+    torch.set_num_threads(1)
+    n = check_plugin(str(file), report=(lambda s: None) if quiet else click.echo)
+    click.echo(f"{file}: {n} checks passed")
+
+
+def parts_lines() -> list[str]:
+    """``ltcache methods --parts``: every registry's entries with their origins, and what a
+    composed loss combines."""
+    from ltcache.registry import registries
+    from ltcache.stage2.losses import composable
+    from ltcache.stage2.methods import METHODS  # noqa: F401  (every registry filled)
+
+    out = []
+    for kind, reg in registries().items():
+        if kind in ("method", "loss form", "loss term", "backbone"):
+            continue
+        out.append(("losses" if kind == "loss" else f"{kind}s") + ":")
+        out += [f"  {n:<18} {reg.origin(n)}" for n in reg]
+    comp = composable()
+    out.append("composed losses (ltcache.LossSpec) combine:")
+    out.append("  vectors  " + ", ".join(f"{k} (neutral {v:g})" for k, v in comp["vectors"].items()))
+    out.append("  forms    " + ", ".join(comp["forms"]))
+    for name, t in comp["terms"].items():
+        coefs = ", ".join(f"{c}={v:g}" for c, v in t["coefs"].items())
+        out.append(f"  term {name:<12} {coefs:<24} form {t['form']:<8} {t['origin']}")
+    return out

@@ -8,8 +8,9 @@ from typing import Callable
 import torch.nn as nn
 
 from ltcache.errors import LtcacheError
+from ltcache.registry import Registry, origin_of
 
-_REGISTRY: dict[str, Callable[[int], nn.Module]] = {}
+_REGISTRY: Registry = Registry("backbone", "or torchvision:NAME / timm:NAME")
 TORCHVISION = "torchvision:"
 TIMM = "timm:"
 
@@ -17,7 +18,7 @@ TIMM = "timm:"
 def register_model(name: str):
     """Register a constructor ``fn(num_classes) -> nn.Module`` under ``name``."""
     def deco(fn):
-        _REGISTRY[name] = fn
+        _REGISTRY.register(name, fn, origin_of(fn))
         return fn
     return deco
 

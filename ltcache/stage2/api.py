@@ -34,6 +34,7 @@ from ltcache.stage2.plan import (TEST_VIEWS, Config, TrainData, _load_cache, _tr
                                  require_val, train_view_names, train_view_pool, val_gaps)
 from ltcache.stage2.requirements import has_stage1_classifier, require_stage1, skip_stage1
 from ltcache.stage2.results import build_results
+from ltcache.stage2.checks import preflight
 from ltcache.stage2.sweep import train_sweep
 
 
@@ -69,6 +70,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
     data = _train_data(cache, dev, test_views, clean_view, precision)
     counts = torch.as_tensor(cache.class_counts).long().cpu()
     runs_plan = plan_runs(plans, seeds, counts)
+    preflight(runs_plan.configs, data)                  # plugin heads, samplers, losses: refused before work
     # 2.-3. groups, trained
     trained = (train_sweep(runs_plan.configs, data, select=select, quiet=quiet, n_jobs=jobs)
                if runs_plan.configs else [])

@@ -26,6 +26,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 
 from ltcache.errors import LtcacheError
+from ltcache.stage2.closed_form import POSTHOC
 from ltcache.stage2.losses import LossSpec, build_loss
 from ltcache.stage2.methods import GENERIC, Method, check_param, get_method, resolve_params, run_name
 from ltcache.stage2.params import SCHEDULES
@@ -176,6 +177,8 @@ def needs_val(plans, select: str) -> Optional[str]:
     for method, params, _ in plans:
         if method.head == "tau-norm" and params.get("tau") is None:
             return "tau-norm (its tau)"
+        if method.closed_form and POSTHOC.get(method.head).needs_val:
+            return f"method {method.name} (post-hoc rule '{method.head}', {POSTHOC.origin(method.head)})"
     return None
 
 
