@@ -227,8 +227,9 @@ def load_checkpoint(path) -> dict:
 
 
 def _default_out(opts: Stage1Options) -> Path:
-    ir = f"{opts.imb_ratio:g}"
-    return Path("runs") / f"{DatasetSpec(opts.dataset).short_name}-ir{ir}-{opts.arch.replace(':', '-')}"
+    """``runs/<dataset>-ir<IR>-<arch>/stage1`` (the run-folder convention, ``ltcache.runs``)."""
+    from ltcache.runs import default_name, stage1_dir
+    return stage1_dir(default_name(opts.dataset, opts.imb_ratio, opts.arch))
 
 
 def _prepare_out(opts: Stage1Options, out: Path) -> Optional[dict]:

@@ -119,8 +119,9 @@ def read_backbone(ckpt: Path, arch: Optional[str], dataset_args: dict, source: O
 
 
 def default_cache_dir(ckpt: Path) -> Path:
-    """``<run>/cache`` for ``<run>/stage1.pt``, else ``<dir>/cache-<stem>``."""
-    return ckpt.parent / ("cache" if ckpt.name == "stage1.pt" else f"cache-{ckpt.stem}")
+    """``runs/NAME/cache`` for ``runs/NAME/stage1/stage1.pt`` (``ltcache.runs``)."""
+    from ltcache.runs import default_cache_dir as by_convention
+    return by_convention(ckpt)
 
 
 class _FrozenBN:

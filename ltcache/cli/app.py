@@ -65,8 +65,8 @@ def cli() -> None:
     \b
     Stage 1 trains a backbone once, extraction caches its penultimate features, and
     stage 2 re-trains every classifier method on the cached tensors in one sweep:
-      ltcache train    --dataset cifar10 --imb-ratio 100 --out runs/c10   # stage 1
-      ltcache extract  --ckpt runs/c10/stage1.pt                         # -> cache
-      ltcache retrain  --method los --delta 0.98                         # one method
-      ltcache bench    --all-methods --seeds 0,1,2                       # every method
+      ltcache train    --dataset cifar10 --imb-ratio 100 --name c10   # -> runs/c10/stage1/stage1.pt
+      ltcache extract  --name c10                                    # -> runs/c10/cache
+      ltcache bench    --all-methods --cache runs/c10/cache          # every method
+      ltcache retrain  --method los --delta 0.98                     # one method, the bundled cache
     """

@@ -16,7 +16,10 @@ def _names(text: str) -> list:
               help="Instead of --ckpt: local backbone weights (a state dict, e.g. torchvision's ImageNet weights) with "
                    "--arch and --dataset. Their classifier is the stage-1 classifier when it has the dataset's "
                    "classes; otherwise the cache has none (methods that start from it are refused).")
-@click.option("--cache", default=None, help="Cache directory (default: 'cache' beside the checkpoint).")
+@click.option("--name", default=None, help="Run name of `ltcache train --name NAME`: --ckpt runs/NAME/stage1/stage1.pt, "
+              "--cache runs/NAME/cache.")
+@click.option("--cache", default=None, help="Cache directory (default: runs/NAME/cache for runs/NAME/stage1/stage1.pt; "
+              "else 'cache' beside the checkpoint).")
 @click.option("--splits", default="train,val,test", help="Splits to extract.")
 @click.option("--test-views", default="center,hflip", help="Views of val/test: center and/or hflip (flip averaging later without the backbone).")
 @click.option("--protocol", type=click.Choice(["faithful", "clean"]), default="faithful",
@@ -52,13 +55,13 @@ def _names(text: str) -> list:
                    "the manifest counts them and names the first few.")
 @click.option("--force", is_flag=True, help="Replace a cache made from another checkpoint or other options.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def extract_cmd(ckpt, splits, test_views, **kw) -> None:
+def extract_cmd(ckpt, name, splits, test_views, **kw) -> None:
     """Run the frozen backbone once over every split -> HDF5 feature shards + manifest.
 
     \b
     Examples:
-      ltcache extract --ckpt runs/cifar10_lt_ir100/stage1.pt                    # the faithful protocol
-      ltcache extract --ckpt runs/cifar10_lt_ir100/stage1.pt --protocol clean   # fast, clean features
+      ltcache extract --name c10_ir100       # runs/c10_ir100/stage1/stage1.pt -> runs/c10_ir100/cache (faithful)
+      ltcache extract --ckpt runs/c10_ir100/stage1/stage1.pt --protocol clean --cache runs/c10_ir100/cache-clean
       ltcache extract --arch torchvision:resnet18 --pretrained r18.pth --dataset cifar10 --imb-ratio 100
       ltcache extract --ckpt ckpt.best.pth.tar --from ldam-drw --arch resnet32 --dataset cifar10 --imb-ratio 100
     An interrupted extraction resumes where it stopped when re-run with the same options.
@@ -66,7 +69,7 @@ def extract_cmd(ckpt, splits, test_views, **kw) -> None:
     \b
     Several processes or machines (each rank extracts a contiguous share of every split into its
     own shards; rank 0 writes the manifest; --cache on a file system every node shares):
-      torchrun --nproc_per_node 2 -m ltcache extract --ckpt runs/c10/stage1.pt --protocol clean
+      torchrun --nproc_per_node 2 -m ltcache extract --name c10_ir100 --protocol clean
     Eval-mode views equal one process's cache row for row; augmented train views depend on the
     number of processes, and an interrupted run resumes with the number it started with.
     """
@@ -74,6 +77,12 @@ def extract_cmd(ckpt, splits, test_views, **kw) -> None:
     from ltcache.cache.info import describe
     from ltcache.cli.stage2 import join_ranks
 
+    if name is not None:
+        from ltcache.errors import LtcacheError
+        from ltcache.runs import stage1_dir
+        if ckpt is not None or kw["pretrained"] is not None:
+            raise LtcacheError("give --name (reads runs/NAME/stage1/stage1.pt) or --ckpt / --pretrained, not both")
+        ckpt = str(stage1_dir(name) / "stage1.pt")
     main = join_ranks(kw["device"])
     path = extract(ckpt, splits=_names(splits), test_views=_names(test_views), **kw)
     if main and not kw["quiet"]:
