@@ -26,6 +26,11 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_workers() -> int:
+    """DataLoader workers by default: the cores this process may use, at most 8."""
+    return min(usable_cores(), 8)
+
+
 def free_cores(load: Optional[float] = None) -> int:
     """Usable cores less the 1-minute load average of the machine (``load`` for tests), at
     least 1. The load counts runnable processes, this one included once it runs, so it is read

@@ -565,6 +565,12 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
     for p in model.parameters():
         p.requires_grad_(False)
     bs = args["batch_size"]
+    counts = ", ".join(f"{s} {len(ds.splits[s]):,}" for s in SPLITS if s in args["splits"] and s in ds.splits)
+    echo(f"extract: {spec.source} ({ds.num_classes} classes; {counts} images) through {arch} from {ckpt}\n"
+         f"  train views clean + {args['train_views']} augmented ({args['train_bn']} BN), BN shift {args['bn_shift']}, "
+         f"test views {'+'.join(args['test_views'])}, batch {bs}, {dtype}\n"
+         f"  device {dev}, {torch.get_num_threads()} threads, {workers} workers"
+         f"{f', {world} ranks' if world > 1 else ''} -> {getattr(writer, 'final', writer.dir)}", quiet)
     bare = bare_inference_rate(model, ds, dev, amp, bs)
     ex = _Extractor(model, ds, dev, amp, bs, workers=workers, skip_bad=skip_bad, seed=args["seed"])
     layout, seconds, shift_s = {}, 0.0, 0.0

@@ -37,7 +37,10 @@ def _names(text: str) -> list:
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, show_default=False, help="Backbone batch size, also the BN batch for --train-bn batch (faithful: 64, clean: 256).")
 @click.option("--device", default="auto", help="auto | cpu | cuda.")
 @click.option("--data-root", default=None, help="Data root (default: ./data or $LTCACHE_DATA).")
-@click.option("--workers", type=click.IntRange(min=1), default=8, help="Image decoding threads.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, show_default=False,
+              help="DataLoader workers decoding images (default: min(cores, 8)).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False,
+              help="Intra-op threads (default: the cores free when the command starts, as the stage-2 commands).")
 @click.option("--arch", default=None, help="Backbone of a foreign (plain state dict) checkpoint or of --pretrained: "
               "a registered name or torchvision:NAME (any torchvision classification model, e.g. torchvision:resnet18).")
 @click.option("--from", "source", type=click.Choice(["los", "mislas", "crt", "ldam-drw", "bot", "torchvision", "ltcache"]),
@@ -55,7 +58,7 @@ def _names(text: str) -> list:
                    "the manifest counts them and names the first few.")
 @click.option("--force", is_flag=True, help="Replace a cache made from another checkpoint or other options.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def extract_cmd(ckpt, name, splits, test_views, **kw) -> None:
+def extract_cmd(ckpt, name, splits, test_views, threads, **kw) -> None:
     """Run the frozen backbone once over every split -> HDF5 feature shards + manifest.
 
     \b
@@ -77,6 +80,10 @@ def extract_cmd(ckpt, name, splits, test_views, **kw) -> None:
     from ltcache.cache.info import describe
     from ltcache.cli.stage2 import join_ranks
 
+    from ltcache.threads import apply_threads, default_workers
+
+    apply_threads(threads)
+    kw["workers"] = kw["workers"] or default_workers()
     if name is not None:
         from ltcache.errors import LtcacheError
         from ltcache.runs import stage1_dir

@@ -42,7 +42,10 @@ from ltcache.cli.app import cli
 @click.option("--seed", type=int, default=0, help="Seed of the LT selection, val split and training.")
 @click.option("--device", default="auto", help="auto | cpu | cuda.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (default: on for CUDA, off on CPU).")
-@click.option("--workers", type=click.IntRange(min=1), default=8, help="Image decoding threads.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, show_default=False,
+              help="DataLoader workers decoding images (default: min(cores, 8)).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False,
+              help="Intra-op threads (default: the cores free when the command starts, as the stage-2 commands).")
 @click.option("--name", default=None, help="Run name: writes runs/NAME/stage1/ (then `ltcache extract --name NAME` "
               "writes runs/NAME/cache/). Default: <dataset>-ir<IR>-<arch>, e.g. cifar10-jpg-ir100-resnet32.")
 @click.option("--out", default=None, help="Output directory instead of runs/NAME/stage1.")
@@ -73,6 +76,10 @@ def train_cmd(**kw) -> None:
     from ltcache.errors import LtcacheError
     from ltcache.runs import stage1_dir
 
+    from ltcache.threads import apply_threads, default_workers
+
+    apply_threads(kw.pop("threads"))
+    kw["workers"] = kw["workers"] or default_workers()
     name = kw.pop("name")
     if name is not None and kw["out"] is not None:
         raise LtcacheError("give --name (writes runs/NAME/stage1) or --out, not both")
