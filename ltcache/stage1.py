@@ -440,10 +440,13 @@ def header(opts: Stage1Options, ds, device, world: int, out: Path, start: int) -
     """What stage 1 is about to do, printed before the first epoch."""
     counts = ", ".join(f"{name} {len(sp):,}" for name, sp in ds.splits.items())
     resumed = f", resuming after epoch {start}" if start else ""
-    return (f"stage 1: {opts.dataset} (IR {opts.imb_ratio:g} configured, {opts.profile} profile; {ds.num_classes} classes; "
+    n = torch.get_num_threads()
+    from ltcache.imbalance import ir_text
+    return (f"stage 1: {opts.dataset} ({ir_text(opts.imb_ratio, ds.class_counts)}, "
+            f"{opts.profile} profile; {ds.num_classes} classes; "
             f"{counts} images)\n"
             f"  {opts.arch}, {opts.epochs} epochs{resumed}, batch {opts.batch_size}; {schedule_text(opts)}\n"
-            f"  device {device}, {torch.get_num_threads()} threads, {opts.workers} workers"
+            f"  device {device}, {n} thread{'s' * (n != 1)}, {opts.workers} workers"
             f"{f', {world} ranks' if world > 1 else ''} -> {out}")
 
 

@@ -569,7 +569,7 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
     echo(f"extract: {spec.source} ({ds.num_classes} classes; {counts} images) through {arch} from {ckpt}\n"
          f"  train views clean + {args['train_views']} augmented ({args['train_bn']} BN), BN shift {args['bn_shift']}, "
          f"test views {'+'.join(args['test_views'])}, batch {bs}, {dtype}\n"
-         f"  device {dev}, {torch.get_num_threads()} threads, {workers} workers"
+         f"  device {dev}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, {workers} workers"
          f"{f', {world} ranks' if world > 1 else ''} -> {getattr(writer, 'final', writer.dir)}", quiet)
     bare = bare_inference_rate(model, ds, dev, amp, bs)
     ex = _Extractor(model, ds, dev, amp, bs, workers=workers, skip_bad=skip_bad, seed=args["seed"])

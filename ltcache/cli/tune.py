@@ -60,6 +60,8 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
       ltcache tune --all-methods --out results/tuned
       ltcache tune --methods los,mislas --budget 64 --select-metric val-nll
       ltcache bench --from-tune results/tuned/results.json --seeds 5,6,7   # re-run the picks
+      torchrun --standalone --nproc_per_node 4 -m ltcache tune --all-methods --out results/tuned
+    Without --out the table is printed and nothing is written (the last line says so).
     """
     from ltcache.outputs import check_output_dir, output_lock
     from ltcache.stage2 import api
@@ -92,5 +94,5 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
     if not _is_main():
         return
     click.echo(format_tune_table(results))
-    if out is not None:
-        click.echo(f"results: {out}/results.json, tune.csv, tune.md")
+    from ltcache.cli.stage2 import not_saved
+    click.echo(f"results: {out}/results.json, tune.csv, tune.md" if out is not None else not_saved("DIR"))

@@ -161,6 +161,8 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
         for point in draw(_with_overrides(method_space(m, pre), m, space or {}), budget, search, seed=0):
             plans.append((m, resolve_params(m, pre, point, n_train), point))
             owner.append((m.name, point))
+    from ltcache.stage2.results import run_header
+    echo(run_header(full, pre, dev, "tune"), quiet)
     echo(f"tune stage A: {len(plans)} points x {len(tune_seeds)} seed(s) on val", quiet)
     res_a, _ = api.run_sweep(without_test(full), plans, tune_seeds, "last", test_views, device, quiet, jobs,
                              clean_view, evaluate_test=False, precision=precision)
