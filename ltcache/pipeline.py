@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,8 +220,8 @@ def _stage1_complete(ckpt: Path, run_args: dict) -> bool:
     ck = load_checkpoint(ckpt)
     same = all(ck.get("train_args", {}).get(k) == v for k, v in run_args.items())
     if not same:
-        raise LtcacheError(f"{ckpt} was trained with other options than this pipeline; use another "
-                           "[pipeline] out, or delete that run")
+        raise LtcacheError(f"{ckpt} was trained with other options than this pipeline; give --out DIR (or "
+                           "another [pipeline] out), or --force to replace that run")
     return int(ck["epoch"]) >= int(ck["epochs"])
 
 
@@ -250,6 +251,25 @@ def step_done(out: Path, plan: str, force: bool, step: str) -> Optional[dict]:
         return None
     raise LtcacheError(f"{f} holds results of other inputs than this pipeline's [{step}] step (its section, the "
                        "cache or a plugin changed); pass --force to replace them, or give another --out")
+
+
+RUN_OPTIONS = ("epochs", "data_root", "device", "out")     # stage-1 options `ltcache run` has itself
+
+
+def as_pipeline_hint(msg: str, path) -> str:
+    """A `ltcache train` message rephrased for `ltcache run`: an option run lacks becomes the pipeline
+    key that sets it (``--schedule cosine`` -> ``schedule = "cosine" under [stage1] in FILE``)."""
+    def key(m: re.Match) -> str:
+        name = m.group(1).replace("-", "_")
+        if name in RUN_OPTIONS:
+            return m.group(0)
+        section = next((sec for sec in ("stage1", "dataset") if name in SCHEMA[sec]), None)
+        if section is None:
+            return m.group(0)
+        value = m.group(2)
+        shown = f'"{value}"' if value and not re.fullmatch(r"[-+0-9.e]+", value) else value
+        return f"{name} = {shown} under [{section}] in {path}" if value else f"[{section}] {name} in {path}"
+    return re.sub(r"--([a-z][a-z-]*)(?: ([A-Za-z0-9.+-]+))?", key, msg)
 
 
 def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "auto", data_root: Optional[str] = None,
@@ -289,7 +309,10 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
         raise LtcacheError(f"{path}: [dataset] seed and [stage1] seed differ; ltcache uses one seed for both")
     opts = Stage1Options(dataset=source, data_root=root, download=download, device=device, quiet=quiet,
                          out=str(out_dir / "stage1"), **{**ds, **s1})
-    opts.validate()
+    try:
+        opts.validate()
+    except LtcacheError as exc:
+        raise LtcacheError(as_pipeline_hint(str(exc), path)) from None
     ckpt = out_dir / "stage1" / "stage1.pt"
     steps = 4 if pl.tune is not None else 3
     echo(f"[1/{steps}] stage 1 -> {ckpt}", quiet)

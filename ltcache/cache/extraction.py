@@ -64,8 +64,11 @@ def train_row_order(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, "train", "row-order")))
 
 
-def _read_file(ckpt: Path):
+def _read_file(ckpt: Path, flag: str = "--ckpt"):
     try:
+        if flag == "--pretrained":
+            return read_torch_file(ckpt, "fix --pretrained (a local weights file, e.g. saved with "
+                                   "torch.save(model.state_dict(), PATH))", "save the weights again or fix --pretrained")
         return read_torch_file(ckpt, "train one with `ltcache train` or fix --ckpt", "re-train or fix --ckpt")
     except LtcacheError as exc:
         if "(ModuleNotFoundError)" in str(exc) or "(AttributeError)" in str(exc):
@@ -84,7 +87,7 @@ def read_backbone(ckpt: Path, arch: Optional[str], dataset_args: dict, source: O
     back in ``build_model(arch, K)``'s key names with the source's classifier as ``fc``, and
     ``layout`` says what was read (None for an ltcache checkpoint). ``pretrained``: local backbone
     weights (``--pretrained``), returned as they are (their head may be absent or of other classes)."""
-    obj = _read_file(ckpt)
+    obj = _read_file(ckpt, "--pretrained" if pretrained else "--ckpt")
     if isinstance(obj, dict) and obj.get("format") == "ltcache-stage1":
         if arch and arch != obj["arch"]:
             raise LtcacheError(f"--arch {arch} contradicts the checkpoint's arch {obj['arch']}; drop --arch")
