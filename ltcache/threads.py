@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import torch
-
 from ltcache.errors import LtcacheError
 
 
@@ -50,12 +48,14 @@ def choose_threads(requested: Optional[int] = None, load: Optional[float] = None
         if requested < 1:
             raise LtcacheError(f"--threads must be >= 1 (got {requested}); 1 runs everything on one core")
         return int(requested)
+    import torch                               # here, so that `ltcache --help` does not load torch
     return max(1, min(torch.get_num_threads(), free_cores(load)))
 
 
 def apply_threads(requested: Optional[int] = None, quiet: bool = True) -> int:
     """Set torch's intra-op threads for this process from :func:`choose_threads`; returns it.
     (Silent: the count goes into the results as ``threads``.)"""
+    import torch
     n = choose_threads(requested)
     if n != torch.get_num_threads():
         torch.set_num_threads(n)

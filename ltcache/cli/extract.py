@@ -104,6 +104,11 @@ def info_cmd(cache, verify) -> None:
     """Summarise a cache: dataset, classes and groups, splits and views, size, provenance.
 
     Without CACHE, the default (bundled) cache.
+
+    \b
+    Examples:
+      ltcache info                                   # the bundled cache
+      ltcache info --verify runs/c10_ir100/cache     # also check every file's checksum
     """
     import sys
 

@@ -330,7 +330,15 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
               help="print each method's search space for `ltcache tune`: every dimension's scale, range and "
                    "where the range comes from")
 def methods_cmd(plugins, preset, space):
-    """List every stage-2 method: head, loss, sampler, defaults and source."""
+    """List every stage-2 method: head, loss, sampler, defaults and source.
+
+    \b
+    Examples:
+      ltcache methods                             # the registry, cifar defaults
+      ltcache methods --preset imagenet
+      ltcache methods --space                     # each method's search space for `ltcache tune`
+      ltcache methods --space --plugin my_methods.py
+    """
     from ltcache.stage2.methods import METHODS, method_space
 
     if space:

@@ -7,7 +7,6 @@ import click
 
 from ltcache.cli.app import cli
 from ltcache.cli.stage2 import PLUGIN_HELP, PluginCommand
-from ltcache.distributed import is_main as _is_main
 from ltcache.errors import LtcacheError
 
 
@@ -91,7 +90,8 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
                        tune_seeds=api.parse_seeds(tune_seeds), seeds=api.parse_seeds(seeds), test_views=test_views,
                        device=device, quiet=quiet, preset=preset, out_dir=out, force=True, jobs=jobs,
                        clean_view=clean_view, space=space, precision=precision)
-    if not _is_main():
+    from ltcache.distributed import is_main
+    if not is_main():
         return
     click.echo(format_tune_table(results))
     from ltcache.cli.stage2 import not_saved
