@@ -21,7 +21,7 @@ def _names(text: str) -> list:
 @click.option("--cache", default=None, help="Cache directory (default: runs/NAME/cache for runs/NAME/stage1/stage1.pt; "
               "else 'cache' beside the checkpoint).")
 @click.option("--splits", default="train,val,test", help="Splits to extract.")
-@click.option("--test-views", default="center,hflip", help="Views of val/test: center and/or hflip (flip averaging later without the backbone).")
+@click.option("--test-views", default="center,hflip", help="Views of val/test to store: center and/or hflip (the stage-2 commands average the stored views; their --test-views picks all or center).")
 @click.option("--protocol", type=click.Choice(["faithful", "clean"]), default="faithful",
               help="faithful: 4 augmented train views with BN batch statistics over batches of 64 and an instance BN "
                    "shift -- the protocol measured closest to the papers' stage 2 through the backbone; clean: "
