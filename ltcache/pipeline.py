@@ -212,6 +212,52 @@ def _resolve(base: Path, p: str | Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def check_steps(pl: "Pipeline", path: str | Path) -> None:
+    """Every later step's options checked before stage 1 starts (hours on a real dataset): method
+    names, grid keys and values, overrides, seeds, presets, the tune budget, search, metric and space.
+    A problem is one line naming the file and the section."""
+    from ltcache.stage2.methods import METHODS, PRESETS
+    from ltcache.stage2.plan import expand, parse_seeds
+    from ltcache.stage2.tune import SELECT_METRICS, parse_space
+    from ltcache.stage2.space import SEARCHES
+
+    def methods_of(sec: dict) -> list:
+        m = sec.get("methods", "all")
+        return list(METHODS) if m == "all" else [str(x) for x in (m if isinstance(m, list) else [m])]
+
+    def check(section: str, sec: dict) -> None:
+        try:
+            names = methods_of(sec)
+            if not names:
+                raise LtcacheError("methods is empty; give \"all\" or a list such as [\"ce\", \"los\"]")
+            overrides = {k: v for k, v in sec.items() if k in hyper_keys()}
+            grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sec.get("grid", {}).items()}
+            expand(names, overrides, grid, "cifar", 1000, notice=False)   # names, keys and values, as the sweep will
+            parse_seeds(sec.get("seeds", [0]))
+            parse_seeds(sec.get("tune_seeds", [0]))
+            if sec.get("preset") is not None and sec["preset"] not in PRESETS:
+                raise LtcacheError(f"preset '{sec['preset']}' is unknown; use one of: {', '.join(PRESETS)}")
+            if section == "sweep" and sec.get("select", "last") not in ("last", "val"):
+                raise LtcacheError(f"select '{sec['select']}' is unknown; use last or val")
+            if section == "tune":
+                budget = sec.get("budget", 32)
+                if not isinstance(budget, int) or budget < 1:
+                    raise LtcacheError(f"budget must be an integer >= 1 (got {budget!r}); e.g. budget = 32")
+                if sec.get("search", "sobol") not in SEARCHES:
+                    raise LtcacheError(f"search '{sec['search']}' is unknown; use one of: {', '.join(SEARCHES)}")
+                if sec.get("select_metric", "val-balanced") not in SELECT_METRICS:
+                    raise LtcacheError(f"select_metric '{sec['select_metric']}' is unknown; use one of: "
+                                       f"{', '.join(SELECT_METRICS)}")
+                parse_space([f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
+                             for k, v in sec.get("space", {}).items()])
+        except LtcacheError as exc:
+            raise LtcacheError(f"{path} [{section}]: {exc}") from None
+
+    check("sweep", pl.sweep)
+    if pl.tune is not None:
+        check("tune", pl.tune)
+
+
 def _stage1_complete(ckpt: Path, run_args: dict) -> bool:
     """A finished stage 1 with exactly these options."""
     if not ckpt.is_file():
@@ -313,6 +359,7 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
         opts.validate()
     except LtcacheError as exc:
         raise LtcacheError(as_pipeline_hint(str(exc), path)) from None
+    check_steps(pl, path)                        # every step's options, before hours of stage 1
     ckpt = out_dir / "stage1" / "stage1.pt"
     steps = 4 if pl.tune is not None else 3
     echo(f"[1/{steps}] stage 1 -> {ckpt}", quiet)
@@ -348,7 +395,8 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
             echo("      complete (same plan), skipped", quiet)
             results["tune"] = done["tune"]["table"]
         else:
-            results["tune"] = _run_tune(pl.tune, cache_dir, out_dir / "tune" if main else None, device, quiet, plan)
+            results["tune"] = _run_tune(pl.tune, cache_dir, out_dir / "tune" if main else None, device, quiet, plan,
+                                        force)
     ck = load_checkpoint(ckpt)
     results["pipeline"] = {"file": str(Path(path)), "name": pl.name, "stage1_epochs": ck["epoch"],
                            "stage1_test": ck["history"][-1]["test"] if ck["history"] else None}
@@ -377,7 +425,8 @@ def _run_sweep(section: dict, cache_dir: Path, device: str, quiet: bool) -> dict
     return results
 
 
-def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet: bool, plan: str) -> dict:
+def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet: bool, plan: str,
+              force: bool = False) -> dict:
     """The [tune] step: ``ltcache tune`` on the pipeline's cache (its results.json records ``plan``);
     returns the tuned table. Called only when no results of this plan exist there; other results
     were refused or --force was given."""
@@ -393,7 +442,7 @@ def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet
                search=tn.pop("search", "sobol"), select_metric=tn.pop("select_metric", "val-balanced"),
                tune_seeds=tn.pop("tune_seeds", [0]), seeds=tn.pop("seeds", [0, 1, 2, 3, 4]),
                test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
-               preset=tn.pop("preset", None), out_dir=out, force=True, space=space)
+               preset=tn.pop("preset", None), out_dir=out, force=force, space=space)
     res["pipeline_plan"] = plan
     if out is not None:
         write_tune(res, out)

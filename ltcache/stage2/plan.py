@@ -60,6 +60,8 @@ class Config:
     maxnorm_thresh: Optional[float] = None
     scale: float = 1.0
     bias_init: Optional[float] = None
+    steps: str = ""            # batches per epoch: floor | ceil | ceil+1 ("" = the sampler's default; samplers.py)
+    no_wd: tuple = ()          # parameters trained without weight decay (e.g. ("b",): the CB repo's bias)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 0-based ``epoch`` under this configuration's schedule (the schedules:
@@ -73,7 +75,7 @@ class Config:
 
 
 def expand(methods: Sequence[str], overrides: Optional[dict], grid: Optional[dict],
-           preset: str, n_train: int, strict: bool = False) -> list[tuple[Method, dict, dict]]:
+           preset: str, n_train: int, strict: bool = False, notice: bool = True) -> list[tuple[Method, dict, dict]]:
     """(method, full params, overrides) for every method x grid point.
 
     Grid keys that are generic apply to every trained method; a method's own key applies to
@@ -96,7 +98,7 @@ def expand(methods: Sequence[str], overrides: Optional[dict], grid: Optional[dic
             if strict:
                 raise LtcacheError(f"{msg}; drop them from --methods or drop --strict to run them without it")
             from ltcache.progress import echo
-            echo(f"notice: {msg}; they run once, without it (--strict makes this an error)")
+            echo(f"notice: {msg}; they run once, without it (--strict makes this an error)", not notice)
     plans = []
     for name in methods:
         method = get_method(name)
@@ -119,7 +121,8 @@ def make_config(method: Method, params: dict, seed: int, name: str, counts: torc
                   momentum=params["momentum"], schedule=params["schedule"],
                   lr_factor=params.get("lr_factor", 1.0), maxnorm_thresh=params.get("maxnorm_thresh"),
                   scale=params.get("scale", 1.0),
-                  bias_init=-math.log(k - 1) if method.sigmoid_bias and k > 1 else None)
+                  bias_init=-math.log(k - 1) if method.sigmoid_bias and k > 1 else None,
+                  steps=getattr(method, "steps", ""), no_wd=tuple(getattr(method, "no_wd", ())))
 
 
 class Entry(NamedTuple):
