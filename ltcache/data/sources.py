@@ -198,6 +198,8 @@ def unpack_tarball(tar_path: Path, data_root: Path) -> Path:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
         if not (dest / ".unpacked").exists():
+            import sys
+            print(f"unpacking {tar_path} into {dest} (once; later runs read the folder)", file=sys.stderr)
             _unpack(tar_path, data_root, name, dest)
     return dest
 
