@@ -51,7 +51,8 @@ def default_cache_path() -> Path:
     if (BUNDLED / "manifest.json").is_file():
         return BUNDLED
     raise LtcacheError("no default cache is available; make one with `ltcache train --name NAME ...` then "
-                       "`ltcache extract --name NAME`, and pass --cache runs/NAME/cache (or set LTCACHE_CACHE)")
+                       "`ltcache extract --ckpt runs/NAME/stage1/stage1.pt`, and pass --cache runs/NAME/cache (or set "
+                       "LTCACHE_CACHE)")
 
 
 def _fix(cache_dir: Path, man: dict) -> str:
