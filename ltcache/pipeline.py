@@ -7,7 +7,9 @@ steps whose outputs are already complete and valid, so an interrupted pipeline r
 paths relative to the pipeline file) before anything else is read; the ``[sweep]`` section
 accepts every declared hyper-parameter (generic, each registered method's) as an override, e.g.
 ``delta = 0.9``, and as a ``grid`` key -- the keys come from the declarations, so a new loss
-adds its own.
+adds its own. ``[sweep] caches = [...]`` (and ``[tune] caches``) adds other caches (e.g. other
+pipelines' ``cache`` folders: more stage-1 seeds, more datasets) to the step: one multi-cache
+results file with the paper table (``ltcache table``).
 """
 from __future__ import annotations
 
@@ -82,6 +84,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "test_views": (list, "views averaged at evaluation"),
         "preset": (str, "cifar | imagenet (default: from the cache)"),
         "clean_view": (bool, "also draw the clean train view (default false: augmented views only)"),
+        "caches": (list, "more caches swept with this pipeline's own (paths relative to this file), e.g. other "
+                         "stage-1 seeds and datasets: one results file and the paper table"),
+        "against": (str, "with caches: the paper table's reference method (default ce)"),
     },
     "tune": {
         "methods": ((str, list), "'all' or a list of method names to tune on val (`ltcache tune`)"),
@@ -93,6 +98,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "space": (dict, "replacement dimensions, e.g. {delta = \"0.5:0.99\", epochs = \"10,20\"}"),
         "test_views": (list, "views averaged at evaluation"),
         "preset": (str, "cifar | imagenet (default: from the cache)"),
+        "caches": (list, "more caches tuned with this pipeline's own (paths relative to this file): one results "
+                         "file and the paper table"),
+        "against": (str, "with caches: the paper table's reference method (default ce)"),
     },
 }
 REQUIRED = {"dataset": ("source",), "stage1": ("arch",)}
@@ -271,12 +279,13 @@ def _stage1_complete(ckpt: Path, run_args: dict) -> bool:
     return int(ck["epoch"]) >= int(ck["epochs"])
 
 
-def plan_hash(step: str, section: dict, cache_dir: Path, plugins: list[Path]) -> str:
+def plan_hash(step: str, section: dict, caches: list, plugins: list[Path]) -> str:
     """What a sweep or tune step's results depend on, as a short hash recorded in their
-    results.json (``pipeline_plan``): the step's section, the cache's manifest (so the stage-1
+    results.json (``pipeline_plan``): the step's section, the caches' manifests (so the stage-1
     checkpoint and the extraction options) and the plugin files' contents."""
-    manifest = json.loads((Path(cache_dir) / "manifest.json").read_text(encoding="utf-8"))
-    body = {"step": step, "section": section, "cache": manifest,
+    manifests = [json.loads((Path(c) / "manifest.json").read_text(encoding="utf-8"))
+                 if (Path(c) / "manifest.json").is_file() else str(c) for c in caches]   # a missing one: bench says
+    body = {"step": step, "section": section, "caches": manifests,
             "plugins": [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in plugins]}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -375,28 +384,33 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
     ex.setdefault("workers", default_workers())
     extract(ckpt, cache=cache_dir, device=device, data_root=root, quiet=quiet, force=force, **ex)
     echo(f"[3/{steps}] sweep -> {out_dir / 'results'}", quiet)
-    plan = plan_hash("sweep", pl.sweep, cache_dir, pl.plugins)
+    more = _more_caches(pl.sweep.get("caches", []), Path(path), cache_dir)
+    plan = plan_hash("sweep", pl.sweep, [cache_dir] + more, pl.plugins)
     results = distributed.on_main(lambda: step_done(out_dir / "results", plan, force, "sweep"), "the sweep's check")
     if results is not None:
         echo("      complete (same plan), skipped", quiet)
     else:
-        results = _run_sweep(pl.sweep, cache_dir, device, quiet)
+        results = _run_sweep(pl.sweep, cache_dir, device, quiet, Path(path))
         results["pipeline_plan"] = plan
-        if main:
+        if main and more:
+            from ltcache.stage2.multi import write_multi
+            write_multi(results, out_dir / "results")
+        elif main:
             from ltcache.stage2.results import write_all
             write_all(results, out_dir / "results")
     if not quiet:
-        echo(format_table(results))
+        echo(format_table(results) if not more else _paper(results))
     if pl.tune is not None:
         echo(f"[{steps}/{steps}] tune -> {out_dir / 'tune'}", quiet)
-        plan = plan_hash("tune", pl.tune, cache_dir, pl.plugins)
+        more_t = _more_caches(pl.tune.get("caches", []), Path(path), cache_dir)
+        plan = plan_hash("tune", pl.tune, [cache_dir] + more_t, pl.plugins)
         done = distributed.on_main(lambda: step_done(out_dir / "tune", plan, force, "tune"), "the tune step's check")
         if done is not None:
             echo("      complete (same plan), skipped", quiet)
-            results["tune"] = done["tune"]["table"]
+            results["tune"] = _tune_table(done)
         else:
             results["tune"] = _run_tune(pl.tune, cache_dir, out_dir / "tune" if main else None, device, quiet, plan,
-                                        force)
+                                        force, Path(path))
     ck = load_checkpoint(ckpt)
     results["pipeline"] = {"file": str(Path(path)), "name": pl.name, "stage1_epochs": ck["epoch"],
                            "stage1_test": ck["history"][-1]["test"] if ck["history"] else None}
@@ -409,27 +423,29 @@ def _same_run(ckpt: Path, run_args: dict) -> bool:
     return all(ck.get("train_args", {}).get(k) == v for k, v in run_args.items())
 
 
-def _run_sweep(section: dict, cache_dir: Path, device: str, quiet: bool) -> dict:
-    """The [sweep] step: ``ltcache bench`` on the pipeline's cache (results not written here)."""
+def _run_sweep(section: dict, cache_dir: Path, device: str, quiet: bool, path: Path) -> dict:
+    """The [sweep] step: ``ltcache bench`` on the pipeline's cache and any [sweep] caches (results
+    not written here)."""
     from ltcache.stage2.api import bench
     sw = dict(section)
     overrides = {k: sw.pop(k) for k in list(sw) if k in hyper_keys()}
     methods = sw.pop("methods", "all")
     grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sw.pop("grid", {}).items()}
     test_views = sw.pop("test_views", ["center", "hflip"])
-    results = bench(cache_dir, None if methods == "all" else list(methods), grid=grid or None,
+    more = _more_caches(sw.pop("caches", []), Path(path), cache_dir)
+    results = bench([cache_dir] + more if more else cache_dir, None if methods == "all" else list(methods), grid=grid or None,
                     seeds=sw.pop("seeds", [0]), select=sw.pop("select", "last"),
                     test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
                     preset=sw.pop("preset", None), out_dir=None, overrides=overrides or None,
-                    clean_view=bool(sw.pop("clean_view", False)))
+                    clean_view=bool(sw.pop("clean_view", False)), against=sw.pop("against", "ce"))
     return results
 
 
 def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet: bool, plan: str,
-              force: bool = False) -> dict:
-    """The [tune] step: ``ltcache tune`` on the pipeline's cache (its results.json records ``plan``);
-    returns the tuned table. Called only when no results of this plan exist there; other results
-    were refused or --force was given."""
+              force: bool = False, path: Path = Path(".")) -> dict:
+    """The [tune] step: ``ltcache tune`` on the pipeline's cache (and any [tune] caches; its
+    results.json records ``plan``); returns the tuned table. Called only when no results of this
+    plan exist there; other results were refused or --force was given."""
     from ltcache.stage2.api import tune
     from ltcache.stage2.tune import format_tune_table, parse_space, write_tune
 
@@ -438,14 +454,42 @@ def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet
     test_views = tn.pop("test_views", ["center", "hflip"])
     space = parse_space([f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
                          for k, v in tn.pop("space", {}).items()])
-    res = tune(cache_dir, None if methods == "all" else list(methods), budget=int(tn.pop("budget", 32)),
+    more = _more_caches(tn.pop("caches", []), path, cache_dir)
+    res = tune([cache_dir] + more if more else cache_dir, None if methods == "all" else list(methods),
+               budget=int(tn.pop("budget", 32)), against=tn.pop("against", "ce"),
                search=tn.pop("search", "sobol"), select_metric=tn.pop("select_metric", "val-balanced"),
                tune_seeds=tn.pop("tune_seeds", [0]), seeds=tn.pop("seeds", [0, 1, 2, 3, 4]),
                test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
                preset=tn.pop("preset", None), out_dir=out, force=force, space=space)
     res["pipeline_plan"] = plan
     if out is not None:
-        write_tune(res, out)
-    if not quiet:
+        if more:
+            from ltcache.stage2.multi import write_multi
+            write_multi(res, out)
+        else:
+            write_tune(res, out)
+    if more and not quiet:
+        echo(_paper(res))
+    elif not quiet:
         echo(format_tune_table(res))
-    return res["tune"]["table"]
+    return _tune_table(res)
+
+
+def _tune_table(res: dict) -> list:
+    """The tuned table of a tune results document (one cache) or its paper-table rows (several)."""
+    if "tune" in res and "table" in res["tune"]:
+        return res["tune"]["table"]
+    from ltcache.stage2.paper_table import compute
+    return [{k: v for k, v in r.items() if k != "cells"} for r in compute(res)["rows"]]
+
+
+def _more_caches(paths: list, pipeline: Path, own: Path) -> list[Path]:
+    """[sweep] / [tune] caches: paths relative to the pipeline file, beside its own cache."""
+    if not all(isinstance(p, str) for p in paths):
+        raise LtcacheError(f"{pipeline}: caches must be a list of cache folder paths, got {paths!r}")
+    return [_resolve(pipeline.parent, p) for p in paths]
+
+
+def _paper(doc: dict) -> str:
+    from ltcache.stage2.paper_table import render
+    return render(doc, "terminal")

@@ -13,22 +13,22 @@ from ltcache.errors import LtcacheError
 from ltcache.report.load import Report, Series, load_report, read_results
 
 FORMATS = ("png", "svg")
-FIGURES = ("per_class_accuracy", "lm_rsd", "reliability", "logit_margin", "group_accuracy")
+FIGURES = ("per_class_heatmap", "per_class_accuracy", "lm_rsd", "reliability", "logit_margin", "group_accuracy")
 
 
 def render_figures(rep: Report, out_dir: Union[str, Path], fmt: str = "png",
                    quiet: bool = True) -> list[dict]:
-    """Draw the five figures into ``out_dir/figures``; each entry: stem, path, size (inches), title, caption."""
+    """Draw the six figures into ``out_dir/figures``; each entry: stem, path, size (inches), title, caption."""
     from ltcache.report.figstyle import RC, mpl
     matplotlib = mpl()
-    from ltcache.report import accuracy, calibration, logits
+    from ltcache.report import accuracy, calibration, heatmap, logits
     from ltcache.outputs import os_error
     fig_dir = Path(out_dir) / "figures"
     try:
         fig_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise os_error(exc, fig_dir) from None
-    makers = (accuracy.per_class_accuracy, logits.lm_rsd, calibration.reliability, logits.logit_margin,
+    makers = (heatmap.per_class_heatmap, accuracy.per_class_accuracy, logits.lm_rsd, calibration.reliability, logits.logit_margin,
               accuracy.group_bars)
     out = []
     with matplotlib.rc_context(RC):
@@ -57,6 +57,10 @@ def make_report(results_path: Union[str, Path], out_dir: Optional[Union[str, Pat
     if fmt not in FORMATS:
         raise LtcacheError(f"unknown figure format '{fmt}'; use png or svg")
     mpl()                                   # fail early, before any file is written
+    from ltcache.stage2.multi import is_multi
+    doc = _peek(results_path)
+    if is_multi(doc):
+        return _make_multi_report(doc, results_path, out_dir, methods, fmt, quiet, force)
     rep = load_report(results_path, methods)
     out = Path(out_dir) if out_dir is not None else rep.path.parent / "report"
     check_output_dir(out, force, what="report folder", outputs=REPORT_OUTPUTS)
@@ -65,6 +69,43 @@ def make_report(results_path: Union[str, Path], out_dir: Optional[Union[str, Pat
         page = write_html(rep, figures, out)
     if not quiet:
         print(f"report: {page} ({len(figures)} figures, {len(rep.series)} configurations)")
+    return page
+
+
+def _peek(results_path) -> Optional[dict]:
+    """The parsed results file when it is readable JSON (else None: :func:`load_report` says why)."""
+    import json
+    p = Path(results_path)
+    p = p / "results.json" if p.is_dir() else p
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _make_multi_report(doc: dict, results_path, out_dir, methods, fmt: str, quiet: bool, force: bool) -> Path:
+    """The report of a multi-cache run (:mod:`ltcache.report.multi`): paper table and heat maps."""
+    from ltcache.outputs import check_output_dir, output_lock
+    from ltcache.report.multi import render_multi, write_multi_html
+    from ltcache.stage2 import paper_table as pt
+    p = Path(results_path)
+    p = p / "results.json" if p.is_dir() else p
+    if methods:
+        known = {r["method"] for r in doc["runs"]}
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise LtcacheError(f"--methods: {', '.join(map(repr, unknown))} not in {p.name}; available: "
+                               f"{', '.join(sorted(known))}")
+        doc = {**doc, "runs": [r for r in doc["runs"] if r["method"] in set(methods) | {doc.get("against")}]}
+    table = pt.compute(doc, doc.get("against") or "ce")
+    out = Path(out_dir) if out_dir is not None else p.parent / "report"
+    check_output_dir(out, force, what="report folder", outputs=REPORT_OUTPUTS)
+    with output_lock(out):
+        figures = render_multi(doc, table, out, fmt, quiet)
+        page = write_multi_html(doc, table, figures, out, source=p)
+    if not quiet:
+        print(f"report: {page} ({len(figures)} figures, {len(table['rows'])} methods x "
+              f"{len(table['datasets'])} datasets)")
     return page
 
 
