@@ -15,7 +15,8 @@ from ltcache.pipeline import as_pipeline_hint
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "ltcache"
 # which commands' messages a module emits (others: any command's options)
-OWNERS = {"stage1.py": ["train"], "cache/extraction.py": ["extract"], "cache/importer.py": ["import"],
+OWNERS = {"stage2/paper_format.py": ["table", "bench", "tune"], "stage2/paper_table.py": ["table", "bench", "tune"],
+          "stage1.py": ["train"], "cache/extraction.py": ["extract"], "cache/importer.py": ["import"],
           "report": ["report"], "stage2": ["retrain", "bench", "tune", "methods"], "predict.py": ["predict"],
           "export.py": ["retrain", "predict"], "pipeline.py": ["run"], "through_backbone.py": ["retrain"]}
 TORCHRUN = {"--nproc_per_node", "--nnodes", "--node_rank", "--standalone", "--rdzv-backend", "--rdzv-endpoint"}
