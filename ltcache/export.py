@@ -225,7 +225,7 @@ def _checkpoint_path(cache) -> Path:
         ck = ck.get("path")
     if not ck:
         raise LtcacheError("the cache manifest names no stage-1 checkpoint, so the backbone cannot be exported; "
-                           "re-extract the cache with `ltcache extract --ckpt stage1.pt`")
+                           "re-extract the cache with `ltcache extract --ckpt runs/NAME/stage1/stage1.pt`")
     path = Path(ck)
     if not path.is_absolute() and getattr(cache, "path", None):
         cand = Path(cache.path) / path

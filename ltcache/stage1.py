@@ -227,8 +227,9 @@ def load_checkpoint(path) -> dict:
 
 
 def _default_out(opts: Stage1Options) -> Path:
-    ir = f"{opts.imb_ratio:g}"
-    return Path("runs") / f"{DatasetSpec(opts.dataset).short_name}-ir{ir}-{opts.arch.replace(':', '-')}"
+    """``runs/<dataset>-ir<IR>-<arch>/stage1`` (the run-folder convention, ``ltcache.runs``)."""
+    from ltcache.runs import default_name, stage1_dir
+    return stage1_dir(default_name(opts.dataset, opts.imb_ratio, opts.arch))
 
 
 def _prepare_out(opts: Stage1Options, out: Path) -> Optional[dict]:
@@ -427,6 +428,34 @@ def _train(opts: Stage1Options, out: Path, resume_ck: Optional[dict]) -> Path:
         return _loop(opts, out, resume_ck, rank, world, quiet, phase)
 
 
+def schedule_text(opts: Stage1Options) -> str:
+    """The lr schedule as it will run (after any warm-up adjustment), e.g.
+    ``step: lr 0.1, warm-up 5 epochs, x0.01 after epoch 160, x0.0001 after 180``."""
+    warm = f"warm-up {opts.warmup_epochs} epoch{'s' * (opts.warmup_epochs != 1)}" + (
+        " (shortened to fit)" if opts.warmup_auto and opts.warmup_epochs < DEFAULT_WARMUP else "")
+    if opts.schedule == "cosine":
+        return f"cosine: lr {opts.lr:g} to 0 over {opts.epochs} epochs, {warm}"
+    first, second = step_milestones(opts.epochs)
+    drops = [f"x0.01 after epoch {first}"] if first < opts.epochs else []
+    drops += [f"x0.0001 after epoch {second}"] if second < opts.epochs else []
+    return (f"step: lr {opts.lr:g}, {warm}, " + (", ".join(drops) if drops else
+            f"no lr drop within {opts.epochs} epochs (the drops fall at 80 % and 90 %)"))
+
+
+def header(opts: Stage1Options, ds, device, world: int, out: Path, start: int) -> str:
+    """What stage 1 is about to do, printed before the first epoch."""
+    counts = ", ".join(f"{name} {len(sp):,}" for name, sp in ds.splits.items())
+    resumed = f", resuming after epoch {start}" if start else ""
+    n = torch.get_num_threads()
+    from ltcache.imbalance import ir_text
+    return (f"stage 1: {opts.dataset} ({ir_text(opts.imb_ratio, ds.class_counts)}, "
+            f"{opts.profile} profile; {ds.num_classes} classes; "
+            f"{counts} images)\n"
+            f"  {opts.arch}, {opts.epochs} epochs{resumed}, batch {opts.batch_size}; {schedule_text(opts)}\n"
+            f"  device {device}, {n} thread{'s' * (n != 1)}, {opts.workers} workers"
+            f"{f', {world} ranks' if world > 1 else ''} -> {out}")
+
+
 def _loop(opts: Stage1Options, out: Path, resume_ck: Optional[dict], rank: int, world: int, quiet: bool,
           phase: dict) -> Path:
     main = rank == 0
@@ -470,6 +499,7 @@ def _loop(opts: Stage1Options, out: Path, resume_ck: Optional[dict], rank: int, 
     net = _wrap(model, device)
     if main:
         out.mkdir(parents=True, exist_ok=True)
+    echo(header(opts, ds, device, world, out, start), quiet)
     radius = None
     train = ds.splits["train"]
     streamed = bool(getattr(train, "streamed", False))

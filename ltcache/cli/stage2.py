@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ltcache.cli.app import cli
+from ltcache.cli.app import FilePath, StrictCommand, cli
 from ltcache.errors import LtcacheError
 from ltcache.threads import apply_threads
 
@@ -52,7 +52,7 @@ def hyper_options(kind: str) -> list[click.Option]:
     return out
 
 
-class PluginCommand(click.Command):
+class PluginCommand(StrictCommand):
     """A stage-2 command whose ``--plugin`` files are imported before its options are parsed,
     and whose hyper-parameter options (``hyper``: "", "generic" or "all") are generated from the
     declarations -- a plugin's own hyper-parameters become options too."""
@@ -153,6 +153,11 @@ def _overrides(kwargs: dict) -> dict:
 RESULT_FILES = ("results.json", "summary.csv", "summary.md")
 
 
+def not_saved(what: str) -> str:
+    """The last line of a stage-2 command run without --out: the results were printed, not written."""
+    return f"results not saved (printed only): add --out {what} to write them"
+
+
 def join_ranks(device: str) -> bool:
     """Under torchrun, join the other ranks (left when the command ends); True on the rank that
     prints and writes files (rank 0, and always without torchrun)."""
@@ -188,10 +193,10 @@ def _claim_outputs(force: bool, files=(), folder=None, multi: bool = False) -> N
 @click.option("--method", required=True, help="method name (see `ltcache methods`)")
 @_common
 @_plugin_option
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=FilePath(path_type=Path), default=None,
               help="write the results JSON here (an existing file is never replaced without --force; written "
                    "to a temporary name and renamed)")
-@click.option("--export", "export_path", type=click.Path(path_type=Path), default=None,
+@click.option("--export", "export_path", type=FilePath(path_type=Path), default=None,
               help="write a deployable model (stage-1 backbone + this head; one seed; an existing file is never "
                    "replaced without --force; written to a temporary name and renamed)")
 @click.option("--force", is_flag=True, help="replace existing --out / --export files")
@@ -261,7 +266,7 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
     click.echo(format_table(results))
     if out is not None:
         write_json(results, out)
-        click.echo(f"results: {out}")
+    click.echo(f"results: {out}" if out is not None else not_saved("FILE.json"))
     if export_path is not None:
         click.echo(f"model: {export_path}")
 
@@ -293,17 +298,26 @@ def parse_grid(items) -> dict:
                    "paper table paper.md, paper.csv, paper.tex) (a folder already holding them is "
                    "never replaced without --force; each is written to a temporary name and renamed)")
 @click.option("--force", is_flag=True, help="replace the results already in the --out folder")
+@click.option("--strict", is_flag=True, help="a --grid key that some chosen method lacks is an error (default: a notice, "
+              "and that method runs once without it)")
 def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select, test_views, device, preset, jobs,
-              quiet, clean_view, from_tune, threads, precision, out, force, plugins, **kwargs):
+              quiet, clean_view, from_tune, threads, precision, out, force, strict, plugins, **kwargs):
     """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All.
+
+    Without --out the table is printed and nothing is written (the last line says so).
+    CE is added as the reference row when --methods leaves it out (labelled under the table).
 
     \b
     With several --cache, each cache is swept in turn and one results file holds every run;
     caches of one dataset from different stage-1 seeds are its replicate backbones, and the
     paper table (methods x datasets, error bars over backbones x seeds) is printed and written.
     Examples:
-      ltcache bench --all-methods --seeds 0,1,2 --out results/bench
+      ltcache bench --all-methods --seeds 0,1,2 --out results/bench   # every method, the bundled cache
+      ltcache bench --all-methods --cache runs/c10_ir100/cache        # your own cache
+      ltcache bench --methods los,mislas --grid delta=0.9,0.98 --grid lr=0.001,0.0005
+      ltcache bench --from-tune results/tuned/results.json --seeds 5,6,7
       ltcache bench --all-methods --seeds 0,1,2 --cache runs/s0/cache --cache runs/s1/cache --out results/paper
+      torchrun --standalone --nproc_per_node 4 -m ltcache bench --all-methods --out results/b
     """
     from ltcache.stage2 import api
     from ltcache.stage2.methods import METHODS, get_method
@@ -328,7 +342,8 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select,
     apply_threads(threads, quiet)
     results = api.bench(caches, (None if all_methods else names) or None, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
                         device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out, jobs=jobs,
-                        clean_view=clean_view, from_tune=from_tune, precision=precision, against=against)
+                        clean_view=clean_view, from_tune=from_tune, precision=precision, against=against,
+                        strict=strict)
     if not main:
         return
     if isinstance(caches, list):
@@ -338,8 +353,7 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select,
             click.echo(f"results: {out}/results.json, paper.md, paper.csv, paper.tex")
         return
     click.echo(format_table(results))
-    if out is not None:
-        click.echo(f"results: {out}/results.json, summary.csv, summary.md")
+    click.echo(f"results: {out}/results.json, summary.csv, summary.md" if out is not None else not_saved("DIR"))
 
 
 @cli.command("methods", cls=PluginCommand)
@@ -366,6 +380,7 @@ def methods_cmd(plugins, preset, space, parts, show_notes):
       ltcache methods --notes               # deviations from the sources, per method
       ltcache methods --space               # each method's search space for `ltcache tune`
       ltcache methods --parts --plugin my.py  # every registered part, a plugin's included
+      ltcache methods --space --plugin my_methods.py
     """
     from ltcache.stage2.methods import METHODS, method_space
     from ltcache.stage2.samplers import DEFAULT_STEPS

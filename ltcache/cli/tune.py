@@ -7,7 +7,6 @@ import click
 
 from ltcache.cli.app import cli
 from ltcache.cli.stage2 import PLUGIN_HELP, PluginCommand
-from ltcache.distributed import is_main as _is_main
 from ltcache.errors import LtcacheError
 
 
@@ -66,6 +65,8 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
       ltcache bench --from-tune results/tuned/results.json --seeds 5,6,7   # re-run the picks
       ltcache tune --all-methods --cache runs/ir100-s0/cache --cache runs/ir100-s1/cache \
           --cache runs/ir10-s0/cache --out results/paper          # one paper table over datasets
+      torchrun --standalone --nproc_per_node 4 -m ltcache tune --all-methods --out results/tuned
+    Without --out the table is printed and nothing is written (the last line says so).
     """
     from ltcache.outputs import check_output_dir, output_lock
     from ltcache.stage2 import api
@@ -98,7 +99,8 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
                        tune_seeds=api.parse_seeds(tune_seeds), seeds=api.parse_seeds(seeds), test_views=test_views,
                        device=device, quiet=quiet, preset=preset, out_dir=out, force=force, jobs=jobs,
                        clean_view=clean_view, space=space, precision=precision, against=against)
-    if not _is_main():
+    from ltcache.distributed import is_main
+    if not is_main():
         return
     if multi:
         from ltcache.stage2.paper_table import render
@@ -107,5 +109,5 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
             click.echo(f"results: {out}/results.json, paper.md, paper.csv, paper.tex")
         return
     click.echo(format_tune_table(results))
-    if out is not None:
-        click.echo(f"results: {out}/results.json, tune.csv, tune.md")
+    from ltcache.cli.stage2 import not_saved
+    click.echo(f"results: {out}/results.json, tune.csv, tune.md" if out is not None else not_saved("DIR"))

@@ -82,8 +82,9 @@ def load_cifar(name: str, root: Path, download: bool) -> SourceData:
         if not download:
             raise LtcacheError(
                 f"{name} not found under {root} (expected {base}); pass --data-root DIR if DIR/{folder} "
-                "exists, --download to fetch it (needs a network), or use an image folder, e.g. --dataset "
-                "imagefolder:data/cifar10-jpg.tar.gz")
+                "exists, --download to fetch it (needs a network), or give the images as an image folder: "
+                "--dataset imagefolder:PATH (PATH/train/<class>/*, PATH/test/<class>/*, or a .tar.gz of it; "
+                "data/README.md shows how to make data/cifar10-jpg.tar.gz)")
         import torchvision
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         try:
@@ -197,6 +198,8 @@ def unpack_tarball(tar_path: Path, data_root: Path) -> Path:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
         if not (dest / ".unpacked").exists():
+            import sys
+            print(f"unpacking {tar_path} into {dest} (once; later runs read the folder)", file=sys.stderr)
             _unpack(tar_path, data_root, name, dest)
     return dest
 

@@ -45,7 +45,7 @@ def check_arch(arch: str) -> None:
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise LtcacheError(f"unknown arch '{arch}'{hint}; valid: {', '.join(list_models())}, or "
                            "torchvision:NAME for any torchvision classification model (e.g. torchvision:mobilenet_v3_small), or "
-                           "timm:NAME (pip install 'ltcache[timm]')")
+                           "timm:NAME (pip install -e '.[timm]' in the ltcache checkout)")
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:

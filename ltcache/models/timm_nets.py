@@ -20,7 +20,7 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise LtcacheError("--arch timm:NAME needs the optional timm package: pip install 'ltcache[timm]' "
+        raise LtcacheError("--arch timm:NAME needs the optional timm package: pip install -e '.[timm]' in the ltcache checkout "
                            "(or use torchvision:NAME)") from None
     return timm
 

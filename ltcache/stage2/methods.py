@@ -487,7 +487,14 @@ def method_space(method: Method, preset: str) -> Space:
     generic = [_log("lr", d["lr"] / 10, d["lr"] * 10, f"the {preset} preset's lr {d['lr']:g}, a decade either side"),
                _log("wd", 1e-5, 1e-1, "cRT / MiSLAS 5e-4 and 2e-4, LTWB 0.1; LOS uses 0 (docs/methods.md#search-spaces)"),
                GENERIC_EPOCHS]
-    return Space(dims=tuple(x for x in generic if x.name not in own) + method.space.dims)
+    extra: tuple = ()
+    if method.origin != "built-in":          # a plugin's own hyper-parameters join the search
+        from ltcache.stage2.space import param_dim
+        decl = {p.name: p for p in (*(get_loss(method.loss).params if not method.closed_form else ()),
+                                    *method.params)}
+        dims = [param_dim(decl[n]) for n in method.tunables if n not in own and n in decl]
+        extra = tuple(x for x in dims if x is not None)
+    return Space(dims=tuple(x for x in generic if x.name not in own) + method.space.dims + extra)
 
 
 def get_method(name: str) -> Method:

@@ -32,6 +32,7 @@ class Param:
     choices: tuple = ()
     default: Any = None
     help: str = ""
+    space: Optional[str] = None       # search range for `ltcache tune`: "LOW:HIGH", "log:LOW:HIGH" or "a,b,c"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():

@@ -176,6 +176,8 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
         for point in draw(_with_overrides(method_space(m, pre), m, space or {}), budget, search, seed=0):
             plans.append((m, resolve_params(m, pre, point, n_train), point))
             owner.append((m.name, point))
+    from ltcache.stage2.results import run_header
+    echo(run_header(full, pre, dev, "tune"), quiet)
     plan = plan_hash(full, plans, tune_seeds, select_metric, test_views, clean_view, precision)
     done = _completed_stage_a(out_dir, plan, force)
     if done is not None:
