@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -113,10 +114,39 @@ def atomic_save(path: PathLike, save: Callable[[str], None]) -> Path:
         try:
             save(tmp)
         except RuntimeError as exc:     # torch.save wraps a failed write (e.g. ENOSPC) in RuntimeError
-            if "write" in str(exc).lower() or "file" in str(exc).lower():
-                raise OSError(errno.ENOSPC if _full(path) else errno.EIO, str(exc)) from None
-            raise
+            err = _torch_write_error(exc, path)
+            if err is None:
+                raise
+            raise err from None
     return path
+
+
+def save_torch(obj, path: PathLike) -> Path:
+    """``torch.save(obj, path)`` atomically: complete under ``path`` or not there, and a failed
+    write (a full disk, which torch reports as ``RuntimeError: [enforce fail at
+    inline_container.cc:...] unexpected pos ...``) is the one-line disk-full LtcacheError."""
+    import torch
+    return atomic_save(path, lambda tmp: torch.save(obj, tmp))
+
+
+# torch's zip writer (PytorchStreamWriter) reports a short or failed write as a RuntimeError:
+# "unexpected pos N vs M" (a short write: the disk filled up), "file write failed", "errno = 28"
+_TORCH_WRITE = ("unexpected pos", "write failed", "failed writing", "file write", "enforce fail")
+
+
+def _torch_write_error(exc: RuntimeError, path: Path) -> Optional[OSError]:
+    """The OSError behind a RuntimeError raised by a library writer (torch.save), or None when
+    the RuntimeError is not about writing the file."""
+    text = str(exc)
+    low = text.lower()
+    found = re.search(r"errno\s*[=:]?\s*(\d+)", low)
+    if found:
+        return OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+    if not any(k in low for k in _TORCH_WRITE):
+        return None
+    if "unexpected pos" in low or _full(path):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, (text.strip().splitlines() or [''])[0][:200])
 
 
 def write_text(path: PathLike, text: str) -> Path:

@@ -32,7 +32,7 @@ from ltcache.errors import LtcacheError
 from ltcache.metrics import fmt_pct, group_accuracy, per_class_accuracy
 from ltcache.models import build_model
 from ltcache.models.registry import check_arch, load_pretrained
-from ltcache.outputs import atomic_save, check_output_dir
+from ltcache.outputs import check_output_dir, save_torch
 from ltcache.progress import echo, progress
 
 FORMAT = "ltcache-stage1"
@@ -183,7 +183,7 @@ def _sha256(path) -> str:
 def _save(obj: dict, path: Path) -> None:
     """Write a checkpoint atomically (complete under its name or not there; a full disk is a
     one-line error)."""
-    atomic_save(path, lambda tmp: torch.save(obj, tmp))
+    save_torch(obj, path)
 
 
 def read_torch_file(path, missing_fix: str, damaged_fix: str):

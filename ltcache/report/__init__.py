@@ -6,8 +6,12 @@ use and drawn on an Agg canvas (no pyplot, no global backend change).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 from ltcache.errors import LtcacheError
 from ltcache.report.load import Report, Series, load_report, read_results
@@ -61,11 +65,56 @@ def make_report(results_path: Union[str, Path], out_dir: Optional[Union[str, Pat
     out = Path(out_dir) if out_dir is not None else rep.path.parent / "report"
     check_output_dir(out, force, what="report folder", outputs=REPORT_OUTPUTS)
     with output_lock(out):
-        figures = render_figures(rep, out, fmt, quiet)
-        page = write_html(rep, figures, out)
+        with _staging(out) as stage:            # drawn beside, moved in whole: all or nothing
+            figures = render_figures(rep, stage, fmt, quiet=True)
+            write_html(rep, figures, stage)
+            page = _move_in(stage, out)
+        for info in figures:
+            info["path"] = out / "figures" / Path(info["path"]).name
+            if not quiet:
+                print(f"  {info['path']}")
     if not quiet:
         print(f"report: {page} ({len(figures)} figures, {len(rep.series)} configurations)")
     return page
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temporary folder inside ``out`` for a whole report; removed afterwards (also on failure)."""
+    from ltcache.outputs import os_error
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".report.", suffix=".tmp", dir=out))
+    except OSError as exc:
+        raise os_error(exc, out) from None
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_in(stage: Path, out: Path) -> Path:
+    """Renames only (no data written): the old ``figures`` folder aside, the new one and
+    ``report.html`` in, the old one removed; a failed rename puts the old folder back."""
+    from ltcache.outputs import os_error
+    figs, old = out / "figures", out / ".figures.old"
+    try:
+        if old.exists():
+            shutil.rmtree(old)
+        if figs.exists():
+            os.replace(figs, old)
+        try:
+            os.replace(stage / "figures", figs)
+            os.replace(stage / "report.html", out / "report.html")
+        except OSError:
+            if old.exists():
+                shutil.rmtree(figs, ignore_errors=True)
+                os.replace(old, figs)
+            raise
+    except OSError as exc:
+        raise os_error(exc, out / "report.html") from None
+    shutil.rmtree(old, ignore_errors=True)
+    return out / "report.html"
 
 
 __all__ = ["make_report", "render_figures", "load_report", "read_results", "Report", "Series", "FIGURES",
