@@ -216,6 +216,48 @@ def _remove(tmp: str) -> None:
         pass
 
 
+def aside_name(final: PathLike) -> Path:
+    """Where a replace-by-rename keeps the previous ``final`` between its two renames."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.old")
+
+
+def _held_by_another(lock_file: Path) -> bool:
+    """True when ``lock_file`` names a live process (other than this one) on this host."""
+    import json
+    import socket
+    from ltcache.cache.lock import _alive
+    try:
+        doc = json.loads(lock_file.read_text() or "{}")
+        pid, host = int(doc.get("pid", -1)), doc.get("host")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+    if host != socket.gethostname():
+        return True                      # another machine's writer: cannot tell, leave it alone
+    return pid > 0 and pid != os.getpid() and _alive(pid)
+
+
+def restore_interrupted_swap(final: PathLike) -> bool:
+    """Finish the story of a replacement that was killed between its two renames (``final`` moved
+    aside to ``.NAME.old``, the new one not yet renamed in): ``final`` is missing and ``.NAME.old``
+    holds the previous output, so it is put back under its name (a one-line note on stderr). Nothing
+    happens while another live process holds the lock of that replacement. True when restored."""
+    import sys
+    final = Path(final)
+    old = aside_name(final)
+    if final.exists() or final.is_symlink() or not old.is_dir():
+        return False
+    if _held_by_another(final.with_name(f".{final.name}.lock")) or _held_by_another(old / ".lock"):
+        return False                     # a replacement is under way right now
+    try:
+        os.replace(old, final)
+    except OSError:
+        return False
+    print(f"note: {final} was being replaced when that run was stopped; its previous contents were put "
+          f"back from {old.name}", file=sys.stderr)
+    return True
+
+
 @contextlib.contextmanager
 def output_lock(path: PathLike, folder: bool = True) -> Iterator[Path]:
     """Hold a lock on an output while a run writes it: ``path/.lock`` for a folder, or

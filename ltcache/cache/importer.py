@@ -48,7 +48,7 @@ from ltcache.cache.build import DTYPES, manifest_body
 from ltcache.cache.manifest import CLASSIFIER, MANIFEST, sha256_file, write_manifest
 from ltcache.cache.shards import shard_name, write_classifier, write_shard
 from ltcache.errors import LtcacheError
-from ltcache.outputs import os_error, output_lock
+from ltcache.outputs import os_error, output_lock, restore_interrupted_swap
 
 PathLike = Union[str, Path]
 
@@ -313,8 +313,10 @@ def import_features(sources: Union[PathLike, Sequence[PathLike]], out: PathLike,
         raise LtcacheError(f"--shard-rows must be >= 1 (got {shard_rows})")
     if classifier is not None and fit_classifier_head:
         raise LtcacheError("--classifier and --fit-classifier both give the stage-1 classifier; pass one of them")
+    restore_interrupted_swap(out)                    # a replacement killed between its two renames
     _check_out(out, force)
     with output_lock(out, folder=False):
+        restore_interrupted_swap(out)
         _check_out(out, force)
         return _import(paths, out, classifier, fit_classifier_head, name, arch, dtype, shard_rows, command, quiet)
 
