@@ -97,7 +97,8 @@ def _resize_crop(im, size: int, short: int) -> torch.Tensor:
     """A PIL image -> uint8 [3, size, size]: RGB, short side to ``short`` (bilinear), centre crop."""
     from PIL import Image
 
-    im = im.convert("RGB")
+    from ltcache.data.decode import to_rgb
+    im = to_rgb(im)                  # every PIL mode, 16-bit gray scaled to 8 bits
     w, h = im.size
     if min(w, h) != short:           # same arithmetic as ltcache.data.sources._decode
         scale = short / min(w, h)
