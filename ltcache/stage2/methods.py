@@ -20,13 +20,12 @@ see :mod:`ltcache.plugins`); its hyper-parameters are declared once, by its loss
 """
 from __future__ import annotations
 
-import difflib
 import math
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from ltcache.errors import LtcacheError
+from ltcache.errors import LtcacheError, close_matches
 from ltcache.stage2 import heads as H
 from ltcache.stage2.losses import _core as losses_core
 from ltcache.stage2.losses import get_loss
@@ -422,7 +421,7 @@ def get_method(name: str) -> Method:
     """The registry entry ``name``; unknown names suggest the closest ones."""
     if name in METHODS:
         return METHODS[name]
-    close = difflib.get_close_matches(name, list(METHODS), n=3, cutoff=0.4)
+    close = close_matches(name, METHODS, n=3, cutoff=0.4)          # ignoring case: LOS -> los
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise LtcacheError(f"unknown method '{name}'{hint} (`ltcache methods` lists all {len(METHODS)}; a method of "
                        "your own: --plugin FILE)")
