@@ -55,7 +55,7 @@ def make_report(results_path: Union[str, Path], out_dir: Optional[Union[str, Pat
     A folder that already holds a report is refused unless ``force``; it is checked before anything
     is drawn, locked while this call writes (a second writer is refused with this one's pid), and
     every file is written to a temporary name and renamed."""
-    from ltcache.outputs import check_output_dir, output_lock
+    from ltcache.outputs import check_output_dir, output_lock, restore_interrupted_swap
     from ltcache.report.html import write_html
     from ltcache.report.figstyle import mpl
     if fmt not in FORMATS:
@@ -65,6 +65,7 @@ def make_report(results_path: Union[str, Path], out_dir: Optional[Union[str, Pat
     out = Path(out_dir) if out_dir is not None else rep.path.parent / "report"
     check_output_dir(out, force, what="report folder", outputs=REPORT_OUTPUTS)
     with output_lock(out):
+        restore_interrupted_swap(out / "figures")     # a report killed between its renames
         with _staging(out) as stage:            # drawn beside, moved in whole: all or nothing
             figures = render_figures(rep, stage, fmt, quiet=True)
             write_html(rep, figures, stage)
