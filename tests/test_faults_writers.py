@@ -164,7 +164,9 @@ def test_report_is_all_or_nothing(tmp_path, monkeypatch):
             assert len(old) == 6
         calls = []
         monkeypatch.setattr(Figure, "savefig", fourth_fails(calls))
-        one_error(*run("report", out / "results.json", "--force"), "no space left on the device while writing")
+        line = one_error(*run("report", out / "results.json", "--force"), "no space left on the device while writing",
+                         str(rep / "figures" / "logit_margin.png"))
+        assert ".tmp" not in line
         monkeypatch.undo()
         assert len(calls) == 4 and tree() == old
         assert not rep.exists() or files_in(rep) == {"report.html", "figures"}

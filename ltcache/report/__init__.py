@@ -67,8 +67,11 @@ def make_report(results_path: Union[str, Path], out_dir: Optional[Union[str, Pat
     with output_lock(out):
         restore_interrupted_swap(out / "figures")     # a report killed between its renames
         with _staging(out) as stage:            # drawn beside, moved in whole: all or nothing
-            figures = render_figures(rep, stage, fmt, quiet=True)
-            write_html(rep, figures, stage)
+            try:
+                figures = render_figures(rep, stage, fmt, quiet=True)
+                write_html(rep, figures, stage)
+            except LtcacheError as exc:         # name the file it was to become, not the temporary one
+                raise LtcacheError(str(exc).replace(str(stage), str(out))) from None
             page = _move_in(stage, out)
         for info in figures:
             info["path"] = out / "figures" / Path(info["path"]).name
