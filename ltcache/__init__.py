@@ -9,7 +9,17 @@ forward), ``ltcache.register_method`` and ``ltcache.Param``, in a file loaded wi
 """
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
 __version__ = "0.1.0"
+
+# Under torchrun, a rank that ends is reported by ltcache in one line naming it; torch's C++ log would
+# add its own error lines (gloo's "Rank 1 failed to pass monitoredBarrier ...") before it. Quiet them,
+# unless the user chose a level (TORCH_CPP_LOG_LEVEL=INFO shows everything again). Read by torch when
+# it is first imported, so only set here, before that.
+if _os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") and "torch" not in _sys.modules:
+    _os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 
 __all__ = ["__version__", "load_model", "register_method", "register_loss", "Param", "load_plugin"]
 

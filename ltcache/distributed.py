@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import json
 import os
 import time
 from typing import Any, Optional, Union
@@ -25,6 +26,8 @@ import torch
 from ltcache.errors import LtcacheError
 
 _BACKEND: Optional[str] = None
+_PEERS: list = []            # every rank's {"pid", "host"} (rank order), gathered when the group is joined
+_CALLS = 0                   # collectives entered so far (the test hook LTCACHE_TEST_KILL counts them)
 
 
 def env_world() -> int:
@@ -106,7 +109,122 @@ def init_from_env(device: Union[str, torch.device, None] = "auto") -> bool:
     except (RuntimeError, ValueError) as exc:
         raise LtcacheError(f"rank {os.environ.get('RANK')}: could not join the other ranks: "
                            f"{_first_line(exc)}") from None
+    _PEERS[:] = all_gather_objects({"pid": os.getpid(), "host": _host()}, "joining the other ranks")
     return True
+
+
+def _host() -> str:
+    import socket
+    return socket.gethostname()
+
+
+def _test_kill() -> None:
+    """Tests only: ``LTCACHE_TEST_KILL=RANK:N`` kills this process (SIGKILL) when rank RANK enters
+    its N-th collective, as ``kill -9`` would at that point."""
+    global _CALLS
+    _CALLS += 1
+    spec = os.environ.get("LTCACHE_TEST_KILL")
+    if spec:
+        r, n = (int(v) for v in spec.split(":"))
+        if r == rank() and n == _CALLS:
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` (on this host) has ended: absent, or a zombie not yet reaped."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+        return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+
+def dead_peers() -> list:
+    """The ranks on this host whose process has ended (a rank killed, crashed or stopped); the ranks
+    on other hosts cannot be seen from here and are never listed."""
+    me, host = rank(), _host()
+    return [r for r, p in enumerate(_PEERS) if r != me and p.get("host") == host and _gone(int(p["pid"]))]
+
+
+def announce_lock(path) -> None:
+    """Record in the rendezvous store that this rank holds the output lock ``path``, so that the
+    survivors release it if this rank is killed (torchrun's store outlives the ranks)."""
+    store = _store() if active() else None
+    if store is None:
+        return
+    key = f"ltcache/locks/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank()}"
+    try:
+        held = json.loads(store.get(key).decode()) if store.check([key]) else []
+        store.set(key, json.dumps(held + [str(path)]))
+    except Exception:                        # noqa: BLE001 -- best effort: a stale lock is also taken over later
+        pass
+
+
+def release_locks_of(dead: list) -> None:
+    """Remove the output locks that the ended ranks ``dead`` held (each still naming that rank's
+    process), so that the same command can start again at once, from any host."""
+    store = _store()
+    if store is None:
+        return
+    for r in dead:
+        key = f"ltcache/locks/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{r}"
+        try:
+            paths = json.loads(store.get(key).decode()) if store.check([key]) else []
+        except Exception:                    # noqa: BLE001 -- the store went with that rank
+            return
+        for path in paths:
+            try:
+                held = json.loads(open(path).read() or "{}")
+                if int(held.get("pid", -1)) == int(_PEERS[r]["pid"]) and held.get("host") == _PEERS[r]["host"]:
+                    os.unlink(path)
+            except (OSError, ValueError, IndexError, KeyError):
+                pass
+
+
+def wait_dead_peers(seconds: float = 2.0) -> list:
+    """:func:`dead_peers`, waiting up to ``seconds`` for one to show: a killed process's sockets close
+    (and its peers' collectives fail) a moment before the process itself is seen to have ended."""
+    deadline = time.monotonic() + seconds
+    dead = dead_peers()
+    while not dead and _PEERS and time.monotonic() < deadline:
+        time.sleep(0.05)
+        dead = dead_peers()
+    release_locks_of(dead)
+    return dead
+
+
+def remote_peers() -> list:
+    """The ranks on other hosts (their processes cannot be checked from here)."""
+    host = _host()
+    return [r for r, p in enumerate(_PEERS) if p.get("host") != host]
+
+
+def _named(ranks: list) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(str(r) for r in ranks)}"
+
+
+def lost_on_stop(what: str, note: str) -> LtcacheError:
+    """The one line for a rank stopped by SIGTERM under torchrun, which stops every rank once one has
+    ended: the ended rank named (on this host; its process is gone), or where it may be."""
+    me = rank()
+    dead = wait_dead_peers()                 # torchrun saw it end first: it is gone or going
+    if dead:
+        return LtcacheError(f"rank {me}: lost {_named(dead)} during {what} (its process ended: killed, crashed "
+                            f"or stopped); {note}")
+    elsewhere = remote_peers()
+    where = (f"not on this host; {_named(elsewhere)} run on other hosts: torchrun's summary names it"
+             if elsewhere else "torchrun's summary names it")
+    return LtcacheError(f"rank {me}: stopped by SIGTERM during {what} (torchrun stops every rank when one ends; "
+                        f"the rank that ended is {where}); {note}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -115,14 +233,19 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _lost(exc: BaseException, what: str) -> LtcacheError:
+    dead = wait_dead_peers()
+    if dead:
+        return LtcacheError(f"rank {rank()}: lost {_named(dead)} during {what} (its process ended: killed, crashed "
+                            f"or stopped)")
     return LtcacheError(f"rank {rank()}: lost the other ranks during {what} (a rank died, was stopped or "
-                        f"timed out after {timeout()}): {_first_line(exc)}")
+                        f"timed out after {timeout()}): {_cause(exc)}")
 
 
 def barrier(what: str = "a barrier") -> None:
     """Wait for every rank. On gloo a rank that does not arrive is named (monitored barrier)."""
     if not active():
         return
+    _test_kill()
     dist = _dist()
     try:
         if _BACKEND == "gloo" or dist.get_backend() == "gloo":
@@ -137,6 +260,7 @@ def all_gather_objects(obj: Any, what: str = "a gather") -> list:
     """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` for one process."""
     if not active():
         return [obj]
+    _test_kill()
     dist = _dist()
     out: list = [None] * dist.get_world_size()
     try:
@@ -150,6 +274,7 @@ def gather_objects(obj: Any, what: str = "a gather") -> Optional[list]:
     """Every rank's ``obj`` in rank order on rank 0 (None on the other ranks)."""
     if not active():
         return [obj]
+    _test_kill()
     dist = _dist()
     out: Optional[list] = [None] * dist.get_world_size() if is_main() else None
     try:
@@ -180,6 +305,7 @@ def shutdown() -> None:
     """Leave the process group (no-op when none was joined)."""
     global _BACKEND
     dist = _dist()
+    _PEERS.clear()
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()
@@ -193,6 +319,7 @@ def broadcast_object(obj: Any, what: str = "a broadcast", src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` (picklable) on every rank; ``obj`` itself for one process."""
     if not active():
         return obj
+    _test_kill()
     box = [obj if rank() == src else None]
     try:
         _dist().broadcast_object_list(box, src=src)
@@ -201,22 +328,30 @@ def broadcast_object(obj: Any, what: str = "a broadcast", src: int = 0) -> Any:
     return box[0]
 
 
-def on_main(fn, what: str) -> Any:
+def on_main(fn, what: str, undo=None) -> Any:
     """Run ``fn()`` on rank 0 only (e.g. the output checks and lock: the other ranks must not race
-    on them) and return its result on every rank; its one-line LtcacheError is raised on every rank."""
+    on them) and return its result on every rank; its one-line LtcacheError is raised on every rank.
+    ``undo``: called on rank 0 when the others cannot be told (a rank lost), e.g. to release the lock
+    ``fn`` took."""
     if not active():
         return fn()
     outcome: Any = None
+    done = False
     if is_main():
         try:
-            outcome = ("ok", fn())
+            outcome, done = ("ok", fn()), True
         except LtcacheError as exc:
             outcome = ("error", str(exc))
         except BaseException as exc:
             broadcast_object(("error", f"rank 0 failed during {what} ({type(exc).__name__}: {_first_line(exc)}); "
                                        "see rank 0's log"), what)
             raise
-    kind, value = broadcast_object(outcome, what)
+    try:
+        kind, value = broadcast_object(outcome, what)
+    except BaseException:
+        if done and undo is not None:
+            undo()
+        raise
     if kind == "error":
         raise LtcacheError(value)
     return value
@@ -226,6 +361,7 @@ def broadcast_(tensors, src: int = 0, what: str = "a broadcast") -> None:
     """Overwrite ``tensors`` in place with rank ``src``'s (e.g. BatchNorm buffers); no-op for one process."""
     if not active():
         return
+    _test_kill()
     try:
         for t in tensors:
             _dist().broadcast(t, src=src)
@@ -236,6 +372,7 @@ def broadcast_(tensors, src: int = 0, what: str = "a broadcast") -> None:
 def all_reduce_sum_(tensor: torch.Tensor, what: str = "a reduction") -> torch.Tensor:
     """Sum ``tensor`` over the ranks, in place; returned unchanged for one process."""
     if active():
+        _test_kill()
         try:
             _dist().all_reduce(tensor)
         except RuntimeError as exc:
@@ -308,6 +445,11 @@ def lost_ranks(exc: BaseException, what: str, fix: str = "") -> LtcacheError:
     Every surviving rank checks in at the rendezvous store and waits :func:`grace_seconds` for the
     others: a rank that posted an error is named with it, one that never checks in is named as lost."""
     me, n = rank(), world()
+    tail = f"; {fix}" if fix else ""
+    dead = wait_dead_peers()
+    if dead:                                 # on this host: seen at once, no need to wait for check-ins
+        return LtcacheError(f"rank {me}: lost {_named(dead)} during {what} (its process ended: killed, crashed "
+                            f"or stopped){tail}")
     if me != 0 and not _store_up():          # the store went with its host: rank 0 (or torchrun's agent on its node)
         return LtcacheError(f"rank {me}: lost rank 0 during {what} (it hosted the rendezvous store, which is "
                             f"gone: {_cause(exc)}){f'; {fix}' if fix else ''}")
@@ -315,7 +457,6 @@ def lost_ranks(exc: BaseException, what: str, fix: str = "") -> LtcacheError:
     store, errors = _store(), {}
     missing = set(range(n)) - {me} if store is not None else set()      # without the store: no names
     deadline = time.monotonic() + grace_seconds()
-    tail = f"; {fix}" if fix else ""
     try:
         while missing and store is not None:
             for r in sorted(missing):

@@ -141,8 +141,8 @@ RSD_MIN_LM = 1e-2       # |LM_j| below this fraction of the logits' std: RSD_j u
 def logits_magnitude(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LOS paper's Logits Magnitude and Regularised Standard Deviation per class.
 
-    WORKING DEFINITION (the LOS repository has no code for them; METHODS.md §26.4 marks
-    the definition UNVERIFIED):
+    WORKING DEFINITION (the LOS repository has no code for them; the definition is not
+    verified, docs/methods.md#logits-magnitude-and-rsd):
       LM_j  = mean_{x: y=j} z_j(x) - mean_{x: y!=j} z_j(x), then regularised by the 1-norm:
               LM_j / (sum_k |LM_k| / K)
       RSD_j = std_{x: y=j} z_j(x) / LM_j  (raw, unregularised LM: the ratio is scale-free)

@@ -207,6 +207,52 @@ def _resolve(base: Path, p: str | Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def check_steps(pl: "Pipeline", path: str | Path) -> None:
+    """Every later step's options checked before stage 1 starts (hours on a real dataset): method
+    names, grid keys and values, overrides, seeds, presets, the tune budget, search, metric and space.
+    A problem is one line naming the file and the section."""
+    from ltcache.stage2.methods import METHODS, PRESETS
+    from ltcache.stage2.plan import expand, parse_seeds
+    from ltcache.stage2.tune import SELECT_METRICS, parse_space
+    from ltcache.stage2.space import SEARCHES
+
+    def methods_of(sec: dict) -> list:
+        m = sec.get("methods", "all")
+        return list(METHODS) if m == "all" else [str(x) for x in (m if isinstance(m, list) else [m])]
+
+    def check(section: str, sec: dict) -> None:
+        try:
+            names = methods_of(sec)
+            if not names:
+                raise LtcacheError("methods is empty; give \"all\" or a list such as [\"ce\", \"los\"]")
+            overrides = {k: v for k, v in sec.items() if k in hyper_keys()}
+            grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sec.get("grid", {}).items()}
+            expand(names, overrides, grid, "cifar", 1000)           # names, keys and values, as the sweep will
+            parse_seeds(sec.get("seeds", [0]))
+            parse_seeds(sec.get("tune_seeds", [0]))
+            if sec.get("preset") is not None and sec["preset"] not in PRESETS:
+                raise LtcacheError(f"preset '{sec['preset']}' is unknown; use one of: {', '.join(PRESETS)}")
+            if section == "sweep" and sec.get("select", "last") not in ("last", "val"):
+                raise LtcacheError(f"select '{sec['select']}' is unknown; use last or val")
+            if section == "tune":
+                budget = sec.get("budget", 32)
+                if not isinstance(budget, int) or budget < 1:
+                    raise LtcacheError(f"budget must be an integer >= 1 (got {budget!r}); e.g. budget = 32")
+                if sec.get("search", "sobol") not in SEARCHES:
+                    raise LtcacheError(f"search '{sec['search']}' is unknown; use one of: {', '.join(SEARCHES)}")
+                if sec.get("select_metric", "val-balanced") not in SELECT_METRICS:
+                    raise LtcacheError(f"select_metric '{sec['select_metric']}' is unknown; use one of: "
+                                       f"{', '.join(SELECT_METRICS)}")
+                parse_space([f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
+                             for k, v in sec.get("space", {}).items()])
+        except LtcacheError as exc:
+            raise LtcacheError(f"{path} [{section}]: {exc}") from None
+
+    check("sweep", pl.sweep)
+    if pl.tune is not None:
+        check("tune", pl.tune)
+
+
 def _stage1_complete(ckpt: Path, run_args: dict) -> bool:
     """A finished stage 1 with exactly these options."""
     if not ckpt.is_file():
@@ -254,6 +300,7 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
     opts = Stage1Options(dataset=source, data_root=root, download=download, device=device, quiet=quiet,
                          out=str(out_dir / "stage1"), **{**ds, **s1})
     opts.validate()
+    check_steps(pl, path)                        # every step's options, before hours of stage 1
     ckpt = out_dir / "stage1" / "stage1.pt"
     steps = 4 if pl.tune is not None else 3
     echo(f"[1/{steps}] stage 1 -> {ckpt}", quiet)

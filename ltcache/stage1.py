@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ltcache import __version__, distributed
+from ltcache import __version__, distributed, interrupts
 from ltcache.cache.lock import OutputLock
 from ltcache.data import DatasetSpec, build_dataset
 from ltcache.devices import resolve_device
@@ -355,7 +355,8 @@ def train_stage1(opts: Stage1Options) -> Path:
             _release(held, out)
             raise
 
-    resume_ck, opts.warmup_epochs = distributed.on_main(claim, "the check of --out")
+    resume_ck, opts.warmup_epochs = distributed.on_main(claim, "the check of --out",
+                                                        undo=lambda: _release(held, out))
     try:
         return _train(opts, out, resume_ck)
     finally:
@@ -420,7 +421,12 @@ def _train(opts: Stage1Options, out: Path, resume_ck: Optional[dict]) -> Path:
     quiet = opts.quiet or rank != 0          # one voice: rank 0 prints
     phase = {"what": "the set-up"}
     fix = f"{out / CKPT_NAME} holds the last complete epoch: continue with --resume (any number of ranks)"
-    with distributed.watch(lambda: phase["what"], fix):
+
+    def kept() -> str:
+        if (out / CKPT_NAME).exists():
+            return f"{out / CKPT_NAME} holds the last complete epoch; the same command with --resume continues from it"
+        return "no epoch was complete, nothing was written; the same command starts over"
+    with interrupts.keeps(kept), distributed.watch(lambda: phase["what"], fix):
         return _loop(opts, out, resume_ck, rank, world, quiet, phase)
 
 
@@ -573,6 +579,7 @@ def _loop(opts: Stage1Options, out: Path, resume_ck: Optional[dict], rank: int, 
             if improved:
                 _save(ck, out / BEST_NAME)
             _save(ck, out / CKPT_NAME)
+            interrupts.test_point("epoch")
         scores = (f"val {fmt_pct(val['all'])}  test {fmt_pct(test['all'])} (many {fmt_pct(test['many'])} / "
                   f"med {fmt_pct(test['medium'])} / few {fmt_pct(test['few'])})" if evaluated else "not evaluated")
         echo(f"epoch {epoch + 1}/{opts.epochs}  loss {rec['train_loss']:.4f}  {scores}  {seconds:.1f}s  "

@@ -72,3 +72,34 @@ def test_bad_pipeline_files(tmp_path, text, needle):
     assert needle in str(exc.value)
     res = CliRunner().invoke(cli, ["run", str(p)])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and res.output.startswith("error:")
+
+
+LATE = """[pipeline]
+name = "late"
+[dataset]
+source = "imagefolder:imgs"
+imb_ratio = 2
+[stage1]
+arch = "resnet32"
+epochs = 1
+schedule = "cosine"
+warmup_epochs = 0
+"""
+
+
+@pytest.mark.parametrize("section, needle", [
+    ('[sweep]\nmethods = ["ce", "nosuch"]\n', "[sweep]: unknown method 'nosuch'"),
+    ('[sweep]\nmethods = ["ce"]\ngrid = {delta = [0.9]}\n', "[sweep]: --grid delta applies to none"),
+    ('[sweep]\nmethods = ["los"]\nseeds = [0, 0]\n', "[sweep]:"),
+    ('[sweep]\nmethods = ["ce"]\n[tune]\nbudget = 0\n', "[tune]: budget must be an integer >= 1"),
+    ('[sweep]\nmethods = ["ce"]\n[tune]\nmethods = ["nosuch"]\n', "[tune]: unknown method 'nosuch'"),
+    ('[sweep]\nmethods = ["ce"]\n[tune]\nsearch = "bayes"\n', "[tune]: search 'bayes' is unknown"),
+])
+def test_run_checks_every_step_before_stage1(tmp_path, section, needle):
+    # a later step's bad option is refused before stage 1 starts (hours on a real dataset)
+    (tmp_path / "late.toml").write_text(LATE + section)
+    res = CliRunner().invoke(cli, ["run", str(tmp_path / "late.toml"), "--out", str(tmp_path / "out"),
+                                   "--data-root", str(tmp_path), "--quiet"])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and str(tmp_path / "late.toml") in res.output, res.output
+    assert not (tmp_path / "out").exists()                   # nothing started, nothing written

@@ -47,7 +47,7 @@ def register_user_twins():
     for name, twin in (("user-ce", "ce"), ("user-bs", "balanced-softmax"), ("user-los", "los")):
         m = get_method(twin)
         ltcache.register_method(name, loss=name, head=m.head, sampler=m.sampler, init=m.init, presets=m.presets,
-                                source=f"test twin of {twin}")
+                                steps=m.steps, no_wd=m.no_wd, source=f"test twin of {twin}")
 
 
 # ------------------------------------------------------------------------ forward-only == built-in

@@ -59,4 +59,4 @@ def test_bench_grid_and_methods_listing(runner, tmp_path):
     assert "los[delta=0.5,epochs=1]" in summary and "los[delta=0.9,epochs=1]" in summary
     assert "mislas[eps_head=0.3" in summary and "ce[epochs=1] (reference)" in summary
     res = runner.invoke(cli, ["methods"])
-    assert res.exit_code == 0 and "mislas" in res.output and "METHODS §18" in res.output
+    assert res.exit_code == 0 and "mislas" in res.output and "docs/methods.md#mislas" in res.output

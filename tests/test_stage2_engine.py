@@ -140,6 +140,7 @@ def test_engine_equals_plain_pytorch_loop(method, ov, loss_fn):
     cfg = configs_for(cache, [(method, ov, 7)])[0]
     if cfg.init == "fresh":
         cfg.init = "stage1"            # the reference copies the stage-1 head
+    cfg.schedule, cfg.steps = "cosine", "ceil"     # the loop below is LOS's (per-method recipes: test_stage2_reference)
     w_ref, b_ref = plain_reference(cfg, cache, loss_fn)
     t = train_sweep([cfg], data_of(cache), quiet=True)[0]
     assert torch.allclose(t.layer["weight"], w_ref, atol=1e-5)
@@ -164,14 +165,14 @@ def autograd_reference(cfg, cache):
     if kind.family == "cosine":
         buf["scale"] = torch.tensor([float(cfg.scale)])
     factors = {a: (cfg.lr_factor if a in kind.slow else 1.0) for a in kind.trained}
-    opt = torch.optim.SGD([{"params": [p[a]], "lr": cfg.lr * f} for a, f in factors.items()],
-                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    opt = torch.optim.SGD([{"params": [p[a]], "lr": cfg.lr * f, "weight_decay": 0.0 if a in cfg.no_wd else cfg.wd}
+                           for a, f in factors.items()], lr=cfg.lr, momentum=cfg.momentum)
     lb = L.stack_specs([cfg.loss], cache.class_counts, "cpu")
     ci = ClassIndex.from_labels(tr.labels, cache.num_classes)
     for e in range(cfg.epochs):
         for grp, f in zip(opt.param_groups, factors.values()):
             grp["lr"] = cfg.lr_at(e) * f
-        idx, valid = epoch_indices(cfg.sampler, ci, cfg.batch_size, e, cfg.epochs, g)
+        idx, valid = epoch_indices(cfg.sampler, ci, cfg.batch_size, e, cfg.epochs, g, steps=cfg.steps)
         views = draw_views(tr, g)
         for s in range(idx.shape[0]):
             i = idx[s][valid[s]]

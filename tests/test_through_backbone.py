@@ -63,3 +63,46 @@ def test_through_backbone_cli_errors(run, args, needle):
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.output
+
+
+def _gap_script():
+    """benchmarks/cache_gap_families.py, imported by path (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cache_gap_families.py"
+    spec = importlib.util.spec_from_file_location("cache_gap_families", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gap_families_per_class_gaps_against_the_backbone_spread():
+    mod = _gap_script()
+
+    def res(rows):
+        return {"runs": [{"metrics": {"all": sum(pc) / len(pc), "per_class_acc": pc}} for pc in rows]}
+    cache = res([[90.0, 50.0, 20.0], [92.0, 52.0, 22.0]])
+    backbone = res([[91.0, 40.0, 20.0], [91.0, 44.0, 24.0]])
+    g = mod.family_gap(cache, backbone, ["a", "b", "c"])
+    assert g["cache_all"] == pytest.approx((160 / 3 + 166 / 3) / 2) and g["seeds"] == [2, 2]
+    by = {c["class"]: c for c in g["per_class"]}
+    assert by["a"]["gap"] == pytest.approx(0.0) and not by["a"]["beyond"]          # spread 0, gap 0
+    assert by["b"]["gap"] == pytest.approx(9.0) and by["b"]["backbone_spread"] == pytest.approx(4.0)
+    assert by["b"]["beyond"] and not by["c"]["beyond"] and g["beyond"] == ["b"]   # c: gap -1 inside spread 4
+    assert "b +9.0 / 4.0" in mod.gaps_markdown({"crt": dict(g, bn="train")})
+    assert mod.bn_mode("mislas", 10) == "eval" and mod.bn_mode("mislas", 100) == "train"
+    assert mod.bn_mode("crt", 10) == "train"
+
+
+def test_gap_families_script_runs_both_paths_and_resumes(run, tmp_path):
+    root, ckpt, cache = run
+    mod = _gap_script()
+    out = tmp_path / "gap"
+    ov = {"epochs": 1, "batch_size": 8, "lr": 0.01}
+    gaps = mod.run(out, ckpt, cache, ["ce"], [0, 1], data_root=str(root), device="cpu", overrides=ov, quiet=True)
+    g = gaps["ce"]
+    assert g["seeds"] == [2, 2] and len(g["per_class"]) == 3 and g["bn"] == "train"
+    assert {p.name for p in out.iterdir()} == {"ce.cache.json", "ce.backbone.json", "gaps.json", "gaps.md"}
+    first = (out / "ce.backbone.json").stat().st_mtime_ns
+    again = mod.run(out, ckpt, cache, ["ce"], [0, 1], data_root=str(root), device="cpu", overrides=ov, quiet=True)
+    assert (out / "ce.backbone.json").stat().st_mtime_ns == first and again["ce"]["all_gap"] == g["all_gap"]

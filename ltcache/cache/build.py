@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ltcache import __version__
+from ltcache import __version__, interrupts
 from ltcache.cache.lock import CacheLock
 from ltcache.cache.manifest import (CLASSIFIER, MANIFEST, PROGRESS, SCHEMA_VERSION, checksum_ok, sha256_file,
                                     write_json_atomic, write_manifest)
@@ -97,6 +97,7 @@ class _ShardQueue:
                 rec = write_shard(self.dir / shard_name(split, i), feats, labels, index)
                 self.records[rec["file"]] = rec
                 write_json_atomic(self._progress_doc(), self.dir / progress_name(self.rank))
+                interrupts.test_point("shard")
                 if os.environ.get("LTCACHE_TEST_DIE_AFTER_SHARD") == str(self.rank):
                     os._exit(17)                  # tests: this rank dies once its first shard is on disk
             except OSError as exc:        # e.g. a full disk: a one-line error in the main thread
@@ -119,7 +120,7 @@ class CacheWriter(_ShardQueue):
 
     ``world`` > 1: rank 0 of a multi-process extraction (the other ranks write through
     :class:`RankWriter` into :attr:`dir`); an unfinished extraction by another number of
-    processes is refused (its shards cover other rows) unless ``force``."""
+    processes is resumed like one's own (every shard is the same for any number of processes)."""
 
     def __init__(self, cache_dir, key: dict, force: bool = False, world: int = 1):
         self.final = Path(cache_dir)
@@ -161,17 +162,11 @@ class CacheWriter(_ShardQueue):
                 if self._keep_intact(self.final, shards) and extras_ok:
                     self.complete = True
                     return self.final
-                made_by = int((old.get("extraction") or {}).get("world_size", 1) or 1)
-                if made_by == self.world:
-                    # same cache, but a shard is damaged or gone: recompute only those
-                    write_json_atomic(self._progress_doc(), self.final / PROGRESS)
-                    man.unlink()
-                    return self.final
-                if not force:
-                    raise LtcacheError(f"{self.final} was extracted by {_procs(made_by)} and a shard is damaged or "
-                                       f"gone; re-run with {_procs(made_by)} to recompute only that, or pass "
-                                       "--force to re-extract it all")
-                self.records = {}
+                # same cache, but a shard is damaged or gone: recompute only those (any number of
+                # processes: a shard does not depend on it)
+                write_json_atomic(self._progress_doc(), self.final / PROGRESS)
+                man.unlink()
+                return self.final
             if not force:
                 raise LtcacheError(f"{self.final} already holds a cache made from a different checkpoint or "
                                    "options; pass --force to replace it, or choose another --cache")
@@ -190,20 +185,15 @@ class CacheWriter(_ShardQueue):
         return self.final
 
     def _resume_from(self, folder: Path, force: bool) -> bool:
-        """Keep the intact shards of an interrupted run with the same key (and number of
-        processes) in ``folder``; True when there was such a run."""
+        """Keep the intact shards of an interrupted run with the same key (by any number of
+        processes: a shard does not depend on it) in ``folder``; True when there was such a run."""
         docs = read_progress(folder)
         if not docs:
             return False
         if any(d.get("key") != self.key for d in docs) and not force:
             raise LtcacheError(f"{folder} holds an unfinished extraction with other options; "
                                "re-run it with the same options to finish it, or pass --force to start over")
-        same = [d for d in docs if d.get("key") == self.key]
-        other = sorted({int(d.get("world", 1) or 1) for d in same} - {self.world})
-        if other and not force:
-            raise LtcacheError(f"{folder} holds an unfinished extraction by {_procs(other[0])}; resume it with "
-                               f"{_procs(other[0])} (its shards cover other rows), or pass --force to start over")
-        kept = [d for d in same if int(d.get("world", 1) or 1) == self.world]
+        kept = [d for d in docs if d.get("key") == self.key]      # by any number of processes
         for doc in kept:
             self._keep_intact(folder, doc.get("shards", {}))
         return bool(kept)
@@ -281,7 +271,7 @@ class CacheWriter(_ShardQueue):
 class RankWriter(_ShardQueue):
     """The shard writer of rank r > 0: writes into the folder rank 0 chose (``folder``), takes no
     lock (rank 0 holds it for the whole extraction), and keeps the intact shards an interrupted
-    run with the same key and number of processes recorded (checked when asked for)."""
+    run with the same key recorded, by any number of processes (checked when asked for)."""
 
     def __init__(self, folder, key: dict, world: int, rank: int):
         self.dir = Path(folder)
@@ -292,7 +282,7 @@ class RankWriter(_ShardQueue):
                                "on a file system every node shares")
         self._candidates = {}
         for doc in read_progress(self.dir):
-            if doc.get("key") == self.key and int(doc.get("world", 1) or 1) == world:
+            if doc.get("key") == self.key:                 # by any number of processes
                 self._candidates.update(doc.get("shards") or {})
         self.records: dict[str, dict] = {}
         self._start()
@@ -315,10 +305,6 @@ class RankWriter(_ShardQueue):
             self._drain()
         except BaseException:
             pass
-
-
-def _procs(n: int) -> str:
-    return "1 process" if n == 1 else f"{n} processes (torchrun ranks)"
 
 
 def manifest_body(dataset: dict, class_counts, arch: str, feature_dim: int, checkpoint: dict,

@@ -5,7 +5,7 @@ backbone); train holds the ``clean`` view (eval-mode BN) plus ``--train-views`` 
 Augmented train views can use BatchNorm batch statistics (``--train-bn batch``), and the BN
 running statistics can be shifted on augmented training batches before val/test are extracted
 (``--bn-shift instance|class``): what the papers' stage 2 does by re-running the backbone in
-train mode (DESIGN.md). Every random choice is seeded per (split, shard), so a resumed
+train mode (docs/ARCHITECTURE.md, "Cache"). Every random choice is seeded per (split, shard), so a resumed
 extraction writes exactly the shards an uninterrupted one would.
 
 Under torchrun (``WORLD_SIZE`` > 1) rank r extracts the contiguous rows [r*n/W, (r+1)*n/W) of every
@@ -23,8 +23,6 @@ augmentation is seeded per row (seed, split, row), whatever the number of proces
 """
 from __future__ import annotations
 
-import contextlib
-import signal
 import time
 import zlib
 from pathlib import Path
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ltcache import distributed
+from ltcache import distributed, interrupts
 from ltcache.cache.build import DTYPES, CacheWriter, RankWriter, manifest_body
 from ltcache.cache.manifest import sha256_file
 from ltcache.cache.shards import shard_name
@@ -159,18 +157,13 @@ def shard_bounds(n: int, shard_rows: int, min_last: int = 1) -> list:
 
 
 def rank_shards(n: int, shard_rows: int, min_last: int = 1, world: int = 1) -> list:
-    """For each rank: its shards as (global shard index, lo, hi) over the storage order. Rank r
-    takes the contiguous rows [r*n/W, (r+1)*n/W), cut by :func:`shard_bounds`; the indices run on
-    across the ranks, so they sort in row order. One process: ``shard_bounds(n, ...)``; an empty
-    split has one empty shard (rank 0's)."""
-    out, i = [], 0
-    for r in range(world):
-        lo, hi = r * n // world, (r + 1) * n // world
-        own = [(lo + a, lo + b) for a, b in shard_bounds(hi - lo, shard_rows, min_last)] \
-            if hi > lo or (n == 0 and r == 0) else []
-        out.append([(i + j, a, b) for j, (a, b) in enumerate(own)])
-        i += len(own)
-    return out
+    """For each rank: its shards as (global shard index, lo, hi) over the storage order. The shards
+    are those of one process (:func:`shard_bounds`), whole shards handed to the ranks in contiguous
+    runs, so a shard -- its rows, its BN batches, its seed -- is the same for every number of
+    processes, and a cache is too; an empty split has one empty shard (rank 0's)."""
+    bounds = shard_bounds(n, shard_rows, min_last)
+    s = len(bounds)
+    return [[(i, *bounds[i]) for i in range(r * s // world, (r + 1) * s // world)] for r in range(world)]
 
 
 def row_seeds(seed: int, split: str, rows: torch.Tensor) -> torch.Tensor:
@@ -483,7 +476,7 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
         echo(f"{cache_dir} is already complete for this checkpoint and these options", quiet)
         return cache_dir
     try:
-        with _sigterm_ends(rank, world), \
+        with interrupts.keeps("the completed shards are kept; the same command resumes from them"), \
                 distributed.watch("the extraction", fix="re-run the same command to resume from the completed shards"):
             path = _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows, device,
                             data_root, quiet, workers, ck_layout, world=world, rank=rank, skip_bad=skip_bad)
@@ -491,26 +484,6 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
         writer.abort()      # completed shards stay; the next run resumes from them
         raise
     return path if path is not None else cache_dir
-
-
-@contextlib.contextmanager
-def _sigterm_ends(rank: int, world: int):
-    """Several processes: SIGTERM (torchrun stops every rank once one has failed) ends this rank
-    with one line, its writer stopped and the lock released on the way out, instead of a bare kill."""
-    def stop(signum, frame):
-        raise LtcacheError(f"rank {rank}: stopped by SIGTERM (torchrun stops every rank when one fails; its summary "
-                           "names that rank); the completed shards are kept: re-run the same command to resume")
-    old = None
-    if world > 1:
-        try:
-            old = signal.signal(signal.SIGTERM, stop)
-        except ValueError:                  # not the main thread: leave the default
-            old = None
-    try:
-        yield
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
 
 
 def _open_writer(cache_dir: Path, key: dict, force: bool, world: int, rank: int) -> tuple:
@@ -527,14 +500,19 @@ def _open_writer(cache_dir: Path, key: dict, force: bool, world: int, rank: int)
         held["w"] = CacheWriter(cache_dir, key, force=force, world=world)
         return str(held["w"].dir), held["w"].complete
 
-    folder, complete = distributed.on_main(open_cache, "opening the cache")
+    folder, complete = distributed.on_main(open_cache, "opening the cache", undo=lambda: held["w"].abort())
     writer, err = held.get("w"), None
     if rank > 0 and not complete:
         try:
             writer = RankWriter(folder, key, world, rank)
         except LtcacheError as exc:
             err = str(exc)
-    bad = [(r, e) for r, e in enumerate(distributed.all_gather_objects(err, "opening the cache")) if e]
+    try:
+        bad = [(r, e) for r, e in enumerate(distributed.all_gather_objects(err, "opening the cache")) if e]
+    except BaseException:                   # a rank lost: the lock and the opened writer go with this one
+        if writer is not None:
+            writer.abort()
+        raise
     if bad:
         if writer is not None:
             writer.abort()
@@ -644,10 +622,6 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
         # span: wall-clock start and end (epoch seconds) of each rank's extraction loop (BN shift included)
         extraction["ranks"] = [{k: st[k] for k in ("rank", "images_forwarded", "seconds", "images_per_s", "span")}
                                for st in ranks]
-        if args["train_views"] > 0:
-            extraction["world_size_note"] = ("augmented train views of in-memory splits are seeded per shard, and "
-                                             "batch-statistics views use the shards' batches: both depend on "
-                                             "world_size (streamed splits' views are seeded per row)")
     if skip_bad:
         # not part of the key: a shard is the same with or without it unless an image was left out.
         # The count is of the rows absent from the shards (also those kept from an interrupted run),

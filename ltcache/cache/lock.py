@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 from ltcache.errors import LtcacheError
@@ -60,6 +61,8 @@ class OutputLock:
             except OSError as exc:
                 self.path.unlink(missing_ok=True)
                 raise os_error(exc, self.path) from None
+            if "ltcache.distributed" in sys.modules:     # under torchrun: released by the survivors if killed
+                sys.modules["ltcache.distributed"].announce_lock(self.path.absolute())
             return
         raise LtcacheError(f"could not take the lock {self.path}; delete it if no {self.what} is running")
 

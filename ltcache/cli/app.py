@@ -1,11 +1,13 @@
 """The ``ltcache`` click group and the error handling every subcommand shares."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import click
 
-from ltcache import __version__
+from ltcache import __version__, interrupts
 from ltcache.errors import LtcacheError
 
 
@@ -41,6 +43,7 @@ class _Group(click.Group):
             raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context):
+        interrupts.install()                       # SIGTERM ends a command like Ctrl-C: one line, clean-up runs
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
@@ -48,9 +51,23 @@ class _Group(click.Group):
         except LtcacheError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: partial work is kept and resumes on the next run", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            _stopped(exc, ctx)
+
+
+def _stopped(exc: KeyboardInterrupt, ctx: click.Context) -> None:
+    """End an interrupted command with one line saying what was kept (exit 128 + signal). Under
+    torchrun, SIGTERM means torchrun is stopping every rank because one ended: name that rank, exit 2."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not cut this short
+    note = getattr(exc, "note", None) or interrupts.current_note()
+    if isinstance(exc, interrupts.Stopped) and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        from ltcache import distributed
+        if distributed.env_world() > 1:
+            command = " ".join(["ltcache", *([ctx.invoked_subcommand] if ctx.invoked_subcommand else [])])
+            click.echo(f"error: {distributed.lost_on_stop(f'`{command}`', note)}", err=True)
+            sys.exit(2)
+    click.echo(interrupts.message(exc, note), err=True)
+    sys.exit(interrupts.exit_code(exc))
 
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100,

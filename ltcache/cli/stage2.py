@@ -311,9 +311,26 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
 @click.option("--space", is_flag=True,
               help="print each method's search space for `ltcache tune`: every dimension's scale, range and "
                    "where the range comes from")
-def methods_cmd(plugins, preset, space):
-    """List every stage-2 method: head, loss, sampler, defaults and source."""
+@click.option("--notes", "show_notes", is_flag=True,
+              help="print each method's notes: its initialisation and every deliberate deviation from its source")
+def methods_cmd(plugins, preset, space, show_notes):
+    """List every stage-2 method: head, loss, sampler, defaults and source; then each method's
+    stage-2 recipe at the preset (lr schedule, batches per epoch, parameters without weight decay),
+    the script it follows and the repository@commit whose code it was checked against.
+
+    \b
+    Examples:
+      ltcache methods                       # the CIFAR presets
+      ltcache methods --preset imagenet     # the ImageNet presets
+      ltcache methods --notes               # deviations from the sources, per method
+    """
     from ltcache.stage2.methods import METHODS, method_space
+    from ltcache.stage2.samplers import DEFAULT_STEPS
+
+    if show_notes:
+        for m in METHODS.values():
+            click.echo(f"{m.name}: {m.notes or '-'}")
+        return
 
     if space:
         for m in METHODS.values():
@@ -332,6 +349,21 @@ def methods_cmd(plugins, preset, space):
         d = m.defaults(preset)
         defaults = " ".join(f"{k}={v}" for k, v in d.items() if v is not None and k != "momentum")
         rows.append((m.name, m.head, m.loss, m.sampler, defaults, m.source))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+    rows = [("name", "schedule", "batches/epoch", "no wd", f"follows ({preset})", "verified against")]
+    steps_text = {"floor": "int(N/B)", "ceil": "ceil(N/B)", "ceil+1": "ceil(N/B)+1"}
+    for m in METHODS.values():
+        script, verified = m.script(preset)
+        if m.closed_form:
+            rows.append((m.name, "-", "-", "-", script or "(closed form)", verified or "-"))
+            continue
+        rule = m.steps or DEFAULT_STEPS.get(m.sampler, "ceil")
+        rows.append((m.name, str(m.defaults(preset).get("schedule")), steps_text.get(rule, rule),
+                     ",".join(m.no_wd) or "-", script or "stated default (no stage-2 script)",
+                     verified or "not checked"))
+    click.echo("")
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])

@@ -87,7 +87,7 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
     apply_threads(threads, quiet)
     results = api.tune(cache_dir, names, budget=budget, search=search, select_metric=select_metric,
                        tune_seeds=api.parse_seeds(tune_seeds), seeds=api.parse_seeds(seeds), test_views=test_views,
-                       device=device, quiet=quiet, preset=preset, out_dir=out, force=True, jobs=jobs,
+                       device=device, quiet=quiet, preset=preset, out_dir=out, force=force, jobs=jobs,
                        clean_view=clean_view, space=space, precision=precision)
     if not _is_main():
         return

@@ -84,7 +84,7 @@ def load_cifar(name: str, root: Path, download: bool) -> SourceData:
             raise LtcacheError(
                 f"{name} not found under {root} (expected {base}); pass --data-root DIR if DIR/{folder} "
                 "exists, --download to fetch it (needs a network), or use an image folder, e.g. --dataset "
-                "imagefolder:../shared/data/cifar10-jpg.tar.gz")
+                "imagefolder:data/cifar10-jpg.tar.gz")
         import torchvision
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         try:

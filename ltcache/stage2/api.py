@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ltcache import interrupts
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
 from ltcache.progress import echo
@@ -63,6 +64,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
     if evaluate_test and "test" not in cache.splits:
         raise LtcacheError("the cache has no test split; re-extract it with the test split")
     t0 = time.perf_counter()
+    interrupts.test_point("sweep")
     # 1. plan: the cache's tensors, the runs and the configurations to train
     data = _train_data(cache, dev, test_views, clean_view, precision)
     counts = torch.as_tensor(cache.class_counts).long().cpu()

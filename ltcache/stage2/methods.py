@@ -1,17 +1,22 @@
 """The method registry: every stage-2 method as data (head, loss, sampler, defaults, source).
 
-Hyper-parameters come from METHODS.md (the commit each was read from is listed there).
-Where a method's source only has end-to-end values (marked UNVERIFIED in METHODS.md), the
+Hyper-parameters come from the authors' code (docs/methods.md: each method's paper, code and
+commit read). Where a method's source only has end-to-end values (marked UNVERIFIED), the
 preset uses the **stated stage-2 default** below and the entry's ``notes`` say so:
 
 * cifar    stage-1 init, instance-balanced, 30 epochs, lr 0.1, wd 5e-4, batch 128, cosine --
-           the cRT/BagofTricks CIFAR-100-LT stage-2 budget (METHODS §4), which METHODS.md
-           itself suggests reusing where nothing else is known.
+           the cRT/BagofTricks CIFAR-100-LT stage-2 budget (docs/methods.md#stated-defaults),
+           reused where nothing else is known.
 * imagenet stage-1 init, instance-balanced, 10 epochs, lr 0.2, wd 5e-4, batch 512, cosine --
            the cRT ImageNet-LT stage-2 budget.
 
-All presets use the per-epoch cosine schedule of LOS/MiSLAS (``cosine``); cRT, BALMS and
-LTWB stepped it at the start of each epoch (``--schedule cosine-start`` reproduces that).
+Every preset follows the stage-2 loop of the script it cites (``scripts``: which one, and the
+repository@commit whose code it was checked against): the per-epoch cosine of LOS/MiSLAS
+(``cosine``) or, for the methods of cRT, BALMS, BagofTricks and LTWB, whose scripts call
+``scheduler.step()`` at the start of each epoch, ``cosine-start`` (the last epoch at lr 0); the
+batches per epoch (``steps``: int(N/B) in cRT, BALMS and BagofTricks, ceil(N/B) + 1 in MiSLAS,
+else the sampler's rule) and the parameters without weight decay (``no_wd``). Methods with no
+stage-2 script keep the stated default (``cosine``, ceil(N/B) instance-balanced batches).
 
 Every method is one ``register_method(...)`` call below (a plugin adds its own the same way,
 see :mod:`ltcache.plugins`); its hyper-parameters are declared once, by its loss unit
@@ -30,7 +35,7 @@ from ltcache.stage2 import heads as H
 from ltcache.stage2.losses import _core as losses_core
 from ltcache.stage2.losses import get_loss
 from ltcache.stage2.params import GENERIC, GENERIC_PARAMS, SCHEDULES, Param  # noqa: F401  (re-exported)
-from ltcache.stage2.samplers import SAMPLERS
+from ltcache.stage2.samplers import SAMPLERS, STEP_RULES
 from ltcache.stage2.space import Dim, Space
 
 CLOSED_FORM_HEADS = ("tau-norm", "posthoc-la", "ncm")
@@ -60,6 +65,18 @@ class Method:
     space: Space = Space()         # the search space of the method's own hyper-parameters (tune)
     params: tuple = ()             # declarations of the method's own (non-loss) hyper-parameters
     origin: str = "built-in"       # where it was registered (a plugin file, a module)
+    # the recipe details its source's stage-2 script fixes (besides the presets' values):
+    steps: str = ""                # batches per epoch: floor | ceil | ceil+1 ("": the sampler's default)
+    no_wd: tuple = ()              # parameters trained without weight decay (e.g. ("b",))
+    scripts: tuple = ()            # ((preset, the script its recipe follows, verified against), ...)
+
+    def script(self, preset: str) -> tuple[str, str]:
+        """(the script ``preset``'s recipe follows, what it was checked against: a repository
+        at a commit, or "" when unchecked)."""
+        for pre, script, verified in self.scripts:
+            if pre == preset:
+                return script, verified
+        return "", ""
 
     def defaults(self, preset: str) -> dict:
         """All hyper-parameters of ``preset`` (generic and the method's own)."""
@@ -75,6 +92,17 @@ CRT_IMNET = dict(lr=0.2, wd=5e-4, epochs=10, batch_size=512, schedule="cosine", 
 LOS_CIFAR = dict(lr=5e-4, wd=0.0, epochs=20, batch_size=64, schedule="cosine", momentum=0.9)
 LTWB_CIFAR = dict(lr=0.01, wd=0.1, epochs=10, batch_size=64, schedule="cosine", momentum=0.9)
 STATED_DEFAULTS = {"cifar": CRT_CIFAR, "imagenet": CRT_IMNET}    # a preset's generic values unless given
+START = dict(schedule="cosine-start")    # cRT, BALMS, BagofTricks, LTWB: scheduler.step() at each epoch's start
+# the repositories (at the commits) whose stage-2 scripts the recipes below were checked against
+LOS_REPO = "Thinklab-SJTU/LOS@f449425"
+CRT_REPO = "facebookresearch/classifier-balancing@f162ade"
+BOT_REPO = "zhangyongshun/BagofTricks-LT@ce7859a"
+BALMS_REPO = "jiawei-ren/BalancedMetaSoftmax-Classification@34a61e4"
+CB_REPO = "richardaecn/class-balanced-loss@1d78572"
+MISLAS_REPO = "dvlab-research/MiSLAS@0fc381e"
+LTWB_REPO = "ShadeAlsha/LTR-weight-balancing@e89f292"
+CRT_SCRIPT = "cRT run_networks.py"
+BOT_SCRIPT = "BagofTricks-LT main/train.py"
 UNVERIFIED = ("stage-2 hyper-parameters UNVERIFIED (source gives end-to-end values only): "
               "uses the stated stage-2 default (cRT budget, IB sampler)")
 
@@ -158,7 +186,8 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
                     presets: Optional[dict] = None, source: str = "", notes: str = "",
                     params: Sequence[Param] = (), tunables: Optional[Sequence[str]] = None,
                     space: Union[Space, Sequence[Dim], None] = None, sigmoid_bias: bool = False,
-                    closed_form: bool = False) -> Method:
+                    closed_form: bool = False, steps: str = "", no_wd: Sequence[str] = (),
+                    scripts: Optional[dict] = None) -> Method:
     """Register a stage-2 method: a head, a registered loss, a sampler and an initialisation.
 
     ``presets``: {"cifar": {...}, "imagenet": {...}} (or one dict for both) of generic values
@@ -167,7 +196,11 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
     defaults. ``params``: declarations of hyper-parameters of the method itself (not of its
     loss, e.g. a head's). ``tunables``: the order of its hyper-parameters in run names
     (default: its loss's, then ``params``). ``space``: its search space for ``ltcache tune``.
-    Registering a name that exists is an error.
+    ``steps``: batches per epoch as its source's loop has them (``floor`` int(N/B), ``ceil``,
+    ``ceil+1``; default: the sampler's, :mod:`ltcache.stage2.samplers`); ``no_wd``: parameters
+    trained without weight decay; ``scripts``: {preset: (script, verified against)} (or one pair
+    for both presets): the script each preset's recipe follows and the repository@commit whose
+    code it was checked against ("" if not). Registering a name that exists is an error.
     """
     where = f"method '{name}'"
     if not isinstance(name, str) or not name or any(ch.isspace() or ch == "," for ch in name):
@@ -235,9 +268,22 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
     bad = [n for n in space.names if n not in allowed]
     if bad:
         raise LtcacheError(f"{where}: its space searches {', '.join(bad)}, which it does not have")
+    if steps and steps not in STEP_RULES:
+        raise LtcacheError(f"{where}: unknown step rule '{steps}'; use one of {', '.join(STEP_RULES)}")
+    bad = [a for a in no_wd if a not in H.AFFINE_PARAMS + H.COSINE_PARAMS]
+    if bad:
+        raise LtcacheError(f"{where}: no_wd names {', '.join(bad)}, which no head has (W, b, s, c)")
+    if isinstance(scripts, dict):
+        given_scripts = {pre: tuple(v) for pre, v in scripts.items()}
+        if not set(given_scripts) <= set(PRESETS):
+            raise LtcacheError(f"{where}: scripts is keyed by preset ({', '.join(PRESETS)}); "
+                               f"got {', '.join(given_scripts)}")
+    else:
+        given_scripts = {pre: tuple(scripts) for pre in PRESETS} if scripts else {}
     m = Method(name, head, loss if not closed_form else "-", sampler if not closed_form else "-",
                init if not closed_form else "-", tuple(tunables), full, source, notes, closed_form, sigmoid_bias,
-               space, params, _caller_origin())
+               space, params, _caller_origin(), steps=steps, no_wd=tuple(no_wd),
+               scripts=tuple((pre, *given_scripts[pre]) for pre in PRESETS if pre in given_scripts))
     METHODS[name] = m
     return m
 
@@ -248,7 +294,7 @@ def method_params_generic(name: str) -> Param:
 
 
 # ---------------------------------------------------------------------------------------------
-# search spaces (``ltcache tune``): ranges from the sources' values and ablations (METHODS.md)
+# search spaces (``ltcache tune``): ranges from the sources' values and ablations (docs/methods.md)
 # ---------------------------------------------------------------------------------------------
 
 def _lin(name, lo, hi, src):
@@ -263,7 +309,7 @@ def _choice(name, values, src):
     return Dim(name, "choice", choices=tuple(values), source=src)
 
 
-BETA = _choice("beta", (0.9, 0.99, 0.999, 0.9999), "CB paper's beta values; 0.9999 in LDAM-DRW, LTWB (§13, §15)")
+BETA = _choice("beta", (0.9, 0.99, 0.999, 0.9999), "CB paper's beta values; 0.9999 in LDAM-DRW, LTWB (docs/methods.md#cb)")
 TAU_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(21))     # cRT tau_norm.py: linspace(0, 2, 21)
 # post-hoc LA: Menon et al.'s tau = 1; on the bundled CIFAR-10-LT cache the val pick sat on the top
 # of 0..2, so its candidates reach 3 (0.1 steps; a --budget below 31 spreads them evenly)
@@ -288,120 +334,159 @@ TAU_POSTHOC = Param("tau", float, lo=0, help="post-hoc logit adjustment tau")
 # ---------------------------------------------------------------------------------------------
 
 register_method("ce", loss="ce", presets={"cifar": LOS_CIFAR, "imagenet": CRT_IMNET},
-                source="LOS main_stage2.py with delta=0 (METHODS §3)",
-                notes="CE re-train from the stage-1 head, LOS protocol; ImageNet preset: cRT budget (UNVERIFIED)")
-register_method("crt", loss="ce", sampler="cb", init="fresh", presets={"cifar": CRT_CIFAR, "imagenet": CRT_IMNET},
-                source="cRT config/*/cls_crt.yaml; BagofTricks cRT/cifar100_im100.yaml (METHODS §4)",
-                notes="fresh nn.Linear head, ClassAwareSampler(4); BoT's CIFAR warmup+step schedule replaced by cosine")
-register_method("sqrt", loss="ce", sampler="sqrt", init="fresh", presets={"cifar": CRT_CIFAR, "imagenet": CRT_IMNET},
-                source="cRT MixedPrioritizedSampler nroot=2 (METHODS §5)",
-                notes="fresh nn.Linear head; no stage-2 config in the source: cRT values (UNVERIFIED)")
+                source="LOS main_stage2.py with delta=0 (docs/methods.md#ce)",
+                notes="CE re-train from the stage-1 head, LOS protocol; ImageNet preset: cRT budget (UNVERIFIED)",
+                scripts={"cifar": ("LOS main_stage2.py", LOS_REPO)})
+register_method("crt", loss="ce", sampler="cb", init="fresh",
+                presets={"cifar": dict(CRT_CIFAR, **START), "imagenet": dict(CRT_IMNET, **START)},
+                source="cRT config/*/cls_crt.yaml; BagofTricks cRT/cifar100_im100.yaml (docs/methods.md#crt)",
+                notes="fresh nn.Linear head, ClassAwareSampler(4); scheduler stepped at each epoch's start, int(N/B) "
+                      "batches (both scripts); cifar: BoT's warmup+step schedule replaced by cosine (not measured), "
+                      "cRT's ClassAwareSampler(4) instead of BoT's class-uniform draw with replacement (bundled "
+                      "CIFAR-10-LT cache, 5 seeds: 73.11 +- 0.06 vs 73.04 +- 0.07 with BoT's draw); the class "
+                      "streams restart each epoch",
+                steps="floor", scripts={"cifar": (BOT_SCRIPT + ", cRT/cifar100_im100.yaml", BOT_REPO),
+                                        "imagenet": (CRT_SCRIPT + ", cls_crt.yaml", CRT_REPO)})
+register_method("sqrt", loss="ce", sampler="sqrt", init="fresh",
+                presets={"cifar": dict(CRT_CIFAR, **START), "imagenet": dict(CRT_IMNET, **START)},
+                source="cRT MixedPrioritizedSampler nroot=2 (docs/methods.md#sqrt)",
+                notes="fresh nn.Linear head; no stage-2 config in the source: cRT values (UNVERIFIED); cRT's loop: "
+                      "scheduler stepped at each epoch's start, int(N/B) batches",
+                steps="floor", scripts=(CRT_SCRIPT, CRT_REPO))
 register_method("progressive", loss="ce", sampler="progressive", init="fresh",
-                presets={"cifar": CRT_CIFAR, "imagenet": CRT_IMNET},
-                source="cRT feat_shift.yaml / BoT progressive (METHODS §2)", notes="fresh nn.Linear head; cRT values (UNVERIFIED as stage 2)")
-register_method("lws", head="lws", loss="ce", sampler="cb", presets={"cifar": CRT_CIFAR, "imagenet": dict(CRT_IMNET, epochs=5)},
-                source="cRT cls_lws.yaml, TauNormClassifier.py; BoT LWS/cifar100_im100.yaml (METHODS §6)",
-                notes="s in R^K on the frozen stage-1 W, b (bias scaled too); wd applies to s")
+                presets={"cifar": dict(CRT_CIFAR, **START), "imagenet": dict(CRT_IMNET, **START)},
+                source="cRT feat_shift.yaml / BoT progressive (docs/methods.md#progressive)",
+                notes="fresh nn.Linear head; cRT values (UNVERIFIED as stage 2); scheduler stepped at each epoch's start, "
+                      "int(N/B) batches (both scripts); balanced weight linspace(0, 1, E) (cRT ClassPrioritySampler) on "
+                      "both presets: BoT's (e+1)/E (1-based epochs, also 1 at the end) is not used (bundled cache, "
+                      "5 seeds: 72.90 +- 0.09 vs 72.85 +- 0.07 with BoT's); draws with replacement inside a class "
+                      "(cRT cycles a per-class permutation)",
+                steps="floor", scripts={"cifar": (BOT_SCRIPT + ", lib/dataset/cao_cifar.py", BOT_REPO),
+                                        "imagenet": (CRT_SCRIPT + ", data/ClassPrioritySampler.py", CRT_REPO)})
+register_method("lws", head="lws", loss="ce", sampler="cb",
+                presets={"cifar": dict(CRT_CIFAR, **START), "imagenet": dict(CRT_IMNET, epochs=5, **START)},
+                source="cRT cls_lws.yaml, TauNormClassifier.py; BoT LWS/cifar100_im100.yaml (docs/methods.md#lws)",
+                notes="s in R^K on the frozen stage-1 W, b (bias scaled too); wd applies to s; scheduler stepped at each "
+                      "epoch's start, int(N/B) batches (both scripts); cifar: BoT's warmup+step schedule replaced by "
+                      "cosine (not measured), cRT's ClassAwareSampler(4) instead of BoT's class-uniform draw (bundled "
+                      "cache, 5 seeds: 72.82 +- 0.12 vs 72.93 +- 0.08 with BoT's draw); the class streams restart "
+                      "each epoch",
+                steps="floor", scripts={"cifar": (BOT_SCRIPT + ", LWS/cifar100_im100.yaml", BOT_REPO),
+                                        "imagenet": (CRT_SCRIPT + ", cls_lws.yaml", CRT_REPO)})
 register_method("tau-norm", head="tau-norm", loss="-", closed_form=True, params=(TAU_NORM,),
-                presets={"cifar": {"tau": None}, "imagenet": {"tau": None}}, source="cRT tau_norm.py (METHODS §7)",
+                presets={"cifar": {"tau": None}, "imagenet": {"tau": None}}, source="cRT tau_norm.py (docs/methods.md#tau-norm)",
                 notes="from the stage-1 weights, bias dropped (cRT); tau from linspace(0,2,21) chosen on val unless --tau",
                 space=Space(candidates={"tau": TAU_CANDIDATES}))
 register_method("ncm", head="ncm", loss="-", closed_form=True, presets={"cifar": {}, "imagenet": {}},
-                source="cRT KNNClassifier.py cl2n + l2 (METHODS §8)", notes="no head trained or read: centroids from the clean train view")
+                source="cRT KNNClassifier.py cl2n + l2 (docs/methods.md#ncm)", notes="no head trained or read: centroids from the clean train view")
 register_method("cosine", head="cosine", loss="ce", init="fresh", params=(SCALE,),
                 presets={"cifar": dict(CRT_CIFAR, scale=16.0), "imagenet": dict(CRT_IMNET, scale=16.0)},
-                source="cRT CosNormClassifier (s=16) / LDAM NormedLinear (METHODS §9)",
+                source="cRT CosNormClassifier (s=16) / LDAM NormedLinear (docs/methods.md#cosine)",
                 notes="z = s cos(f, w_j), no squash, unit-row fresh init; " + UNVERIFIED,
-                space=space(_log("scale", 4.0, 64.0, "cRT s=16, LDAM s=30 (§9, §13)")))
+                space=space(_log("scale", 4.0, 64.0, "cRT s=16, LDAM s=30 (docs/methods.md#cosine)")))
 register_method("posthoc-la", head="posthoc-la", loss="-", closed_form=True, params=(TAU_POSTHOC,),
                 presets={"cifar": {"tau": 1.0}, "imagenet": {"tau": 1.0}},
-                source="google-research logit_adjustment (METHODS §10)", notes="z - tau log pi on the stage-1 head",
+                source="google-research logit_adjustment (docs/methods.md#posthoc-la)", notes="z - tau log pi on the stage-1 head",
                 space=Space(candidates={"tau": LA_TAU_CANDIDATES}))
 register_method("la-loss", loss="la", presets={"cifar": dict(CRT_CIFAR, tau=1.0), "imagenet": dict(CRT_IMNET, tau=1.0)},
-                source="google-research logit_adjustment (METHODS §11)", notes="from the stage-1 head; " + UNVERIFIED,
-                space=space(_lin("tau", 0.0, 2.0, "tau = 1 (§11); 0 = plain CE")))
+                source="google-research logit_adjustment (docs/methods.md#la-loss)", notes="from the stage-1 head; " + UNVERIFIED,
+                space=space(_lin("tau", 0.0, 2.0, "tau = 1 (docs/methods.md#la-loss); 0 = plain CE")))
 register_method("balanced-softmax", loss="balanced-softmax", init="fresh",
-                presets={"cifar": dict(lr=0.1, wd=5e-4, batch_size=512, epochs=None, iterations=2000, schedule="cosine",
-                                       momentum=0.9),
-                         "imagenet": dict(lr=0.4, wd=5e-4, epochs=10, batch_size=512, schedule="cosine", momentum=0.9)},
-                source="BALMS config/*/decouple_balanced_softmax*.yaml (METHODS §12)",
-                notes="fresh nn.Linear head; CIFAR: 2000 iterations -> epochs = ceil(2000 / steps per epoch) (IF200 config; IF100 UNVERIFIED)")
+                presets={"cifar": dict(lr=0.1, wd=5e-4, batch_size=512, epochs=None, iterations=2000,
+                                       schedule="cosine-start", momentum=0.9),
+                         "imagenet": dict(lr=0.4, wd=5e-4, epochs=10, batch_size=512, schedule="cosine-start",
+                                          momentum=0.9)},
+                source="BALMS config/*/decouple_balanced_softmax*.yaml (docs/methods.md#balanced-softmax)",
+                notes="fresh nn.Linear head; CIFAR: 2000 iterations -> epochs = ceil(2000 / ceil(N/B)) (IF200 config; IF100 "
+                      "UNVERIFIED); BALMS's loop: scheduler stepped at each epoch's start, int(N/B) batches an epoch",
+                steps="floor", scripts=("BALMS run_networks.py, decouple_balanced_softmax*.yaml", BALMS_REPO))
 register_method("ldam", head="cosine", loss="ldam", init="fresh", params=(SCALE,),
                 presets={"cifar": dict(CRT_CIFAR, margin=0.5, scale=30.0), "imagenet": dict(CRT_IMNET, margin=0.5, scale=30.0)},
-                source="LDAM-DRW losses.py (METHODS §13)", notes="fresh cosine head (unit rows); s (cos - m_y), m_j = 0.5 (n_min/n_j)^(1/4); " + UNVERIFIED,
-                space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (§13)"), _log("scale", 4.0, 64.0, "s = 30 (§13)")))
+                source="LDAM-DRW losses.py (docs/methods.md#ldam)", notes="fresh cosine head (unit rows); s (cos - m_y), m_j = 0.5 (n_min/n_j)^(1/4); " + UNVERIFIED,
+                space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (docs/methods.md#ldam)"), _log("scale", 4.0, 64.0, "s = 30 (docs/methods.md#ldam)")))
 register_method("ldam-drw", head="cosine", loss="ldam-drw", init="fresh", params=(SCALE,),
                 tunables=("margin", "scale", "beta"),
                 presets={"cifar": dict(CRT_CIFAR, margin=0.5, scale=30.0, beta=0.9999),
                          "imagenet": dict(CRT_IMNET, margin=0.5, scale=30.0, beta=0.9999)},
-                source="LDAM-DRW losses.py, cifar_train.py (METHODS §13)",
+                source="LDAM-DRW losses.py, cifar_train.py (docs/methods.md#ldam-drw)",
                 notes="fresh cosine head (unit rows); DRW = CB weights (beta) for the whole re-training, PyTorch weighted mean; " + UNVERIFIED,
-                space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (§13)"), _log("scale", 4.0, 64.0, "s = 30 (§13)"), BETA))
+                space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (docs/methods.md#ldam)"), _log("scale", 4.0, 64.0, "s = 30 (docs/methods.md#ldam)"), BETA))
 register_method("focal", loss="focal", presets={"cifar": dict(CRT_CIFAR, gamma=1.0), "imagenet": dict(CRT_IMNET, gamma=1.0)},
-                source="LDAM-DRW FocalLoss (METHODS §14)", notes="from the stage-1 head; (1-p)^gamma CE, p = exp(-CE); " + UNVERIFIED,
-                space=space(_lin("gamma", 0.0, 3.0, "gamma = 1 (LDAM-DRW), 2 (original focal) (§14)")))
+                source="LDAM-DRW FocalLoss (docs/methods.md#focal)", notes="from the stage-1 head; (1-p)^gamma CE, p = exp(-CE); " + UNVERIFIED,
+                space=space(_lin("gamma", 0.0, 3.0, "gamma = 1 (LDAM-DRW), 2 (original focal) (docs/methods.md#focal)")))
 register_method("cb", loss="cb", presets={"cifar": dict(CRT_CIFAR, beta=0.9999), "imagenet": dict(CRT_IMNET, beta=0.9999)},
-                source="class-balanced-loss (TF) src/cifar_main.py (METHODS §15)",
+                source="class-balanced-loss (TF) src/cifar_main.py (docs/methods.md#cb)",
                 notes="from the stage-1 head; softmax form, TF normalisation sum w_y CE / B; " + UNVERIFIED, space=space(BETA))
 register_method("cb-focal", loss="cb-focal", sigmoid_bias=True,
                 presets={"cifar": dict(CRT_CIFAR, beta=0.9999, gamma=1.0), "imagenet": dict(CRT_IMNET, beta=0.9999, gamma=1.0)},
-                source="class-balanced-loss (TF) sigmoid focal (METHODS §14-15)", notes="W from the stage-1 head, bias init -log(K-1); " + UNVERIFIED,
-                space=space(BETA, _lin("gamma", 0.0, 3.0, "gamma = 1 (CB script), 2 (original focal) (§14)")))
+                source="class-balanced-loss (TF) sigmoid focal (docs/methods.md#cb-focal)",
+                notes="W from the stage-1 head, bias init -log(K-1), no weight decay on the bias (the script's "
+                      "regularisation); " + UNVERIFIED,
+                no_wd=("b",), scripts=("class-balanced-loss src/cifar_main.py (loss, bias init, bias decay)", CB_REPO),
+                space=space(BETA, _lin("gamma", 0.0, 3.0, "gamma = 1 (CB script), 2 (original focal) (docs/methods.md#cb-focal)")))
 register_method("cb-sigmoid", loss="cb-sigmoid", sigmoid_bias=True,
                 presets={"cifar": dict(CRT_CIFAR, beta=0.9999), "imagenet": dict(CRT_IMNET, beta=0.9999)},
-                source="class-balanced-loss (TF) sigmoid (METHODS §15)", notes="W from the stage-1 head, bias init -log(K-1); " + UNVERIFIED,
+                source="class-balanced-loss (TF) sigmoid (docs/methods.md#cb-sigmoid)",
+                notes="W from the stage-1 head, bias init -log(K-1), no weight decay on the bias (the script's "
+                      "regularisation); " + UNVERIFIED,
+                no_wd=("b",), scripts=("class-balanced-loss src/cifar_main.py (loss, bias init, bias decay)", CB_REPO),
                 space=space(BETA))
 register_method("ls", loss="ls", presets={"cifar": dict(CRT_CIFAR, eps=0.1), "imagenet": dict(CRT_IMNET, eps=0.1)},
-                source="PyTorch label_smoothing (METHODS §16)", notes="from the stage-1 head; eps is free (0.1 stated default); " + UNVERIFIED,
-                space=space(_lin("eps", 0.0, 0.5, "0.1 stated default (§16); LOS is eps near 1")))
+                source="PyTorch label_smoothing (docs/methods.md#ls)", notes="from the stage-1 head; eps is free (0.1 stated default); " + UNVERIFIED,
+                space=space(_lin("eps", 0.0, 0.5, "0.1 stated default (docs/methods.md#ls); LOS is eps near 1")))
 register_method("los", loss="los", presets={"cifar": dict(LOS_CIFAR, delta=0.98), "imagenet": dict(LOS_CIFAR, delta=0.98)},
-                source="LOS main_stage2.py, utils/config.py (METHODS §17)",
+                source="LOS main_stage2.py, utils/config.py (docs/methods.md#los)",
                 notes="from the stage-1 head; CE with label_smoothing delta; ImageNet values not in the repo: CIFAR values (UNVERIFIED)",
-                space=space(_lin("delta", 0.0, 0.99, "0.98 at K = 100 (§17); the target q_y = 1 - delta (K-1)/K "
+                scripts=("LOS main_stage2.py", LOS_REPO),
+                space=space(_lin("delta", 0.0, 0.99, "0.98 at K = 100 (docs/methods.md#los); the target q_y = 1 - delta (K-1)/K "
                                  "flattens faster at small K, so the range reaches down to plain CE")))
 register_method("mislas", head="mislas", loss="las", sampler="cb", params=(LR_FACTOR,),
                 presets={"cifar": dict(lr=0.1, wd=2e-4, epochs=10, batch_size=128, schedule="cosine", momentum=0.9,
                                        eps_head=0.4, eps_tail=0.1, shape="concave", lr_factor=0.2),
                          "imagenet": dict(lr=0.1, wd=5e-4, epochs=10, batch_size=256, schedule="cosine", momentum=0.9,
                                           eps_head=0.3, eps_tail=0.0, shape="concave", lr_factor=0.05)},
-                source="MiSLAS config/*/*_stage2_mislas.yaml (METHODS §18)",
+                source="MiSLAS config/*/*_stage2_mislas.yaml (docs/methods.md#mislas)",
                 notes="from the stage-1 head; cifar = CIFAR-100 IF100 row (CIFAR-10 IF100: eps 0.3/0.0, lr_factor 0.5); BN shift not "
-                      "reproducible on a cache",
-                space=space(_lin("eps_head", 0.0, 0.5, "0.2-0.4 in the MiSLAS configs (§18)"),
-                            _lin("eps_tail", 0.0, 0.2, "0.0-0.1 in the MiSLAS configs (§18)"),
-                            _log("lr_factor", 0.05, 0.5, "0.05-0.5 in the MiSLAS configs (§18)")))
+                      "reproducible on a cache; ceil(N/B) + 1 class-balanced batches an epoch (the script's `if i > "
+                      "end_steps: break`); the class and per-class streams restart each epoch",
+                steps="ceil+1", scripts=("MiSLAS train_stage2.py, datasets/sampler.py", MISLAS_REPO),
+                space=space(_lin("eps_head", 0.0, 0.5, "0.2-0.4 in the MiSLAS configs (docs/methods.md#mislas)"),
+                            _lin("eps_tail", 0.0, 0.2, "0.0-0.1 in the MiSLAS configs (docs/methods.md#mislas)"),
+                            _log("lr_factor", 0.05, 0.5, "0.05-0.5 in the MiSLAS configs (docs/methods.md#mislas)")))
 register_method("maxnorm", loss="ltwb-cb", params=(MAXNORM_THRESH,),
-                presets={"cifar": dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1),
-                         "imagenet": dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1)},
-                source="LTWB demo2_second-stage-training.py, utils/regularizers.py (METHODS §19)",
-                notes="from the stage-1 head; CB 'softmax' = BCE on softmax, wd 0.1, MaxNorm once per epoch; ImageNet UNVERIFIED (CIFAR values)",
-                space=space(_lin("maxnorm_thresh", 0.0, 0.5, "thresh = 0.1 (§19)"),
-                            _log("wd", 1e-3, 1.0, "LTWB's wd 0.1 was chosen by grid search (§19)")))
+                presets={"cifar": dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1, **START),
+                         "imagenet": dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1, **START)},
+                source="LTWB demo2_second-stage-training.py, utils/regularizers.py (docs/methods.md#maxnorm)",
+                notes="from the stage-1 head; CB 'softmax' = BCE on softmax, wd 0.1, MaxNorm once per epoch; scheduler "
+                      "stepped at each epoch's start (utils/trainval.py); ImageNet UNVERIFIED (CIFAR values)",
+                scripts=("LTWB demo2_second-stage-training.py, utils/trainval.py, utils/regularizers.py", LTWB_REPO),
+                space=space(_lin("maxnorm_thresh", 0.0, 0.5, "thresh = 0.1 (docs/methods.md#maxnorm)"),
+                            _log("wd", 1e-3, 1.0, "LTWB's wd 0.1 was chosen by grid search (docs/methods.md#maxnorm)")))
 register_method("marc", head="marc", loss="grw", presets={"cifar": dict(CRT_CIFAR, rho=1.2), "imagenet": dict(CRT_IMNET, rho=1.2)},
-                source="MARC official code MARCLinear + GRWCrossEntropyLoss (METHODS §20)",
+                source="MARC official code MARCLinear + GRWCrossEntropyLoss (docs/methods.md#marc)",
                 notes="a z + b ||w|| on the frozen stage-1 head, GRW exponent 1.2 (code default); sampler/epochs/lr UNVERIFIED: stated default",
-                space=space(_lin("rho", 0.0, 2.0, "exp_scale 1.2 (§20)")))
+                space=space(_lin("rho", 0.0, 2.0, "exp_scale 1.2 (docs/methods.md#marc)")))
 register_method("vs", loss="vs", presets={"cifar": dict(CRT_CIFAR, gamma=0.2, tau=1.2), "imagenet": dict(CRT_IMNET, gamma=0.3, tau=1.0)},
-                source="VS-Loss class_imbalance/losses.py (METHODS §24)",
+                source="VS-Loss class_imbalance/losses.py (docs/methods.md#vs)",
                 notes="from the stage-1 head; cifar: README CIFAR-10 example; imagenet: parser defaults; " + UNVERIFIED,
-                space=space(_lin("gamma", 0.0, 0.5, "0.2 (README CIFAR-10), 0.3 (parser) (§24)"),
-                            _lin("tau", 0.0, 2.0, "1.2 (README CIFAR-10), 1.0 (parser) (§24)")))
+                space=space(_lin("gamma", 0.0, 0.5, "0.2 (README CIFAR-10), 0.3 (parser) (docs/methods.md#vs)"),
+                            _lin("tau", 0.0, 2.0, "1.2 (README CIFAR-10), 1.0 (parser) (docs/methods.md#vs)")))
 register_method("seesaw", loss="seesaw", presets={"cifar": dict(CRT_CIFAR, p=0.8, q=2.0), "imagenet": dict(CRT_IMNET, p=0.8, q=2.0)},
-                source="mmdet seesaw_loss.py (METHODS §23)", notes="from the stage-1 head; static class counts instead of cumulative; " + UNVERIFIED,
-                space=space(_lin("p", 0.0, 1.5, "p = 0.8 (§23)"), _lin("q", 0.0, 3.0, "q = 2 (§23)")))
+                source="mmdet seesaw_loss.py (docs/methods.md#seesaw)", notes="from the stage-1 head; static class counts instead of cumulative; " + UNVERIFIED,
+                space=space(_lin("p", 0.0, 1.5, "p = 0.8 (docs/methods.md#seesaw)"), _lin("q", 0.0, 3.0, "q = 2 (docs/methods.md#seesaw)")))
 register_method("lade", loss="lade", presets={"cifar": dict(CRT_CIFAR, alpha=0.1, lam=0.01), "imagenet": dict(CRT_IMNET, alpha=0.05, lam=0.5)},
-                source="hyperconnect/LADE loss/LADELoss.py, README (METHODS §22)", notes="from the stage-1 head; PriorCE + alpha LADER; " + UNVERIFIED,
-                space=space(_log("alpha", 0.005, 0.5, "0.005-0.1 in the LADE README (§22)"),
-                            _log("lam", 0.005, 1.0, "0.01-0.5 in the LADE README (§22)")))
+                source="hyperconnect/LADE loss/LADELoss.py, README (docs/methods.md#lade)", notes="from the stage-1 head; PriorCE + alpha LADER; " + UNVERIFIED,
+                space=space(_log("alpha", 0.005, 0.5, "0.005-0.1 in the LADE README (docs/methods.md#lade)"),
+                            _log("lam", 0.005, 1.0, "0.01-0.5 in the LADE README (docs/methods.md#lade)")))
 register_method("poly1", loss="poly1", presets={"cifar": LOS_CIFAR, "imagenet": CRT_IMNET},
-                source="Leng et al., PolyLoss, ICLR 2022 (not in METHODS.md)",
+                source="Leng et al., PolyLoss, ICLR 2022 (docs/methods.md#poly1)",
                 notes="from the stage-1 head; CE + epsilon (1 - p_y), epsilon = 1 (the paper's default); generic CE budgets (UNVERIFIED)",
                 space=space(_lin("epsilon", -1.0, 3.0, "epsilon = 1 the Poly-1 default; -1 cancels the first "
                                  "polynomial term of CE (Leng et al.)")))
 
 
 GENERIC_EPOCHS = _choice("epochs", (10, 20, 30), "the sources disagree: MiSLAS, LTWB 10; LOS 20; cRT/BoT 30 "
-                         "(§4, §17-19)")
+                         "(docs/methods.md#search-spaces)")
 
 
 def method_space(method: Method, preset: str) -> Space:
@@ -412,7 +497,7 @@ def method_space(method: Method, preset: str) -> Space:
     d = method.defaults(preset)
     own = {x.name for x in method.space.dims}
     generic = [_log("lr", d["lr"] / 10, d["lr"] * 10, f"the {preset} preset's lr {d['lr']:g}, a decade either side"),
-               _log("wd", 1e-5, 1e-1, "cRT / MiSLAS 5e-4 and 2e-4, LTWB 0.1; LOS uses 0 (§4, §17-19)"),
+               _log("wd", 1e-5, 1e-1, "cRT / MiSLAS 5e-4 and 2e-4, LTWB 0.1; LOS uses 0 (docs/methods.md#search-spaces)"),
                GENERIC_EPOCHS]
     return Space(dims=tuple(x for x in generic if x.name not in own) + method.space.dims)
 

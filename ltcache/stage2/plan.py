@@ -60,6 +60,8 @@ class Config:
     maxnorm_thresh: Optional[float] = None
     scale: float = 1.0
     bias_init: Optional[float] = None
+    steps: str = ""            # batches per epoch: floor | ceil | ceil+1 ("" = the sampler's default; samplers.py)
+    no_wd: tuple = ()          # parameters trained without weight decay (e.g. ("b",): the CB repo's bias)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 0-based ``epoch`` under this configuration's schedule (the schedules:
@@ -110,7 +112,8 @@ def make_config(method: Method, params: dict, seed: int, name: str, counts: torc
                   momentum=params["momentum"], schedule=params["schedule"],
                   lr_factor=params.get("lr_factor", 1.0), maxnorm_thresh=params.get("maxnorm_thresh"),
                   scale=params.get("scale", 1.0),
-                  bias_init=-math.log(k - 1) if method.sigmoid_bias and k > 1 else None)
+                  bias_init=-math.log(k - 1) if method.sigmoid_bias and k > 1 else None,
+                  steps=getattr(method, "steps", ""), no_wd=tuple(getattr(method, "no_wd", ())))
 
 
 class Entry(NamedTuple):

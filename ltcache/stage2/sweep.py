@@ -34,14 +34,15 @@ side by side in forked single-thread worker processes (``n_jobs``, see
 :mod:`ltcache.stage2.workers`; also used up to D 1024).
 
 Optimiser: PyTorch SGD semantics (dampening 0, no Nesterov): g += wd * p; buf = mu * buf + g
-(buf = g on the first step); p -= lr * buf.
+(buf = g on the first step); p -= lr * buf; wd is 0 on a member's ``no_wd`` parameters.
+Batches per epoch: the member's sampler cut by its step rule (:mod:`ltcache.stage2.samplers`).
 
-Learning-rate schedules, per epoch (METHODS.md §0.3(5)):
+Learning-rate schedules, per epoch (each method's preset picks the one its script uses):
 * ``cosine``       lr_e = lr/2 (1 + cos(pi e / E)), e = 0..E-1 -- LOS (CosineAnnealingLR
-                   stepped after each epoch) and MiSLAS (explicit formula). The default.
-* ``cosine-start`` lr_e = lr/2 (1 + cos(pi (e+1) / E)) -- cRT, BALMS and LTWB call
-                   ``scheduler.step()`` at the start of each epoch under PyTorch >= 1.1, so
-                   the last epoch has lr 0.
+                   stepped after each epoch) and MiSLAS (explicit formula).
+* ``cosine-start`` lr_e = lr/2 (1 + cos(pi (e+1) / E)) -- cRT, BALMS, BagofTricks and LTWB
+                   call ``scheduler.step()`` at the start of each epoch under PyTorch >= 1.1,
+                   so the last epoch has lr 0.
 * ``constant``     lr_e = lr.
 """
 from __future__ import annotations
@@ -66,7 +67,7 @@ from ltcache.stage2.losses._fallback import AutogradLossGrad
 from ltcache.stage2.params import SCHEDULES  # noqa: F401  (re-exported)
 from ltcache.stage2.plan import Config, TrainData  # noqa: F401  (re-exported: sweep.Config, sweep.TrainData)
 from ltcache.stage2.precision import feature_dtype, matmul_mode
-from ltcache.stage2.samplers import ClassIndex, epoch_indices, steps_per_epoch
+from ltcache.stage2.samplers import DEFAULT_STEPS, ClassIndex, epoch_indices, epoch_samples, steps_per_epoch
 from ltcache.stage2.workers import in_worker, run_in_workers, worth_workers
 
 EVAL_CHUNK = 1 << 25     # elements of a [m, N, K] logits block at evaluation
@@ -160,7 +161,7 @@ def _train_across_ranks(configs: Sequence[Config], data: TrainData, select: str,
     from ltcache.stage2.workers import _balance, _work
     keys = [(c.name, c.method, c.seed, sorted(c.params.items()), c.head, c.init, c.sampler, c.lr, c.wd,
              c.epochs, c.batch_size, c.momentum, c.schedule, c.lr_factor, c.maxnorm_thresh, c.scale,
-             c.bias_init) for c in configs]
+             c.bias_init, c.steps, c.no_wd) for c in configs]
     _dist.check_same((keys, select, tuple(data.x.shape), tuple(data.w0.shape)), "sweep")
     n, me = _dist.world(), _dist.rank()
     parts = _balance(make_groups(configs), configs, data, n)       # costliest first
@@ -193,7 +194,7 @@ def stream_key(c: Config) -> tuple:
     first (a fresh or cosine head draws its weights). Members with equal keys read the same
     rows at every step."""
     draws = H.get_head(c.head).family == "cosine" or c.init == "fresh"
-    return (c.sampler, int(c.seed), c.epochs, draws)
+    return (c.sampler, int(c.seed), c.epochs, draws, c.steps or DEFAULT_STEPS.get(c.sampler, ""))
 
 
 def stream_blocks(cfgs: Sequence[Config]) -> tuple[list[int], int, int]:
@@ -359,7 +360,9 @@ class GroupTrainer:
 
         self.shape = {a: (m,) + (1,) * (p[a].dim() - 1) for a in self.names}
         self.lrm = {a: torch.tensor([lr_mult(kd, c, a) for kd, c in zip(self.kinds, cfgs)], device=dev) for a in need}
-        self.wd = {a: torch.tensor([c.wd for c in cfgs], device=dev).view(self.shape[a]) for a in need}
+        # weight decay per parameter: 0 on a member's ``no_wd`` parameters (the CB repo's sigmoid bias)
+        self.wd = {a: torch.tensor([0.0 if a in c.no_wd else c.wd for c in cfgs], device=dev).view(self.shape[a])
+                   for a in need}
         self.any_wd = any(c.wd for c in cfgs)
         self.mom = torch.tensor([c.momentum for c in cfgs], device=dev)
         self.mbuf = {a: torch.zeros_like(p[a]) for a in need}
@@ -368,11 +371,16 @@ class GroupTrainer:
         # the last (epoch, step) at which each member trains: after it, a member's momentum buffer
         # no longer matters, so a step whose only inactive members are finished can use the fused
         # update (one momentum factor for all); a member paused mid-run needs the masked update.
-        self.last = [(c.epochs - 1, steps_per_epoch(c.sampler, self.n, self.bsz) - 1) for c in cfgs]
+        self.last = [(c.epochs - 1, self._steps(c) - 1) for c in cfgs]
         self.use_maxnorm = any(c.maxnorm_thresh is not None for c in cfgs)
         if self.use_maxnorm:
             self.radius = torch.tensor([maxnorm_radius(self.w0c, c.maxnorm_thresh) if c.maxnorm_thresh is not None
                                         else float("inf") for c in cfgs], device=dev).view(m, 1)
+
+    def _steps(self, c: Config) -> int:
+        """Batches per epoch of member ``c`` (its sampler's epoch cut by its step rule)."""
+        ci = self.data.class_index
+        return steps_per_epoch(c.sampler, ci.n, self.bsz, c.steps, epoch_samples(c.sampler, ci))
 
     def _init_losses(self) -> None:
         """The built-in losses stacked (:func:`stack_specs`); forward-only losses get dL/dz by
@@ -394,7 +402,7 @@ class GroupTrainer:
         self.x_dtype = feature_dtype(data.precision)         # of features from a gather source
         self.no_rest = self.x_flat.new_empty((0, self.bsz, self.d))        # every member in a block
         self.epochs = max(c.epochs for c in self.cfgs)
-        self.total_steps = sum(max(steps_per_epoch(c.sampler, self.n, self.bsz) for c in self.cfgs if e < c.epochs)
+        self.total_steps = sum(max(self._steps(c) for c in self.cfgs if e < c.epochs)
                                for e in range(self.epochs))
 
     def _init_selection(self) -> None:
@@ -574,7 +582,8 @@ def _as_tight(cfgs: Sequence[Config], order: list, by_loss: list, counts: torch.
 
 
 def _epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_views: int) -> list:
-    """Index batches of one epoch, per config: (flat rows [S_i, B], labels, valid [S_i, B]).
+    """Index batches of one epoch, per config (its sampler and step rule): (flat rows [S_i, B],
+    labels, valid [S_i, B]).
     Configs with the same :func:`stream_key` draw identical batches, so each stream is drawn
     once, from its first member's generator (the others' generators are then never read)."""
     b = cfgs[0].batch_size
@@ -584,7 +593,7 @@ def _epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_v
         key = stream_key(c)
         if key not in drawn:
             if epoch < c.epochs:
-                idx, valid = epoch_indices(c.sampler, ci, b, epoch, c.epochs, g)
+                idx, valid = epoch_indices(c.sampler, ci, b, epoch, c.epochs, g, steps=c.steps)
                 if n_views > 1:
                     view = torch.randint(n_views, (ci.n,), generator=g)
                     flat = idx * n_views + view[idx]

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from ltcache import interrupts
 from ltcache.errors import LtcacheError
 from ltcache.metrics import fmt_pct
 from ltcache.progress import echo
@@ -26,7 +27,9 @@ from ltcache.stage2.space import SEARCHES, Dim, Space, draw
 
 SELECT_METRICS = {"val-balanced": ("balanced", True), "val-all": ("all", True), "val-nll": ("nll", False)}
 TUNE_SCHEMA = "ltcache-tune/1"
-OUTPUTS = ("results.json", "tune.csv", "tune.md", "stage_a.json")
+STAGE_A_SCHEMA = "ltcache-tune-stage-a/1"
+STAGE_A = "stage_a.json"
+OUTPUTS = ("results.json", "tune.csv", "tune.md")      # a finished tune: never replaced without --force
 
 
 def parse_space(items: Sequence[str]) -> dict[str, Dim]:
@@ -161,7 +164,69 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
         for point in draw(_with_overrides(method_space(m, pre), m, space or {}), budget, search, seed=0):
             plans.append((m, resolve_params(m, pre, point, n_train), point))
             owner.append((m.name, point))
-    echo(f"tune stage A: {len(plans)} points x {len(tune_seeds)} seed(s) on val", quiet)
+    plan = plan_hash(full, plans, tune_seeds, select_metric, test_views, clean_view, precision)
+    done = _completed_stage_a(out_dir, plan, force)
+    if done is not None:
+        picks, points, wall_a = done["picks"], done["points"], float(done["wall_time_s"])
+        echo(f"tune stage A: complete in {Path(out_dir) / STAGE_A} (the same plan), kept; continuing with stage B",
+             quiet)
+    else:
+        echo(f"tune stage A: {len(plans)} points x {len(tune_seeds)} seed(s) on val", quiet)
+        picks, points, wall_a = _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test_views,
+                                         device, quiet, jobs, clean_view, precision)
+        if out_dir is not None:                           # kept even if stage B fails or is stopped
+            from ltcache.stage2.results import _cache_block, write_json
+            write_json({"schema": STAGE_A_SCHEMA, "plan_hash": plan, "cache": _cache_block(full), "budget": budget,
+                        "search": search, "select_metric": select_metric, "tune_seeds": tune_seeds,
+                        "wall_time_s": wall_a, "picks": picks, "points": points}, Path(out_dir) / STAGE_A)
+    keep = (f"stage A's picks are kept in {Path(out_dir) / STAGE_A}; the same command continues with stage B"
+            if out_dir is not None else "nothing was written (no --out); the same command starts over")
+    with interrupts.keeps(keep):
+        interrupts.test_point("stage-b")
+        return _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
+                        select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0, wall_a,
+                        resumed=done is not None)
+
+
+def plan_hash(full, plans: list, tune_seeds, select_metric: str, test_views: str, clean_view: bool,
+              precision: str) -> str:
+    """What stage A's result depends on (the cache, every configuration, the tune seeds, the rule that
+    picks): equal hashes, equal stage A."""
+    key = {"cache": cache_fingerprint(full), "runs": [api.run_name(*p) for p in plans],
+           "params": [json.dumps(p[1], sort_keys=True, default=str) for p in plans], "tune_seeds": list(tune_seeds),
+           "select_metric": select_metric, "test_views": test_views, "clean_view": bool(clean_view),
+           "precision": precision}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _completed_stage_a(out_dir, plan: str, force: bool) -> Optional[dict]:
+    """Stage A of an interrupted tune into ``out_dir`` with this very plan (None: run stage A). Decided
+    on rank 0 (the one that writes) and shared, so every torchrun rank skips it or none does."""
+    from ltcache import distributed
+
+    def read() -> Optional[dict]:
+        path = None if out_dir is None else Path(out_dir) / STAGE_A
+        if path is None or force or not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            ok = doc.get("schema") == STAGE_A_SCHEMA and isinstance(doc.get("picks"), dict)
+        except (OSError, ValueError):
+            ok, doc = False, {}
+        if not ok:
+            raise LtcacheError(f"{path} is not a readable stage-A file (damaged?); use --force to start the tune "
+                               "over, or another --out folder")
+        if doc.get("plan_hash") != plan:
+            raise LtcacheError(f"{path} holds stage A of a different tune (other methods, budget, seeds, options or "
+                               "cache); give the same command to continue it, another --out, or --force to start over")
+        return doc
+    return distributed.on_main(read, "the check of stage A") if distributed.active() else read()
+
+
+def _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test_views, device, quiet, jobs,
+             clean_view, precision) -> tuple:
+    """Every point on val (no test split in sight): (picks, points, wall time)."""
+    t0 = time.perf_counter()
     res_a, _ = api.run_sweep(without_test(full), plans, tune_seeds, "last", test_views, device, quiet, jobs,
                              clean_view, evaluate_test=False, precision=precision)
     by_name: dict[str, list[dict]] = {}
@@ -171,17 +236,17 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
     for (m, p, ov), (mname, point) in zip(plans, owner):
         runs = by_name[api.run_name(m, p, ov)]
         points.setdefault(mname, []).append({"point": point, "params": runs[0]["params"], "val": _mean_val(runs)})
-    wall_a = time.perf_counter() - t0
     picks = {}
     for m in chosen_methods:
         pts = points[m.name]
         best = pts[pick(pts, select_metric)]
         picks[m.name] = {"point": best["point"], "params": best["params"], "val": best["val"], "points": len(pts)}
-    if out_dir is not None:                           # kept even if stage B fails
-        from ltcache.stage2.results import write_json
-        write_json({"schema": "ltcache-tune-stage-a/1", "cache": res_a["cache"], "budget": budget, "search": search,
-                    "select_metric": select_metric, "tune_seeds": tune_seeds, "wall_time_s": wall_a,
-                    "picks": picks, "points": points}, Path(out_dir) / "stage_a.json")
+    return picks, points, time.perf_counter() - t0
+
+
+def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
+             select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0, wall_a,
+             resumed: bool) -> dict:
 
     # stage B: each pick and each preset over the final seeds, evaluated on test
     t1 = time.perf_counter()
@@ -219,7 +284,8 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
     results["wall_time_s"] = wall
     results["tune"] = {"schema": TUNE_SCHEMA, "cache_fingerprint": cache_fingerprint(full), "budget": budget,
                        "search": search, "select_metric": select_metric, "tune_seeds": tune_seeds, "seeds": seeds,
-                       "stage_a": {"configurations": len(plans) * len(tune_seeds), "wall_time_s": wall_a},
+                       "stage_a": {"configurations": len(plans) * len(tune_seeds), "wall_time_s": wall_a,
+                                   "resumed": resumed},
                        "stage_b": {"configurations": len(plans_b) * len(seeds), "wall_time_s": wall_b},
                        "picks": picks, "points": points, "table": table}
     echo(f"tune: stage A {wall_a:.1f} s ({len(plans) * len(tune_seeds)} configurations), stage B {wall_b:.1f} s "

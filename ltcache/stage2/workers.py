@@ -12,6 +12,7 @@ configuration's result does not depend on which group, split or process it train
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -71,6 +72,8 @@ def run_in_workers(train_group: Callable, plan: list[list[int]], configs: Sequen
 
 def _worker_init() -> None:
     global _IN_WORKER
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the pool's terminate() ends a worker quietly
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
     _IN_WORKER = True
 
@@ -95,7 +98,7 @@ def _work(configs: Sequence, members: list[int], data) -> float:
     from ltcache.stage2.sweep import frozen_base
     n, d, k = data.x.shape[0], data.x.shape[-1], data.w0.shape[0]
     b = configs[members[0]].batch_size
-    steps = max(configs[i].epochs * steps_per_epoch(configs[i].sampler, n, b) for i in members)
+    steps = max(configs[i].epochs * steps_per_epoch(configs[i].sampler, n, b, configs[i].steps) for i in members)
     per_logit = (0 if frozen_base(configs[members[0]]) else d) + ELEMENTWISE_PER_LOGIT
     losses = len({loss_signature(configs[i].loss) for i in members})
     return steps * (STEP_OVERHEAD + LOSS_OVERHEAD * losses + len(members) * b * k * per_logit)

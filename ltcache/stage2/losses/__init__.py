@@ -1,10 +1,8 @@
 """Stage-2 losses: one file per loss, each registered with :func:`register_loss`.
 
-``ce.py``, ``ls.py``, ``los.py``, ``las.py`` (MiSLAS), ``focal.py``, ``cb.py``, ``cb_sigmoid.py``,
-``cb_focal.py``, ``ltwb_cb.py`` (LTWB), ``ldam.py``, ``ldam_drw.py``, ``balanced_softmax.py``,
-``la.py`` (logit adjustment), ``vs.py``, ``seesaw.py``, ``lade.py``, ``grw.py`` (MARC),
-``poly1.py``: each declares its hyper-parameters and builds its :class:`LossSpec`; where a loss
-has a term of its own (a form, a shift, a modulation, an extra term) the term and its analytic
+``LOSSES`` is the list (``ltcache methods`` shows which method uses which; docs/methods.md#losses
+maps each loss to its method and source). Each file declares its hyper-parameters and builds its
+:class:`LossSpec`; where a loss has a term of its own (a form, a shift, a modulation, an extra term) the term and its analytic
 gradient live in the same file. ``_core.py`` holds the registry and the fused batched loss and
 gradient; ``_fallback.py`` the autograd path of losses given only as a forward.
 

@@ -1,6 +1,6 @@
 """The fused batched loss of M configurations, and the loss registry it dispatches through.
 
-Every built-in loss is a point of one family (DESIGN.md "The stage-2 engine")::
+Every built-in loss is a point of one family (docs/methods.md#the-loss-family)::
 
     z'  = mult * z + offset - margin[y] * e_y (+ shifts of the detached logits, e.g. Seesaw)
     q   = (1 - eps[y]) e_y + eps[y] / K

@@ -1,4 +1,4 @@
-"""``balanced-softmax``: CE(z + log n) (BALMS config/*/decouple_balanced_softmax*.yaml, METHODS §12)."""
+"""``balanced-softmax``: CE(z + log n) (BALMS config/*/decouple_balanced_softmax*.yaml, docs/methods.md#balanced-softmax)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""``cb``: class-balanced softmax CE (class-balanced-loss (TF) src/cifar_main.py, METHODS §15)."""
+"""``cb``: class-balanced softmax CE (class-balanced-loss (TF) src/cifar_main.py, docs/methods.md#cb)."""
 from __future__ import annotations
 
 import torch
@@ -22,7 +22,7 @@ def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
 @register_loss("cb")
 class ClassBalanced:
     """sum_i w_{y_i} CE_i / B (tf.losses SUM_BY_NONZERO_WEIGHTS), not PyTorch's weighted mean
-    (METHODS.md §0.3(7), §15)."""
+    (docs/methods.md#cb)."""
 
     params = (BETA,)
 

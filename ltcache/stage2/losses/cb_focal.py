@@ -1,4 +1,4 @@
-"""``cb-focal``: the CB repo's sigmoid focal loss (class-balanced-loss (TF), METHODS §14-15).
+"""``cb-focal``: the CB repo's sigmoid focal loss (class-balanced-loss (TF), docs/methods.md#cb-focal).
 
 BCE * exp(-g o z - g log(1 + e^-z)) on the sigmoid form, weighted, / B: an elementwise
 modulation of the ``sigmoid`` form (a term of the fused loss, with its gradient here).

@@ -1,4 +1,4 @@
-"""``cb-sigmoid``: the CB repo's sigmoid form (class-balanced-loss (TF), METHODS §15).
+"""``cb-sigmoid``: the CB repo's sigmoid form (class-balanced-loss (TF), docs/methods.md#cb-sigmoid).
 
 l = sum_k BCE(z'_k, 1[k = y]) per sample, weighted by w_y, / B: a form of the fused loss
 (``sigmoid``), with its gradient here. Its elementwise modulating terms (cb-focal) plug in

@@ -1,4 +1,4 @@
-"""``focal``: the focal loss in the LDAM-DRW form (LDAM-DRW FocalLoss, METHODS §14).
+"""``focal``: the focal loss in the LDAM-DRW form (LDAM-DRW FocalLoss, docs/methods.md#focal).
 
 CE_w = w_y CE, p = exp(-CE_w), loss (1 - p)^gamma CE_w averaged over the batch: a modulation
 of the softmax form's per-sample loss (a term of the fused loss, with its gradient here).

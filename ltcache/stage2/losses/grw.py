@@ -1,4 +1,4 @@
-"""``grw``: generalised re-weighting (MARC official code GRWCrossEntropyLoss, METHODS §20)."""
+"""``grw``: generalised re-weighting (MARC official code GRWCrossEntropyLoss, docs/methods.md#marc)."""
 from __future__ import annotations
 
 import torch

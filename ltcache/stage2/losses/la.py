@@ -1,4 +1,4 @@
-"""``la``: the logit-adjusted loss (google-research logit_adjustment, METHODS §11)."""
+"""``la``: the logit-adjusted loss (google-research logit_adjustment, docs/methods.md#la-loss)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""``lade``: LADE (hyperconnect/LADE loss/LADELoss.py, README, METHODS §22).
+"""``lade``: LADE (hyperconnect/LADE loss/LADELoss.py, README, docs/methods.md#lade).
 
 PriorCE (= balanced softmax, the prior as an offset) plus alpha times the LADER regulariser on
 the batch's raw logits (a term of the fused loss, with its gradient here).

@@ -1,4 +1,4 @@
-"""``las``: MiSLAS label-aware smoothing (MiSLAS config/*/*_stage2_mislas.yaml, METHODS §18)."""
+"""``las``: MiSLAS label-aware smoothing (MiSLAS config/*/*_stage2_mislas.yaml, docs/methods.md#mislas)."""
 from __future__ import annotations
 
 import math

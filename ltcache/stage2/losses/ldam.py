@@ -1,4 +1,4 @@
-"""``ldam``: label-distribution-aware margins (LDAM-DRW losses.py, METHODS §13)."""
+"""``ldam``: label-distribution-aware margins (LDAM-DRW losses.py, docs/methods.md#ldam)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""``ldam-drw``: LDAM with deferred re-weighting (LDAM-DRW losses.py, cifar_train.py, METHODS §13).
+"""``ldam-drw``: LDAM with deferred re-weighting (LDAM-DRW losses.py, cifar_train.py, docs/methods.md#ldam-drw).
 
 DRW on cached features = CB weights (beta) for the whole re-training, PyTorch
 F.cross_entropy(weight=) normalisation by sum_i w_{y_i}.

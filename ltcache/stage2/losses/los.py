@@ -1,4 +1,4 @@
-"""``los``: label over-smoothing (LOS main_stage2.py, utils/config.py, METHODS §17)."""
+"""``los``: label over-smoothing (LOS main_stage2.py, utils/config.py, docs/methods.md#los)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""``ls``: label smoothing (PyTorch ``F.cross_entropy(label_smoothing=eps)``, METHODS §16)."""
+"""``ls``: label smoothing (PyTorch ``F.cross_entropy(label_smoothing=eps)``, docs/methods.md#ls)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""``ltwb-cb``: LTWB's PyTorch CB "softmax" (LTWB demo2_second-stage-training.py, METHODS §15, §19).
+"""``ltwb-cb``: LTWB's PyTorch CB "softmax" (LTWB demo2_second-stage-training.py, docs/methods.md#maxnorm).
 
 F.binary_cross_entropy(softmax(z), onehot, weight=w_y) averaged over B x K -- BCE on softmax
 probabilities, not weighted CE: a form of the fused loss (``bce_softmax``), with its gradient here.

@@ -1,8 +1,8 @@
-"""``seesaw``: Seesaw loss (mmdet seesaw_loss.py, METHODS §23) with static class counts.
+"""``seesaw``: Seesaw loss (mmdet seesaw_loss.py, docs/methods.md#seesaw) with static class counts.
 
 A shift of z' off the label by log M_yj + log C_yj, a function of the detached logits (a term
 of the fused loss; it has no gradient of its own). Static counts instead of mmdet's cumulative
-counts (METHODS §23.5).
+counts (docs/methods.md#seesaw).
 """
 from __future__ import annotations
 

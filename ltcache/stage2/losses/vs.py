@@ -1,4 +1,4 @@
-"""``vs``: vector-scaling loss (VS-Loss class_imbalance/losses.py, METHODS §24)."""
+"""``vs``: vector-scaling loss (VS-Loss class_imbalance/losses.py, docs/methods.md#vs)."""
 from __future__ import annotations
 
 import torch
