@@ -123,6 +123,12 @@ ltcache.register_method("late-nan", loss="late-nan", presets={"epochs": 2, "batc
 
 
 def test_a_loss_that_turns_nan_later_marks_its_configuration_failed(tmp_path):
+    from ltcache.plugins import isolated_registry
+    with isolated_registry():                   # the plugin's method and loss are gone afterwards
+        _late_nan_bench(tmp_path)
+
+
+def _late_nan_bench(tmp_path):
     plugin = tmp_path / "late_nan_plugin.py"
     plugin.write_text(LATE_NAN)
     res = invoke("bench", "--methods", "late-nan", "--plugin", plugin, "--out", tmp_path / "b", *CPU)
