@@ -7,7 +7,9 @@ steps whose outputs are already complete and valid, so an interrupted pipeline r
 paths relative to the pipeline file) before anything else is read; the ``[sweep]`` section
 accepts every declared hyper-parameter (generic, each registered method's) as an override, e.g.
 ``delta = 0.9``, and as a ``grid`` key -- the keys come from the declarations, so a new loss
-adds its own.
+adds its own. ``[sweep] caches = [...]`` (and ``[tune] caches``) adds other caches (e.g. other
+pipelines' ``cache`` folders: more stage-1 seeds, more datasets) to the step: one multi-cache
+results file with the paper table (``ltcache table``).
 """
 from __future__ import annotations
 
@@ -79,6 +81,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "test_views": (list, "views averaged at evaluation"),
         "preset": (str, "cifar | imagenet (default: from the cache)"),
         "clean_view": (bool, "also draw the clean train view (default false: augmented views only)"),
+        "caches": (list, "more caches swept with this pipeline's own (paths relative to this file), e.g. other "
+                         "stage-1 seeds and datasets: one results file and the paper table"),
+        "against": (str, "with caches: the paper table's reference method (default ce)"),
     },
     "tune": {
         "methods": ((str, list), "'all' or a list of method names to tune on val (`ltcache tune`)"),
@@ -90,6 +95,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "space": (dict, "replacement dimensions, e.g. {delta = \"0.5:0.99\", epochs = \"10,20\"}"),
         "test_views": (list, "views averaged at evaluation"),
         "preset": (str, "cifar | imagenet (default: from the cache)"),
+        "caches": (list, "more caches tuned with this pipeline's own (paths relative to this file): one results "
+                         "file and the paper table"),
+        "against": (str, "with caches: the paper table's reference method (default ce)"),
     },
 }
 REQUIRED = {"dataset": ("source",), "stage1": ("arch",)}
@@ -319,22 +327,25 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
     methods = sw.pop("methods", "all")
     grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sw.pop("grid", {}).items()}
     test_views = sw.pop("test_views", ["center", "hflip"])
-    results = bench(cache_dir, None if methods == "all" else list(methods), grid=grid or None,
+    more = _more_caches(sw.pop("caches", []), Path(path), cache_dir)
+    results = bench([cache_dir] + more if more else cache_dir, None if methods == "all" else list(methods), grid=grid or None,
                     seeds=sw.pop("seeds", [0]), select=sw.pop("select", "last"),
                     test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
                     preset=sw.pop("preset", None), out_dir=out_dir / "results" if main else None, overrides=overrides or None,
-                    clean_view=bool(sw.pop("clean_view", False)))
+                    clean_view=bool(sw.pop("clean_view", False)), against=sw.pop("against", "ce"))
     if not quiet:
-        echo(format_table(results))
+        echo(format_table(results) if not more else _paper(results))
     if pl.tune is not None:
-        results["tune"] = _run_tune(pl.tune, cache_dir, out_dir / "tune" if main else None, device, quiet, steps)
+        results["tune"] = _run_tune(pl.tune, cache_dir, out_dir / "tune" if main else None, device, quiet, steps,
+                                    Path(path))
     ck = load_checkpoint(ckpt)
     results["pipeline"] = {"file": str(Path(path)), "name": pl.name, "stage1_epochs": ck["epoch"],
                            "stage1_test": ck["history"][-1]["test"] if ck["history"] else None}
     return results
 
 
-def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet: bool, steps: int) -> dict:
+def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet: bool, steps: int,
+              path: Path = Path(".")) -> dict:
     """The [tune] step: ``ltcache tune`` on the pipeline's cache; returns the tuned table."""
     from ltcache.stage2.api import tune
     from ltcache.stage2.tune import format_tune_table, parse_space
@@ -345,11 +356,30 @@ def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet
     test_views = tn.pop("test_views", ["center", "hflip"])
     space = parse_space([f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
                          for k, v in tn.pop("space", {}).items()])
-    res = tune(cache_dir, None if methods == "all" else list(methods), budget=int(tn.pop("budget", 32)),
+    more = _more_caches(tn.pop("caches", []), path, cache_dir)
+    res = tune([cache_dir] + more if more else cache_dir, None if methods == "all" else list(methods),
+               budget=int(tn.pop("budget", 32)), against=tn.pop("against", "ce"),
                search=tn.pop("search", "sobol"), select_metric=tn.pop("select_metric", "val-balanced"),
                tune_seeds=tn.pop("tune_seeds", [0]), seeds=tn.pop("seeds", [0, 1, 2, 3, 4]),
                test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
                preset=tn.pop("preset", None), out_dir=out, force=True, space=space)
+    if more:
+        if not quiet:
+            echo(_paper(res))
+        from ltcache.stage2.paper_table import compute
+        return [{k: v for k, v in r.items() if k != "cells"} for r in compute(res)["rows"]]
     if not quiet:
         echo(format_tune_table(res))
     return res["tune"]["table"]
+
+
+def _more_caches(paths: list, pipeline: Path, own: Path) -> list[Path]:
+    """[sweep] / [tune] caches: paths relative to the pipeline file, beside its own cache."""
+    if not all(isinstance(p, str) for p in paths):
+        raise LtcacheError(f"{pipeline}: caches must be a list of cache folder paths, got {paths!r}")
+    return [_resolve(pipeline.parent, p) for p in paths]
+
+
+def _paper(doc: dict) -> str:
+    from ltcache.stage2.paper_table import render
+    return render(doc, "terminal")

@@ -135,10 +135,12 @@ def test_h5py_writer_full_disk_keeps_old(tmp_path, monkeypatch):
 
 
 def test_report_is_all_or_nothing(tmp_path, monkeypatch):
-    """The 4th of 5 figures fails: no report.html and no figures folder (a fresh report), or the old
+    """The 4th figure fails: no report.html and no figures folder (a fresh report), or the old
     report exactly as it was (--force), and no temporary folder left either time."""
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
+
+    from ltcache.report import FIGURES
     out = tmp_path / "bench"
     assert run(*BENCH, "--out", out)[0] == 0
     rep = out / "report"
@@ -161,15 +163,15 @@ def test_report_is_all_or_nothing(tmp_path, monkeypatch):
         if old:
             assert run("report", out / "results.json", "--quiet")[0] == 0
             old = tree()
-            assert len(old) == 6
+            assert len(old) == len(FIGURES) + 1
         calls = []
         monkeypatch.setattr(Figure, "savefig", fourth_fails(calls))
         line = one_error(*run("report", out / "results.json", "--force"), "no space left on the device while writing",
-                         str(rep / "figures" / "logit_margin.png"))
+                         str(rep / "figures" / f"{FIGURES[3]}.png"))
         assert ".tmp" not in line
         monkeypatch.undo()
         assert len(calls) == 4 and tree() == old
         assert not rep.exists() or files_in(rep) == {"report.html", "figures"}
     code, text, _ = run("report", out / "results.json", "--force", "--quiet")
     assert code == 0, text
-    assert files_in(rep) == {"report.html", "figures"} and len(files_in(rep / "figures")) == 5
+    assert files_in(rep) == {"report.html", "figures"} and len(files_in(rep / "figures")) == len(FIGURES)

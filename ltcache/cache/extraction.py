@@ -633,6 +633,10 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
         extraction["skipped_images"] = {"count": int(absent),
                                         "first": [p for st in ranks for p in st["skipped_first"]][:SKIPPED_LISTED]}
     ck_info = {"path": str(ckpt.resolve()), "sha256": ck_sha}
+    if ck_layout is None and args.get("weights") != "pretrained" and spec_dict.get("seed") is not None:
+        # an ltcache stage-1 checkpoint: `ltcache train --seed N` drew its dataset with its own seed, so
+        # the spec's seed is the backbone's training seed (what tells replicate backbones apart)
+        ck_info["stage1_seed"] = int(spec_dict["seed"])
     if ck_layout is not None:
         ck_info["layout"] = {k: v for k, v in ck_layout.items() if k != "pool_input"}
     body = manifest_body({**spec_dict, **ds.spec.to_dict(), "groups": ds.groups}, ds.class_counts, arch,

@@ -340,11 +340,13 @@ def import_features(sources: Union[PathLike, Sequence[PathLike]], out: PathLike,
                     classifier: Optional[PathLike] = None, fit_classifier_head: bool = False,
                     name: Optional[str] = None, arch: str = "unknown", dtype: str = "float32",
                     shard_rows: int = 8192, force: bool = False, command: Optional[str] = None,
-                    quiet: bool = True) -> Path:
+                    quiet: bool = True, stage1_seed: Optional[int] = None) -> Path:
     """Build a verified cache in ``out`` from features you already have (key convention: module
     docstring, or ``ltcache import --help``). ``classifier``: a file with the stage-1 W [K, D] and
     b [K]; ``fit_classifier_head``: fit a CE linear head instead; neither (and no weight/bias in
-    the sources): a cache without a stage-1 classifier. Returns ``out``."""
+    the sources): a cache without a stage-1 classifier. ``stage1_seed``: the training seed of the
+    backbone the features come from, when known (caches of one ``name`` with different seeds are
+    replicates in a multi-cache ``bench`` / ``tune``). Returns ``out``."""
     paths = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(s) for s in sources]
     if not paths:
         raise LtcacheError("no features file given; e.g. `ltcache import feats.npz --out cache-mine`")
@@ -360,10 +362,12 @@ def import_features(sources: Union[PathLike, Sequence[PathLike]], out: PathLike,
     with output_lock(out, folder=False):
         restore_interrupted_swap(out)
         _check_out(out, force)
-        return _import(paths, out, classifier, fit_classifier_head, name, arch, dtype, shard_rows, command, quiet)
+        return _import(paths, out, classifier, fit_classifier_head, name, arch, dtype, shard_rows, command, quiet,
+                       stage1_seed)
 
 
-def _import(paths, out, classifier, fit_head, name, arch, dtype, shard_rows, command, quiet) -> Path:
+def _import(paths, out, classifier, fit_head, name, arch, dtype, shard_rows, command, quiet,
+            stage1_seed: Optional[int] = None) -> Path:
     from ltcache.progress import echo
 
     arrays, origin = _merge(paths)
@@ -450,7 +454,8 @@ def _import(paths, out, classifier, fit_head, name, arch, dtype, shard_rows, com
     dataset = {"name": name or "imported", "source": f"{name} ({src})" if name else src, "imported": True,
                "imb_ratio_observed": round(imb, 4)}
     extraction = {"imported": True, "views": {s: v[3] for s, v in splits.items()}}
-    body = manifest_body(dataset, counts.tolist(), arch, d, {"path": None, "sha256": ""}, dtype, extraction)
+    ck = {"path": None, "sha256": ""} if stage1_seed is None else {"path": None, "sha256": "", "stage1_seed": int(stage1_seed)}
+    body = manifest_body(dataset, counts.tolist(), arch, d, ck, dtype, extraction)
     body["class_names"] = class_names
     body[STAGE1_KEY] = clf_rec
     body["import"] = {"sources": sources, "key_convention": KEY_CONVENTION,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 import click
@@ -49,6 +48,7 @@ class _Group(click.Group):
         except click.UsageError as exc:
             raise _one_line(exc) from None
         except LtcacheError as exc:
+            interrupts.ending()
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
@@ -58,7 +58,7 @@ class _Group(click.Group):
 def _stopped(exc: KeyboardInterrupt, ctx: click.Context) -> None:
     """End an interrupted command with one line saying what was kept (exit 128 + signal). Under
     torchrun, SIGTERM means torchrun is stopping every rank because one ended: name that rank, exit 2."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not cut this short
+    interrupts.ending()                              # a second SIGTERM must not cut this short
     note = getattr(exc, "note", None) or interrupts.current_note()
     if isinstance(exc, interrupts.Stopped) and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
         from ltcache import distributed

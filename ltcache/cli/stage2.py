@@ -101,7 +101,15 @@ def _check_precision(precision: str, device: str) -> None:
     check_precision(precision, resolve_device(device))
 
 
-def _common(f):
+MULTI_CACHE_HELP = ("cache directory (default: the bundled cache); repeat it for several caches -- datasets, and "
+                    "replicate backbones of one dataset (caches from different stage-1 seeds) -- to get one results "
+                    "file with a run per cache and the paper table (see `ltcache table --help`)")
+AGAINST_HELP = ("with several caches: the reference method of the paper table's differences (a method of the run)")
+
+
+def _common(f=None, *, multi_cache: bool = False):
+    if f is None:
+        return lambda g: _common(g, multi_cache=multi_cache)
     f = click.option("--precision", type=click.Choice(["fp32", "bf16", "tf32"]), default="fp32",
                      show_default=True, help=PRECISION_HELP)(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False, help=THREADS_HELP)(f)
@@ -124,8 +132,13 @@ def _common(f):
     f = click.option("--select", type=click.Choice(["last", "val"]), default="last",
                      help="keep the last epoch or the best epoch on the val split (never test)")(f)
     f = click.option("--seeds", default="0", help="comma-separated seeds, each its own configuration")(f)
-    f = click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
-                     help="cache directory (default: the bundled cache)")(f)
+    if multi_cache:
+        f = click.option("--against", default="ce", show_default=True, help=AGAINST_HELP)(f)
+        f = click.option("--cache", "cache_dir", type=click.Path(path_type=Path), multiple=True,
+                         help=MULTI_CACHE_HELP)(f)
+    else:
+        f = click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+                         help="cache directory (default: the bundled cache)")(f)
     return f
 
 
@@ -148,7 +161,7 @@ def join_ranks(device: str) -> bool:
     return distributed.is_main()
 
 
-def _claim_outputs(force: bool, files=(), folder=None) -> None:
+def _claim_outputs(force: bool, files=(), folder=None, multi: bool = False) -> None:
     """Before any work: check each output -- ``files``: (flag, path, example name), ``folder``: (flag,
     path) of a results folder -- (an existing one is refused without --force), then lock each one
     until the command ends (a second run writing the same output is refused with this one's pid)."""
@@ -161,7 +174,8 @@ def _claim_outputs(force: bool, files=(), folder=None) -> None:
             raise LtcacheError(f"{flag} {path} is a folder; give a file name, e.g. {path / example}")
         check_output_file(path, force, what=f"{flag} file")
     if folder is not None and folder[1] is not None:
-        check_output_dir(folder[1], force, what=f"{folder[0]} folder", outputs=RESULT_FILES)
+        from ltcache.stage2.multi import MULTI_OUTPUTS
+        check_output_dir(folder[1], force, what=f"{folder[0]} folder", outputs=MULTI_OUTPUTS if multi else RESULT_FILES)
     ctx = click.get_current_context()
     for _, path, _ in files:
         ctx.with_resource(output_lock(path, folder=False))
@@ -266,15 +280,25 @@ def parse_grid(items) -> dict:
 @click.option("--all-methods", is_flag=True, help="every registered method (with --plugin: its methods too)")
 @click.option("--methods", "method_list", default=None, help="comma-separated method names")
 @click.option("--grid", multiple=True, help="name=v1,v2,... (repeatable): a Cartesian grid")
-@_common
+@_common(multi_cache=True)
 @_plugin_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="directory for results.json, summary.csv and summary.md (a folder already holding them is "
+              help="directory for results.json, summary.csv and summary.md (several caches: results.json and the "
+                   "paper table paper.md, paper.csv, paper.tex) (a folder already holding them is "
                    "never replaced without --force; each is written to a temporary name and renamed)")
 @click.option("--force", is_flag=True, help="replace the results already in the --out folder")
-def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_views, device, preset, jobs, quiet,
-              clean_view, from_tune, threads, precision, out, force, plugins, **kwargs):
-    """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All."""
+def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select, test_views, device, preset, jobs,
+              quiet, clean_view, from_tune, threads, precision, out, force, plugins, **kwargs):
+    """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All.
+
+    \b
+    With several --cache, each cache is swept in turn and one results file holds every run;
+    caches of one dataset from different stage-1 seeds are its replicate backbones, and the
+    paper table (methods x datasets, error bars over backbones x seeds) is printed and written.
+    Examples:
+      ltcache bench --all-methods --seeds 0,1,2 --out results/bench
+      ltcache bench --all-methods --seeds 0,1,2 --cache runs/s0/cache --cache runs/s1/cache --out results/paper
+    """
     from ltcache.stage2 import api
     from ltcache.stage2.methods import METHODS, get_method
     from ltcache.stage2.results import format_table
@@ -289,16 +313,23 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
     seed_list = api.parse_seeds(seeds)
     overrides = _overrides(kwargs)
     _check_precision(precision, device)
+    caches = list(cache_dir) if len(cache_dir) > 1 else (cache_dir[0] if cache_dir else None)
     main = join_ranks(device)
     if main:
-        _claim_outputs(force, folder=("--out", out))
+        _claim_outputs(force, folder=("--out", out), multi=isinstance(caches, list))
     else:                                   # another torchrun rank: trains its share, prints and writes nothing
         quiet, out = True, None
     apply_threads(threads, quiet)
-    results = api.bench(cache_dir, (None if all_methods else names) or None, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
+    results = api.bench(caches, (None if all_methods else names) or None, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
                         device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out, jobs=jobs,
-                        clean_view=clean_view, from_tune=from_tune, precision=precision)
+                        clean_view=clean_view, from_tune=from_tune, precision=precision, against=against)
     if not main:
+        return
+    if isinstance(caches, list):
+        from ltcache.stage2.paper_table import render
+        click.echo(render(results, "terminal"), nl=False)
+        if out is not None:
+            click.echo(f"results: {out}/results.json, paper.md, paper.csv, paper.tex")
         return
     click.echo(format_table(results))
     if out is not None:

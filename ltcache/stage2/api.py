@@ -128,11 +128,34 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
           device: str = "auto", quiet: bool = False, preset: Optional[str] = None,
           overrides: Optional[dict] = None, out_dir: Optional[Union[str, Path]] = None,
           jobs: Optional[int] = None, clean_view: bool = False,
-          from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32") -> dict:
+          from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32", against: str = "ce") -> dict:
     """One sweep over ``methods`` (default: all) x ``grid`` x ``seeds``; optional files in out_dir.
 
     ``from_tune``: a ``tune`` results.json of this cache; each method runs at its chosen values
-    (default methods: the tuned ones)."""
+    (default methods: the tuned ones). ``cache`` may be a list of caches: each is checked and
+    grouped into datasets first, then swept in turn, and the result is one multi-cache document
+    (:mod:`ltcache.stage2.multi`; its paper table, against the method ``against``, is written
+    to ``out_dir`` beside results.json)."""
+    if isinstance(cache, (list, tuple)) and len(cache) != 1:
+        from ltcache.stage2 import multi
+        if not cache:
+            raise LtcacheError("no cache given; pass one or more caches")
+        if from_tune is not None:
+            raise LtcacheError("--from-tune holds the choices made on one cache; with several caches run "
+                               "`ltcache tune` on them instead")
+        names = [get_method(n).name for n in methods] if methods else list(METHODS)
+        ref = multi.check_against(against, (["ce"] if "ce" not in names else []) + names)
+
+        def one(c):
+            return bench(c, methods, grid, seeds, select, test_views, device, quiet, preset, overrides, None, jobs,
+                         clean_view, None, precision)
+        doc = multi.run_caches("bench", list(cache), one, ref, need_val="--select val" if select == "val" else None,
+                               quiet=quiet)
+        if out_dir is not None:
+            multi.write_multi(doc, out_dir)
+        return doc
+    if isinstance(cache, (list, tuple)):
+        cache = cache[0]
     dev = resolve_device(device)
     cache = _load_cache(cache, dev)
     picks = None

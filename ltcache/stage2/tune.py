@@ -123,14 +123,26 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
          seeds: Sequence[int] = (0, 1, 2, 3, 4), test_views: str = "all", device: str = "auto",
          quiet: bool = False, preset: Optional[str] = None, out_dir: Optional[Union[str, Path]] = None,
          force: bool = False, jobs: Optional[int] = None, clean_view: bool = False,
-         space: Optional[dict[str, Dim]] = None, precision: str = "fp32") -> dict:
+         space: Optional[dict[str, Dim]] = None, precision: str = "fp32", against: str = "ce") -> dict:
     """Tune every method in ``methods`` (default: all) on val with ``budget`` points each, pick
     per method by ``select_metric``, re-train picks and presets over ``seeds``; the results
     document (``results["tune"]`` holds the picks, every point's val score and the timings).
     ``space``: replacement dimensions (:func:`parse_space`) for the methods that have them.
     ``precision``: the training GEMMs' arithmetic in both stages (:mod:`ltcache.stage2.precision`).
     With ``out_dir``, stage A's points are written (``stage_a.json``) as soon as they exist, so
-    a failure in stage B keeps them."""
+    a failure in stage B keeps them.
+
+    ``cache`` may be a list of caches: every cache is checked (val split included) and grouped
+    into datasets before anything trains, then tuned on its own val split in turn; the result is
+    one multi-cache document (:mod:`ltcache.stage2.multi`) whose paper table, against the method
+    ``against``, is written to ``out_dir`` beside results.json."""
+    if isinstance(cache, (list, tuple)) and len(cache) != 1:
+        return _tune_many(list(cache), methods, against, out_dir, force, quiet,
+                          dict(budget=budget, search=search, select_metric=select_metric, tune_seeds=tune_seeds,
+                               seeds=seeds, test_views=test_views, device=device, preset=preset, jobs=jobs,
+                               clean_view=clean_view, space=space, precision=precision))
+    if isinstance(cache, (list, tuple)):
+        cache = cache[0]
     if budget < 1:
         raise LtcacheError(f"--budget must be >= 1 (got {budget}); e.g. --budget 32")
     if search not in SEARCHES:
@@ -293,6 +305,25 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
     if out_dir is not None:
         write_tune(results, out_dir)
     return results
+
+
+def _tune_many(caches: list, methods, against: str, out_dir, force: bool, quiet: bool, kw: dict) -> dict:
+    """:func:`tune` on each of several caches; one multi-cache document (see :func:`tune`)."""
+    from ltcache.stage2 import multi
+    if not caches:
+        raise LtcacheError("no cache given; pass one or more caches")
+    names = [get_method(n).name for n in methods] if methods else list(METHODS)
+    ref = multi.check_against(against, names)
+    if kw["budget"] < 1:
+        raise LtcacheError(f"--budget must be >= 1 (got {kw['budget']}); e.g. --budget 32")
+    if out_dir is not None:
+        from ltcache.outputs import check_output_dir
+        check_output_dir(out_dir, force=force, outputs=multi.MULTI_OUTPUTS, what="--out folder")
+    doc = multi.run_caches("tune", caches, lambda c: tune(c, names, quiet=quiet, **kw), ref, need_val="tune",
+                           quiet=quiet)
+    if out_dir is not None:
+        multi.write_multi(doc, out_dir)
+    return doc
 
 
 # ---------------------------------------------------------------------------------------------
