@@ -25,6 +25,7 @@ except ImportError:                    # pragma: no cover
 import numpy as np
 import torch
 
+from ltcache.data.decode import to_rgb
 from ltcache.data.streaming import PathTable, image_size as file_image_size
 from ltcache.errors import LtcacheError
 from ltcache.outputs import os_error
@@ -121,7 +122,7 @@ def _decode(path: str, image_size: int) -> torch.Tensor:
     from PIL import Image
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)                     # every mode, 16-bit gray included
             w, h = im.size
             if max(w, h) > SMALL_IMAGE:
                 short = int(round(image_size / 0.875))
