@@ -1,20 +1,25 @@
-"""Cost per step of the autograd fallback (a loss given only as a forward) vs the analytic loss gradient.
+"""Plugin losses vs the built-in ones: the loss-gradient call and the whole step.
 
-Run by hand (not by CI):  python benchmarks/bench_fallback.py [--members 20] [--batch 128] [--classes 10,100]
+Run by hand (not by CI):  python benchmarks/bench_fallback.py [--members 1,10,20] [--batch 128] [--classes 10]
                                                               [--dim 64] [--repeats 7] [--threads 1]
 
-For a group of M members (batch B, K classes, feature dim D) it times, per step:
+Two losses, each written twice:
 
-* ``dz only``: the loss gradient dL/dz of the group -- the built-in ``ce`` / ``los`` through
-  ``batched_loss_grad`` vs the same losses written as plain forwards (``F.cross_entropy``)
-  through the fallback, both as ``torch.func.vmap(grad)`` over the members (the default for a
-  run of >= VMAP_MIN members with one loss and one set of hyper-parameters) and as one autograd
-  call on the summed per-member losses (the default for shorter runs and for forwards vmap
-  cannot run); and with a different delta per member (the grid case: M runs of one member),
-  as one autograd call (the default) and as vmap per member;
-* ``whole step``: ``train_group`` of the M members for one epoch of synthetic features
-  (N 12,406 rows, the CIFAR-10-LT size), wall time / steps, which includes the gather, the
-  two matmuls, the head backward and the update.
+* **logit-adjusted focal** (tau 1, gamma 2): built in as a composed :class:`ltcache.LossSpec`
+  (an ``offset`` tau log pi plus the ``focal`` term: the analytic path), and as a forward-only
+  plugin (``F.cross_entropy`` of the adjusted logits, then (1 - p)^gamma CE);
+* **Poly-1** (epsilon 1): the built-in ``poly1`` loss vs a forward-only plugin.
+
+For a group of M members with the same loss and hyper-parameters (batch B, K classes,
+feature dim D) it times, per step:
+
+* ``dz``: the loss gradient dL/dz of the group -- ``batched_loss_grad`` (built-in) vs the
+  fallback's call (``AutogradLossGrad``: by default the flat path, the members' samples laid
+  end to end through one traced gradient graph with class-major softmax; ``flat, untraced``:
+  the same through eager autograd; ``per member``: the earlier vmap / summed-autograd path);
+* ``step``: ``train_group`` of the M members for one epoch of synthetic features (N 12,406
+  rows, the CIFAR-10-LT size), wall time / steps: gather, two matmuls, loss gradient, head
+  backward, update.
 
 Each number is the median of ``--repeats`` runs.
 """
@@ -32,10 +37,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ltcache.plugins import isolated_registry  # noqa: E402
-from ltcache.stage2.losses import batched_loss_grad, build_loss, loss_targets, register_loss, stack_specs  # noqa: E402
-from ltcache.stage2.losses._fallback import LOOP, VMAP, VMAP_MIN, AutogradLossGrad  # noqa: E402
+from ltcache.registry import isolated  # noqa: E402
+from ltcache.stage2.losses import LossSpec, batched_loss_grad, build_loss, loss_targets, register_loss, stack_specs  # noqa: E402
+from ltcache.stage2.losses._fallback import AutogradLossGrad  # noqa: E402
+from ltcache.stage2.losses.la import log_prior  # noqa: E402
 from ltcache.stage2.params import Param  # noqa: E402
+
+TAU, GAMMA, EPSILON = 1.0, 2.0, 1.0
 
 
 def median_time(fn, repeats: int, inner: int) -> float:
@@ -54,31 +62,64 @@ def lt_counts(k: int, n_max: int = 5000, ratio: float = 100.0) -> torch.Tensor:
     return torch.tensor([max(1, int(n_max * ratio ** (-j / max(1, k - 1)))) for j in range(k)])
 
 
-def dz_only(m: int, b: int, k: int, repeats: int) -> dict:
+def register_plugins() -> None:
+    """The two losses as forward-only plugins, LA-focal also composed, and a method each."""
+    from ltcache.stage2.methods import LOS_CIFAR, register_method
+
+    @register_loss("la-focal", params=[Param("la_tau", float, lo=0), Param("focal_gamma", float, lo=0)])
+    class LAFocal:
+        """Composed: offset tau log pi + the focal term (the analytic path)."""
+
+        def spec(self, p, counts, scale=1.0):
+            return LossSpec(num_classes=len(counts), offset=p["la_tau"] * log_prior(counts),
+                            terms={"focal": {"gamma": p["focal_gamma"]}})
+
+    @register_loss("user-la-focal", params=[Param("la_tau", float, lo=0), Param("focal_gamma", float, lo=0)])
+    def user_la_focal(z, y, params, counts):
+        ce = F.cross_entropy(z + params["la_tau"] * torch.log(counts / counts.sum()), y, reduction="none")
+        return ((1 - torch.exp(-ce)).clamp_min(1e-12) ** params["focal_gamma"] * ce).mean()
+
+    @register_loss("user-poly1", params=[Param("poly_eps", float, lo=-1)])
+    def user_poly1(z, y, params):
+        ce = F.cross_entropy(z, y, reduction="none")
+        p_y = torch.softmax(z, -1).gather(1, y[:, None]).squeeze(1)
+        return (ce + params["poly_eps"] * (1 - p_y)).mean()
+
+    la = dict(LOS_CIFAR, la_tau=TAU, focal_gamma=GAMMA)
+    register_method("la-focal", loss="la-focal", presets=la)
+    register_method("user-la-focal", loss="user-la-focal", presets=la)
+    register_method("user-poly1", loss="user-poly1", presets=dict(LOS_CIFAR, poly_eps=EPSILON))
+
+
+PAIRS = {  # name -> (built-in loss, params), (plugin loss, params), (built-in method, plugin method)
+    "LA-focal": (("la-focal", {"la_tau": TAU, "focal_gamma": GAMMA}), ("user-la-focal", {"la_tau": TAU, "focal_gamma": GAMMA}),
+                 ("la-focal", "user-la-focal")),
+    "Poly-1": (("poly1", {"epsilon": EPSILON}), ("user-poly1", {"poly_eps": EPSILON}), ("poly1", "user-poly1")),
+}
+
+
+def dz_times(m: int, b: int, k: int, repeats: int) -> dict:
     counts = lt_counts(k)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(m, k, b, generator=g)
     y = torch.randint(k, (m, b), generator=g)
     valid = torch.ones(m, b)
     out = {}
-    for kind, params in (("ce", {}), ("los", {"delta": 0.9})):
-        lb = stack_specs([build_loss(kind, params, counts)] * m, counts, "cpu")
+    for name, ((bl, bp), (pl, pp), _) in PAIRS.items():
+        lb = stack_specs([build_loss(bl, bp, counts)] * m, counts, "cpu")
         t = loss_targets(lb, y, valid)
-        out[f"analytic {kind}"] = median_time(lambda: batched_loss_grad(z, None, None, lb, t), repeats, 200)
-        same = [build_loss(f"user-{kind}", params, counts)] * m
-        for label, mode in (("vmap (default)", VMAP), ("one autograd call", LOOP)):
-            fb = AutogradLossGrad(same, ["bench"] * m, counts, "cpu", mode=mode)
-            out[f"fallback {kind}, {label}"] = median_time(lambda: fb(z, y, valid, [b] * m, True), repeats, 20)
-    grid = [build_loss("user-los", {"delta": 0.5 + 0.02 * i}, counts) for i in range(m)]
-    for label, vmin in (("one autograd call (default)", VMAP_MIN), ("vmap per member", 1)):
-        fb = AutogradLossGrad(grid, ["bench"] * m, counts, "cpu", vmap_min=vmin)
-        out[f"fallback los, {m} deltas, {label}"] = median_time(lambda: fb(z, y, valid, [b] * m, True), repeats, 10)
+        out[(name, "dz", "built-in")] = median_time(lambda: batched_loss_grad(z, None, None, lb, t), repeats, 200)
+        specs = [build_loss(pl, pp, counts)] * m
+        for label, flat, trace in (("plugin", True, True), ("plugin, flat untraced", True, False),
+                                   ("plugin, per member", False, False)):
+            fb = AutogradLossGrad(specs, ["bench"] * m, counts, "cpu", flat=flat, trace=trace)
+            out[(name, "dz", label)] = median_time(lambda: fb(z, y, valid, [b] * m, True), repeats, 50)
     return out
 
 
-def whole_step(m: int, b: int, k: int, d: int, repeats: int) -> dict:
-    from ltcache.stage2.methods import get_method, resolve_params
+def step_times(m: int, b: int, k: int, d: int, repeats: int) -> dict:
     from ltcache.stage2.api import make_config
+    from ltcache.stage2.methods import get_method, resolve_params
     from ltcache.stage2.samplers import steps_per_epoch
     from ltcache.stage2.sweep import TrainData, train_group
     counts = lt_counts(k)
@@ -90,45 +131,44 @@ def whole_step(m: int, b: int, k: int, d: int, repeats: int) -> dict:
     data = TrainData(x=x, labels=labels, w0=torch.randn(k, d, generator=g) * 0.1, b0=torch.zeros(k))
     steps = steps_per_epoch("ib", n, b)
     out = {}
-    for method in ("ce", "user-ce", "los", "user-los"):
-        meth = get_method(method)
-        params = resolve_params(meth, "cifar", {"epochs": 1, "batch_size": b, **({"delta": 0.9} if "los" in method else {})}, n)
-        cfgs = [make_config(meth, params, s, method, counts) for s in range(m)]
-        out[f"step {method}"] = median_time(lambda: train_group(cfgs, data, quiet=True), repeats, 1) / steps
+    for name, (_, _, methods) in PAIRS.items():
+        for label, method in zip(("built-in", "plugin"), methods):
+            meth = get_method(method)
+            params = resolve_params(meth, "cifar", {"epochs": 1, "batch_size": b}, n)
+            cfgs = [make_config(meth, params, s, method, counts) for s in range(m)]
+            out[(name, "step", label)] = median_time(lambda: train_group(cfgs, data, quiet=True), repeats, 1) / steps
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--members", type=int, default=20)
+    ap.add_argument("--members", default="1,10,20")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--classes", default="10,100")
+    ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    members = [int(v) for v in args.members.split(",")]
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-          f"M {args.members}, B {args.batch}, D {args.dim}; median of {args.repeats}")
-    with isolated_registry():
-        from ltcache.stage2.methods import LOS_CIFAR, register_method
-
-        @register_loss("user-ce")
-        def user_ce(z, y):
-            return F.cross_entropy(z, y)
-
-        @register_loss("user-los", params=[Param("delta", float, lo=0, hi=1)])
-        def user_los(z, y, params):
-            return F.cross_entropy(z, y, label_smoothing=params["delta"])
-
-        register_method("user-ce", loss="user-ce", presets=LOS_CIFAR)
-        register_method("user-los", loss="user-los", presets=dict(LOS_CIFAR, delta=0.9))
-        for k in [int(v) for v in args.classes.split(",")]:
-            res = {**dz_only(args.members, args.batch, k, args.repeats),
-                   **whole_step(args.members, args.batch, k, args.dim, args.repeats)}
-            print(f"\nK {k}")
-            for name, sec in res.items():
-                print(f"  {name:<52} {sec * 1e3:8.3f} ms")
+          f"B {args.batch}, K {args.classes}, D {args.dim}; median of {args.repeats}; ms per call / per step")
+    with isolated():
+        register_plugins()
+        res = {}
+        for m in members:
+            res[m] = {**dz_times(m, args.batch, args.classes, args.repeats),
+                      **step_times(m, args.batch, args.classes, args.dim, args.repeats)}
+    print("\n| loss | what | M | built-in | plugin | plugin / built-in | flat, untraced | per member (before) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in PAIRS:
+        for what in ("dz", "step"):
+            for m in members:
+                r = res[m]
+                bi, pl = r[(name, what, "built-in")], r[(name, what, "plugin")]
+                cols = [r.get((name, what, k)) for k in ("plugin, flat untraced", "plugin, per member")]
+                print(f"| {name} | {what} | {m} | {bi * 1e3:.3f} | {pl * 1e3:.3f} | **{pl / bi:.2f}x** | "
+                      + " | ".join('' if c is None else f'{c * 1e3:.3f} ({c / bi:.1f}x)' for c in cols) + " |")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,17 @@
 Stage 1 trains a backbone once; extraction caches its penultimate features; stage 2
 re-trains many classifier heads on the cached tensors in one batched sweep.
 
-Methods of your own: ``ltcache.register_loss`` (a decorator; a loss may give only its
-forward), ``ltcache.register_method`` and ``ltcache.Param``, in a file loaded with
-``--plugin FILE`` (or ``ltcache.load_plugin``); README "Add a method".
+Methods of your own, in a file loaded with ``--plugin FILE`` (or ``ltcache.load_plugin``),
+each a decorator or call of this package (README "Add a method"; ``examples/``):
+
+* ``register_loss``: a loss composed of the fused family's parts (``LossSpec``, listed by
+  ``composable()``: built-in speed), or a forward in plain PyTorch that may read the batch's
+  features and the head's parameters (autograd, or its own ``grad``);
+* ``register_head``, ``register_sampler``, ``register_posthoc``: a head family, an index
+  sampler, a closed-form rule;
+* ``register_method`` and ``Param``: the method (head + loss + sampler + presets + space).
+
+``ltcache check-plugin FILE`` runs the common checks on every entry a file registers.
 """
 from __future__ import annotations
 
@@ -21,12 +29,19 @@ __version__ = "0.1.0"
 if _os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") and "torch" not in _sys.modules:
     _os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 
-__all__ = ["__version__", "load_model", "register_method", "register_loss", "Param", "load_plugin"]
+__all__ = ["__version__", "load_model", "register_method", "register_loss", "register_head", "register_sampler",
+           "register_posthoc", "LossSpec", "composable", "Param", "Dim", "load_plugin"]
 
 _LAZY = {
     "register_method": ("ltcache.stage2.methods", "register_method"),
     "register_loss": ("ltcache.stage2.losses", "register_loss"),
+    "register_head": ("ltcache.stage2.heads", "register_head"),
+    "register_sampler": ("ltcache.stage2.samplers", "register_sampler"),
+    "register_posthoc": ("ltcache.stage2.closed_form", "register_posthoc"),
+    "LossSpec": ("ltcache.stage2.losses", "LossSpec"),
+    "composable": ("ltcache.stage2.losses", "composable"),
     "Param": ("ltcache.stage2.params", "Param"),
+    "Dim": ("ltcache.stage2.space", "Dim"),
     "load_plugin": ("ltcache.plugins", "load_plugin"),
 }
 

@@ -221,10 +221,10 @@ def lost_on_stop(what: str, note: str) -> LtcacheError:
         return LtcacheError(f"rank {me}: lost {_named(dead)} during {what} (its process ended: killed, crashed "
                             f"or stopped); {note}")
     elsewhere = remote_peers()
-    where = (f"not on this host; {_named(elsewhere)} run on other hosts: torchrun's summary names it"
+    where = (f"it is not on this host ({_named(elsewhere)} run on other hosts): torchrun's summary names it"
              if elsewhere else "torchrun's summary names it")
     return LtcacheError(f"rank {me}: stopped by SIGTERM during {what} (torchrun stops every rank when one ends; "
-                        f"the rank that ended is {where}); {note}")
+                        f"{where}); {note}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -304,8 +304,7 @@ def check_same(obj: Any, what: str) -> None:
 def shutdown() -> None:
     """Leave the process group (no-op when none was joined)."""
     global _BACKEND
-    dist = _dist()
-    _PEERS.clear()
+    dist = _dist()                           # _PEERS stay: a SIGTERM after this still names the rank that ended
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()

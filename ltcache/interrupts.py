@@ -14,6 +14,7 @@ import threading
 from typing import Callable, Iterator, Optional, Union
 
 _NOTES: list = []
+OWNED = False          # True in the ``ltcache`` process itself (not when a program calls the CLI in-process)
 DEFAULT_NOTE = "nothing was written; the same command starts over"
 
 
@@ -45,9 +46,10 @@ def _raise_interrupted(signum, frame) -> None:
 
 
 def install() -> None:
-    """SIGTERM raises :class:`Stopped` and Ctrl-C :class:`Interrupted` in the main thread (nothing
-    when called from another thread)."""
-    if threading.current_thread() is threading.main_thread():
+    """In the ``ltcache`` process itself: SIGTERM raises :class:`Stopped` and Ctrl-C
+    :class:`Interrupted` in the main thread (nothing when called from another thread, or when a
+    program runs the CLI in its own process: its signals stay its own)."""
+    if OWNED and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_stopped)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, _raise_interrupted)
@@ -71,6 +73,13 @@ def current_note() -> str:
         return DEFAULT_NOTE
     note = _NOTES[-1]
     return note() if callable(note) else note
+
+
+def ending() -> None:
+    """The command has said its last line: a SIGTERM now (torchrun stopping the ranks) must not add
+    a traceback to it, so it is ignored while the process exits."""
+    if OWNED and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def signal_name(exc: BaseException) -> str:

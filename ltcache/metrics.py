@@ -147,8 +147,10 @@ def logits_magnitude(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
               LM_j / (sum_k |LM_k| / K)
       RSD_j = std_{x: y=j} z_j(x) / LM_j  (raw, unregularised LM: the ratio is scale-free)
     Classes absent from ``labels`` get NaN. RSD_j is undefined (NaN; None in results, "-" in
-    tables) when |LM_j| <= RSD_MIN_LM x the standard deviation of all logits: dividing by a
-    near-zero LM gives meaningless values such as -242.69.
+    tables) when LM_j <= RSD_MIN_LM x the standard deviation of all logits: a near-zero LM gives
+    meaningless values such as -242.69, and a negative one (the class's own logit below the others'
+    on its own samples: no margin to relate the spread to) a negative "standard deviation". So a
+    reported RSD is never negative.
     """
     labels = labels.to(logits.device).long()
     k = logits.shape[1]
@@ -163,7 +165,7 @@ def logits_magnitude(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     pos_var = torch.zeros(k, dtype=torch.float64, device=logits.device).index_add_(0, labels, sq) / (n_pos - 1).clamp_min(1)
     rsd = pos_var.sqrt() / lm
     scale = float(logits.float().std()) if logits.numel() > 1 else 0.0
-    rsd[lm.abs() <= RSD_MIN_LM * scale] = float("nan")        # LM ~ 0: RSD undefined
+    rsd[lm <= RSD_MIN_LM * scale] = float("nan")              # LM ~ 0 or negative: RSD undefined
     valid = n_pos > 0
     norm = lm[valid].abs().mean() if valid.any() else torch.tensor(1.0, dtype=torch.float64)
     lm_reg = lm / norm.clamp_min(1e-12)

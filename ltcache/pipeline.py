@@ -7,10 +7,15 @@ steps whose outputs are already complete and valid, so an interrupted pipeline r
 paths relative to the pipeline file) before anything else is read; the ``[sweep]`` section
 accepts every declared hyper-parameter (generic, each registered method's) as an override, e.g.
 ``delta = 0.9``, and as a ``grid`` key -- the keys come from the declarations, so a new loss
-adds its own.
+adds its own. ``[sweep] caches = [...]`` (and ``[tune] caches``) adds other caches (e.g. other
+pipelines' ``cache`` folders: more stage-1 seeds, more datasets) to the step: one multi-cache
+results file with the paper table (``ltcache table``).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +84,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "test_views": (list, "views averaged at evaluation"),
         "preset": (str, "cifar | imagenet (default: from the cache)"),
         "clean_view": (bool, "also draw the clean train view (default false: augmented views only)"),
+        "caches": (list, "more caches swept with this pipeline's own (paths relative to this file), e.g. other "
+                         "stage-1 seeds and datasets: one results file and the paper table"),
+        "against": (str, "with caches: the paper table's reference method (default ce)"),
     },
     "tune": {
         "methods": ((str, list), "'all' or a list of method names to tune on val (`ltcache tune`)"),
@@ -90,6 +98,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "space": (dict, "replacement dimensions, e.g. {delta = \"0.5:0.99\", epochs = \"10,20\"}"),
         "test_views": (list, "views averaged at evaluation"),
         "preset": (str, "cifar | imagenet (default: from the cache)"),
+        "caches": (list, "more caches tuned with this pipeline's own (paths relative to this file): one results "
+                         "file and the paper table"),
+        "against": (str, "with caches: the paper table's reference method (default ce)"),
     },
 }
 REQUIRED = {"dataset": ("source",), "stage1": ("arch",)}
@@ -125,6 +136,7 @@ class Pipeline:
     extract: dict = field(default_factory=dict)
     sweep: dict = field(default_factory=dict)
     tune: Optional[dict] = None             # an optional [tune] step after the sweep
+    plugins: list = field(default_factory=list)   # plugin files, resolved against the pipeline's folder
 
 
 def _type_name(t: Any) -> str:
@@ -199,7 +211,8 @@ def parse_pipeline(path: str | Path) -> Pipeline:
     return Pipeline(path=path, name=name, out=out, dataset=dict(doc.get("dataset", {})),
                     stage1=dict(doc.get("stage1", {})), extract=dict(doc.get("extract", {})),
                     sweep=dict(doc.get("sweep", {})),
-                    tune=dict(doc["tune"]) if "tune" in doc else None)
+                    tune=dict(doc["tune"]) if "tune" in doc else None,
+                    plugins=[_resolve(path.parent, p) for p in plugins])
 
 
 def _resolve(base: Path, p: str | Path) -> Path:
@@ -227,7 +240,7 @@ def check_steps(pl: "Pipeline", path: str | Path) -> None:
                 raise LtcacheError("methods is empty; give \"all\" or a list such as [\"ce\", \"los\"]")
             overrides = {k: v for k, v in sec.items() if k in hyper_keys()}
             grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sec.get("grid", {}).items()}
-            expand(names, overrides, grid, "cifar", 1000)           # names, keys and values, as the sweep will
+            expand(names, overrides, grid, "cifar", 1000, notice=False)   # names, keys and values, as the sweep will
             parse_seeds(sec.get("seeds", [0]))
             parse_seeds(sec.get("tune_seeds", [0]))
             if sec.get("preset") is not None and sec["preset"] not in PRESETS:
@@ -261,24 +274,74 @@ def _stage1_complete(ckpt: Path, run_args: dict) -> bool:
     ck = load_checkpoint(ckpt)
     same = all(ck.get("train_args", {}).get(k) == v for k, v in run_args.items())
     if not same:
-        raise LtcacheError(f"{ckpt} was trained with other options than this pipeline; use another "
-                           "[pipeline] out, or delete that run")
+        raise LtcacheError(f"{ckpt} was trained with other options than this pipeline; give --out DIR (or "
+                           "another [pipeline] out), or --force to replace that run")
     return int(ck["epoch"]) >= int(ck["epochs"])
 
 
+def plan_hash(step: str, section: dict, caches: list, plugins: list[Path]) -> str:
+    """What a sweep or tune step's results depend on, as a short hash recorded in their
+    results.json (``pipeline_plan``): the step's section, the caches' manifests (so the stage-1
+    checkpoint and the extraction options) and the plugin files' contents."""
+    manifests = [json.loads((Path(c) / "manifest.json").read_text(encoding="utf-8"))
+                 if (Path(c) / "manifest.json").is_file() else str(c) for c in caches]   # a missing one: bench says
+    body = {"step": step, "section": section, "caches": manifests,
+            "plugins": [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in plugins]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def step_done(out: Path, plan: str, force: bool, step: str) -> Optional[dict]:
+    """The results of a step already run with this plan (then it is skipped), or None (run it).
+    Results of other inputs are refused unless ``force`` (which replaces them)."""
+    f = Path(out) / "results.json"
+    if not f.is_file():
+        return None
+    try:
+        old = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    if old.get("pipeline_plan") == plan:
+        return old
+    if force:
+        return None
+    raise LtcacheError(f"{f} holds results of other inputs than this pipeline's [{step}] step (its section, the "
+                       "cache or a plugin changed); pass --force to replace them, or give another --out")
+
+
+RUN_OPTIONS = ("epochs", "data_root", "device", "out")     # stage-1 options `ltcache run` has itself
+
+
+def as_pipeline_hint(msg: str, path) -> str:
+    """A `ltcache train` message rephrased for `ltcache run`: an option run lacks becomes the pipeline
+    key that sets it (``--schedule cosine`` -> ``schedule = "cosine" under [stage1] in FILE``)."""
+    def key(m: re.Match) -> str:
+        name = m.group(1).replace("-", "_")
+        if name in RUN_OPTIONS:
+            return m.group(0)
+        section = next((sec for sec in ("stage1", "dataset") if name in SCHEMA[sec]), None)
+        if section is None:
+            return m.group(0)
+        value = m.group(2)
+        shown = f'"{value}"' if value and not re.fullmatch(r"[-+0-9.e]+", value) else value
+        return f"{name} = {shown} under [{section}] in {path}" if value else f"[{section}] {name} in {path}"
+    return re.sub(r"--([a-z][a-z-]*)(?: ([A-Za-z0-9.+-]+))?", key, msg)
+
+
 def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "auto", data_root: Optional[str] = None,
-                 quiet: bool = False, epochs: Optional[int] = None) -> dict:
+                 quiet: bool = False, epochs: Optional[int] = None, force: bool = False) -> dict:
     """Run a pipeline file: stage 1 -> extraction -> sweep (-> tune, when the file has [tune]),
     skipping complete steps.
 
     Returns the sweep results. ``epochs`` overrides ``[stage1] epochs`` (e.g. a shorter CPU run;
-    the checkpoint records what was actually run). Under torchrun (the process group joined by the
+    the checkpoint records what was actually run). A step whose inputs are unchanged is skipped
+    (stage 1 by its options, extraction by the checkpoint and options, the sweep and tune by the
+    plan hash in their results.json); a step whose earlier outputs came from other inputs is
+    refused unless ``force``, which replaces them. Under torchrun (the process group joined by the
     caller) every step runs on every rank; only rank 0 writes the sweep and tune results.
     """
     from ltcache import distributed
     from ltcache.cache.extraction import extract
     from ltcache.stage1 import Stage1Options, load_checkpoint, train_stage1
-    from ltcache.stage2.api import bench
     from ltcache.stage2.results import format_table
 
     pl = parse_pipeline(path)
@@ -293,63 +356,140 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
     s1 = dict(pl.stage1)
     if epochs is not None:
         s1["epochs"] = int(epochs)
+    from ltcache.threads import default_workers
+    s1.setdefault("workers", default_workers())
     if "pretrained" in s1:
         s1["pretrained"] = str(_resolve(Path(path).parent, s1["pretrained"]))
     if "seed" in ds and "seed" in s1 and ds["seed"] != s1["seed"]:
         raise LtcacheError(f"{path}: [dataset] seed and [stage1] seed differ; ltcache uses one seed for both")
     opts = Stage1Options(dataset=source, data_root=root, download=download, device=device, quiet=quiet,
                          out=str(out_dir / "stage1"), **{**ds, **s1})
-    opts.validate()
+    try:
+        opts.validate()
+    except LtcacheError as exc:
+        raise LtcacheError(as_pipeline_hint(str(exc), path)) from None
     check_steps(pl, path)                        # every step's options, before hours of stage 1
     ckpt = out_dir / "stage1" / "stage1.pt"
     steps = 4 if pl.tune is not None else 3
     echo(f"[1/{steps}] stage 1 -> {ckpt}", quiet)
-    if _stage1_complete(ckpt, opts.run_args()):
+    if not (force and ckpt.is_file() and not _same_run(ckpt, opts.run_args())) and _stage1_complete(ckpt, opts.run_args()):
         echo("      complete, skipped", quiet)
     else:
-        opts.resume = ckpt.is_file()
+        opts.resume = ckpt.is_file() and _same_run(ckpt, opts.run_args())
+        opts.force = force
         train_stage1(opts)
     cache_dir = out_dir / "cache"
     echo(f"[2/{steps}] extract -> {cache_dir}", quiet)
     ex = dict(pl.extract)
-    extract(ckpt, cache=cache_dir, device=device, data_root=root, quiet=quiet, **ex)
+    ex.setdefault("workers", default_workers())
+    extract(ckpt, cache=cache_dir, device=device, data_root=root, quiet=quiet, force=force, **ex)
     echo(f"[3/{steps}] sweep -> {out_dir / 'results'}", quiet)
-    sw = dict(pl.sweep)
-    overrides = {k: sw.pop(k) for k in list(sw) if k in hyper_keys()}
-    methods = sw.pop("methods", "all")
-    grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sw.pop("grid", {}).items()}
-    test_views = sw.pop("test_views", ["center", "hflip"])
-    results = bench(cache_dir, None if methods == "all" else list(methods), grid=grid or None,
-                    seeds=sw.pop("seeds", [0]), select=sw.pop("select", "last"),
-                    test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
-                    preset=sw.pop("preset", None), out_dir=out_dir / "results" if main else None, overrides=overrides or None,
-                    clean_view=bool(sw.pop("clean_view", False)))
+    more = _more_caches(pl.sweep.get("caches", []), Path(path), cache_dir)
+    plan = plan_hash("sweep", pl.sweep, [cache_dir] + more, pl.plugins)
+    results = distributed.on_main(lambda: step_done(out_dir / "results", plan, force, "sweep"), "the sweep's check")
+    if results is not None:
+        echo("      complete (same plan), skipped", quiet)
+    else:
+        results = _run_sweep(pl.sweep, cache_dir, device, quiet, Path(path))
+        results["pipeline_plan"] = plan
+        if main and more:
+            from ltcache.stage2.multi import write_multi
+            write_multi(results, out_dir / "results")
+        elif main:
+            from ltcache.stage2.results import write_all
+            write_all(results, out_dir / "results")
     if not quiet:
-        echo(format_table(results))
+        echo(format_table(results) if not more else _paper(results))
     if pl.tune is not None:
-        results["tune"] = _run_tune(pl.tune, cache_dir, out_dir / "tune" if main else None, device, quiet, steps)
+        echo(f"[{steps}/{steps}] tune -> {out_dir / 'tune'}", quiet)
+        more_t = _more_caches(pl.tune.get("caches", []), Path(path), cache_dir)
+        plan = plan_hash("tune", pl.tune, [cache_dir] + more_t, pl.plugins)
+        done = distributed.on_main(lambda: step_done(out_dir / "tune", plan, force, "tune"), "the tune step's check")
+        if done is not None:
+            echo("      complete (same plan), skipped", quiet)
+            results["tune"] = _tune_table(done)
+        else:
+            results["tune"] = _run_tune(pl.tune, cache_dir, out_dir / "tune" if main else None, device, quiet, plan,
+                                        force, Path(path))
     ck = load_checkpoint(ckpt)
     results["pipeline"] = {"file": str(Path(path)), "name": pl.name, "stage1_epochs": ck["epoch"],
                            "stage1_test": ck["history"][-1]["test"] if ck["history"] else None}
     return results
 
 
-def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet: bool, steps: int) -> dict:
-    """The [tune] step: ``ltcache tune`` on the pipeline's cache; returns the tuned table."""
-    from ltcache.stage2.api import tune
-    from ltcache.stage2.tune import format_tune_table, parse_space
+def _same_run(ckpt: Path, run_args: dict) -> bool:
+    from ltcache.stage1 import load_checkpoint
+    ck = load_checkpoint(ckpt)
+    return all(ck.get("train_args", {}).get(k) == v for k, v in run_args.items())
 
-    echo(f"[{steps}/{steps}] tune -> {out}", quiet)
+
+def _run_sweep(section: dict, cache_dir: Path, device: str, quiet: bool, path: Path) -> dict:
+    """The [sweep] step: ``ltcache bench`` on the pipeline's cache and any [sweep] caches (results
+    not written here)."""
+    from ltcache.stage2.api import bench
+    sw = dict(section)
+    overrides = {k: sw.pop(k) for k in list(sw) if k in hyper_keys()}
+    methods = sw.pop("methods", "all")
+    grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sw.pop("grid", {}).items()}
+    test_views = sw.pop("test_views", ["center", "hflip"])
+    more = _more_caches(sw.pop("caches", []), Path(path), cache_dir)
+    results = bench([cache_dir] + more if more else cache_dir, None if methods == "all" else list(methods), grid=grid or None,
+                    seeds=sw.pop("seeds", [0]), select=sw.pop("select", "last"),
+                    test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
+                    preset=sw.pop("preset", None), out_dir=None, overrides=overrides or None,
+                    clean_view=bool(sw.pop("clean_view", False)), against=sw.pop("against", "ce"))
+    return results
+
+
+def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet: bool, plan: str,
+              force: bool = False, path: Path = Path(".")) -> dict:
+    """The [tune] step: ``ltcache tune`` on the pipeline's cache (and any [tune] caches; its
+    results.json records ``plan``); returns the tuned table. Called only when no results of this
+    plan exist there; other results were refused or --force was given."""
+    from ltcache.stage2.api import tune
+    from ltcache.stage2.tune import format_tune_table, parse_space, write_tune
+
     tn = dict(tn)
     methods = tn.pop("methods", "all")
     test_views = tn.pop("test_views", ["center", "hflip"])
     space = parse_space([f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
                          for k, v in tn.pop("space", {}).items()])
-    res = tune(cache_dir, None if methods == "all" else list(methods), budget=int(tn.pop("budget", 32)),
+    more = _more_caches(tn.pop("caches", []), path, cache_dir)
+    res = tune([cache_dir] + more if more else cache_dir, None if methods == "all" else list(methods),
+               budget=int(tn.pop("budget", 32)), against=tn.pop("against", "ce"),
                search=tn.pop("search", "sobol"), select_metric=tn.pop("select_metric", "val-balanced"),
                tune_seeds=tn.pop("tune_seeds", [0]), seeds=tn.pop("seeds", [0, 1, 2, 3, 4]),
                test_views="all" if len(test_views) > 1 else "center", device=device, quiet=quiet,
-               preset=tn.pop("preset", None), out_dir=out, force=True, space=space)
-    if not quiet:
+               preset=tn.pop("preset", None), out_dir=out, force=force, space=space)
+    res["pipeline_plan"] = plan
+    if out is not None:
+        if more:
+            from ltcache.stage2.multi import write_multi
+            write_multi(res, out)
+        else:
+            write_tune(res, out)
+    if more and not quiet:
+        echo(_paper(res))
+    elif not quiet:
         echo(format_tune_table(res))
-    return res["tune"]["table"]
+    return _tune_table(res)
+
+
+def _tune_table(res: dict) -> list:
+    """The tuned table of a tune results document (one cache) or its paper-table rows (several)."""
+    if "tune" in res and "table" in res["tune"]:
+        return res["tune"]["table"]
+    from ltcache.stage2.paper_table import compute
+    return [{k: v for k, v in r.items() if k != "cells"} for r in compute(res)["rows"]]
+
+
+def _more_caches(paths: list, pipeline: Path, own: Path) -> list[Path]:
+    """[sweep] / [tune] caches: paths relative to the pipeline file, beside its own cache."""
+    if not all(isinstance(p, str) for p in paths):
+        raise LtcacheError(f"{pipeline}: caches must be a list of cache folder paths, got {paths!r}")
+    return [_resolve(pipeline.parent, p) for p in paths]
+
+
+def _paper(doc: dict) -> str:
+    from ltcache.stage2.paper_table import render
+    return render(doc, "terminal")

@@ -1,31 +1,27 @@
-"""Plugins: a user's own Python file that registers methods and losses.
+"""Plugins: a user's own Python file that registers methods, losses, heads, samplers or post-hoc rules.
 
 ``ltcache retrain/bench/tune --plugin my_methods.py`` and ``plugins = ["my_methods.py"]`` under
 ``[pipeline]`` in a pipeline file import the file (from its path, no package needed) before the
 methods are resolved, so its ``ltcache.register_loss`` / ``ltcache.register_method`` calls take
 effect. A file is imported once per process; a plugin that is missing, fails to import or
 registers a name that exists is a one-line error naming the file, and leaves nothing registered.
+The registries themselves (and undoing registrations) are :mod:`ltcache.registry`'s.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
-from typing import Iterable, Iterator, Optional, Union
+from typing import Iterable, Optional, Union
 
 from ltcache.errors import LtcacheError
+from ltcache.registry import isolated as isolated_registry  # noqa: F401  (re-exported)
+from ltcache.registry import loading, snapshot, track
 
-_loading: list[str] = []                  # plugin files being imported (innermost last)
-_loaded: dict[Path, ModuleType] = {}
-
-
-def current_plugin() -> Optional[str]:
-    """The plugin file being imported right now (registrations record it as their origin)."""
-    return _loading[-1] if _loading else None
+_loaded: dict[Path, ModuleType] = track({})     # plugin files imported (undone with the registries)
 
 
 def _one_line(text: str) -> str:
@@ -58,9 +54,9 @@ def load_plugin(path: Union[str, Path]) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     restore = snapshot()
     sys.modules[name] = module
-    _loading.append(given)
     try:
-        spec.loader.exec_module(module)
+        with loading(given):
+            spec.loader.exec_module(module)
     except LtcacheError as exc:
         restore()
         sys.modules.pop(name, None)
@@ -71,8 +67,6 @@ def load_plugin(path: Union[str, Path]) -> ModuleType:
         msg = _one_line(exc)
         raise LtcacheError(f"plugin {given} failed to import{_where(exc, key)}: {type(exc).__name__}"
                            f"{': ' + msg if msg else ''}; fix the plugin file") from None
-    finally:
-        _loading.pop()
     _loaded[key] = module
     return module
 
@@ -84,28 +78,3 @@ def load_plugins(paths: Iterable[Union[str, Path]], base: Optional[Path] = None)
         p = Path(path)
         out.append(load_plugin(base / p if base is not None and not p.is_absolute() else path))
     return out
-
-
-def snapshot():
-    """A function that puts the method and loss registries (and the plugins loaded) back as
-    they are now."""
-    from ltcache.stage2 import methods as M
-    from ltcache.stage2.losses import _core as C
-    state = (dict(M.METHODS), dict(C.LOSSES), list(C.FORMS), dict(C._FORMS), dict(C.TERMS), dict(_loaded))
-
-    def restore() -> None:
-        for live, saved in zip((M.METHODS, C.LOSSES, C.FORMS, C._FORMS, C.TERMS, _loaded), state):
-            live.clear()
-            live.update(saved) if isinstance(live, dict) else live.extend(saved)
-
-    return restore
-
-
-@contextlib.contextmanager
-def isolated_registry() -> Iterator[None]:
-    """Undo every registration and plugin load made inside the block (tests, notebooks)."""
-    restore = snapshot()
-    try:
-        yield
-    finally:
-        restore()

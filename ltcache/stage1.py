@@ -32,8 +32,9 @@ from ltcache.errors import LtcacheError
 from ltcache.metrics import fmt_pct, group_accuracy, per_class_accuracy
 from ltcache.models import build_model
 from ltcache.models.registry import check_arch, load_pretrained
-from ltcache.outputs import atomic_save, check_output_dir
+from ltcache.outputs import check_output_dir, save_torch
 from ltcache.progress import echo, progress
+from ltcache.stage2.params import MAX_BATCH_SIZE, MAX_EPOCHS
 
 FORMAT = "ltcache-stage1"
 FORMAT_VERSION = 1
@@ -129,6 +130,8 @@ class Stage1Options:
         if self.imb_ratio < 1:
             raise LtcacheError(f"--imb-ratio must be >= 1 (got {self.imb_ratio}); 100 is the usual CIFAR-LT setting")
         checks = [(self.epochs >= 1, "--epochs must be >= 1"), (self.batch_size >= 1, "--batch-size must be >= 1"),
+                  (self.epochs <= MAX_EPOCHS, f"--epochs must be <= {MAX_EPOCHS} (got {self.epochs})"),
+                  (self.batch_size <= MAX_BATCH_SIZE, f"--batch-size must be <= {MAX_BATCH_SIZE} (got {self.batch_size})"),
                   (self.lr > 0, "--lr must be > 0"), (self.wd >= 0, "--wd must be >= 0"),
                   (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
                   (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
@@ -183,7 +186,7 @@ def _sha256(path) -> str:
 def _save(obj: dict, path: Path) -> None:
     """Write a checkpoint atomically (complete under its name or not there; a full disk is a
     one-line error)."""
-    atomic_save(path, lambda tmp: torch.save(obj, tmp))
+    save_torch(obj, path)
 
 
 def read_torch_file(path, missing_fix: str, damaged_fix: str):
@@ -227,8 +230,9 @@ def load_checkpoint(path) -> dict:
 
 
 def _default_out(opts: Stage1Options) -> Path:
-    ir = f"{opts.imb_ratio:g}"
-    return Path("runs") / f"{DatasetSpec(opts.dataset).short_name}-ir{ir}-{opts.arch.replace(':', '-')}"
+    """``runs/<dataset>-ir<IR>-<arch>/stage1`` (the run-folder convention, ``ltcache.runs``)."""
+    from ltcache.runs import default_name, stage1_dir
+    return stage1_dir(default_name(opts.dataset, opts.imb_ratio, opts.arch))
 
 
 def _prepare_out(opts: Stage1Options, out: Path) -> Optional[dict]:
@@ -427,6 +431,34 @@ def _train(opts: Stage1Options, out: Path, resume_ck: Optional[dict]) -> Path:
         return _loop(opts, out, resume_ck, rank, world, quiet, phase)
 
 
+def schedule_text(opts: Stage1Options) -> str:
+    """The lr schedule as it will run (after any warm-up adjustment), e.g.
+    ``step: lr 0.1, warm-up 5 epochs, x0.01 after epoch 160, x0.0001 after 180``."""
+    warm = f"warm-up {opts.warmup_epochs} epoch{'s' * (opts.warmup_epochs != 1)}" + (
+        " (shortened to fit)" if opts.warmup_auto and opts.warmup_epochs < DEFAULT_WARMUP else "")
+    if opts.schedule == "cosine":
+        return f"cosine: lr {opts.lr:g} to 0 over {opts.epochs} epochs, {warm}"
+    first, second = step_milestones(opts.epochs)
+    drops = [f"x0.01 after epoch {first}"] if first < opts.epochs else []
+    drops += [f"x0.0001 after epoch {second}"] if second < opts.epochs else []
+    return (f"step: lr {opts.lr:g}, {warm}, " + (", ".join(drops) if drops else
+            f"no lr drop within {opts.epochs} epochs (the drops fall at 80 % and 90 %)"))
+
+
+def header(opts: Stage1Options, ds, device, world: int, out: Path, start: int) -> str:
+    """What stage 1 is about to do, printed before the first epoch."""
+    counts = ", ".join(f"{name} {len(sp):,}" for name, sp in ds.splits.items())
+    resumed = f", resuming after epoch {start}" if start else ""
+    n = torch.get_num_threads()
+    from ltcache.imbalance import ir_text
+    return (f"stage 1: {opts.dataset} ({ir_text(opts.imb_ratio, ds.class_counts)}, "
+            f"{opts.profile} profile; {ds.num_classes} classes; "
+            f"{counts} images)\n"
+            f"  {opts.arch}, {opts.epochs} epochs{resumed}, batch {opts.batch_size}; {schedule_text(opts)}\n"
+            f"  device {device}, {n} thread{'s' * (n != 1)}, {opts.workers} workers"
+            f"{f', {world} ranks' if world > 1 else ''} -> {out}")
+
+
 def _loop(opts: Stage1Options, out: Path, resume_ck: Optional[dict], rank: int, world: int, quiet: bool,
           phase: dict) -> Path:
     main = rank == 0
@@ -470,6 +502,7 @@ def _loop(opts: Stage1Options, out: Path, resume_ck: Optional[dict], rank: int, 
     net = _wrap(model, device)
     if main:
         out.mkdir(parents=True, exist_ok=True)
+    echo(header(opts, ds, device, world, out, start), quiet)
     radius = None
     train = ds.splits["train"]
     streamed = bool(getattr(train, "streamed", False))

@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import torch
-
 from ltcache.errors import LtcacheError
 
 
@@ -24,6 +22,11 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):          # pragma: no cover (not Linux)
         return max(1, os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """DataLoader workers by default: the cores this process may use, at most 8."""
+    return min(usable_cores(), 8)
 
 
 def free_cores(load: Optional[float] = None) -> int:
@@ -45,12 +48,14 @@ def choose_threads(requested: Optional[int] = None, load: Optional[float] = None
         if requested < 1:
             raise LtcacheError(f"--threads must be >= 1 (got {requested}); 1 runs everything on one core")
         return int(requested)
+    import torch                               # here, so that `ltcache --help` does not load torch
     return max(1, min(torch.get_num_threads(), free_cores(load)))
 
 
 def apply_threads(requested: Optional[int] = None, quiet: bool = True) -> int:
     """Set torch's intra-op threads for this process from :func:`choose_threads`; returns it.
     (Silent: the count goes into the results as ``threads``.)"""
+    import torch
     n = choose_threads(requested)
     if n != torch.get_num_threads():
         torch.set_num_threads(n)

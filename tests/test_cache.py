@@ -124,6 +124,7 @@ def test_layout_and_manifest(setup):
     assert man["splits"]["val"]["views"] == ["center", "hflip"]
     assert man["arch"] == "resnet32" and man["dtype"] == "float16"
     assert man["checkpoint"]["sha256"] == sha256_file(setup["ckpt"])
+    assert man["checkpoint"]["stage1_seed"] == 0        # the stage-1 run's --seed (Stage1Options' default)
     assert man["class_counts"] == ds.class_counts and man["num_classes"] == 4
     assert man["class_names"] == ds.class_names
     assert len(man["groups"]) == 4
@@ -374,6 +375,7 @@ def test_foreign_state_dict(setup):
     assert fc.manifest["arch"] == "resnet32"
     assert fc.manifest["class_counts"] == ref.manifest["class_counts"]
     assert fc.manifest["checkpoint"]["sha256"] == sha256_file(foreign)
+    assert "stage1_seed" not in fc.manifest["checkpoint"]      # a foreign checkpoint: its training seed is unknown
     for split in ("train", "test"):
         assert torch.equal(fc.splits[split].index, ref.splits[split].index)
         assert torch.equal(fc.splits[split].features, ref.splits[split].features)

@@ -66,3 +66,15 @@ def test_rsd_undefined_when_lm_near_zero():
     assert rep["rsd_groups"]["few"] is None                         # the group's mean skips undefined classes
     from ltcache.stage2.results import _num
     assert _num(rep["rsd_groups"]["few"], "{:.2f}") == "-"
+
+
+def test_rsd_never_negative():
+    # class 1's own logit is below the other class's logit on its samples: LM < 0, so RSD is undefined
+    z = torch.tensor([[3.0, 0.0], [2.0, 1.0], [0.0, 0.5], [1.0, -1.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    lm, rsd = M.logits_magnitude(z, y)
+    assert lm[1] < 0 and math.isnan(rsd[1]) and rsd[0] > 0
+    gen = torch.Generator().manual_seed(0)
+    z, y = torch.randn(200, 5, generator=gen), torch.arange(200) % 5      # weak (random) logits
+    rsd = M.logits_magnitude(z, y)[1]
+    assert all(math.isnan(v) or v >= 0 for v in rsd.tolist())

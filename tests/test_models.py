@@ -228,5 +228,5 @@ def test_timm_model_by_name_and_its_local_weights(tmp_path, monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_timm)
-    with pytest.raises(LtcacheError, match=r"needs the optional timm package: pip install 'ltcache\[timm\]'"):
+    with pytest.raises(LtcacheError, match=r"needs the optional timm package: pip install -e '\.\[timm\]'"):
         build_model(arch, 4)

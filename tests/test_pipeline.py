@@ -48,12 +48,28 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
     assert all(r["metrics"]["all"] is not None for r in results["runs"])
     tuned = json.loads((out / "tune" / "results.json").read_text())          # the [tune] step
     assert set(tuned["tune"]["picks"]) == {"ce", "los", "tau-norm"} and (out / "tune" / "tune.md").is_file()
+    tuned_table = tuned["tune"]["table"]
+    # the smoke data is learnable: the best method is well above chance (25 % on 4 classes)
+    assert max(r["metrics"]["all"] for r in results["runs"]) >= 0.6
     ckpt = out / "stage1" / "stage1.pt"
     manifest = out / "cache" / "manifest.json"
-    stamps = (ckpt.stat().st_mtime_ns, manifest.stat().st_mtime_ns)
-    res = CliRunner().invoke(cli, args)            # everything complete: steps are skipped
+    files = [ckpt, manifest, out / "results" / "results.json", out / "tune" / "results.json"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    res = CliRunner().invoke(cli, args)            # everything complete: every step is skipped
     assert res.exit_code == 0, res.output
-    assert (ckpt.stat().st_mtime_ns, manifest.stat().st_mtime_ns) == stamps
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert json.loads((out / "tune" / "results.json").read_text())["tune"]["table"] == tuned_table
+    # a changed [tune] section: refused without --force, nothing replaced
+    changed = tmp_path / "smoke.toml"
+    changed.write_text((PIPELINES / "smoke.toml").read_text().replace("budget = 2", "budget = 3"))
+    args2 = ["run", str(changed)] + args[2:]
+    res = CliRunner().invoke(cli, args2)
+    assert res.exit_code == 2 and "--force" in res.output and "[tune]" in res.output
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    res = CliRunner().invoke(cli, args2 + ["--force"])     # only the tune step re-runs
+    assert res.exit_code == 0, res.output
+    assert [f.stat().st_mtime_ns for f in files][:3] == stamps[:3]
+    assert files[3].stat().st_mtime_ns != stamps[3]
 
 
 @pytest.mark.parametrize("text,needle", [

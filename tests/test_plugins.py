@@ -288,3 +288,22 @@ def test_register_method_checks_its_input():
     assert m.defaults("cifar")["delta"] == 0.5 and m.defaults("cifar")["lr"] == 0.1      # the stated default budget
     with pytest.raises(LtcacheError, match="already registered"):
         register_method("m1", loss="ce")
+
+
+SPACED = GOOD.replace('help="my smoothing")])', 'help="my smoothing"),\n    ltcache.Param("my_t", float, lo=0, lo_open=True, default=1.0, space="log:0.5:4")])').replace(
+    'label_smoothing=params["my_eps"])', 'label_smoothing=params["my_eps"]) * params["my_t"]')
+
+
+def test_plugin_params_join_the_tune_space(runner, tmp_path):
+    from ltcache.stage2.methods import method_space
+    plugin = tmp_path / "my_plugin.py"
+    plugin.write_text(SPACED)
+    res = runner.invoke(cli, ["methods", "--space", "--plugin", str(plugin)])
+    assert res.exit_code == 0, res.output
+    block = res.output.split("my-method\n", 1)[1]
+    assert "my_eps" in block and "linear [0, 1]" in block and "default from its Param" in block
+    assert "my_t" in block and "log [0.5, 4]" in block and "declared by its Param" in block
+    dims = {d.name: d for d in method_space(get_method("my-method"), "cifar").dims}
+    assert {"lr", "wd", "epochs", "my_eps", "my_t"} <= set(dims)
+    # the built-ins' spaces are as registered (a plugin's rule does not touch them)
+    assert [d.name for d in method_space(get_method("los"), "cifar").dims] == ["lr", "wd", "epochs", "delta"]

@@ -197,7 +197,7 @@ def test_missing_matplotlib_is_one_line(results, tmp_path, monkeypatch):
             raise ImportError(name)
         return real(name, *a, **k)
     monkeypatch.setattr(builtins, "__import__", fake)
-    with pytest.raises(LtcacheError, match=r"pip install 'ltcache\[plot\]'"):
+    with pytest.raises(LtcacheError, match=r"pip install -e '\.\[plot\]'"):
         make_report(results, out_dir=tmp_path / "x", quiet=True)
     _assert_one_error(*run_cli(["report", str(results), "--out", str(tmp_path / "y")]),
                       "matplotlib is needed for reports")

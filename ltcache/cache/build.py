@@ -30,7 +30,7 @@ from ltcache.cache.manifest import (CLASSIFIER, MANIFEST, PROGRESS, SCHEMA_VERSI
 from ltcache.cache.shards import shard_name, write_classifier, write_shard
 from ltcache.errors import LtcacheError
 from ltcache.groups import shot_groups
-from ltcache.outputs import atomic_save, os_error
+from ltcache.outputs import atomic_save, os_error, restore_interrupted_swap
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -124,6 +124,7 @@ class CacheWriter(_ShardQueue):
 
     def __init__(self, cache_dir, key: dict, force: bool = False, world: int = 1):
         self.final = Path(cache_dir)
+        restore_interrupted_swap(self.final)             # a replacement killed between its two renames
         self.key = json.loads(json.dumps(key))          # normalise (tuples -> lists)
         self.world = world
         self.complete = False
@@ -339,8 +340,11 @@ def _validate(arrays: dict, w: np.ndarray, b: np.ndarray, k: int) -> None:
 
 def write_cache(path, splits: dict, weight, bias, dataset: dict, class_counts, arch: str = "unknown",
                 checkpoint_sha256: str = "", extraction_args: Optional[dict] = None, dtype: str = "float16",
-                shard_rows: int = 8192, force: bool = False, checkpoint_path: Optional[str] = None) -> Path:
-    """Write a valid cache from tensors: ``splits = {name: (features [N,V,D], labels, index, views)}``."""
+                shard_rows: int = 8192, force: bool = False, checkpoint_path: Optional[str] = None,
+                stage1_seed: Optional[int] = None) -> Path:
+    """Write a valid cache from tensors: ``splits = {name: (features [N,V,D], labels, index, views)}``.
+    ``stage1_seed``: the training seed of the backbone the features come from (recorded in the
+    manifest's checkpoint block; it tells replicate backbones of one dataset apart)."""
     if dtype not in DTYPES:
         raise LtcacheError(f"unknown dtype '{dtype}'; use float16 or float32")
     w = torch.as_tensor(weight).float().cpu().numpy()
@@ -362,7 +366,8 @@ def write_cache(path, splits: dict, weight, bias, dataset: dict, class_counts, a
     # the content is part of the key: other tensors at the same path are never taken for this cache
     key = {"source": "tensors", "content_sha256": digest.hexdigest(), "checkpoint_sha256": checkpoint_sha256,
            "dtype": dtype, "shard_rows": shard_rows, "extraction": extraction_args or {},
-           "dataset": dataset, "class_counts": [int(c) for c in class_counts], "arch": arch}
+           "dataset": dataset, "class_counts": [int(c) for c in class_counts], "arch": arch,
+           "stage1_seed": stage1_seed}
     writer = CacheWriter(path, key, force=force)
     if writer.complete:
         writer.abort()
@@ -376,8 +381,10 @@ def write_cache(path, splits: dict, weight, bias, dataset: dict, class_counts, a
                 if not writer.has_shard(split, i):
                     writer.submit(split, i, f[sl], y[sl], ix[sl])
             layout[split] = (list(views), n_shards)
-        body = manifest_body(dataset, class_counts, arch, w.shape[1],
-                             {"path": checkpoint_path, "sha256": checkpoint_sha256}, dtype, extraction_args or {})
+        ck = {"path": checkpoint_path, "sha256": checkpoint_sha256}
+        if stage1_seed is not None:
+            ck["stage1_seed"] = int(stage1_seed)
+        body = manifest_body(dataset, class_counts, arch, w.shape[1], ck, dtype, extraction_args or {})
         return writer.finish(body, layout, w, b)
     except BaseException:
         writer.abort()

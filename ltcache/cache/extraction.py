@@ -62,8 +62,11 @@ def train_row_order(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, "train", "row-order")))
 
 
-def _read_file(ckpt: Path):
+def _read_file(ckpt: Path, flag: str = "--ckpt"):
     try:
+        if flag == "--pretrained":
+            return read_torch_file(ckpt, "fix --pretrained (a local weights file, e.g. saved with "
+                                   "torch.save(model.state_dict(), PATH))", "save the weights again or fix --pretrained")
         return read_torch_file(ckpt, "train one with `ltcache train` or fix --ckpt", "re-train or fix --ckpt")
     except LtcacheError as exc:
         if "(ModuleNotFoundError)" in str(exc) or "(AttributeError)" in str(exc):
@@ -82,7 +85,7 @@ def read_backbone(ckpt: Path, arch: Optional[str], dataset_args: dict, source: O
     back in ``build_model(arch, K)``'s key names with the source's classifier as ``fc``, and
     ``layout`` says what was read (None for an ltcache checkpoint). ``pretrained``: local backbone
     weights (``--pretrained``), returned as they are (their head may be absent or of other classes)."""
-    obj = _read_file(ckpt)
+    obj = _read_file(ckpt, "--pretrained" if pretrained else "--ckpt")
     if isinstance(obj, dict) and obj.get("format") == "ltcache-stage1":
         if arch and arch != obj["arch"]:
             raise LtcacheError(f"--arch {arch} contradicts the checkpoint's arch {obj['arch']}; drop --arch")
@@ -117,8 +120,9 @@ def read_backbone(ckpt: Path, arch: Optional[str], dataset_args: dict, source: O
 
 
 def default_cache_dir(ckpt: Path) -> Path:
-    """``<run>/cache`` for ``<run>/stage1.pt``, else ``<dir>/cache-<stem>``."""
-    return ckpt.parent / ("cache" if ckpt.name == "stage1.pt" else f"cache-{ckpt.stem}")
+    """``runs/NAME/cache`` for ``runs/NAME/stage1/stage1.pt`` (``ltcache.runs``)."""
+    from ltcache.runs import default_cache_dir as by_convention
+    return by_convention(ckpt)
 
 
 class _FrozenBN:
@@ -542,6 +546,12 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
     for p in model.parameters():
         p.requires_grad_(False)
     bs = args["batch_size"]
+    counts = ", ".join(f"{s} {len(ds.splits[s]):,}" for s in SPLITS if s in args["splits"] and s in ds.splits)
+    echo(f"extract: {spec.source} ({ds.num_classes} classes; {counts} images) through {arch} from {ckpt}\n"
+         f"  train views clean + {args['train_views']} augmented ({args['train_bn']} BN), BN shift {args['bn_shift']}, "
+         f"test views {'+'.join(args['test_views'])}, batch {bs}, {dtype}\n"
+         f"  device {dev}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, {workers} workers"
+         f"{f', {world} ranks' if world > 1 else ''} -> {getattr(writer, 'final', writer.dir)}", quiet)
     bare = bare_inference_rate(model, ds, dev, amp, bs)
     ex = _Extractor(model, ds, dev, amp, bs, workers=workers, skip_bad=skip_bad, seed=args["seed"])
     layout, seconds, shift_s = {}, 0.0, 0.0
@@ -633,6 +643,10 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
         extraction["skipped_images"] = {"count": int(absent),
                                         "first": [p for st in ranks for p in st["skipped_first"]][:SKIPPED_LISTED]}
     ck_info = {"path": str(ckpt.resolve()), "sha256": ck_sha}
+    if ck_layout is None and args.get("weights") != "pretrained" and spec_dict.get("seed") is not None:
+        # an ltcache stage-1 checkpoint: `ltcache train --seed N` drew its dataset with its own seed, so
+        # the spec's seed is the backbone's training seed (what tells replicate backbones apart)
+        ck_info["stage1_seed"] = int(spec_dict["seed"])
     if ck_layout is not None:
         ck_info["layout"] = {k: v for k, v in ck_layout.items() if k != "pool_input"}
     body = manifest_body({**spec_dict, **ds.spec.to_dict(), "groups": ds.groups}, ds.class_counts, arch,

@@ -25,6 +25,7 @@ def _human(n: float) -> str:
 
 def describe(path) -> str:
     """Dataset and profile, classes and groups, splits, features, size, provenance."""
+    from ltcache.imbalance import ir_text
     path = Path(path)
     man = read_manifest(path)
     ds = man.get("dataset", {})
@@ -33,9 +34,9 @@ def describe(path) -> str:
     counts = man["class_counts"]
     lines = [
         f"cache        {path}",
-        f"dataset      {ds.get('source')}  profile {ds.get('profile')}  IR {ds.get('imb_ratio'):g}  "
+        f"dataset      {ds.get('source')}  profile {ds.get('profile')}  {ir_text(ds.get('imb_ratio'), counts)}  "
         f"selection {ds.get('selection')}  seed {ds.get('seed')}" if ds.get("imb_ratio") is not None
-        else f"dataset      {ds.get('source')}",
+        else f"dataset      {ds.get('source')}  {ir_text(None, counts)}",
         f"classes      {man['num_classes']}  (many {gs.get('many', 0)} / medium {gs.get('medium', 0)} / few {gs.get('few', 0)}); "
         f"train counts {max(counts)} .. {min(counts)}",
         f"features     dim {man['feature_dim']}  dtype {man['dtype']}  backbone {man['arch']}",

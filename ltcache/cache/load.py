@@ -46,17 +46,24 @@ def default_cache_path() -> Path:
     if env:
         if not (Path(env) / "manifest.json").is_file():
             raise LtcacheError(f"LTCACHE_CACHE={env} holds no cache (no manifest.json); point it at a directory "
-                               "made by `ltcache extract --ckpt RUN/stage1.pt`, or unset it")
+                               "made by `ltcache extract --ckpt runs/NAME/stage1/stage1.pt`, or unset it")
         return Path(env)
     if (BUNDLED / "manifest.json").is_file():
         return BUNDLED
-    raise LtcacheError("no default cache is available; make one with `ltcache train ...` then "
-                       "`ltcache extract --ckpt RUN/stage1.pt`, and pass --cache DIR (or set LTCACHE_CACHE)")
+    raise LtcacheError("no default cache is available; make one with `ltcache train --name NAME ...` then "
+                       "`ltcache extract --ckpt runs/NAME/stage1/stage1.pt`, and pass --cache runs/NAME/cache (or set "
+                       "LTCACHE_CACHE)")
 
 
 def _fix(cache_dir: Path, man: dict) -> str:
     """How to repair a damaged cache: re-run the extraction that made it."""
-    ckpt = (man.get("checkpoint") or {}).get("path") or "CKPT"
+    if Path(cache_dir).resolve() == BUNDLED.resolve():
+        return "the bundled cache is part of the package: reinstall it (pip install -e . in the checkout)"
+    ckpt = (man.get("checkpoint") or {}).get("path")
+    if not ckpt or not Path(ckpt).is_file():
+        where = f"the manifest names {ckpt}, which is not here" if ckpt else "the manifest names none"
+        return (f"re-run `ltcache extract --ckpt PATH --cache {cache_dir}` with the checkpoint it was made from "
+                f"({where}) and the options it was made with (`ltcache info {cache_dir}` lists them)")
     return (f"re-run `ltcache extract --ckpt {ckpt} --cache {cache_dir}` with the options it was made with "
             "to recompute it (or add --force to rebuild the whole cache)")
 

@@ -12,11 +12,17 @@ from ltcache.cli import run as _run  # noqa: F401,E402
 from ltcache.cli import tune as _tune  # noqa: F401,E402
 from ltcache.cli import import_cmd as _import  # noqa: F401,E402
 from ltcache.cli import predict as _predict  # noqa: F401,E402
+from ltcache.cli import table as _table  # noqa: F401,E402
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="ltcache")
+    """Console-script entry point (also ``python -m ltcache``): this process's signals are ltcache's."""
+    from ltcache import interrupts
+    interrupts.OWNED = True
+    try:
+        cli(prog_name="ltcache")
+    finally:
+        interrupts.ending()
 
 
 __all__ = ["cli", "main"]

@@ -16,9 +16,12 @@ def _names(text: str) -> list:
               help="Instead of --ckpt: local backbone weights (a state dict, e.g. torchvision's ImageNet weights) with "
                    "--arch and --dataset. Their classifier is the stage-1 classifier when it has the dataset's "
                    "classes; otherwise the cache has none (methods that start from it are refused).")
-@click.option("--cache", default=None, help="Cache directory (default: 'cache' beside the checkpoint).")
+@click.option("--name", default=None, help="Run name of `ltcache train --name NAME`: --ckpt runs/NAME/stage1/stage1.pt, "
+              "--cache runs/NAME/cache.")
+@click.option("--cache", default=None, help="Cache directory (default: runs/NAME/cache for runs/NAME/stage1/stage1.pt; "
+              "else 'cache' beside the checkpoint).")
 @click.option("--splits", default="train,val,test", help="Splits to extract.")
-@click.option("--test-views", default="center,hflip", help="Views of val/test: center and/or hflip (flip averaging later without the backbone).")
+@click.option("--test-views", default="center,hflip", help="Views of val/test to store: center and/or hflip (the stage-2 commands average the stored views; their --test-views picks all or center).")
 @click.option("--protocol", type=click.Choice(["faithful", "clean"]), default="faithful",
               help="faithful: 4 augmented train views with BN batch statistics over batches of 64 and an instance BN "
                    "shift -- the protocol measured closest to the papers' stage 2 through the backbone; clean: "
@@ -34,7 +37,10 @@ def _names(text: str) -> list:
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, show_default=False, help="Backbone batch size, also the BN batch for --train-bn batch (faithful: 64, clean: 256).")
 @click.option("--device", default="auto", help="auto | cpu | cuda.")
 @click.option("--data-root", default=None, help="Data root (default: ./data or $LTCACHE_DATA).")
-@click.option("--workers", type=click.IntRange(min=1), default=8, help="Image decoding threads.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, show_default=False,
+              help="DataLoader workers decoding images (default: min(cores, 8)).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False,
+              help="Intra-op threads (default: the cores free when the command starts, as the stage-2 commands).")
 @click.option("--arch", default=None, help="Backbone of a foreign (plain state dict) checkpoint or of --pretrained: "
               "a registered name or torchvision:NAME (any torchvision classification model, e.g. torchvision:resnet18).")
 @click.option("--from", "source", type=click.Choice(["los", "mislas", "crt", "ldam-drw", "bot", "torchvision", "ltcache"]),
@@ -52,13 +58,13 @@ def _names(text: str) -> list:
                    "the manifest counts them and names the first few.")
 @click.option("--force", is_flag=True, help="Replace a cache made from another checkpoint or other options.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def extract_cmd(ckpt, splits, test_views, **kw) -> None:
+def extract_cmd(ckpt, name, splits, test_views, threads, **kw) -> None:
     """Run the frozen backbone once over every split -> HDF5 feature shards + manifest.
 
     \b
     Examples:
-      ltcache extract --ckpt runs/cifar10_lt_ir100/stage1.pt                    # the faithful protocol
-      ltcache extract --ckpt runs/cifar10_lt_ir100/stage1.pt --protocol clean   # fast, clean features
+      ltcache extract --name c10_ir100       # runs/c10_ir100/stage1/stage1.pt -> runs/c10_ir100/cache (faithful)
+      ltcache extract --ckpt runs/c10_ir100/stage1/stage1.pt --protocol clean --cache runs/c10_ir100/cache-clean
       ltcache extract --arch torchvision:resnet18 --pretrained r18.pth --dataset cifar10 --imb-ratio 100
       ltcache extract --ckpt ckpt.best.pth.tar --from ldam-drw --arch resnet32 --dataset cifar10 --imb-ratio 100
     An interrupted extraction resumes where it stopped when re-run with the same options.
@@ -66,7 +72,7 @@ def extract_cmd(ckpt, splits, test_views, **kw) -> None:
     \b
     Several processes or machines (each rank extracts a contiguous share of every split into its
     own shards; rank 0 writes the manifest; --cache on a file system every node shares):
-      torchrun --nproc_per_node 2 -m ltcache extract --ckpt runs/c10/stage1.pt --protocol clean
+      torchrun --nproc_per_node 2 -m ltcache extract --name c10_ir100 --protocol clean
     Eval-mode views equal one process's cache row for row; augmented train views depend on the
     number of processes, and an interrupted run resumes with the number it started with.
     """
@@ -74,6 +80,16 @@ def extract_cmd(ckpt, splits, test_views, **kw) -> None:
     from ltcache.cache.info import describe
     from ltcache.cli.stage2 import join_ranks
 
+    from ltcache.threads import apply_threads, default_workers
+
+    apply_threads(threads)
+    kw["workers"] = kw["workers"] or default_workers()
+    if name is not None:
+        from ltcache.errors import LtcacheError
+        from ltcache.runs import stage1_dir
+        if ckpt is not None or kw["pretrained"] is not None:
+            raise LtcacheError("give --name (reads runs/NAME/stage1/stage1.pt) or --ckpt / --pretrained, not both")
+        ckpt = str(stage1_dir(name) / "stage1.pt")
     main = join_ranks(kw["device"])
     path = extract(ckpt, splits=_names(splits), test_views=_names(test_views), **kw)
     if main and not kw["quiet"]:
@@ -88,6 +104,11 @@ def info_cmd(cache, verify) -> None:
     """Summarise a cache: dataset, classes and groups, splits and views, size, provenance.
 
     Without CACHE, the default (bundled) cache.
+
+    \b
+    Examples:
+      ltcache info                                   # the bundled cache
+      ltcache info --verify runs/c10_ir100/cache     # also check every file's checksum
     """
     import sys
 

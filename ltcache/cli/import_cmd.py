@@ -20,13 +20,17 @@ from ltcache.cli.app import cli
               help="No classifier at hand: fit a plain cross-entropy linear head on the train features "
                    "(full-batch L-BFGS, deterministic; recorded in the manifest).")
 @click.option("--name", default=None, help="Dataset name shown with results (default: imported).")
+@click.option("--stage1-seed", "stage1_seed", type=int, default=None,
+              help="The training seed of the backbone that made the features, when known: caches of one --name "
+                   "with different seeds are replicate backbones in a multi-cache bench / tune.")
 @click.option("--arch", default="unknown", help="What made the features (free text, recorded), e.g. "
               "'torchvision resnet18, ImageNet weights'.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", help="Storage dtype.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=8192, help="Rows per HDF5 shard.")
 @click.option("--force", is_flag=True, help="Replace an existing cache in --out.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
-def import_cmd(sources, out, classifier, fit_classifier, name, arch, dtype, shard_rows, force, quiet) -> None:
+def import_cmd(sources, out, classifier, fit_classifier, name, stage1_seed, arch, dtype, shard_rows, force,
+               quiet) -> None:
     """Build a verified cache from features you already have: no backbone is run.
 
     \b
@@ -62,7 +66,7 @@ def import_cmd(sources, out, classifier, fit_classifier, name, arch, dtype, shar
 
     path = import_features(list(sources), out, classifier=classifier, fit_classifier_head=fit_classifier,
                            name=name, arch=arch, dtype=dtype, shard_rows=shard_rows, force=force,
-                           command=_command(), quiet=quiet)
+                           command=_command(), quiet=quiet, stage1_seed=stage1_seed)
     if not quiet:
         click.echo(describe(path))
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from ltcache.cli.app import cli
+from ltcache.cli.app import FilePath, cli
 
 
 @cli.command("predict")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=FilePath(path_type=Path), default=None,
               help="write the predictions CSV here instead of printing it (an existing file is never replaced "
                    "without --force; written to a temporary name and renamed)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="images per forward pass")

@@ -23,6 +23,11 @@ def report_cmd(results: str, out_dir, methods, fmt: str, quiet: bool, force: boo
     Figures: per-class accuracy along the tail, Logits Magnitude / RSD per class group,
     reliability diagrams (15 bins), per-class logits and margins, Many / Medium / Few bars;
     plus report.html with the results table (opens offline).
+
+    \b
+    Examples (needs matplotlib: pip install -e '.[plot]'):
+      ltcache report results/results.json --out results/report
+      ltcache report runs/c10_ir100/results --methods ce,los,mislas --format svg
     """
     from ltcache.errors import LtcacheError
     from ltcache.report import make_report

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import click
 
-from ltcache.cli.app import cli
+from ltcache.cli.app import FilePath, StrictCommand, cli
 from ltcache.errors import LtcacheError
 from ltcache.threads import apply_threads
 
-PLUGIN_HELP = ("a Python file of your own methods and losses (ltcache.register_method / register_loss), "
-               "imported before the methods are resolved; repeatable")
+PLUGIN_HELP = ("a Python file of your own methods, losses, heads, samplers or post-hoc rules "
+               "(ltcache.register_method / register_loss / register_head / register_sampler / register_posthoc), "
+               "imported before the methods are resolved; `ltcache check-plugin FILE` checks it; repeatable")
 
 
 def plugin_args(args) -> list[str]:
@@ -51,7 +52,7 @@ def hyper_options(kind: str) -> list[click.Option]:
     return out
 
 
-class PluginCommand(click.Command):
+class PluginCommand(StrictCommand):
     """A stage-2 command whose ``--plugin`` files are imported before its options are parsed,
     and whose hyper-parameter options (``hyper``: "", "generic" or "all") are generated from the
     declarations -- a plugin's own hyper-parameters become options too."""
@@ -101,7 +102,15 @@ def _check_precision(precision: str, device: str) -> None:
     check_precision(precision, resolve_device(device))
 
 
-def _common(f):
+MULTI_CACHE_HELP = ("cache directory (default: the bundled cache); repeat it for several caches -- datasets, and "
+                    "replicate backbones of one dataset (caches from different stage-1 seeds) -- to get one results "
+                    "file with a run per cache and the paper table (see `ltcache table --help`)")
+AGAINST_HELP = ("with several caches: the reference method of the paper table's differences (a method of the run)")
+
+
+def _common(f=None, *, multi_cache: bool = False):
+    if f is None:
+        return lambda g: _common(g, multi_cache=multi_cache)
     f = click.option("--precision", type=click.Choice(["fp32", "bf16", "tf32"]), default="fp32",
                      show_default=True, help=PRECISION_HELP)(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False, help=THREADS_HELP)(f)
@@ -124,8 +133,13 @@ def _common(f):
     f = click.option("--select", type=click.Choice(["last", "val"]), default="last",
                      help="keep the last epoch or the best epoch on the val split (never test)")(f)
     f = click.option("--seeds", default="0", help="comma-separated seeds, each its own configuration")(f)
-    f = click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
-                     help="cache directory (default: the bundled cache)")(f)
+    if multi_cache:
+        f = click.option("--against", default="ce", show_default=True, help=AGAINST_HELP)(f)
+        f = click.option("--cache", "cache_dir", type=click.Path(path_type=Path), multiple=True,
+                         help=MULTI_CACHE_HELP)(f)
+    else:
+        f = click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+                         help="cache directory (default: the bundled cache)")(f)
     return f
 
 
@@ -139,6 +153,11 @@ def _overrides(kwargs: dict) -> dict:
 RESULT_FILES = ("results.json", "summary.csv", "summary.md")
 
 
+def not_saved(what: str) -> str:
+    """The last line of a stage-2 command run without --out: the results were printed, not written."""
+    return f"results not saved (printed only): add --out {what} to write them"
+
+
 def join_ranks(device: str) -> bool:
     """Under torchrun, join the other ranks (left when the command ends); True on the rank that
     prints and writes files (rank 0, and always without torchrun)."""
@@ -148,7 +167,7 @@ def join_ranks(device: str) -> bool:
     return distributed.is_main()
 
 
-def _claim_outputs(force: bool, files=(), folder=None) -> None:
+def _claim_outputs(force: bool, files=(), folder=None, multi: bool = False) -> None:
     """Before any work: check each output -- ``files``: (flag, path, example name), ``folder``: (flag,
     path) of a results folder -- (an existing one is refused without --force), then lock each one
     until the command ends (a second run writing the same output is refused with this one's pid)."""
@@ -161,7 +180,8 @@ def _claim_outputs(force: bool, files=(), folder=None) -> None:
             raise LtcacheError(f"{flag} {path} is a folder; give a file name, e.g. {path / example}")
         check_output_file(path, force, what=f"{flag} file")
     if folder is not None and folder[1] is not None:
-        check_output_dir(folder[1], force, what=f"{folder[0]} folder", outputs=RESULT_FILES)
+        from ltcache.stage2.multi import MULTI_OUTPUTS
+        check_output_dir(folder[1], force, what=f"{folder[0]} folder", outputs=MULTI_OUTPUTS if multi else RESULT_FILES)
     ctx = click.get_current_context()
     for _, path, _ in files:
         ctx.with_resource(output_lock(path, folder=False))
@@ -173,10 +193,10 @@ def _claim_outputs(force: bool, files=(), folder=None) -> None:
 @click.option("--method", required=True, help="method name (see `ltcache methods`)")
 @_common
 @_plugin_option
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=FilePath(path_type=Path), default=None,
               help="write the results JSON here (an existing file is never replaced without --force; written "
                    "to a temporary name and renamed)")
-@click.option("--export", "export_path", type=click.Path(path_type=Path), default=None,
+@click.option("--export", "export_path", type=FilePath(path_type=Path), default=None,
               help="write a deployable model (stage-1 backbone + this head; one seed; an existing file is never "
                    "replaced without --force; written to a temporary name and renamed)")
 @click.option("--force", is_flag=True, help="replace existing --out / --export files")
@@ -208,6 +228,11 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
     if export_path is not None and len(seed_list) > 1:
         raise LtcacheError(f"--export writes one model but --seeds gives {len(seed_list)} seeds; "
                            "pass one seed with --export (e.g. --seeds 0)")
+    if export_path is not None and not m.closed_form:
+        from ltcache.stage2.heads import HEADS
+        if HEADS.get(m.head).plugin is not None:
+            raise LtcacheError(f"--export writes linear, cosine and NCM heads; method {method}'s head '{m.head}' "
+                               f"({HEADS.origin(m.head)}) is a plugin's: drop --export (its results are written)")
     main = join_ranks(device)
     if main:
         _claim_outputs(force, files=[("--out", out, "results.json"), ("--export", export_path, "model.pt")])
@@ -241,7 +266,7 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
     click.echo(format_table(results))
     if out is not None:
         write_json(results, out)
-        click.echo(f"results: {out}")
+    click.echo(f"results: {out}" if out is not None else not_saved("FILE.json"))
     if export_path is not None:
         click.echo(f"model: {export_path}")
 
@@ -266,15 +291,34 @@ def parse_grid(items) -> dict:
 @click.option("--all-methods", is_flag=True, help="every registered method (with --plugin: its methods too)")
 @click.option("--methods", "method_list", default=None, help="comma-separated method names")
 @click.option("--grid", multiple=True, help="name=v1,v2,... (repeatable): a Cartesian grid")
-@_common
+@_common(multi_cache=True)
 @_plugin_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="directory for results.json, summary.csv and summary.md (a folder already holding them is "
+              help="directory for results.json, summary.csv and summary.md (several caches: results.json and the "
+                   "paper table paper.md, paper.csv, paper.tex) (a folder already holding them is "
                    "never replaced without --force; each is written to a temporary name and renamed)")
 @click.option("--force", is_flag=True, help="replace the results already in the --out folder")
-def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_views, device, preset, jobs, quiet,
-              clean_view, from_tune, threads, precision, out, force, plugins, **kwargs):
-    """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All."""
+@click.option("--strict", is_flag=True, help="a --grid key that some chosen method lacks is an error (default: a notice, "
+              "and that method runs once without it)")
+def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select, test_views, device, preset, jobs,
+              quiet, clean_view, from_tune, threads, precision, out, force, strict, plugins, **kwargs):
+    """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All.
+
+    Without --out the table is printed and nothing is written (the last line says so).
+    CE is added as the reference row when --methods leaves it out (labelled under the table).
+
+    \b
+    With several --cache, each cache is swept in turn and one results file holds every run;
+    caches of one dataset from different stage-1 seeds are its replicate backbones, and the
+    paper table (methods x datasets, error bars over backbones x seeds) is printed and written.
+    Examples:
+      ltcache bench --all-methods --seeds 0,1,2 --out results/bench   # every method, the bundled cache
+      ltcache bench --all-methods --cache runs/c10_ir100/cache        # your own cache
+      ltcache bench --methods los,mislas --grid delta=0.9,0.98 --grid lr=0.001,0.0005
+      ltcache bench --from-tune results/tuned/results.json --seeds 5,6,7
+      ltcache bench --all-methods --seeds 0,1,2 --cache runs/s0/cache --cache runs/s1/cache --out results/paper
+      torchrun --standalone --nproc_per_node 4 -m ltcache bench --all-methods --out results/b
+    """
     from ltcache.stage2 import api
     from ltcache.stage2.methods import METHODS, get_method
     from ltcache.stage2.results import format_table
@@ -289,20 +333,27 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
     seed_list = api.parse_seeds(seeds)
     overrides = _overrides(kwargs)
     _check_precision(precision, device)
+    caches = list(cache_dir) if len(cache_dir) > 1 else (cache_dir[0] if cache_dir else None)
     main = join_ranks(device)
     if main:
-        _claim_outputs(force, folder=("--out", out))
+        _claim_outputs(force, folder=("--out", out), multi=isinstance(caches, list))
     else:                                   # another torchrun rank: trains its share, prints and writes nothing
         quiet, out = True, None
     apply_threads(threads, quiet)
-    results = api.bench(cache_dir, (None if all_methods else names) or None, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
+    results = api.bench(caches, (None if all_methods else names) or None, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
                         device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out, jobs=jobs,
-                        clean_view=clean_view, from_tune=from_tune, precision=precision)
+                        clean_view=clean_view, from_tune=from_tune, precision=precision, against=against,
+                        strict=strict)
     if not main:
         return
+    if isinstance(caches, list):
+        from ltcache.stage2.paper_table import render
+        click.echo(render(results, "terminal"), nl=False)
+        if out is not None:
+            click.echo(f"results: {out}/results.json, paper.md, paper.csv, paper.tex")
+        return
     click.echo(format_table(results))
-    if out is not None:
-        click.echo(f"results: {out}/results.json, summary.csv, summary.md")
+    click.echo(f"results: {out}/results.json, summary.csv, summary.md" if out is not None else not_saved("DIR"))
 
 
 @cli.command("methods", cls=PluginCommand)
@@ -311,9 +362,13 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, seeds, select, test_vie
 @click.option("--space", is_flag=True,
               help="print each method's search space for `ltcache tune`: every dimension's scale, range and "
                    "where the range comes from")
+@click.option("--parts", is_flag=True,
+              help="list the parts a method is made of -- losses, heads, samplers, post-hoc rules and what a "
+                   "composed loss (ltcache.LossSpec) combines: its vectors, forms and terms -- with where each "
+                   "was registered (built-in or a plugin file)")
 @click.option("--notes", "show_notes", is_flag=True,
               help="print each method's notes: its initialisation and every deliberate deviation from its source")
-def methods_cmd(plugins, preset, space, show_notes):
+def methods_cmd(plugins, preset, space, parts, show_notes):
     """List every stage-2 method: head, loss, sampler, defaults and source; then each method's
     stage-2 recipe at the preset (lr schedule, batches per epoch, parameters without weight decay),
     the script it follows and the repository@commit whose code it was checked against.
@@ -323,6 +378,9 @@ def methods_cmd(plugins, preset, space, show_notes):
       ltcache methods                       # the CIFAR presets
       ltcache methods --preset imagenet     # the ImageNet presets
       ltcache methods --notes               # deviations from the sources, per method
+      ltcache methods --space               # each method's search space for `ltcache tune`
+      ltcache methods --parts --plugin my.py  # every registered part, a plugin's included
+      ltcache methods --space --plugin my_methods.py
     """
     from ltcache.stage2.methods import METHODS, method_space
     from ltcache.stage2.samplers import DEFAULT_STEPS
@@ -332,6 +390,10 @@ def methods_cmd(plugins, preset, space, show_notes):
             click.echo(f"{m.name}: {m.notes or '-'}")
         return
 
+    if parts:
+        for line in parts_lines():
+            click.echo(line)
+        return
     if space:
         for m in METHODS.values():
             sp = method_space(m, preset)
@@ -367,3 +429,51 @@ def methods_cmd(plugins, preset, space, show_notes):
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+
+
+@cli.command("check-plugin")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--quiet", is_flag=True, help="print only the summary line")
+def check_plugin_cmd(file, quiet):
+    """Run the common checks on every method, loss, head, sampler and post-hoc rule FILE registers.
+
+    The same checks the test suite runs on the built-in entries, on a tiny generated cache (a few
+    seconds): presets within their ranges, out-of-range values refused, the search space, the
+    loss gradient against autograd (float64, mixed with every other loss), a head's backward
+    against autograd, a sampler's indices, a post-hoc rule's layer, and a method trained in a
+    mixed sweep equal to it trained alone and to a plain autograd + SGD loop. The first failure
+    is one line naming the file, the entry and the fix (exit 2).
+
+    \b
+    Example:
+      ltcache check-plugin examples/ib_loss.py
+    """
+    from ltcache.stage2.checks import check_plugin
+    import torch
+
+    torch.set_num_threads(1)
+    n = check_plugin(str(file), report=(lambda s: None) if quiet else click.echo)
+    click.echo(f"{file}: {n} checks passed")
+
+
+def parts_lines() -> list[str]:
+    """``ltcache methods --parts``: every registry's entries with their origins, and what a
+    composed loss combines."""
+    from ltcache.registry import registries
+    from ltcache.stage2.losses import composable
+    from ltcache.stage2.methods import METHODS  # noqa: F401  (every registry filled)
+
+    out = []
+    for kind, reg in registries().items():
+        if kind in ("method", "loss form", "loss term", "backbone"):
+            continue
+        out.append(("losses" if kind == "loss" else f"{kind}s") + ":")
+        out += [f"  {n:<18} {reg.origin(n)}" for n in reg]
+    comp = composable()
+    out.append("composed losses (ltcache.LossSpec) combine:")
+    out.append("  vectors  " + ", ".join(f"{k} (neutral {v:g})" for k, v in comp["vectors"].items()))
+    out.append("  forms    " + ", ".join(comp["forms"]))
+    for name, t in comp["terms"].items():
+        coefs = ", ".join(f"{c}={v:g}" for c, v in t["coefs"].items())
+        out.append(f"  term {name:<12} {coefs:<24} form {t['form']:<8} {t['origin']}")
+    return out

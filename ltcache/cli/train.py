@@ -42,8 +42,13 @@ from ltcache.cli.app import cli
 @click.option("--seed", type=int, default=0, help="Seed of the LT selection, val split and training.")
 @click.option("--device", default="auto", help="auto | cpu | cuda.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (default: on for CUDA, off on CPU).")
-@click.option("--workers", type=click.IntRange(min=1), default=8, help="Image decoding threads.")
-@click.option("--out", default=None, help="Output directory (default: runs/<dataset>-ir<IR>-<arch>).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, show_default=False,
+              help="DataLoader workers decoding images (default: min(cores, 8)).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False,
+              help="Intra-op threads (default: the cores free when the command starts, as the stage-2 commands).")
+@click.option("--name", default=None, help="Run name: writes runs/NAME/stage1/ (then `ltcache extract --name NAME` "
+              "writes runs/NAME/cache/). Default: <dataset>-ir<IR>-<arch>, e.g. cifar10-jpg-ir100-resnet32.")
+@click.option("--out", default=None, help="Output directory instead of runs/NAME/stage1.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--force", is_flag=True, help="Overwrite a different run in --out.")
 @click.option("--sync-bn", is_flag=True,
@@ -54,8 +59,9 @@ def train_cmd(**kw) -> None:
     """Stage 1: train a backbone on a long-tailed dataset -> OUT/stage1.pt (+ best.pt).
 
     \b
-    Example (the real CIFAR-10 shipped as JPEGs, IR 100, ResNet-32):
-      ltcache train --dataset imagefolder:data/cifar10-jpg.tar.gz --imb-ratio 100 --arch resnet32
+    Example (CIFAR-10 as a JPEG image folder, IR 100, ResNet-32 -> runs/c10_ir100/stage1/stage1.pt):
+      ltcache train --dataset imagefolder:data/cifar10-jpg.tar.gz --imb-ratio 100 --arch resnet32 --name c10_ir100
+      ltcache extract --name c10_ir100                  # -> runs/c10_ir100/cache
 
     \b
     Several GPUs or machines: torchrun splits each --batch-size global batch evenly over the ranks
@@ -67,6 +73,18 @@ def train_cmd(**kw) -> None:
     from ltcache.cli.stage2 import join_ranks
     from ltcache.stage1 import Stage1Options, load_checkpoint, preflight, train_stage1
 
+    from ltcache.errors import LtcacheError
+    from ltcache.runs import stage1_dir
+
+    from ltcache.threads import apply_threads, default_workers
+
+    apply_threads(kw.pop("threads"))
+    kw["workers"] = kw["workers"] or default_workers()
+    name = kw.pop("name")
+    if name is not None and kw["out"] is not None:
+        raise LtcacheError("give --name (writes runs/NAME/stage1) or --out, not both")
+    if name is not None:
+        kw["out"] = str(stage1_dir(name))
     opts = Stage1Options(**kw)
     preflight(opts, distributed.env_world())       # refused on every rank before waiting for the others
     if not join_ranks(opts.device):

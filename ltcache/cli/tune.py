@@ -7,7 +7,6 @@ import click
 
 from ltcache.cli.app import cli
 from ltcache.cli.stage2 import PLUGIN_HELP, PluginCommand
-from ltcache.distributed import is_main as _is_main
 from ltcache.errors import LtcacheError
 
 
@@ -27,8 +26,12 @@ from ltcache.errors import LtcacheError
                    "name=LOW:HIGH (linear), name=log:LOW:HIGH, or name=a,b,c (a choice), e.g. --space delta=0.5:0.99")
 @click.option("--tune-seeds", default="0", help="seeds of stage A (the val score is their mean)")
 @click.option("--seeds", default="0,1,2,3,4", help="seeds the picks (and presets) are re-trained with in stage B")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
-              help="cache directory (default: the bundled cache); its val split must cover every class")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), multiple=True,
+              help="cache directory (default: the bundled cache); its val split must cover every class. Repeat it "
+                   "for several caches: each is tuned on its own val split, one results file holds every run, and "
+                   "the paper table is printed and written (see `ltcache table --help`)")
+@click.option("--against", default="ce", show_default=True,
+              help="with several caches: the reference method of the paper table's differences (a tuned method)")
 @click.option("--test-views", type=click.Choice(["all", "center"]), default="all",
               help="average logits over the cached eval views, or use the center view only")
 @click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default=None, show_default=False,
@@ -48,8 +51,8 @@ from ltcache.errors import LtcacheError
 @click.option("--force", is_flag=True, help="replace the results already in the --out folder")
 @click.option("--quiet", is_flag=True, help="no progress bars or status lines")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path), help=PLUGIN_HELP)
-def tune_cmd(all_methods, method_list, budget, search, select_metric, space_items, tune_seeds, seeds, cache_dir, test_views,
-             preset, device, jobs, clean_view, threads, precision, out, force, quiet, plugins):
+def tune_cmd(all_methods, method_list, budget, search, select_metric, space_items, tune_seeds, seeds, cache_dir, against,
+             test_views, preset, device, jobs, clean_view, threads, precision, out, force, quiet, plugins):
     """Tune every method on val with the same budget, then re-train the picks over the final seeds.
 
     \b
@@ -60,6 +63,10 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
       ltcache tune --all-methods --out results/tuned
       ltcache tune --methods los,mislas --budget 64 --select-metric val-nll
       ltcache bench --from-tune results/tuned/results.json --seeds 5,6,7   # re-run the picks
+      ltcache tune --all-methods --cache runs/ir100-s0/cache --cache runs/ir100-s1/cache \
+          --cache runs/ir10-s0/cache --out results/paper          # one paper table over datasets
+      torchrun --standalone --nproc_per_node 4 -m ltcache tune --all-methods --out results/tuned
+    Without --out the table is printed and nothing is written (the last line says so).
     """
     from ltcache.outputs import check_output_dir, output_lock
     from ltcache.stage2 import api
@@ -80,17 +87,27 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
     _check_precision(precision, device)
     if not join_ranks(device):              # another torchrun rank: trains its share, prints and writes nothing
         quiet, out = True, None
+    caches = list(cache_dir) if len(cache_dir) > 1 else (cache_dir[0] if cache_dir else None)
+    multi = isinstance(caches, list)
     if out is not None:
-        check_output_dir(out, force, what="--out folder", outputs=OUTPUTS)
+        from ltcache.stage2.multi import MULTI_OUTPUTS
+        check_output_dir(out, force, what="--out folder", outputs=MULTI_OUTPUTS if multi else OUTPUTS)
         click.get_current_context().with_resource(output_lock(out))
     from ltcache.threads import apply_threads
     apply_threads(threads, quiet)
-    results = api.tune(cache_dir, names, budget=budget, search=search, select_metric=select_metric,
+    results = api.tune(caches, names, budget=budget, search=search, select_metric=select_metric,
                        tune_seeds=api.parse_seeds(tune_seeds), seeds=api.parse_seeds(seeds), test_views=test_views,
                        device=device, quiet=quiet, preset=preset, out_dir=out, force=force, jobs=jobs,
-                       clean_view=clean_view, space=space, precision=precision)
-    if not _is_main():
+                       clean_view=clean_view, space=space, precision=precision, against=against)
+    from ltcache.distributed import is_main
+    if not is_main():
+        return
+    if multi:
+        from ltcache.stage2.paper_table import render
+        click.echo(render(results, "terminal"), nl=False)
+        if out is not None:
+            click.echo(f"results: {out}/results.json, paper.md, paper.csv, paper.tex")
         return
     click.echo(format_tune_table(results))
-    if out is not None:
-        click.echo(f"results: {out}/results.json, tune.csv, tune.md")
+    from ltcache.cli.stage2 import not_saved
+    click.echo(f"results: {out}/results.json, tune.csv, tune.md" if out is not None else not_saved("DIR"))

@@ -25,6 +25,7 @@ except ImportError:                    # pragma: no cover
 import numpy as np
 import torch
 
+from ltcache.data.decode import to_rgb
 from ltcache.data.streaming import PathTable, image_size as file_image_size
 from ltcache.errors import LtcacheError
 from ltcache.outputs import os_error
@@ -82,8 +83,9 @@ def load_cifar(name: str, root: Path, download: bool) -> SourceData:
         if not download:
             raise LtcacheError(
                 f"{name} not found under {root} (expected {base}); pass --data-root DIR if DIR/{folder} "
-                "exists, --download to fetch it (needs a network), or use an image folder, e.g. --dataset "
-                "imagefolder:data/cifar10-jpg.tar.gz")
+                "exists, --download to fetch it (needs a network), or give the images as an image folder: "
+                "--dataset imagefolder:PATH (PATH/train/<class>/*, PATH/test/<class>/*, or a .tar.gz of it; "
+                "data/README.md shows how to make data/cifar10-jpg.tar.gz)")
         import torchvision
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         try:
@@ -120,7 +122,7 @@ def _decode(path: str, image_size: int) -> torch.Tensor:
     from PIL import Image
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)                     # every mode, 16-bit gray included
             w, h = im.size
             if max(w, h) > SMALL_IMAGE:
                 short = int(round(image_size / 0.875))
@@ -197,6 +199,8 @@ def unpack_tarball(tar_path: Path, data_root: Path) -> Path:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
         if not (dest / ".unpacked").exists():
+            import sys
+            print(f"unpacking {tar_path} into {dest} (once; later runs read the folder)", file=sys.stderr)
             _unpack(tar_path, data_root, name, dest)
     return dest
 

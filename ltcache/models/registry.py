@@ -2,14 +2,14 @@
 torchvision classification model (its last Linear is the classifier)."""
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import torch.nn as nn
 
-from ltcache.errors import LtcacheError
+from ltcache.errors import LtcacheError, close_matches
+from ltcache.registry import Registry, origin_of
 
-_REGISTRY: dict[str, Callable[[int], nn.Module]] = {}
+_REGISTRY: Registry = Registry("backbone", "or torchvision:NAME / timm:NAME")
 TORCHVISION = "torchvision:"
 TIMM = "timm:"
 
@@ -17,7 +17,7 @@ TIMM = "timm:"
 def register_model(name: str):
     """Register a constructor ``fn(num_classes) -> nn.Module`` under ``name``."""
     def deco(fn):
-        _REGISTRY[name] = fn
+        _REGISTRY.register(name, fn, origin_of(fn))
         return fn
     return deco
 
@@ -40,11 +40,11 @@ def check_arch(arch: str) -> None:
         check_timm(arch)
         return
     if arch not in _REGISTRY:
-        close = difflib.get_close_matches(arch, list_models(), n=1)
+        close = close_matches(arch, list_models(), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise LtcacheError(f"unknown arch '{arch}'{hint}; valid: {', '.join(list_models())}, or "
                            "torchvision:NAME for any torchvision classification model (e.g. torchvision:mobilenet_v3_small), or "
-                           "timm:NAME (pip install 'ltcache[timm]')")
+                           "timm:NAME (pip install -e '.[timm]' in the ltcache checkout)")
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:

@@ -27,7 +27,8 @@ def mpl():
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
         from matplotlib.figure import Figure  # noqa: F401
     except ImportError:
-        raise LtcacheError("matplotlib is needed for reports: pip install 'ltcache[plot]'") from None
+        raise LtcacheError("matplotlib is needed for reports: pip install -e '.[plot]' in the ltcache checkout "
+                           "(or pip install matplotlib)") from None
     return matplotlib
 
 

@@ -94,6 +94,7 @@ def findings(rep) -> list[str]:
 
 def write_html(rep, figures: list, out_dir: Path) -> Path:
     """Write report.html next to the figures, atomically (paths relative, so the folder can be moved or zipped)."""
+    from ltcache.imbalance import ir_text
     out_dir = Path(out_dir)
     doc = rep.doc
     cache = doc.get("cache", {})
@@ -104,8 +105,8 @@ def write_html(rep, figures: list, out_dir: Path) -> Path:
     meta = (f"Results: <code>{html.escape(str(rep.path))}</code><br>"
             f"Dataset: {html.escape(str(ds_name or 'unknown'))}, {rep.num_classes} classes "
             f"(Many {sizes['many']}, Medium {sizes['medium']}, Few {sizes['few']}), "
-            f"{sum(rep.class_counts)} training images, imbalance "
-            f"{max(rep.class_counts) / max(1, min(rep.class_counts)):.0f}; "
+            f"{sum(rep.class_counts)} training images, "
+            f"{ir_text(ds.get('imb_ratio') if isinstance(ds, dict) else None, rep.class_counts)}; "
             f"{len(rep.series)} configurations, {n_runs} runs on {html.escape(str(doc.get('device', '?')))} "
             f"in {doc.get('wall_time_s', 0.0):.1f} s; ltcache {html.escape(str(doc.get('ltcache_version', '?')))}, "
             f"created {html.escape(str(doc.get('created', '?')))}.")

@@ -33,7 +33,8 @@ from ltcache.stage2.plan import (TEST_VIEWS, Config, TrainData, _load_cache, _tr
                                  _view_names, _views, expand, make_config, needs_val, parse_seeds, plan_runs,
                                  require_val, train_view_names, train_view_pool, val_gaps)
 from ltcache.stage2.requirements import has_stage1_classifier, require_stage1, skip_stage1
-from ltcache.stage2.results import build_results
+from ltcache.stage2.results import build_results, run_header
+from ltcache.stage2.checks import preflight
 from ltcache.stage2.sweep import train_sweep
 
 
@@ -69,6 +70,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
     data = _train_data(cache, dev, test_views, clean_view, precision)
     counts = torch.as_tensor(cache.class_counts).long().cpu()
     runs_plan = plan_runs(plans, seeds, counts)
+    preflight(runs_plan.configs, data)                  # plugin heads, samplers, losses: refused before work
     # 2.-3. groups, trained
     trained = (train_sweep(runs_plan.configs, data, select=select, quiet=quiet, n_jobs=jobs)
                if runs_plan.configs else [])
@@ -113,6 +115,7 @@ def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequenc
         overrides = {**picks[m.name], **(overrides or {})}
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
     plans = expand([m.name], overrides, None, pre, int(cache.splits["train"].labels.numel()))
+    echo(run_header(cache, pre, dev, "retrain"), quiet)
     results, pairs = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
                                precision=precision)
     results["preset"] = pre
@@ -128,11 +131,36 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
           device: str = "auto", quiet: bool = False, preset: Optional[str] = None,
           overrides: Optional[dict] = None, out_dir: Optional[Union[str, Path]] = None,
           jobs: Optional[int] = None, clean_view: bool = False,
-          from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32") -> dict:
+          from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32", against: str = "ce",
+          strict: bool = False) -> dict:
     """One sweep over ``methods`` (default: all) x ``grid`` x ``seeds``; optional files in out_dir.
 
     ``from_tune``: a ``tune`` results.json of this cache; each method runs at its chosen values
-    (default methods: the tuned ones)."""
+    (default methods: the tuned ones). ``cache`` may be a list of caches: each is checked and
+    grouped into datasets first, then swept in turn, and the result is one multi-cache document
+    (:mod:`ltcache.stage2.multi`; its paper table, against the method ``against``, is written
+    to ``out_dir`` beside results.json). A grid key some methods lack is a notice (``strict``: an
+    error). CE is added as the reference row when not asked for (``results["reference_added"]``)."""
+    if isinstance(cache, (list, tuple)) and len(cache) != 1:
+        from ltcache.stage2 import multi
+        if not cache:
+            raise LtcacheError("no cache given; pass one or more caches")
+        if from_tune is not None:
+            raise LtcacheError("--from-tune holds the choices made on one cache; with several caches run "
+                               "`ltcache tune` on them instead")
+        names = [get_method(n).name for n in methods] if methods else list(METHODS)
+        ref = multi.check_against(against, (["ce"] if "ce" not in names else []) + names)
+
+        def one(c):
+            return bench(c, methods, grid, seeds, select, test_views, device, quiet, preset, overrides, None, jobs,
+                         clean_view, None, precision, strict=strict)
+        doc = multi.run_caches("bench", list(cache), one, ref, need_val="--select val" if select == "val" else None,
+                               quiet=quiet)
+        if out_dir is not None:
+            multi.write_multi(doc, out_dir)
+        return doc
+    if isinstance(cache, (list, tuple)):
+        cache = cache[0]
     dev = resolve_device(device)
     cache = _load_cache(cache, dev)
     picks = None
@@ -150,12 +178,16 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
         raise LtcacheError("no methods given; use --all-methods or --methods a,b")
     for n in names:
         get_method(n)
-    if "ce" not in names:
-        names = ["ce"] + names          # the CE re-train reference row
+    reference_added = "ce" not in [get_method(n).name for n in names]
+    if reference_added:
+        names = ["ce"] + names          # the CE re-train reference row (labelled under the table)
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
     n_train = int(cache.splits["train"].labels.numel())
     if picks is None:
-        plans = expand(names, overrides, grid, pre, n_train)
+        plans = expand(names[1:] if reference_added else names, overrides, grid, pre, n_train, strict)
+        if reference_added:                                     # the reference takes what applies to it, silently
+            plans = expand(["ce"], overrides, {k: v for k, v in (grid or {}).items() if k in GENERIC}, pre,
+                           n_train) + plans
     else:
         plans = []
         for n in names:
@@ -175,10 +207,12 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
         for sk in skipped:
             echo(f"skipped {sk['name']}: {sk['why']}", quiet)
     plans, skipped = skip_stage1(cache, plans, skipped, methods, quiet)
+    echo(run_header(cache, pre, dev, "bench"), quiet)
     results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
                            precision=precision)
     results["preset"] = pre
     results["skipped"] = skipped
+    results["reference_added"] = reference_added
     if out_dir is not None:
         from ltcache.stage2.results import write_all
         write_all(results, out_dir)

@@ -18,6 +18,10 @@ Every trained head is one of two batched parametrisations:
 * ``cosine``: z = scale * <x/||x||, w_j/||w_j||>, W [M,K,D] fresh with unit rows
   (LDAM/MiSLAS ``NormedLinear``: uniform(-1,1) then renormed), no bias, fixed scale.
 
+* a **plugin family** (:func:`register_head`): a head of its own, written on M stacked
+  members: ``init`` (one member's parameters and buffers), ``forward(p, buf, x [M, B, D]) ->
+  z [M, B, K]`` and optionally ``backward`` (else autograd through ``forward``).
+
 The family is part of a sweep group's key; configurations of one family share one
 batched matmul per step.
 """
@@ -25,12 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+import inspect
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ltcache.errors import LtcacheError
+from ltcache.registry import Registry, check_name, origin_of
 
 AFFINE_PARAMS = ("W", "b", "s", "c")
 COSINE_PARAMS = ("W",)
@@ -45,27 +51,81 @@ class HeadKind:
     trained: tuple           # parameter names trained
     slow: tuple = ()         # parameters trained at lr * lr_factor (MiSLAS W, b)
     uses_base_norm: bool = False
+    plugin: Optional["PluginHead"] = None     # a registered head family of its own (family == name)
 
 
-HEADS = {
-    "linear": HeadKind("linear", "affine", ("W", "b")),
-    "lws": HeadKind("lws", "affine", ("s",)),
-    "mislas": HeadKind("mislas", "affine", ("W", "b", "s"), slow=("W", "b")),
-    "marc": HeadKind("marc", "affine", ("s", "c"), uses_base_norm=True),
-    "cosine": HeadKind("cosine", "cosine", ("W",)),
-}
+@dataclass(frozen=True)
+class PluginHead:
+    """The functions of a head family registered with :func:`register_head` (see there)."""
+
+    params: tuple                       # parameter names, all trained
+    init: Callable                      # (w0 [K, D], b0 [K], g, init) -> (params, buffers) of ONE member
+    forward: Callable                   # (p, buf, x [M, B, D]) -> z [M, B, K]
+    backward: Optional[Callable]        # (p, buf, x, dz [M, B, K]) -> {name: grad [M, ...]}; None: autograd
+
+
+HEADS: Registry = Registry("head", "a head of your own: @ltcache.register_head in a --plugin FILE")
+for _kind in (HeadKind("linear", "affine", ("W", "b")),
+              HeadKind("lws", "affine", ("s",)),
+              HeadKind("mislas", "affine", ("W", "b", "s"), slow=("W", "b")),
+              HeadKind("marc", "affine", ("s", "c"), uses_base_norm=True),
+              HeadKind("cosine", "cosine", ("W",))):
+    HEADS.register(_kind.name, _kind, "built-in")
 
 
 def get_head(name: str) -> HeadKind:
     """The :class:`HeadKind` called ``name``."""
-    if name not in HEADS:
-        raise LtcacheError(f"unknown head '{name}'; use one of {', '.join(HEADS)}")
-    return HEADS[name]
+    return HEADS.get(name)
 
 
 def param_names(family: str) -> tuple:
     """Parameter names of a family."""
-    return AFFINE_PARAMS if family == "affine" else COSINE_PARAMS
+    if family == "affine":
+        return AFFINE_PARAMS
+    if family == "cosine":
+        return COSINE_PARAMS
+    return HEADS.get(family).plugin.params
+
+
+def register_head(name: str) -> Callable:
+    """Decorator registering a head family of your own under ``name`` (a class, instantiated
+    once with no arguments), for ``register_method(..., head=name)``.
+
+    The class gives, all on M stacked members (parameters ``p[name]`` are ``[M, ...]``):
+
+    * ``params``: the names of its parameters (all trained, by the engine's SGD-momentum with
+      the member's lr and weight decay);
+    * ``init(self, w0, b0, g, init) -> (params, buffers)``: ONE member's initial tensors, from
+      the stage-1 layer ``w0 [K, D]``, ``b0 [K]``, the member's ``torch.Generator`` ``g``
+      (draw random numbers only from it: a member then trains the same alone or in a sweep)
+      and the method's ``init`` (``stage1`` or ``fresh``);
+    * ``forward(self, p, buf, x) -> z``: logits ``[M, B, K]`` of features ``x [M, B, D]``,
+      differentiable PyTorch;
+    * optionally ``backward(self, p, buf, x, dz) -> {name: grad}``: the parameters' gradients
+      given dL/dz ``[M, B, K]``. Without it the engine takes them by autograd through
+      ``forward`` (one call per step for the whole group).
+
+    A trained member is deployed and evaluated through the same ``forward`` (M = 1).
+    """
+    check_name(name, "head")
+
+    def deco(cls):
+        if not inspect.isclass(cls):
+            raise LtcacheError(f"@register_head('{name}') decorates a class with params, init and forward")
+        HEADS.check_free(name)
+        inst = cls()
+        params = tuple(getattr(inst, "params", ()) or ())
+        missing = [a for a in ("init", "forward") if not callable(getattr(inst, a, None))]
+        if missing or not params or not all(isinstance(a, str) for a in params):
+            what = ", ".join(missing) or "params (a tuple of parameter names)"
+            raise LtcacheError(f"head '{name}' ({origin_of(cls)}) has no {what}; give params, init(w0, b0, g, init) "
+                               "and forward(p, buf, x)")
+        backward = getattr(inst, "backward", None)
+        plugin = PluginHead(params, inst.init, inst.forward, backward if callable(backward) else None)
+        HEADS.register(name, HeadKind(name, name, params, plugin=plugin), origin_of(cls))
+        return cls
+
+    return deco
 
 
 def init_head(kind: HeadKind, init: str, w0: torch.Tensor, b0: torch.Tensor, g: torch.Generator,
@@ -76,6 +136,8 @@ def init_head(kind: HeadKind, init: str, w0: torch.Tensor, b0: torch.Tensor, g: 
     U(-1/sqrt(D), 1/sqrt(D)) for W and b; cosine: unit rows). Random draws use ``g``.
     """
     k, d = w0.shape
+    if kind.plugin is not None:
+        return _plugin_init(kind, init, w0, b0, g)
     if kind.family == "cosine":
         w = torch.rand(k, d, generator=g) * 2 - 1
         w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -93,6 +155,30 @@ def init_head(kind: HeadKind, init: str, w0: torch.Tensor, b0: torch.Tensor, g: 
     params = {"W": w, "b": b, "s": torch.ones(k), "c": torch.zeros(k)}
     u = w0.norm(dim=1).float() if kind.uses_base_norm else torch.zeros(k)
     return params, {"u": u}
+
+
+def _plugin_init(kind: HeadKind, init: str, w0: torch.Tensor, b0: torch.Tensor, g: torch.Generator) -> tuple:
+    """A plugin head's init, checked: every declared parameter a float tensor, buffers tensors."""
+    where = f"head '{kind.name}' ({HEADS.origin(kind.name)})"
+    try:
+        out = kind.plugin.init(w0.clone(), b0.clone(), g, init)
+        params, bufs = out
+    except LtcacheError:
+        raise
+    except Exception as exc:
+        raise LtcacheError(f"{where}: init raised {type(exc).__name__}: {exc}; fix its init") from None
+    if set(params) != set(kind.plugin.params) or not all(isinstance(t, torch.Tensor) and t.is_floating_point()
+                                                         for t in params.values()):
+        raise LtcacheError(f"{where}: init must return ({{{', '.join(kind.plugin.params)}}} as float tensors, "
+                           "buffers); fix its init")
+    return {a: t.detach().float().cpu() for a, t in params.items()}, {a: t.detach().cpu() for a, t in dict(bufs).items()}
+
+
+def dense(x) -> torch.Tensor:
+    """Features [M, B, D] of a step, SharedRows expanded (plugin heads read one row block per member)."""
+    if not isinstance(x, SharedRows):
+        return x
+    return torch.cat([x.xs.repeat_interleave(x.r, 0), x.rest])
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -211,6 +297,9 @@ def forward_train(family: str, p: dict, buf: dict, x: "torch.Tensor | SharedRows
     MARC); the engine then gathers K numbers per sample instead of D. ``x`` may be a
     :class:`SharedRows` (blocks of members on the same rows).
     """
+    if family not in ("affine", "cosine"):
+        x = dense(x).to(next(iter(p.values())).dtype)            # bf16 features: the head's dtype
+        return _plugin_forward(family, p, buf, x).transpose(1, 2), x
     if family == "affine":
         if base:
             lin = x.transpose(1, 2).contiguous()
@@ -227,11 +316,44 @@ def forward_train(family: str, p: dict, buf: dict, x: "torch.Tensor | SharedRows
     return z, (xn, wn, wnorm)
 
 
+def _plugin_forward(family: str, p: dict, buf: dict, x: torch.Tensor) -> torch.Tensor:
+    """z [M, B, K] of a plugin head, its shape checked (one line naming the plugin if wrong)."""
+    z = HEADS[family].plugin.forward(p, buf, x)
+    m, b = x.shape[:2]
+    if not isinstance(z, torch.Tensor) or z.dim() != 3 or tuple(z.shape[:2]) != (m, b):
+        raise LtcacheError(f"head '{family}' ({HEADS.origin(family)}): forward returned "
+                           f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}, not [M, B, K] = "
+                           f"[{m}, {b}, K]; fix its forward")
+    return z
+
+
+def _plugin_backward(family: str, p: dict, buf: dict, x: torch.Tensor, dz: torch.Tensor, need: tuple) -> dict:
+    """A plugin head's parameter gradients: its own backward, or autograd through its forward."""
+    head = HEADS[family].plugin
+    where = f"head '{family}' ({HEADS.origin(family)})"
+    dzb = dz.transpose(1, 2)
+    if head.backward is not None:
+        g = head.backward(p, buf, x, dzb)
+    else:
+        with torch.enable_grad():
+            leaf = {a: t.detach().requires_grad_(a in need) for a, t in p.items()}
+            z = head.forward(leaf, buf, x)
+            if not z.requires_grad:
+                raise LtcacheError(f"{where}: forward is not differentiable in its parameters and there is no "
+                                   "backward; give backward(p, buf, x, dz) or use torch ops on p in forward")
+            got = torch.autograd.grad(z, [leaf[a] for a in need], dzb, allow_unused=True)
+        g = {a: (torch.zeros_like(p[a]) if t is None else t) for a, t in zip(need, got)}
+    bad = [a for a in need if a not in g or tuple(g[a].shape) != tuple(p[a].shape)]
+    if bad:
+        raise LtcacheError(f"{where}: backward gave no gradient of the shape of {', '.join(bad)}; fix its backward")
+    return g
+
+
 def forward(family: str, p: dict, buf: dict, x: torch.Tensor) -> torch.Tensor:
     """Logits [M, B, K] of M heads on x [M, B, D], or on x [1, B, D] shared by all of them:
     :func:`forward_train` read batch-major (a shared x is one block of M members on the same
     rows, one GEMM). Differentiable for M = 1 or a per-member x (the tests' autograd reference)."""
-    m = p["W"].shape[0]
+    m = next(iter(p.values())).shape[0]
     if x.shape[0] != m:
         x = SharedRows(x, m, x[:0])
     return forward_train(family, p, buf, x)[0].transpose(1, 2)
@@ -256,6 +378,10 @@ def backward(family: str, p: dict, buf: dict, ctx, dz: torch.Tensor, need: tuple
         else:
             into[a].mul_(beta).add_(grad)
 
+    if family not in ("affine", "cosine"):
+        for a, grad in _plugin_backward(family, p, buf, ctx, dz, need).items():
+            put(a, grad)
+        return g if into is None else into
     if family == "affine":
         x, lin = ctx
         if "s" in need:
@@ -295,6 +421,11 @@ def effective(family: str, p: dict, buf: dict) -> dict:
     affine -> {"kind": "linear", weight = diag(s) W, bias = s*b + c*u} (LWS, MiSLAS s and
     MARC's affine folded in); cosine -> {"kind": "cosine", weight, scale}.
     """
+    if family not in ("affine", "cosine"):
+        layer = {"kind": "plugin", "head": family, "p": dict(p), "buf": dict(buf)}
+        if "W" in p:
+            layer["weight"] = p["W"]
+        return layer
     if family == "affine":
         return {"kind": "linear", "weight": p["s"].unsqueeze(1) * p["W"],
                 "bias": p["s"] * p["b"] + p["c"] * buf["u"]}
@@ -308,6 +439,10 @@ def apply_layer(layer: dict, x: torch.Tensor) -> torch.Tensor:
         return x @ layer["weight"].t().to(x) + layer["bias"].to(x)
     if kind == "cosine":
         return layer["scale"] * F.normalize(x, dim=-1) @ F.normalize(layer["weight"].to(x), dim=-1).t()
+    if kind == "plugin":
+        p = {a: t.to(x).unsqueeze(0) for a, t in layer["p"].items()}
+        buf = {a: t.to(x.device).unsqueeze(0) for a, t in layer["buf"].items()}
+        return _plugin_forward(layer["head"], p, buf, x.unsqueeze(0))[0]
     if kind == "ncm":
         xh = F.normalize(x - layer["mean"].to(x), dim=-1)
         c = layer["centroids"].to(x)
@@ -315,7 +450,9 @@ def apply_layer(layer: dict, x: torch.Tensor) -> torch.Tensor:
     raise LtcacheError(f"unknown head layer kind '{kind}'")
 
 
-def weight_norms(layer: dict) -> torch.Tensor:
+def weight_norms(layer: dict) -> Optional[torch.Tensor]:
     """Per-class L2 norm of a deployable layer's weight rows (NCM: centroid norms)."""
+    if "weight" not in layer and "centroids" not in layer:
+        return None                      # a plugin head without a weight W
     w = layer["weight"] if "weight" in layer else layer["centroids"]
     return w.double().norm(dim=1).cpu()

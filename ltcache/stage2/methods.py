@@ -25,21 +25,20 @@ see :mod:`ltcache.plugins`); its hyper-parameters are declared once, by its loss
 """
 from __future__ import annotations
 
-import difflib
 import math
-import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from ltcache.errors import LtcacheError
+from ltcache.registry import Registry, origin_of
 from ltcache.stage2 import heads as H
+from ltcache.stage2.closed_form import POSTHOC
 from ltcache.stage2.losses import _core as losses_core
 from ltcache.stage2.losses import get_loss
 from ltcache.stage2.params import GENERIC, GENERIC_PARAMS, SCHEDULES, Param  # noqa: F401  (re-exported)
 from ltcache.stage2.samplers import SAMPLERS, STEP_RULES
 from ltcache.stage2.space import Dim, Space
 
-CLOSED_FORM_HEADS = ("tau-norm", "posthoc-la", "ncm")
 INITS = ("stage1", "fresh")
 PRESETS = ("cifar", "imagenet")
 
@@ -86,7 +85,7 @@ class Method:
         return dict(self.presets[preset])
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry = Registry("method", "`ltcache methods` lists them; a method of your own: --plugin FILE")
 
 CRT_CIFAR = dict(lr=0.1, wd=5e-4, epochs=30, batch_size=128, schedule="cosine", momentum=0.9)
 CRT_IMNET = dict(lr=0.2, wd=5e-4, epochs=10, batch_size=512, schedule="cosine", momentum=0.9)
@@ -174,15 +173,6 @@ def option_table() -> dict[str, list[tuple[Param, list[str]]]]:
 # registration
 # ---------------------------------------------------------------------------------------------
 
-def _caller_origin() -> str:
-    from ltcache import plugins
-    current = plugins.current_plugin()
-    if current is not None:
-        return f"plugin {current}"
-    frame = sys._getframe(2)
-    return "built-in" if frame.f_globals.get("__name__") == __name__ else frame.f_code.co_filename
-
-
 def register_method(name: str, *, loss: str, head: str = "linear", sampler: str = "ib", init: str = "stage1",
                     presets: Optional[dict] = None, source: str = "", notes: str = "",
                     params: Sequence[Param] = (), tunables: Optional[Sequence[str]] = None,
@@ -204,19 +194,17 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
     code it was checked against ("" if not). Registering a name that exists is an error.
     """
     where = f"method '{name}'"
-    if not isinstance(name, str) or not name or any(ch.isspace() or ch == "," for ch in name):
-        raise LtcacheError(f"method name {name!r} must be a non-empty string without spaces or commas")
-    if name in METHODS:
-        raise LtcacheError(f"{where} is already registered ({METHODS[name].origin}); choose another name")
+    METHODS.check_free(name)
+    origin = origin_of(depth=2)
     if closed_form:
-        if head not in CLOSED_FORM_HEADS:
-            raise LtcacheError(f"{where}: closed-form head '{head}' is unknown; use one of {', '.join(CLOSED_FORM_HEADS)}")
+        if head not in POSTHOC:
+            raise LtcacheError(f"{where}: {POSTHOC.unknown(head)}")
         loss_params: tuple = ()
     else:
         if head not in H.HEADS:
-            raise LtcacheError(f"{where}: unknown head '{head}'; use one of {', '.join(H.HEADS)}")
+            raise LtcacheError(f"{where}: {H.HEADS.unknown(head)}")
         if sampler not in SAMPLERS:
-            raise LtcacheError(f"{where}: unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")
+            raise LtcacheError(f"{where}: {SAMPLERS.unknown(sampler)}")
         if init not in INITS:
             raise LtcacheError(f"{where}: unknown init '{init}'; use stage1 or fresh")
         if loss not in losses_core.LOSSES:
@@ -283,10 +271,9 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
         given_scripts = {pre: tuple(scripts) for pre in PRESETS} if scripts else {}
     m = Method(name, head, loss if not closed_form else "-", sampler if not closed_form else "-",
                init if not closed_form else "-", tuple(tunables), full, source, notes, closed_form, sigmoid_bias,
-               space, params, _caller_origin(), steps=steps, no_wd=tuple(no_wd),
+               space, params, origin, steps=steps, no_wd=tuple(no_wd),
                scripts=tuple((pre, *given_scripts[pre]) for pre in PRESETS if pre in given_scripts))
-    METHODS[name] = m
-    return m
+    return METHODS.register(name, m, origin)
 
 
 def method_params_generic(name: str) -> Param:
@@ -500,17 +487,19 @@ def method_space(method: Method, preset: str) -> Space:
     generic = [_log("lr", d["lr"] / 10, d["lr"] * 10, f"the {preset} preset's lr {d['lr']:g}, a decade either side"),
                _log("wd", 1e-5, 1e-1, "cRT / MiSLAS 5e-4 and 2e-4, LTWB 0.1; LOS uses 0 (docs/methods.md#search-spaces)"),
                GENERIC_EPOCHS]
-    return Space(dims=tuple(x for x in generic if x.name not in own) + method.space.dims)
+    extra: tuple = ()
+    if method.origin != "built-in":          # a plugin's own hyper-parameters join the search
+        from ltcache.stage2.space import param_dim
+        decl = {p.name: p for p in (*(get_loss(method.loss).params if not method.closed_form else ()),
+                                    *method.params)}
+        dims = [param_dim(decl[n]) for n in method.tunables if n not in own and n in decl]
+        extra = tuple(x for x in dims if x is not None)
+    return Space(dims=tuple(x for x in generic if x.name not in own) + method.space.dims + extra)
 
 
 def get_method(name: str) -> Method:
     """The registry entry ``name``; unknown names suggest the closest ones."""
-    if name in METHODS:
-        return METHODS[name]
-    close = difflib.get_close_matches(name, list(METHODS), n=3, cutoff=0.4)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise LtcacheError(f"unknown method '{name}'{hint} (`ltcache methods` lists all {len(METHODS)}; a method of "
-                       "your own: --plugin FILE)")
+    return METHODS.get(name)
 
 
 def choose_preset(num_classes: int, feature_dim: int, preset: Optional[str] = None) -> str:

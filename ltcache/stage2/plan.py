@@ -26,6 +26,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 
 from ltcache.errors import LtcacheError
+from ltcache.stage2.closed_form import POSTHOC
 from ltcache.stage2.losses import LossSpec, build_loss
 from ltcache.stage2.methods import GENERIC, Method, check_param, get_method, resolve_params, run_name
 from ltcache.stage2.params import SCHEDULES
@@ -75,11 +76,12 @@ class Config:
 
 
 def expand(methods: Sequence[str], overrides: Optional[dict], grid: Optional[dict],
-           preset: str, n_train: int) -> list[tuple[Method, dict, dict]]:
+           preset: str, n_train: int, strict: bool = False, notice: bool = True) -> list[tuple[Method, dict, dict]]:
     """(method, full params, overrides) for every method x grid point.
 
     Grid keys that are generic apply to every trained method; a method's own key applies to
-    the methods that have it; a key no chosen method has is an error.
+    the methods that have it; a key no chosen method has is an error. A key some chosen methods
+    lack is a notice naming them (an error with ``strict``).
     """
     grid = grid or {}
     for key, values in grid.items():
@@ -90,6 +92,14 @@ def expand(methods: Sequence[str], overrides: Optional[dict], grid: Optional[dic
                                "check `ltcache methods` for each method's options")
         for v in values:
             check_param(key, v)
+        lack = [get_method(m).name for m in methods
+                if not (key in get_method(m).tunables or (key in GENERIC and not get_method(m).closed_form))]
+        if lack:
+            msg = f"--grid {key} does not apply to {', '.join(lack)}"
+            if strict:
+                raise LtcacheError(f"{msg}; drop them from --methods or drop --strict to run them without it")
+            from ltcache.progress import echo
+            echo(f"notice: {msg}; they run once, without it (--strict makes this an error)", not notice)
     plans = []
     for name in methods:
         method = get_method(name)
@@ -176,6 +186,8 @@ def needs_val(plans, select: str) -> Optional[str]:
     for method, params, _ in plans:
         if method.head == "tau-norm" and params.get("tau") is None:
             return "tau-norm (its tau)"
+        if method.closed_form and POSTHOC.get(method.head).needs_val:
+            return f"method {method.name} (post-hoc rule '{method.head}', {POSTHOC.origin(method.head)})"
     return None
 
 

@@ -42,6 +42,11 @@ class ReferenceHead(nn.Module):
         super().__init__()
         self.kind = H.get_head(cfg.head)
         k, d = w0.shape
+        if self.kind.plugin is not None:                       # a plugin head: its own init and forward
+            p, buf = H.init_head(self.kind, cfg.init, w0, b0, g)
+            self.plugin = nn.ParameterDict({a: nn.Parameter(t) for a, t in p.items()})
+            self.plugin_buf = buf
+            return
         # the initial values, drawn from the configuration's generator in the engine's order
         if self.kind.family == "cosine":                       # NormedLinear: uniform(-1, 1), unit rows
             w = torch.rand(k, d, generator=g) * 2 - 1
@@ -63,13 +68,23 @@ class ReferenceHead(nn.Module):
         self.c = nn.Parameter(torch.zeros(k), requires_grad="c" in trained)
         self.register_buffer("u", w0.norm(dim=1).float() if self.kind.uses_base_norm else torch.zeros(k))
 
+    def params(self) -> dict:
+        """The head's parameters by name (what a loss reading ``head=`` sees)."""
+        return dict(self.plugin) if self.kind.plugin is not None else dict(self.named_parameters())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind.plugin is not None:
+            p = {a: t.unsqueeze(0) for a, t in self.plugin.items()}
+            return self.kind.plugin.forward(p, {a: t.unsqueeze(0) for a, t in self.plugin_buf.items()}, x.unsqueeze(0))[0]
         if self.kind.family == "cosine":
             return self.scale * F.normalize(x, dim=-1) @ F.normalize(self.W, dim=-1).t()
         return self.s * (x @ self.W.t() + self.b) + self.c * self.u
 
     def layer(self) -> dict:
         """The trained head as a deployable layer (:func:`ltcache.stage2.heads.effective`)."""
+        if self.kind.plugin is not None:
+            return H.effective(self.kind.family, {a: t.detach().clone() for a, t in self.plugin.items()},
+                               self.plugin_buf)
         if self.kind.family == "cosine":
             return {"kind": "cosine", "weight": self.W.detach().clone(), "scale": self.scale}
         return {"kind": "linear", "weight": (self.s.unsqueeze(1) * self.W).detach(),
@@ -86,12 +101,16 @@ def script_batches(rule: str, n: int, batch_size: int, samples: int) -> int:
 
 
 def _loss_fn(cfg: Config, counts: torch.Tensor):
-    """(logits [B, K], labels [B]) -> the mean loss: the registered loss's definition."""
+    """(logits [B, K], labels [B], features [B, D], head parameters) -> the mean loss: the
+    registered loss's definition (a plugin forward reads the features / parameters it names)."""
     unit = L.get_loss(cfg.loss.user) if cfg.loss.user is not None else None
     if unit is not None and unit.forward is not None:
-        return lambda z, y: unit.forward(z, y, cfg.loss.user_params, counts)
+        def user(z, y, h, head):
+            kw = {r: v for r, v in (("h", h), ("head", head)) if r in unit.reads}
+            return unit.forward(z, y, cfg.loss.user_params, counts.float(), **kw)
+        return user
     lb = L.stack_specs([cfg.loss], counts, "cpu")
-    return lambda z, y: L.batched_loss(z.unsqueeze(0), y.unsqueeze(0), torch.ones(1, len(y)), lb)[0]
+    return lambda z, y, h, head: L.batched_loss(z.unsqueeze(0), y.unsqueeze(0), torch.ones(1, len(y)), lb)[0]
 
 
 def train_reference(cfg: Config, data: TrainData) -> dict:
@@ -108,7 +127,7 @@ def train_reference(cfg: Config, data: TrainData) -> dict:
     # decay unless the recipe exempts it (the CB repo's bias)
     groups = [{"params": [p], "lr": cfg.lr * (cfg.lr_factor if name in head.kind.slow else 1.0),
                "weight_decay": 0.0 if name in cfg.no_wd else cfg.wd}
-              for name, p in head.named_parameters() if p.requires_grad]
+              for name, p in head.params().items() if p.requires_grad]
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=0.0)
              if cfg.schedule != "constant" else None)
@@ -131,7 +150,8 @@ def train_reference(cfg: Config, data: TrainData) -> dict:
         view = torch.randint(n_views, (n,), generator=g) if n_views > 1 else torch.zeros(n, dtype=torch.long)
         for step in range(idx.shape[0]):
             i = idx[step][valid[step]]
-            loss = loss_fn(head(x[i, view[i]]), labels[i])
+            xi = x[i, view[i]]
+            loss = loss_fn(head(xi), labels[i], xi, head.params())
             opt.zero_grad()
             loss.backward()
             opt.step()

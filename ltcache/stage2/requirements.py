@@ -15,7 +15,6 @@ from typing import Optional, Sequence
 from ltcache.errors import LtcacheError
 
 STAGE1_KEY = "stage1_classifier"
-STAGE1_CLOSED_FORMS = ("tau-norm", "posthoc-la")
 DEFAULT_FIX = "re-import it with `ltcache import ... --classifier FILE` (W [K, D], b [K]) or `--fit-classifier`"
 
 
@@ -39,7 +38,8 @@ def needs_stage1(method) -> bool:
     """True for a method that reads the stage-1 classifier: tau-norm, post-hoc LA, a trained head
     initialised from stage 1, or one scaled by the stage-1 norms (MARC)."""
     if method.closed_form:
-        return method.head in STAGE1_CLOSED_FORMS
+        from ltcache.stage2.closed_form import POSTHOC
+        return POSTHOC.get(method.head).needs_stage1
     from ltcache.stage2.heads import HEADS
     kind = HEADS.get(method.head)
     return method.init == "stage1" or bool(kind is not None and kind.uses_base_norm)

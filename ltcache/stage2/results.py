@@ -56,6 +56,9 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
         row = {"name": name, "method": rs[0]["method"], "params": rs[0]["params"],
                "seeds": [r["seed"] for r in rs], "n_seeds": len(rs),
                "all_mean": _mean(alls), "all_std": statistics.pstdev(alls) if len(alls) > 1 else 0.0}
+        failed = [f"seed {r['seed']}: {r['failed']}" for r in rs if r.get("failed")]
+        if failed:
+            row["failed"] = "; ".join(failed)          # a diverged configuration: its numbers mean nothing
         for key in ("many", "medium", "few", "ece", "nll"):
             row[key] = _mean(m[key] for m in tested)
         for g in ("many", "medium", "few"):
@@ -74,12 +77,26 @@ def build_results(cache, runs: list, stage1: dict, wall_time_s: float, device: s
     return {"schema": SCHEMA, "ltcache_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "cache": _cache_block(cache), "wall_time_s": float(wall_time_s), "device": device,
-            "threads": _threads(), "stage1": stage1, "runs": runs, "summary": summarize(runs)}
+            "threads": _threads(), "world_size": _world(), "stage1": stage1, "runs": runs, "summary": summarize(runs)}
 
 
 def _threads() -> int:
     import torch
     return int(torch.get_num_threads())
+
+
+def _world() -> int:
+    from ltcache import distributed
+    return distributed.world() if distributed.active() else 1
+
+
+def run_header(cache, preset: str, device, what: str) -> str:
+    """What a stage-2 command is about to do: ``bench: cache PATH (dataset, IR ...), preset P, device D,
+    N threads, world size W`` (the results record the same: cache, preset, device, threads, world_size)."""
+    block = _cache_block(cache)
+    n = _threads()
+    return (f"{what}: {cache_line({'cache': block})[len('cache: '):]}; preset {preset}, device {device}, "
+            f"{n} thread{'s' * (n != 1)}, world size {_world()}")
 
 
 def _num(v, fmt="{:.3f}") -> str:
@@ -97,7 +114,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     if results.get("stage1_classifier") is False:          # an imported cache without a stage-1 head
         rows = []
     for r in results["summary"]:
-        name = r["name"] + (" (reference)" if r["method"] == "ce" else "")
+        name = (r["name"] + (" (reference)" if r["method"] == "ce" and results.get("reference_added", True) else "")
+                + (" [FAILED: non-finite]" if r.get("failed") else ""))
         rows.append([name, fmt_pct(r["all_mean"], r["all_std"] if r["n_seeds"] > 1 else None),
                      fmt_pct(r["many"]), fmt_pct(r["medium"]), fmt_pct(r["few"]), _num(r["ece"], "{:.2f}"),
                      _num(r["nll"]), "/".join(_num(r[f"lm_{g}"], "{:.2f}") for g in ("many", "medium", "few")),
@@ -111,10 +129,9 @@ def cache_line(results: dict) -> str:
     ds = c.get("dataset")
     name = (ds.get("name") or ds.get("source")) if isinstance(ds, dict) else ds
     counts = [int(n) for n in c.get("class_counts") or []]
-    ir = ds.get("imb_ratio") if isinstance(ds, dict) else None
-    if ir is None and counts and min(counts) > 0:
-        ir = max(counts) / min(counts)
-    desc = str(name or "unknown dataset") + (f" IR {float(ir):g}" if ir else "")
+    from ltcache.imbalance import ir_text
+    ir = ir_text(ds.get("imb_ratio") if isinstance(ds, dict) else None, counts)
+    desc = str(name or "unknown dataset") + (f" {ir}" if ir else "")
     return f"cache: {c.get('path') or 'unknown'} ({desc}, {len(counts)} classes)"
 
 
@@ -128,7 +145,23 @@ def format_table(results: dict) -> str:
     n = len(results["runs"])
     out.append(f"{n} runs in {results['wall_time_s']:.1f} s on {results['device']} "
                "(top-1 %, mean ± std over seeds; ECE %, 15 bins)")
+    out += table_notes(results)
     return "\n".join(out)
+
+
+LM_RSD_NOTE = ("LM (Logits Magnitude, LOS paper, ICLR 2025): per class, the mean of its logit on its own test "
+               "samples minus the mean on the others', / the mean |LM| over classes.\n"
+               "RSD (Regularized Standard Deviation): the std of that logit on its own samples / the raw LM; "
+               "'-' where LM <= 0 (undefined). m/m/f: Many/Medium/Few means.")
+
+
+def table_notes(results: dict) -> list[str]:
+    """The lines under a table that say what its columns and labelled rows are."""
+    notes = [LM_RSD_NOTE]
+    if results.get("reference_added") and any(r["method"] == "ce" for r in results.get("summary", [])):
+        notes.append("(reference): plain CE re-trained with the sweep's options, added as the baseline "
+                     "(--methods did not name ce).")
+    return notes
 
 
 def format_markdown(results: dict) -> str:
@@ -139,6 +172,7 @@ def format_markdown(results: dict) -> str:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md.append("")
     md.append(f"{len(results['runs'])} runs, wall time {results['wall_time_s']:.1f} s on {results['device']}.")
+    md += [""] + table_notes(results)
     return "\n".join(md) + "\n"
 
 

@@ -24,21 +24,66 @@ loop has it: ``floor`` = int(N/B) full batches (cRT, BALMS and BagofTricks break
 (``drop_last=False``), ``ceil+1`` = ceil(N/B) + 1 (MiSLAS: ``if i > end_steps: break``). The
 batches are cut from the sampler's epoch (N draws; for ``cb`` its ``n_max K``), never beyond it.
 Unset, a sampler's rule is ``DEFAULT_STEPS``.
+
+Each sampler is an entry of the :data:`SAMPLERS` registry (its draw function, its default step
+rule and the size of its epoch); a sampler of your own is one :func:`register_sampler` function
+in a ``--plugin`` file, cut into batches by the same step rules (its draws are checked: dtype,
+length, range).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 from ltcache.errors import LtcacheError
+from ltcache.registry import Registry, check_name, origin_of, track
 from ltcache.stage2.prepare import CB_PER_CLASS, class_aware_draw, class_aware_plan, sample_weights  # noqa: F401
 
-SAMPLERS = ("ib", "cb", "sqrt", "progressive")
 STEP_RULES = ("floor", "ceil", "ceil+1")
-DEFAULT_STEPS = {"ib": "ceil", "cb": "floor", "sqrt": "ceil", "progressive": "ceil"}
+DEFAULT_STEPS: dict = track({})          # sampler -> its step rule when the method sets none
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler: ``draw(ci, total, epoch, epochs, g, lam) -> flat indices`` (at least
+    ``total`` of them: the epoch's draws, cut into batches by the step rule) and ``samples(ci)``,
+    the draws one epoch holds (None: N)."""
+
+    name: str
+    draw: Callable
+    samples: Optional[Callable] = None
+
+
+SAMPLERS: Registry = Registry("sampler", "a sampler of your own: @ltcache.register_sampler in a --plugin FILE")
+
+
+def register_sampler(name: str, steps: str = "ceil", samples: Optional[Callable] = None) -> Callable:
+    """Decorator registering a sampler under ``name``, for ``register_method(..., sampler=name)``.
+
+    The function is ``draw(ci: ClassIndex, epoch, epochs, g) -> idx``: one epoch's draws of
+    train indices, a 1-D ``torch.long`` tensor with values in ``0 .. N-1`` (``ci`` holds the
+    labels ``ci.labels``, the class counts ``ci.counts`` and the indices sorted by class
+    ``ci.order``; ``epoch`` is 0-based of ``epochs``). Draw random numbers only from ``g``, the
+    member's own generator: a member then trains the same alone or in a sweep. The engine cuts
+    the draws into batches by the method's step rule (``steps``: this sampler's default,
+    ``floor`` / ``ceil`` / ``ceil+1``); an epoch holds ``samples(ci)`` draws (default N).
+    """
+    check_name(name, "sampler")
+    if steps not in STEP_RULES:
+        raise LtcacheError(f"sampler '{name}': unknown step rule '{steps}'; use one of {', '.join(STEP_RULES)}")
+
+    def deco(fn):
+        if not callable(fn):
+            raise LtcacheError(f"@register_sampler('{name}') decorates a function draw(ci, epoch, epochs, g)")
+        SAMPLERS.register(name, Sampler(name, lambda ci, total, epoch, epochs, g, lam: fn(ci, epoch, epochs, g),
+                                        samples), origin_of(fn))
+        DEFAULT_STEPS[name] = steps
+        return fn
+
+    return deco
 
 
 @dataclass
@@ -66,9 +111,8 @@ class ClassIndex:
 def epoch_samples(kind: str, ci: "ClassIndex") -> int:
     """How many draws one epoch of sampler ``kind`` holds before a step rule cuts it: N, or
     n_max K for the class-aware sampler (cRT / MiSLAS ``ClassAwareSampler.__len__``)."""
-    if kind == "cb":
-        return int(ci.counts.max()) * len(ci.counts)
-    return ci.n
+    sampler = SAMPLERS.get(kind)
+    return int(sampler.samples(ci)) if sampler.samples is not None else ci.n
 
 
 def steps_per_epoch(kind: str, n: int, batch_size: int, rule: str = "", samples: int = 0) -> int:
@@ -128,15 +172,57 @@ def epoch_indices(kind: str, ci: ClassIndex, batch_size: int, epoch: int, epochs
                   lam: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The batches of one epoch: ``(idx [S, B], valid [S, B])``; ``steps``: the step rule
     (module docstring) or a number of batches; ``lam``: the progressive sampler's weight
-    (default :func:`progressive_lambda`)."""
-    n = ci.n
+    (default :func:`progressive_lambda`). A plugin sampler's draws are checked."""
+    sampler = SAMPLERS.get(kind)
     total = epoch_total(kind, ci, batch_size, steps)
-    if kind == "ib":
-        return _batches(torch.randperm(n, generator=g)[:total], batch_size)
-    if kind == "cb":
-        return _batches(_class_aware(ci, total, g), batch_size)
-    if kind not in ("sqrt", "progressive"):
-        raise LtcacheError(f"unknown sampler '{kind}'; use one of {', '.join(SAMPLERS)}")
-    t = (progressive_lambda(epoch, epochs) if lam is None else float(lam)) if kind == "progressive" else 0.0
-    flat = torch.multinomial(sample_weights(ci, kind, t), n, replacement=True, generator=g)
+    flat = sampler.draw(ci, total, epoch, epochs, g, lam)
+    if SAMPLERS.origin(kind) != "built-in":
+        flat = check_draws(kind, flat, ci.n, total)
     return _batches(flat[:total], batch_size)
+
+
+def check_draws(kind: str, flat, n: int, total: int) -> torch.Tensor:
+    """A plugin sampler's draws, or a one-line error naming the sampler and the fix."""
+    where = f"sampler '{kind}' ({SAMPLERS.origin(kind)})"
+    if not isinstance(flat, torch.Tensor) or flat.dtype != torch.long:
+        raise LtcacheError(f"{where} returned {getattr(flat, 'dtype', type(flat).__name__)} indices; return a "
+                           "1-D torch.long tensor (e.g. idx.long())")
+    if flat.dim() != 1 or flat.numel() < total:
+        raise LtcacheError(f"{where} returned indices of shape {list(flat.shape)}; return a 1-D tensor of at least "
+                           f"{total} draws (the epoch's batches), or declare samples= in register_sampler")
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n):
+        bad = int(flat.min()) if int(flat.min()) < 0 else int(flat.max())
+        raise LtcacheError(f"{where} returned index {bad} outside 0..{n - 1}; draw indices of the training set "
+                           "(e.g. from ci.order)")
+    return flat.cpu()
+
+
+def _by_class(kind: str, lam: float, ci: ClassIndex, g: torch.Generator) -> torch.Tensor:
+    """N draws with replacement, class j with probability ~ p_class[j] of sampler ``kind`` at
+    weight ``lam`` (:func:`ltcache.stage2.prepare.sample_weights`, made once per sweep), uniform
+    inside a class."""
+    return torch.multinomial(sample_weights(ci, kind, lam), ci.n, replacement=True, generator=g)
+
+
+def _ib(ci: ClassIndex, total: int, epoch: int, epochs: int, g: torch.Generator, lam=None) -> torch.Tensor:
+    return torch.randperm(ci.n, generator=g)[:total]
+
+
+def _cb(ci: ClassIndex, total: int, epoch: int, epochs: int, g: torch.Generator, lam=None) -> torch.Tensor:
+    return _class_aware(ci, total, g)
+
+
+def _sqrt(ci: ClassIndex, total: int, epoch: int, epochs: int, g: torch.Generator, lam=None) -> torch.Tensor:
+    return _by_class("sqrt", 0.0, ci, g)
+
+
+def _progressive(ci: ClassIndex, total: int, epoch: int, epochs: int, g: torch.Generator,
+                 lam: Optional[float] = None) -> torch.Tensor:
+    return _by_class("progressive", progressive_lambda(epoch, epochs) if lam is None else float(lam), ci, g)
+
+
+for _s, _rule in ((Sampler("ib", _ib), "ceil"),
+                  (Sampler("cb", _cb, lambda ci: int(ci.counts.max()) * len(ci.counts)), "floor"),
+                  (Sampler("sqrt", _sqrt), "ceil"), (Sampler("progressive", _progressive), "ceil")):
+    SAMPLERS.register(_s.name, _s, "built-in")
+    DEFAULT_STEPS[_s.name] = _rule

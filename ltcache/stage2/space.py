@@ -138,3 +138,50 @@ def _grid(dims: Sequence[Dim], budget: int) -> list[dict]:
                 grew = True
     levels = [d.levels(k) for d, k in zip(dims, n)]
     return [dict(zip([d.name for d in dims], combo)) for combo in itertools.product(*levels)]
+
+
+def parse_dim(name: str, spec: str, check, source: str) -> Dim:
+    """One dimension from ``LOW:HIGH`` (linear; int when the values are ints), ``log:LOW:HIGH`` or
+    ``a,b,c`` (a choice); ``check`` converts and range-checks each value. ValueError when malformed."""
+    if ":" in spec:
+        parts = spec.split(":")
+        scale = "log" if parts[0] == "log" else "linear"
+        lo, hi = (parts[1:] if scale == "log" else parts)
+        lo, hi = check(lo), check(hi)
+        return Dim(name, "int" if isinstance(lo, int) else scale, lo, hi, source=source)
+    values = tuple(check(v.strip()) for v in spec.split(",") if v.strip())
+    return Dim(name, "choice", choices=values, source=source)
+
+
+def param_dim(p) -> Optional[Dim]:
+    """The search dimension a hyper-parameter declaration implies: its ``space`` when it declares one,
+    else a default from its choices, bounds and default (a closed range linear; a positive default a
+    decade either side on a log scale); None when nothing sensible follows (an unbounded, defaultless
+    number)."""
+    if p.space:
+        try:
+            return parse_dim(p.name, p.space, p.check, "declared by its Param (space=...)")
+        except ValueError:
+            from ltcache.errors import LtcacheError
+            raise LtcacheError(f"hyper-parameter {p.name}: space={p.space!r} must be LOW:HIGH, log:LOW:HIGH or "
+                               "a,b,c with LOW <= HIGH") from None
+    src = "default from its Param (no space declared)"
+    if p.choices:
+        return Dim(p.name, "choice", choices=tuple(p.choices), source=src)
+    if p.lo is not None and p.hi is not None:
+        lo, hi = float(p.lo), float(p.hi)
+        pad = (hi - lo) * 0.01
+        lo, hi = lo + pad * p.lo_open, hi - pad * p.hi_open
+        if p.type is int:
+            return Dim(p.name, "int", int(math.ceil(lo)), int(math.floor(hi)), source=src)
+        return Dim(p.name, "linear", lo, hi, source=src)
+    d = p.default
+    if isinstance(d, (int, float)) and d > 0 and p.type is float:
+        lo, hi = d / 10, d * 10
+        if p.lo is not None:
+            lo = max(lo, float(p.lo))
+        if p.hi is not None:
+            hi = min(hi, float(p.hi))
+        if lo > 0 and lo < hi:
+            return Dim(p.name, "log", lo, hi, source=src + ": a decade either side of its default")
+    return None

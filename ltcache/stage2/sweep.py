@@ -66,7 +66,7 @@ from ltcache.progress import progress
 from ltcache.stage2 import graphs
 from ltcache.stage2 import heads as H
 from ltcache.stage2.graphs import StaticStep
-from ltcache.stage2.losses import LossTargets, batched_loss_grad, loss_signature, loss_targets, stack_specs
+from ltcache.stage2.losses import LossTargets, batched_loss_grad, get_loss, loss_signature, loss_targets, stack_specs
 from ltcache.stage2.losses._fallback import AutogradLossGrad
 from ltcache.stage2.params import SCHEDULES  # noqa: F401  (re-exported)
 from ltcache.stage2.plan import Config, TrainData  # noqa: F401  (re-exported: sweep.Config, sweep.TrainData)
@@ -85,6 +85,7 @@ class TrainedHead:
     layer: dict
     selected_epoch: int
     history: list = field(default_factory=list)
+    failed: Optional[str] = None          # why the configuration failed (non-finite parameters), or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +97,13 @@ def frozen_base(cfg: Config) -> bool:
     their base logits x W^T + b never change, so the engine computes them once per cache row."""
     kind = H.get_head(cfg.head)
     return (kind.family == "affine" and cfg.init == "stage1" and cfg.bias_init is None
-            and not {"W", "b"} & set(kind.trained))
+            and not {"W", "b"} & set(kind.trained) and not reads_batch(cfg))
+
+
+def reads_batch(cfg: Config) -> tuple:
+    """What a member's loss reads beyond the logits: ("h",) the features, ("head",) its head's
+    parameters (a plugin loss; such members get features, not frozen base logits)."""
+    return get_loss(cfg.loss.user).reads if cfg.loss.user is not None else ()
 
 
 def group_key(cfg: Config) -> tuple:
@@ -196,7 +203,7 @@ def stream_key(c: Config) -> tuple:
     sampler, seed, epochs and whether its head's initialisation draws from the same generator
     first (a fresh or cosine head draws its weights). Members with equal keys read the same
     rows at every step."""
-    draws = H.get_head(c.head).family == "cosine" or c.init == "fresh"
+    draws = H.get_head(c.head).family != "affine" or c.init == "fresh"
     return (c.sampler, int(c.seed), c.epochs, draws, c.steps or DEFAULT_STEPS.get(c.sampler, ""))
 
 
@@ -345,7 +352,8 @@ class GroupTrainer:
         if family == "cosine":
             self.buf["scale"] = torch.tensor([float(c.scale) for c in cfgs], device=dev)
         # the training step leaves out what no member uses (MARC's c * ||w_j|| term, frozen parameters)
-        self.tbuf = {a: t for a, t in self.buf.items() if a != "u" or any(kd.uses_base_norm for kd in kinds)}
+        self.tbuf = {a: t for a, t in self.buf.items()
+                     if a != "u" or family != "affine" or any(kd.uses_base_norm for kd in kinds)}
         self.need = tuple(a for a in self.names if any(a in kd.trained for kd in kinds))
         s_members = [i for i, kd in enumerate(kinds) if "s" in kd.trained]
         self.s_span = (s_members[0], s_members[-1] + 1) if s_members else None     # s = 1 for the others
@@ -393,6 +401,8 @@ class GroupTrainer:
         self.lb = stack_specs([c.loss for c in self.loss_cfgs[:nb]], counts, dev) if nb else None
         self.user = (AutogradLossGrad([c.loss for c in self.loss_cfgs[nb:]], [c.method for c in self.loss_cfgs[nb:]],
                                       counts, dev) if nb < m else None)
+        self.user_pos = torch.tensor(self.by_loss[nb:], device=dev, dtype=torch.long)   # their param positions
+        self.head_grad: dict = {}
 
     def _init_inputs(self) -> None:
         """The flat cache rows, the stage-1 layer on the device and, for a frozen-base group,
@@ -413,6 +423,7 @@ class GroupTrainer:
         """The best val accuracy and epoch of each member so far (``select="val"``)."""
         self.best_acc = torch.full((self.m,), -1.0, dtype=torch.float64, device=self.dev)
         self.best_epoch = torch.tensor([c.epochs for c in self.cfgs])
+        self.bad_epoch = torch.zeros(self.m, dtype=torch.long, device=self.dev)    # 0: finite so far
         self.best = {a: t.clone() for a, t in self.p.items()} if self.select == "val" else None
 
     # -- an epoch -----------------------------------------------------------------------------
@@ -472,7 +483,7 @@ class GroupTrainer:
         and SGD-momentum update."""
         xb = self.features(ep, s)
         z, ctx = H.forward_train(self.family, self.pf, self.tbuf, xb, self.base)       # [M, K, B]
-        dz = self.loss_grad(ep, s, z)
+        dz = self.loss_grad(ep, s, z, xb)
         self.update(ep, s, ctx, dz)
 
     def features(self, ep: Epoch, s: int):
@@ -493,9 +504,11 @@ class GroupTrainer:
             return self.table.index_select(0, rows).view(m, bsz, self.k)
         return x_flat.index_select(0, rows).view(m, bsz, self.d)
 
-    def loss_grad(self, ep: Epoch, s: int, z: torch.Tensor) -> torch.Tensor:
+    def loss_grad(self, ep: Epoch, s: int, z: torch.Tensor, xb=None) -> torch.Tensor:
         """dL/dz [M, K, B] (param order) of every member's loss: analytic for the built-in
-        losses (in loss order), by autograd for the forward-only ones."""
+        losses (in loss order), through the fallback for the plugin ones (which may read the
+        step's features ``xb`` and the head's parameters; the latter's gradient is kept in
+        ``self.head_grad`` for :meth:`update`)."""
         lb, targets, permuted, nb = self.lb, ep.targets, self.permuted, self.nb
         if self.user is not None:
             zl = z.index_select(0, self.to_loss) if permuted else z
@@ -503,7 +516,13 @@ class GroupTrainer:
             if nb:
                 dz[:nb] = batched_loss_grad(zl[:nb], None, None, lb, targets[s])
             u = ep.user
-            dz[nb:] = self.user(zl[nb:], u.y[s], u.valid[s], u.n[s], u.prefix)
+            h = head = None
+            if "h" in self.user.reads:
+                h = H.dense(xb).index_select(0, self.user_pos)
+            if "head" in self.user.reads:
+                head = {a: t.index_select(0, self.user_pos) for a, t in self.p.items()}
+            dz[nb:] = self.user(zl[nb:], u.y[s], u.valid[s], u.n[s], u.prefix, h=h, head=head)
+            self.head_grad = self.user.head_grad
             return dz.index_select(0, self.to_param) if permuted else dz
         if permuted:
             dz = batched_loss_grad(z.index_select(0, self.to_loss), None, None, lb, targets[s])
@@ -519,6 +538,8 @@ class GroupTrainer:
             H.backward(self.family, self.pf, self.tbuf, ctx, dz, need, into=mbuf, beta=self.momentum,
                        s_span=self.s_span)
             for a in need:
+                if a in self.head_grad:                 # a plugin loss's own gradient of the head parameters
+                    mbuf[a].index_add_(0, self.user_pos, self.head_grad[a])
                 if any_wd:
                     mbuf[a].addcmul_(p[a], wd[a])
                 p[a].addcmul_(mbuf[a], neg_lr[a][s])
@@ -527,6 +548,8 @@ class GroupTrainer:
             c_mom, act_v = ep.c_mom, ep.act
             for a in need:
                 g = grads[a]
+                if a in self.head_grad:
+                    g.index_add_(0, self.user_pos, self.head_grad[a])
                 if any_wd:
                     g.addcmul_(p[a], wd[a])
                 mbuf[a].mul_(c_mom[a][s]).addcmul_(g, act_v[a][s])
@@ -535,7 +558,11 @@ class GroupTrainer:
     # -- end of an epoch, end of training -------------------------------------------------------
 
     def end_epoch(self, e: int) -> None:
-        """After epoch ``e``'s last step: the MaxNorm projection, then val selection."""
+        """After epoch ``e``'s last step: the non-finite check, the MaxNorm projection, then val selection."""
+        # a member whose parameters turned non-finite at any step of this epoch (a loss that became
+        # NaN / inf) is marked failed with that epoch; kept on the device: no sync until collect
+        finite = torch.stack([self.p[a].reshape(self.m, -1).isfinite().all(1) for a in self.names]).all(0)
+        self.bad_epoch = torch.where(~finite & (self.bad_epoch == 0), e + 1, self.bad_epoch)
         if self.use_maxnorm:
             # LTWB PGD: once per epoch, after the last batch, rows with ||w_j|| > r -> w_j r/||w_j||
             live = torch.tensor([e < c.epochs for c in self.cfgs], device=self.dev).view(self.m, 1)
@@ -555,10 +582,14 @@ class GroupTrainer:
         """Every member's deployable layer (the kept epoch's), in the caller's order."""
         final = self.best if self.select == "val" else self.p
         out: list = [None] * self.m
+        bad = self.bad_epoch.tolist()
         for i, c in enumerate(self.cfgs):
             layer = H.effective(self.family, {a: final[a][i].cpu() for a in self.names},
                                 {a: self.buf[a][i].cpu() for a in self.buf})
-            out[self.order[i]] = TrainedHead(config=c, layer=layer, selected_epoch=int(self.best_epoch[i]))
+            failed = (f"its parameters became non-finite (NaN or inf) during epoch {bad[i]} of {c.epochs}: the loss "
+                      "diverged; lower the lr or make the loss finite" if bad[i] else None)
+            out[self.order[i]] = TrainedHead(config=c, layer=layer, selected_epoch=int(self.best_epoch[i]),
+                                             failed=failed)
         return out
 
 
@@ -628,7 +659,7 @@ def eval_logits(family: str, p: dict, buf: dict, x: torch.Tensor) -> torch.Tenso
 
 def _val_accuracy(family: str, p: dict, buf: dict, data: TrainData) -> torch.Tensor:
     """Class-mean val accuracy [m] of the group's current heads (in chunks of heads)."""
-    m = p["W"].shape[0]
+    m = next(iter(p.values())).shape[0]
     k = data.w0.shape[0]
     n = data.val_x.shape[0]
     chunk = max(1, EVAL_CHUNK // max(1, n * k))

@@ -22,7 +22,7 @@ from ltcache.errors import LtcacheError
 from ltcache.metrics import fmt_pct
 from ltcache.progress import echo
 from ltcache.stage2 import api
-from ltcache.stage2.methods import METHODS, check_param, choose_preset, get_method, method_space, resolve_params
+from ltcache.stage2.methods import GENERIC, METHODS, check_param, choose_preset, get_method, method_space, resolve_params
 from ltcache.stage2.space import SEARCHES, Dim, Space, draw
 
 SELECT_METRICS = {"val-balanced": ("balanced", True), "val-all": ("all", True), "val-nll": ("nll", False)}
@@ -110,7 +110,7 @@ def pick(points: list[dict], select_metric: str) -> int:
 
 
 def _mean_val(runs: list[dict]) -> dict:
-    vals = [r["val"] for r in runs if r.get("val")]
+    vals = [r["val"] for r in runs if r.get("val") and not r.get("failed")]      # a diverged run never wins
     out = {}
     for k in api.VAL_METRICS:
         xs = [v[k] for v in vals if v.get(k) is not None and math.isfinite(v[k])]
@@ -123,14 +123,26 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
          seeds: Sequence[int] = (0, 1, 2, 3, 4), test_views: str = "all", device: str = "auto",
          quiet: bool = False, preset: Optional[str] = None, out_dir: Optional[Union[str, Path]] = None,
          force: bool = False, jobs: Optional[int] = None, clean_view: bool = False,
-         space: Optional[dict[str, Dim]] = None, precision: str = "fp32") -> dict:
+         space: Optional[dict[str, Dim]] = None, precision: str = "fp32", against: str = "ce") -> dict:
     """Tune every method in ``methods`` (default: all) on val with ``budget`` points each, pick
     per method by ``select_metric``, re-train picks and presets over ``seeds``; the results
     document (``results["tune"]`` holds the picks, every point's val score and the timings).
     ``space``: replacement dimensions (:func:`parse_space`) for the methods that have them.
     ``precision``: the training GEMMs' arithmetic in both stages (:mod:`ltcache.stage2.precision`).
     With ``out_dir``, stage A's points are written (``stage_a.json``) as soon as they exist, so
-    a failure in stage B keeps them."""
+    a failure in stage B keeps them.
+
+    ``cache`` may be a list of caches: every cache is checked (val split included) and grouped
+    into datasets before anything trains, then tuned on its own val split in turn; the result is
+    one multi-cache document (:mod:`ltcache.stage2.multi`) whose paper table, against the method
+    ``against``, is written to ``out_dir`` beside results.json."""
+    if isinstance(cache, (list, tuple)) and len(cache) != 1:
+        return _tune_many(list(cache), methods, against, out_dir, force, quiet,
+                          dict(budget=budget, search=search, select_metric=select_metric, tune_seeds=tune_seeds,
+                               seeds=seeds, test_views=test_views, device=device, preset=preset, jobs=jobs,
+                               clean_view=clean_view, space=space, precision=precision))
+    if isinstance(cache, (list, tuple)):
+        cache = cache[0]
     if budget < 1:
         raise LtcacheError(f"--budget must be >= 1 (got {budget}); e.g. --budget 32")
     if search not in SEARCHES:
@@ -164,6 +176,8 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
         for point in draw(_with_overrides(method_space(m, pre), m, space or {}), budget, search, seed=0):
             plans.append((m, resolve_params(m, pre, point, n_train), point))
             owner.append((m.name, point))
+    from ltcache.stage2.results import run_header
+    echo(run_header(full, pre, dev, "tune"), quiet)
     plan = plan_hash(full, plans, tune_seeds, select_metric, test_views, clean_view, precision)
     done = _completed_stage_a(out_dir, plan, force)
     if done is not None:
@@ -295,6 +309,25 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
     return results
 
 
+def _tune_many(caches: list, methods, against: str, out_dir, force: bool, quiet: bool, kw: dict) -> dict:
+    """:func:`tune` on each of several caches; one multi-cache document (see :func:`tune`)."""
+    from ltcache.stage2 import multi
+    if not caches:
+        raise LtcacheError("no cache given; pass one or more caches")
+    names = [get_method(n).name for n in methods] if methods else list(METHODS)
+    ref = multi.check_against(against, names)
+    if kw["budget"] < 1:
+        raise LtcacheError(f"--budget must be >= 1 (got {kw['budget']}); e.g. --budget 32")
+    if out_dir is not None:
+        from ltcache.outputs import check_output_dir
+        check_output_dir(out_dir, force=force, outputs=multi.MULTI_OUTPUTS, what="--out folder")
+    doc = multi.run_caches("tune", caches, lambda c: tune(c, names, quiet=quiet, **kw), ref, need_val="tune",
+                           quiet=quiet)
+    if out_dir is not None:
+        multi.write_multi(doc, out_dir)
+    return doc
+
+
 # ---------------------------------------------------------------------------------------------
 # tables and files
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +423,25 @@ def load_choices(path: Union[str, Path], cache) -> dict[str, dict]:
     if fp != cache_fingerprint(cache):
         raise LtcacheError(f"--from-tune {path} was tuned on another cache ({doc.get('cache', {}).get('path', '?')}); "
                            "its choices only hold for that cache: pass that --cache, or tune this one")
-    for m in picks:
-        get_method(m)
-    return picks
+    return {m: _checked_pick(path, m, point) for m, point in picks.items()}
+
+
+def _checked_pick(path: Path, name: str, point: dict) -> dict:
+    """One method's chosen point from a tune file, checked as the file's own content (so an edited
+    file is refused naming the file and the key, not as if the user had passed an option)."""
+    from ltcache.stage2.methods import validate_overrides
+    try:
+        method = get_method(name)
+    except LtcacheError as exc:
+        raise LtcacheError(f"--from-tune {path}: {exc}") from None
+    allowed = set(method.tunables) | (set() if method.closed_form else set(GENERIC))
+    unknown = sorted(k for k in point if k not in allowed)
+    if unknown:
+        raise LtcacheError(f"--from-tune {path}: the choice for {name} has unknown key '{unknown[0]}' (not a "
+                           f"hyper-parameter of {name}: {', '.join(sorted(allowed)) or 'none'}); fix or re-make the "
+                           "file with `ltcache tune`")
+    try:
+        return validate_overrides(method, point)
+    except LtcacheError as exc:
+        raise LtcacheError(f"--from-tune {path}: the choice for {name} is out of range: {exc}; fix or re-make the "
+                           "file with `ltcache tune`") from None

@@ -15,8 +15,9 @@ import importlib
 import pkgutil
 
 from ltcache.stage2.losses._core import (FORMS, LOSSES, TERMS, Form, LossBatch, LossSpec, LossTargets, LossUnit,
-                                         Term, batched_loss, batched_loss_grad, build_loss, get_loss, loss_signature,
-                                         loss_targets, register_form, register_loss, register_term, stack_specs)
+                                         Term, batched_loss, batched_loss_grad, build_loss, composable, get_loss,
+                                         loss_signature, loss_targets, register_form, register_loss, register_term,
+                                         stack_specs)
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
     importlib.import_module(f"{__name__}.{_mod}")
@@ -29,6 +30,6 @@ from ltcache.stage2.losses.ldam import ldam_margins  # noqa: E402
 from ltcache.stage2.losses.seesaw import SEESAW_EPS, seesaw_shift  # noqa: E402
 
 __all__ = ["FORMS", "LOSSES", "TERMS", "Form", "LossBatch", "LossSpec", "LossTargets", "LossUnit", "Term",
-           "batched_loss", "batched_loss_grad", "build_loss", "get_loss", "loss_signature", "loss_targets",
+           "batched_loss", "batched_loss_grad", "build_loss", "composable", "get_loss", "loss_signature", "loss_targets",
            "register_form", "register_loss", "register_term", "stack_specs", "class_balanced_weights",
            "grw_weights", "lade_regulariser", "label_aware_eps", "ldam_margins", "SEESAW_EPS", "seesaw_shift"]

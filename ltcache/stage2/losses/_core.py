@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ltcache.errors import LtcacheError
+from ltcache.registry import Registry, check_name, origin_of
 from ltcache.stage2.params import GENERIC, RESERVED, Param
 
 
@@ -40,7 +41,21 @@ from ltcache.stage2.params import GENERIC, RESERVED, Param
 @dataclass
 class LossSpec:
     """Hyper-parameters of one configuration's loss as per-class vectors (length K) and the
-    coefficients of its terms; or, for a forward-only loss, its name and hyper-parameters."""
+    coefficients of its terms; or, for a forward-only loss, its name and hyper-parameters.
+
+    The composition path (public as ``ltcache.LossSpec``): a loss class whose ``spec(params,
+    counts, scale)`` returns one trains at built-in speed with the exact analytic gradient.
+    What composes, with z the logits and y the label::
+
+        z' = mult * z + offset - margin[y] e_y (+ the shift of a term, e.g. seesaw)
+        l  = w[y] * form(z', y; eps)  (+ the terms' per-sample parts)  (+ the terms' batch parts)
+
+    * the per-class vectors ``mult``, ``offset``, ``margin``, ``eps``, ``weight`` (any
+      together; None = neutral), with ``weighted_mean`` (sum w_y l / sum w_y instead of / B);
+    * one ``form`` per member (``softmax``, ``bce_softmax``, ``sigmoid``);
+    * any registered ``terms`` ({name: {coefficient: value}}), each applying to the forms it
+      names (e.g. ``focal`` modulates only the softmax form). :func:`composable` lists them.
+    """
 
     num_classes: int
     mult: Optional[torch.Tensor] = None      # z_k * mult_k (VS multiplicative term)
@@ -132,27 +147,32 @@ class Term:
             float(values.get(c, n)) != n for c, n in self.coefs.items())
 
 
-FORMS: list[str] = []                      # registration order; a member's form is an index into it
-_FORMS: dict[str, Form] = {}
-TERMS: dict[str, Term] = {}
+FORMS: Registry = Registry("loss form")     # registration order; a member's form is an index into it
+TERMS: Registry = Registry("loss term")
 _RANGE_KEYS = ("mult", "eps", "tiled")
 
 
 def register_form(form: Form) -> Form:
-    """Add a per-sample form to the fused loss (built-in loss units only)."""
-    if form.name in _FORMS or form.name in TERMS or form.name in _RANGE_KEYS:
-        raise LtcacheError(f"loss form '{form.name}' is already registered")
-    _FORMS[form.name] = form
-    FORMS.append(form.name)
-    return form
+    """Add a per-sample form to the fused loss (forms and terms share one namespace)."""
+    return FORMS.register(form.name, form, origin_of(form.loss), taken=(*TERMS, *_RANGE_KEYS))
 
 
 def register_term(term: Term) -> Term:
-    """Add a term to the fused loss (built-in loss units only)."""
-    if term.name in TERMS or term.name in _FORMS or term.name in _RANGE_KEYS:
-        raise LtcacheError(f"loss term '{term.name}' is already registered")
-    TERMS[term.name] = term
-    return term
+    """Add a term to the fused loss (forms and terms share one namespace)."""
+    return TERMS.register(term.name, term, origin_of(next((h for h in (term.shift, term.modulate, term.sample_loss,
+                                                                         term.batch_loss) if h is not None), None)),
+                          taken=(*FORMS, *_RANGE_KEYS))
+
+
+def composable() -> dict:
+    """What a :class:`LossSpec` can combine: the per-class vectors, the forms and every
+    registered term with its coefficients (neutral values), its form and its origin."""
+    return {
+        "vectors": {"mult": 1.0, "offset": 0.0, "margin": 0.0, "eps": 0.0, "weight": 1.0},
+        "forms": {name: FORMS.origin(name) for name in FORMS},
+        "terms": {name: {"coefs": dict(t.coefs), "form": t.form or "any", "origin": TERMS.origin(name)}
+                  for name, t in TERMS.items()},
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,6 +190,8 @@ class LossUnit:
     forward: Optional[Callable]
     origin: str
     doc: str = ""
+    reads: tuple = ()                  # what the forward reads beyond z, y: "h" (features), "head" (parameters)
+    grad: Optional[Callable] = None    # its analytic gradient (same arguments as forward), else autograd
 
     def resolve(self, params: dict) -> dict:
         """``params`` with the declared defaults filled in (LtcacheError if one is missing)."""
@@ -183,68 +205,95 @@ class LossUnit:
         return out
 
 
-LOSSES: dict[str, LossUnit] = {}
+LOSSES: Registry = Registry("loss", "a loss of your own: @ltcache.register_loss in a --plugin FILE")
 
 
-def _origin(obj) -> str:
-    from ltcache import plugins
-    current = plugins.current_plugin()
-    if current is not None:
-        return f"plugin {current}"
-    if str(getattr(obj, "__module__", "")).startswith("ltcache."):
-        return "built-in"
+READS = ("h", "head")                   # what a forward may read beyond the logits and labels
+
+
+def _reads(fn: Callable) -> tuple:
+    """The keyword arguments of READS that ``fn`` takes (``h``: the batch's features, ``head``:
+    the member's head parameters)."""
     try:
-        return inspect.getsourcefile(obj) or obj.__module__
-    except TypeError:
-        return getattr(obj, "__module__", "?")
+        names = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return ()
+    return tuple(r for r in READS if r in names)
 
 
-def _forward_arity(fn: Callable, name: str) -> Callable:
-    """``fn`` called as fn(z, y, params, counts), whichever of those it takes (2 to 4)."""
+def _forward_arity(fn: Callable, name: str, what: str = "forward") -> Callable:
+    """``fn`` called as fn(z, y, params, counts, **reads), whichever of z, y, params, counts it
+    takes positionally (2 to 4) and whichever of ``h`` / ``head`` it names."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return fn
-    pos = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()) or len(pos) >= 4:
+    reads = _reads(fn)
+    pos = [p for p in sig.parameters.values()
+           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in reads]
+    if any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()):
         return fn
     if len(pos) < 2:
-        raise LtcacheError(f"loss '{name}': forward must take (z, y[, params[, counts]]), it takes "
-                           f"{len(pos)} argument(s)")
-    n = len(pos)
-    return lambda z, y, params, counts: fn(*(z, y, params, counts)[:n])
+        raise LtcacheError(f"loss '{name}': {what} must take (z, y[, params[, counts]][, h=, head=]), it takes "
+                           f"{len(pos)} positional argument(s)")
+    n = min(len(pos), 4)
+    if n == 4 and not reads:
+        return fn
+    return lambda z, y, params, counts, **kw: fn(*(z, y, params, counts)[:n], **{r: kw.get(r) for r in reads})
 
 
 def register_loss(name: str, params: Sequence[Param] = (), *, doc: str = "") -> Callable:
     """Decorator registering a loss under ``name`` (as timm's ``@register_model``).
 
-    On a class: its ``params`` attribute (or the ``params`` argument) declares the
-    hyper-parameters; a ``spec(self, params, counts, scale) -> LossSpec`` method gives the
-    batched built-in form, or a ``forward(self, z, y, params, counts)`` method only a forward.
-    On a function: the function is the forward ``f(z [B, K], y [B], params, counts [K]) ->
-    scalar`` (the mean loss over the batch, plain PyTorch); the engine takes dL/dz by autograd.
+    Three ways, fastest first:
+
+    * **composed** (a class with ``spec(self, params, counts, scale) -> LossSpec``): the loss is
+      a point of the fused family (:class:`LossSpec`: per-class ``mult``, ``offset``,
+      ``margin``, ``eps``, ``weight``, a ``form`` and coefficients of registered ``terms``);
+      it trains at built-in speed with the exact analytic gradient. What composes: any
+      per-class vectors together, one form per member, and every term whose ``form`` matches
+      (``ltcache methods --terms`` lists forms and terms with their coefficients).
+    * **forward with its gradient** (a class with ``forward`` and ``grad``, same arguments):
+      ``grad`` returns dL/dz ``[B, K]`` of the mean loss; checked against autograd of
+      ``forward`` at the first step.
+    * **forward only** (a function, or a class with ``forward``): ``f(z [B, K], y [B], params,
+      counts [K]) -> scalar``, the mean loss over the batch in plain PyTorch; the engine takes
+      dL/dz by autograd, all members of a group in one call when the loss is a mean of
+      per-sample terms (checked at the first step).
+
+    A forward (and ``grad``) may also read the batch: ``h=`` the features ``[B, D]`` of its
+    samples (e.g. the influence-balanced loss's ||h||_1) and ``head=`` the member's head
+    parameters ({name: tensor}, e.g. a penalty on ||W||; their gradient is added to the
+    head's). Name them as keyword arguments: ``def f(z, y, params, counts, h=None)``.
     Registering a name that exists is an error.
     """
-    if not isinstance(name, str) or not name or any(ch.isspace() or ch == "," for ch in name):
-        raise LtcacheError(f"loss name {name!r} must be a non-empty string without spaces or commas")
+    check_name(name, "loss")
 
     def deco(obj):
+        grad = None
         if inspect.isclass(obj):
             inst = obj()
             declared = tuple(params) or tuple(getattr(obj, "params", ()))
             spec = getattr(inst, "spec", None)
             forward = getattr(inst, "forward", None)
+            grad = getattr(inst, "grad", None)
         elif callable(obj):
             declared, spec, forward = tuple(params), None, obj
         else:
             raise LtcacheError(f"@register_loss('{name}') decorates a function or a class, not {type(obj).__name__}")
         if spec is None and forward is None:
             raise LtcacheError(f"loss '{name}' gives neither spec() nor forward(); give a forward(z, y, params, counts)")
-        if name in LOSSES:
-            raise LtcacheError(f"loss '{name}' is already registered ({LOSSES[name].origin}); choose another name")
+        LOSSES.check_free(name)
         _check_declared(declared, f"loss '{name}'")
         fwd = _forward_arity(forward, name) if forward is not None else None
-        LOSSES[name] = LossUnit(name, declared, spec, fwd, _origin(obj), doc or (inspect.getdoc(obj) or "").split("\n")[0])
+        reads = _reads(forward) if forward is not None else ()
+        if grad is not None and (forward is None or _reads(grad) != reads):
+            raise LtcacheError(f"loss '{name}': grad needs a forward with the same arguments (it reads "
+                               f"{', '.join(_reads(grad)) or 'z, y'}); give both or only forward")
+        origin = origin_of(obj)
+        LOSSES.register(name, LossUnit(name, declared, spec, fwd, origin,
+                                       doc or (inspect.getdoc(obj) or "").split("\n")[0], reads,
+                                       _forward_arity(grad, name, "grad") if grad is not None else None), origin)
         return obj
 
     return deco
@@ -278,9 +327,7 @@ def declarations(name: str) -> list[tuple[Param, str]]:
 
 def get_loss(name: str) -> LossUnit:
     """The registered loss ``name``."""
-    if name not in LOSSES:
-        raise LtcacheError(f"unknown loss '{name}'; registered: {', '.join(LOSSES)}")
-    return LOSSES[name]
+    return LOSSES.get(name)
 
 
 def build_loss(kind: str, params: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
@@ -471,7 +518,7 @@ def batched_loss(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb: Loss
     w_y = _class_weight(lb, y)
     per_sample = None
     for name in lb.forms_used:
-        loss = _FORMS[name].loss(zt, y, onehot, w_y, lb)
+        loss = FORMS[name].loss(zt, y, onehot, w_y, lb)
         if per_sample is None:
             per_sample = loss
         else:
@@ -642,15 +689,15 @@ def batched_loss_grad(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb:
         zt[a:e].add_(term.shift(z[a:e], t.yi[a:e], lb.coef_slice(term.name, a, e), lb, 1))
 
     if len(lb.forms_used) == 1 and rg[lb.forms_used[0]] == (0, m):
-        dz = _FORMS[lb.forms_used[0]].grad(zt, t, lb, 0)
+        dz = FORMS[lb.forms_used[0]].grad(zt, t, lb, 0)
     elif "tiled" in lb.pure_forms:   # each form's slice holds only its members: stack their gradients
         order = sorted(lb.forms_used, key=lambda f: rg[f])
-        dz = torch.cat([_FORMS[f].grad(zt[slice(*rg[f])], _targets_of(t, *rg[f], m), lb, rg[f][0]) for f in order])
+        dz = torch.cat([FORMS[f].grad(zt[slice(*rg[f])], _targets_of(t, *rg[f], m), lb, rg[f][0]) for f in order])
     else:
         dz = torch.zeros_like(z)
         for form in lb.forms_used:
             a, e = rg[form]
-            d = _FORMS[form].grad(zt[a:e], _targets_of(t, a, e, m), lb, a)
+            d = FORMS[form].grad(zt[a:e], _targets_of(t, a, e, m), lb, a)
             if form in lb.pure_forms:
                 dz[a:e] = d
             else:                     # the slice holds members of another form (unsorted group)

@@ -1,23 +1,42 @@
-"""The autograd fallback: dL/dz of members whose loss is given only as a forward.
+"""The fallback: dL/dz of members whose loss is given as a forward (and maybe its ``grad``).
 
 A forward-only loss (``@ltcache.register_loss`` on a function) is plain PyTorch on ONE
-configuration's logits ``z [B, K]`` and labels ``y [B]`` returning the mean loss. The engine
-keeps its hand-written head backward and SGD update and only needs dL/dz: for each run of
-members with the same loss and hyper-parameters it takes ``torch.func.vmap`` of
-``torch.func.grad`` over the members when there are at least ``VMAP_MIN`` of them (one call
-for all); fewer members, and forwards that vmap cannot run (``.item()``, data-dependent Python
-control flow, randomness), go through one autograd call on the summed per-member losses
-(measured: benchmarks/RESULTS.md "Autograd fallback vs analytic loss gradient").
+configuration's logits ``z [B, K]`` and labels ``y [B]`` returning the mean loss (and may read
+the batch's features ``h`` and the member's head parameters ``head``). The engine keeps its
+hand-written head backward and SGD update and needs only dL/dz (plus, for a loss reading
+``head``, the parameters' side, added to the head's gradient).
 
-Padding is handled as on the built-in path: a member's padded samples (the end of a short
-last batch, or a whole inactive step) are cut off before its forward, so the loss sees only
-valid samples and its mean is over them; their gradient is 0. At the first step each run is
-checked (the forward raises, returns something other than a finite scalar, or gives a
-non-finite gradient): a one-line LtcacheError naming where the loss was registered (the
-plugin file) and the method. Later steps are not checked.
+How, fastest first (benchmarks/RESULTS.md "Plugin losses at near built-in speed"):
+
+* **flat** (the default): a loss that is a mean of per-sample terms is the same function of
+  every member's samples laid end to end, so the members of a run (same loss and
+  hyper-parameters) with the same number of valid samples are ONE forward on ``[m*n, K]``
+  (times m), and every run of the group goes into ONE autograd call. Whether a loss is such a
+  mean is found at the first step with two or more members in a run: the flat gradient is
+  compared with the per-member one; a loss that is not (a batch statistic, a term on the
+  head's parameters) falls back for good to
+* **per member**: ``torch.func.vmap`` of ``torch.func.grad`` over runs of at least
+  ``VMAP_MIN`` members, else one autograd call on the summed per-member losses (also the path
+  of forwards vmap cannot run: ``.item()``, data-dependent control flow, randomness).
+
+On the flat path each run's forward and its gradient are traced once per shape into one graph
+of ATen ops (``make_fx`` of ``torch.func.grad_and_value``, with fake tensors, so a forward with
+data-dependent Python control flow is not traced but runs eagerly), and the graph's softmax /
+log-softmax over the class dimension run on the class-major layout the engine keeps its logits
+in: ATen's softmax over a short last dimension (K 10) is many times slower than over the
+leading one. A loss class that gives ``grad`` (its analytic dL/dz) skips autograd on the flat
+path; its ``grad`` is checked against autograd of its forward at the first step.
+
+Padding is handled as on the built-in path: a member's padded samples (the end of a short last
+batch, or a whole inactive step) are cut off before its forward, so the loss sees only valid
+samples and its mean is over them; their gradient is 0. At the first step each run is checked
+(the forward raises, returns something other than a finite scalar, or gives a non-finite
+gradient): a one-line LtcacheError naming where the loss was registered (the plugin file) and
+the method. Later steps are not checked.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -27,9 +46,12 @@ from ltcache.stage2.losses._core import get_loss
 
 VMAP, LOOP = "vmap", "loop"
 # vmap's fixed cost (~1 ms a call on a CPU) pays from about 8 members with the same loss and
-# hyper-parameters on; fewer go through one autograd call on the summed per-member losses
-# (benchmarks/RESULTS.md "Autograd fallback vs analytic loss gradient")
+# hyper-parameters on (per-member path only)
 VMAP_MIN = 8
+FLAT_RTOL = 1e-4                  # flat vs per-member gradient at the first step (float32 sums)
+# traced gradient graphs, once per process per (loss forward, hyper-parameters, shapes): a sweep's
+# groups and a tune's rounds reuse them (tracing costs ~0.1-0.2 s)
+_TRACED: dict = {}
 
 
 def _line(exc: BaseException) -> str:
@@ -37,8 +59,14 @@ def _line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = FLAT_RTOL) -> bool:
+    fin = torch.isfinite(b)
+    scale = float(b[fin].abs().max()) if bool(fin.any()) else 0.0
+    return bool(torch.allclose(a, b, rtol=rtol, atol=rtol * max(scale, 1e-12), equal_nan=True))
+
+
 class _Run:
-    """Members a..e (contiguous) sharing one forward-only loss and its hyper-parameters."""
+    """Members a..e (contiguous) sharing one fallback loss and its hyper-parameters."""
 
     def __init__(self, a: int, e: int, name: str, params: dict, method: str, counts: torch.Tensor, mode: str):
         self.a, self.e = a, e
@@ -47,18 +75,51 @@ class _Run:
         self.method = method
         self.mode = mode
         self.checked = False
-        fwd, p, c = self.unit.forward, params, counts
-        self.f = lambda z, y: fwd(z, y, p, c)
-        self._vg = torch.func.vmap(torch.func.grad_and_value(self.f))
+        self.reads = self.unit.reads
+        # a mean of per-sample terms? None: not known yet (exact either way while each call has one member)
+        self.flat: Optional[bool] = False if "head" in self.reads else None
+        fwd, grad, p, c = self.unit.forward, self.unit.grad, params, counts
+        self.f = lambda z, y, **kw: fwd(z, y, p, c, **kw)
+        self.g = (lambda z, y, **kw: grad(z, y, p, c, **kw)) if grad is not None else None
+        if "h" in self.reads:
+            self._vg = torch.func.vmap(torch.func.grad_and_value(lambda z, y, h: fwd(z, y, p, c, h=h)))
+        else:
+            self._vg = torch.func.vmap(torch.func.grad_and_value(lambda z, y: fwd(z, y, p, c)))
 
     @property
     def where(self) -> str:
         return f"{self.unit.origin}: loss '{self.unit.name}' of method {self.method}"
 
-    def check_first(self, z: torch.Tensor, y: torch.Tensor) -> None:
-        """One eager call of the forward on one member's valid samples: raises, shape, finiteness."""
+    def kw(self, h: Optional[torch.Tensor], head: Optional[dict]) -> dict:
+        out = {}
+        if "h" in self.reads:
+            out["h"] = h
+        if "head" in self.reads:
+            out["head"] = head
+        return out
+
+    def traced(self, z: torch.Tensor, y: torch.Tensor, h: Optional[torch.Tensor]):
+        """The traced gradient graph of this run for inputs of z's shape (None: run eagerly)."""
+        key = (id(self.unit.forward), repr(sorted(self.params.items())), tuple(z.shape), z.dtype,
+               None if h is None else tuple(h.shape))
+        if key not in _TRACED:
+            gm = trace_grad(self.f, z.contiguous(), y, None if h is None else h.contiguous())
+            if gm is not None:                       # once per shape: the graph agrees with eager autograd
+                with torch.enable_grad():
+                    leaf = z.detach().requires_grad_(True)
+                    ref = torch.autograd.grad(self.f(leaf, y, **self.kw(h, None)), leaf)[0]
+                got = gm(z, y) if h is None else gm(z, y, h)
+                if not _close(got[0], ref, 1e-5):
+                    gm = None
+            _TRACED[key] = (self.unit.forward, gm)     # the forward kept alive: its id stays unique
+        return _TRACED[key][1]
+
+    def check_first(self, z: torch.Tensor, y: torch.Tensor, h=None, head=None) -> None:
+        """One eager call of the forward on one member's valid samples: raises, shape,
+        finiteness; a ``grad`` is compared with autograd of the forward."""
+        kw = self.kw(None if h is None else h.clone(), head)
         try:
-            v = self.f(z.clone(), y.clone())             # a copy: a forward writing into z changes nothing
+            v = self.f(z.clone(), y.clone(), **kw)        # a copy: a forward writing into z changes nothing
         except Exception as exc:
             raise LtcacheError(f"{self.where} raised {_line(exc)} at the first step; fix its forward") from None
         if not isinstance(v, torch.Tensor):
@@ -70,6 +131,19 @@ class _Run:
         if not bool(torch.isfinite(v)):
             raise LtcacheError(f"{self.where} returned {float(v)} at the first step; make it finite "
                                "(e.g. clamp before a log)")
+        if self.g is not None:
+            with torch.enable_grad():
+                zz = z.detach().double().requires_grad_(True)
+                kw64 = {k: (t.double() if isinstance(t, torch.Tensor) else
+                            {a: q.double() for a, q in t.items()} if isinstance(t, dict) else t) for k, t in kw.items()}
+                ref = torch.autograd.grad(self.f(zz, y, **kw64), zz)[0]
+            got = self.g(z.detach().double(), y, **kw64)
+            got = got[0] if isinstance(got, tuple) else got
+            if not isinstance(got, torch.Tensor) or got.shape != z.shape or not _close(got, ref, 1e-5):
+                err = float((got - ref).abs().max()) if isinstance(got, torch.Tensor) and got.shape == z.shape else None
+                raise LtcacheError(f"{self.where}: grad disagrees with autograd of forward"
+                                   f"{f' (max difference {err:.2e})' if err is not None else ' (wrong shape)'}; "
+                                   "fix grad (dL/dz of the mean loss, [B, K]) or leave it out")
 
     def check_result(self, g: torch.Tensor, v: torch.Tensor) -> None:
         """At the first step: every member's loss and gradient finite."""
@@ -79,11 +153,11 @@ class _Run:
             raise LtcacheError(f"{self.where} has a non-finite gradient at the first step; make it "
                                "differentiable there (e.g. clamp before a log or sqrt)")
 
-    def vmapped(self, z: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
+    def vmapped(self, z: torch.Tensor, y: torch.Tensor, h: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """dL_i/dz_i of j members' valid samples by vmap (z [j, n, K], y [j, n] -> [j, n, K]);
         None (and loop mode from now on) if vmap cannot run the forward."""
         try:
-            g, v = self._vg(z, y)
+            g, v = self._vg(z, y, h) if "h" in self.reads else self._vg(z, y)
         except Exception:
             self.mode = LOOP
             return None
@@ -93,16 +167,20 @@ class _Run:
 
 
 class AutogradLossGrad:
-    """dL/dz of m members with forward-only losses, in the engine's class-major layout.
+    """dL/dz of m members with fallback losses, in the engine's class-major layout.
 
     ``specs`` and ``methods`` are the members' loss specs and method names (loss order);
     ``counts`` the training class counts. Call with z [m, K, B], y [m, B], valid [m, B], the
-    number of valid samples of each member (``n_valid``, a list) and whether every member's
-    valid samples are its first ``n_valid`` (``prefix``, as the samplers pad)."""
+    number of valid samples of each member (``n_valid``, a list), whether every member's valid
+    samples are its first ``n_valid`` (``prefix``, as the samplers pad), and where a loss reads
+    them the features ``h`` [m, B, D] and head parameters ``head`` {name: [m, ...]}. After a
+    call, ``head_grad`` holds the losses' gradients of the head parameters ({name: [m, ...]},
+    empty when no loss reads ``head``)."""
 
     def __init__(self, specs: Sequence, methods: Sequence[str], counts: torch.Tensor, device,
-                 mode: str = VMAP, vmap_min: int = VMAP_MIN):
-        self.counts = counts.to(device=device, dtype=torch.float32)
+                 mode: str = VMAP, vmap_min: int = VMAP_MIN, flat: bool = True, dtype=torch.float32,
+                 trace: bool = True):
+        self.counts = counts.to(device=device, dtype=dtype)
         self.vmap_min = vmap_min
         self.runs: list[_Run] = []
         a = 0
@@ -110,67 +188,226 @@ class AutogradLossGrad:
             if i == len(specs) or (specs[i].user, specs[i].user_params) != (specs[a].user, specs[a].user_params):
                 self.runs.append(_Run(a, i, specs[a].user, dict(specs[a].user_params), methods[a], self.counts, mode))
                 a = i
+        if not flat:
+            for run in self.runs:
+                run.flat = False
+        self.reads = tuple(sorted({r for run in self.runs for r in run.reads}))
+        self.trace = trace
+        self.head_grad: dict = {}
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor,
-                 n_valid: Optional[list] = None, prefix: bool = True) -> torch.Tensor:
+                 n_valid: Optional[list] = None, prefix: bool = True,
+                 h: Optional[torch.Tensor] = None, head: Optional[dict] = None) -> torch.Tensor:
         m, k, b = z.shape
         zb = z.transpose(1, 2)                                   # [m, B, K]: what a forward sees per member
         if n_valid is None:
             n_valid = [int(n) for n in valid.sum(1).tolist()]
+        if ("h" in self.reads and h is None) or ("head" in self.reads and head is None):
+            raise ValueError("a fallback loss reads the features or head parameters: pass h= / head=")
+        self.head_grad = {a: torch.zeros_like(t) for a, t in head.items()} if "head" in self.reads else {}
 
         def samples(i: int):
             return slice(0, n_valid[i]) if prefix else valid[i] > 0
 
+        def member_head(i: int) -> Optional[dict]:
+            return None if head is None else {a: t[i] for a, t in head.items()}
+
         out = torch.zeros(m, b, k, dtype=z.dtype, device=z.device)
+        flat: list = []
         loop: list[tuple[_Run, int]] = []
         for run in self.runs:
             live = [i for i in range(run.a, run.e) if n_valid[i]]
             if not live:
                 continue
             if not run.checked:
-                run.check_first(zb[live[0], samples(live[0])], y[live[0], samples(live[0])])
+                i0 = live[0]
+                run.check_first(zb[i0, samples(i0)], y[i0, samples(i0)],
+                                None if h is None else h[i0, samples(i0)], member_head(i0))
             by_n: dict[int, list[int]] = {}
             for i in live:
                 by_n.setdefault(n_valid[i] if prefix else -1, []).append(i)
             for n, idx in by_n.items():
+                if run.flat is not False and n > 0:
+                    flat.append((run, idx, n))
+                    continue
                 g = None
-                if run.mode == VMAP and n > 0 and len(idx) >= self.vmap_min:
-                    a, e = idx[0], idx[-1] + 1
-                    if idx == list(range(a, e)):
-                        g = run.vmapped(zb[a:e, :n], y[a:e, :n])
-                        if g is not None:
-                            out[a:e, :n] = g
-                    else:
-                        sel = torch.tensor(idx, device=z.device)
-                        g = run.vmapped(zb.index_select(0, sel)[:, :n], y.index_select(0, sel)[:, :n])
-                        if g is not None:
-                            out[sel, :n] = g
+                if run.mode == VMAP and "head" not in run.reads and n > 0 and len(idx) >= self.vmap_min:
+                    sel = _sel(idx, z.device)
+                    g = run.vmapped(_take(zb, sel)[:, :n], _take(y, sel)[:, :n],
+                                    None if h is None else _take(h, sel)[:, :n])
+                    if g is not None:
+                        _put(out, sel, n, g)
                 if g is None:
                     loop += [(run, i) for i in idx]
+        if flat:
+            self._flat(zb, y, h, flat, out, samples, loop)
         if loop:
-            self._loop(zb, y, samples, loop, out)
+            self._loop(zb, y, h, member_head, samples, loop, out)
         for run in self.runs:
             run.checked = True
         return out.transpose(1, 2)
 
-    @staticmethod
-    def _loop(zb: torch.Tensor, y: torch.Tensor, samples, loop: list, out: torch.Tensor) -> None:
-        """One autograd call on the summed losses of the ``loop`` members."""
+    def _flat(self, zb, y, h, jobs: list, out: torch.Tensor, samples, loop: list) -> None:
+        """The flat jobs (run, members, n valid samples) in one autograd call (analytic ``grad``
+        where a loss gives it); a run seen for the first time with two or more members is
+        checked against the per-member gradient and, if it differs, moved to ``loop``."""
+        k = zb.shape[2]
+        leaves, vals, parts = [], [], []
+        with torch.enable_grad():
+            for run, idx, n in jobs:
+                sel = _sel(idx, zb.device)
+                j = len(idx)
+                # [j*n, K] rows, stored class-major ([K, j*n]): a transposed view, as the traced graph wants
+                zf = _take(zb, sel)[:, :n].permute(2, 0, 1).reshape(k, j * n).t()
+                yf = _take(y, sel)[:, :n].reshape(j * n)
+                hf = None if h is None else _take(h, sel)[:, :n].reshape(j * n, h.shape[2])
+                kw = run.kw(hf, None)
+                if run.g is not None:
+                    g = run.g(zf, yf, **kw)
+                    parts.append((run, sel, n, j, (g[0] if isinstance(g, tuple) else g).mul(j), None))
+                    continue
+                gm = run.traced(zf, yf, hf) if self.trace else None
+                if gm is not None:
+                    g, v = gm(zf, yf) if hf is None else gm(zf, yf, hf)
+                    parts.append((run, sel, n, j, g.mul(j), v))
+                    continue
+                leaf = zf.detach().requires_grad_(True)
+                try:
+                    v = run.f(leaf, yf, **kw).reshape(())
+                except Exception as exc:
+                    raise LtcacheError(f"{run.where} raised {_line(exc)}; fix its forward") from None
+                leaves.append(leaf)
+                vals.append(v * j)
+                parts.append((run, sel, n, j, None, v))
+            if leaves:
+                total = torch.stack(vals).sum()
+                try:
+                    grads = (torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad
+                             else [None] * len(leaves))
+                except Exception as exc:
+                    raise LtcacheError(f"{jobs[0][0].where}: autograd failed ({_line(exc)}); fix its forward") from None
+        it = iter(grads if leaves else ())
+        for (run, sel, n, j, g, v), (_, idx, _) in zip(parts, jobs):
+            if g is None:
+                g = next(it)
+                g = torch.zeros(j * n, k, dtype=zb.dtype, device=zb.device) if g is None else g
+            g = g.reshape(j, n, k)
+            if not run.checked:
+                run.check_result(g, v.detach() if v is not None else torch.zeros(()))
+            if run.flat is None and j >= 2:
+                ref = self._per_member(zb, y, h, samples, run, idx)
+                run.flat = _close(g, ref)
+                if not run.flat:
+                    g = ref
+            _put(out, sel, n, g)
+
+    def _per_member(self, zb, y, h, samples, run: _Run, idx: list) -> torch.Tensor:
+        """The exact per-member gradient [j, n, K] of ``idx`` (the first-step flat check)."""
+        tmp = torch.zeros_like(zb)
+        self._loop(zb, y, h, lambda i: None, samples, [(run, i) for i in idx], tmp)
+        sel = _sel(idx, zb.device)
+        n = samples(idx[0]).stop
+        return _take(tmp, sel)[:, :n]
+
+    def _loop(self, zb: torch.Tensor, y: torch.Tensor, h, member_head, samples, loop: list, out: torch.Tensor) -> None:
+        """One autograd call on the summed losses of the ``loop`` members (their head
+        parameters' gradients into ``head_grad``)."""
+        heads = {i: {a: t.detach().requires_grad_(True) for a, t in member_head(i).items()}
+                 for run, i in loop if "head" in run.reads}
         with torch.enable_grad():
             zz = zb.detach().requires_grad_(True)
             vals = []
             for run, i in loop:
+                kw = run.kw(None if h is None else h[i, samples(i)], heads.get(i))
                 try:
-                    vals.append(run.f(zz[i, samples(i)], y[i, samples(i)]).reshape(()))
+                    vals.append(run.f(zz[i, samples(i)], y[i, samples(i)], **kw).reshape(()))
                 except Exception as exc:
                     raise LtcacheError(f"{run.where} raised {_line(exc)}; fix its forward") from None
             total = torch.stack(vals).sum()
+            hl = [(i, a, t) for i, d in heads.items() for a, t in d.items()]
             try:
-                g = (torch.autograd.grad(total, zz)[0] if total.requires_grad else torch.zeros_like(zz))
+                if total.requires_grad:
+                    got = torch.autograd.grad(total, [zz] + [t for _, _, t in hl], allow_unused=True)
+                else:
+                    got = [None] * (1 + len(hl))
             except Exception as exc:
                 raise LtcacheError(f"{loop[0][0].where}: autograd failed ({_line(exc)}); fix its forward") from None
+        g = torch.zeros_like(zz) if got[0] is None else got[0]
+        for (i, a, _), ga in zip(hl, got[1:]):
+            if ga is not None:
+                self.head_grad[a][i] += ga
         idx = torch.tensor([i for _, i in loop], device=zb.device)
         for j, (run, i) in enumerate(loop):
             if not run.checked:
                 run.check_result(g[i], vals[j].detach())
         out[idx] = g[idx]
+
+
+def _sel(idx: list, device):
+    """Members ``idx`` as a slice when contiguous (no copy), else an index tensor."""
+    a, e = idx[0], idx[-1] + 1
+    return slice(a, e) if idx == list(range(a, e)) else torch.tensor(idx, device=device)
+
+
+def _take(t: torch.Tensor, sel) -> torch.Tensor:
+    return t[sel] if isinstance(sel, slice) else t.index_select(0, sel)
+
+
+def _put(out: torch.Tensor, sel, n: int, g: torch.Tensor) -> None:
+    out[sel, :n] = g
+
+
+# --------------------------------------------------------------------------------------------
+# the traced flat gradient
+# --------------------------------------------------------------------------------------------
+
+_ATEN = torch.ops.aten
+_SOFTMAX = (_ATEN._softmax.default, _ATEN._log_softmax.default)
+_SOFTMAX_BACK = (_ATEN._softmax_backward_data.default, _ATEN._log_softmax_backward_data.default)
+
+
+def _rows_major(x: torch.Tensor) -> torch.Tensor:
+    """x [n, K] as the contiguous [K, n] (free when x is a transposed view of it)."""
+    return x.t().contiguous()
+
+
+def _class_major(gm):
+    """Rewrite a traced graph's softmax / log-softmax (and their backward) over the last dim of
+    [n, K] into the same op over dim 0 of [K, n]: the values are identical, the kernel fast."""
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _SOFTMAX and node.args[1] in (-1, 1):
+            x, _, half = node.args
+            with g.inserting_before(node):
+                s = g.call_function(node.target, (g.call_function(_rows_major, (x,)), 0, half))
+                out = g.call_function(_ATEN.t.default, (s,))
+        elif node.target in _SOFTMAX_BACK and node.args[2] in (-1, 1):
+            grad, value, _, dtype = node.args
+            with g.inserting_before(node):
+                s = g.call_function(node.target, (g.call_function(_rows_major, (grad,)),
+                                                  g.call_function(_rows_major, (value,)), 0, dtype))
+                out = g.call_function(_ATEN.t.default, (s,))
+        else:
+            continue
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+def trace_grad(f, z: torch.Tensor, y: torch.Tensor, h: Optional[torch.Tensor]):
+    """``(z, y[, h]) -> (dL/dz, L)`` of ``f`` as one traced graph (class-major softmax), or None
+    when the forward cannot be traced with fake tensors (data-dependent control flow, .item())."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    fn = (lambda z, y, h: f(z, y, h=h)) if h is not None else (lambda z, y: f(z, y))
+    args = (z, y) if h is None else (z, y, h)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = make_fx(torch.func.grad_and_value(fn), tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
+        return _class_major(gm)
+    except Exception:
+        return None
