@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ltcache import __version__, distributed, interrupts
+from ltcache import distributed, interrupts
+from ltcache.checkpoints import FORMAT, FORMAT_VERSION, load_checkpoint, read_pretrained, read_torch_file  # noqa: F401
 from ltcache.cache.lock import OutputLock
 from ltcache.data import DatasetSpec, build_dataset
 from ltcache.devices import resolve_device
@@ -34,9 +35,8 @@ from ltcache.models import build_model
 from ltcache.models.registry import check_arch, load_pretrained
 from ltcache.outputs import atomic_save, check_output_dir
 from ltcache.progress import echo, progress
+from ltcache.version import __version__
 
-FORMAT = "ltcache-stage1"
-FORMAT_VERSION = 1
 CKPT_NAME, BEST_NAME = "stage1.pt", "best.pt"
 DEFAULT_WARMUP = 5                           # the recipe's warm-up, shortened only when a run is too short for it
 DROPS = ((0.8, 1e-2), (0.9, 1e-4))           # LDAM-DRW step schedule: (fraction of the epochs, lr factor)
@@ -184,46 +184,6 @@ def _save(obj: dict, path: Path) -> None:
     """Write a checkpoint atomically (complete under its name or not there; a full disk is a
     one-line error)."""
     atomic_save(path, lambda tmp: torch.save(obj, tmp))
-
-
-def read_torch_file(path, missing_fix: str, damaged_fix: str):
-    """``torch.load`` of a checkpoint file; a missing or unreadable file is a one-line error
-    ending with the given fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise LtcacheError(f"checkpoint {path} not found; {missing_fix}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise LtcacheError(f"{path} is not a readable PyTorch checkpoint ({exc.__class__.__name__}); "
-                           f"it may be truncated: {damaged_fix}") from None
-
-
-def read_pretrained(path) -> dict:
-    """The state dict in a local weights file: a plain state dict (torchvision's layout or
-    ltcache's), one under ``state_dict`` / ``model``, or an ltcache stage-1 checkpoint's."""
-    path = Path(path)
-    obj = read_torch_file(path, "give a local weights file", "save the weights again")
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "state_dict_model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise LtcacheError(f"{path} holds no state dict (a dict of tensors); save model.state_dict() with torch.save")
-    return obj
-
-
-def load_checkpoint(path) -> dict:
-    """Read a ``stage1.pt``; an unreadable, truncated or foreign file is a one-line error."""
-    path = Path(path)
-    ck = read_torch_file(path, "train one with `ltcache train`", "re-train or point to another file")
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise LtcacheError(f"{path} is not an ltcache stage-1 checkpoint; for a plain state dict "
-                           "use `ltcache extract --arch NAME --dataset ...`")
-    if ck.get("format_version", 0) > FORMAT_VERSION:
-        raise LtcacheError(f"{path} was written by a newer ltcache (format {ck['format_version']}); upgrade ltcache")
-    return ck
 
 
 def _default_out(opts: Stage1Options) -> Path:

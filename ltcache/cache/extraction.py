@@ -36,6 +36,7 @@ from ltcache import distributed, interrupts
 from ltcache.cache.build import DTYPES, CacheWriter, RankWriter, manifest_body
 from ltcache.cache.manifest import sha256_file
 from ltcache.cache.shards import shard_name
+from ltcache.checkpoints import read_torch_file
 from ltcache.data import DatasetSpec, build_dataset, hflip
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
@@ -43,7 +44,6 @@ from ltcache.models import build_model, load_foreign_state_dict
 from ltcache.models.layouts import resolve as resolve_layout
 from ltcache.models.registry import check_arch, load_pretrained
 from ltcache.progress import echo, progress
-from ltcache.stage1 import read_torch_file
 
 SPLITS = ("train", "val", "test")
 TEST_VIEWS = ("center", "hflip")
