@@ -189,6 +189,36 @@ def _claim_outputs(force: bool, files=(), folder=None, multi: bool = False) -> N
         ctx.with_resource(output_lock(folder[1]))
 
 
+def _check_export(m, method: str, seed_list: list) -> None:
+    """``--export`` writes one model of a built-in head: refused before any work otherwise."""
+    if len(seed_list) > 1:
+        raise LtcacheError(f"--export writes one model but --seeds gives {len(seed_list)} seeds; "
+                           "pass one seed with --export (e.g. --seeds 0)")
+    if not m.closed_form:
+        from ltcache.stage2.heads import HEADS
+        if HEADS.get(m.head).plugin is not None:
+            raise LtcacheError(f"--export writes linear, cosine and NCM heads; method {method}'s head '{m.head}' "
+                               f"({HEADS.origin(m.head)}) is a plugin's: drop --export (its results are written)")
+
+
+def _export(run, method: str, path: Path, test_views: str) -> None:
+    """The first seed's head with the stage-1 backbone as a deployable model (:mod:`ltcache.export`,
+    called here, outside stage 2, which never imports backbone code)."""
+    from ltcache.export import export_model
+    run_dict, layer = run.pairs[0]
+    export_model(run.cache, layer, path, meta={"method": method, "params": run_dict["params"]},
+                 views=["center"] if test_views == "center" else None)      # the views the number reports
+
+
+def _print_and_write(results: dict, out) -> None:
+    """A ``--through-backbone`` run's table, and its results file when ``--out`` is given."""
+    from ltcache.stage2.results import format_table, write_json
+    click.echo(format_table(results))
+    if out is not None:
+        write_json(results, out)
+        click.echo(f"results: {out}")
+
+
 @cli.command("retrain", cls=PluginCommand, hyper="all")
 @click.option("--method", required=True, help="method name (see `ltcache methods`)")
 @_common
@@ -225,14 +255,8 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
     overrides = validate_overrides(m, _overrides(kwargs))
     seed_list = api.parse_seeds(seeds)
     _check_precision(precision, device)
-    if export_path is not None and len(seed_list) > 1:
-        raise LtcacheError(f"--export writes one model but --seeds gives {len(seed_list)} seeds; "
-                           "pass one seed with --export (e.g. --seeds 0)")
-    if export_path is not None and not m.closed_form:
-        from ltcache.stage2.heads import HEADS
-        if HEADS.get(m.head).plugin is not None:
-            raise LtcacheError(f"--export writes linear, cosine and NCM heads; method {method}'s head '{m.head}' "
-                               f"({HEADS.origin(m.head)}) is a plugin's: drop --export (its results are written)")
+    if export_path is not None:
+        _check_export(m, method, seed_list)
     main = join_ranks(device)
     if main:
         _claim_outputs(force, files=[("--out", out, "results.json"), ("--export", export_path, "model.pt")])
@@ -248,19 +272,17 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
             raise LtcacheError("--through-backbone reads images, not a cache: drop --cache, --export, --select, "
                                "--clean-view, --from-tune and --precision")
         from ltcache.through_backbone import retrain_through_backbone
-        if not main:
-            return
-        results = retrain_through_backbone(ckpt, m.name, overrides, seeds=seed_list, augment=not no_augment,
-                                           train_bn=not eval_bn, test_views=test_views, device=device,
-                                           data_root=data_root, preset=preset, quiet=quiet)
-        click.echo(format_table(results))
-        if out is not None:
-            write_json(results, out)
-            click.echo(f"results: {out}")
+        if main:
+            _print_and_write(retrain_through_backbone(
+                ckpt, m.name, overrides, seeds=seed_list, augment=not no_augment, train_bn=not eval_bn,
+                test_views=test_views, device=device, data_root=data_root, preset=preset, quiet=quiet), out)
         return
-    results = api.retrain(cache_dir, m.name, overrides, seeds=seed_list, select=select, test_views=test_views,
-                          device=device, quiet=quiet, preset=preset, export=export_path, jobs=jobs,
-                          clean_view=clean_view, from_tune=from_tune, precision=precision)
+    run = api.retrain_layers(cache_dir, m.name, overrides, seeds=seed_list, select=select, test_views=test_views,
+                             device=device, quiet=quiet, preset=preset, jobs=jobs, clean_view=clean_view,
+                             from_tune=from_tune, precision=precision)
+    if export_path is not None:
+        _export(run, m.name, export_path, test_views)
+    results = run.results
     if not main:
         return
     click.echo(format_table(results))

@@ -9,7 +9,7 @@ here (re-exported where they live in a step's module).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
@@ -27,20 +27,34 @@ from ltcache.stage2.sweep import train_sweep  # noqa: F401
 from ltcache.stage2.tune import load_choices, tune  # noqa: F401  (public here: ltcache.stage2.api.tune)
 
 
+class Retrained(NamedTuple):
+    """What :func:`retrain_layers` returns: the results dict, the (run dict, layer) of each seed,
+    and the loaded cache (what an export of the first seed's head needs)."""
+    results: dict
+    pairs: list
+    cache: Any
+
+
 def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequence[int] = (0,),
             select: str = "last", test_views: str = "all", device: str = "auto", quiet: bool = False,
-            preset: Optional[str] = None, export: Optional[Union[str, Path]] = None,
-            jobs: Optional[int] = None, clean_view: bool = False,
+            preset: Optional[str] = None, jobs: Optional[int] = None, clean_view: bool = False,
             from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32") -> dict:
     """Re-train one method (with ``overrides`` of its hyper-parameters) for each seed.
 
-    Returns the results JSON dict. ``export`` writes the first seed's head with the stage-1
-    backbone as a deployable model (see :func:`ltcache.export.export_model`). ``from_tune``: a
-    ``tune`` results.json of this cache; its choice for the method, under any ``overrides``.
+    Returns the results JSON dict. ``from_tune``: a ``tune`` results.json of this cache; its
+    choice for the method, under any ``overrides``. To deploy the head with the stage-1 backbone,
+    call :func:`retrain_layers` and :func:`ltcache.export.export_model` (``retrain --export``):
+    stage 2 itself never imports the backbone's code.
     """
-    if export is not None and len(parse_seeds(seeds)) != 1:
-        raise LtcacheError(f"export writes one model but {len(parse_seeds(seeds))} seeds were given; "
-                           "pass one seed with --export (e.g. --seeds 0)")
+    return retrain_layers(cache, method, overrides, seeds, select, test_views, device, quiet, preset, jobs,
+                          clean_view, from_tune, precision).results
+
+
+def retrain_layers(cache, method: str, overrides: Optional[dict] = None, seeds: Sequence[int] = (0,),
+                   select: str = "last", test_views: str = "all", device: str = "auto", quiet: bool = False,
+                   preset: Optional[str] = None, jobs: Optional[int] = None, clean_view: bool = False,
+                   from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32") -> Retrained:
+    """:func:`retrain`, returning the trained layers and the loaded cache beside the results."""
     dev = resolve_device(device)
     cache = _load_cache(cache, dev)
     m = get_method(method)
@@ -56,11 +70,7 @@ def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequenc
     results, pairs = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
                                precision=precision)
     results["preset"] = pre
-    if export is not None:
-        from ltcache.export import export_model
-        export_model(cache, pairs[0][1], export, meta={"method": m.name, "params": pairs[0][0]["params"]},
-                     views=["center"] if test_views == "center" else None)      # the views the number reports
-    return results
+    return Retrained(results, pairs, cache)
 
 
 def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] = None,
