@@ -148,6 +148,45 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
                                clean_view=clean_view, space=space, precision=precision))
     if isinstance(cache, (list, tuple)):
         cache = cache[0]
+    chosen_methods, tune_seeds, seeds = _check_request(methods, budget, search, select_metric, space, tune_seeds,
+                                                       seeds, out_dir, force)
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    full = _load_cache(cache, dev)
+    require_val(full, "tune")
+    pre = choose_preset(full.num_classes, full.feature_dim, preset)
+    n_train = int(full.splits["train"].labels.numel())
+    t0 = time.perf_counter()
+
+    # stage A: every method x budget points x tune seeds, one sweep, no test split in sight
+    plans, owner = _stage_a_plans(chosen_methods, pre, space, budget, search, n_train)
+    from ltcache.stage2.results import run_header
+    echo(run_header(full, pre, dev, "tune"), quiet)
+    plan = plan_hash(full, plans, tune_seeds, select_metric, test_views, clean_view, precision)
+    done = _completed_stage_a(out_dir, plan, force)
+    if done is not None:
+        picks, points, wall_a = done["picks"], done["points"], float(done["wall_time_s"])
+        echo(f"tune stage A: complete in {Path(out_dir) / STAGE_A} (the same plan), kept; continuing with stage B",
+             quiet)
+    else:
+        echo(f"tune stage A: {len(plans)} points x {len(tune_seeds)} seed(s) on val", quiet)
+        picks, points, wall_a = _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test_views,
+                                         device, quiet, jobs, clean_view, precision)
+        if out_dir is not None:                           # kept even if stage B fails or is stopped
+            _write_stage_a(out_dir, full, plan, budget, search, select_metric, tune_seeds, wall_a, picks, points)
+    keep = (f"stage A's picks are kept in {Path(out_dir) / STAGE_A}; the same command continues with stage B"
+            if out_dir is not None else "nothing was written (no --out); the same command starts over")
+    with interrupts.keeps(keep):
+        interrupts.test_point("stage-b")
+        return _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
+                        select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0, wall_a,
+                        resumed=done is not None)
+
+
+def _check_request(methods: Optional[Sequence[str]], budget: int, search: str, select_metric: str,
+                   space: Optional[dict], tune_seeds, seeds, out_dir, force: bool) -> tuple:
+    """(the methods to tune, the tune seeds, the final seeds), with the budget, search, selection
+    metric, space and output folder checked before any work."""
     if budget < 1:
         raise LtcacheError(f"--budget must be >= 1 (got {budget}); e.g. --budget 32")
     if search not in SEARCHES:
@@ -167,44 +206,27 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
     if out_dir is not None:
         from ltcache.outputs import check_output_dir
         check_output_dir(out_dir, force=force, outputs=OUTPUTS, what="--out folder")
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    full = _load_cache(cache, dev)
-    require_val(full, "tune")
-    pre = choose_preset(full.num_classes, full.feature_dim, preset)
-    n_train = int(full.splits["train"].labels.numel())
-    t0 = time.perf_counter()
+    return chosen_methods, tune_seeds, seeds
 
-    # stage A: every method x budget points x tune seeds, one sweep, no test split in sight
+
+def _stage_a_plans(chosen_methods: list, pre: str, space: Optional[dict], budget: int, search: str,
+                   n_train: int) -> tuple[list, list]:
+    """(the plans of stage A: ``budget`` points of each method's space, whose method and point each is)."""
     plans, owner = [], []
     for m in chosen_methods:
         for point in draw(_with_overrides(method_space(m, pre), m, space or {}), budget, search, seed=0):
             plans.append((m, resolve_params(m, pre, point, n_train), point))
             owner.append((m.name, point))
-    from ltcache.stage2.results import run_header
-    echo(run_header(full, pre, dev, "tune"), quiet)
-    plan = plan_hash(full, plans, tune_seeds, select_metric, test_views, clean_view, precision)
-    done = _completed_stage_a(out_dir, plan, force)
-    if done is not None:
-        picks, points, wall_a = done["picks"], done["points"], float(done["wall_time_s"])
-        echo(f"tune stage A: complete in {Path(out_dir) / STAGE_A} (the same plan), kept; continuing with stage B",
-             quiet)
-    else:
-        echo(f"tune stage A: {len(plans)} points x {len(tune_seeds)} seed(s) on val", quiet)
-        picks, points, wall_a = _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test_views,
-                                         device, quiet, jobs, clean_view, precision)
-        if out_dir is not None:                           # kept even if stage B fails or is stopped
-            from ltcache.stage2.results import _cache_block, write_json
-            write_json({"schema": STAGE_A_SCHEMA, "plan_hash": plan, "cache": _cache_block(full), "budget": budget,
-                        "search": search, "select_metric": select_metric, "tune_seeds": tune_seeds,
-                        "wall_time_s": wall_a, "picks": picks, "points": points}, Path(out_dir) / STAGE_A)
-    keep = (f"stage A's picks are kept in {Path(out_dir) / STAGE_A}; the same command continues with stage B"
-            if out_dir is not None else "nothing was written (no --out); the same command starts over")
-    with interrupts.keeps(keep):
-        interrupts.test_point("stage-b")
-        return _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
-                        select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0, wall_a,
-                        resumed=done is not None)
+    return plans, owner
+
+
+def _write_stage_a(out_dir, full, plan: str, budget: int, search: str, select_metric: str, tune_seeds,
+                   wall_a: float, picks: dict, points: dict) -> None:
+    """``stage_a.json``: stage A's picks and points, kept even if stage B fails or is stopped."""
+    from ltcache.stage2.results import _cache_block, write_json
+    write_json({"schema": STAGE_A_SCHEMA, "plan_hash": plan, "cache": _cache_block(full), "budget": budget,
+                "search": search, "select_metric": select_metric, "tune_seeds": tune_seeds,
+                "wall_time_s": wall_a, "picks": picks, "points": points}, Path(out_dir) / STAGE_A)
 
 
 def plan_hash(full, plans: list, tune_seeds, select_metric: str, test_views: str, clean_view: bool,
@@ -247,7 +269,7 @@ def _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test
     """Every point on val (no test split in sight): (picks, points, wall time)."""
     t0 = time.perf_counter()
     res_a, _ = run_sweep(without_test(full), plans, tune_seeds, "last", test_views, device, quiet, jobs,
-                             clean_view, evaluate_test=False, precision=precision)
+                         clean_view, evaluate_test=False, precision=precision)
     by_name: dict[str, list[dict]] = {}
     for r in res_a["runs"]:
         by_name.setdefault(r["name"], []).append(r)
@@ -281,7 +303,7 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
             plans_b.append(base)
     echo(f"tune stage B: {len(plans_b)} configurations x {len(seeds)} seeds on test", quiet)
     results, _ = run_sweep(full, plans_b, seeds, "last", test_views, device, quiet, jobs, clean_view,
-                               precision=precision)
+                           precision=precision)
     wall_b = time.perf_counter() - t1
     for r in results["runs"]:
         r["tune_role"] = tags.get(r["name"], (r["method"], "tuned"))[1]
