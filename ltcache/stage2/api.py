@@ -89,23 +89,10 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
     to ``out_dir`` beside results.json). A grid key some methods lack is a notice (``strict``: an
     error). CE is added as the reference row when not asked for (``results["reference_added"]``)."""
     if isinstance(cache, (list, tuple)) and len(cache) != 1:
-        from ltcache.stage2 import multi
-        if not cache:
-            raise LtcacheError("no cache given; pass one or more caches")
-        if from_tune is not None:
-            raise LtcacheError("--from-tune holds the choices made on one cache; with several caches run "
-                               "`ltcache tune` on them instead")
-        names = [get_method(n).name for n in methods] if methods else list(METHODS)
-        ref = multi.check_against(against, (["ce"] if "ce" not in names else []) + names)
-
         def one(c):
             return bench(c, methods, grid, seeds, select, test_views, device, quiet, preset, overrides, None, jobs,
                          clean_view, None, precision, strict=strict)
-        doc = multi.run_caches("bench", list(cache), one, ref, need_val="--select val" if select == "val" else None,
-                               quiet=quiet)
-        if out_dir is not None:
-            multi.write_multi(doc, out_dir)
-        return doc
+        return _bench_many(list(cache), methods, one, against, select, out_dir, quiet, from_tune)
     if isinstance(cache, (list, tuple)):
         cache = cache[0]
     dev = resolve_device(device)
@@ -128,30 +115,9 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
     if reference_added:
         names = ["ce"] + names          # the CE re-train reference row (labelled under the table)
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
-    n_train = int(cache.splits["train"].labels.numel())
-    if picks is None:
-        plans = expand(names[1:] if reference_added else names, overrides, grid, pre, n_train, strict)
-        if reference_added:                                     # the reference takes what applies to it, silently
-            plans = expand(["ce"], overrides, {k: v for k, v in (grid or {}).items() if k in GENERIC}, pre,
-                           n_train) + plans
-    else:
-        plans = []
-        for n in names:
-            m = get_method(n)
-            ov = {**picks.get(m.name, {}), **{k: v for k, v in (overrides or {}).items()
-                                               if k in m.tunables or (k in GENERIC and not m.closed_form)}}
-            plans.append((m, resolve_params(m, pre, ov, n_train), ov))
-    skipped = []
-    gap = val_gaps(cache)
-    if methods is None and gap and select != "val":
-        # every method was asked for: one that must choose on val is left out, said before training
-        keep = [p for p in plans if needs_val([p], "last") is None]
-        skipped = [{"name": run_name(m, p, ov), "method": m.name,
-                    "why": f"chooses on the val split, but {gap}; give --tau or use a cache whose val covers every class"}
-                   for m, p, ov in plans if needs_val([(m, p, ov)], "last") is not None]
-        plans = keep
-        for sk in skipped:
-            echo(f"skipped {sk['name']}: {sk['why']}", quiet)
+    plans = _bench_plans(names, reference_added, picks, overrides, grid, pre, int(cache.splits["train"].labels.numel()),
+                         strict)
+    plans, skipped = _skip_val_choosers(cache, plans, methods, select, quiet)
     plans, skipped = skip_stage1(cache, plans, skipped, methods, quiet)
     echo(run_header(cache, pre, dev, "bench"), quiet)
     results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
@@ -164,3 +130,54 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
         write_all(results, out_dir)
     return results
 
+
+def _bench_many(caches: list, methods, one, against: str, select: str, out_dir, quiet: bool, from_tune) -> dict:
+    """``bench`` over several caches (``one``: the sweep of one): one multi-cache document."""
+    from ltcache.stage2 import multi
+    if not caches:
+        raise LtcacheError("no cache given; pass one or more caches")
+    if from_tune is not None:
+        raise LtcacheError("--from-tune holds the choices made on one cache; with several caches run "
+                           "`ltcache tune` on them instead")
+    names = [get_method(n).name for n in methods] if methods else list(METHODS)
+    ref = multi.check_against(against, (["ce"] if "ce" not in names else []) + names)
+    doc = multi.run_caches("bench", caches, one, ref, need_val="--select val" if select == "val" else None,
+                           quiet=quiet)
+    if out_dir is not None:
+        multi.write_multi(doc, out_dir)
+    return doc
+
+
+def _bench_plans(names: list, reference_added: bool, picks: Optional[dict], overrides: Optional[dict],
+                 grid: Optional[dict], pre: str, n_train: int, strict: bool) -> list:
+    """The (method, params, overrides) of a bench: the grid over each method (the CE reference
+    takes what applies to it, silently), or each method's tuned choice."""
+    if picks is None:
+        plans = expand(names[1:] if reference_added else names, overrides, grid, pre, n_train, strict)
+        if reference_added:                                     # the reference takes what applies to it, silently
+            plans = expand(["ce"], overrides, {k: v for k, v in (grid or {}).items() if k in GENERIC}, pre,
+                           n_train) + plans
+        return plans
+    plans = []
+    for n in names:
+        m = get_method(n)
+        ov = {**picks.get(m.name, {}), **{k: v for k, v in (overrides or {}).items()
+                                           if k in m.tunables or (k in GENERIC and not m.closed_form)}}
+        plans.append((m, resolve_params(m, pre, ov, n_train), ov))
+    return plans
+
+
+def _skip_val_choosers(cache, plans: list, methods, select: str, quiet: bool) -> tuple[list, list]:
+    """Every method asked for (``methods`` None) on a val split that lacks classes: the methods
+    that must choose on val are left out, said before training. (plans kept, skipped)."""
+    skipped = []
+    gap = val_gaps(cache)
+    if methods is None and gap and select != "val":
+        keep = [p for p in plans if needs_val([p], "last") is None]
+        skipped = [{"name": run_name(m, p, ov), "method": m.name,
+                    "why": f"chooses on the val split, but {gap}; give --tau or use a cache whose val covers every class"}
+                   for m, p, ov in plans if needs_val([(m, p, ov)], "last") is not None]
+        plans = keep
+        for sk in skipped:
+            echo(f"skipped {sk['name']}: {sk['why']}", quiet)
+    return plans, skipped
