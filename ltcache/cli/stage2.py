@@ -404,8 +404,7 @@ def methods_cmd(plugins, preset, space, parts, show_notes):
       ltcache methods --parts --plugin my.py  # every registered part, a plugin's included
       ltcache methods --space --plugin my_methods.py
     """
-    from ltcache.stage2.methods import METHODS, method_space
-    from ltcache.stage2.samplers import DEFAULT_STEPS
+    from ltcache.stage2.methods import METHODS
 
     if show_notes:
         for m in METHODS.values():
@@ -417,25 +416,39 @@ def methods_cmd(plugins, preset, space, parts, show_notes):
             click.echo(line)
         return
     if space:
-        for m in METHODS.values():
-            sp = method_space(m, preset)
-            click.echo(m.name)
-            if sp.candidates:
-                (name, values), = sp.candidates.items()
-                click.echo(f"  {name:<15} candidates {', '.join(f'{v:g}' for v in values)}  (closed form)")
-            elif not sp.dims:
-                click.echo("  (no hyper-parameters)")
-            for d in sp.dims:
-                click.echo(f"  {d.name:<15} {d.describe():<32} {d.source}")
+        _print_spaces(preset)
         return
     rows = [("name", "head", "loss", "sampler", f"defaults ({preset})", "source")]
     for m in METHODS.values():
         d = m.defaults(preset)
         defaults = " ".join(f"{k}={v}" for k, v in d.items() if v is not None and k != "momentum")
         rows.append((m.name, m.head, m.loss, m.sampler, defaults, m.source))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+    _print_rows(rows)
+    click.echo("")
+    _print_rows(_recipe_rows(preset))
+
+
+def _print_spaces(preset: str) -> None:
+    """``methods --space``: each method's search space, dimension by dimension."""
+    from ltcache.stage2.methods import METHODS, method_space
+
+    for m in METHODS.values():
+        sp = method_space(m, preset)
+        click.echo(m.name)
+        if sp.candidates:
+            (name, values), = sp.candidates.items()
+            click.echo(f"  {name:<15} candidates {', '.join(f'{v:g}' for v in values)}  (closed form)")
+        elif not sp.dims:
+            click.echo("  (no hyper-parameters)")
+        for d in sp.dims:
+            click.echo(f"  {d.name:<15} {d.describe():<32} {d.source}")
+
+
+def _recipe_rows(preset: str) -> list:
+    """Each method's stage-2 recipe at the preset: schedule, batches per epoch, no-wd parameters, script."""
+    from ltcache.stage2.methods import METHODS
+    from ltcache.stage2.samplers import DEFAULT_STEPS
+
     rows = [("name", "schedule", "batches/epoch", "no wd", f"follows ({preset})", "verified against")]
     steps_text = {"floor": "int(N/B)", "ceil": "ceil(N/B)", "ceil+1": "ceil(N/B)+1"}
     for m in METHODS.values():
@@ -447,7 +460,11 @@ def methods_cmd(plugins, preset, space, parts, show_notes):
         rows.append((m.name, str(m.defaults(preset).get("schedule")), steps_text.get(rule, rule),
                      ",".join(m.no_wd) or "-", script or "stated default (no stage-2 script)",
                      verified or "not checked"))
-    click.echo("")
+    return rows
+
+
+def _print_rows(rows: list) -> None:
+    """Rows of six columns, the first five padded to their widest cell."""
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
