@@ -97,7 +97,8 @@ def _resize_crop(im, size: int, short: int) -> torch.Tensor:
     """A PIL image -> uint8 [3, size, size]: RGB, short side to ``short`` (bilinear), centre crop."""
     from PIL import Image
 
-    im = im.convert("RGB")
+    from ltcache.data.decode import to_rgb
+    im = to_rgb(im)                  # every PIL mode, 16-bit gray scaled to 8 bits
     w, h = im.size
     if min(w, h) != short:           # same arithmetic as ltcache.data.sources._decode
         scale = short / min(w, h)
@@ -311,10 +312,11 @@ def export_model(cache, layer: dict, path: Union[str, Path], meta: Optional[dict
            "class_names": list(getattr(cache, "class_names", None) or []),
            "preprocessing": pre, "test_views": test_views, "flip_average": "hflip" in test_views,
            "meta": meta or {}}
-    from ltcache.outputs import atomic_save
+    from ltcache.outputs import save_torch
     # a temporary name in the same folder, then a rename: never a half-written model under ``path``,
-    # never a temporary file left after a failure; OS errors become a one-line LtcacheError
-    return atomic_save(Path(path), lambda tmp: torch.save(doc, tmp))
+    # never a temporary file left after a failure; OS errors (and torch's RuntimeError for a full
+    # disk) become a one-line LtcacheError
+    return save_torch(doc, Path(path))
 
 
 def read_model_file(path: Union[str, Path]) -> dict:

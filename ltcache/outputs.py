@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -113,10 +114,39 @@ def atomic_save(path: PathLike, save: Callable[[str], None]) -> Path:
         try:
             save(tmp)
         except RuntimeError as exc:     # torch.save wraps a failed write (e.g. ENOSPC) in RuntimeError
-            if "write" in str(exc).lower() or "file" in str(exc).lower():
-                raise OSError(errno.ENOSPC if _full(path) else errno.EIO, str(exc)) from None
-            raise
+            err = _torch_write_error(exc, path)
+            if err is None:
+                raise
+            raise err from None
     return path
+
+
+def save_torch(obj, path: PathLike) -> Path:
+    """``torch.save(obj, path)`` atomically: complete under ``path`` or not there, and a failed
+    write (a full disk, which torch reports as ``RuntimeError: [enforce fail at
+    inline_container.cc:...] unexpected pos ...``) is the one-line disk-full LtcacheError."""
+    import torch
+    return atomic_save(path, lambda tmp: torch.save(obj, tmp))
+
+
+# torch's zip writer (PytorchStreamWriter) reports a short or failed write as a RuntimeError:
+# "unexpected pos N vs M" (a short write: the disk filled up), "file write failed", "errno = 28"
+_TORCH_WRITE = ("unexpected pos", "write failed", "failed writing", "file write", "enforce fail")
+
+
+def _torch_write_error(exc: RuntimeError, path: Path) -> Optional[OSError]:
+    """The OSError behind a RuntimeError raised by a library writer (torch.save), or None when
+    the RuntimeError is not about writing the file."""
+    text = str(exc)
+    low = text.lower()
+    found = re.search(r"errno\s*[=:]?\s*(\d+)", low)
+    if found:
+        return OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+    if not any(k in low for k in _TORCH_WRITE):
+        return None
+    if "unexpected pos" in low or _full(path):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, (text.strip().splitlines() or [''])[0][:200])
 
 
 def write_text(path: PathLike, text: str) -> Path:
@@ -184,6 +214,48 @@ def _remove(tmp: str) -> None:
         os.unlink(tmp)
     except OSError:
         pass
+
+
+def aside_name(final: PathLike) -> Path:
+    """Where a replace-by-rename keeps the previous ``final`` between its two renames."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.old")
+
+
+def _held_by_another(lock_file: Path) -> bool:
+    """True when ``lock_file`` names a live process (other than this one) on this host."""
+    import json
+    import socket
+    from ltcache.cache.lock import _alive
+    try:
+        doc = json.loads(lock_file.read_text() or "{}")
+        pid, host = int(doc.get("pid", -1)), doc.get("host")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+    if host != socket.gethostname():
+        return True                      # another machine's writer: cannot tell, leave it alone
+    return pid > 0 and pid != os.getpid() and _alive(pid)
+
+
+def restore_interrupted_swap(final: PathLike) -> bool:
+    """Finish the story of a replacement that was killed between its two renames (``final`` moved
+    aside to ``.NAME.old``, the new one not yet renamed in): ``final`` is missing and ``.NAME.old``
+    holds the previous output, so it is put back under its name (a one-line note on stderr). Nothing
+    happens while another live process holds the lock of that replacement. True when restored."""
+    import sys
+    final = Path(final)
+    old = aside_name(final)
+    if final.exists() or final.is_symlink() or not old.is_dir():
+        return False
+    if _held_by_another(final.with_name(f".{final.name}.lock")) or _held_by_another(old / ".lock"):
+        return False                     # a replacement is under way right now
+    try:
+        os.replace(old, final)
+    except OSError:
+        return False
+    print(f"note: {final} was being replaced when that run was stopped; its previous contents were put "
+          f"back from {old.name}", file=sys.stderr)
+    return True
 
 
 @contextlib.contextmanager

@@ -62,9 +62,10 @@ def open_image(path: Path):
     """The image at ``path`` as an RGB PIL image (a one-line LtcacheError when it cannot be decoded)."""
     from PIL import Image
 
+    from ltcache.data.decode import to_rgb
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)               # every mode, 16-bit gray included
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise LtcacheError(f"cannot decode image {path} ({exc}); remove or replace the file, or leave it "
                            "out of the arguments") from None

@@ -33,8 +33,9 @@ from ltcache.errors import LtcacheError
 from ltcache.metrics import fmt_pct, group_accuracy, per_class_accuracy
 from ltcache.models import build_model
 from ltcache.models.registry import check_arch, load_pretrained
-from ltcache.outputs import atomic_save, check_output_dir
+from ltcache.outputs import check_output_dir, save_torch
 from ltcache.progress import echo, progress
+from ltcache.stage2.params import MAX_BATCH_SIZE, MAX_EPOCHS
 from ltcache.version import __version__
 
 CKPT_NAME, BEST_NAME = "stage1.pt", "best.pt"
@@ -129,6 +130,8 @@ class Stage1Options:
         if self.imb_ratio < 1:
             raise LtcacheError(f"--imb-ratio must be >= 1 (got {self.imb_ratio}); 100 is the usual CIFAR-LT setting")
         checks = [(self.epochs >= 1, "--epochs must be >= 1"), (self.batch_size >= 1, "--batch-size must be >= 1"),
+                  (self.epochs <= MAX_EPOCHS, f"--epochs must be <= {MAX_EPOCHS} (got {self.epochs})"),
+                  (self.batch_size <= MAX_BATCH_SIZE, f"--batch-size must be <= {MAX_BATCH_SIZE} (got {self.batch_size})"),
                   (self.lr > 0, "--lr must be > 0"), (self.wd >= 0, "--wd must be >= 0"),
                   (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
                   (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
@@ -183,7 +186,7 @@ def _sha256(path) -> str:
 def _save(obj: dict, path: Path) -> None:
     """Write a checkpoint atomically (complete under its name or not there; a full disk is a
     one-line error)."""
-    atomic_save(path, lambda tmp: torch.save(obj, tmp))
+    save_torch(obj, path)
 
 
 def _default_out(opts: Stage1Options) -> Path:

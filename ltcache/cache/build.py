@@ -31,7 +31,7 @@ from ltcache.cache.manifest import (CLASSIFIER, MANIFEST, PROGRESS, SCHEMA_VERSI
 from ltcache.cache.shards import shard_name, write_classifier, write_shard
 from ltcache.errors import LtcacheError
 from ltcache.groups import shot_groups
-from ltcache.outputs import atomic_save, os_error
+from ltcache.outputs import atomic_save, os_error, restore_interrupted_swap
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -125,6 +125,7 @@ class CacheWriter(_ShardQueue):
 
     def __init__(self, cache_dir, key: dict, force: bool = False, world: int = 1):
         self.final = Path(cache_dir)
+        restore_interrupted_swap(self.final)             # a replacement killed between its two renames
         self.key = json.loads(json.dumps(key))          # normalise (tuples -> lists)
         self.world = world
         self.complete = False

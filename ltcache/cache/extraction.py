@@ -571,7 +571,10 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
          f"test views {'+'.join(args['test_views'])}, batch {bs}, {dtype}\n"
          f"  device {dev}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, {workers} workers"
          f"{f', {world} ranks' if world > 1 else ''} -> {getattr(writer, 'final', writer.dir)}", quiet)
-    bare = bare_inference_rate(model, ds, dev, amp, bs)
+    # the ceiling, measured at the batch extraction will run (no larger than the data: a small
+    # extraction is not made to forward several times its own images just to measure it)
+    biggest = max((len(ds.splits[s]) for s in args["splits"] if s in ds.splits), default=bs)
+    bare = bare_inference_rate(model, ds, dev, amp, max(2, min(bs, biggest)))
     ex = _Extractor(model, ds, dev, amp, bs, workers=workers, skip_bad=skip_bad, seed=args["seed"])
     job = _Job(writer, args, ds, model, ex, dev, amp, quiet, workers, skip_bad, world, rank)
     began = time.time()

@@ -33,7 +33,6 @@ then renamed to ``out``: bad input leaves nothing behind.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import shutil
 import time
@@ -47,8 +46,8 @@ import torch.nn.functional as F
 from ltcache.cache.build import DTYPES, manifest_body
 from ltcache.cache.manifest import CLASSIFIER, MANIFEST, sha256_file, write_manifest
 from ltcache.cache.shards import shard_name, write_classifier, write_shard
-from ltcache.errors import LtcacheError
-from ltcache.outputs import os_error, output_lock
+from ltcache.errors import LtcacheError, close_matches
+from ltcache.outputs import os_error, output_lock, restore_interrupted_swap
 
 PathLike = Union[str, Path]
 
@@ -110,13 +109,7 @@ def read_arrays(path: PathLike) -> dict[str, np.ndarray]:
         elif suffix == ".npy":
             out[path.stem] = np.load(path, allow_pickle=False)
         elif suffix in (".pt", ".pth"):
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:         # pickle of other objects (numpy arrays, classes): refused unsafely-loaded
-                if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-                    raise LtcacheError(f"{path} holds objects other than tensors (e.g. numpy arrays); save a dict of "
-                                       "torch tensors (torch.from_numpy(a)) or use .npz") from None
-                raise
+            obj = _torch_load(path)
             if not isinstance(obj, dict):
                 raise LtcacheError(f"{path} holds a {type(obj).__name__}, not a dict of tensors; save "
                                    "{'train_features': ..., 'train_labels': ..., ...} with torch.save")
@@ -141,6 +134,55 @@ def read_arrays(path: PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+_PT_EXPECTED = ("expected a dict of tensors written by torch.save, e.g. torch.save({'train_features': F, "
+                "'train_labels': y, ...}, FILE), or use .npz")
+
+
+def _found(head: bytes) -> str:
+    """What the first bytes of a file that is not a torch.save archive look like."""
+    if not head:
+        return "an empty file"
+    if all(32 <= c < 127 or c in (9, 10, 13) for c in head):
+        return f"text starting {head.decode('ascii', 'replace')[:24]!r}"
+    return f"other binary data starting {head[:8].hex(' ')}"
+
+
+def _torch_load(path: Path):
+    """``torch.load(weights_only=True)`` of a features file; what was found instead of a torch.save
+    file of tensors is named in a one-line LtcacheError (never unpickles arbitrary objects)."""
+    import re
+    import warnings
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(32)
+    except OSError as exc:
+        raise LtcacheError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    zipped, pickled = head.startswith(b"PK\x03\x04"), head[:1] == b"\x80"
+    if not (zipped or pickled):
+        raise LtcacheError(f"{path} is not a torch.save file: found {_found(head)}, not a zip archive or a "
+                           f"pickle; {_PT_EXPECTED}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")              # torch's pickle-protocol warnings
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:                               # never unpickled unsafely
+        text = str(exc)
+        glob = re.search(r"GLOBAL ([\w.]+)", text)
+        if glob:
+            raise LtcacheError(f"{path} holds objects other than tensors (found {glob.group(1)}); save a dict of "
+                               "torch tensors (torch.from_numpy(a)) or use .npz") from None
+        if zipped:
+            what = f"a damaged or truncated torch.save archive ({_line(exc)})"
+        else:
+            what = "a pickle that torch.save did not write (or a damaged one)"
+        raise LtcacheError(f"{path} is not a readable torch.save file: found {what}; {_PT_EXPECTED}") from None
+
+
+def _line(exc: BaseException) -> str:
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {first[:80]}" if first else type(exc).__name__
+
+
 def _merge(paths: Sequence[Path]) -> tuple[dict, dict]:
     """All arrays of the source files, and the file each key came from."""
     arrays, origin = {}, {}
@@ -152,7 +194,7 @@ def _merge(paths: Sequence[Path]) -> tuple[dict, dict]:
     unknown = [k for k in arrays if k not in KNOWN]
     if unknown:
         k = unknown[0]
-        close = difflib.get_close_matches(k, KNOWN, n=1)
+        close = close_matches(k, KNOWN, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise LtcacheError(f"{origin[k]}: unknown key '{k}'{hint}; expected {KEY_CONVENTION}")
     return arrays, origin
@@ -315,8 +357,10 @@ def import_features(sources: Union[PathLike, Sequence[PathLike]], out: PathLike,
         raise LtcacheError(f"--shard-rows must be >= 1 (got {shard_rows})")
     if classifier is not None and fit_classifier_head:
         raise LtcacheError("--classifier and --fit-classifier both give the stage-1 classifier; pass one of them")
+    restore_interrupted_swap(out)                    # a replacement killed between its two renames
     _check_out(out, force)
     with output_lock(out, folder=False):
+        restore_interrupted_swap(out)
         _check_out(out, force)
         return _import(paths, out, classifier, fit_classifier_head, name, arch, dtype, shard_rows, command, quiet,
                        stage1_seed)

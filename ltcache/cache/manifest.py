@@ -68,6 +68,9 @@ def read_manifest(cache_dir) -> dict:
     cache_dir = Path(cache_dir)
     path = cache_dir / MANIFEST
     if not cache_dir.is_dir():
+        from ltcache.outputs import restore_interrupted_swap
+        restore_interrupted_swap(cache_dir)          # a replacement killed between its two renames
+    if not cache_dir.is_dir():
         raise LtcacheError(f"cache {cache_dir} not found; make one with `ltcache extract --ckpt runs/NAME/stage1/stage1.pt --cache {cache_dir}`")
     if not path.is_file():
         hint = " (an extraction is in progress or was interrupted: re-run the same `ltcache extract` to finish it)" \

@@ -152,12 +152,12 @@ class LTDataset:
 
 
 def _load_source(spec: DatasetSpec, root: Path, download: bool, image_size: int, workers: int,
-                 stream: Optional[bool]) -> SourceData:
+                 stream: Optional[bool], quiet: bool = False) -> SourceData:
     kind, arg = parse_source(spec.source)
     if kind in ("cifar10", "cifar100"):
         return load_cifar(kind, root, download)          # 32 px pickles: always in memory
     if kind == "imagefolder":
-        return load_imagefolder(arg, root, image_size, workers, stream)
+        return load_imagefolder(arg, root, image_size, workers, stream, quiet=quiet)
     return load_splitlist(arg, root, image_size, workers, stream)
 
 
@@ -171,7 +171,7 @@ def build_dataset(spec: DatasetSpec, data_root=None, download: bool = False, qui
     images are larger than SMALL_IMAGE px (one image's header is read). False decodes them into
     memory (larger images as centre crops of ``image_size``). ``workers``: decode workers."""
     root = Path(data_root) if data_root else default_data_root()
-    src = _load_source(spec, root, download, image_size, workers, stream)
+    src = _load_source(spec, root, download, image_size, workers, stream, quiet=quiet)
     k = len(src.class_names)
     train_labels = src.train.labels
     if train_labels.min() < 0 or train_labels.max() >= k:

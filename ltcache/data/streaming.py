@@ -22,6 +22,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from ltcache.data.decode import to_rgb
 from ltcache.errors import LtcacheError
 
 VIEWS = ("center", "hflip", "train")
@@ -109,7 +110,7 @@ def open_rgb(path: str):
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")        # convert() loads the pixels: truncated files fail here
+            return to_rgb(im)               # loads the pixels (truncated files fail here); any mode
     except Exception as exc:                # PIL's decoders raise many types (OSError, SyntaxError, zlib...)
         raise BadImage(str(exc) or exc.__class__.__name__) from None
 

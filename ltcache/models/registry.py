@@ -2,12 +2,11 @@
 torchvision classification model (its last Linear is the classifier)."""
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import torch.nn as nn
 
-from ltcache.errors import LtcacheError
+from ltcache.errors import LtcacheError, close_matches
 from ltcache.registry import Registry, origin_of
 
 _REGISTRY: Registry = Registry("backbone", "or torchvision:NAME / timm:NAME")
@@ -41,7 +40,7 @@ def check_arch(arch: str) -> None:
         check_timm(arch)
         return
     if arch not in _REGISTRY:
-        close = difflib.get_close_matches(arch, list_models(), n=1)
+        close = close_matches(arch, list_models(), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise LtcacheError(f"unknown arch '{arch}'{hint}; valid: {', '.join(list_models())}, or "
                            "torchvision:NAME for any torchvision classification model (e.g. torchvision:mobilenet_v3_small), or "

@@ -6,12 +6,11 @@ penultimate features and nothing is downloaded; local weights come with ``--pret
 """
 from __future__ import annotations
 
-import difflib
 
 import torch
 import torch.nn as nn
 
-from ltcache.errors import LtcacheError
+from ltcache.errors import LtcacheError, close_matches
 
 PREFIX = "timm:"
 
@@ -31,7 +30,7 @@ def check_timm(arch: str) -> None:
     name = arch[len(PREFIX):]
     names = timm.list_models()
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
+        close = close_matches(name, names, n=3)
         hint = f" (did you mean {', '.join(PREFIX + c for c in close)}?)" if close else ""
         raise LtcacheError(f"unknown arch '{arch}'{hint}; timm:NAME takes a timm model name "
                            f"({len(names)} known: timm.list_models())")

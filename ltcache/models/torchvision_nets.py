@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ltcache.errors import LtcacheError
+from ltcache.errors import LtcacheError, close_matches
 from ltcache.models.registry import register_model
 
 
@@ -131,11 +131,10 @@ def build_torchvision(arch: str, num_classes: int) -> TorchvisionFeatures:
 
 def check_torchvision(arch: str) -> None:
     """Refuse a ``torchvision:NAME`` that torchvision does not know, with the closest names."""
-    import difflib
     name = arch[len(PREFIX):]
     names = torchvision_names()
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
+        close = close_matches(name, names, n=3)
         hint = f" (did you mean {', '.join(PREFIX + c for c in close)}?)" if close else ""
         raise LtcacheError(f"unknown arch '{arch}'{hint}; torchvision:NAME takes a torchvision classification "
                            f"model name ({len(names)} known: torchvision.models.list_models())")

@@ -6,8 +6,12 @@ use and drawn on an Agg canvas (no pyplot, no global backend change).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 from ltcache.errors import LtcacheError
 from ltcache.report.load import Report, Series, load_report, read_results
@@ -65,11 +69,69 @@ def make_report(results_path: Union[str, Path], out_dir: Optional[Union[str, Pat
     out = Path(out_dir) if out_dir is not None else rep.path.parent / "report"
     check_output_dir(out, force, what="report folder", outputs=REPORT_OUTPUTS)
     with output_lock(out):
-        figures = render_figures(rep, out, fmt, quiet)
-        page = write_html(rep, figures, out)
+        page, figures = _all_or_nothing(out, lambda stage: write_html(rep, render_figures(rep, stage, fmt), stage),
+                                        quiet)
     if not quiet:
         print(f"report: {page} ({len(figures)} figures, {len(rep.series)} configurations)")
     return page
+
+
+def _all_or_nothing(out: Path, draw, quiet: bool) -> tuple[Path, list[Path]]:
+    """``draw(stage)`` writes figures/ and report.html into a temporary folder inside ``out``; then
+    they are moved in by renames, so a failure (a full disk) leaves the previous report as it was.
+    Returns (report.html, the figure paths)."""
+    from ltcache.outputs import restore_interrupted_swap
+    restore_interrupted_swap(out / "figures")     # a report killed between its renames
+    with _staging(out) as stage:
+        try:
+            draw(stage)
+        except LtcacheError as exc:               # name the file it was to become, not the temporary one
+            raise LtcacheError(str(exc).replace(str(stage), str(out))) from None
+        page = _move_in(stage, out)
+    figures = sorted((out / "figures").iterdir())
+    if not quiet:
+        for f in figures:
+            print(f"  {f}")
+    return page, figures
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temporary folder inside ``out`` for a whole report; removed afterwards (also on failure)."""
+    from ltcache.outputs import os_error
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".report.", suffix=".tmp", dir=out))
+    except OSError as exc:
+        raise os_error(exc, out) from None
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_in(stage: Path, out: Path) -> Path:
+    """Renames only (no data written): the old ``figures`` folder aside, the new one and
+    ``report.html`` in, the old one removed; a failed rename puts the old folder back."""
+    from ltcache.outputs import os_error
+    figs, old = out / "figures", out / ".figures.old"
+    try:
+        if old.exists():
+            shutil.rmtree(old)
+        if figs.exists():
+            os.replace(figs, old)
+        try:
+            os.replace(stage / "figures", figs)
+            os.replace(stage / "report.html", out / "report.html")
+        except OSError:
+            if old.exists():
+                shutil.rmtree(figs, ignore_errors=True)
+                os.replace(old, figs)
+            raise
+    except OSError as exc:
+        raise os_error(exc, out / "report.html") from None
+    shutil.rmtree(old, ignore_errors=True)
+    return out / "report.html"
 
 
 def _peek(results_path) -> Optional[dict]:
@@ -101,8 +163,9 @@ def _make_multi_report(doc: dict, results_path, out_dir, methods, fmt: str, quie
     out = Path(out_dir) if out_dir is not None else p.parent / "report"
     check_output_dir(out, force, what="report folder", outputs=REPORT_OUTPUTS)
     with output_lock(out):
-        figures = render_multi(doc, table, out, fmt, quiet)
-        page = write_multi_html(doc, table, figures, out, source=p)
+        page, figures = _all_or_nothing(
+            out, lambda stage: write_multi_html(doc, table, render_multi(doc, table, stage, fmt), stage, source=p),
+            quiet)
     if not quiet:
         print(f"report: {page} ({len(figures)} figures, {len(table['rows'])} methods x "
               f"{len(table['datasets'])} datasets)")

@@ -8,6 +8,8 @@ over the split's views (:func:`layer_logits`); the test split gives the run's ``
 from __future__ import annotations
 
 import copy
+import math
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -42,6 +44,17 @@ def val_report(layer: dict, x: torch.Tensor, labels: torch.Tensor, counts) -> di
     return {"all": float((z.argmax(1) == y).double().mean() * 100), "balanced": rep["all"],
             "many": rep["many"], "medium": rep["medium"], "few": rep["few"],
             "nll": nll(z, y), "ece": ece(z, y)}
+
+
+def _finite_only(obj):
+    """``obj`` with every NaN / inf number replaced by None (the metrics of a diverged head)."""
+    if isinstance(obj, dict):
+        return {k: _finite_only(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_only(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 class Evaluator:
@@ -84,6 +97,11 @@ class Evaluator:
             run = {"name": entry.name, "method": entry.method.name, "params": dict(params), "seed": entry.seed,
                    "selected_epoch": sel, "metrics": metrics, "val": val}
             run.update(extra)
+            if entry.config is not None and getattr(trained[entry.config], "failed", None):
+                run["failed"] = trained[entry.config].failed
+                run["metrics"], run["val"] = _finite_only(run["metrics"]), _finite_only(run["val"])
+                print(f"notice: {entry.name} seed {entry.seed} failed: {run['failed']}; its row is marked failed",
+                      file=sys.stderr, flush=True)
             runs.append(run)
             layers.append(layer)
         return runs, layers

@@ -47,8 +47,9 @@ class Param:
         """``[0, 1]``, ``(0, inf)`` or ``{a, b}``: what :meth:`check` accepts."""
         if self.choices:
             return "{" + ", ".join(str(c) for c in self.choices) + "}"
-        lo = "-inf" if self.lo is None else f"{self.lo:g}"
-        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        num = (lambda v: str(int(v))) if self.type is int else (lambda v: f"{v:g}")
+        lo = "-inf" if self.lo is None else num(self.lo)
+        hi = "inf" if self.hi is None else num(self.hi)
         left = "(" if self.lo_open or self.lo is None else "["
         right = ")" if self.hi_open or self.hi is None else "]"
         return f"{left}{lo}, {hi}{right}"
@@ -87,10 +88,15 @@ class Param:
 
 SCHEDULES = ("cosine", "cosine-start", "constant")
 
+# upper bounds that keep step counts (epochs x steps per epoch) and batch shapes inside the engine's
+# 64-bit integers and a run inside a lifetime: a larger value is a typo, refused in one line
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 2**31 - 1
+
 GENERIC_PARAMS: tuple[Param, ...] = (
-    Param("epochs", int, lo=1, help="epochs"),
+    Param("epochs", int, lo=1, hi=MAX_EPOCHS, help="epochs"),
     Param("lr", float, lo=0, help="learning rate"),
-    Param("batch_size", int, lo=1, help="batch size"),
+    Param("batch_size", int, lo=1, hi=MAX_BATCH_SIZE, help="batch size"),
     Param("wd", float, lo=0, help="weight decay"),
     Param("schedule", str, choices=SCHEDULES, help="lr schedule"),
     Param("momentum", float, lo=0, hi=1, hi_open=True, help="SGD momentum"),

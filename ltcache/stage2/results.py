@@ -56,6 +56,9 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
         row = {"name": name, "method": rs[0]["method"], "params": rs[0]["params"],
                "seeds": [r["seed"] for r in rs], "n_seeds": len(rs),
                "all_mean": _mean(alls), "all_std": statistics.pstdev(alls) if len(alls) > 1 else 0.0}
+        failed = [f"seed {r['seed']}: {r['failed']}" for r in rs if r.get("failed")]
+        if failed:
+            row["failed"] = "; ".join(failed)          # a diverged configuration: its numbers mean nothing
         for key in ("many", "medium", "few", "ece", "nll"):
             row[key] = _mean(m[key] for m in tested)
         for g in ("many", "medium", "few"):
@@ -111,7 +114,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     if results.get("stage1_classifier") is False:          # an imported cache without a stage-1 head
         rows = []
     for r in results["summary"]:
-        name = r["name"] + (" (reference)" if r["method"] == "ce" and results.get("reference_added", True) else "")
+        name = (r["name"] + (" (reference)" if r["method"] == "ce" and results.get("reference_added", True) else "")
+                + (" [FAILED: non-finite]" if r.get("failed") else ""))
         rows.append([name, fmt_pct(r["all_mean"], r["all_std"] if r["n_seeds"] > 1 else None),
                      fmt_pct(r["many"]), fmt_pct(r["medium"]), fmt_pct(r["few"]), _num(r["ece"], "{:.2f}"),
                      _num(r["nll"]), "/".join(_num(r[f"lm_{g}"], "{:.2f}") for g in ("many", "medium", "few")),

@@ -81,6 +81,7 @@ class TrainedHead:
     layer: dict
     selected_epoch: int
     history: list = field(default_factory=list)
+    failed: Optional[str] = None          # why the configuration failed (non-finite parameters), or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +418,7 @@ class GroupTrainer:
         """The best val accuracy and epoch of each member so far (``select="val"``)."""
         self.best_acc = torch.full((self.m,), -1.0, dtype=torch.float64, device=self.dev)
         self.best_epoch = torch.tensor([c.epochs for c in self.cfgs])
+        self.bad_epoch = torch.zeros(self.m, dtype=torch.long, device=self.dev)    # 0: finite so far
         self.best = {a: t.clone() for a, t in self.p.items()} if self.select == "val" else None
 
     # -- an epoch -----------------------------------------------------------------------------
@@ -551,7 +553,11 @@ class GroupTrainer:
     # -- end of an epoch, end of training -------------------------------------------------------
 
     def end_epoch(self, e: int) -> None:
-        """After epoch ``e``'s last step: the MaxNorm projection, then val selection."""
+        """After epoch ``e``'s last step: the non-finite check, the MaxNorm projection, then val selection."""
+        # a member whose parameters turned non-finite at any step of this epoch (a loss that became
+        # NaN / inf) is marked failed with that epoch; kept on the device: no sync until collect
+        finite = torch.stack([self.p[a].reshape(self.m, -1).isfinite().all(1) for a in self.names]).all(0)
+        self.bad_epoch = torch.where(~finite & (self.bad_epoch == 0), e + 1, self.bad_epoch)
         if self.use_maxnorm:
             # LTWB PGD: once per epoch, after the last batch, rows with ||w_j|| > r -> w_j r/||w_j||
             live = torch.tensor([e < c.epochs for c in self.cfgs], device=self.dev).view(self.m, 1)
@@ -571,10 +577,14 @@ class GroupTrainer:
         """Every member's deployable layer (the kept epoch's), in the caller's order."""
         final = self.best if self.select == "val" else self.p
         out: list = [None] * self.m
+        bad = self.bad_epoch.tolist()
         for i, c in enumerate(self.cfgs):
             layer = H.effective(self.family, {a: final[a][i].cpu() for a in self.names},
                                 {a: self.buf[a][i].cpu() for a in self.buf})
-            out[self.order[i]] = TrainedHead(config=c, layer=layer, selected_epoch=int(self.best_epoch[i]))
+            failed = (f"its parameters became non-finite (NaN or inf) during epoch {bad[i]} of {c.epochs}: the loss "
+                      "diverged; lower the lr or make the loss finite" if bad[i] else None)
+            out[self.order[i]] = TrainedHead(config=c, layer=layer, selected_epoch=int(self.best_epoch[i]),
+                                             failed=failed)
         return out
 
 

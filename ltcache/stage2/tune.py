@@ -23,8 +23,8 @@ from ltcache.metrics import fmt_pct
 from ltcache.devices import resolve_device
 from ltcache.progress import echo
 from ltcache.stage2.evaluate import VAL_METRICS
-from ltcache.stage2.methods import (METHODS, check_param, choose_preset, get_method, method_space, resolve_params,
-                                    run_name)
+from ltcache.stage2.methods import (GENERIC, METHODS, check_param, choose_preset, get_method, method_space,
+                                    resolve_params, run_name)
 from ltcache.stage2.plan import _load_cache, parse_seeds, require_val
 from ltcache.stage2.precision import check_precision
 from ltcache.stage2.runner import run_sweep
@@ -115,7 +115,7 @@ def pick(points: list[dict], select_metric: str) -> int:
 
 
 def _mean_val(runs: list[dict]) -> dict:
-    vals = [r["val"] for r in runs if r.get("val")]
+    vals = [r["val"] for r in runs if r.get("val") and not r.get("failed")]      # a diverged run never wins
     out = {}
     for k in VAL_METRICS:
         xs = [v[k] for v in vals if v.get(k) is not None and math.isfinite(v[k])]
@@ -450,6 +450,25 @@ def load_choices(path: Union[str, Path], cache) -> dict[str, dict]:
     if fp != cache_fingerprint(cache):
         raise LtcacheError(f"--from-tune {path} was tuned on another cache ({doc.get('cache', {}).get('path', '?')}); "
                            "its choices only hold for that cache: pass that --cache, or tune this one")
-    for m in picks:
-        get_method(m)
-    return picks
+    return {m: _checked_pick(path, m, point) for m, point in picks.items()}
+
+
+def _checked_pick(path: Path, name: str, point: dict) -> dict:
+    """One method's chosen point from a tune file, checked as the file's own content (so an edited
+    file is refused naming the file and the key, not as if the user had passed an option)."""
+    from ltcache.stage2.methods import validate_overrides
+    try:
+        method = get_method(name)
+    except LtcacheError as exc:
+        raise LtcacheError(f"--from-tune {path}: {exc}") from None
+    allowed = set(method.tunables) | (set() if method.closed_form else set(GENERIC))
+    unknown = sorted(k for k in point if k not in allowed)
+    if unknown:
+        raise LtcacheError(f"--from-tune {path}: the choice for {name} has unknown key '{unknown[0]}' (not a "
+                           f"hyper-parameter of {name}: {', '.join(sorted(allowed)) or 'none'}); fix or re-make the "
+                           "file with `ltcache tune`")
+    try:
+        return validate_overrides(method, point)
+    except LtcacheError as exc:
+        raise LtcacheError(f"--from-tune {path}: the choice for {name} is out of range: {exc}; fix or re-make the "
+                           "file with `ltcache tune`") from None
