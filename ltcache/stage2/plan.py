@@ -12,7 +12,7 @@ A sweep goes one way through five modules:
 4. ``evaluate.py``: every trained head and closed form evaluated on test and val;
 5. ``results.py``: the results document.
 
-``api.py`` holds the entry points (``retrain``, ``bench``, ``run_sweep``) that call them in
+``runner.run_sweep`` (behind ``api.retrain``, ``api.bench`` and ``tune``) calls them in
 that order.
 """
 from __future__ import annotations
