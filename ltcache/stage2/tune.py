@@ -329,8 +329,10 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
                                    "resumed": resumed},
                        "stage_b": {"configurations": len(plans_b) * len(seeds), "wall_time_s": wall_b},
                        "picks": picks, "points": points, "table": table}
-    echo(f"tune: stage A {wall_a:.1f} s ({len(plans) * len(tune_seeds)} configurations), stage B {wall_b:.1f} s "
-         f"({len(plans_b) * len(seeds)}), {wall:.1f} s in all", quiet)
+    a_done = "kept from the interrupted run, which took" if resumed else ""
+    echo(f"tune: stage A {a_done}{' ' if a_done else ''}{wall_a:.1f} s ({len(plans) * len(tune_seeds)} "
+         f"configurations), stage B {wall_b:.1f} s ({len(plans_b) * len(seeds)}), {wall:.1f} s in "
+         f"{'this run' if resumed else 'all'}", quiet)
     if out_dir is not None:
         write_tune(results, out_dir)
     return results
