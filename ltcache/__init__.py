@@ -20,7 +20,7 @@ from __future__ import annotations
 import os as _os
 import sys as _sys
 
-__version__ = "0.1.0"
+from ltcache.version import __version__
 
 # Under torchrun, a rank that ends is reported by ltcache in one line naming it; torch's C++ log would
 # add its own error lines (gloo's "Rank 1 failed to pass monitoredBarrier ...") before it. Quiet them,

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ltcache import __version__
+from ltcache.version import __version__
 from ltcache.errors import LtcacheError
 
 FORMAT = "ltcache-model"

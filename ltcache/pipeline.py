@@ -341,13 +341,38 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
     """
     from ltcache import distributed
     from ltcache.cache.extraction import extract
-    from ltcache.stage1 import Stage1Options, load_checkpoint, train_stage1
-    from ltcache.stage2.results import format_table
+    from ltcache.stage1 import load_checkpoint
+    from ltcache.threads import default_workers
 
     pl = parse_pipeline(path)
-    main = distributed.is_main()
-    quiet = quiet or not main
+    quiet = quiet or not distributed.is_main()
     out_dir = Path(out) if out else _resolve(Path.cwd(), pl.out)
+    opts, root = _stage1_options(pl, Path(path), out_dir, device, data_root, quiet, epochs)
+    check_steps(pl, path)                        # every step's options, before hours of stage 1
+    ckpt = out_dir / "stage1" / "stage1.pt"
+    steps = 4 if pl.tune is not None else 3
+    _stage1_step(opts, ckpt, force, steps, quiet)
+    cache_dir = out_dir / "cache"
+    echo(f"[2/{steps}] extract -> {cache_dir}", quiet)
+    ex = dict(pl.extract)
+    ex.setdefault("workers", default_workers())
+    extract(ckpt, cache=cache_dir, device=device, data_root=root, quiet=quiet, force=force, **ex)
+    results = _sweep_step(pl, Path(path), out_dir, cache_dir, device, quiet, force, steps)
+    if pl.tune is not None:
+        results["tune"] = _tune_step(pl, Path(path), out_dir, cache_dir, device, quiet, force, steps)
+    ck = load_checkpoint(ckpt)
+    results["pipeline"] = {"file": str(Path(path)), "name": pl.name, "stage1_epochs": ck["epoch"],
+                           "stage1_test": ck["history"][-1]["test"] if ck["history"] else None}
+    return results
+
+
+def _stage1_options(pl, path: Path, out_dir: Path, device: str, data_root: Optional[str], quiet: bool,
+                    epochs: Optional[int]):
+    """(the stage-1 options of a pipeline's [dataset] and [stage1], ``epochs`` overriding, checked;
+    the data root)."""
+    from ltcache.stage1 import Stage1Options
+    from ltcache.threads import default_workers
+
     ds = dict(pl.dataset)
     root = data_root or ds.pop("data_root", None)
     ds.pop("data_root", None)
@@ -356,10 +381,9 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
     s1 = dict(pl.stage1)
     if epochs is not None:
         s1["epochs"] = int(epochs)
-    from ltcache.threads import default_workers
     s1.setdefault("workers", default_workers())
     if "pretrained" in s1:
-        s1["pretrained"] = str(_resolve(Path(path).parent, s1["pretrained"]))
+        s1["pretrained"] = str(_resolve(path.parent, s1["pretrained"]))
     if "seed" in ds and "seed" in s1 and ds["seed"] != s1["seed"]:
         raise LtcacheError(f"{path}: [dataset] seed and [stage1] seed differ; ltcache uses one seed for both")
     opts = Stage1Options(dataset=source, data_root=root, download=download, device=device, quiet=quiet,
@@ -368,9 +392,13 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
         opts.validate()
     except LtcacheError as exc:
         raise LtcacheError(as_pipeline_hint(str(exc), path)) from None
-    check_steps(pl, path)                        # every step's options, before hours of stage 1
-    ckpt = out_dir / "stage1" / "stage1.pt"
-    steps = 4 if pl.tune is not None else 3
+    return opts, root
+
+
+def _stage1_step(opts, ckpt: Path, force: bool, steps: int, quiet: bool) -> None:
+    """Stage 1, skipped when its checkpoint is complete for these options, resumed when it is partial."""
+    from ltcache.stage1 import train_stage1
+
     echo(f"[1/{steps}] stage 1 -> {ckpt}", quiet)
     if not (force and ckpt.is_file() and not _same_run(ckpt, opts.run_args())) and _stage1_complete(ckpt, opts.run_args()):
         echo("      complete, skipped", quiet)
@@ -378,19 +406,23 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
         opts.resume = ckpt.is_file() and _same_run(ckpt, opts.run_args())
         opts.force = force
         train_stage1(opts)
-    cache_dir = out_dir / "cache"
-    echo(f"[2/{steps}] extract -> {cache_dir}", quiet)
-    ex = dict(pl.extract)
-    ex.setdefault("workers", default_workers())
-    extract(ckpt, cache=cache_dir, device=device, data_root=root, quiet=quiet, force=force, **ex)
+
+
+def _sweep_step(pl, path: Path, out_dir: Path, cache_dir: Path, device: str, quiet: bool, force: bool,
+                steps: int) -> dict:
+    """The [sweep] step (skipped when its results hold the same plan); its results, printed."""
+    from ltcache import distributed
+    from ltcache.stage2.results import format_table
+
+    main = distributed.is_main()
     echo(f"[3/{steps}] sweep -> {out_dir / 'results'}", quiet)
-    more = _more_caches(pl.sweep.get("caches", []), Path(path), cache_dir)
+    more = _more_caches(pl.sweep.get("caches", []), path, cache_dir)
     plan = plan_hash("sweep", pl.sweep, [cache_dir] + more, pl.plugins)
     results = distributed.on_main(lambda: step_done(out_dir / "results", plan, force, "sweep"), "the sweep's check")
     if results is not None:
         echo("      complete (same plan), skipped", quiet)
     else:
-        results = _run_sweep(pl.sweep, cache_dir, device, quiet, Path(path))
+        results = _run_sweep(pl.sweep, cache_dir, device, quiet, path)
         results["pipeline_plan"] = plan
         if main and more:
             from ltcache.stage2.multi import write_multi
@@ -400,21 +432,23 @@ def run_pipeline(path: str | Path, out: Optional[str] = None, device: str = "aut
             write_all(results, out_dir / "results")
     if not quiet:
         echo(format_table(results) if not more else _paper(results))
-    if pl.tune is not None:
-        echo(f"[{steps}/{steps}] tune -> {out_dir / 'tune'}", quiet)
-        more_t = _more_caches(pl.tune.get("caches", []), Path(path), cache_dir)
-        plan = plan_hash("tune", pl.tune, [cache_dir] + more_t, pl.plugins)
-        done = distributed.on_main(lambda: step_done(out_dir / "tune", plan, force, "tune"), "the tune step's check")
-        if done is not None:
-            echo("      complete (same plan), skipped", quiet)
-            results["tune"] = _tune_table(done)
-        else:
-            results["tune"] = _run_tune(pl.tune, cache_dir, out_dir / "tune" if main else None, device, quiet, plan,
-                                        force, Path(path))
-    ck = load_checkpoint(ckpt)
-    results["pipeline"] = {"file": str(Path(path)), "name": pl.name, "stage1_epochs": ck["epoch"],
-                           "stage1_test": ck["history"][-1]["test"] if ck["history"] else None}
     return results
+
+
+def _tune_step(pl, path: Path, out_dir: Path, cache_dir: Path, device: str, quiet: bool, force: bool,
+               steps: int) -> dict:
+    """The [tune] step (skipped when its results hold the same plan); its table."""
+    from ltcache import distributed
+
+    echo(f"[{steps}/{steps}] tune -> {out_dir / 'tune'}", quiet)
+    more_t = _more_caches(pl.tune.get("caches", []), path, cache_dir)
+    plan = plan_hash("tune", pl.tune, [cache_dir] + more_t, pl.plugins)
+    done = distributed.on_main(lambda: step_done(out_dir / "tune", plan, force, "tune"), "the tune step's check")
+    if done is not None:
+        echo("      complete (same plan), skipped", quiet)
+        return _tune_table(done)
+    return _run_tune(pl.tune, cache_dir, out_dir / "tune" if distributed.is_main() else None, device, quiet, plan,
+                     force, path)
 
 
 def _same_run(ckpt: Path, run_args: dict) -> bool:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ltcache import __version__, distributed, interrupts
+from ltcache import distributed, interrupts
+from ltcache.checkpoints import FORMAT, FORMAT_VERSION, load_checkpoint, read_pretrained, read_torch_file  # noqa: F401
 from ltcache.cache.lock import OutputLock
 from ltcache.data import DatasetSpec, build_dataset
 from ltcache.devices import resolve_device
@@ -35,9 +36,8 @@ from ltcache.models.registry import check_arch, load_pretrained
 from ltcache.outputs import check_output_dir, save_torch
 from ltcache.progress import echo, progress
 from ltcache.stage2.params import MAX_BATCH_SIZE, MAX_EPOCHS
+from ltcache.version import __version__
 
-FORMAT = "ltcache-stage1"
-FORMAT_VERSION = 1
 CKPT_NAME, BEST_NAME = "stage1.pt", "best.pt"
 DEFAULT_WARMUP = 5                           # the recipe's warm-up, shortened only when a run is too short for it
 DROPS = ((0.8, 1e-2), (0.9, 1e-4))           # LDAM-DRW step schedule: (fraction of the epochs, lr factor)
@@ -187,46 +187,6 @@ def _save(obj: dict, path: Path) -> None:
     """Write a checkpoint atomically (complete under its name or not there; a full disk is a
     one-line error)."""
     save_torch(obj, path)
-
-
-def read_torch_file(path, missing_fix: str, damaged_fix: str):
-    """``torch.load`` of a checkpoint file; a missing or unreadable file is a one-line error
-    ending with the given fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise LtcacheError(f"checkpoint {path} not found; {missing_fix}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise LtcacheError(f"{path} is not a readable PyTorch checkpoint ({exc.__class__.__name__}); "
-                           f"it may be truncated: {damaged_fix}") from None
-
-
-def read_pretrained(path) -> dict:
-    """The state dict in a local weights file: a plain state dict (torchvision's layout or
-    ltcache's), one under ``state_dict`` / ``model``, or an ltcache stage-1 checkpoint's."""
-    path = Path(path)
-    obj = read_torch_file(path, "give a local weights file", "save the weights again")
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "state_dict_model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise LtcacheError(f"{path} holds no state dict (a dict of tensors); save model.state_dict() with torch.save")
-    return obj
-
-
-def load_checkpoint(path) -> dict:
-    """Read a ``stage1.pt``; an unreadable, truncated or foreign file is a one-line error."""
-    path = Path(path)
-    ck = read_torch_file(path, "train one with `ltcache train`", "re-train or point to another file")
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise LtcacheError(f"{path} is not an ltcache stage-1 checkpoint; for a plain state dict "
-                           "use `ltcache extract --arch NAME --dataset ...`")
-    if ck.get("format_version", 0) > FORMAT_VERSION:
-        raise LtcacheError(f"{path} was written by a newer ltcache (format {ck['format_version']}); upgrade ltcache")
-    return ck
 
 
 def _default_out(opts: Stage1Options) -> Path:
@@ -459,16 +419,68 @@ def header(opts: Stage1Options, ds, device, world: int, out: Path, start: int) -
             f"{f', {world} ranks' if world > 1 else ''} -> {out}")
 
 
+@dataclass
+class _Run:
+    """One stage-1 training's state, shared by its steps (set-up, epochs, evaluation, checkpoints)."""
+    opts: Stage1Options
+    out: Path
+    rank: int
+    world: int
+    quiet: bool
+    device: torch.device
+    amp: bool
+    ds: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    gen: torch.Generator
+    pretrained: Optional[dict]
+    sync_bn: bool
+    history: list = field(default_factory=list)
+    start: int = 0
+    best_val: float = -1.0
+    radius: Optional[float] = None
+    net: object = None
+    streamed: bool = False
+    train_images: Optional[torch.Tensor] = None
+    train_labels: Optional[torch.Tensor] = None
+    n: int = 0
+    steps: int = 0
+
+
 def _loop(opts: Stage1Options, out: Path, resume_ck: Optional[dict], rank: int, world: int, quiet: bool,
           phase: dict) -> Path:
-    main = rank == 0
+    """Set up, resume, then one epoch at a time: train, evaluate, checkpoint, report."""
+    run = _setup(opts, out, resume_ck, rank, world, quiet)
+    if run.start >= opts.epochs:
+        echo(f"{out / CKPT_NAME} already finished {run.start} epochs; nothing to do", quiet)
+        return out / CKPT_NAME
+    _prepare_epochs(run)
+    for epoch in range(run.start, opts.epochs):
+        phase["what"] = f"epoch {epoch + 1}"
+        total_loss, seen, t0 = _train_epoch(run, epoch)
+        _maxnorm(run)
+        # the model is rank 0's: its BatchNorm statistics (DDP broadcasts them before each forward)
+        distributed.broadcast_(list(run.model.buffers()), what=f"the BatchNorm statistics of epoch {epoch + 1}")
+        rec, improved = _evaluate_epoch(run, epoch, total_loss, seen, time.time() - t0)
+        if rank == 0:
+            _checkpoint(run, epoch, improved)
+            interrupts.test_point("epoch")
+        _report_epoch(run, epoch, rec)
+        distributed.barrier(f"the end of epoch {epoch + 1}")   # gloo: a rank that is gone is named
+    return out / CKPT_NAME
+
+
+def _device_and_amp(opts: Stage1Options, world: int) -> tuple[torch.device, bool]:
     device = resolve_device(opts.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())   # LOCAL_RANK's GPU (set when joining)
     amp = (device.type == "cuda") if opts.amp is None else bool(opts.amp and device.type == "cuda")
-    spec = DatasetSpec(opts.dataset, imb_ratio=opts.imb_ratio, profile=opts.profile,
-                       selection=opts.selection, seed=opts.seed, val_per_class=opts.val_per_class)
-    ds = _build(spec, opts, quiet)
+    return device, amp
+
+
+def _model(opts: Stage1Options, ds, device, world: int, resume_ck: Optional[dict]):
+    """The network on its device (pretrained weights loaded unless resuming), and its pretrained record."""
     torch.manual_seed(opts.seed)
     model = build_model(opts.arch, ds.num_classes)
     pretrained = None
@@ -479,140 +491,187 @@ def _loop(opts: Stage1Options, out: Path, resume_ck: Optional[dict], rank: int, 
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    sync_bn = bool(opts.sync_bn and world > 1)
-    if sync_bn:
+    if opts.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # same parameters and state-dict keys
+    return model, pretrained
+
+
+def _setup(opts: Stage1Options, out: Path, resume_ck: Optional[dict], rank: int, world: int, quiet: bool) -> _Run:
+    """The data, model, optimizer and generator of a run; a resumed run's state restored."""
+    device, amp = _device_and_amp(opts, world)
+    spec = DatasetSpec(opts.dataset, imb_ratio=opts.imb_ratio, profile=opts.profile,
+                       selection=opts.selection, seed=opts.seed, val_per_class=opts.val_per_class)
+    ds = _build(spec, opts, quiet)
+    model, pretrained = _model(opts, ds, device, world, resume_ck)
     optimizer = torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.wd)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    gen = torch.Generator().manual_seed(opts.seed)     # the same on every rank: one global permutation
-    history, start, best_val = [], 0, -1.0
+    run = _Run(opts, out, rank, world, quiet, device, amp, ds, model, optimizer,
+               torch.amp.GradScaler(device.type, enabled=amp),
+               torch.Generator().manual_seed(opts.seed),     # the same on every rank: one global permutation
+               pretrained, bool(opts.sync_bn and world > 1))
     if resume_ck is not None:
         model.load_state_dict(resume_ck["state_dict"])
         optimizer.load_state_dict(resume_ck["optimizer"])
         if resume_ck.get("scaler"):
-            scaler.load_state_dict(resume_ck["scaler"])
+            run.scaler.load_state_dict(resume_ck["scaler"])
         if resume_ck.get("rng") is not None:
-            gen.set_state(resume_ck["rng"])
-        history, start = list(resume_ck["history"]), int(resume_ck["epoch"])
-        pretrained = resume_ck.get("pretrained")
-        best_val = float(resume_ck.get("best_val", -1.0))
-        if start >= opts.epochs:
-            echo(f"{out / CKPT_NAME} already finished {start} epochs; nothing to do", quiet)
-            return out / CKPT_NAME
-    net = _wrap(model, device)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    echo(header(opts, ds, device, world, out, start), quiet)
-    radius = None
-    train = ds.splits["train"]
-    streamed = bool(getattr(train, "streamed", False))
-    n = len(train)
-    steps = n // opts.batch_size + (1 if n % opts.batch_size else 0)
-    if not streamed:
-        train_images, train_labels = train.images(), train.labels
-        if device.type == "cuda":
-            train_images, train_labels = train_images.to(device), train_labels.to(device)
+            run.gen.set_state(resume_ck["rng"])
+        run.history, run.start = list(resume_ck["history"]), int(resume_ck["epoch"])
+        run.pretrained = resume_ck.get("pretrained")
+        run.best_val = float(resume_ck.get("best_val", -1.0))
+    return run
 
-    for epoch in range(start, opts.epochs):
-        phase["what"] = f"epoch {epoch + 1}"
-        net.train()
-        t0 = time.time()
-        perm = torch.randperm(n, generator=gen)
-        total_loss, seen = 0.0, 0
-        if streamed:                         # per-row augmentation seeds: one draw per epoch, whatever the world size
-            seeds = torch.randint(2**31, (n,), generator=gen)
-            batches = _stream_epoch(ds, perm, seeds, opts.batch_size, rank, world, device, opts.workers)
-        bar = progress(range(steps), desc=f"epoch {epoch + 1}/{opts.epochs}", quiet=quiet, unit="step")
-        for s in bar:
-            idx = perm[s * opts.batch_size:(s + 1) * opts.batch_size]
-            lo, hi = share(len(idx), rank, world)
-            if streamed:
-                xb, yb = next(batches) if hi > lo else (None, None)
-                if xb is None:               # no rows of a tiny last batch: an empty forward keeps DDP in step
-                    xb = torch.zeros(0, 3, ds.image_size, ds.image_size, device=device)
-                    yb = torch.zeros(0, dtype=torch.long, device=device)
-            else:                            # every rank augments the whole global batch: one generator stream
-                xb = train_images[idx.to(train_images.device)].to(device, non_blocking=True)
-                yb = train_labels[idx.to(train_labels.device)].to(device, non_blocking=True)
-                xb = ds.normalize(ds.augment(xb, gen if xb.device.type == "cpu" else None))
-            if device.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(opts, epoch, s, steps)
-            ya = yb2 = None
-            lam = 1.0
-            if opts.mixup > 0:
-                if streamed:
-                    xb, ya, yb2, lam = _mixup_local(xb, yb, opts.mixup, gen, len(idx), lo)
-                else:                        # the global batch's mixup, then this rank's rows
-                    xb, ya, yb2, lam = _mixup(xb, yb, opts.mixup, gen)
-            if world > 1 and not streamed:
-                xb, yb = xb[lo:hi], yb[lo:hi]
-                if ya is not None:
-                    ya, yb2 = ya[lo:hi], yb2[lo:hi]
-            with torch.autocast(device.type, enabled=amp):
-                logits = net(xb)
-                if hi == lo:
-                    loss = logits.sum() * 0.0
-                elif ya is not None:
-                    loss = lam * F.cross_entropy(logits, ya, label_smoothing=opts.label_smoothing) + \
-                        (1 - lam) * F.cross_entropy(logits, yb2, label_smoothing=opts.label_smoothing)
-                else:
-                    loss = F.cross_entropy(logits, yb, label_smoothing=opts.label_smoothing)
-            # DDP averages the ranks' gradients: weighting each rank's mean loss by its share of the
-            # global batch (1 for an even split) makes that the global batch's mean-loss gradient
-            weight = (hi - lo) * world / len(idx)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss * weight if weight != 1 and hi > lo else loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss = loss.detach()
-            if world > 1:                    # the global batch's mean loss, the same on every rank
-                rows_loss = loss.float().reshape(1) * (hi - lo)
-                loss = distributed.all_reduce_sum_(rows_loss, "the loss reduction")[0] / len(idx)
-            if not torch.isfinite(loss):
-                raise LtcacheError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
-            total_loss += float(loss) * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", img_s=f"{seen / (time.time() - t0):.0f}")
-        bar.close()
-        if opts.maxnorm > 0:
-            # LTWB MaxNorm: radius from the weights at the first projection, projection once per epoch
-            with torch.no_grad():
-                if radius is None:
-                    radius = maxnorm_radius(model.fc.weight, opts.maxnorm)
-                norms = model.fc.weight.norm(dim=1, keepdim=True)
-                model.fc.weight.mul_((radius / norms.clamp_min(1e-12)).clamp(max=1.0))
-        # the model is rank 0's: its BatchNorm statistics (DDP broadcasts them before each forward)
-        distributed.broadcast_(list(model.buffers()), what=f"the BatchNorm statistics of epoch {epoch + 1}")
-        seconds = time.time() - t0
-        evaluated = opts.evaluates(epoch + 1)
-        val = evaluate(model, ds, "val", device, amp=amp, workers=opts.workers) if evaluated else None
-        test = evaluate(model, ds, "test", device, amp=amp, workers=opts.workers) if evaluated else None
-        rec = {"epoch": epoch + 1, "train_loss": total_loss / max(1, seen), "lr": lr_at(opts, epoch, steps - 1, steps),
-               "val": val, "test": test, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
-        history.append(rec)
-        val_all = val["all"] if val is not None and val["all"] is not None else -1.0
-        improved = val_all > best_val        # best.pt: the best of the evaluated epochs
-        if improved:
-            best_val = val_all
-        if main:
-            ck = {"format": FORMAT, "format_version": FORMAT_VERSION, "ltcache_version": __version__,
-                  "arch": opts.arch, "num_classes": ds.num_classes, "feature_dim": model.feature_dim,
-                  "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                  "dataset": {**ds.spec.to_dict(), "groups": ds.groups, "image_size": ds.image_size,
-                              "mean": list(ds.mean), "std": list(ds.std)},
-                  "train_args": opts.run_args(), "pretrained": pretrained, "history": history, "epoch": epoch + 1,
-                  "epochs": opts.epochs, "eval_every": opts.eval_every,
-                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": gen.get_state(),
-                  "best_val": best_val, "world_size": world, "sync_bn": sync_bn}
-            if improved:
-                _save(ck, out / BEST_NAME)
-            _save(ck, out / CKPT_NAME)
-            interrupts.test_point("epoch")
-        scores = (f"val {fmt_pct(val['all'])}  test {fmt_pct(test['all'])} (many {fmt_pct(test['many'])} / "
-                  f"med {fmt_pct(test['medium'])} / few {fmt_pct(test['few'])})" if evaluated else "not evaluated")
-        echo(f"epoch {epoch + 1}/{opts.epochs}  loss {rec['train_loss']:.4f}  {scores}  {seconds:.1f}s  "
-             f"{rec['images_per_s']:.0f} img/s", quiet)
-        distributed.barrier(f"the end of epoch {epoch + 1}")   # gloo: a rank that is gone is named
-    return out / CKPT_NAME
+
+def _prepare_epochs(run: _Run) -> None:
+    """The wrapped network, the output folder, the header, and the train split (on the GPU when it fits)."""
+    opts, device = run.opts, run.device
+    run.net = _wrap(run.model, device)
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+    echo(header(opts, run.ds, device, run.world, run.out, run.start), run.quiet)
+    train = run.ds.splits["train"]
+    run.streamed = bool(getattr(train, "streamed", False))
+    run.n = n = len(train)
+    run.steps = n // opts.batch_size + (1 if n % opts.batch_size else 0)
+    if not run.streamed:
+        run.train_images, run.train_labels = train.images(), train.labels
+        if device.type == "cuda":
+            run.train_images, run.train_labels = run.train_images.to(device), run.train_labels.to(device)
+
+
+def _train_epoch(run: _Run, epoch: int) -> tuple[float, int, float]:
+    """One epoch of SGD steps; returns (summed loss, images seen, start time)."""
+    opts = run.opts
+    run.net.train()
+    t0 = time.time()
+    perm = torch.randperm(run.n, generator=run.gen)
+    total_loss, seen, batches = 0.0, 0, None
+    if run.streamed:                         # per-row augmentation seeds: one draw per epoch, whatever the world size
+        seeds = torch.randint(2**31, (run.n,), generator=run.gen)
+        batches = _stream_epoch(run.ds, perm, seeds, opts.batch_size, run.rank, run.world, run.device, opts.workers)
+    bar = progress(range(run.steps), desc=f"epoch {epoch + 1}/{opts.epochs}", quiet=run.quiet, unit="step")
+    for s in bar:
+        idx = perm[s * opts.batch_size:(s + 1) * opts.batch_size]
+        loss = _step(run, epoch, s, idx, batches)
+        total_loss += float(loss) * len(idx)
+        seen += len(idx)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", img_s=f"{seen / (time.time() - t0):.0f}")
+    bar.close()
+    return total_loss, seen, t0
+
+
+def _batch(run: _Run, idx: torch.Tensor, lo: int, hi: int, batches):
+    """This step's images and labels on the device (augmented, normalized)."""
+    ds, device = run.ds, run.device
+    if run.streamed:
+        xb, yb = next(batches) if hi > lo else (None, None)
+        if xb is None:               # no rows of a tiny last batch: an empty forward keeps DDP in step
+            xb = torch.zeros(0, 3, ds.image_size, ds.image_size, device=device)
+            yb = torch.zeros(0, dtype=torch.long, device=device)
+    else:                            # every rank augments the whole global batch: one generator stream
+        xb = run.train_images[idx.to(run.train_images.device)].to(device, non_blocking=True)
+        yb = run.train_labels[idx.to(run.train_labels.device)].to(device, non_blocking=True)
+        xb = ds.normalize(ds.augment(xb, run.gen if xb.device.type == "cpu" else None))
+    if device.type == "cuda":
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    return xb, yb
+
+
+def _mixed(run: _Run, xb, yb, rows: int, lo: int, hi: int):
+    """Mixup when asked (the global batch's, on this rank's rows): (xb, yb, ya, yb2, lam)."""
+    ya = yb2 = None
+    lam = 1.0
+    if run.opts.mixup > 0:
+        if run.streamed:
+            xb, ya, yb2, lam = _mixup_local(xb, yb, run.opts.mixup, run.gen, rows, lo)
+        else:                        # the global batch's mixup, then this rank's rows
+            xb, ya, yb2, lam = _mixup(xb, yb, run.opts.mixup, run.gen)
+    if run.world > 1 and not run.streamed:
+        xb, yb = xb[lo:hi], yb[lo:hi]
+        if ya is not None:
+            ya, yb2 = ya[lo:hi], yb2[lo:hi]
+    return xb, yb, ya, yb2, lam
+
+
+def _step(run: _Run, epoch: int, s: int, idx: torch.Tensor, batches) -> torch.Tensor:
+    """One SGD step on the global batch ``idx`` (this rank's share); returns the batch's mean loss."""
+    opts, world = run.opts, run.world
+    lo, hi = share(len(idx), run.rank, world)
+    xb, yb = _batch(run, idx, lo, hi, batches)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr_at(opts, epoch, s, run.steps)
+    xb, yb, ya, yb2, lam = _mixed(run, xb, yb, len(idx), lo, hi)
+    with torch.autocast(run.device.type, enabled=run.amp):
+        logits = run.net(xb)
+        if hi == lo:
+            loss = logits.sum() * 0.0
+        elif ya is not None:
+            loss = lam * F.cross_entropy(logits, ya, label_smoothing=opts.label_smoothing) + \
+                (1 - lam) * F.cross_entropy(logits, yb2, label_smoothing=opts.label_smoothing)
+        else:
+            loss = F.cross_entropy(logits, yb, label_smoothing=opts.label_smoothing)
+    # DDP averages the ranks' gradients: weighting each rank's mean loss by its share of the
+    # global batch (1 for an even split) makes that the global batch's mean-loss gradient
+    weight = (hi - lo) * world / len(idx)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss * weight if weight != 1 and hi > lo else loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    loss = loss.detach()
+    if world > 1:                    # the global batch's mean loss, the same on every rank
+        rows_loss = loss.float().reshape(1) * (hi - lo)
+        loss = distributed.all_reduce_sum_(rows_loss, "the loss reduction")[0] / len(idx)
+    if not torch.isfinite(loss):
+        raise LtcacheError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
+    return loss
+
+
+def _maxnorm(run: _Run) -> None:
+    """LTWB MaxNorm: radius from the weights at the first projection, projection once per epoch."""
+    if run.opts.maxnorm > 0:
+        with torch.no_grad():
+            weight = run.model.fc.weight
+            if run.radius is None:
+                run.radius = maxnorm_radius(weight, run.opts.maxnorm)
+            norms = weight.norm(dim=1, keepdim=True)
+            weight.mul_((run.radius / norms.clamp_min(1e-12)).clamp(max=1.0))
+
+
+def _evaluate_epoch(run: _Run, epoch: int, total_loss: float, seen: int, seconds: float) -> tuple[dict, bool]:
+    """Val and test of an evaluated epoch, recorded in the history; whether val improved (best.pt)."""
+    opts, steps = run.opts, run.steps
+    evaluated = opts.evaluates(epoch + 1)
+    val = evaluate(run.model, run.ds, "val", run.device, amp=run.amp, workers=opts.workers) if evaluated else None
+    test = evaluate(run.model, run.ds, "test", run.device, amp=run.amp, workers=opts.workers) if evaluated else None
+    rec = {"epoch": epoch + 1, "train_loss": total_loss / max(1, seen), "lr": lr_at(opts, epoch, steps - 1, steps),
+           "val": val, "test": test, "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+    run.history.append(rec)
+    val_all = val["all"] if val is not None and val["all"] is not None else -1.0
+    improved = val_all > run.best_val        # best.pt: the best of the evaluated epochs
+    if improved:
+        run.best_val = val_all
+    return rec, improved
+
+
+def _checkpoint(run: _Run, epoch: int, improved: bool) -> None:
+    """``stage1.pt`` (and ``best.pt`` when val improved): everything a resume needs."""
+    opts, ds, model = run.opts, run.ds, run.model
+    ck = {"format": FORMAT, "format_version": FORMAT_VERSION, "ltcache_version": __version__,
+          "arch": opts.arch, "num_classes": ds.num_classes, "feature_dim": model.feature_dim,
+          "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+          "dataset": {**ds.spec.to_dict(), "groups": ds.groups, "image_size": ds.image_size,
+                      "mean": list(ds.mean), "std": list(ds.std)},
+          "train_args": opts.run_args(), "pretrained": run.pretrained, "history": run.history, "epoch": epoch + 1,
+          "epochs": opts.epochs, "eval_every": opts.eval_every,
+          "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "rng": run.gen.get_state(),
+          "best_val": run.best_val, "world_size": run.world, "sync_bn": run.sync_bn}
+    if improved:
+        _save(ck, run.out / BEST_NAME)
+    _save(ck, run.out / CKPT_NAME)
+
+
+def _report_epoch(run: _Run, epoch: int, rec: dict) -> None:
+    val, test = rec["val"], rec["test"]
+    scores = (f"val {fmt_pct(val['all'])}  test {fmt_pct(test['all'])} (many {fmt_pct(test['many'])} / "
+              f"med {fmt_pct(test['medium'])} / few {fmt_pct(test['few'])})" if test is not None else "not evaluated")
+    echo(f"epoch {epoch + 1}/{run.opts.epochs}  loss {rec['train_loss']:.4f}  {scores}  {rec['seconds']:.1f}s  "
+         f"{rec['images_per_s']:.0f} img/s", run.quiet)

@@ -58,47 +58,17 @@ def retrain_through_backbone(ckpt, method: str, overrides: Optional[dict] = None
     (meth, params, ov), = expand([m.name], overrides, None, pre, len(ds.splits["train"]))
     name = run_name(meth, params, ov)
     views = ("center", "hflip") if test_views == "all" else ("center",)
-    train = ds.splits["train"]
-    labels = train.labels.to(dev)
     t0 = time.perf_counter()
     runs = []
     stage1 = None
     for seed in parse_seeds(seeds):
-        model = build_model(ck["arch"], ck["num_classes"]).to(dev)
-        model.load_state_dict(ck["state_dict"])
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model = _frozen_backbone(ck, dev)
         if stage1 is None:
             model.eval()
             x0 = _features(model, ds, "test", dev, views, quiet=quiet)
             stage1 = evaluate_layer({"kind": "linear", "weight": model.fc.weight.detach(),
                                      "bias": model.fc.bias.detach()}, x0, ds.splits["test"].labels.to(dev), counts.tolist())
-        aug_gen = torch.Generator().manual_seed(10_000 + seed)
-        model.train(train_bn)
-
-        @torch.no_grad()
-        def gather(rows: torch.Tensor, valid: torch.Tensor, model=model, aug_gen=aug_gen) -> torch.Tensor:
-            keep = rows[valid.cpu()].cpu()
-            imgs = train.images(keep)
-            if augment:
-                imgs = ds.augment(imgs, aug_gen)
-            f = model.features(ds.normalize(imgs.to(dev))).float()
-            out = torch.zeros(rows.shape[0], f.shape[1], device=dev)
-            out[valid.to(dev)] = f
-            return out
-
-        d = model.feature_dim
-        data = TrainData(x=torch.zeros(1, 1, d, device=dev).expand(len(train), 1, d), labels=labels,
-                         w0=model.fc.weight.detach().float(), b0=model.fc.bias.detach().float(),
-                         gather=gather)
-        cfg = make_config(meth, dict(params), seed, name, counts)
-        head, = train_sweep([cfg], data, select="last", quiet=quiet)
-        model.eval()                       # test with the (drifted) BN running statistics
-        x_test = _features(model, ds, "test", dev, views, quiet=quiet)
-        metrics = evaluate_layer(head.layer, x_test, ds.splits["test"].labels.to(dev), counts.tolist())
-        runs.append({"name": name + "[through-backbone]", "method": meth.name, "params": dict(params), "seed": seed,
-                     "selected_epoch": head.selected_epoch, "metrics": metrics,
-                     "protocol": {"through_backbone": True, "augment": augment, "train_bn": train_bn}})
+        runs.append(_one_seed(model, ds, (meth, params, name, seed), augment, train_bn, dev, views, counts, quiet))
     wall = time.perf_counter() - t0
     groups = ds.groups
     cache_like = SimpleNamespace(path=str(ckpt), manifest={"dataset": ck["dataset"]}, class_counts=ds.class_counts,
@@ -107,3 +77,46 @@ def retrain_through_backbone(ckpt, method: str, overrides: Optional[dict] = None
     results["preset"] = pre
     echo(f"through the backbone: {len(runs)} runs in {wall:.1f} s on {dev}", quiet)
     return results
+
+
+def _frozen_backbone(ck: dict, dev) -> torch.nn.Module:
+    """The stage-1 network on ``dev``, its parameters frozen (BatchNorm statistics may still move)."""
+    model = build_model(ck["arch"], ck["num_classes"]).to(dev)
+    model.load_state_dict(ck["state_dict"])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _one_seed(model, ds, run: tuple, augment: bool, train_bn: bool, dev, views, counts: torch.Tensor,
+              quiet: bool) -> dict:
+    """One seed's head (``run``: method, params, name, seed) trained on features computed batch by
+    batch through ``model``, then tested with the (drifted) BatchNorm statistics; its run dict."""
+    meth, params, name, seed = run
+    train = ds.splits["train"]
+    aug_gen = torch.Generator().manual_seed(10_000 + seed)
+    model.train(train_bn)
+
+    @torch.no_grad()
+    def gather(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        keep = rows[valid.cpu()].cpu()
+        imgs = train.images(keep)
+        if augment:
+            imgs = ds.augment(imgs, aug_gen)
+        f = model.features(ds.normalize(imgs.to(dev))).float()
+        out = torch.zeros(rows.shape[0], f.shape[1], device=dev)
+        out[valid.to(dev)] = f
+        return out
+
+    d = model.feature_dim
+    data = TrainData(x=torch.zeros(1, 1, d, device=dev).expand(len(train), 1, d), labels=train.labels.to(dev),
+                     w0=model.fc.weight.detach().float(), b0=model.fc.bias.detach().float(),
+                     gather=gather)
+    cfg = make_config(meth, dict(params), seed, name, counts)
+    head, = train_sweep([cfg], data, select="last", quiet=quiet)
+    model.eval()                       # test with the (drifted) BN running statistics
+    x_test = _features(model, ds, "test", dev, views, quiet=quiet)
+    metrics = evaluate_layer(head.layer, x_test, ds.splits["test"].labels.to(dev), counts.tolist())
+    return {"name": name + "[through-backbone]", "method": meth.name, "params": dict(params), "seed": seed,
+            "selected_epoch": head.selected_epoch, "metrics": metrics,
+            "protocol": {"through_backbone": True, "augment": augment, "train_bn": train_bn}}

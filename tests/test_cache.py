@@ -32,6 +32,7 @@ from ltcache.data import DatasetSpec, build_dataset, hflip  # noqa: E402
 from ltcache.errors import LtcacheError  # noqa: E402
 from ltcache.models import build_model  # noqa: E402
 from ltcache.stage1 import Stage1Options, train_stage1  # noqa: E402
+from shard_faults import fail_after, record_writes  # noqa: E402
 
 SHARD_ROWS = 8
 BATCH = 16
@@ -181,17 +182,8 @@ def test_rerun_same_options_is_a_no_op(setup):
 def test_interrupted_extraction_resumes_identically(setup, batch_cache, monkeypatch):
     target = setup["base"] / "cache_interrupted"
     opts = _kw(setup, splits=("train", "test"), train_views=1, train_bn="batch")
-    real = cache_build.write_shard
     k = 3
-    calls = {"n": 0}
-
-    def failing(*a, **kw):
-        if calls["n"] >= k:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*a, **kw)
-
-    monkeypatch.setattr(cache_build, "write_shard", failing)
+    real = fail_after(monkeypatch, k)
     with pytest.raises(KeyboardInterrupt):
         extract(setup["ckpt"], protocol="clean", cache=target, **opts)
     assert not (target / MANIFEST).exists()
@@ -201,13 +193,7 @@ def test_interrupted_extraction_resumes_identically(setup, batch_cache, monkeypa
     with pytest.raises(LtcacheError, match="interrupted"):
         load(target)
 
-    written = []
-
-    def counting(*a, **kw):
-        written.append(Path(a[0]).name)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(cache_build, "write_shard", counting)
+    written = record_writes(monkeypatch, real)
     extract(setup["ckpt"], protocol="clean", cache=target, **opts)
     got, want = _shard_records(target), _shard_records(batch_cache)
     total = sum(len(v) for v in want.values())
@@ -223,16 +209,7 @@ def test_interrupted_extraction_resumes_identically(setup, batch_cache, monkeypa
 def test_interrupted_with_altered_partial_shard_recomputes_it(setup, monkeypatch):
     target = setup["base"] / "cache_interrupted2"
     opts = _kw(setup, splits=("test",))
-    real = cache_build.write_shard
-    calls = {"n": 0}
-
-    def failing(*a, **kw):
-        if calls["n"] >= 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*a, **kw)
-
-    monkeypatch.setattr(cache_build, "write_shard", failing)
+    real = fail_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         extract(setup["ckpt"], protocol="clean", cache=target, **opts)
     monkeypatch.setattr(cache_build, "write_shard", real)
@@ -652,14 +629,7 @@ def test_rerun_recomputes_a_damaged_shard_of_a_complete_cache(setup, monkeypatch
     (cache / "val-00000.h5").unlink()
     with pytest.raises(LtcacheError, match="ltcache extract --ckpt"):
         load(cache)
-    written = []
-    real = cache_build.write_shard
-
-    def counting(*a, **kw):
-        written.append(Path(a[0]).name)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(cache_build, "write_shard", counting)
+    written = record_writes(monkeypatch, cache_build.write_shard)
     extract(setup["ckpt"], protocol="clean", cache=cache, **_kw(setup))           # the fix the error message names
     assert sorted(written) == ["test-00001.h5", "val-00000.h5"]
     assert _shard_records(cache) == _shard_records(setup["cache"])
@@ -670,27 +640,12 @@ def test_interrupted_forced_replacement_keeps_the_old_cache_and_resumes(setup, m
     cache = _copy_cache(setup, "cache_force_resume")
     before = {p.name: p.read_bytes() for p in cache.iterdir()}
     opts = _kw(setup, splits=("test",), test_views=("center",), force=True)
-    real = cache_build.write_shard
-    calls = {"n": 0}
-
-    def failing(*a, **kw):
-        if calls["n"] >= 1:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*a, **kw)
-
-    monkeypatch.setattr(cache_build, "write_shard", failing)
+    real = fail_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         extract(setup["ckpt"], protocol="clean", cache=cache, **opts)
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before      # nothing already written is lost
     load(cache)
-    written = []
-
-    def counting(*a, **kw):
-        written.append(Path(a[0]).name)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(cache_build, "write_shard", counting)
+    written = record_writes(monkeypatch, real)
     extract(setup["ckpt"], protocol="clean", cache=cache, **opts)
     assert written == ["test-00001.h5", "test-00002.h5"]                    # the first one was kept
     fc = load(cache, splits=("test",))

@@ -20,6 +20,7 @@ from ltcache.cache.extraction import batches, shard_bounds  # noqa: E402
 from ltcache.cache.lock import LOCK, CacheLock  # noqa: E402
 from ltcache.cache.manifest import MANIFEST, seal, sha256_file  # noqa: E402
 from ltcache.errors import LtcacheError  # noqa: E402
+from shard_faults import fail_after  # noqa: E402
 
 cache_load = importlib.import_module("ltcache.cache.load")      # the module (ltcache.cache.load is the function)
 K, D = 3, 4
@@ -149,15 +150,7 @@ def test_manifest_versions(tmp_path):
 def test_interrupted_write_says_how_to_finish(tmp_path, monkeypatch):
     import ltcache.cache.build as cache_build
 
-    real, calls = cache_build.write_shard, {"n": 0}
-
-    def failing(*a, **kw):
-        if calls["n"] >= 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*a, **kw)
-
-    monkeypatch.setattr(cache_build, "write_shard", failing)
+    real = fail_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _write(tmp_path / "c")
     with pytest.raises(LtcacheError, match="re-run the same"):

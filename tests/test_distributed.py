@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import datagen
+import ranks
 from ltcache import distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,22 +103,9 @@ def test_tune_two_ranks_same_picks(tmp_path):
     _close(_runs(tmp_path / "one" / "results.json"), _runs(tmp_path / "two" / "results.json"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ranks(args_per_rank: list, tmp_path: Path, timeout_min: str = "1") -> list:
     """Start one ``python -m ltcache`` per rank with torchrun's environment (gloo on localhost)."""
-    port = str(_free_port())
-    procs = []
-    for r, args in enumerate(args_per_rank):
-        env = _env(WORLD_SIZE=str(len(args_per_rank)), RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, LTCACHE_DIST_TIMEOUT=timeout_min, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "ltcache", *args], cwd=tmp_path, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    return ranks.launch(args_per_rank, tmp_path, timeout_min)
 
 
 @needs_torchrun
@@ -140,7 +127,7 @@ def test_missing_rank_times_out_with_one_line(tmp_path):
 
 
 def _lonely_rank0(tmp_path: Path) -> tuple:
-    env = _env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = _env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ranks.free_port()),
                LTCACHE_DIST_TIMEOUT="0.05")
     p = subprocess.run([sys.executable, "-m", "ltcache", "bench", "--methods", "ce", "--epochs", "1", "--quiet"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

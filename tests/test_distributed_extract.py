@@ -5,9 +5,7 @@ with --skip-bad-images (issue 17)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +21,7 @@ from ltcache.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datagen import corrupt_image, make_imagefolder, make_large_imagefolder  # noqa: E402
+import ranks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
@@ -48,29 +47,12 @@ def setup(tmp_path_factory):
 
 
 def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), **extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return ranks.env(OMP_NUM_THREADS="1", **extra)
 
 
 def _ranks(args: list, cwd: Path, **extra: str) -> list:
-    """One ``python -m ltcache`` per rank with torchrun's environment (gloo on localhost), so that
-    a surviving rank's own exit and message can be read (torchrun would stop it)."""
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "ltcache", *args], cwd=cwd, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env=_env(WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=port, LTCACHE_DIST_TIMEOUT="0.5", **extra))
-             for r in range(2)]
-    return [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    """One ``python -m ltcache`` per rank (torchrun would stop the survivor before it speaks)."""
+    return ranks.launch([args, args], cwd, timeout_min="0.5", **extra)
 
 
 def _same_cache(a: Path, b: Path) -> None:

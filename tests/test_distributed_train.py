@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import datagen
+import ranks
 from ltcache import distributed
 from ltcache.cli import cli
 from ltcache.stage1 import load_checkpoint
@@ -56,12 +56,6 @@ def _env(**extra: str) -> dict:
     env.update({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "LTCACHE_DIST_TIMEOUT": "1",
                 "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), **extra})
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(launch: list, args: list, cwd: Path, **popen) -> subprocess.Popen:
@@ -160,7 +154,7 @@ def test_two_ranks_train_the_two_halves_and_resume_with_one_process(root, one_th
 def test_a_batch_that_does_not_split_over_the_ranks_is_one_line(root, monkeypatch):
     # refused before joining the other ranks (so in-process, with torchrun's environment of rank 0 of 2)
     for key, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port())).items():
+                           MASTER_PORT=str(ranks.free_port())).items():
         monkeypatch.setenv(key, value)
     res = CliRunner().invoke(cli, _args(root / "odd", data=root / "data", batch=7))
     lines = res.output.strip().splitlines()
@@ -175,7 +169,7 @@ def test_two_nodes_on_localhost_stream_large_images(root, one_thread, monkeypatc
     """Two torchrun invocations as on two machines (one c10d rendezvous), on a streamed image folder:
     each rank reads only its rows of every global batch, augmented from the rows' own seeds."""
     monkeypatch.chdir(root)
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{ranks.free_port()}"
     args = _args("nodes", dataset=LARGE, batch=LARGE_BATCH)
     nodes = [_torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r), "--rdzv-backend", "c10d",
                         "--rdzv-endpoint", endpoint, "--rdzv-id", "ltcache-test"], args, root)
@@ -200,7 +194,7 @@ DIE_AT_EPOCH_2 = ("import os, ltcache.stage1 as S; lr = S.lr_at\n"
 
 @needs_torchrun
 def test_a_rank_that_dies_is_named_and_the_last_epoch_is_kept(root):
-    port = str(_free_port())
+    port = str(ranks.free_port())
     env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, LTCACHE_DIST_TIMEOUT="0.5")
     run = [[sys.executable, "-m", "ltcache"], [sys.executable, "-c", DIE_AT_EPOCH_2]]   # rank 1 dies in epoch 2
     procs = [subprocess.Popen(run[r] + _args("die", epochs=3), cwd=root, text=True, stdout=subprocess.PIPE,

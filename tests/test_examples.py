@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from ltcache.cli import cli
 from ltcache.plugins import isolated_registry, load_plugin
 from ltcache.stage2 import api
+from ltcache.stage2 import tune as tune_mod
 from test_stage2_engine import fake_cache
 
 torch.set_num_threads(1)
@@ -29,7 +30,7 @@ def registry():
 
 @pytest.mark.parametrize("file,method", CASES)
 def test_example_is_tuned_against_ce(file, method, monkeypatch, tmp_path):
-    monkeypatch.setattr(api, "_load_cache", lambda cache, device: fake_cache())
+    monkeypatch.setattr(tune_mod, "_load_cache", lambda cache, device: fake_cache())
     out = tmp_path / "tune"
     res = CliRunner().invoke(cli, ["tune", "--plugin", str(EXAMPLES / file), "--methods", f"{method},ce",
                                    "--budget", "2", "--tune-seeds", "0", "--seeds", "0", "--space", "epochs=2,3",

@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
 from ltcache.cache.importer import import_features

@@ -6,7 +6,6 @@ inline_container.cc:...] unexpected pos ...``, not as an OSError."""
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 
 import numpy as np

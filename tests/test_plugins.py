@@ -14,6 +14,7 @@ from ltcache.cli import cli
 from ltcache.errors import LtcacheError
 from ltcache.plugins import isolated_registry, load_plugin
 from ltcache.stage2 import api
+from ltcache.stage2 import tune as tune_mod
 from ltcache.stage2.methods import CRT_IMNET, LOS_CIFAR, METHODS, get_method, register_method, validate_overrides
 from ltcache.stage2.sweep import train_sweep
 from test_stage2_engine import configs_for, data_of, fake_cache
@@ -147,6 +148,7 @@ def test_poly1_as_a_plugin_forward_equals_the_builtin(tmp_path):
 @pytest.fixture
 def runner(monkeypatch):
     monkeypatch.setattr(api, "_load_cache", lambda cache, device: fake_cache())
+    monkeypatch.setattr(tune_mod, "_load_cache", lambda cache, device: fake_cache())
     return CliRunner()
 
 

@@ -158,3 +158,22 @@ def test_export_input_errors(cache_with_ckpt, tmp_path):
     with pytest.raises(LtcacheError, match="preprocessing"):
         export.export_model(cache, pairs[0][1], tmp_path / "m2.pt")
     assert not (tmp_path / "m2.pt").exists()
+
+
+def test_stage2_alone_never_imports_backbone_code():
+    """retrain and bench on a loaded cache import no image, backbone or export code (the export
+    of `retrain --export` is called from the CLI, outside stage 2)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys\nfrom ltcache.stage2 import api\nfrom test_stage2_engine import fake_cache\n"
+            "api.retrain(fake_cache(), 'ce', {'epochs': 1}, quiet=True, device='cpu', jobs=1)\n"
+            "api.bench(fake_cache(), ['ce', 'tau-norm'], overrides={'epochs': 1}, quiet=True, device='cpu', jobs=1)\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'torchvision' or m.startswith(\n"
+            "    ('ltcache.data', 'ltcache.models', 'ltcache.export', 'ltcache.stage1', 'ltcache.cache.extraction'))]\n"
+            "assert not bad, bad\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={"PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from ltcache.cli import cli
 from ltcache.errors import LtcacheError
-from ltcache.stage2 import api, sweep
+from ltcache.stage2 import api, runner, sweep
+from ltcache.stage2 import tune as tune_mod
 from ltcache.stage2.methods import GENERIC, METHODS, method_space
 from ltcache.stage2.space import Dim, Space, draw
 from ltcache.stage2.tune import load_choices, pick, without_test
@@ -148,7 +149,7 @@ def test_val_based_choices_on_a_val_split_lacking_a_class_fail_before_training(m
     def boom(*a, **k):
         raise AssertionError("trained before refusing")
 
-    monkeypatch.setattr(api, "train_sweep", boom)
+    monkeypatch.setattr(runner, "train_sweep", boom)
     with pytest.raises(LtcacheError, match="tune chooses on the val split.*no image of class c0"):
         _tune(bad)
     with pytest.raises(LtcacheError, match="tau-norm .* no image of class c0"):
@@ -203,6 +204,7 @@ def test_from_tune_reruns_the_choices_and_refuses_another_cache(tmp_path):
 ])
 def test_tune_bad_input_is_one_line_exit_2(monkeypatch, tmp_path, args, needle):
     monkeypatch.setattr(api, "_load_cache", lambda cache, device: fake_cache())
+    monkeypatch.setattr(tune_mod, "_load_cache", lambda cache, device: fake_cache())
     monkeypatch.setattr(sweep, "train_group", lambda *a, **k: pytest.fail("trained on bad input"))
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2, res.output
@@ -212,6 +214,7 @@ def test_tune_bad_input_is_one_line_exit_2(monkeypatch, tmp_path, args, needle):
 
 def test_tune_cli_writes_the_table_and_refuses_to_replace_it(monkeypatch, tmp_path):
     monkeypatch.setattr(api, "_load_cache", lambda cache, device: fake_cache())
+    monkeypatch.setattr(tune_mod, "_load_cache", lambda cache, device: fake_cache())
     args = ["tune", "--methods", "ce,los", "--budget", "2", "--seeds", "0", "--jobs", "1", "--quiet",
             "--out", str(tmp_path / "t")]
     res = CliRunner().invoke(cli, args)
@@ -250,7 +253,7 @@ def test_a_late_failure_keeps_stage_a(tmp_path, monkeypatch):
             raise LtcacheError("stage B broke")
         return real(*a, **k)
 
-    monkeypatch.setattr(api, "run_sweep", second_fails)
+    monkeypatch.setattr(tune_mod, "run_sweep", second_fails)
     with pytest.raises(LtcacheError, match="stage B broke"):
         _tune(fake_cache(), out_dir=tmp_path / "t")
     doc = json.loads((tmp_path / "t" / "stage_a.json").read_text())

@@ -23,7 +23,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ltcache import __version__, interrupts
+from ltcache import interrupts
+from ltcache.version import __version__
 from ltcache.cache.lock import CacheLock
 from ltcache.cache.manifest import (CLASSIFIER, MANIFEST, PROGRESS, SCHEMA_VERSION, checksum_ok, sha256_file,
                                     write_json_atomic, write_manifest)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -36,6 +37,7 @@ from ltcache import distributed, interrupts
 from ltcache.cache.build import DTYPES, CacheWriter, RankWriter, manifest_body
 from ltcache.cache.manifest import sha256_file
 from ltcache.cache.shards import shard_name
+from ltcache.checkpoints import read_torch_file
 from ltcache.data import DatasetSpec, build_dataset, hflip
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
@@ -43,7 +45,6 @@ from ltcache.models import build_model, load_foreign_state_dict
 from ltcache.models.layouts import resolve as resolve_layout
 from ltcache.models.registry import check_arch, load_pretrained
 from ltcache.progress import echo, progress
-from ltcache.stage1 import read_torch_file
 
 SPLITS = ("train", "val", "test")
 TEST_VIEWS = ("center", "hflip")
@@ -429,6 +430,42 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
     distributed.check_same({k: str(v) for k, v in locals().items() if k not in (
         "quiet", "workers", "data_root", "world", "rank")}, "extraction (its options)")
     quiet = quiet or rank > 0                    # rank 0 prints for everyone
+    args = _options(ckpt, pretrained, protocol, splits, test_views, train_views, train_bn, bn_shift, bn_shift_passes,
+                    dtype, shard_rows, batch_size, seed, arch, dataset, source)
+    ckpt = Path(ckpt if ckpt is not None else pretrained)
+    if arch:
+        check_arch(arch)                       # before reading the checkpoint or the dataset
+    sd, spec_dict, arch, ck_layout = read_backbone(
+        ckpt, arch, {"dataset": dataset, "imb_ratio": imb_ratio, "profile": profile, "selection": selection,
+                     "seed": seed, "val_per_class": val_per_class}, source=source, pretrained=pretrained is not None)
+    ck_sha = sha256_file(ckpt)
+    cache_dir = Path(cache) if cache else default_cache_dir(ckpt)
+    key = {"checkpoint_sha256": ck_sha, "arch": arch, "dtype": dtype, "shard_rows": shard_rows, "dataset": {
+        k: spec_dict.get(k) for k in ("source", "imb_ratio", "profile", "selection", "seed", "val_per_class")}, **args}
+    if ck_layout is not None:
+        key["checkpoint_layout"] = ck_layout["from"]
+    distributed.check_same([key, str(cache_dir)], "extraction (checkpoint, options and cache folder)")
+    writer, complete = _open_writer(cache_dir, key, force, world, rank)
+    if complete:
+        if writer is not None:
+            writer.abort()
+        echo(f"{cache_dir} is already complete for this checkpoint and these options", quiet)
+        return cache_dir
+    try:
+        with interrupts.keeps("the completed shards are kept; the same command resumes from them"), \
+                distributed.watch("the extraction", fix="re-run the same command to resume from the completed shards"):
+            path = _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows, device,
+                            data_root, quiet, workers, ck_layout, world=world, rank=rank, skip_bad=skip_bad)
+    except BaseException:
+        writer.abort()      # completed shards stay; the next run resumes from them
+        raise
+    return path if path is not None else cache_dir
+
+
+def _options(ckpt, pretrained, protocol: str, splits, test_views, train_views, train_bn, bn_shift,
+             bn_shift_passes: int, dtype: str, shard_rows: int, batch_size, seed: int, arch, dataset, source) -> dict:
+    """The extraction's options (the protocol filling what is not given), checked before any work:
+    the ``args`` recorded in the manifest and the cache key."""
     if (ckpt is None) == (pretrained is None):
         raise LtcacheError("give --ckpt (a stage-1 checkpoint or a state dict) or --pretrained (local backbone "
                            "weights, with --arch and --dataset), one of them")
@@ -455,39 +492,12 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
                            "--imb-ratio, ... as for `ltcache train`)")
     if pretrained is not None and source is not None:
         raise LtcacheError(f"--from {source} reads a --ckpt checkpoint; drop it with --pretrained")
-    ckpt = Path(ckpt if ckpt is not None else pretrained)
-    if arch:
-        check_arch(arch)                       # before reading the checkpoint or the dataset
-    sd, spec_dict, arch, ck_layout = read_backbone(
-        ckpt, arch, {"dataset": dataset, "imb_ratio": imb_ratio, "profile": profile, "selection": selection,
-                     "seed": seed, "val_per_class": val_per_class}, source=source, pretrained=pretrained is not None)
-    ck_sha = sha256_file(ckpt)
-    cache_dir = Path(cache) if cache else default_cache_dir(ckpt)
     args = {"splits": splits, "test_views": test_views, "train_views": train_views, "train_bn": train_bn,
             "bn_shift": bn_shift, "bn_shift_passes": bn_shift_passes, "batch_size": batch_size, "seed": seed,
             "train_row_order": "shuffled" if (train_bn == "batch" and train_views > 0) else "source"}
     if pretrained is not None:
         args["weights"] = "pretrained"
-    key = {"checkpoint_sha256": ck_sha, "arch": arch, "dtype": dtype, "shard_rows": shard_rows, "dataset": {
-        k: spec_dict.get(k) for k in ("source", "imb_ratio", "profile", "selection", "seed", "val_per_class")}, **args}
-    if ck_layout is not None:
-        key["checkpoint_layout"] = ck_layout["from"]
-    distributed.check_same([key, str(cache_dir)], "extraction (checkpoint, options and cache folder)")
-    writer, complete = _open_writer(cache_dir, key, force, world, rank)
-    if complete:
-        if writer is not None:
-            writer.abort()
-        echo(f"{cache_dir} is already complete for this checkpoint and these options", quiet)
-        return cache_dir
-    try:
-        with interrupts.keeps("the completed shards are kept; the same command resumes from them"), \
-                distributed.watch("the extraction", fix="re-run the same command to resume from the completed shards"):
-            path = _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows, device,
-                            data_root, quiet, workers, ck_layout, world=world, rank=rank, skip_bad=skip_bad)
-    except BaseException:
-        writer.abort()      # completed shards stay; the next run resumes from them
-        raise
-    return path if path is not None else cache_dir
+    return args
 
 
 def _open_writer(cache_dir: Path, key: dict, force: bool, world: int, rank: int) -> tuple:
@@ -524,12 +534,76 @@ def _open_writer(cache_dir: Path, key: dict, force: bool, world: int, rank: int)
     return writer, complete
 
 
+@dataclass
+class _Job:
+    """One extraction's state, shared by its steps (model, splits, BN shift, manifest)."""
+    writer: object
+    args: dict
+    ds: object
+    model: nn.Module
+    ex: object
+    dev: torch.device
+    amp: bool
+    quiet: bool
+    workers: int
+    skip_bad: bool
+    world: int
+    rank: int
+    layout: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    shift_s: float = 0.0
+    shifted: bool = False
+
+
 def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows, device, data_root, quiet, workers,
              ck_layout=None, world: int = 1, rank: int = 0, skip_bad: bool = False) -> Optional[Path]:
+    """The extraction itself: the backbone, every split's shards (this rank's share, resuming from
+    the shards kept), the BN shift, then the manifest (rank 0). None on the ranks that do not write it."""
     dev = resolve_device(device)
     amp = dev.type == "cuda"
     spec = DatasetSpec.from_dict(spec_dict)
     ds = build_dataset(spec, data_root, quiet=quiet, workers=workers)
+    model, head_kept = _backbone(ds, arch, sd, ckpt, ck_layout, args, dev)
+    bs = args["batch_size"]
+    counts = ", ".join(f"{s} {len(ds.splits[s]):,}" for s in SPLITS if s in args["splits"] and s in ds.splits)
+    echo(f"extract: {spec.source} ({ds.num_classes} classes; {counts} images) through {arch} from {ckpt}\n"
+         f"  train views clean + {args['train_views']} augmented ({args['train_bn']} BN), BN shift {args['bn_shift']}, "
+         f"test views {'+'.join(args['test_views'])}, batch {bs}, {dtype}\n"
+         f"  device {dev}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, {workers} workers"
+         f"{f', {world} ranks' if world > 1 else ''} -> {getattr(writer, 'final', writer.dir)}", quiet)
+    # the ceiling, measured at the batch extraction will run (no larger than the data: a small
+    # extraction is not made to forward several times its own images just to measure it)
+    biggest = max((len(ds.splits[s]) for s in args["splits"] if s in ds.splits), default=bs)
+    bare = bare_inference_rate(model, ds, dev, amp, max(2, min(bs, biggest)))
+    ex = _Extractor(model, ds, dev, amp, bs, workers=workers, skip_bad=skip_bad, seed=args["seed"])
+    job = _Job(writer, args, ds, model, ex, dev, amp, quiet, workers, skip_bad, world, rank)
+    began = time.time()
+    _extract_splits(job, dtype, shard_rows)
+    rate = ex.images_done / max(job.seconds, 1e-9)
+    mine = {"rank": rank, "images_forwarded": ex.images_done, "seconds": round(job.seconds, 2),
+            "images_per_s": round(rate, 1), "span": [round(began, 3), round(time.time(), 3)],
+            "skipped": ex.n_skipped, "skipped_first": ex.skipped}
+    more, ranks, seconds = None, [mine], job.seconds
+    if world > 1:
+        gathered = _gather_ranks(writer, mine, rank)
+        if gathered is None:
+            return None
+        more, ranks = gathered
+        images = sum(st["images_forwarded"] for st in ranks)
+        seconds = max(st["seconds"] for st in ranks)
+        rate = images / max(seconds, 1e-9)
+    extraction = _extraction_record(job, ranks, more, seconds, rate, bare)
+    body = _manifest(job, spec_dict, arch, ckpt, ck_sha, ck_layout, dtype, extraction, head_kept)
+    path = _finish(job, body, more, head_kept)
+    echo(f"extracted {extraction['images_forwarded']} images (rows x views) in {seconds:.1f}s"
+         + (f" on {world} processes" if world > 1 else "") + f": {rate:.0f} img/s; bare backbone "
+         f"inference in the same run: {bare:.0f} img/s ({100 * rate / max(bare, 1e-9):.0f}%)"
+         + (f"; BN shift {job.shift_s:.1f}s" if job.shift_s else "") + f" -> {path}", quiet)
+    return path
+
+
+def _backbone(ds, arch: str, sd: dict, ckpt: Path, ck_layout: Optional[dict], args: dict, dev) -> tuple:
+    """(the frozen network in eval mode on ``dev``, whether the weights' classifier was kept)."""
     if ck_layout and ck_layout.get("pool_input") and ds.image_size != ck_layout["pool_input"]:
         raise LtcacheError(f"{ckpt}: the {ck_layout['from']} network pools with a fixed AvgPool2d window, which equals "
                            f"ltcache's global average pooling only on {ck_layout['pool_input']}x{ck_layout['pool_input']} "
@@ -545,127 +619,146 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
         model = model.to(memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)
-    bs = args["batch_size"]
-    counts = ", ".join(f"{s} {len(ds.splits[s]):,}" for s in SPLITS if s in args["splits"] and s in ds.splits)
-    echo(f"extract: {spec.source} ({ds.num_classes} classes; {counts} images) through {arch} from {ckpt}\n"
-         f"  train views clean + {args['train_views']} augmented ({args['train_bn']} BN), BN shift {args['bn_shift']}, "
-         f"test views {'+'.join(args['test_views'])}, batch {bs}, {dtype}\n"
-         f"  device {dev}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, {workers} workers"
-         f"{f', {world} ranks' if world > 1 else ''} -> {getattr(writer, 'final', writer.dir)}", quiet)
-    bare = bare_inference_rate(model, ds, dev, amp, bs)
-    ex = _Extractor(model, ds, dev, amp, bs, workers=workers, skip_bad=skip_bad, seed=args["seed"])
-    layout, seconds, shift_s = {}, 0.0, 0.0
+    return model, head_kept
+
+
+def _batch_stats(split: str, args: dict) -> bool:
+    """Whether a split's views are forwarded with batch statistics (augmented train views in train BN)."""
+    return split == "train" and args["train_bn"] == "batch" and args["train_views"] > 0
+
+
+def _shift(job: _Job) -> None:
+    """The BN shift (once, before the first split that is not train, or at the end)."""
+    a = job.args
+    t = time.perf_counter()
+    shift_bn(job.model, job.ds, job.dev, job.amp, a["bn_shift"], a["bn_shift_passes"], a["batch_size"], a["seed"],
+             job.quiet, job.workers, job.skip_bad)
+    job.shift_s, job.shifted = time.perf_counter() - t, True
+
+
+def _extract_splits(job: _Job, dtype: str, shard_rows: int) -> None:
+    """Every split's shards of this rank, under one progress bar, the BN shift in its place."""
+    args, bs = job.args, job.args["batch_size"]
     order = [s for s in SPLITS if s in args["splits"]]
-    shifted = False
     # every split's shards, per rank: (global index, lo, hi) over the storage order
-    plans = {}
-    for split in order:
-        batch_stats = split == "train" and args["train_bn"] == "batch" and args["train_views"] > 0
-        plans[split] = rank_shards(len(ds.splits[split]), shard_rows,
-                                   min(bs, shard_rows) // 2 if batch_stats else 1, world)
+    plans = {split: rank_shards(len(job.ds.splits[split]), shard_rows,
+                                min(bs, shard_rows) // 2 if _batch_stats(split, args) else 1, job.world)
+             for split in order}
     # one bar for the whole extraction: the images of every split, advanced per batch (closed on
     # the way out, also by an error, so that an error message starts its own line)
-    total = sum(hi - lo for s in order for _, lo, hi in plans[s][rank])
-    began = time.time()
-    with torch.no_grad(), progress(total=total, desc="extract", quiet=quiet, unit="img") as bar:
+    total = sum(hi - lo for s in order for _, lo, hi in plans[s][job.rank])
+    with torch.no_grad(), progress(total=total, desc="extract", quiet=job.quiet, unit="img") as bar:
         for split in order:
-            if split != "train" and args["bn_shift"] != "none" and not shifted:
-                t = time.perf_counter()
-                shift_bn(model, ds, dev, amp, args["bn_shift"], args["bn_shift_passes"], bs, args["seed"], quiet,
-                         workers, skip_bad)
-                shift_s, shifted = time.perf_counter() - t, True
+            if split != "train" and args["bn_shift"] != "none" and not job.shifted:
+                _shift(job)
             t_split = time.perf_counter()
             names = (["clean"] + [f"aug{i}" for i in range(1, args["train_views"] + 1)]) if split == "train" \
                 else args["test_views"]
-            sp = ds.splits[split]
-            batch_stats = split == "train" and args["train_bn"] == "batch" and args["train_views"] > 0
-            bar.set_description(f"extract {split}")
-            # Batch-statistics views: the source order is sorted by class, so batches drawn inside
-            # contiguous shards would each hold a few classes and their BN statistics would carry the
-            # label. The train rows are stored in a seeded random order instead, which makes every
-            # shard a uniform sample of the split and its batches the papers' shuffled batches.
-            row_order = train_row_order(len(sp), args["seed"]) if batch_stats else torch.arange(len(sp))
-            for i, lo, hi in plans[split][rank]:
-                rows = row_order[lo:hi]
-                if not writer.has_shard(split, i):
-                    t, start = time.perf_counter(), ex.images_done
-                    g = torch.Generator().manual_seed(_seed(args["seed"], split, i))
-                    feats, keep = ex.views(split, rows, names, args["train_bn"], g, dtype, bar=bar)
-                    rows = rows if keep is None else rows[keep]         # undecodable images left out
-                    writer.submit(split, i, feats.numpy(), sp.labels[rows].numpy(), sp.index[rows].numpy())
-                    bar.set_postfix(fwd_img_s=f"{(ex.images_done - start) / max(time.perf_counter() - t, 1e-9):.0f}")
-                else:
-                    bar.update(len(rows))                # kept from an interrupted run
-            seconds += time.perf_counter() - t_split
-            layout[split] = (names, sum(len(p) for p in plans[split]))
-        if args["bn_shift"] != "none" and not shifted:
-            t = time.perf_counter()
-            shift_bn(model, ds, dev, amp, args["bn_shift"], args["bn_shift_passes"], bs, args["seed"], quiet,
-                     workers, skip_bad)
-            shift_s = time.perf_counter() - t
-    rate = ex.images_done / max(seconds, 1e-9)
-    mine = {"rank": rank, "images_forwarded": ex.images_done, "seconds": round(seconds, 2),
-            "images_per_s": round(rate, 1), "span": [round(began, 3), round(time.time(), 3)],
-            "skipped": ex.n_skipped, "skipped_first": ex.skipped}
-    more, ranks = None, [mine]
-    if world > 1:
-        # every rank's shards on disk, then rank 0 gathers their records and writes the manifest
-        records = writer.drain()
-        distributed.barrier("the extraction")
-        gathered = distributed.gather_objects((records, mine), "the extraction")
-        if rank > 0:
-            failed = distributed.all_gather_objects(None, "writing the manifest")[0]
-            if failed:
-                raise LtcacheError(f"rank 0 could not finish the cache: {failed}")
-            return None
-        more = {k: v for recs, _ in gathered[1:] for k, v in recs.items()}
-        ranks = [st for _, st in gathered]
-        images = sum(st["images_forwarded"] for st in ranks)
-        seconds = max(st["seconds"] for st in ranks)
-        rate = images / max(seconds, 1e-9)
-    bn_state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
-    extraction = {**args, "device": str(dev), "amp": amp, "images_forwarded": sum(st["images_forwarded"] for st in ranks),
-                  "seconds": round(seconds, 2), "images_per_s": round(rate, 1), "bn_shift_seconds": round(shift_s, 2),
+            _extract_split(job, split, names, plans[split][job.rank], dtype, bar)
+            job.seconds += time.perf_counter() - t_split
+            job.layout[split] = (names, sum(len(p) for p in plans[split]))
+        if args["bn_shift"] != "none" and not job.shifted:
+            _shift(job)
+
+
+def _extract_split(job: _Job, split: str, names: list, shards: list, dtype: str, bar) -> None:
+    """One split's shards of this rank (a shard already on disk is kept: resume)."""
+    args, ex, sp = job.args, job.ex, job.ds.splits[split]
+    bar.set_description(f"extract {split}")
+    # Batch-statistics views: the source order is sorted by class, so batches drawn inside
+    # contiguous shards would each hold a few classes and their BN statistics would carry the
+    # label. The train rows are stored in a seeded random order instead, which makes every
+    # shard a uniform sample of the split and its batches the papers' shuffled batches.
+    row_order = train_row_order(len(sp), args["seed"]) if _batch_stats(split, args) else torch.arange(len(sp))
+    for i, lo, hi in shards:
+        rows = row_order[lo:hi]
+        if not job.writer.has_shard(split, i):
+            t, start = time.perf_counter(), ex.images_done
+            g = torch.Generator().manual_seed(_seed(args["seed"], split, i))
+            feats, keep = ex.views(split, rows, names, args["train_bn"], g, dtype, bar=bar)
+            rows = rows if keep is None else rows[keep]         # undecodable images left out
+            job.writer.submit(split, i, feats.numpy(), sp.labels[rows].numpy(), sp.index[rows].numpy())
+            bar.set_postfix(fwd_img_s=f"{(ex.images_done - start) / max(time.perf_counter() - t, 1e-9):.0f}")
+        else:
+            bar.update(len(rows))                # kept from an interrupted run
+
+
+def _gather_ranks(writer, mine: dict, rank: int) -> Optional[tuple]:
+    """Every rank's shards on disk, then rank 0 gathers their records and run statistics:
+    (the other ranks' shard records, every rank's statistics) on rank 0, None on the others."""
+    records = writer.drain()
+    distributed.barrier("the extraction")
+    gathered = distributed.gather_objects((records, mine), "the extraction")
+    if rank > 0:
+        failed = distributed.all_gather_objects(None, "writing the manifest")[0]
+        if failed:
+            raise LtcacheError(f"rank 0 could not finish the cache: {failed}")
+        return None
+    more = {k: v for recs, _ in gathered[1:] for k, v in recs.items()}
+    return more, [st for _, st in gathered]
+
+
+def _extraction_record(job: _Job, ranks: list, more: Optional[dict], seconds: float, rate: float,
+                       bare: float) -> dict:
+    """The manifest's ``extraction`` entry: the options, the throughput, the ranks, the images left out."""
+    args, world = job.args, job.world
+    extraction = {**args, "device": str(job.dev), "amp": job.amp,
+                  "images_forwarded": sum(st["images_forwarded"] for st in ranks),
+                  "seconds": round(seconds, 2), "images_per_s": round(rate, 1), "bn_shift_seconds": round(job.shift_s, 2),
                   "bare_inference_images_per_s": round(bare, 1),
                   "bn_stats_file": BN_STATS if args["bn_shift"] != "none" else None, "world_size": world}
     if world > 1:
         # span: wall-clock start and end (epoch seconds) of each rank's extraction loop (BN shift included)
         extraction["ranks"] = [{k: st[k] for k in ("rank", "images_forwarded", "seconds", "images_per_s", "span")}
                                for st in ranks]
-    if skip_bad:
+    if job.skip_bad:
         # not part of the key: a shard is the same with or without it unless an image was left out.
         # The count is of the rows absent from the shards (also those kept from an interrupted run),
         # the paths those this run saw.
-        recs = {**writer.drain(), **(more or {})}
-        absent = sum(len(ds.splits[s]) - sum(recs[shard_name(s, i)]["rows"] for i in range(layout[s][1]))
-                     for s in layout)
+        recs = {**job.writer.drain(), **(more or {})}
+        absent = sum(len(job.ds.splits[s]) - sum(recs[shard_name(s, i)]["rows"] for i in range(job.layout[s][1]))
+                     for s in job.layout)
         extraction["skip_bad_images"] = True
         extraction["skipped_images"] = {"count": int(absent),
                                         "first": [p for st in ranks for p in st["skipped_first"]][:SKIPPED_LISTED]}
+    return extraction
+
+
+def _manifest(job: _Job, spec_dict: dict, arch: str, ckpt: Path, ck_sha: str, ck_layout: Optional[dict],
+              dtype: str, extraction: dict, head_kept: bool) -> dict:
+    """The manifest body: dataset, checkpoint, extraction, and where the stage-1 classifier comes from."""
+    ds = job.ds
     ck_info = {"path": str(ckpt.resolve()), "sha256": ck_sha}
-    if ck_layout is None and args.get("weights") != "pretrained" and spec_dict.get("seed") is not None:
+    if ck_layout is None and job.args.get("weights") != "pretrained" and spec_dict.get("seed") is not None:
         # an ltcache stage-1 checkpoint: `ltcache train --seed N` drew its dataset with its own seed, so
         # the spec's seed is the backbone's training seed (what tells replicate backbones apart)
         ck_info["stage1_seed"] = int(spec_dict["seed"])
     if ck_layout is not None:
         ck_info["layout"] = {k: v for k, v in ck_layout.items() if k != "pool_input"}
     body = manifest_body({**spec_dict, **ds.spec.to_dict(), "groups": ds.groups}, ds.class_counts, arch,
-                         model.feature_dim, ck_info, dtype, extraction)
+                         job.model.feature_dim, ck_info, dtype, extraction)
     if ck_layout is not None:
         body["stage1_classifier"] = {"source": "given", "from": f"the {ck_layout['from']} checkpoint's classifier "
                                      f"({ck_layout['read']})", "head": ck_layout["head"],
                                      **({"note": ck_layout["note"]} if ck_layout.get("note") else {})}
-    extra = {BN_STATS: (lambda p: torch.save(bn_state, p))} if args["bn_shift"] != "none" else None
-    weight, bias = model.fc.weight.detach().cpu().numpy(), model.fc.bias.detach().cpu().numpy()
-    if args.get("weights") == "pretrained":
+    if job.args.get("weights") == "pretrained":
         body["stage1_classifier"] = {"source": "given", "from": f"the head of --pretrained {ckpt}"} if head_kept else {
             "source": "none", "why": f"the head of --pretrained {ckpt} does not have the dataset's {ds.num_classes} classes",
             "fix": f"train one from these weights (`ltcache train --arch {arch} --pretrained {ckpt}`) and extract its "
                    "stage1.pt, or save this cache's features to .npz and `ltcache import ... --fit-classifier`"}
-        if not head_kept:
-            weight, bias = np.zeros_like(weight), np.zeros_like(bias)      # a placeholder the loader accepts
+    return body
+
+
+def _finish(job: _Job, body: dict, more: Optional[dict], head_kept: bool) -> Path:
+    """Rank 0 writes the manifest, the classifier and the BN statistics; the other ranks hear the outcome."""
+    model, world = job.model, job.world
+    bn_state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+    extra = {BN_STATS: (lambda p: torch.save(bn_state, p))} if job.args["bn_shift"] != "none" else None
+    weight, bias = model.fc.weight.detach().cpu().numpy(), model.fc.bias.detach().cpu().numpy()
+    if job.args.get("weights") == "pretrained" and not head_kept:
+        weight, bias = np.zeros_like(weight), np.zeros_like(bias)      # a placeholder the loader accepts
     try:
-        path = writer.finish(body, layout, weight, bias, extra_files=extra, more_records=more)
+        path = job.writer.finish(body, job.layout, weight, bias, extra_files=extra, more_records=more)
     except BaseException as exc:
         if world > 1:                            # the other ranks wait for the outcome
             distributed.all_gather_objects(str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
@@ -673,8 +766,4 @@ def _extract(writer, sd, spec_dict, arch, ckpt, ck_sha, args, dtype, shard_rows,
         raise
     if world > 1:
         distributed.all_gather_objects(None, "writing the manifest")
-    echo(f"extracted {extraction['images_forwarded']} images (rows x views) in {seconds:.1f}s"
-         + (f" on {world} processes" if world > 1 else "") + f": {rate:.0f} img/s; bare backbone "
-         f"inference in the same run: {bare:.0f} img/s ({100 * rate / max(bare, 1e-9):.0f}%)"
-         + (f"; BN shift {shift_s:.1f}s" if shift_s else "") + f" -> {path}", quiet)
     return path

@@ -507,7 +507,7 @@ def _write(out: Path, splits: dict, w, b, body: dict, dtype: str, shard_rows: in
                                 idx[i:i + shard_rows]) for i in range(0, len(y), shard_rows)]
             block[s] = {"views": views, "rows": int(len(y)), "shards": recs}
         clf = write_classifier(tmp / CLASSIFIER, w, b)
-        from ltcache import __version__
+        from ltcache.version import __version__
         from ltcache.cache.manifest import SCHEMA_VERSION
         man = {"schema_version": SCHEMA_VERSION, "ltcache_version": __version__,
                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **body, "splits": block, "classifier": clf,

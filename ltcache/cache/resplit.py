@@ -45,15 +45,7 @@ def val_from_test(src: Union[str, Path], dest: Union[str, Path], per_class: int 
         raise LtcacheError(f"{src} has no test split to carve a val split from")
     y = test.labels.cpu().numpy()
     k = int(cache.num_classes)
-    rng = np.random.RandomState(seed)
-    val_rows = []
-    for c in range(k):
-        rows = np.where(y == c)[0]
-        if len(rows) < 2 * per_class:
-            raise LtcacheError(f"class {cache.class_names[c]} has {len(rows)} test images; too few to move "
-                               f"{per_class} to val and keep as many for test (lower per_class)")
-        val_rows.append(np.sort(rng.choice(rows, per_class, replace=False)))
-    val_rows = np.concatenate(val_rows)
+    val_rows = _draw_val_rows(y, k, per_class, seed, cache.class_names)
     keep = np.ones(len(y), dtype=bool)
     keep[val_rows] = False
     test_rows = np.where(keep)[0]
@@ -68,24 +60,8 @@ def val_from_test(src: Union[str, Path], dest: Union[str, Path], per_class: int 
     try:
         blocks = {"val": _write_split(tmp, "val", feats[val_rows], y[val_rows], idx[val_rows], rows_per_shard),
                   "test": _write_split(tmp, "test", feats[test_rows], y[test_rows], idx[test_rows], rows_per_shard)}
-        names = [man["classifier"]["file"]] + [r["file"] for r in man["splits"]["train"]["shards"]]
-        names += [n for n in ((man.get("extraction") or {}).get("bn_stats_file"),
-                              (man.get("checkpoint") or {}).get("path")) if n and (src / n).is_file()]
-        for name in dict.fromkeys(names):
-            shutil.copy2(src / name, tmp / name)
-        old_val = man["splits"].get("val", {}).get("rows", 0)
-        for split, shards in blocks.items():
-            man["splits"][split] = {**man["splits"]["test"], "rows": int(sum(s["rows"] for s in shards)),
-                                    "shards": shards}
-        val_counts = np.bincount(y[val_rows], minlength=k).astype(int).tolist()
-        man["val_split"] = {
-            "rule": "from-test", "per_class": per_class, "seed": seed, "val_counts": val_counts,
-            "test_counts": np.bincount(y[test_rows], minlength=k).astype(int).tolist(),
-            "replaced_val_rows": int(old_val),
-            "index": "val rows index the source TEST split",
-            "why": "stage 1 trained on every training image of the classes the profile takes in full, so the "
-                   "leftover-train val split lacked them; val is carved from test instead (disjoint from the "
-                   "test rows that report results). Made by ltcache.cache.resplit.val_from_test."}
+        _copy_unchanged(src, tmp, man)
+        _record_resplit(man, blocks, y, k, val_rows, test_rows, per_class, seed)
         write_manifest(man, tmp / MANIFEST)
         load(tmp, quiet=True)
         if dest.exists():
@@ -95,3 +71,43 @@ def val_from_test(src: Union[str, Path], dest: Union[str, Path], per_class: int 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _draw_val_rows(y: np.ndarray, k: int, per_class: int, seed: int, class_names) -> np.ndarray:
+    """``per_class`` seeded test rows of every class (each class keeps as many for test)."""
+    rng = np.random.RandomState(seed)
+    val_rows = []
+    for c in range(k):
+        rows = np.where(y == c)[0]
+        if len(rows) < 2 * per_class:
+            raise LtcacheError(f"class {class_names[c]} has {len(rows)} test images; too few to move "
+                               f"{per_class} to val and keep as many for test (lower per_class)")
+        val_rows.append(np.sort(rng.choice(rows, per_class, replace=False)))
+    return np.concatenate(val_rows)
+
+
+def _copy_unchanged(src: Path, tmp: Path, man: dict) -> None:
+    """The files the new split leaves as they are: classifier, train shards, BN statistics, checkpoint."""
+    names = [man["classifier"]["file"]] + [r["file"] for r in man["splits"]["train"]["shards"]]
+    names += [n for n in ((man.get("extraction") or {}).get("bn_stats_file"),
+                          (man.get("checkpoint") or {}).get("path")) if n and (src / n).is_file()]
+    for name in dict.fromkeys(names):
+        shutil.copy2(src / name, tmp / name)
+
+
+def _record_resplit(man: dict, blocks: dict, y: np.ndarray, k: int, val_rows: np.ndarray, test_rows: np.ndarray,
+                    per_class: int, seed: int) -> None:
+    """The manifest's new val and test splits, and how they were made (``val_split``)."""
+    old_val = man["splits"].get("val", {}).get("rows", 0)
+    for split, shards in blocks.items():
+        man["splits"][split] = {**man["splits"]["test"], "rows": int(sum(s["rows"] for s in shards)),
+                                "shards": shards}
+    val_counts = np.bincount(y[val_rows], minlength=k).astype(int).tolist()
+    man["val_split"] = {
+        "rule": "from-test", "per_class": per_class, "seed": seed, "val_counts": val_counts,
+        "test_counts": np.bincount(y[test_rows], minlength=k).astype(int).tolist(),
+        "replaced_val_rows": int(old_val),
+        "index": "val rows index the source TEST split",
+        "why": "stage 1 trained on every training image of the classes the profile takes in full, so the "
+               "leftover-train val split lacked them; val is carved from test instead (disjoint from the "
+               "test rows that report results). Made by ltcache.cache.resplit.val_from_test."}

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from ltcache import __version__, interrupts
+from ltcache import interrupts
+from ltcache.version import __version__
 from ltcache.errors import LtcacheError
 
 

@@ -64,9 +64,12 @@ def import_cmd(sources, out, classifier, fit_classifier, name, stage1_seed, arch
     from ltcache.cache.importer import import_features
     from ltcache.cache.info import describe
 
-    path = import_features(list(sources), out, classifier=classifier, fit_classifier_head=fit_classifier,
-                           name=name, arch=arch, dtype=dtype, shard_rows=shard_rows, force=force,
-                           command=_command(), quiet=quiet, stage1_seed=stage1_seed)
+    from ltcache import interrupts
+    with interrupts.keeps(f"{out} is as it was before this command (the new cache is only swapped in once "
+                          "whole); the same command starts over"):
+        path = import_features(list(sources), out, classifier=classifier, fit_classifier_head=fit_classifier,
+                               name=name, arch=arch, dtype=dtype, shard_rows=shard_rows, force=force,
+                               command=_command(), quiet=quiet, stage1_seed=stage1_seed)
     if not quiet:
         click.echo(describe(path))
 

@@ -41,7 +41,10 @@ def run_cmd(pipeline, out, device, data_root, epochs, threads, force, quiet) -> 
 
     apply_threads(threads)
     main = join_ranks(device)
-    results = run_pipeline(pipeline, out=out, device=device, data_root=data_root, quiet=quiet or not main,
-                           epochs=epochs, force=force)
+    from ltcache import interrupts
+    # stage 1 and extraction say more precisely what they keep while they run
+    with interrupts.keeps("the completed steps are kept; the same command skips them and goes on"):
+        results = run_pipeline(pipeline, out=out, device=device, data_root=data_root, quiet=quiet or not main,
+                               epochs=epochs, force=force)
     if quiet and main:
         click.echo(format_table(results))

@@ -189,6 +189,36 @@ def _claim_outputs(force: bool, files=(), folder=None, multi: bool = False) -> N
         ctx.with_resource(output_lock(folder[1]))
 
 
+def _check_export(m, method: str, seed_list: list) -> None:
+    """``--export`` writes one model of a built-in head: refused before any work otherwise."""
+    if len(seed_list) > 1:
+        raise LtcacheError(f"--export writes one model but --seeds gives {len(seed_list)} seeds; "
+                           "pass one seed with --export (e.g. --seeds 0)")
+    if not m.closed_form:
+        from ltcache.stage2.heads import HEADS
+        if HEADS.get(m.head).plugin is not None:
+            raise LtcacheError(f"--export writes linear, cosine and NCM heads; method {method}'s head '{m.head}' "
+                               f"({HEADS.origin(m.head)}) is a plugin's: drop --export (its results are written)")
+
+
+def _export(run, method: str, path: Path, test_views: str) -> None:
+    """The first seed's head with the stage-1 backbone as a deployable model (:mod:`ltcache.export`,
+    called here, outside stage 2, which never imports backbone code)."""
+    from ltcache.export import export_model
+    run_dict, layer = run.pairs[0]
+    export_model(run.cache, layer, path, meta={"method": method, "params": run_dict["params"]},
+                 views=["center"] if test_views == "center" else None)      # the views the number reports
+
+
+def _print_and_write(results: dict, out) -> None:
+    """A ``--through-backbone`` run's table, and its results file when ``--out`` is given."""
+    from ltcache.stage2.results import format_table, write_json
+    click.echo(format_table(results))
+    if out is not None:
+        write_json(results, out)
+        click.echo(f"results: {out}")
+
+
 @cli.command("retrain", cls=PluginCommand, hyper="all")
 @click.option("--method", required=True, help="method name (see `ltcache methods`)")
 @_common
@@ -225,14 +255,8 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
     overrides = validate_overrides(m, _overrides(kwargs))
     seed_list = api.parse_seeds(seeds)
     _check_precision(precision, device)
-    if export_path is not None and len(seed_list) > 1:
-        raise LtcacheError(f"--export writes one model but --seeds gives {len(seed_list)} seeds; "
-                           "pass one seed with --export (e.g. --seeds 0)")
-    if export_path is not None and not m.closed_form:
-        from ltcache.stage2.heads import HEADS
-        if HEADS.get(m.head).plugin is not None:
-            raise LtcacheError(f"--export writes linear, cosine and NCM heads; method {method}'s head '{m.head}' "
-                               f"({HEADS.origin(m.head)}) is a plugin's: drop --export (its results are written)")
+    if export_path is not None:
+        _check_export(m, method, seed_list)
     main = join_ranks(device)
     if main:
         _claim_outputs(force, files=[("--out", out, "results.json"), ("--export", export_path, "model.pt")])
@@ -248,19 +272,17 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
             raise LtcacheError("--through-backbone reads images, not a cache: drop --cache, --export, --select, "
                                "--clean-view, --from-tune and --precision")
         from ltcache.through_backbone import retrain_through_backbone
-        if not main:
-            return
-        results = retrain_through_backbone(ckpt, m.name, overrides, seeds=seed_list, augment=not no_augment,
-                                           train_bn=not eval_bn, test_views=test_views, device=device,
-                                           data_root=data_root, preset=preset, quiet=quiet)
-        click.echo(format_table(results))
-        if out is not None:
-            write_json(results, out)
-            click.echo(f"results: {out}")
+        if main:
+            _print_and_write(retrain_through_backbone(
+                ckpt, m.name, overrides, seeds=seed_list, augment=not no_augment, train_bn=not eval_bn,
+                test_views=test_views, device=device, data_root=data_root, preset=preset, quiet=quiet), out)
         return
-    results = api.retrain(cache_dir, m.name, overrides, seeds=seed_list, select=select, test_views=test_views,
-                          device=device, quiet=quiet, preset=preset, export=export_path, jobs=jobs,
-                          clean_view=clean_view, from_tune=from_tune, precision=precision)
+    run = api.retrain_layers(cache_dir, m.name, overrides, seeds=seed_list, select=select, test_views=test_views,
+                             device=device, quiet=quiet, preset=preset, jobs=jobs, clean_view=clean_view,
+                             from_tune=from_tune, precision=precision)
+    if export_path is not None:
+        _export(run, m.name, export_path, test_views)
+    results = run.results
     if not main:
         return
     click.echo(format_table(results))
@@ -382,8 +404,7 @@ def methods_cmd(plugins, preset, space, parts, show_notes):
       ltcache methods --parts --plugin my.py  # every registered part, a plugin's included
       ltcache methods --space --plugin my_methods.py
     """
-    from ltcache.stage2.methods import METHODS, method_space
-    from ltcache.stage2.samplers import DEFAULT_STEPS
+    from ltcache.stage2.methods import METHODS
 
     if show_notes:
         for m in METHODS.values():
@@ -395,25 +416,39 @@ def methods_cmd(plugins, preset, space, parts, show_notes):
             click.echo(line)
         return
     if space:
-        for m in METHODS.values():
-            sp = method_space(m, preset)
-            click.echo(m.name)
-            if sp.candidates:
-                (name, values), = sp.candidates.items()
-                click.echo(f"  {name:<15} candidates {', '.join(f'{v:g}' for v in values)}  (closed form)")
-            elif not sp.dims:
-                click.echo("  (no hyper-parameters)")
-            for d in sp.dims:
-                click.echo(f"  {d.name:<15} {d.describe():<32} {d.source}")
+        _print_spaces(preset)
         return
     rows = [("name", "head", "loss", "sampler", f"defaults ({preset})", "source")]
     for m in METHODS.values():
         d = m.defaults(preset)
         defaults = " ".join(f"{k}={v}" for k, v in d.items() if v is not None and k != "momentum")
         rows.append((m.name, m.head, m.loss, m.sampler, defaults, m.source))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+    _print_rows(rows)
+    click.echo("")
+    _print_rows(_recipe_rows(preset))
+
+
+def _print_spaces(preset: str) -> None:
+    """``methods --space``: each method's search space, dimension by dimension."""
+    from ltcache.stage2.methods import METHODS, method_space
+
+    for m in METHODS.values():
+        sp = method_space(m, preset)
+        click.echo(m.name)
+        if sp.candidates:
+            (name, values), = sp.candidates.items()
+            click.echo(f"  {name:<15} candidates {', '.join(f'{v:g}' for v in values)}  (closed form)")
+        elif not sp.dims:
+            click.echo("  (no hyper-parameters)")
+        for d in sp.dims:
+            click.echo(f"  {d.name:<15} {d.describe():<32} {d.source}")
+
+
+def _recipe_rows(preset: str) -> list:
+    """Each method's stage-2 recipe at the preset: schedule, batches per epoch, no-wd parameters, script."""
+    from ltcache.stage2.methods import METHODS
+    from ltcache.stage2.samplers import DEFAULT_STEPS
+
     rows = [("name", "schedule", "batches/epoch", "no wd", f"follows ({preset})", "verified against")]
     steps_text = {"floor": "int(N/B)", "ceil": "ceil(N/B)", "ceil+1": "ceil(N/B)+1"}
     for m in METHODS.values():
@@ -425,7 +460,11 @@ def methods_cmd(plugins, preset, space, parts, show_notes):
         rows.append((m.name, str(m.defaults(preset).get("schedule")), steps_text.get(rule, rule),
                      ",".join(m.no_wd) or "-", script or "stated default (no stage-2 script)",
                      verified or "not checked"))
-    click.echo("")
+    return rows
+
+
+def _print_rows(rows: list) -> None:
+    """Rows of six columns, the first five padded to their widest cell."""
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])

@@ -152,12 +152,12 @@ class LTDataset:
 
 
 def _load_source(spec: DatasetSpec, root: Path, download: bool, image_size: int, workers: int,
-                 stream: Optional[bool]) -> SourceData:
+                 stream: Optional[bool], quiet: bool = False) -> SourceData:
     kind, arg = parse_source(spec.source)
     if kind in ("cifar10", "cifar100"):
         return load_cifar(kind, root, download)          # 32 px pickles: always in memory
     if kind == "imagefolder":
-        return load_imagefolder(arg, root, image_size, workers, stream)
+        return load_imagefolder(arg, root, image_size, workers, stream, quiet=quiet)
     return load_splitlist(arg, root, image_size, workers, stream)
 
 
@@ -171,7 +171,7 @@ def build_dataset(spec: DatasetSpec, data_root=None, download: bool = False, qui
     images are larger than SMALL_IMAGE px (one image's header is read). False decodes them into
     memory (larger images as centre crops of ``image_size``). ``workers``: decode workers."""
     root = Path(data_root) if data_root else default_data_root()
-    src = _load_source(spec, root, download, image_size, workers, stream)
+    src = _load_source(spec, root, download, image_size, workers, stream, quiet=quiet)
     k = len(src.class_names)
     train_labels = src.train.labels
     if train_labels.min() < 0 or train_labels.max() >= k:
@@ -179,13 +179,35 @@ def build_dataset(spec: DatasetSpec, data_root=None, download: bool = False, qui
     per_class = spec.val_per_class
     if per_class is None:
         per_class = default_val_per_class(k, int(np.bincount(train_labels, minlength=k).min()))
+    sel, counts, held_out = _select_train(spec, src, k, per_class, quiet)
+    val_src, val_idx = _select_val(spec, src, sel, held_out, per_class, quiet)
+    test_idx = np.arange(len(src.test.labels), dtype=np.int64)
+    splits = {"train": _split(src.train, sel, image_size), "val": _split(val_src, val_idx, image_size),
+              "test": _split(src.test, test_idx, image_size)}
+    size = int(image_size) if src.streamed else int(splits["train"].images().shape[-1])
+    small = size <= SMALL_IMAGE
+    spec.class_names = list(src.class_names)
+    spec.class_counts = [int(c) for c in counts]
+    spec.val_per_class = int(per_class)
+    spec.val_counts = np.bincount(val_src.labels[val_idx], minlength=k).astype(int).tolist() if len(val_idx) else [0] * k
+    return LTDataset(spec=spec, class_names=list(src.class_names), class_counts=spec.class_counts,
+                     splits=splits, mean=A.CIFAR_MEAN if small else A.IMAGENET_MEAN,
+                     std=A.CIFAR_STD if small else A.IMAGENET_STD, image_size=size)
+
+
+def _select_train(spec: DatasetSpec, src: SourceData, k: int, per_class: int, quiet: bool) -> tuple:
+    """(the train rows kept, the class counts, the val rows held out of the train list or None):
+    a long-tailed train list as it is, a balanced one drawn down to the profile."""
+    train_labels = src.train.labels
+    holdout = src.val is None and spec.val_split == "holdout" and per_class > 0
+    val_idx = None
     if src.train_is_lt:
         counts = np.bincount(train_labels, minlength=k).tolist()
         if min(counts) == 0:
             empty = counts.index(0)
             raise LtcacheError(f"class {empty} has no training image in the train list; fix the list")
         sel = np.arange(len(train_labels), dtype=np.int64)
-        if src.val is None and spec.val_split == "holdout" and per_class > 0:
+        if holdout:
             # no val list (iNaturalist-2018: its val list is the reported test set): val held out of
             # the train list, never a class's last image
             sel, val_idx, short = holdout_from_list(train_labels, per_class, spec.seed, src.class_names)
@@ -197,38 +219,34 @@ def build_dataset(spec: DatasetSpec, data_root=None, download: bool = False, qui
     else:
         n_max = int(np.bincount(train_labels, minlength=k).max())
         counts = lt_counts(n_max, k, spec.imb_ratio, spec.profile)
-        if src.val is None and spec.val_split == "holdout" and per_class > 0:
+        if holdout:
             # val first, from the full training set; the profile draws from the rest
             sel, val_idx, counts = holdout_then_select(train_labels, counts, per_class, spec.selection,
                                                        spec.seed, src.class_names)
         else:
             sel = select_indices(train_labels, counts, spec.selection, spec.seed)
+    return sel, counts, val_idx
+
+
+def _select_val(spec: DatasetSpec, src: SourceData, sel: np.ndarray, held_out: Optional[np.ndarray],
+                per_class: int, quiet: bool) -> tuple:
+    """(the val split's source, its rows): the source's val list, the rows held out of the train
+    list, or spare train images the profile left out."""
     if src.val is not None:
-        val_src, val_idx = src.val, np.arange(len(src.val.labels), dtype=np.int64)
-    elif spec.val_split == "holdout" and per_class > 0:
-        val_src = src.train
-    else:
-        val_src = src.train
-        val_idx, short = draw_validation(train_labels, sel, per_class, spec.seed, src.class_names)
-        if short:
-            echo("val split: fewer than %d spare images for %s (the profile keeps them all for "
-                 "training); val accuracy averages over the classes present"
-                 % (per_class, ", ".join(f"{n} ({k})" for n, k in short)), quiet)
-    test_idx = np.arange(len(src.test.labels), dtype=np.int64)
+        return src.val, np.arange(len(src.val.labels), dtype=np.int64)
+    if spec.val_split == "holdout" and per_class > 0:
+        return src.train, held_out
+    val_idx, short = draw_validation(src.train.labels, sel, per_class, spec.seed, src.class_names)
+    if short:
+        echo("val split: fewer than %d spare images for %s (the profile keeps them all for "
+             "training); val accuracy averages over the classes present"
+             % (per_class, ", ".join(f"{n} ({k})" for n, k in short)), quiet)
+    return src.train, val_idx
 
-    def make(raw, idx):
-        labels, index = torch.from_numpy(raw.labels[idx].copy()), torch.from_numpy(idx.copy())
-        if raw.streamed:
-            return Split(None, labels, index, raw.paths, image_size)
-        return Split(raw.load(idx), labels, index)
 
-    splits = {"train": make(src.train, sel), "val": make(val_src, val_idx), "test": make(src.test, test_idx)}
-    size = int(image_size) if src.streamed else int(splits["train"].images().shape[-1])
-    small = size <= SMALL_IMAGE
-    spec.class_names = list(src.class_names)
-    spec.class_counts = [int(c) for c in counts]
-    spec.val_per_class = int(per_class)
-    spec.val_counts = np.bincount(val_src.labels[val_idx], minlength=k).astype(int).tolist() if len(val_idx) else [0] * k
-    return LTDataset(spec=spec, class_names=list(src.class_names), class_counts=spec.class_counts,
-                     splits=splits, mean=A.CIFAR_MEAN if small else A.IMAGENET_MEAN,
-                     std=A.CIFAR_STD if small else A.IMAGENET_STD, image_size=size)
+def _split(raw, idx: np.ndarray, image_size: int) -> Split:
+    """A split of rows ``idx`` of a source's list: decoded images, or paths read batch by batch."""
+    labels, index = torch.from_numpy(raw.labels[idx].copy()), torch.from_numpy(idx.copy())
+    if raw.streamed:
+        return Split(None, labels, index, raw.paths, image_size)
+    return Split(raw.load(idx), labels, index)

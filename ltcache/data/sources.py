@@ -9,6 +9,7 @@ import errno
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 import tempfile
 import zlib
@@ -176,7 +177,7 @@ def raw_split(paths: list, labels: np.ndarray, stream: bool, image_size: int, de
 
 
 # ---------------------------------------------------------------------------------- folders
-def unpack_tarball(tar_path: Path, data_root: Path) -> Path:
+def unpack_tarball(tar_path: Path, data_root: Path, quiet: bool = False) -> Path:
     """Unpack a .tar.gz image folder once into the data root (atomic); return its folder."""
     name = tar_path.name
     for suffix in (".tar.gz", ".tgz", ".tar"):
@@ -199,13 +200,11 @@ def unpack_tarball(tar_path: Path, data_root: Path) -> Path:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
         if not (dest / ".unpacked").exists():
-            import sys
-            print(f"unpacking {tar_path} into {dest} (once; later runs read the folder)", file=sys.stderr)
-            _unpack(tar_path, data_root, name, dest)
+            _unpack(tar_path, data_root, name, dest, quiet)
     return dest
 
 
-def _unpack(tar_path: Path, data_root: Path, name: str, dest: Path) -> None:
+def _unpack(tar_path: Path, data_root: Path, name: str, dest: Path, quiet: bool = False) -> None:
     """Extract into a temporary folder beside ``dest``, mark it complete, then move it in place."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=data_root))
     try:
@@ -213,7 +212,9 @@ def _unpack(tar_path: Path, data_root: Path, name: str, dest: Path) -> None:
             tf = tarfile.open(tar_path)
         except tarfile.TarError:
             raise LtcacheError(f"cannot unpack {tar_path} (not a gzip/tar file); check the file") from None
-        with tf:
+        with tf:                            # said once the file is known to be an archive
+            if not quiet:
+                print(f"unpacking {tar_path} into {dest} (once; later runs read the folder)", file=sys.stderr)
             tf.extractall(tmp, filter="data")
     except LtcacheError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -251,7 +252,7 @@ def _scan(split_dir: Path, class_names: list) -> tuple[list, np.ndarray]:
 
 
 def load_imagefolder(arg: str, data_root: Path, image_size: int, workers: int,
-                     stream: Optional[bool] = None) -> SourceData:
+                     stream: Optional[bool] = None, quiet: bool = False) -> SourceData:
     """PATH/train/<class>/*, PATH/test/<class>/*, optional PATH/val/<class>/* (or a .tar.gz).
     ``stream``: keep paths only (None: when the images are larger than SMALL_IMAGE px)."""
     path = Path(arg).expanduser()
@@ -265,7 +266,7 @@ def load_imagefolder(arg: str, data_root: Path, image_size: int, workers: int,
         raise LtcacheError(f"image folder {arg} not found; give PATH with train/<class>/ and "
                            "test/<class>/ folders, or a .tar.gz of that layout")
     if path.is_file():
-        path = unpack_tarball(path, data_root)
+        path = unpack_tarball(path, data_root, quiet)
     train_dir, test_dir, val_dir = path / "train", path / "test", path / "val"
     if not train_dir.is_dir() or not test_dir.is_dir():
         raise LtcacheError(f"{path} needs train/<class>/ and test/<class>/ folders (found: "

@@ -1,113 +1,64 @@
-"""Public stage-2 entry points: ``retrain`` (one method), ``bench`` (a sweep of methods),
-``tune`` (:mod:`ltcache.stage2.tune`) and ``run_sweep``, which they share.
+"""Public stage-2 entry points: ``retrain`` (one method), ``bench`` (a sweep of methods) and
+``tune`` (:mod:`ltcache.stage2.tune`), over :func:`~ltcache.stage2.runner.run_sweep`, which
+they share (it runs a sweep one way, a module a step: see :mod:`ltcache.stage2.runner`).
 
-Both take a loaded cache (``ltcache.cache.load(...)`` -> FeatureCache, or anything with the
-same attributes) or a cache directory. :func:`run_sweep` runs a sweep one way, a module a step:
-
-1. :mod:`~ltcache.stage2.plan`: the cache's :class:`TrainData` and one :class:`Config` per
-   (method, grid point, seed) to train, the closed forms beside them;
-2. and 3. :mod:`~ltcache.stage2.sweep`: configurations in groups, each group trained as one
-   batched computation (:mod:`~ltcache.stage2.workers`: groups side by side in processes);
-4. :mod:`~ltcache.stage2.evaluate`: closed forms computed, every layer evaluated on test and val;
-5. :mod:`~ltcache.stage2.results`: the results JSON dict (ARCHITECTURE.md "Results JSON").
-
-The names the CLI, ``tune`` and tests use are importable from here (re-exported where they
-live in a step's module).
+They take a loaded cache (``ltcache.cache.load(...)`` -> FeatureCache, or anything with the
+same attributes) or a cache directory. The names the CLI and tests use are importable from
+here (re-exported where they live in a step's module).
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
-import torch
-
-from ltcache import interrupts
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
 from ltcache.progress import echo
 from ltcache.stage2.evaluate import VAL_METRICS, Evaluator, evaluate_layer, layer_logits, val_report  # noqa: F401
-from ltcache.stage2.methods import METHODS, GENERIC, Method, choose_preset, get_method, resolve_params, run_name
+from ltcache.stage2.methods import METHODS, GENERIC, choose_preset, get_method, resolve_params, run_name
 from ltcache.stage2.precision import PRECISIONS, check_precision  # noqa: F401
 from ltcache.stage2.plan import (TEST_VIEWS, Config, TrainData, _load_cache, _train_data,  # noqa: F401
                                  _view_names, _views, expand, make_config, needs_val, parse_seeds, plan_runs,
                                  require_val, train_view_names, train_view_pool, val_gaps)
-from ltcache.stage2.requirements import has_stage1_classifier, require_stage1, skip_stage1
-from ltcache.stage2.results import build_results, run_header
-from ltcache.stage2.checks import preflight
-from ltcache.stage2.sweep import train_sweep
+from ltcache.stage2.requirements import skip_stage1
+from ltcache.stage2.results import run_header
+from ltcache.stage2.runner import run_sweep
+from ltcache.stage2.sweep import train_sweep  # noqa: F401
+from ltcache.stage2.tune import load_choices, tune  # noqa: F401  (public here: ltcache.stage2.api.tune)
 
 
-def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int], select: str = "last",
-              test_views: str = "all", device: str = "auto", quiet: bool = False,
-              jobs: Optional[int] = None, clean_view: bool = False, evaluate_test: bool = True,
-              precision: str = "fp32") -> tuple[dict, list]:
-    """Train/compute every plan x seed; returns (results dict, [(run dict, layer)]).
-
-    Every run records its val metrics (``run["val"]``, when the cache has a val split) beside
-    its test metrics. ``evaluate_test=False`` never reads the test split (selection sweeps).
-    ``jobs``: worker processes for CPU sweeps of small heads (None: the cores torch may use; 1: none).
-    ``clean_view``: also draw the clean train view (default: augmented views only, when present).
-    ``precision``: the training GEMMs' arithmetic, fp32 (exact), bf16 or tf32 (CUDA) --
-    :mod:`ltcache.stage2.precision`."""
-    if jobs is not None and jobs < 1:
-        raise LtcacheError(f"--jobs must be >= 1 (got {jobs}); 1 trains everything in this process")
-    if select not in ("last", "val"):
-        raise LtcacheError(f"unknown --select '{select}'; use last or val")
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    cache = _load_cache(cache, dev)
-    require_stage1(cache, plans)                        # a cache without a stage-1 classifier: refused before work
-    seeds = parse_seeds(seeds)
-    why = needs_val(plans, select)
-    if why:
-        require_val(cache, why)                         # before anything trains
-    if evaluate_test and "test" not in cache.splits:
-        raise LtcacheError("the cache has no test split; re-extract it with the test split")
-    t0 = time.perf_counter()
-    interrupts.test_point("sweep")
-    # 1. plan: the cache's tensors, the runs and the configurations to train
-    data = _train_data(cache, dev, test_views, clean_view, precision)
-    counts = torch.as_tensor(cache.class_counts).long().cpu()
-    runs_plan = plan_runs(plans, seeds, counts)
-    preflight(runs_plan.configs, data)                  # plugin heads, samplers, losses: refused before work
-    # 2.-3. groups, trained
-    trained = (train_sweep(runs_plan.configs, data, select=select, quiet=quiet, n_jobs=jobs)
-               if runs_plan.configs else [])
-    # 4. evaluate: every run's layer (closed forms computed here), then the stage-1 head
-    ev = Evaluator(cache, data, counts, test_views, evaluate_test)
-    runs, layers = ev.runs(runs_plan.entries, trained)
-    stage1, stage1_val = ev.stage1()
-    wall = time.perf_counter() - t0
-    # 5. results
-    results = build_results(cache, runs, stage1, wall, str(dev))
-    results["stage1_val"] = stage1_val
-    results["stage1_classifier"] = has_stage1_classifier(cache)     # False: the stage-1 row is a placeholder
-    results["train_views"] = train_view_names(cache.splits["train"], clean_view)
-    results["precision"] = precision
-    echo(f"sweep: {len(runs)} runs ({len(runs_plan.configs)} trained) in {wall:.1f} s on {dev}", quiet)
-    return results, list(zip(runs, layers))
+class Retrained(NamedTuple):
+    """What :func:`retrain_layers` returns: the results dict, the (run dict, layer) of each seed,
+    and the loaded cache (what an export of the first seed's head needs)."""
+    results: dict
+    pairs: list
+    cache: Any
 
 
 def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequence[int] = (0,),
             select: str = "last", test_views: str = "all", device: str = "auto", quiet: bool = False,
-            preset: Optional[str] = None, export: Optional[Union[str, Path]] = None,
-            jobs: Optional[int] = None, clean_view: bool = False,
+            preset: Optional[str] = None, jobs: Optional[int] = None, clean_view: bool = False,
             from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32") -> dict:
     """Re-train one method (with ``overrides`` of its hyper-parameters) for each seed.
 
-    Returns the results JSON dict. ``export`` writes the first seed's head with the stage-1
-    backbone as a deployable model (see :func:`ltcache.export.export_model`). ``from_tune``: a
-    ``tune`` results.json of this cache; its choice for the method, under any ``overrides``.
+    Returns the results JSON dict. ``from_tune``: a ``tune`` results.json of this cache; its
+    choice for the method, under any ``overrides``. To deploy the head with the stage-1 backbone,
+    call :func:`retrain_layers` and :func:`ltcache.export.export_model` (``retrain --export``):
+    stage 2 itself never imports the backbone's code.
     """
-    if export is not None and len(parse_seeds(seeds)) != 1:
-        raise LtcacheError(f"export writes one model but {len(parse_seeds(seeds))} seeds were given; "
-                           "pass one seed with --export (e.g. --seeds 0)")
+    return retrain_layers(cache, method, overrides, seeds, select, test_views, device, quiet, preset, jobs,
+                          clean_view, from_tune, precision).results
+
+
+def retrain_layers(cache, method: str, overrides: Optional[dict] = None, seeds: Sequence[int] = (0,),
+                   select: str = "last", test_views: str = "all", device: str = "auto", quiet: bool = False,
+                   preset: Optional[str] = None, jobs: Optional[int] = None, clean_view: bool = False,
+                   from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32") -> Retrained:
+    """:func:`retrain`, returning the trained layers and the loaded cache beside the results."""
     dev = resolve_device(device)
     cache = _load_cache(cache, dev)
     m = get_method(method)
     if from_tune is not None:
-        from ltcache.stage2.tune import load_choices
         picks = load_choices(from_tune, cache)
         if m.name not in picks:
             raise LtcacheError(f"--from-tune {from_tune} has no choice for {m.name} (it tuned "
@@ -119,11 +70,7 @@ def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequenc
     results, pairs = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
                                precision=precision)
     results["preset"] = pre
-    if export is not None:
-        from ltcache.export import export_model
-        export_model(cache, pairs[0][1], export, meta={"method": m.name, "params": pairs[0][0]["params"]},
-                     views=["center"] if test_views == "center" else None)      # the views the number reports
-    return results
+    return Retrained(results, pairs, cache)
 
 
 def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] = None,
@@ -142,30 +89,16 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
     to ``out_dir`` beside results.json). A grid key some methods lack is a notice (``strict``: an
     error). CE is added as the reference row when not asked for (``results["reference_added"]``)."""
     if isinstance(cache, (list, tuple)) and len(cache) != 1:
-        from ltcache.stage2 import multi
-        if not cache:
-            raise LtcacheError("no cache given; pass one or more caches")
-        if from_tune is not None:
-            raise LtcacheError("--from-tune holds the choices made on one cache; with several caches run "
-                               "`ltcache tune` on them instead")
-        names = [get_method(n).name for n in methods] if methods else list(METHODS)
-        ref = multi.check_against(against, (["ce"] if "ce" not in names else []) + names)
-
         def one(c):
             return bench(c, methods, grid, seeds, select, test_views, device, quiet, preset, overrides, None, jobs,
                          clean_view, None, precision, strict=strict)
-        doc = multi.run_caches("bench", list(cache), one, ref, need_val="--select val" if select == "val" else None,
-                               quiet=quiet)
-        if out_dir is not None:
-            multi.write_multi(doc, out_dir)
-        return doc
+        return _bench_many(list(cache), methods, one, against, select, out_dir, quiet, from_tune)
     if isinstance(cache, (list, tuple)):
         cache = cache[0]
     dev = resolve_device(device)
     cache = _load_cache(cache, dev)
     picks = None
     if from_tune is not None:
-        from ltcache.stage2.tune import load_choices
         picks = load_choices(from_tune, cache)
         if grid:
             raise LtcacheError("--from-tune runs the tuned choices; it does not combine with --grid")
@@ -182,30 +115,9 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
     if reference_added:
         names = ["ce"] + names          # the CE re-train reference row (labelled under the table)
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
-    n_train = int(cache.splits["train"].labels.numel())
-    if picks is None:
-        plans = expand(names[1:] if reference_added else names, overrides, grid, pre, n_train, strict)
-        if reference_added:                                     # the reference takes what applies to it, silently
-            plans = expand(["ce"], overrides, {k: v for k, v in (grid or {}).items() if k in GENERIC}, pre,
-                           n_train) + plans
-    else:
-        plans = []
-        for n in names:
-            m = get_method(n)
-            ov = {**picks.get(m.name, {}), **{k: v for k, v in (overrides or {}).items()
-                                               if k in m.tunables or (k in GENERIC and not m.closed_form)}}
-            plans.append((m, resolve_params(m, pre, ov, n_train), ov))
-    skipped = []
-    gap = val_gaps(cache)
-    if methods is None and gap and select != "val":
-        # every method was asked for: one that must choose on val is left out, said before training
-        keep = [p for p in plans if needs_val([p], "last") is None]
-        skipped = [{"name": run_name(m, p, ov), "method": m.name,
-                    "why": f"chooses on the val split, but {gap}; give --tau or use a cache whose val covers every class"}
-                   for m, p, ov in plans if needs_val([(m, p, ov)], "last") is not None]
-        plans = keep
-        for sk in skipped:
-            echo(f"skipped {sk['name']}: {sk['why']}", quiet)
+    plans = _bench_plans(names, reference_added, picks, overrides, grid, pre, int(cache.splits["train"].labels.numel()),
+                         strict)
+    plans, skipped = _skip_val_choosers(cache, plans, methods, select, quiet)
     plans, skipped = skip_stage1(cache, plans, skipped, methods, quiet)
     echo(run_header(cache, pre, dev, "bench"), quiet)
     results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
@@ -219,4 +131,53 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
     return results
 
 
-from ltcache.stage2.tune import tune  # noqa: E402,F401  (public here: ltcache.stage2.api.tune)
+def _bench_many(caches: list, methods, one, against: str, select: str, out_dir, quiet: bool, from_tune) -> dict:
+    """``bench`` over several caches (``one``: the sweep of one): one multi-cache document."""
+    from ltcache.stage2 import multi
+    if not caches:
+        raise LtcacheError("no cache given; pass one or more caches")
+    if from_tune is not None:
+        raise LtcacheError("--from-tune holds the choices made on one cache; with several caches run "
+                           "`ltcache tune` on them instead")
+    names = [get_method(n).name for n in methods] if methods else list(METHODS)
+    ref = multi.check_against(against, (["ce"] if "ce" not in names else []) + names)
+    doc = multi.run_caches("bench", caches, one, ref, need_val="--select val" if select == "val" else None,
+                           quiet=quiet)
+    if out_dir is not None:
+        multi.write_multi(doc, out_dir)
+    return doc
+
+
+def _bench_plans(names: list, reference_added: bool, picks: Optional[dict], overrides: Optional[dict],
+                 grid: Optional[dict], pre: str, n_train: int, strict: bool) -> list:
+    """The (method, params, overrides) of a bench: the grid over each method (the CE reference
+    takes what applies to it, silently), or each method's tuned choice."""
+    if picks is None:
+        plans = expand(names[1:] if reference_added else names, overrides, grid, pre, n_train, strict)
+        if reference_added:                                     # the reference takes what applies to it, silently
+            plans = expand(["ce"], overrides, {k: v for k, v in (grid or {}).items() if k in GENERIC}, pre,
+                           n_train) + plans
+        return plans
+    plans = []
+    for n in names:
+        m = get_method(n)
+        ov = {**picks.get(m.name, {}), **{k: v for k, v in (overrides or {}).items()
+                                           if k in m.tunables or (k in GENERIC and not m.closed_form)}}
+        plans.append((m, resolve_params(m, pre, ov, n_train), ov))
+    return plans
+
+
+def _skip_val_choosers(cache, plans: list, methods, select: str, quiet: bool) -> tuple[list, list]:
+    """Every method asked for (``methods`` None) on a val split that lacks classes: the methods
+    that must choose on val are left out, said before training. (plans kept, skipped)."""
+    skipped = []
+    gap = val_gaps(cache)
+    if methods is None and gap and select != "val":
+        keep = [p for p in plans if needs_val([p], "last") is None]
+        skipped = [{"name": run_name(m, p, ov), "method": m.name,
+                    "why": f"chooses on the val split, but {gap}; give --tau or use a cache whose val covers every class"}
+                   for m, p, ov in plans if needs_val([(m, p, ov)], "last") is not None]
+        plans = keep
+        for sk in skipped:
+            echo(f"skipped {sk['name']}: {sk['why']}", quiet)
+    return plans, skipped

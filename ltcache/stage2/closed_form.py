@@ -13,7 +13,6 @@ a rule of your own is one :func:`register_posthoc` function in a ``--plugin`` fi
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 

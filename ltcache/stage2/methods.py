@@ -196,22 +196,45 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
     where = f"method '{name}'"
     METHODS.check_free(name)
     origin = origin_of(depth=2)
+    loss_params = _loss_params(where, loss, head, sampler, init, closed_form)
+    params = tuple(params)
+    tunables, decl = _declarations(where, loss_params, params, tunables)
+    full = {pre: _preset(where, pre, presets, decl, tunables, closed_form) for pre in PRESETS}
+    space = _space(where, space, tunables, closed_form)
+    if steps and steps not in STEP_RULES:
+        raise LtcacheError(f"{where}: unknown step rule '{steps}'; use one of {', '.join(STEP_RULES)}")
+    bad = [a for a in no_wd if a not in H.AFFINE_PARAMS + H.COSINE_PARAMS]
+    if bad:
+        raise LtcacheError(f"{where}: no_wd names {', '.join(bad)}, which no head has (W, b, s, c)")
+    given_scripts = _scripts(where, scripts)
+    m = Method(name, head, loss if not closed_form else "-", sampler if not closed_form else "-",
+               init if not closed_form else "-", tuple(tunables), full, source, notes, closed_form, sigmoid_bias,
+               space, params, origin, steps=steps, no_wd=tuple(no_wd),
+               scripts=tuple((pre, *given_scripts[pre]) for pre in PRESETS if pre in given_scripts))
+    return METHODS.register(name, m, origin)
+
+
+def _loss_params(where: str, loss: str, head: str, sampler: str, init: str, closed_form: bool) -> tuple:
+    """The declarations of the method's loss (none for a closed form), its parts checked as registered."""
     if closed_form:
         if head not in POSTHOC:
             raise LtcacheError(f"{where}: {POSTHOC.unknown(head)}")
-        loss_params: tuple = ()
-    else:
-        if head not in H.HEADS:
-            raise LtcacheError(f"{where}: {H.HEADS.unknown(head)}")
-        if sampler not in SAMPLERS:
-            raise LtcacheError(f"{where}: {SAMPLERS.unknown(sampler)}")
-        if init not in INITS:
-            raise LtcacheError(f"{where}: unknown init '{init}'; use stage1 or fresh")
-        if loss not in losses_core.LOSSES:
-            raise LtcacheError(f"{where}: unknown loss '{loss}'; register it first with @ltcache.register_loss "
-                               f"(registered: {', '.join(losses_core.LOSSES)})")
-        loss_params = get_loss(loss).params
-    params = tuple(params)
+        return ()
+    if head not in H.HEADS:
+        raise LtcacheError(f"{where}: {H.HEADS.unknown(head)}")
+    if sampler not in SAMPLERS:
+        raise LtcacheError(f"{where}: {SAMPLERS.unknown(sampler)}")
+    if init not in INITS:
+        raise LtcacheError(f"{where}: unknown init '{init}'; use stage1 or fresh")
+    if loss not in losses_core.LOSSES:
+        raise LtcacheError(f"{where}: unknown loss '{loss}'; register it first with @ltcache.register_loss "
+                           f"(registered: {', '.join(losses_core.LOSSES)})")
+    return get_loss(loss).params
+
+
+def _declarations(where: str, loss_params: tuple, params: tuple, tunables: Optional[Sequence[str]]) -> tuple:
+    """(the tunables in run-name order, {name: Param} of every hyper-parameter), checked against
+    the declarations of the same names elsewhere."""
     losses_core._check_declared(params, where)
     for p in params:
         for other, owner in declarations(p.name):
@@ -223,32 +246,36 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
         tunables = own
     elif sorted(tunables) != sorted(own):
         raise LtcacheError(f"{where}: tunables must list exactly its hyper-parameters ({', '.join(own) or 'none'})")
-    decl = {p.name: p for p in (*loss_params, *params)}
+    return tunables, {p.name: p for p in (*loss_params, *params)}
 
+
+def _preset(where: str, pre: str, presets: Optional[dict], decl: dict, tunables, closed_form: bool) -> dict:
+    """One preset's full values: the stated defaults, the declarations' defaults, then what is given."""
     given = dict(presets or {})
     if given and not set(given) <= set(PRESETS):
-        given = {pre: given for pre in PRESETS}               # one dict for both presets
-    full = {}
-    for pre in PRESETS:
-        d = {} if closed_form else dict(STATED_DEFAULTS[pre])
-        d.update({n: p.default for n, p in decl.items() if p.default is not None})
-        d.update(given.get(pre, {}))
-        allowed = set(decl) | (set() if closed_form else set(GENERIC) | {"iterations"})
-        for key, value in d.items():
-            if key not in allowed:
-                raise LtcacheError(f"{where}: preset {pre} sets '{key}', which is not one of its hyper-parameters "
-                                   f"({', '.join(sorted(allowed))})")
-            if value is not None and key != "iterations":
-                try:
-                    d[key] = (decl.get(key) or method_params_generic(key)).check(value)
-                except LtcacheError as exc:
-                    raise LtcacheError(f"{where}: preset {pre}: {exc}") from None
-        missing = [n for n in tunables if n not in d or (d[n] is None and not closed_form)]
-        if missing:
-            raise LtcacheError(f"{where}: preset {pre} has no value for {', '.join(missing)}; give it in presets "
-                               "or as Param(default=...)")
-        full[pre] = d
+        given = {p: given for p in PRESETS}               # one dict for both presets
+    d = {} if closed_form else dict(STATED_DEFAULTS[pre])
+    d.update({n: p.default for n, p in decl.items() if p.default is not None})
+    d.update(given.get(pre, {}))
+    allowed = set(decl) | (set() if closed_form else set(GENERIC) | {"iterations"})
+    for key, value in d.items():
+        if key not in allowed:
+            raise LtcacheError(f"{where}: preset {pre} sets '{key}', which is not one of its hyper-parameters "
+                               f"({', '.join(sorted(allowed))})")
+        if value is not None and key != "iterations":
+            try:
+                d[key] = (decl.get(key) or method_params_generic(key)).check(value)
+            except LtcacheError as exc:
+                raise LtcacheError(f"{where}: preset {pre}: {exc}") from None
+    missing = [n for n in tunables if n not in d or (d[n] is None and not closed_form)]
+    if missing:
+        raise LtcacheError(f"{where}: preset {pre} has no value for {', '.join(missing)}; give it in presets "
+                           "or as Param(default=...)")
+    return d
 
+
+def _space(where: str, space, tunables, closed_form: bool) -> Space:
+    """The method's search space, searching only hyper-parameters it has."""
     if space is None:
         space = Space()
     elif not isinstance(space, Space):
@@ -257,23 +284,18 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
     bad = [n for n in space.names if n not in allowed]
     if bad:
         raise LtcacheError(f"{where}: its space searches {', '.join(bad)}, which it does not have")
-    if steps and steps not in STEP_RULES:
-        raise LtcacheError(f"{where}: unknown step rule '{steps}'; use one of {', '.join(STEP_RULES)}")
-    bad = [a for a in no_wd if a not in H.AFFINE_PARAMS + H.COSINE_PARAMS]
-    if bad:
-        raise LtcacheError(f"{where}: no_wd names {', '.join(bad)}, which no head has (W, b, s, c)")
+    return space
+
+
+def _scripts(where: str, scripts) -> dict:
+    """{preset: (script, verified against)}: one pair for both presets, or keyed by preset."""
     if isinstance(scripts, dict):
         given_scripts = {pre: tuple(v) for pre, v in scripts.items()}
         if not set(given_scripts) <= set(PRESETS):
             raise LtcacheError(f"{where}: scripts is keyed by preset ({', '.join(PRESETS)}); "
                                f"got {', '.join(given_scripts)}")
-    else:
-        given_scripts = {pre: tuple(scripts) for pre in PRESETS} if scripts else {}
-    m = Method(name, head, loss if not closed_form else "-", sampler if not closed_form else "-",
-               init if not closed_form else "-", tuple(tunables), full, source, notes, closed_form, sigmoid_bias,
-               space, params, origin, steps=steps, no_wd=tuple(no_wd),
-               scripts=tuple((pre, *given_scripts[pre]) for pre in PRESETS if pre in given_scripts))
-    return METHODS.register(name, m, origin)
+        return given_scripts
+    return {pre: tuple(scripts) for pre in PRESETS} if scripts else {}
 
 
 def method_params_generic(name: str) -> Param:

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from ltcache import __version__
+from ltcache.version import __version__
 from ltcache.errors import LtcacheError
 from ltcache.progress import echo
 from ltcache.stage2.replicates import CacheId, group_caches, identify

@@ -12,7 +12,7 @@ A sweep goes one way through five modules:
 4. ``evaluate.py``: every trained head and closed form evaluated on test and val;
 5. ``results.py``: the results document.
 
-``api.py`` holds the entry points (``retrain``, ``bench``, ``run_sweep``) that call them in
+``runner.run_sweep`` (behind ``api.retrain``, ``api.bench`` and ``tune``) calls them in
 that order.
 """
 from __future__ import annotations
@@ -222,9 +222,6 @@ def _load_cache(cache, device):
     """A loaded cache: ``cache`` itself, or the cache at a path (None: the bundled one)."""
     if isinstance(cache, (str, Path)) or cache is None:
         from ltcache import cache as cache_mod
-        if not hasattr(cache_mod, "load") or not hasattr(cache_mod, "default_cache_path"):
-            raise LtcacheError("this ltcache build cannot read feature caches yet (ltcache.cache.load is "
-                               "missing); update ltcache")
         path = cache_mod.default_cache_path() if cache is None else Path(cache)
         return cache_mod.load(path, device=device)
     return cache

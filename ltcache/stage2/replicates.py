@@ -144,31 +144,36 @@ def group_caches(ids: Sequence[CacheId]) -> tuple[list[DatasetGroup], list[str]]
         if labels.count(g.label) > 1:                    # two datasets that read alike: tell them apart
             nth[g.label] = nth.get(g.label, 0) + 1
             g.label = f"{g.label} #{nth[g.label]}"
-        first = ids[g.members[0]]
-        for i in g.members[1:]:
-            c = ids[i]
-            if c.class_names != first.class_names:
-                a, b = first.class_names, c.class_names
-                why = (f"{len(a)} vs {len(b)} classes" if len(a) != len(b) else
-                       "class '{}' vs '{}'".format(*next((x, y) for x, y in zip(a, b) if x != y)))
-                raise LtcacheError(f"caches {first.path} and {c.path} are both '{g.label}' but have different classes "
-                                   f"({why}); caches of one dataset must share their class list: check the --cache "
-                                   "paths")
-        seeds = [ids[i].stage1_seed for i in g.members]
-        if len(g.members) > 1 and None in seeds and any(s is not None for s in seeds):
-            unknown = next(ids[i].path for i in g.members if ids[i].stage1_seed is None)
-            raise LtcacheError(f"'{g.label}': cache {unknown} has no stage-1 seed but other caches of this dataset do, "
-                               "so it cannot be told apart from them as a replicate; record its seed "
-                               "(`ltcache import --stage1-seed N`) or run it in a separate command")
-        known = [s for s in seeds if s is not None]
-        dup = sorted({s for s in known if known.count(s) > 1})
-        if dup:
-            twice = [ids[i].path for i in g.members if ids[i].stage1_seed == dup[0]]
-            raise LtcacheError(f"'{g.label}': caches {' and '.join(twice)} hold the same backbone (stage-1 seed "
-                               f"{dup[0]}), so they are not replicates; give one of them, or run them in separate "
-                               "commands")
-        if len(g.members) > 1 and not known:
-            notices.append(f"notice: '{g.label}': {len(g.members)} caches without a stage-1 seed, each taken as a "
-                           "backbone of its own")
+        _check_group(ids, g, notices)
         g.groups = tuple(x for x in ("many", "medium", "few") if all(x in ids[i].groups for i in g.members))
     return list(out.values()), notices
+
+
+def _check_group(ids: Sequence[CacheId], g: DatasetGroup, notices: list) -> None:
+    """One dataset's caches: one class list, replicate backbones told apart by their stage-1 seeds."""
+    first = ids[g.members[0]]
+    for i in g.members[1:]:
+        c = ids[i]
+        if c.class_names != first.class_names:
+            a, b = first.class_names, c.class_names
+            why = (f"{len(a)} vs {len(b)} classes" if len(a) != len(b) else
+                   "class '{}' vs '{}'".format(*next((x, y) for x, y in zip(a, b) if x != y)))
+            raise LtcacheError(f"caches {first.path} and {c.path} are both '{g.label}' but have different classes "
+                               f"({why}); caches of one dataset must share their class list: check the --cache "
+                               "paths")
+    seeds = [ids[i].stage1_seed for i in g.members]
+    if len(g.members) > 1 and None in seeds and any(s is not None for s in seeds):
+        unknown = next(ids[i].path for i in g.members if ids[i].stage1_seed is None)
+        raise LtcacheError(f"'{g.label}': cache {unknown} has no stage-1 seed but other caches of this dataset do, "
+                           "so it cannot be told apart from them as a replicate; record its seed "
+                           "(`ltcache import --stage1-seed N`) or run it in a separate command")
+    known = [s for s in seeds if s is not None]
+    dup = sorted({s for s in known if known.count(s) > 1})
+    if dup:
+        twice = [ids[i].path for i in g.members if ids[i].stage1_seed == dup[0]]
+        raise LtcacheError(f"'{g.label}': caches {' and '.join(twice)} hold the same backbone (stage-1 seed "
+                           f"{dup[0]}), so they are not replicates; give one of them, or run them in separate "
+                           "commands")
+    if len(g.members) > 1 and not known:
+        notices.append(f"notice: '{g.label}': {len(g.members)} caches without a stage-1 seed, each taken as a "
+                       "backbone of its own")

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from ltcache import __version__
+from ltcache.version import __version__
 from ltcache.groups import shot_groups
 from ltcache.metrics import fmt_pct
 

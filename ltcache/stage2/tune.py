@@ -20,9 +20,14 @@ from typing import Optional, Sequence, Union
 from ltcache import interrupts
 from ltcache.errors import LtcacheError
 from ltcache.metrics import fmt_pct
+from ltcache.devices import resolve_device
 from ltcache.progress import echo
-from ltcache.stage2 import api
-from ltcache.stage2.methods import GENERIC, METHODS, check_param, choose_preset, get_method, method_space, resolve_params
+from ltcache.stage2.evaluate import VAL_METRICS
+from ltcache.stage2.methods import (GENERIC, METHODS, check_param, choose_preset, get_method, method_space,
+                                    resolve_params, run_name)
+from ltcache.stage2.plan import _load_cache, parse_seeds, require_val
+from ltcache.stage2.precision import check_precision
+from ltcache.stage2.runner import run_sweep
 from ltcache.stage2.space import SEARCHES, Dim, Space, draw
 
 SELECT_METRICS = {"val-balanced": ("balanced", True), "val-all": ("all", True), "val-nll": ("nll", False)}
@@ -112,7 +117,7 @@ def pick(points: list[dict], select_metric: str) -> int:
 def _mean_val(runs: list[dict]) -> dict:
     vals = [r["val"] for r in runs if r.get("val") and not r.get("failed")]      # a diverged run never wins
     out = {}
-    for k in api.VAL_METRICS:
+    for k in VAL_METRICS:
         xs = [v[k] for v in vals if v.get(k) is not None and math.isfinite(v[k])]
         out[k] = sum(xs) / len(xs) if xs else None
     return out
@@ -143,39 +148,18 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
                                clean_view=clean_view, space=space, precision=precision))
     if isinstance(cache, (list, tuple)):
         cache = cache[0]
-    if budget < 1:
-        raise LtcacheError(f"--budget must be >= 1 (got {budget}); e.g. --budget 32")
-    if search not in SEARCHES:
-        raise LtcacheError(f"unknown --search '{search}'; use one of: {', '.join(SEARCHES)}")
-    if select_metric not in SELECT_METRICS:
-        raise LtcacheError(f"unknown --select-metric '{select_metric}'; use one of: {', '.join(SELECT_METRICS)}")
-    tune_seeds, seeds = api.parse_seeds(tune_seeds), api.parse_seeds(seeds)
-    names = list(methods) if methods else list(METHODS)
-    if not names:
-        raise LtcacheError("no methods given; use --all-methods or --methods a,b")
-    chosen_methods = [get_method(n) for n in names]
-    for name in space or {}:
-        if not any(name in m.tunables or (name in ("lr", "wd", "epochs", "batch_size") and not m.closed_form)
-                   for m in chosen_methods):
-            raise LtcacheError(f"--space {name}: none of the chosen methods has a hyper-parameter '{name}' "
-                               "(`ltcache methods --space` lists each method's)")
-    if out_dir is not None:
-        from ltcache.outputs import check_output_dir
-        check_output_dir(out_dir, force=force, outputs=OUTPUTS, what="--out folder")
-    dev = api.resolve_device(device)
-    api.check_precision(precision, dev)
-    full = api._load_cache(cache, dev)
-    api.require_val(full, "tune")
+    chosen_methods, tune_seeds, seeds = _check_request(methods, budget, search, select_metric, space, tune_seeds,
+                                                       seeds, out_dir, force)
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    full = _load_cache(cache, dev)
+    require_val(full, "tune")
     pre = choose_preset(full.num_classes, full.feature_dim, preset)
     n_train = int(full.splits["train"].labels.numel())
     t0 = time.perf_counter()
 
     # stage A: every method x budget points x tune seeds, one sweep, no test split in sight
-    plans, owner = [], []
-    for m in chosen_methods:
-        for point in draw(_with_overrides(method_space(m, pre), m, space or {}), budget, search, seed=0):
-            plans.append((m, resolve_params(m, pre, point, n_train), point))
-            owner.append((m.name, point))
+    plans, owner = _stage_a_plans(chosen_methods, pre, space, budget, search, n_train)
     from ltcache.stage2.results import run_header
     echo(run_header(full, pre, dev, "tune"), quiet)
     plan = plan_hash(full, plans, tune_seeds, select_metric, test_views, clean_view, precision)
@@ -189,10 +173,7 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
         picks, points, wall_a = _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test_views,
                                          device, quiet, jobs, clean_view, precision)
         if out_dir is not None:                           # kept even if stage B fails or is stopped
-            from ltcache.stage2.results import _cache_block, write_json
-            write_json({"schema": STAGE_A_SCHEMA, "plan_hash": plan, "cache": _cache_block(full), "budget": budget,
-                        "search": search, "select_metric": select_metric, "tune_seeds": tune_seeds,
-                        "wall_time_s": wall_a, "picks": picks, "points": points}, Path(out_dir) / STAGE_A)
+            _write_stage_a(out_dir, full, plan, budget, search, select_metric, tune_seeds, wall_a, picks, points)
     keep = (f"stage A's picks are kept in {Path(out_dir) / STAGE_A}; the same command continues with stage B"
             if out_dir is not None else "nothing was written (no --out); the same command starts over")
     with interrupts.keeps(keep):
@@ -202,11 +183,57 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
                         resumed=done is not None)
 
 
+def _check_request(methods: Optional[Sequence[str]], budget: int, search: str, select_metric: str,
+                   space: Optional[dict], tune_seeds, seeds, out_dir, force: bool) -> tuple:
+    """(the methods to tune, the tune seeds, the final seeds), with the budget, search, selection
+    metric, space and output folder checked before any work."""
+    if budget < 1:
+        raise LtcacheError(f"--budget must be >= 1 (got {budget}); e.g. --budget 32")
+    if search not in SEARCHES:
+        raise LtcacheError(f"unknown --search '{search}'; use one of: {', '.join(SEARCHES)}")
+    if select_metric not in SELECT_METRICS:
+        raise LtcacheError(f"unknown --select-metric '{select_metric}'; use one of: {', '.join(SELECT_METRICS)}")
+    tune_seeds, seeds = parse_seeds(tune_seeds), parse_seeds(seeds)
+    names = list(methods) if methods else list(METHODS)
+    if not names:
+        raise LtcacheError("no methods given; use --all-methods or --methods a,b")
+    chosen_methods = [get_method(n) for n in names]
+    for name in space or {}:
+        if not any(name in m.tunables or (name in ("lr", "wd", "epochs", "batch_size") and not m.closed_form)
+                   for m in chosen_methods):
+            raise LtcacheError(f"--space {name}: none of the chosen methods has a hyper-parameter '{name}' "
+                               "(`ltcache methods --space` lists each method's)")
+    if out_dir is not None:
+        from ltcache.outputs import check_output_dir
+        check_output_dir(out_dir, force=force, outputs=OUTPUTS, what="--out folder")
+    return chosen_methods, tune_seeds, seeds
+
+
+def _stage_a_plans(chosen_methods: list, pre: str, space: Optional[dict], budget: int, search: str,
+                   n_train: int) -> tuple[list, list]:
+    """(the plans of stage A: ``budget`` points of each method's space, whose method and point each is)."""
+    plans, owner = [], []
+    for m in chosen_methods:
+        for point in draw(_with_overrides(method_space(m, pre), m, space or {}), budget, search, seed=0):
+            plans.append((m, resolve_params(m, pre, point, n_train), point))
+            owner.append((m.name, point))
+    return plans, owner
+
+
+def _write_stage_a(out_dir, full, plan: str, budget: int, search: str, select_metric: str, tune_seeds,
+                   wall_a: float, picks: dict, points: dict) -> None:
+    """``stage_a.json``: stage A's picks and points, kept even if stage B fails or is stopped."""
+    from ltcache.stage2.results import _cache_block, write_json
+    write_json({"schema": STAGE_A_SCHEMA, "plan_hash": plan, "cache": _cache_block(full), "budget": budget,
+                "search": search, "select_metric": select_metric, "tune_seeds": tune_seeds,
+                "wall_time_s": wall_a, "picks": picks, "points": points}, Path(out_dir) / STAGE_A)
+
+
 def plan_hash(full, plans: list, tune_seeds, select_metric: str, test_views: str, clean_view: bool,
               precision: str) -> str:
     """What stage A's result depends on (the cache, every configuration, the tune seeds, the rule that
     picks): equal hashes, equal stage A."""
-    key = {"cache": cache_fingerprint(full), "runs": [api.run_name(*p) for p in plans],
+    key = {"cache": cache_fingerprint(full), "runs": [run_name(*p) for p in plans],
            "params": [json.dumps(p[1], sort_keys=True, default=str) for p in plans], "tune_seeds": list(tune_seeds),
            "select_metric": select_metric, "test_views": test_views, "clean_view": bool(clean_view),
            "precision": precision}
@@ -241,14 +268,14 @@ def _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test
              clean_view, precision) -> tuple:
     """Every point on val (no test split in sight): (picks, points, wall time)."""
     t0 = time.perf_counter()
-    res_a, _ = api.run_sweep(without_test(full), plans, tune_seeds, "last", test_views, device, quiet, jobs,
-                             clean_view, evaluate_test=False, precision=precision)
+    res_a, _ = run_sweep(without_test(full), plans, tune_seeds, "last", test_views, device, quiet, jobs,
+                         clean_view, evaluate_test=False, precision=precision)
     by_name: dict[str, list[dict]] = {}
     for r in res_a["runs"]:
         by_name.setdefault(r["name"], []).append(r)
     points: dict[str, list[dict]] = {}
     for (m, p, ov), (mname, point) in zip(plans, owner):
-        runs = by_name[api.run_name(m, p, ov)]
+        runs = by_name[run_name(m, p, ov)]
         points.setdefault(mname, []).append({"point": point, "params": runs[0]["params"], "val": _mean_val(runs)})
     picks = {}
     for m in chosen_methods:
@@ -268,15 +295,15 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
     for m in chosen_methods:
         point = picks[m.name]["point"]
         tuned = (m, resolve_params(m, pre, point, n_train), point)
-        tags[api.run_name(*tuned)] = (m.name, "tuned")
+        tags[run_name(*tuned)] = (m.name, "tuned")
         plans_b.append(tuned)
         base = (m, resolve_params(m, pre, {}, n_train), {})
-        if api.run_name(*base) not in tags:
-            tags[api.run_name(*base)] = (m.name, "preset")
+        if run_name(*base) not in tags:
+            tags[run_name(*base)] = (m.name, "preset")
             plans_b.append(base)
     echo(f"tune stage B: {len(plans_b)} configurations x {len(seeds)} seeds on test", quiet)
-    results, _ = api.run_sweep(full, plans_b, seeds, "last", test_views, device, quiet, jobs, clean_view,
-                               precision=precision)
+    results, _ = run_sweep(full, plans_b, seeds, "last", test_views, device, quiet, jobs, clean_view,
+                           precision=precision)
     wall_b = time.perf_counter() - t1
     for r in results["runs"]:
         r["tune_role"] = tags.get(r["name"], (r["method"], "tuned"))[1]
@@ -284,8 +311,8 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
     table = []
     for m in chosen_methods:
         pk = picks[m.name]
-        tuned_name = api.run_name(m, resolve_params(m, pre, pk["point"], n_train), pk["point"])
-        preset_name = api.run_name(m, resolve_params(m, pre, {}, n_train), {})
+        tuned_name = run_name(m, resolve_params(m, pre, pk["point"], n_train), pk["point"])
+        preset_name = run_name(m, resolve_params(m, pre, {}, n_train), {})
         t, p = summary[tuned_name], summary[preset_name]
         table.append({"method": m.name, "tuned_name": tuned_name, "preset_name": preset_name,
                       "chosen": pk["point"], "val_score": _score(pk["val"], SELECT_METRICS[select_metric][0]),
@@ -302,8 +329,10 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
                                    "resumed": resumed},
                        "stage_b": {"configurations": len(plans_b) * len(seeds), "wall_time_s": wall_b},
                        "picks": picks, "points": points, "table": table}
-    echo(f"tune: stage A {wall_a:.1f} s ({len(plans) * len(tune_seeds)} configurations), stage B {wall_b:.1f} s "
-         f"({len(plans_b) * len(seeds)}), {wall:.1f} s in all", quiet)
+    a_done = "kept from the interrupted run, which took" if resumed else ""
+    echo(f"tune: stage A {a_done}{' ' if a_done else ''}{wall_a:.1f} s ({len(plans) * len(tune_seeds)} "
+         f"configurations), stage B {wall_b:.1f} s ({len(plans_b) * len(seeds)}), {wall:.1f} s in "
+         f"{'this run' if resumed else 'all'}", quiet)
     if out_dir is not None:
         write_tune(results, out_dir)
     return results

@@ -721,11 +721,6 @@ def within(span: tuple, first: int, m: int) -> tuple:
     return max(span[0] - first, 0), min(span[1] - first, m)
 
 
-def slice_targets(t: LossTargets, a: int, e: int) -> LossTargets:
-    """The targets of members a..e (every field sliced; the engine uses :class:`TargetsSlice`)."""
-    return LossTargets(*(None if x is None else x[a:e] for x in t))
-
-
 def _softmax_grad(zt, t: LossTargets, lb: LossBatch, first: int) -> torch.Tensor:
     """Softmax-form members: l = -sum_k q_k log p_k with q = (1 - eps_y) e_y + eps_y / K, so
     dl/dzt = p - q; a modulating term (focal) scales it by its ``modulate_grad(l [m', 1, B],
