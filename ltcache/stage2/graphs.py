@@ -154,7 +154,9 @@ class StaticStep:
         try:                                      # pragma: no cover - needs a CUDA device
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the next epoch, prepared meanwhile on a thread, neither breaks the
+            # capture nor is broken by it
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.g.step(static, 0)
             self.graphs[variant] = graph
             STATS["captured"] += 1
