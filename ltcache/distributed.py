@@ -27,6 +27,7 @@ from ltcache.errors import LtcacheError
 
 _BACKEND: Optional[str] = None
 _PEERS: list = []            # every rank's {"pid", "host"} (rank order), gathered when the group is joined
+_KEPT: dict = {}             # the rendezvous store's client, kept past the group's shutdown
 _CALLS = 0                   # collectives entered so far (the test hook LTCACHE_TEST_KILL counts them)
 
 
@@ -110,6 +111,7 @@ def init_from_env(device: Union[str, torch.device, None] = "auto") -> bool:
         raise LtcacheError(f"rank {os.environ.get('RANK')}: could not join the other ranks: "
                            f"{_first_line(exc)}") from None
     _PEERS[:] = all_gather_objects({"pid": os.getpid(), "host": _host()}, "joining the other ranks")
+    _KEPT["store"] = _store()                # for naming and clean-up after the group is gone
     return True
 
 
@@ -172,8 +174,8 @@ def announce_lock(path) -> None:
 def release_locks_of(dead: list) -> None:
     """Remove the output locks that the ended ranks ``dead`` held (each still naming that rank's
     process), so that the same command can start again at once, from any host."""
-    store = _store()
-    if store is None:
+    store = _store() or _KEPT.get("store")
+    if store is None or not dead or not _store_up():    # the store went with its host: nothing to read
         return
     for r in dead:
         key = f"ltcache/locks/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{r}"
