@@ -17,12 +17,15 @@ that syncs with the host, a shape the graph cannot hold) falls back to eager for
 with a one-line notice on stderr. Groups whose inputs come from a gather callback or that hold
 forward-only losses (autograd) always step eagerly.
 
-The mode (:func:`step_graphs`): ``"auto"`` (default: graphs on CUDA, the plain eager step on
-a CPU, so CPU results and speed are unchanged), ``"on"`` (the buffer path on any device;
-captured on CUDA), ``"off"`` (the plain step).
+The mode (:func:`step_graphs`, or ``LTCACHE_STEP_GRAPHS`` in the environment): ``"auto"``
+(graphs on CUDA, the plain eager step on a CPU), ``"on"`` (the buffer path on any device;
+captured on CUDA), ``"off"`` (the plain step). The default is ``"off"`` until the capture has
+been checked on a GPU: ``benchmarks/gpu_check.py`` trains every group both ways and compares
+the metrics; the buffer path's logic itself is checked bit for bit on the CPU.
 """
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
@@ -30,8 +33,12 @@ from typing import Iterator, Optional
 
 import torch
 
+from ltcache.errors import LtcacheError
+
 MODES = ("auto", "on", "off")
-_mode = "auto"
+_mode = os.environ.get("LTCACHE_STEP_GRAPHS", "off")
+if _mode not in MODES:
+    raise LtcacheError(f"LTCACHE_STEP_GRAPHS={_mode} is unknown; use one of {', '.join(MODES)}")
 STATS = {"captured": 0, "failed": []}    # graphs captured / capture failures (one line each) in this process
 
 
