@@ -220,8 +220,7 @@ def lost_on_stop(what: str, note: str) -> LtcacheError:
     me = rank()
     dead = wait_dead_peers()                 # torchrun saw it end first: it is gone or going
     if dead:
-        return LtcacheError(f"rank {me}: lost {_named(dead)} during {what} (its process ended: killed, crashed "
-                            f"or stopped); {note}")
+        return _ended(dead, what, note)
     elsewhere = remote_peers()
     where = (f"it is not on this host ({_named(elsewhere)} run on other hosts): torchrun's summary names it"
              if elsewhere else "torchrun's summary names it")
@@ -234,11 +233,16 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _ended(dead: list, what: str, fix: str = "") -> LtcacheError:
+    """The one line naming the ranks on this host whose process ended (``fix``: what to do next)."""
+    return LtcacheError(f"rank {rank()}: lost {_named(dead)} during {what} (its process ended: killed, crashed or "
+                        f"stopped){f'; {fix}' if fix else ''}")
+
+
 def _lost(exc: BaseException, what: str) -> LtcacheError:
     dead = wait_dead_peers()
     if dead:
-        return LtcacheError(f"rank {rank()}: lost {_named(dead)} during {what} (its process ended: killed, crashed "
-                            f"or stopped)")
+        return _ended(dead, what)
     return LtcacheError(f"rank {rank()}: lost the other ranks during {what} (a rank died, was stopped or "
                         f"timed out after {timeout()}): {_cause(exc)}")
 
@@ -449,8 +453,7 @@ def lost_ranks(exc: BaseException, what: str, fix: str = "") -> LtcacheError:
     tail = f"; {fix}" if fix else ""
     dead = wait_dead_peers()
     if dead:                                 # on this host: seen at once, no need to wait for check-ins
-        return LtcacheError(f"rank {me}: lost {_named(dead)} during {what} (its process ended: killed, crashed "
-                            f"or stopped){tail}")
+        return _ended(dead, what, fix)
     if me != 0 and not _store_up():          # the store went with its host: rank 0 (or torchrun's agent on its node)
         return LtcacheError(f"rank {me}: lost rank 0 during {what} (it hosted the rendezvous store, which is "
                             f"gone: {_cause(exc)}){f'; {fix}' if fix else ''}")

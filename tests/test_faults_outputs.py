@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
+from cli_result import files_in, one_error, run
 from ltcache import outputs
-from ltcache.cli import cli
 from ltcache.stage2 import api
 
 torch.set_num_threads(1)
@@ -25,27 +24,6 @@ torch.set_num_threads(1)
 RETRAIN = ["retrain", "--method", "posthoc-la", "--quiet", "--device", "cpu"]
 BENCH = ["bench", "--methods", "ce", "--epochs", "1", "--quiet", "--device", "cpu", "--jobs", "1"]
 RESULT_FILES = {"results.json", "summary.csv", "summary.md"}
-
-
-def run(*args):
-    """(exit code, stdout and stderr, stderr) of one command."""
-    res = CliRunner().invoke(cli, [str(a) for a in args])
-    return res.exit_code, res.output, res.stderr
-
-
-def one_error(code, out, err, *needles):
-    """Exit 2 and exactly one line ``error: ...`` on stderr holding every needle, no traceback."""
-    assert code == 2, out
-    assert "Traceback" not in out
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), out
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
-def files_in(folder: Path) -> set:
-    return {p.name for p in Path(folder).iterdir()}
 
 
 class _FullDisk:

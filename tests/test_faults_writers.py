@@ -6,15 +6,13 @@ inline_container.cc:...] unexpected pos ...``, not as an OSError."""
 from __future__ import annotations
 
 import errno
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
+from cli_result import files_in, one_error, run
 from ltcache import outputs
-from ltcache.cli import cli
 from ltcache.errors import LtcacheError
 
 torch.set_num_threads(1)
@@ -23,25 +21,6 @@ RETRAIN = ["retrain", "--method", "posthoc-la", "--quiet", "--device", "cpu"]
 BENCH = ["bench", "--methods", "ce", "--epochs", "1", "--quiet", "--device", "cpu", "--jobs", "1"]
 TORCH_FULL = ("[enforce fail at inline_container.cc:672] . unexpected pos 3456 vs 3392\n"
               "frame #0: c10::ThrowEnforceNotMet(char const*, int, char const*, std::string const&, void const*)")
-
-
-def run(*args):
-    res = CliRunner().invoke(cli, [str(a) for a in args])
-    return res.exit_code, res.output, res.stderr
-
-
-def one_error(code, out, err, *needles):
-    assert code == 2, out
-    assert "Traceback" not in out
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), out
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
-def files_in(folder: Path) -> set:
-    return {p.name for p in Path(folder).iterdir()}
 
 
 def _failing_torch_save(how: str):

@@ -20,18 +20,24 @@ FORMATS = ("png", "svg")
 FIGURES = ("per_class_heatmap", "per_class_accuracy", "lm_rsd", "reliability", "logit_margin", "group_accuracy")
 
 
-def render_figures(rep: Report, out_dir: Union[str, Path], fmt: str = "png",
-                   quiet: bool = True) -> list[dict]:
-    """Draw the six figures into ``out_dir/figures``; each entry: stem, path, size (inches), title, caption."""
-    from ltcache.report.figstyle import RC, mpl
-    matplotlib = mpl()
-    from ltcache.report import accuracy, calibration, heatmap, logits
+def figures_dir(out_dir: Union[str, Path]) -> Path:
+    """``out_dir/figures``, made (a folder that cannot be made is the one-line disk/permission error)."""
     from ltcache.outputs import os_error
     fig_dir = Path(out_dir) / "figures"
     try:
         fig_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise os_error(exc, fig_dir) from None
+    return fig_dir
+
+
+def render_figures(rep: Report, out_dir: Union[str, Path], fmt: str = "png",
+                   quiet: bool = True) -> list[dict]:
+    """Draw the six figures into ``out_dir/figures``; each entry: stem, path, size (inches), title, caption."""
+    from ltcache.report.figstyle import RC, mpl
+    matplotlib = mpl()
+    from ltcache.report import accuracy, calibration, heatmap, logits
+    fig_dir = figures_dir(out_dir)
     makers = (heatmap.per_class_heatmap, accuracy.per_class_accuracy, logits.lm_rsd, calibration.reliability, logits.logit_margin,
               accuracy.group_bars)
     out = []

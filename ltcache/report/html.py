@@ -122,14 +122,21 @@ def write_html(rep, figures: list, out_dir: Path) -> Path:
     if fs:
         parts += ["<h2>At a glance</h2>", '<ul class="find">'] + [f"<li>{f}</li>" for f in fs] + ["</ul>"]
     parts.append("<h2>Figures</h2>")
+    return finish_page(parts, figures, out_dir)
+
+
+def finish_page(parts: list, figures: list, out_dir: Path) -> Path:
+    """``parts`` (the page so far) + one numbered, captioned ``<figure>`` per figure, written to
+    ``out_dir/report.html`` (temporary name, then renamed); shared by the single- and multi-cache reports."""
+    from ltcache.outputs import atomic_write
+    parts = list(parts)
     for i, f in enumerate(figures, 1):
         rel = os.path.relpath(f["path"], out_dir).replace(os.sep, "/")
         parts.append(f'<figure id="{f["stem"]}"><a href="{html.escape(rel)}"><img src="{html.escape(rel)}" '
                      f'alt="{html.escape(f["title"])}"></a><figcaption><b>Figure {i}. '
                      f'{html.escape(f["title"])}.</b> {html.escape(f["caption"])}</figcaption></figure>')
     parts.append("</body></html>")
-    from ltcache.outputs import atomic_write
-    path = out_dir / "report.html"
+    path = Path(out_dir) / "report.html"
     with atomic_write(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(parts) + "\n")
     return path

@@ -4,7 +4,6 @@ by average rank), and per dataset a methods x classes heat map with its replicat
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -77,14 +76,10 @@ def dataset_classes_heatmap(doc: dict, table: dict, i: int, out_dir, fmt: str) -
 
 def render_multi(doc: dict, table: dict, out_dir, fmt: str, quiet: bool = True) -> list[dict]:
     """Every figure of a multi-cache report into ``out_dir/figures``."""
-    from ltcache.outputs import os_error
+    from ltcache.report import figures_dir
     from ltcache.report.figstyle import RC, mpl
     matplotlib = mpl()
-    fig_dir = Path(out_dir) / "figures"
-    try:
-        fig_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise os_error(exc, fig_dir) from None
+    fig_dir = figures_dir(out_dir)
     out = []
     with matplotlib.rc_context(RC):
         out.append(datasets_heatmap(table, fig_dir, fmt))
@@ -117,8 +112,7 @@ def table_html(table: dict) -> str:
 
 def write_multi_html(doc: dict, table: dict, figures: list, out_dir, source: Optional[Path] = None) -> Path:
     """report.html of a multi-cache run, atomically (figure paths relative)."""
-    from ltcache.outputs import atomic_write
-    from ltcache.report.html import CSS
+    from ltcache.report.html import CSS, finish_page
     from ltcache.stage2.paper_format import footer
     out_dir = Path(out_dir)
     caches = "".join(f"<li><code>{html.escape(c['id']['path'])}</code>: {html.escape(c['dataset'])}, "
@@ -133,13 +127,4 @@ def write_multi_html(doc: dict, table: dict, figures: list, out_dir, source: Opt
              "<h2>Paper table</h2>", table_html(table),
              "<p>" + "<br>".join(html.escape(x) for x in footer(table)) + "</p>",
              "<h2>Caches</h2>", f"<ul>{caches}</ul>", "<h2>Figures</h2>"]
-    for i, f in enumerate(figures, 1):
-        rel = os.path.relpath(f["path"], out_dir).replace(os.sep, "/")
-        parts.append(f'<figure id="{f["stem"]}"><a href="{html.escape(rel)}"><img src="{html.escape(rel)}" '
-                     f'alt="{html.escape(f["title"])}"></a><figcaption><b>Figure {i}. '
-                     f'{html.escape(f["title"])}.</b> {html.escape(f["caption"])}</figcaption></figure>')
-    parts.append("</body></html>")
-    path = out_dir / "report.html"
-    with atomic_write(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(parts) + "\n")
-    return path
+    return finish_page(parts, figures, out_dir)
