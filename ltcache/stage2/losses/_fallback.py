@@ -36,6 +36,8 @@ the method. Later steps are not checked.
 """
 from __future__ import annotations
 
+import copy
+import sys
 import warnings
 from typing import Optional, Sequence
 
@@ -52,6 +54,14 @@ FLAT_RTOL = 1e-4                  # flat vs per-member gradient at the first ste
 # traced gradient graphs, once per process per (loss forward, hyper-parameters, shapes): a sweep's
 # groups and a tune's rounds reuse them (tracing costs ~0.1-0.2 s)
 _TRACED: dict = {}
+
+
+_NOTED: dict = {}
+
+
+def note(line: str) -> None:
+    """One line on stderr (a slower path taken; once per loss and process)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _line(exc: BaseException) -> str:
@@ -79,6 +89,8 @@ class _Run:
         # a mean of per-sample terms? None: not known yet (exact either way while each call has one member)
         self.flat: Optional[bool] = False if "head" in self.reads else None
         fwd, grad, p, c = self.unit.forward, self.unit.grad, params, counts
+        self.key = (id(fwd), repr(sorted(params.items())))
+        self.jit = True
         self.f = lambda z, y, **kw: fwd(z, y, p, c, **kw)
         self.g = (lambda z, y, **kw: grad(z, y, p, c, **kw)) if grad is not None else None
         if "h" in self.reads:
@@ -99,19 +111,47 @@ class _Run:
         return out
 
     def traced(self, z: torch.Tensor, y: torch.Tensor, h: Optional[torch.Tensor]):
-        """The traced gradient graph of this run for inputs of z's shape (None: run eagerly)."""
-        key = (id(self.unit.forward), repr(sorted(self.params.items())), tuple(z.shape), z.dtype,
-               None if h is None else tuple(h.shape))
+        """The traced gradient graph ``(z, y[, h]) -> (dL/dz, L)`` of this run for inputs of z's
+        shape (None: the forward cannot be traced; run eagerly)."""
+        key = (self.key, tuple(z.shape), z.dtype, None if h is None else tuple(h.shape))
         if key not in _TRACED:
             gm = trace_grad(self.f, z.contiguous(), y, None if h is None else h.contiguous())
             if gm is not None:                       # once per shape: the graph agrees with eager autograd
                 with torch.enable_grad():
                     leaf = z.detach().requires_grad_(True)
                     ref = torch.autograd.grad(self.f(leaf, y, **self.kw(h, None)), leaf)[0]
-                got = gm(z, y) if h is None else gm(z, y, h)
-                if not _close(got[0], ref, 1e-5):
+                if not _close((gm(z, y) if h is None else gm(z, y, h))[0], ref, 1e-5):
                     gm = None
+            if gm is None and not _NOTED.get(self.key):
+                _NOTED[self.key] = True
+                note(f"note: {self.where} could not be traced into one gradient graph (data-dependent "
+                     "control flow?); it runs through eager autograd, slower")
             _TRACED[key] = (self.unit.forward, gm)     # the forward kept alive: its id stays unique
+        return _TRACED[key][1]
+
+    def steady(self, z3: torch.Tensor, y2: torch.Tensor, h3: Optional[torch.Tensor]):
+        """The steady-state gradient of j members' valid samples as one graph, ``(z [j, K, n],
+        y [j, n][, h [j, n, D]]) -> dL/dz [j, K, n]`` (the engine's layout in and out; the loss
+        value's ops dropped, constants folded, run by TorchScript), checked against the traced
+        graph; None where the forward cannot be traced."""
+        j, k, n = z3.shape
+        hr = "h" in self.reads
+        key = (self.key, "steady", tuple(z3.shape), z3.stride(), y2.stride(), z3.dtype,
+               (tuple(h3.shape), h3.stride()) if hr else None)
+        if key not in _TRACED:
+            zf = z3.permute(1, 0, 2).reshape(k, j * n).t()
+            yf = y2.reshape(j * n)
+            hf = h3.reshape(j * n, h3.shape[2]) if hr else None
+            gm = self.traced(zf, yf, hf)
+            exe = None
+            if gm is not None:
+                g = (gm(zf, yf) if hf is None else gm(zf, yf, hf))[0]
+                ref = (g.mul(j) if j > 1 else g).t().reshape(k, j, n).permute(1, 0, 2)
+                args = (z3, y2, h3) if hr else (z3, y2)
+                exe = steady_grad(self.f, args, ref) if self.jit else None
+                if exe is None:
+                    exe = _Eager(gm, j, k, n, hr)
+            _TRACED[key] = (self.unit.forward, exe)
         return _TRACED[key][1]
 
     def check_first(self, z: torch.Tensor, y: torch.Tensor, h=None, head=None) -> None:
@@ -194,14 +234,21 @@ class AutogradLossGrad:
         self.reads = tuple(sorted({r for run in self.runs for r in run.reads}))
         self.trace = trace
         self.head_grad: dict = {}
+        self._plans: dict = {}
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor,
                  n_valid: Optional[list] = None, prefix: bool = True,
                  h: Optional[torch.Tensor] = None, head: Optional[dict] = None) -> torch.Tensor:
         m, k, b = z.shape
-        zb = z.transpose(1, 2)                                   # [m, B, K]: what a forward sees per member
         if n_valid is None:
             n_valid = [int(n) for n in valid.sum(1).tolist()]
+        if prefix and head is None:
+            plan = self._plans.get(tuple(n_valid))
+            if plan is not None:
+                g = self._run_plan(plan, z, y, h)
+                if g is not None:
+                    return g
+        zb = z.transpose(1, 2)                                   # [m, B, K]: what a forward sees per member
         if ("h" in self.reads and h is None) or ("head" in self.reads and head is None):
             raise ValueError("a fallback loss reads the features or head parameters: pass h= / head=")
         self.head_grad = {a: torch.zeros_like(t) for a, t in head.items()} if "head" in self.reads else {}
@@ -245,7 +292,62 @@ class AutogradLossGrad:
             self._loop(zb, y, h, member_head, samples, loop, out)
         for run in self.runs:
             run.checked = True
+        if prefix and "head" not in self.reads and len(self._plans) < 64:
+            plan = self._make_plan(n_valid, z, y, h)
+            if plan is not None:
+                self._plans[tuple(n_valid)] = plan
         return out.transpose(1, 2)
+
+    def _make_plan(self, n_valid: list, z, y, h) -> Optional[tuple]:
+        """The steady-state path for this pattern of valid samples, once every run on it is
+        checked and known to be flat: per contiguous segment of members with the same number
+        of valid samples, its forward's traced graph (or the loss's ``grad``), no bookkeeping.
+        None: this pattern keeps the general path (per-member runs, an untraceable forward)."""
+        if not self.trace:
+            return None
+        m, k, b = z.shape
+        jobs = []
+        for run in self.runs:
+            i = run.a
+            while i < run.e:
+                n, a = n_valid[i], i
+                while i < run.e and n_valid[i] == n:
+                    i += 1
+                if n == 0:
+                    continue
+                j = i - a
+                if run.flat is False or (run.flat is None and j > 1) or not run.checked:
+                    return None
+                exe = None
+                if run.g is None:
+                    exe = run.steady(z[a:i, :, :n], y[a:i, :n], None if h is None else h[a:i, :n])
+                    if exe is None:
+                        return None
+                jobs.append((run, a, i, n, j, exe))
+        whole = len(jobs) == 1 and jobs[0][1] == 0 and jobs[0][2] == m and jobs[0][3] == b
+        return whole, jobs, (z.stride(), y.stride(), None if h is None else h.stride())
+
+    def _run_plan(self, plan: tuple, z: torch.Tensor, y: torch.Tensor, h) -> Optional[torch.Tensor]:
+        """dL/dz [m, K, B] by a plan of :meth:`_make_plan` (None: z is not laid out as planned)."""
+        whole, jobs, stride = plan
+        if (z.stride(), y.stride(), None if h is None else h.stride()) != stride:
+            return None
+        k = z.shape[1]
+        out = None if whole else torch.zeros_like(z)
+        for run, a, e, n, j, exe in jobs:
+            hr = "h" in run.reads
+            if exe is not None:                                        # [j, K, n] in one graph
+                g = exe(z[a:e, :, :n], y[a:e, :n], h[a:e, :n]) if hr else exe(z[a:e, :, :n], y[a:e, :n])
+            else:                                                      # the loss's own grad
+                zf = z[a:e, :, :n].permute(1, 0, 2).reshape(k, j * n).t()
+                yf = y[a:e, :n].reshape(j * n)
+                g = run.g(zf, yf, h=h[a:e, :n].reshape(j * n, h.shape[2])) if hr else run.g(zf, yf)
+                g = g[0] if isinstance(g, tuple) else g
+                g = (g.mul(j) if j > 1 else g).t().reshape(k, j, n).permute(1, 0, 2)
+            if whole:
+                return g
+            out[a:e, :, :n] = g
+        return out
 
     def _flat(self, zb, y, h, jobs: list, out: torch.Tensor, samples, loop: list) -> None:
         """The flat jobs (run, members, n valid samples) in one autograd call (analytic ``grad``
@@ -375,22 +477,29 @@ def _class_major(gm):
     """Rewrite a traced graph's softmax / log-softmax (and their backward) over the last dim of
     [n, K] into the same op over dim 0 of [K, n]: the values are identical, the kernel fast."""
     g = gm.graph
+    major: dict = {}          # node -> its [K, n] contiguous form (the op's own output, or one copy)
+
+    def rows(x):
+        if x not in major:
+            major[x] = g.call_function(_rows_major, (x,))
+        return major[x]
+
     for node in list(g.nodes):
         if node.op != "call_function":
             continue
         if node.target in _SOFTMAX and node.args[1] in (-1, 1):
             x, _, half = node.args
             with g.inserting_before(node):
-                s = g.call_function(node.target, (g.call_function(_rows_major, (x,)), 0, half))
+                s = g.call_function(node.target, (rows(x), 0, half))
                 out = g.call_function(_ATEN.t.default, (s,))
         elif node.target in _SOFTMAX_BACK and node.args[2] in (-1, 1):
             grad, value, _, dtype = node.args
             with g.inserting_before(node):
-                s = g.call_function(node.target, (g.call_function(_rows_major, (grad,)),
-                                                  g.call_function(_rows_major, (value,)), 0, dtype))
+                s = g.call_function(node.target, (rows(grad), rows(value), 0, dtype))
                 out = g.call_function(_ATEN.t.default, (s,))
         else:
             continue
+        major[out] = s
         node.replace_all_uses_with(out)
         g.erase_node(node)
     g.lint()
@@ -411,3 +520,112 @@ def trace_grad(f, z: torch.Tensor, y: torch.Tensor, h: Optional[torch.Tensor]):
         return _class_major(gm)
     except Exception:
         return None
+
+
+class _Eager:
+    """The steady-state call through the traced graph when TorchScript cannot take it."""
+
+    def __init__(self, gm, j: int, k: int, n: int, reads_h: bool):
+        self.gm, self.j, self.k, self.n, self.reads_h = gm, j, k, n, reads_h
+
+    def __call__(self, z3, y2, h3=None):
+        j, k, n = self.j, self.k, self.n
+        zf = z3.permute(1, 0, 2).reshape(k, j * n).t()
+        yf = y2.reshape(j * n)
+        g = (self.gm(zf, yf, h3.reshape(j * n, h3.shape[2])) if self.reads_h else self.gm(zf, yf))[0]
+        return (g.mul(j) if j > 1 else g).t().reshape(k, j, n).permute(1, 0, 2)
+
+
+def steady_grad(f, args: tuple, want: torch.Tensor):
+    """``(z [j, K, n], y [j, n][, h [j, n, D]]) -> j * dL/dz [j, K, n]`` of the flat loss ``f`` (the
+    members' samples end to end) as one TorchScript graph: the layout changes, the forward and
+    its gradient, traced with fake tensors, softmax class-major, the loss value's ops dropped,
+    constants folded (the same ATen ops as eager autograd, at a fraction of the Python dispatch
+    cost each). None where any of it fails or the result is not ``want`` (to float rounding)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    j, k, n = args[0].shape
+
+    def flat(z3, y2, *h3):
+        zf = z3.permute(1, 0, 2).reshape(k, j * n).t()
+        yf = y2.reshape(j * n)
+        kw = {"h": h3[0].reshape(j * n, h3[0].shape[2])} if h3 else {}
+        g = torch.func.grad(lambda zz: f(zz, yf, **kw) * j if j > 1 else f(zz, yf, **kw))(zf)
+        return g.t().reshape(k, j, n).permute(1, 0, 2)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = make_fx(flat, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
+            gm = _fold(_class_major(gm))
+            js = torch.jit.trace(gm, args, check_trace=False)
+            for _ in range(3):                       # past the profiling executor's first runs
+                got = js(*args)
+        if isinstance(got, torch.Tensor) and got.shape == want.shape and _close(got, want, 1e-5):
+            return js
+    except Exception:
+        pass
+    return None
+
+
+_CREATE = {_ATEN.ones_like.default, _ATEN.zeros_like.default, _ATEN.full_like.default, _ATEN.new_zeros.default,
+           _ATEN.new_ones.default, _ATEN.new_full.default}
+_UNIT = {_ATEN.mul.Tensor: 1, _ATEN.mul.Scalar: 1, _ATEN.div.Tensor: 1, _ATEN.div.Scalar: 1,
+         _ATEN.pow.Tensor_Scalar: 1}
+
+
+def _fold(gm):
+    """Fold what does not depend on the inputs (a constant log prior, the mean's backward
+    ``ones_like -> expand -> div``) into constants and drop x*1, x/1, x**1: fewer ops a call,
+    the same values. Graphs that write in place are left as they are."""
+    g = gm.graph
+    calls = [n for n in g.nodes if n.op == "call_function"]
+    if any(not isinstance(n.target, torch._ops.OpOverload) and n.target is not _rows_major
+           and n.target.__name__ != "getitem" for n in calls):
+        return gm
+    if any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable for n in calls):
+        return gm
+    const: dict = {n: getattr(gm, n.target) for n in g.nodes if n.op == "get_attr" and hasattr(gm, n.target)}
+    count = 0
+    for node in calls:
+        val = node.meta.get("val")
+        tgt = node.target
+        if not isinstance(tgt, torch._ops.OpOverload):
+            continue
+        if tgt in _UNIT and len(node.args) == 2 and not node.kwargs and isinstance(node.args[0], torch.fx.Node) \
+                and not isinstance(node.args[1], torch.fx.Node) and node.args[1] == _UNIT[tgt]:
+            x = node.args[0].meta.get("val")
+            if isinstance(val, torch.Tensor) and isinstance(x, torch.Tensor) and x.dtype == val.dtype \
+                    and x.shape == val.shape:
+                node.replace_all_uses_with(node.args[0])
+                g.erase_node(node)
+                continue
+        ins = node.all_input_nodes
+        if torch.Tag.nondeterministic_seeded in tgt.tags or not isinstance(val, torch.Tensor):
+            continue
+        if tgt not in _CREATE and not all(i in const for i in ins):
+            continue
+
+        def real(a):
+            if a in const:
+                return const[a]
+            v = a.meta.get("val")
+            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+        try:
+            args = torch.fx.node.map_arg(node.args, real)
+            kwargs = torch.fx.node.map_arg(node.kwargs, real)
+            out = tgt(*args, **kwargs)
+        except Exception:
+            continue
+        name = f"_folded_{count}"
+        count += 1
+        gm.register_buffer(name, out, persistent=False)
+        with g.inserting_before(node):
+            new = g.get_attr(name)
+        new.meta["val"] = val
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        const[new] = out
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    return gm
