@@ -478,10 +478,32 @@ def _class_major(gm):
     [n, K] into the same op over dim 0 of [K, n]: the values are identical, the kernel fast."""
     g = gm.graph
     major: dict = {}          # node -> its [K, n] contiguous form (the op's own output, or one copy)
+    labels = [n for n in g.nodes if n.op == "placeholder"][1:2]      # y: labels, never the ignore index
 
     def rows(x):
         if x not in major:
-            major[x] = g.call_function(_rows_major, (x,))
+            if x.op == "call_function" and x.target is _ATEN.scatter_add.default and x.args[1] in (1, -1) \
+                    and len(x.users) == 1 and all(len(a.meta["val"].shape) == 2 for a in (x.args[0], x.args[2], x.args[3])):
+                # out[i, idx[i, c]] += src[i, c] is out.T[idx.T[c, i], i] += src.T[c, i]: build it class-major
+                self_, _, idx, src = x.args
+                major[x] = g.call_function(_ATEN.scatter_add.default,
+                                           (rows(self_), 0, g.call_function(_ATEN.t.default, (idx,)),
+                                            g.call_function(_ATEN.t.default, (src,))))
+            elif x.op == "call_function" and x.target is _ATEN.nll_loss_backward.default and x.args[3] is None \
+                    and len(x.meta["val"].shape) == 2 and x.args[5] == -100 and _is_labels(x.args[2], labels):
+                # dL/dinput of NLL (no class weights) is -g (/ total weight) at each row's target
+                gout, inp, target, _, red, _, tw = x.args
+                n, kk = x.meta["val"].shape
+                src = g.call_function(_ATEN.neg.default, (g.call_function(_ATEN.div.Tensor, (gout, tw)),)
+                                      if red == 1 else (gout,))
+                src = (g.call_function(_ATEN.unsqueeze.default, (src, 0)) if red == 0 else
+                       g.call_function(_ATEN.expand.default, (src, [1, n])))
+                zeros = g.call_function(_ATEN.zeros.default, ([kk, n],), {"dtype": x.meta["val"].dtype,
+                                                                          "device": x.meta["val"].device})
+                major[x] = g.call_function(_ATEN.scatter.src, (zeros, 0, g.call_function(
+                    _ATEN.unsqueeze.default, (target, 0)), src))
+            else:
+                major[x] = g.call_function(_rows_major, (x,))
         return major[x]
 
     for node in list(g.nodes):
@@ -492,6 +514,29 @@ def _class_major(gm):
             with g.inserting_before(node):
                 s = g.call_function(node.target, (rows(x), 0, half))
                 out = g.call_function(_ATEN.t.default, (s,))
+        elif node.target is _ATEN.nll_loss_forward.default and node.args[0] in major and node.args[2] is None \
+                and node.args[4] == -100 and node.args[3] in (0, 1, 2) and _is_labels(node.args[1], labels):
+            # NLL of a class-major log-probability: a gather along dim 0 (no [n, K] copy); every
+            # target is a label (never the ignore index), so the total weight is n
+            inp, target, _, red, _ = node.args
+            n = target.meta["val"].shape[0]
+            with g.inserting_before(node):
+                picked = g.call_function(_ATEN.squeeze.dim, (g.call_function(_ATEN.gather.default, (
+                    major[inp], 0, g.call_function(_ATEN.unsqueeze.default, (target, 0)))), 0))
+                loss = g.call_function(_ATEN.neg.default, (picked,))
+                if red == 1:
+                    loss = g.call_function(_ATEN.mean.default, (loss,))
+                elif red == 2:
+                    loss = g.call_function(_ATEN.sum.default, (loss,))
+                tw = g.call_function(_ATEN.scalar_tensor.default, (float(n) if red else 0.0,),
+                                     {"dtype": inp.meta["val"].dtype if "val" in inp.meta else torch.float32})
+            for use in list(node.users):
+                if use.op == "call_function" and use.target.__name__ == "getitem":
+                    use.replace_all_uses_with(loss if use.args[1] == 0 else tw)
+                    g.erase_node(use)
+            if not node.users:
+                g.erase_node(node)
+            continue
         elif node.target in _SOFTMAX_BACK and node.args[2] in (-1, 1):
             grad, value, _, dtype = node.args
             with g.inserting_before(node):
@@ -505,6 +550,17 @@ def _class_major(gm):
     g.lint()
     gm.recompile()
     return gm
+
+
+_VIEWS = {_ATEN.view.default, _ATEN._unsafe_view.default, _ATEN.reshape.default, _ATEN.clone.default,
+          _ATEN.alias.default, _ATEN.detach.default}
+
+
+def _is_labels(node, labels: list) -> bool:
+    """Whether a graph node is the labels placeholder (or a view / copy of it)."""
+    while node.op == "call_function" and node.target in _VIEWS:
+        node = node.args[0]
+    return node in labels
 
 
 def trace_grad(f, z: torch.Tensor, y: torch.Tensor, h: Optional[torch.Tensor]):
@@ -587,10 +643,7 @@ def _fold(gm):
     const: dict = {n: getattr(gm, n.target) for n in g.nodes if n.op == "get_attr" and hasattr(gm, n.target)}
     count = 0
     for node in calls:
-        val = node.meta.get("val")
-        tgt = node.target
-        if not isinstance(tgt, torch._ops.OpOverload):
-            continue
+        val, tgt = node.meta.get("val"), node.target
         if tgt in _UNIT and len(node.args) == 2 and not node.kwargs and isinstance(node.args[0], torch.fx.Node) \
                 and not isinstance(node.args[1], torch.fx.Node) and node.args[1] == _UNIT[tgt]:
             x = node.args[0].meta.get("val")
@@ -600,21 +653,22 @@ def _fold(gm):
                 g.erase_node(node)
                 continue
         ins = node.all_input_nodes
-        if torch.Tag.nondeterministic_seeded in tgt.tags or not isinstance(val, torch.Tensor):
+        if tgt is not _rows_major and (not isinstance(tgt, torch._ops.OpOverload)
+                                       or torch.Tag.nondeterministic_seeded in tgt.tags):
             continue
-        if tgt not in _CREATE and not all(i in const for i in ins):
+        if not (all(i in const for i in ins) or (tgt in _CREATE and isinstance(val, torch.Tensor))):
             continue
 
         def real(a):
             if a in const:
                 return const[a]
-            v = a.meta.get("val")
+            v = a.meta["val"]
             return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
         try:
-            args = torch.fx.node.map_arg(node.args, real)
-            kwargs = torch.fx.node.map_arg(node.kwargs, real)
-            out = tgt(*args, **kwargs)
+            out = tgt(*torch.fx.node.map_arg(node.args, real), **torch.fx.node.map_arg(node.kwargs, real))
         except Exception:
+            continue
+        if not isinstance(out, torch.Tensor):
             continue
         name = f"_folded_{count}"
         count += 1
