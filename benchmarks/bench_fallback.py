@@ -1,7 +1,7 @@
 """Plugin losses vs the built-in ones: the loss-gradient call and the whole step.
 
 Run by hand (not by CI):  python benchmarks/bench_fallback.py [--members 1,10,20] [--batch 128] [--classes 10]
-                                                              [--dim 64] [--repeats 7] [--threads 1]
+                                                              [--dim 64] [--repeats 7] [--threads 1] [--no-inductor]
 
 Two losses, each written twice:
 
@@ -14,9 +14,19 @@ For a group of M members with the same loss and hyper-parameters (batch B, K cla
 feature dim D) it times, per step:
 
 * ``dz``: the loss gradient dL/dz of the group -- ``batched_loss_grad`` (built-in) vs the
-  fallback's call (``AutogradLossGrad``: by default the flat path, the members' samples laid
-  end to end through one traced gradient graph with class-major softmax; ``flat, untraced``:
-  the same through eager autograd; ``per member``: the earlier vmap / summed-autograd path);
+  fallback's call (``AutogradLossGrad``), in the same run:
+
+  - ``plugin`` (the default): the steady state, one TorchScript graph per run of members
+    (layout in, the forward and its gradient traced with fake tensors, class-major softmax /
+    NLL, loss-value ops dropped, constants folded, layout out);
+  - ``fx graph``: the previous default, the flat traced FX graph called from Python with the
+    general bookkeeping around it;
+  - ``flat eager``: the members' samples end to end through eager autograd;
+  - ``per member``: vmap of ``torch.func.grad`` over runs of >= 8 members, else one summed
+    autograd call (the path before issue 24);
+  - ``inductor`` (a candidate not taken): the flat gradient graph compiled by Inductor with
+    fixed shapes; its compile time is printed below the table;
+
 * ``step``: ``train_group`` of the M members for one epoch of synthetic features (N 12,406
   rows, the CIFAR-10-LT size), wall time / steps: gather, two matmuls, loss gradient, head
   backward, update.
@@ -26,6 +36,7 @@ Each number is the median of ``--repeats`` runs.
 from __future__ import annotations
 
 import argparse
+import inspect
 import platform
 import statistics
 import sys
@@ -38,7 +49,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ltcache.registry import isolated  # noqa: E402
-from ltcache.stage2.losses import LossSpec, batched_loss_grad, build_loss, loss_targets, register_loss, stack_specs  # noqa: E402
+from ltcache.stage2.losses import (LossSpec, batched_loss_grad, build_loss, get_loss, loss_targets,  # noqa: E402
+                                   register_loss, stack_specs)
 from ltcache.stage2.losses._fallback import AutogradLossGrad  # noqa: E402
 from ltcache.stage2.losses.la import log_prior  # noqa: E402
 from ltcache.stage2.params import Param  # noqa: E402
@@ -98,7 +110,7 @@ PAIRS = {  # name -> (built-in loss, params), (plugin loss, params), (built-in m
 }
 
 
-def dz_times(m: int, b: int, k: int, repeats: int) -> dict:
+def dz_times(m: int, b: int, k: int, repeats: int, inductor: bool) -> dict:
     counts = lt_counts(k)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(m, k, b, generator=g)
@@ -110,11 +122,41 @@ def dz_times(m: int, b: int, k: int, repeats: int) -> dict:
         t = loss_targets(lb, y, valid)
         out[(name, "dz", "built-in")] = median_time(lambda: batched_loss_grad(z, None, None, lb, t), repeats, 200)
         specs = [build_loss(pl, pp, counts)] * m
-        for label, flat, trace in (("plugin", True, True), ("plugin, flat untraced", True, False),
-                                   ("plugin, per member", False, False)):
-            fb = AutogradLossGrad(specs, ["bench"] * m, counts, "cpu", flat=flat, trace=trace)
+        for label, flat, trace, steady in (("plugin", True, True, True), ("fx graph", True, True, False),
+                                           ("flat eager", True, False, False), ("per member", False, False, False)):
+            fb = AutogradLossGrad(specs, ["bench"] * m, counts, "cpu", flat=flat, trace=trace, steady=steady)
             out[(name, "dz", label)] = median_time(lambda: fb(z, y, valid, [b] * m, True), repeats, 50)
+        if inductor:
+            out[(name, "dz", "inductor")], out[(name, "compile", "inductor")] = inductor_time(
+                get_loss(pl), pp, counts.float(), z, y, repeats)
     return out
+
+
+def inductor_time(unit, params: dict, counts: torch.Tensor, z: torch.Tensor, y: torch.Tensor, repeats: int):
+    """The candidate not taken: the flat gradient graph compiled by Inductor (C++ kernels, fixed
+    shapes) -- (seconds a call, including the layout changes in and out; seconds to compile)."""
+    from torch._inductor import compile as inductor_compile
+    from torch.fx.experimental.proxy_tensor import make_fx
+    m, k, b = z.shape
+    takes_counts = "counts" in inspect.signature(unit.forward).parameters or \
+        len(inspect.signature(unit.forward).parameters) >= 4
+
+    def f(zz, yy):
+        return unit.forward(zz, yy, params, counts) if takes_counts else unit.forward(zz, yy, params)
+
+    zf = z.permute(1, 0, 2).reshape(k, m * b).t()
+    yf = y.reshape(m * b)
+    t0 = time.perf_counter()
+    grad = torch.func.grad(lambda zz, yy: f(zz, yy) * m)
+    gm = make_fx(grad, tracing_mode="fake", _allow_non_fake_inputs=True)(zf, yf)
+    compiled = inductor_compile(gm, [zf, yf])
+    compiled(zf, yf)
+    secs = time.perf_counter() - t0
+
+    def call():
+        g = compiled(z.permute(1, 0, 2).reshape(k, m * b).t(), y.reshape(m * b))
+        return g.t().reshape(k, m, b).permute(1, 0, 2)
+    return median_time(call, repeats, 50), secs
 
 
 def step_times(m: int, b: int, k: int, d: int, repeats: int) -> dict:
@@ -148,6 +190,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-inductor", action="store_true", help="skip the Inductor candidate (compiles for minutes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     members = [int(v) for v in args.members.split(",")]
@@ -157,18 +200,22 @@ def main() -> None:
         register_plugins()
         res = {}
         for m in members:
-            res[m] = {**dz_times(m, args.batch, args.classes, args.repeats),
+            res[m] = {**dz_times(m, args.batch, args.classes, args.repeats, not args.no_inductor),
                       **step_times(m, args.batch, args.classes, args.dim, args.repeats)}
-    print("\n| loss | what | M | built-in | plugin | plugin / built-in | flat, untraced | per member (before) |")
-    print("|---|---|---|---|---|---|---|---|")
+    others = ["fx graph", "flat eager", "per member"] + ([] if args.no_inductor else ["inductor"])
+    print("\n| loss | what | M | built-in | plugin | plugin / built-in | " + " | ".join(others) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(others))
     for name in PAIRS:
         for what in ("dz", "step"):
             for m in members:
                 r = res[m]
                 bi, pl = r[(name, what, "built-in")], r[(name, what, "plugin")]
-                cols = [r.get((name, what, k)) for k in ("plugin, flat untraced", "plugin, per member")]
+                cols = [r.get((name, what, k)) for k in others]
                 print(f"| {name} | {what} | {m} | {bi * 1e3:.3f} | {pl * 1e3:.3f} | **{pl / bi:.2f}x** | "
                       + " | ".join('' if c is None else f'{c * 1e3:.3f} ({c / bi:.1f}x)' for c in cols) + " |")
+    if not args.no_inductor:
+        print("\nInductor compile (s): " + ", ".join(f"{name} M {m}: {res[m][(name, 'compile', 'inductor')]:.1f}"
+                                               for name in PAIRS for m in members))
 
 
 if __name__ == "__main__":

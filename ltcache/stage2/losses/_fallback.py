@@ -21,11 +21,26 @@ How, fastest first (benchmarks/RESULTS.md "Plugin losses at near built-in speed"
 
 On the flat path each run's forward and its gradient are traced once per shape into one graph
 of ATen ops (``make_fx`` of ``torch.func.grad_and_value``, with fake tensors, so a forward with
-data-dependent Python control flow is not traced but runs eagerly), and the graph's softmax /
-log-softmax over the class dimension run on the class-major layout the engine keeps its logits
-in: ATen's softmax over a short last dimension (K 10) is many times slower than over the
-leading one. A loss class that gives ``grad`` (its analytic dL/dz) skips autograd on the flat
-path; its ``grad`` is checked against autograd of its forward at the first step.
+data-dependent Python control flow is not traced but runs eagerly, with one note on stderr),
+and the graph's softmax / log-softmax (and NLL, and a scatter into [n, K]) over the class
+dimension run on the class-major layout the engine keeps its logits in: ATen's softmax over a
+short last dimension (K 10) is many times slower than over the leading one, and each
+transposing copy of [n, K] costs about as much as the op itself. A loss class that gives
+``grad`` (its analytic dL/dz) skips autograd on the flat path; its ``grad`` is checked against
+autograd of its forward at the first step.
+
+**Steady state.** Once every run on a pattern of valid samples (which members have how many:
+the full batch, the short last one) is checked and known to be flat, that pattern gets a plan:
+per run, one TorchScript graph ``z [j, K, n] -> j dL/dz [j, K, n]`` that holds the layout
+changes in and out, the forward and its gradient, without the ops that only compute the loss's
+value, with its constant parts (a log prior, the mean's backward) folded and ``x * 1`` dropped;
+it is checked against the traced graph when built. Same ATen ops as eager autograd, so the
+same values to float rounding, at a fraction of the Python cost per op and with none of the
+general path's bookkeeping. Compiling the graph with Inductor was measured too: often faster a
+call, but 1-15 s to compile per shape and per hyper-parameter value on a CPU (a tune grid of a
+plugin's hyper-parameter would compile each point) and a C++ toolchain needed, while the
+TorchScript graph costs ~0.2 s to build and already meets the target (within 2x of the
+built-in loss-gradient call; benchmarks/RESULTS.md), so it is not used.
 
 Padding is handled as on the built-in path: a member's padded samples (the end of a short last
 batch, or a whole inactive step) are cut off before its forward, so the loss sees only valid
@@ -36,7 +51,6 @@ the method. Later steps are not checked.
 """
 from __future__ import annotations
 
-import copy
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -122,8 +136,8 @@ class _Run:
                     ref = torch.autograd.grad(self.f(leaf, y, **self.kw(h, None)), leaf)[0]
                 if not _close((gm(z, y) if h is None else gm(z, y, h))[0], ref, 1e-5):
                     gm = None
-            if gm is None and not _NOTED.get(self.key):
-                _NOTED[self.key] = True
+            if gm is None and self.key[0] not in _NOTED:
+                _NOTED[self.key[0]] = self.unit.forward           # once per loss and process
                 note(f"note: {self.where} could not be traced into one gradient graph (data-dependent "
                      "control flow?); it runs through eager autograd, slower")
             _TRACED[key] = (self.unit.forward, gm)     # the forward kept alive: its id stays unique
@@ -219,7 +233,7 @@ class AutogradLossGrad:
 
     def __init__(self, specs: Sequence, methods: Sequence[str], counts: torch.Tensor, device,
                  mode: str = VMAP, vmap_min: int = VMAP_MIN, flat: bool = True, dtype=torch.float32,
-                 trace: bool = True):
+                 trace: bool = True, steady: bool = True):
         self.counts = counts.to(device=device, dtype=dtype)
         self.vmap_min = vmap_min
         self.runs: list[_Run] = []
@@ -233,6 +247,7 @@ class AutogradLossGrad:
                 run.flat = False
         self.reads = tuple(sorted({r for run in self.runs for r in run.reads}))
         self.trace = trace
+        self.steady = steady and trace
         self.head_grad: dict = {}
         self._plans: dict = {}
 
@@ -303,7 +318,7 @@ class AutogradLossGrad:
         checked and known to be flat: per contiguous segment of members with the same number
         of valid samples, its forward's traced graph (or the loss's ``grad``), no bookkeeping.
         None: this pattern keeps the general path (per-member runs, an untraceable forward)."""
-        if not self.trace:
+        if not self.steady:
             return None
         m, k, b = z.shape
         jobs = []
@@ -483,14 +498,14 @@ def _class_major(gm):
     def rows(x):
         if x not in major:
             if x.op == "call_function" and x.target is _ATEN.scatter_add.default and x.args[1] in (1, -1) \
-                    and len(x.users) == 1 and all(len(a.meta["val"].shape) == 2 for a in (x.args[0], x.args[2], x.args[3])):
+                    and len(x.users) == 1 and all(_is_2d(a) for a in (x.args[0], x.args[2], x.args[3])):
                 # out[i, idx[i, c]] += src[i, c] is out.T[idx.T[c, i], i] += src.T[c, i]: build it class-major
                 self_, _, idx, src = x.args
                 major[x] = g.call_function(_ATEN.scatter_add.default,
                                            (rows(self_), 0, g.call_function(_ATEN.t.default, (idx,)),
                                             g.call_function(_ATEN.t.default, (src,))))
             elif x.op == "call_function" and x.target is _ATEN.nll_loss_backward.default and x.args[3] is None \
-                    and len(x.meta["val"].shape) == 2 and x.args[5] == -100 and _is_labels(x.args[2], labels):
+                    and _is_2d(x) and x.args[5] == -100 and _is_labels(x.args[2], labels):
                 # dL/dinput of NLL (no class weights) is -g (/ total weight) at each row's target
                 gout, inp, target, _, red, _, tw = x.args
                 n, kk = x.meta["val"].shape
@@ -529,7 +544,7 @@ def _class_major(gm):
                 elif red == 2:
                     loss = g.call_function(_ATEN.sum.default, (loss,))
                 tw = g.call_function(_ATEN.scalar_tensor.default, (float(n) if red else 0.0,),
-                                     {"dtype": inp.meta["val"].dtype if "val" in inp.meta else torch.float32})
+                                     {"dtype": node.meta["val"][1].dtype, "device": node.meta["val"][1].device})
             for use in list(node.users):
                 if use.op == "call_function" and use.target.__name__ == "getitem":
                     use.replace_all_uses_with(loss if use.args[1] == 0 else tw)
@@ -547,6 +562,7 @@ def _class_major(gm):
         major[out] = s
         node.replace_all_uses_with(out)
         g.erase_node(node)
+    g.eliminate_dead_code()                  # the [n, K] ops rebuilt class-major above
     g.lint()
     gm.recompile()
     return gm
@@ -554,6 +570,11 @@ def _class_major(gm):
 
 _VIEWS = {_ATEN.view.default, _ATEN._unsafe_view.default, _ATEN.reshape.default, _ATEN.clone.default,
           _ATEN.alias.default, _ATEN.detach.default}
+
+
+def _is_2d(node) -> bool:
+    v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dim() == 2
 
 
 def _is_labels(node, labels: list) -> bool:
