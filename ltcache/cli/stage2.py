@@ -503,7 +503,10 @@ def parts_lines() -> list[str]:
     from ltcache.stage2.methods import METHODS  # noqa: F401  (every registry filled)
 
     out = []
-    for kind, reg in registries().items():
+    first = ("post-hoc rule", "head", "loss", "sampler")        # a fixed order, whichever module loaded first
+    regs = registries()
+    for kind in sorted(regs, key=lambda k: first.index(k) if k in first else len(first)):
+        reg = regs[kind]
         if kind in ("method", "loss form", "loss term", "backbone"):
             continue
         out.append(("losses" if kind == "loss" else f"{kind}s") + ":")

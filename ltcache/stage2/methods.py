@@ -31,7 +31,7 @@ from typing import Optional, Sequence, Union
 
 from ltcache.errors import LtcacheError
 from ltcache.registry import Registry, origin_of
-from ltcache.stage2 import heads as H
+from ltcache.stage2 import head_kinds as H
 from ltcache.stage2.closed_form import POSTHOC
 from ltcache.stage2.losses import _core as losses_core
 from ltcache.stage2.losses import get_loss

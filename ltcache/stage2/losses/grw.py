@@ -1,10 +1,13 @@
 """``grw``: generalised re-weighting (MARC official code GRWCrossEntropyLoss, docs/methods.md#marc)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossSpec, register_loss
 from ltcache.stage2.params import Param
+
+if TYPE_CHECKING:
+    import torch
 
 
 def grw_weights(counts: torch.Tensor, rho: float) -> torch.Tensor:

@@ -1,14 +1,19 @@
 """``la``: the logit-adjusted loss (google-research logit_adjustment, docs/methods.md#la-loss)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossSpec, register_loss
 from ltcache.stage2.params import Param
 
+if TYPE_CHECKING:
+    import torch
+
 
 def log_prior(counts: torch.Tensor) -> torch.Tensor:
     """log pi_j = log(n_j / N), float32 (computed in float64)."""
+    import torch
+
     n = counts.double()
     return torch.log(n / n.sum()).float()
 

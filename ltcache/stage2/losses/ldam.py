@@ -1,10 +1,13 @@
 """``ldam``: label-distribution-aware margins (LDAM-DRW losses.py, docs/methods.md#ldam)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossSpec, register_loss
 from ltcache.stage2.params import Param
+
+if TYPE_CHECKING:
+    import torch
 
 MARGIN = Param("margin", float, lo=0, help="LDAM largest margin")
 

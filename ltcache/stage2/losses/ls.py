@@ -1,10 +1,13 @@
 """``ls``: label smoothing (PyTorch ``F.cross_entropy(label_smoothing=eps)``, docs/methods.md#ls)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossSpec, register_loss
 from ltcache.stage2.params import Param
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_loss("ls")
@@ -14,5 +17,7 @@ class LabelSmoothing:
     params = (Param("eps", float, lo=0, hi=1, help="label smoothing"),)
 
     def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
+        import torch
+
         k = len(counts)
         return LossSpec(num_classes=k, eps=torch.full((k,), float(p["eps"])))

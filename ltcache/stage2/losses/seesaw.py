@@ -7,11 +7,13 @@ counts (docs/methods.md#seesaw).
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossBatch, LossSpec, Term, register_loss, register_term
 from ltcache.stage2.params import Param
+
+if TYPE_CHECKING:
+    import torch
 
 SEESAW_EPS = 1e-2  # mmdet default
 
@@ -24,6 +26,8 @@ def seesaw_shift(z: torch.Tensor, yi: torch.Tensor, c: dict, lb: LossBatch, dim:
     Either layout: ``dim`` is the class dimension of z, yi holds the labels with a size-1
     class dimension; p and q broadcast against z ([M] definition coefficients are reshaped).
     """
+    import torch
+
     p, q = c["p"], c["q"]
     if p.dim() == 1:
         p, q = p[:, None, None], q[:, None, None]

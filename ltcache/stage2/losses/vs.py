@@ -1,11 +1,14 @@
 """``vs``: vector-scaling loss (VS-Loss class_imbalance/losses.py, docs/methods.md#vs)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossSpec, register_loss
 from ltcache.stage2.losses.la import log_prior
 from ltcache.stage2.params import Param
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_loss("vs")
