@@ -23,7 +23,7 @@ from ltcache.errors import LtcacheError
 from ltcache.metrics import class_mean_accuracy
 from ltcache.registry import Registry, check_name, origin_of
 
-TAU_GRID = [round(0.1 * i, 1) for i in range(21)]   # numpy linspace(0, 2, 21)
+TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))   # cRT tau_norm.py: numpy linspace(0, 2, 21)
 
 
 def _check_tau(tau: float) -> None:

@@ -6,7 +6,7 @@ import torch
 from ltcache.stage2.losses._core import LossSpec, register_loss
 from ltcache.stage2.params import Param
 
-MARGIN = Param("margin", float, lo=0, help="LDAM largest margin")
+MARGIN = Param("margin", float, lo=0, default=0.5, help="LDAM largest margin")
 
 
 def ldam_margins(counts: torch.Tensor, max_m: float = 0.5) -> torch.Tensor:
