@@ -79,7 +79,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "sweep": {
         "methods": ((str, list), "'all' or a list of method names"),
         "seeds": (list, "seeds, each trained as its own configuration"),
-        "grid": (dict, "hyper-parameter grids, e.g. {delta = [0.9, 0.98]}"),
+        "grid": (dict, "hyper-parameter grids, e.g. {delta = [0.9, 0.98]}; one method's: {\"vs.tau\" = [1, 1.5]}"),
         "select": (str, "last | val"),
         "test_views": (list, "views averaged at evaluation"),
         "preset": (str, "cifar | imagenet (default: from the cache)"),
@@ -113,9 +113,12 @@ def hyper_keys() -> dict[str, tuple[Any, str]]:
     from ltcache.stage2.methods import option_table
     out = {}
     for name, rows in option_table().items():
-        users = sorted({u for _, us in rows for u in us})
-        out[name] = (_PY_TYPES[rows[0][0].type],
-                     f"{rows[0][0].help} (override{' for ' + ', '.join(users) if users else ''})")
+        if len(rows) == 1:
+            users = sorted(rows[0][1])
+            text = f"{rows[0][0].help} (override{' for ' + ', '.join(users) if users else ''})"
+        else:                       # one name, a different hyper-parameter per method
+            text = "override; " + "; ".join(f"{', '.join(us)}: {q.help}" for q, us in rows)
+        out[name] = (_PY_TYPES[rows[0][0].type], text)
     return out
 
 
@@ -157,15 +160,30 @@ def _check(section: str, key: str, value: Any, where: str, table: Optional[dict]
                            f"got {type(value).__name__} {value!r}")
 
 
+def flat_grid(grid: dict) -> dict:
+    """The [sweep] grid with one method's table flattened to qualified keys: ``{vs = {tau = [1]}}``
+    (what TOML makes of an unquoted ``vs.tau = [1]``) -> ``{"vs.tau": [1]}``."""
+    out = {}
+    for key, values in (grid or {}).items():
+        if isinstance(values, dict):
+            out.update({f"{key}.{name}": v for name, v in values.items()})
+        else:
+            out[key] = values
+    return out
+
+
 def _check_grid(grid: dict, keys: dict, where: str) -> None:
-    """Each grid key a declared hyper-parameter, its values (a list) of the declared type."""
-    for key, values in grid.items():
-        if key not in keys:
+    """Each grid key a declared hyper-parameter (short, or qualified ``method.name``), its values
+    (a list) of the declared type; the methods of qualified keys are checked against the run later."""
+    from ltcache.stage2.methods import split_key
+    for key, values in flat_grid(grid).items():
+        name = split_key(key)[1] if "." in key else key
+        if name not in keys:
             raise LtcacheError(f"{where}: [sweep] grid key '{key}' is not a hyper-parameter; valid keys: "
-                               + ", ".join(keys))
+                               + ", ".join(keys) + " (each also as METHOD.NAME, e.g. \"vs.tau\")")
         _check("sweep", f"grid.{key}", values if isinstance(values, list) else [values], where, {f"grid.{key}": (list, "")})
         for v in values if isinstance(values, list) else [values]:
-            _check("sweep", f"grid.{key}", v, where, {f"grid.{key}": (keys[key][0], "")})
+            _check("sweep", f"grid.{key}", v, where, {f"grid.{key}": (keys[name][0], "")})
 
 
 def parse_pipeline(path: str | Path) -> Pipeline:
@@ -239,7 +257,7 @@ def check_steps(pl: "Pipeline", path: str | Path) -> None:
             if not names:
                 raise LtcacheError("methods is empty; give \"all\" or a list such as [\"ce\", \"los\"]")
             overrides = {k: v for k, v in sec.items() if k in hyper_keys()}
-            grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sec.get("grid", {}).items()}
+            grid = {k: list(v) if isinstance(v, list) else [v] for k, v in flat_grid(sec.get("grid", {})).items()}
             expand(names, overrides, grid, "cifar", 1000, notice=False)   # names, keys and values, as the sweep will
             parse_seeds(sec.get("seeds", [0]))
             parse_seeds(sec.get("tune_seeds", [0]))
@@ -464,7 +482,7 @@ def _run_sweep(section: dict, cache_dir: Path, device: str, quiet: bool, path: P
     sw = dict(section)
     overrides = {k: sw.pop(k) for k in list(sw) if k in hyper_keys()}
     methods = sw.pop("methods", "all")
-    grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sw.pop("grid", {}).items()}
+    grid = {k: list(v) if isinstance(v, list) else [v] for k, v in flat_grid(sw.pop("grid", {})).items()}
     test_views = sw.pop("test_views", ["center", "hflip"])
     more = _more_caches(sw.pop("caches", []), Path(path), cache_dir)
     results = bench([cache_dir] + more if more else cache_dir, None if methods == "all" else list(methods), grid=grid or None,

@@ -156,6 +156,28 @@ def check_param(name: str, value, method: str = ""):
     raise first
 
 
+def split_key(key: str) -> tuple[str, str]:
+    """``"la-loss.tau"`` -> ("la-loss", "tau"); ``"tau"`` -> ("", "tau"): a hyper-parameter name,
+    short or qualified by its method (``method.param``, for a name several methods give different
+    meanings, e.g. ``la-loss.tau`` and ``vs.tau``). The param part's dashes become underscores."""
+    method, _, name = str(key).strip().lstrip("-").rpartition(".")
+    return method.strip(), name.strip().replace("-", "_")
+
+
+def join_key(method: str, name: str) -> str:
+    """The inverse of :func:`split_key`: ``method.name``, or ``name`` without a method."""
+    return f"{method}.{name}" if method else name
+
+
+def check_key(key: str, value):
+    """A ``--grid`` value of a short or qualified (``method.param``) name, converted and range-checked:
+    a qualified name is checked against its method's own declaration (an unknown method is an error)."""
+    method, name = split_key(key)
+    if method:
+        return check_param(name, value, get_method(method).name)
+    return check_param(name, value)
+
+
 def option_table() -> dict[str, list[tuple[Param, list[str]]]]:
     """name -> [(declaration, methods using it)] over the registered methods (generic first):
     what the ``retrain`` options and the pipeline ``[sweep]`` keys are generated from."""
