@@ -95,7 +95,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "select_metric": (str, "val-balanced | val-all | val-nll"),
         "tune_seeds": (list, "seeds of stage A"),
         "seeds": (list, "seeds the picks and presets are re-trained with (stage B)"),
-        "space": (dict, "replacement dimensions, e.g. {delta = \"0.5:0.99\", epochs = \"10,20\"}"),
+        "space": (dict, "replacement dimensions, e.g. {delta = \"0.5:0.99\", epochs = \"10,20\"}; one method's: "
+                        "{\"la-loss.tau\" = \"0:1\"}"),
         "test_views": (list, "views averaged at evaluation"),
         "preset": (str, "cifar | imagenet (default: from the cache)"),
         "caches": (list, "more caches tuned with this pipeline's own (paths relative to this file): one results "
@@ -161,7 +162,7 @@ def _check(section: str, key: str, value: Any, where: str, table: Optional[dict]
 
 
 def flat_grid(grid: dict) -> dict:
-    """The [sweep] grid with one method's table flattened to qualified keys: ``{vs = {tau = [1]}}``
+    """A [sweep] grid or [tune] space with one method's table flattened to qualified keys: ``{vs = {tau = [1]}}``
     (what TOML makes of an unquoted ``vs.tau = [1]``) -> ``{"vs.tau": [1]}``."""
     out = {}
     for key, values in (grid or {}).items():
@@ -244,7 +245,7 @@ def check_steps(pl: "Pipeline", path: str | Path) -> None:
     A problem is one line naming the file and the section."""
     from ltcache.stage2.methods import METHODS, PRESETS
     from ltcache.stage2.plan import expand, parse_seeds
-    from ltcache.stage2.tune import SELECT_METRICS, parse_space
+    from ltcache.stage2.tune import SELECT_METRICS, check_space, parse_space
     from ltcache.stage2.space import SEARCHES
 
     def methods_of(sec: dict) -> list:
@@ -274,8 +275,9 @@ def check_steps(pl: "Pipeline", path: str | Path) -> None:
                 if sec.get("select_metric", "val-balanced") not in SELECT_METRICS:
                     raise LtcacheError(f"select_metric '{sec['select_metric']}' is unknown; use one of: "
                                        f"{', '.join(SELECT_METRICS)}")
-                parse_space([f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
-                             for k, v in sec.get("space", {}).items()])
+                space = parse_space([f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
+                                     for k, v in flat_grid(sec.get("space", {})).items()])
+                check_space([METHODS.get(n) for n in names], space)
         except LtcacheError as exc:
             raise LtcacheError(f"{path} [{section}]: {exc}") from None
 
@@ -505,7 +507,7 @@ def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet
     methods = tn.pop("methods", "all")
     test_views = tn.pop("test_views", ["center", "hflip"])
     space = parse_space([f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
-                         for k, v in tn.pop("space", {}).items()])
+                         for k, v in flat_grid(tn.pop("space", {})).items()])
     more = _more_caches(tn.pop("caches", []), path, cache_dir)
     res = tune([cache_dir] + more if more else cache_dir, None if methods == "all" else list(methods),
                budget=int(tn.pop("budget", 32)), against=tn.pop("against", "ce"),
