@@ -98,7 +98,7 @@ LOS_CIFAR = dict(lr=5e-4, wd=0.0, epochs=20, batch_size=64, schedule="cosine", m
 LTWB_CIFAR = dict(lr=0.01, wd=0.1, epochs=10, batch_size=64, schedule="cosine", momentum=0.9)
 STATED_DEFAULTS = {"cifar": CRT_CIFAR, "imagenet": CRT_IMNET}    # a preset's generic values unless given
 START = dict(schedule="cosine-start")    # cRT, BALMS, BagofTricks, LTWB: scheduler.step() at each epoch's start
-# the repositories (at the commits) whose stage-2 scripts the recipes below were checked against
+# the repositories (at the commits) whose stage-2 scripts the method files' recipes were checked against
 LOS_REPO = "Thinklab-SJTU/LOS@f449425"
 CRT_REPO = "facebookresearch/classifier-balancing@f162ade"
 BOT_REPO = "zhangyongshun/BagofTricks-LT@ce7859a"
