@@ -46,7 +46,10 @@ def hyper_options(kind: str) -> list[click.Option]:
         if name in GENERIC:
             help_ = f"{p.help} (default: the method's preset)"
         else:
-            help_ = "; ".join(f"{q.help} in {q.range_text()} ({', '.join(users)})" for q, users in rows)
+            help_ = "; ".join(f"{', '.join(users) or '-'}: {q.help} in {q.range_text()}" for q, users in rows)
+            if len(rows) > 1 and rows[-1][1]:       # one name, a different hyper-parameter per method
+                help_ += (f" (each method its own; one method's in a bench --grid or pipeline grid: "
+                          f"METHOD.{name}, e.g. {rows[-1][1][0]}.{name}=...)")
         out.append(click.Option(["--" + name.replace("_", "-"), name], type=typ, default=None, show_default=False,
                                 help=help_))
     return out
@@ -294,25 +297,35 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
 
 
 def parse_grid(items) -> dict:
-    """``("delta=0.9,0.98", ...)`` -> {"delta": ["0.9", "0.98"]} (values checked later)."""
+    """``("delta=0.9,0.98", "la-loss.tau=0.5,1")`` -> {"delta": [0.9, 0.98], "la-loss.tau": [0.5, 1.0]}:
+    short names, or qualified by a method (``method.param``); values converted and range-checked."""
+    from ltcache.stage2.methods import check_key, join_key, split_key
     grid: dict = {}
     for item in items or ():
         if "=" not in item:
-            raise LtcacheError(f"--grid '{item}' must look like name=v1,v2 (e.g. --grid delta=0.9,0.98)")
+            raise LtcacheError(f"--grid '{item}' must look like name=v1,v2 (e.g. --grid delta=0.9,0.98 or "
+                               "--grid la-loss.tau=0.5,1)")
         key, vals = item.split("=", 1)
-        key = key.strip().lstrip("-").replace("-", "_")
+        key = join_key(*split_key(key))
         values = [v.strip() for v in vals.split(",") if v.strip()]
         if not values:
             raise LtcacheError(f"--grid {key}= is empty; give at least one value, e.g. --grid {key}=0.9,0.98")
-        from ltcache.stage2.methods import check_param
-        grid[key] = [check_param(key, v) for v in values]
+        try:
+            grid[key] = [check_key(key, v) for v in values]
+        except LtcacheError as exc:
+            raise LtcacheError(f"--grid {key}: {exc}") from None
     return grid
+
+
+GRID_HELP = ("name=v1,v2,... (repeatable): a Cartesian grid. A short name (tau) applies to every chosen method "
+             "that has it, as that method's own hyper-parameter (`ltcache retrain --help` lists what each name "
+             "means for each method); method.name (la-loss.tau=0.5,1) to one method only")
 
 
 @cli.command("bench", cls=PluginCommand, hyper="generic")
 @click.option("--all-methods", is_flag=True, help="every registered method (with --plugin: its methods too)")
 @click.option("--methods", "method_list", default=None, help="comma-separated method names")
-@click.option("--grid", multiple=True, help="name=v1,v2,... (repeatable): a Cartesian grid")
+@click.option("--grid", multiple=True, help=GRID_HELP)
 @_common(multi_cache=True)
 @_plugin_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -337,6 +350,7 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select,
       ltcache bench --all-methods --seeds 0,1,2 --out results/bench   # every method, the bundled cache
       ltcache bench --all-methods --cache runs/c10_ir100/cache        # your own cache
       ltcache bench --methods los,mislas --grid delta=0.9,0.98 --grid lr=0.001,0.0005
+      ltcache bench --methods la-loss,vs --grid la-loss.tau=0.5,1 --grid vs.tau=1,1.5   # tau: each its own
       ltcache bench --from-tune results/tuned/results.json --seeds 5,6,7
       ltcache bench --all-methods --seeds 0,1,2 --cache runs/s0/cache --cache runs/s1/cache --out results/paper
       torchrun --standalone --nproc_per_node 4 -m ltcache bench --all-methods --out results/b

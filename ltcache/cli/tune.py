@@ -23,7 +23,8 @@ from ltcache.errors import LtcacheError
               help="what picks each method's point on the val split (ties: the lower val NLL)")
 @click.option("--space", "space_items", multiple=True,
               help="replace one dimension of the search space for the methods that have it (repeatable): "
-                   "name=LOW:HIGH (linear), name=log:LOW:HIGH, or name=a,b,c (a choice), e.g. --space delta=0.5:0.99")
+                   "name=LOW:HIGH (linear), name=log:LOW:HIGH, or name=a,b,c (a choice), e.g. --space delta=0.5:0.99; "
+                   "method.name for one method's only, e.g. --space la-loss.tau=0:1 (tau is also vs's and tau-norm's)")
 @click.option("--tune-seeds", default="0", help="seeds of stage A (the val score is their mean)")
 @click.option("--seeds", default="0,1,2,3,4", help="seeds the picks (and presets) are re-trained with in stage B")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), multiple=True,

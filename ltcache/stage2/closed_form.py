@@ -25,7 +25,7 @@ from ltcache.registry import Registry, check_name, origin_of
 if TYPE_CHECKING:
     import torch
 
-TAU_GRID = [round(0.1 * i, 1) for i in range(21)]   # numpy linspace(0, 2, 21)
+TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))   # cRT tau_norm.py: numpy linspace(0, 2, 21)
 
 
 def _check_tau(tau: float) -> None:

@@ -28,7 +28,7 @@ import torch
 from ltcache.errors import LtcacheError
 from ltcache.stage2.closed_form import POSTHOC
 from ltcache.stage2.losses import LossSpec, build_loss
-from ltcache.stage2.methods import GENERIC, Method, check_param, get_method, resolve_params, run_name
+from ltcache.stage2.methods import GENERIC, Method, check_param, get_method, resolve_params, run_name, split_key
 from ltcache.stage2.params import SCHEDULES
 from ltcache.stage2.samplers import ClassIndex
 
@@ -79,36 +79,72 @@ def expand(methods: Sequence[str], overrides: Optional[dict], grid: Optional[dic
            preset: str, n_train: int, strict: bool = False, notice: bool = True) -> list[tuple[Method, dict, dict]]:
     """(method, full params, overrides) for every method x grid point.
 
-    Grid keys that are generic apply to every trained method; a method's own key applies to
-    the methods that have it; a key no chosen method has is an error. A key some chosen methods
-    lack is a notice naming them (an error with ``strict``).
+    A key is a short name (``tau``) or qualified by its method (``la-loss.tau``). A short key that
+    is generic applies to every trained method; a method's own short key applies to each method
+    that has it, as that method's own hyper-parameter (``tau`` is la-loss's offset and vs's
+    additive tau); a short key no chosen method has is an error, one some chosen methods lack a
+    notice naming them (an error with ``strict``). A qualified key applies to its method only and
+    wins over the short key of the same name; its method must be in the run and have it.
     """
-    grid = grid or {}
+    grid, overrides = grid or {}, overrides or {}
+    chosen = [get_method(m) for m in methods]
+    by_name = {m.name: m for m in chosen}
+
+    def has(method: Method, name: str) -> bool:
+        return name in method.tunables or (name in GENERIC and not method.closed_form)
+
+    def qualified(key: str, flag: str) -> Optional[tuple[str, str]]:
+        """(method, param) of a qualified key (checked against the run); None for a short key."""
+        mname, name = split_key(key)
+        if not mname:
+            return None
+        m = by_name.get(mname) or by_name.get(get_method(mname).name)
+        if m is None:
+            raise LtcacheError(f"{flag} {key}: method {mname} is not in this run ({', '.join(by_name)}); "
+                               f"add it to the methods or drop {key}")
+        if not has(m, name):
+            own = ", ".join(sorted(set(m.tunables) | (set() if m.closed_form else set(GENERIC)))) or "none"
+            raise LtcacheError(f"{flag} {key}: method {m.name} has no hyper-parameter {name} (its: {own})")
+        return m.name, name
+
     for key, values in grid.items():
         if not values:
             raise LtcacheError(f"--grid {key}= has no values; give e.g. --grid {key}=0.9,0.98")
-        if key not in GENERIC and not any(key in get_method(m).tunables for m in methods):
+        q = qualified(key, "--grid")
+        if q is not None:
+            for v in values:
+                check_param(q[1], v, q[0])
+            continue
+        if key not in GENERIC and not any(key in m.tunables for m in chosen):
             raise LtcacheError(f"--grid {key} applies to none of the chosen methods; "
                                "check `ltcache methods` for each method's options")
         for v in values:
             check_param(key, v)
-        lack = [get_method(m).name for m in methods
-                if not (key in get_method(m).tunables or (key in GENERIC and not get_method(m).closed_form))]
+        lack = [m.name for m in chosen if not has(m, key)]
         if lack:
             msg = f"--grid {key} does not apply to {', '.join(lack)}"
             if strict:
                 raise LtcacheError(f"{msg}; drop them from --methods or drop --strict to run them without it")
             from ltcache.progress import echo
             echo(f"notice: {msg}; they run once, without it (--strict makes this an error)", not notice)
+    q_over = {key: qualified(key, "override") for key in overrides}
     plans = []
-    for name in methods:
-        method = get_method(name)
-        keys = [k for k in grid if k in method.tunables or (k in GENERIC and not method.closed_form)]
-        for combo in itertools.product(*[grid[k] for k in keys]):
-            ov = {k: v for k, v in (overrides or {}).items()
-                  if k in method.tunables or (k in GENERIC and not method.closed_form)}
-            ov.update(dict(zip(keys, combo)))
-            plans.append((method, resolve_params(method, preset, ov, n_train), ov))
+    for method in chosen:
+        ov = {k: v for k, v in overrides.items() if q_over[k] is None and has(method, k)}
+        mgrid = {k: vals for k, vals in grid.items() if "." not in k and has(method, k)}
+        for key, v in overrides.items():              # a qualified override: this method's, over the short ones
+            if q_over[key] is not None and q_over[key][0] == method.name:
+                ov[q_over[key][1]] = v
+                mgrid.pop(q_over[key][1], None)
+        for key, vals in grid.items():
+            mname, name = split_key(key)
+            if mname and by_name.get(mname, get_method(mname)).name == method.name:
+                mgrid[name] = vals
+        keys = list(mgrid)
+        for combo in itertools.product(*[mgrid[k] for k in keys]):
+            point = dict(ov)
+            point.update(dict(zip(keys, combo)))
+            plans.append((method, resolve_params(method, preset, point, n_train), point))
     return plans
 
 

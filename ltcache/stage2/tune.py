@@ -23,8 +23,8 @@ from ltcache.metrics import fmt_pct
 from ltcache.devices import resolve_device
 from ltcache.progress import echo
 from ltcache.stage2.evaluate import VAL_METRICS
-from ltcache.stage2.methods import (GENERIC, METHODS, check_param, choose_preset, get_method, method_space,
-                                    resolve_params, run_name)
+from ltcache.stage2.methods import (GENERIC, METHODS, check_key, choose_preset, get_method, join_key,
+                                    method_space, resolve_params, run_name, split_key)
 from ltcache.stage2.plan import _load_cache, parse_seeds, require_val
 from ltcache.stage2.precision import check_precision
 from ltcache.stage2.runner import run_sweep
@@ -40,26 +40,39 @@ OUTPUTS = ("results.json", "tune.csv", "tune.md")      # a finished tune: never 
 
 def parse_space(items: Sequence[str]) -> dict[str, Dim]:
     """``("delta=0.5:0.99", "epochs=10,20", "lr=log:1e-4:1e-2")`` -> replacement dimensions:
-    ``LOW:HIGH`` is linear (``log:LOW:HIGH`` log), ``a,b,c`` a choice; values are range-checked."""
+    ``LOW:HIGH`` is linear (``log:LOW:HIGH`` log), ``a,b,c`` a choice; values are range-checked.
+    A name may be qualified by a method (``la-loss.tau=0:1``: that method's only)."""
     out = {}
     for item in items or ():
         if "=" not in item:
             raise LtcacheError(f"--space '{item}' must look like name=LOW:HIGH, name=log:LOW:HIGH or name=a,b,c")
-        name, spec = item.split("=", 1)
-        name = name.strip().lstrip("-").replace("-", "_")
+        key, spec = item.split("=", 1)
+        method, name = split_key(key)
+        key = join_key(method, name)        # a short name, or qualified by one method: la-loss.tau
         try:
             if ":" in spec:
                 parts = spec.split(":")
                 scale = "log" if parts[0] == "log" else "linear"
                 lo, hi = (parts[1:] if scale == "log" else parts)
-                lo, hi = check_param(name, lo), check_param(name, hi)
-                out[name] = Dim(name, "int" if isinstance(lo, int) else scale, lo, hi, source="--space")
+                lo, hi = check_key(key, lo), check_key(key, hi)
+                out[key] = Dim(name, "int" if isinstance(lo, int) else scale, lo, hi, source="--space")
             else:
-                values = tuple(check_param(name, v.strip()) for v in spec.split(",") if v.strip())
-                out[name] = Dim(name, "choice", choices=values, source="--space")
+                values = tuple(check_key(key, v.strip()) for v in spec.split(",") if v.strip())
+                out[key] = Dim(name, "choice", choices=values, source="--space")
         except ValueError:
             raise LtcacheError(f"--space '{item}': give LOW <= HIGH (a log range needs LOW > 0) or a list "
                                "of values") from None
+    return out
+
+
+def method_dims(space: Optional[dict], method: str) -> dict[str, Dim]:
+    """The replacement dimensions of ``method`` (param name -> Dim): the short names, and over them
+    the names qualified by this method."""
+    out = {k: d for k, d in (space or {}).items() if "." not in k}
+    for key, d in (space or {}).items():
+        owner, name = split_key(key)
+        if owner and get_method(owner).name == method:
+            out[name] = d
     return out
 
 
@@ -199,6 +212,27 @@ def _tune_one(cache, methods, budget: int, search: str, select_metric: str, tune
     return results
 
 
+def check_space(chosen_methods: Sequence, space: Optional[dict]) -> None:
+    """Each --space name one that a chosen method searches: a short name some method has, a
+    qualified one (``la-loss.tau``) a method of the run that has it."""
+    by_name = {m.name: m for m in chosen_methods}
+    for name in space or {}:
+        method, param = split_key(name)
+        if method:
+            m = by_name.get(get_method(method).name)
+            if m is None:
+                raise LtcacheError(f"--space {name}: method {method} is not in this run ({', '.join(by_name)}); "
+                                   f"add it to the methods or drop {name}")
+            if param not in m.tunables and (param not in ("lr", "wd", "epochs", "batch_size") or m.closed_form):
+                raise LtcacheError(f"--space {name}: method {m.name} has no hyper-parameter {param} "
+                                   "(`ltcache methods --space` lists each method's)")
+            continue
+        if not any(name in m.tunables or (name in ("lr", "wd", "epochs", "batch_size") and not m.closed_form)
+                   for m in chosen_methods):
+            raise LtcacheError(f"--space {name}: none of the chosen methods has a hyper-parameter '{name}' "
+                               "(`ltcache methods --space` lists each method's)")
+
+
 def _check_request(methods: Optional[Sequence[str]], budget: int, search: str, select_metric: str,
                    space: Optional[dict], tune_seeds, seeds, out_dir, force: bool) -> tuple:
     """(the methods to tune, the tune seeds, the final seeds), with the budget, search, selection
@@ -214,11 +248,7 @@ def _check_request(methods: Optional[Sequence[str]], budget: int, search: str, s
     if not names:
         raise LtcacheError("no methods given; use --all-methods or --methods a,b")
     chosen_methods = [get_method(n) for n in names]
-    for name in space or {}:
-        if not any(name in m.tunables or (name in ("lr", "wd", "epochs", "batch_size") and not m.closed_form)
-                   for m in chosen_methods):
-            raise LtcacheError(f"--space {name}: none of the chosen methods has a hyper-parameter '{name}' "
-                               "(`ltcache methods --space` lists each method's)")
+    check_space(chosen_methods, space)
     if out_dir is not None:
         from ltcache.outputs import check_output_dir
         check_output_dir(out_dir, force=force, outputs=OUTPUTS, what="--out folder")
@@ -230,7 +260,8 @@ def _stage_a_plans(chosen_methods: list, pre: str, space: Optional[dict], budget
     """(the plans of stage A: ``budget`` points of each method's space, whose method and point each is)."""
     plans, owner = [], []
     for m in chosen_methods:
-        for point in draw(_with_overrides(method_space(m, pre), m, space or {}), budget, search, seed=0):
+        for point in draw(_with_overrides(method_space(m, pre), m, method_dims(space, m.name)), budget, search,
+                          seed=0):
             plans.append((m, resolve_params(m, pre, point, n_train), point))
             owner.append((m.name, point))
     return plans, owner

@@ -9,7 +9,7 @@ from ltcache.stage2.params import Param
 if TYPE_CHECKING:
     import torch
 
-BETA = Param("beta", float, lo=0, hi=1, hi_open=True, help="class-balanced effective-number beta")
+BETA = Param("beta", float, lo=0, hi=1, hi_open=True, default=0.9999, help="class-balanced effective-number beta")
 
 
 def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:

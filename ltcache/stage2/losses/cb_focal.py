@@ -56,7 +56,7 @@ register_term(Term("sigmoid_focal", {"gamma": 0.0}, form="sigmoid", active=lambd
 class ClassBalancedFocal:
     """Class-balanced sigmoid focal loss."""
 
-    params = (BETA, Param("gamma", float, lo=0, help="sigmoid focal exponent"))
+    params = (BETA, Param("gamma", float, lo=0, default=1.0, help="sigmoid focal exponent"))
 
     def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
         return LossSpec(num_classes=len(counts), weight=class_balanced_weights(counts, p["beta"]), form="sigmoid",

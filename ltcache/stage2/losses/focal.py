@@ -51,7 +51,7 @@ register_term(Term("focal", {"gamma": 0.0}, form="softmax", active=lambda c: c["
 class Focal:
     """(1 - p)^gamma CE with p = exp(-CE)."""
 
-    params = (Param("gamma", float, lo=0, help="focal exponent"),)
+    params = (Param("gamma", float, lo=0, default=1.0, help="focal exponent"),)
 
     def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
         return LossSpec(num_classes=len(counts), terms={"focal": {"gamma": float(p["gamma"])}})

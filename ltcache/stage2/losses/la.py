@@ -22,7 +22,7 @@ def log_prior(counts: torch.Tensor) -> torch.Tensor:
 class LogitAdjusted:
     """CE(z + tau log pi)  (the source's +1e-12 omitted)."""
 
-    params = (Param("tau", float, lo=0, help="logit adjustment tau"),)
+    params = (Param("tau", float, lo=0, default=1.0, help="logit-adjusted loss offset tau (z + tau log pi)"),)
 
     def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
         return LossSpec(num_classes=len(counts), offset=float(p["tau"]) * log_prior(counts))

@@ -9,7 +9,7 @@ from ltcache.stage2.params import Param
 if TYPE_CHECKING:
     import torch
 
-MARGIN = Param("margin", float, lo=0, help="LDAM largest margin")
+MARGIN = Param("margin", float, lo=0, default=0.5, help="LDAM largest margin")
 
 
 def ldam_margins(counts: torch.Tensor, max_m: float = 0.5) -> torch.Tensor:

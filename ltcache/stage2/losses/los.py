@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 class LabelOverSmoothing:
     """CE with label_smoothing delta (delta near 1: the target is almost uniform)."""
 
-    params = (Param("delta", float, lo=0, hi=1, help="LOS label over-smoothing"),)
+    params = (Param("delta", float, lo=0, hi=1, default=0.98, help="LOS label over-smoothing"),)
 
     def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
         import torch

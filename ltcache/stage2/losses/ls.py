@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 class LabelSmoothing:
     """CE against q = (1 - eps) e_y + eps / K."""
 
-    params = (Param("eps", float, lo=0, hi=1, help="label smoothing"),)
+    params = (Param("eps", float, lo=0, hi=1, default=0.1, help="label smoothing"),)
 
     def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
         import torch

@@ -47,8 +47,8 @@ register_term(Term("seesaw", {"p": 0.0, "q": 0.0}, active=lambda c: bool(c["p"] 
 class Seesaw:
     """CE on logits shifted by the mitigation (p) and compensation (q) factors."""
 
-    params = (Param("p", float, lo=0, help="Seesaw mitigation exponent"),
-              Param("q", float, lo=0, help="Seesaw compensation exponent"))
+    params = (Param("p", float, lo=0, default=0.8, help="Seesaw mitigation exponent"),
+              Param("q", float, lo=0, default=2.0, help="Seesaw compensation exponent"))
 
     def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
         return LossSpec(num_classes=len(counts), terms={"seesaw": {"p": float(p["p"]), "q": float(p["q"])}})

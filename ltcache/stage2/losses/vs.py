@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 class VectorScaling:
     """CE(z (n / n_max)^gamma + tau log pi)."""
 
-    params = (Param("gamma", float, lo=0, help="VS multiplicative exponent"),
-              Param("tau", float, lo=0, help="VS additive (logit adjustment) tau"))
+    params = (Param("gamma", float, lo=0, default=0.3, help="VS multiplicative exponent"),
+              Param("tau", float, lo=0, default=1.0, help="VS additive (logit adjustment) tau"))
 
     def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
         n = counts.double()
