@@ -30,7 +30,7 @@ _NUM = (int, float)
 SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "pipeline": {
         "name": (str, "experiment name"),
-        "out": (str, "output directory (relative to the pipeline file's directory or absolute)"),
+        "out": (str, "output directory (relative to the directory ltcache run starts in, or absolute)"),
         "description": (str, "free text"),
         "plugins": (list, "plugin files (ltcache.register_method / register_loss) imported first, relative to "
                           "this file"),
