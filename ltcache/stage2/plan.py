@@ -27,6 +27,7 @@ import torch
 
 from ltcache.errors import LtcacheError
 from ltcache.stage2.closed_form import POSTHOC
+from ltcache.stage2.heads import HeadKind, get_head
 from ltcache.stage2.losses import LossSpec, build_loss
 from ltcache.stage2.methods import GENERIC, Method, check_param, get_method, resolve_params, run_name
 from ltcache.stage2.params import SCHEDULES
@@ -63,6 +64,18 @@ class Config:
     bias_init: Optional[float] = None
     steps: str = ""            # batches per epoch: floor | ceil | ceil+1 ("" = the sampler's default; samplers.py)
     no_wd: tuple = ()          # parameters trained without weight decay (e.g. ("b",): the CB repo's bias)
+
+    @property
+    def kind(self) -> HeadKind:
+        """The head's :class:`~ltcache.stage2.heads.HeadKind`, looked up once (on first use: after
+        the plugins are loaded and checked) and kept; not pickled (a worker looks it up again)."""
+        kind = self.__dict__.get("_kind")
+        if kind is None:
+            kind = self.__dict__["_kind"] = get_head(self.head)
+        return kind
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_kind"}
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 0-based ``epoch`` under this configuration's schedule (the schedules:
