@@ -24,6 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "ltcache") + os.sep
 
 
+# what loads or inspects the cache, what looks a head up, what plans: how often each is called
+LOOKS = ("_load_cache", "val_gaps", "missing_stage1", "require_stage1", "needs_val", "require_val", "get_head",
+         "group_key", "frozen_base")
+
+
 class PathTrace:
     """A profile hook that records the ltcache file visits until the first training step."""
 
@@ -70,12 +75,12 @@ def summary(t: PathTrace) -> dict:
     back = sum(kind == "return" for _, kind in t.visits)
     inner = [f for f, _ in t.visits if f.startswith("ltcache/stage2/")]
     stage2 = [f for i, f in enumerate(inner) if i == 0 or inner[i - 1] != f]
-    get_head = sum(n for k, n in t.calls.items() if k.endswith(":get_head"))
+    looks = {name: sum(n for k, n in t.calls.items() if k.split(":")[1] == name) for name in LOOKS}
     return {"reached_step": t.reached, "file_visits": len(t.visits), "files": len({f for f, _ in t.visits}),
             "returns_into_a_file_left": back,
             "calls_into": dict(entries.most_common()), "visits_per_file": dict(Counter(f for f, _ in t.visits).most_common()),
             "stage2_file_visits": len(stage2), "stage2_visits_per_file": dict(Counter(stage2).most_common()),
-            "get_head_calls": get_head}
+            "calls_of": looks}
 
 
 def main(argv=None) -> dict:

@@ -101,10 +101,10 @@ class GroupTrainer:
     the trained heads."""
 
     def __init__(self, cfgs: Sequence[Config], data: TrainData, select: str = "last"):
-        key = group_key(cfgs[0])
-        if any(group_key(c) != key for c in cfgs):
+        keys = {group_key(c) for c in cfgs}                 # once per configuration
+        if len(keys) != 1:
             raise ValueError("train_group needs configurations of one group_key (head family, frozen base, batch size)")
-        self.family, self.base, self.bsz = key
+        self.family, self.base, self.bsz = keys.pop()
         self.data, self.select = data, select
         self.dev, self.m = data.x.device, len(cfgs)
         self.n, self.n_views, self.d = data.x.shape

@@ -25,7 +25,8 @@ from ltcache.progress import echo
 from ltcache.stage2.evaluate import VAL_METRICS
 from ltcache.stage2.methods import (GENERIC, METHODS, check_param, choose_preset, get_method, method_space,
                                     resolve_params, run_name)
-from ltcache.stage2.plan import _load_cache, parse_seeds, require_val
+from ltcache.stage2.plan import _load_cache, parse_seeds
+from ltcache.stage2.requirements import check, require_val
 from ltcache.stage2.precision import check_precision
 from ltcache.stage2.runner import run_sweep
 from ltcache.stage2.space import SEARCHES, Dim, Space, draw
@@ -152,8 +153,9 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
                                                        seeds, out_dir, force)
     dev = resolve_device(device)
     check_precision(precision, dev)
-    full = _load_cache(cache, dev)
-    require_val(full, "tune")
+    ck = check(_load_cache(cache, dev))                 # loaded and checked once; run_sweep trusts it
+    full = ck.cache
+    require_val(ck, "tune")
     pre = choose_preset(full.num_classes, full.feature_dim, preset)
     n_train = int(full.splits["train"].labels.numel())
     t0 = time.perf_counter()
@@ -170,7 +172,7 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
              quiet)
     else:
         echo(f"tune stage A: {len(plans)} points x {len(tune_seeds)} seed(s) on val", quiet)
-        picks, points, wall_a = _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test_views,
+        picks, points, wall_a = _stage_a(ck, chosen_methods, plans, owner, tune_seeds, select_metric, test_views,
                                          device, quiet, jobs, clean_view, precision)
         if out_dir is not None:                           # kept even if stage B fails or is stopped
             _write_stage_a(out_dir, full, plan, budget, search, select_metric, tune_seeds, wall_a, picks, points)
@@ -178,7 +180,7 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
             if out_dir is not None else "nothing was written (no --out); the same command starts over")
     with interrupts.keeps(keep):
         interrupts.test_point("stage-b")
-        return _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
+        return _stage_b(ck, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
                         select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0, wall_a,
                         resumed=done is not None)
 
@@ -264,11 +266,12 @@ def _completed_stage_a(out_dir, plan: str, force: bool) -> Optional[dict]:
     return distributed.on_main(read, "the check of stage A") if distributed.active() else read()
 
 
-def _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test_views, device, quiet, jobs,
+def _stage_a(ck, chosen_methods, plans, owner, tune_seeds, select_metric, test_views, device, quiet, jobs,
              clean_view, precision) -> tuple:
-    """Every point on val (no test split in sight): (picks, points, wall time)."""
+    """Every point on val (no test split in sight): (picks, points, wall time). ``ck``: the
+    checked cache (:class:`~ltcache.stage2.requirements.Checked`)."""
     t0 = time.perf_counter()
-    res_a, _ = run_sweep(without_test(full), plans, tune_seeds, "last", test_views, device, quiet, jobs,
+    res_a, _ = run_sweep(ck.with_cache(without_test(ck.cache)), plans, tune_seeds, "last", test_views, device, quiet, jobs,
                          clean_view, evaluate_test=False, precision=precision)
     by_name: dict[str, list[dict]] = {}
     for r in res_a["runs"]:
@@ -285,7 +288,7 @@ def _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test
     return picks, points, time.perf_counter() - t0
 
 
-def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
+def _stage_b(ck, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
              select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0, wall_a,
              resumed: bool) -> dict:
 
@@ -302,7 +305,7 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
             tags[run_name(*base)] = (m.name, "preset")
             plans_b.append(base)
     echo(f"tune stage B: {len(plans_b)} configurations x {len(seeds)} seeds on test", quiet)
-    results, _ = run_sweep(full, plans_b, seeds, "last", test_views, device, quiet, jobs, clean_view,
+    results, _ = run_sweep(ck, plans_b, seeds, "last", test_views, device, quiet, jobs, clean_view,
                            precision=precision)
     wall_b = time.perf_counter() - t1
     for r in results["runs"]:
@@ -323,7 +326,7 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
     wall = time.perf_counter() - t0
     results["preset"] = pre
     results["wall_time_s"] = wall
-    results["tune"] = {"schema": TUNE_SCHEMA, "cache_fingerprint": cache_fingerprint(full), "budget": budget,
+    results["tune"] = {"schema": TUNE_SCHEMA, "cache_fingerprint": cache_fingerprint(ck.cache), "budget": budget,
                        "search": search, "select_metric": select_metric, "tune_seeds": tune_seeds, "seeds": seeds,
                        "stage_a": {"configurations": len(plans) * len(tune_seeds), "wall_time_s": wall_a,
                                    "resumed": resumed},
