@@ -62,12 +62,6 @@ def missing_stage1(cache) -> Optional[str]:
     return None
 
 
-def has_stage1_classifier(cache) -> bool:
-    """True unless the cache's manifest says it has no stage-1 classifier (its "stage-1 head"
-    row is then a zero placeholder, not a result)."""
-    return missing_stage1(cache) is None
-
-
 def needs_stage1(method) -> bool:
     """True for a method that reads the stage-1 classifier: tau-norm, post-hoc LA, a trained head
     initialised from stage 1, or one scaled by the stage-1 norms (MARC)."""
@@ -89,7 +83,7 @@ def require_stage1(cache, plans: Sequence[tuple]) -> None:
     """Refuse, before anything trains, a plan whose method needs a stage-1 classifier the cache
     lacks (``cache``: its :class:`Checked`, or the loaded cache; ``plans``: (Method, params,
     overrides) tuples as ``api.expand`` makes them)."""
-    ck = cache if isinstance(cache, Checked) else Checked(cache, None, missing_stage1(cache))
+    ck = check(cache)
     if ck.stage1_fix is None:
         return
     for method, *_ in plans:
@@ -101,8 +95,9 @@ def skip_stage1(cache, plans: list, skipped: list, asked: Optional[Sequence[str]
     """For ``bench``: on a cache without a stage-1 classifier, leave out (with a notice) the plans
     that need one when every method was asked for (``asked`` None), and the CE reference row bench
     adds itself; a method named explicitly stays (and is refused). Returns (plans, skipped).
-    ``cache``: its :class:`Checked`."""
-    fix, cache = cache.stage1_fix, cache.cache
+    ``cache``: its :class:`Checked`, or the loaded cache."""
+    ck = check(cache)
+    fix, cache = ck.stage1_fix, ck.cache
     if fix is None:
         return plans, skipped
     from ltcache.progress import echo
