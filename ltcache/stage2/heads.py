@@ -105,7 +105,7 @@ class SharedRows:
     """A training step's features when blocks of members read the same rows.
 
     Members trained with the same sampler, seed, epochs and init draws read identical batches
-    (see ``sweep.stream_blocks``). The engine lays such members out in
+    (see ``grouping.stream_blocks``). The engine lays such members out in
     blocks of ``r``: the first S*r members read the S gathered batches ``xs`` [S, B, D] (block
     i = members i*r .. i*r + r - 1), the others their own rows ``rest`` [M - S*r, B, D]. One
     gather then serves a block, and its r heads multiply it as one [r*K, D] x [D, B] product,

@@ -6,9 +6,11 @@ A sweep goes one way through five modules:
    epochs draw from, the val views) and the plan: every method x grid point
    (:func:`expand`) x seed, as a training :class:`Config` (:func:`make_config`) or a closed form
    (:func:`plan_runs`);
-2. ``sweep.py``: configurations grouped by head family, frozen base and batch size;
-3. ``sweep.py`` (engine; ``workers.py`` fans groups out to processes on a CPU): each group
-   trained as one stacked computation;
+2. ``grouping.py``: configurations grouped by head family, frozen base and batch size
+   (``sweep.py`` drives steps 2 and 3; ``workers.py``, the scheduler, places the groups in
+   processes on a CPU or across torchrun ranks);
+3. ``group.py`` (engine; ``epochs.py``, ``sgd.py``, ``selection.py``): each group trained as
+   one stacked computation;
 4. ``evaluate.py``: every trained head and closed form evaluated on test and val;
 5. ``results.py``: the results document.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
@@ -27,6 +30,7 @@ import torch
 
 from ltcache.errors import LtcacheError
 from ltcache.stage2.closed_form import POSTHOC
+from ltcache.stage2.heads import HeadKind, get_head
 from ltcache.stage2.losses import LossSpec, build_loss
 from ltcache.stage2.methods import GENERIC, Method, check_param, get_method, resolve_params, run_name, split_key
 from ltcache.stage2.params import SCHEDULES
@@ -63,6 +67,16 @@ class Config:
     bias_init: Optional[float] = None
     steps: str = ""            # batches per epoch: floor | ceil | ceil+1 ("" = the sampler's default; samplers.py)
     no_wd: tuple = ()          # parameters trained without weight decay (e.g. ("b",): the CB repo's bias)
+
+    @cached_property
+    def kind(self) -> HeadKind:
+        """The head's :class:`~ltcache.stage2.heads.HeadKind`, looked up once (on first use: after
+        the plugins are loaded and checked) and kept as an attribute; not pickled (a worker's
+        copy looks it up again)."""
+        return get_head(self.head)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "kind"}
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 0-based ``epoch`` under this configuration's schedule (the schedules:
@@ -332,12 +346,3 @@ def val_gaps(cache) -> Optional[str]:
         shown = ", ".join(names[i] for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         return f"its val split has no image of class {shown}"
     return None
-
-
-def require_val(cache, why: str) -> None:
-    """Refuse a val-based choice (``why``) on a val split that is missing or lacks a class."""
-    gap = val_gaps(cache)
-    if gap:
-        raise LtcacheError(f"{why} chooses on the val split, but {gap}; use a cache whose val split covers every "
-                           "class (stage 1 holds val out of the full training set since ltcache 0.2: re-run "
-                           "`ltcache train` and `ltcache extract`)")

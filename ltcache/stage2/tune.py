@@ -23,9 +23,10 @@ from ltcache.metrics import fmt_pct
 from ltcache.devices import resolve_device
 from ltcache.progress import echo
 from ltcache.stage2.evaluate import VAL_METRICS
-from ltcache.stage2.methods import (GENERIC, METHODS, check_key, choose_preset, get_method, join_key,
+from ltcache.stage2.methods import (GENERIC, METHODS, check_key, check_param, choose_preset, get_method, join_key,
                                     method_space, resolve_params, run_name, split_key)
-from ltcache.stage2.plan import _load_cache, parse_seeds, require_val
+from ltcache.stage2.plan import _load_cache, parse_seeds
+from ltcache.stage2.requirements import check, require_val
 from ltcache.stage2.precision import check_precision
 from ltcache.stage2.runner import run_sweep
 from ltcache.stage2.space import SEARCHES, Dim, Space, draw
@@ -176,8 +177,9 @@ def _tune_one(cache, methods, budget: int, search: str, select_metric: str, tune
                                                        seeds, None if keep_finished else out_dir, force)
     dev = resolve_device(device)
     check_precision(precision, dev)
-    full = _load_cache(cache, dev)
-    require_val(full, "tune")
+    ck = check(_load_cache(cache, dev))                 # loaded and checked once; run_sweep trusts it
+    full = ck.cache
+    require_val(ck, "tune")
     pre = choose_preset(full.num_classes, full.feature_dim, preset)
     n_train = int(full.splits["train"].labels.numel())
     t0 = time.perf_counter()
@@ -198,7 +200,7 @@ def _tune_one(cache, methods, budget: int, search: str, select_metric: str, tune
              quiet)
     else:
         echo(f"tune stage A: {len(plans)} points x {len(tune_seeds)} seed(s) on val", quiet)
-        picks, points, wall_a = _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test_views,
+        picks, points, wall_a = _stage_a(ck, chosen_methods, plans, owner, tune_seeds, select_metric, test_views,
                                          device, quiet, jobs, clean_view, precision)
         if out_dir is not None:                           # kept even if stage B fails or is stopped
             _write_stage_a(out_dir, full, plan, budget, search, select_metric, tune_seeds, wall_a, picks, points)
@@ -206,7 +208,7 @@ def _tune_one(cache, methods, budget: int, search: str, select_metric: str, tune
             if out_dir is not None else "nothing was written (no --out); the same command starts over")
     with interrupts.keeps(keep):
         interrupts.test_point("stage-b")
-        results = _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget,
+        results = _stage_b(ck, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget,
                            search, select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0,
                            wall_a, resumed=done is not None, plan=plan)
     return results
@@ -333,11 +335,12 @@ def _finished_tune(out_dir, plan: str, force: bool) -> Optional[dict]:
     return distributed.on_main(read, "the check of a finished tune") if distributed.active() else read()
 
 
-def _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test_views, device, quiet, jobs,
+def _stage_a(ck, chosen_methods, plans, owner, tune_seeds, select_metric, test_views, device, quiet, jobs,
              clean_view, precision) -> tuple:
-    """Every point on val (no test split in sight): (picks, points, wall time)."""
+    """Every point on val (no test split in sight): (picks, points, wall time). ``ck``: the
+    checked cache (:class:`~ltcache.stage2.requirements.Checked`)."""
     t0 = time.perf_counter()
-    res_a, _ = run_sweep(without_test(full), plans, tune_seeds, "last", test_views, device, quiet, jobs,
+    res_a, _ = run_sweep(ck.with_cache(without_test(ck.cache)), plans, tune_seeds, "last", test_views, device, quiet, jobs,
                          clean_view, evaluate_test=False, precision=precision)
     by_name: dict[str, list[dict]] = {}
     for r in res_a["runs"]:
@@ -354,7 +357,7 @@ def _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test
     return picks, points, time.perf_counter() - t0
 
 
-def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
+def _stage_b(ck, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
              select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0, wall_a,
              resumed: bool, plan: str = "") -> dict:
 
@@ -371,7 +374,7 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
             tags[run_name(*base)] = (m.name, "preset")
             plans_b.append(base)
     echo(f"tune stage B: {len(plans_b)} configurations x {len(seeds)} seeds on test", quiet)
-    results, _ = run_sweep(full, plans_b, seeds, "last", test_views, device, quiet, jobs, clean_view,
+    results, _ = run_sweep(ck, plans_b, seeds, "last", test_views, device, quiet, jobs, clean_view,
                            precision=precision)
     wall_b = time.perf_counter() - t1
     for r in results["runs"]:
@@ -392,7 +395,7 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
     wall = time.perf_counter() - t0
     results["preset"] = pre
     results["wall_time_s"] = wall
-    results["tune"] = {"schema": TUNE_SCHEMA, "plan_hash": plan, "cache_fingerprint": cache_fingerprint(full),
+    results["tune"] = {"schema": TUNE_SCHEMA, "plan_hash": plan, "cache_fingerprint": cache_fingerprint(ck.cache),
                        "budget": budget,
                        "search": search, "select_metric": select_metric, "tune_seeds": tune_seeds, "seeds": seeds,
                        "stage_a": {"configurations": len(plans) * len(tune_seeds), "wall_time_s": wall_a,
