@@ -26,10 +26,10 @@ import torch.nn.functional as F
 
 from ltcache import distributed, interrupts
 from ltcache.checkpoints import FORMAT, FORMAT_VERSION, load_checkpoint, read_pretrained, read_torch_file  # noqa: F401
-from ltcache.cache.lock import OutputLock
 from ltcache.data import DatasetSpec, build_dataset
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
+from ltcache.lock import OutputLock
 from ltcache.metrics import fmt_pct, group_accuracy, per_class_accuracy
 from ltcache.models import build_model
 from ltcache.models.registry import check_arch, load_pretrained

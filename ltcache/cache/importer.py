@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from ltcache.cache.build import DTYPES, manifest_body
 from ltcache.cache.manifest import CLASSIFIER, MANIFEST, sha256_file, write_manifest
 from ltcache.cache.shards import shard_name, write_classifier, write_shard
-from ltcache.errors import LtcacheError, close_matches
-from ltcache.outputs import os_error, output_lock, restore_interrupted_swap
+from ltcache.errors import LtcacheError, close_matches, os_error
+from ltcache.outputs import output_lock, restore_interrupted_swap
 
 PathLike = Union[str, Path]
 

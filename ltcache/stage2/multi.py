@@ -134,7 +134,8 @@ def cache_results(doc: dict, i: int) -> dict:
 def write_multi(doc: dict, out_dir: Union[str, Path], against: Optional[str] = None) -> dict:
     """results.json and the paper table (paper.md, paper.csv, paper.tex) in ``out_dir``; every
     text is rendered before the first file is written, each written atomically."""
-    from ltcache.outputs import os_error, write_text
+    from ltcache.errors import os_error
+    from ltcache.outputs import write_text
     from ltcache.stage2 import paper_table as pt
     from ltcache.stage2.results import write_json
     out = Path(out_dir)
