@@ -525,5 +525,5 @@ def _more_caches(paths: list, pipeline: Path, own: Path) -> list[Path]:
 
 
 def _paper(doc: dict) -> str:
-    from ltcache.stage2.paper_table import render
+    from ltcache.stage2.paper_format import render
     return render(doc, "terminal")

@@ -369,7 +369,7 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select,
     if not main:
         return
     if isinstance(caches, list):
-        from ltcache.stage2.paper_table import render
+        from ltcache.stage2.paper_format import render
         click.echo(render(results, "terminal"), nl=False)
         if out is not None:
             click.echo(f"results: {out}/results.json, paper.md, paper.csv, paper.tex")

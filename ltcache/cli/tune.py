@@ -103,7 +103,7 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
     if not is_main():
         return
     if multi:
-        from ltcache.stage2.paper_table import render
+        from ltcache.stage2.paper_format import render
         click.echo(render(results, "terminal"), nl=False)
         if out is not None:
             click.echo(f"results: {out}/results.json, paper.md, paper.csv, paper.tex")
