@@ -7,11 +7,12 @@ from pathlib import Path
 import click
 
 from ltcache.cli.app import cli
+from ltcache.options import TABLE_FORMATS
 
 
 @cli.command("table")
 @click.argument("results", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["terminal", "markdown", "csv", "latex"]), default="terminal",
+@click.option("--format", "fmt", type=click.Choice(TABLE_FORMATS), default="terminal",
               show_default=True, help="how the table is written")
 @click.option("--against", default=None,
               help="reference method of the differences (default: the one the run was given, ce unless set)")

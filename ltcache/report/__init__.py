@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from ltcache.errors import LtcacheError
+from ltcache.options import FIGURE_FORMATS
 from ltcache.report.load import Report, Series, load_report, read_results
 
-FORMATS = ("png", "svg")
+FORMATS = FIGURE_FORMATS
 FIGURES = ("per_class_heatmap", "per_class_accuracy", "lm_rsd", "reliability", "logit_margin", "group_accuracy")
 
 

@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 import torch
 
 from ltcache.errors import LtcacheError
+from ltcache.options import SEARCHES
 
 SCALES = ("log", "linear", "int", "choice")
-SEARCHES = ("sobol", "random", "grid")
 
 
 @dataclass(frozen=True)
