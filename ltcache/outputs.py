@@ -128,13 +128,6 @@ def write_text(path: PathLike, text: str) -> Path:
     return Path(path)
 
 
-def write_bytes(path: PathLike, data: bytes) -> Path:
-    """Atomically write a binary file."""
-    with atomic_write(path, "wb") as fh:
-        fh.write(data)
-    return Path(path)
-
-
 def check_output_file(path: PathLike, force: bool = False, what: str = "output file",
                       flag: str = "--force") -> Path:
     """Before any work: ``path`` may be written as a file (not a folder, parent creatable and
