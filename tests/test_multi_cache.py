@@ -200,6 +200,40 @@ def test_tune_over_caches_tunes_each_on_its_own_val(three, tmp_path):
     assert (tmp_path / "t" / "paper.md").is_file()
 
 
+def test_an_interrupted_tune_over_caches_continues_where_it_ended(three, tmp_path, monkeypatch):
+    """Each cache's tune lives in OUT/caches/NN/: a failure in cache 2's stage B keeps cache 1's
+    finished tune and cache 2's stage A, and the same command re-runs only cache 2's stage B."""
+    from ltcache.stage2 import tune as tune_mod
+    real, calls = tune_mod.run_sweep, []
+
+    def fourth_fails(*a, **k):                 # cache 1: stage A, stage B; cache 2: stage A, then this
+        calls.append(1)
+        if len(calls) == 4:
+            raise LtcacheError("stage B broke")
+        return real(*a, **k)
+
+    caches, out = [str(p) for p in three[:2]], tmp_path / "t"
+    args = dict(methods=["ce", "los"], budget=2, tune_seeds=[0], seeds=[0, 1], out_dir=out, **KW)
+    monkeypatch.setattr(tune_mod, "run_sweep", fourth_fails)
+    with pytest.raises(LtcacheError, match="stage B broke"):
+        api.tune(caches, **args)
+    assert (out / "caches" / "00" / "results.json").is_file() and (out / "caches" / "01" / "stage_a.json").is_file()
+    assert not (out / "caches" / "01" / "results.json").exists() and not (out / "results.json").exists()
+    first = json.loads((out / "caches" / "00" / "results.json").read_text())
+    calls.clear()
+    doc = api.tune(caches, **args)                        # the same command: cache 2's stage B alone
+    assert len(calls) == 1
+    assert doc["caches"][0]["results"]["tune"] == first["tune"]
+    assert doc["caches"][1]["results"]["tune"]["stage_a"]["resumed"] is True
+    assert len(doc["runs"]) == 2 * len([r for r in first["runs"]])
+    with pytest.raises(LtcacheError, match="already holds results.json"):   # finished: never replaced silently
+        api.tune(caches, **args)
+    with pytest.raises(LtcacheError, match="different plan"):              # another plan in a cache's folder
+        for name in ("results.json", "paper.md", "paper.csv", "paper.tex"):
+            (out / name).unlink()
+        api.tune(caches, **{**args, "budget": 3})
+
+
 # ------------------------------------------------------------------------------- bad input
 
 @pytest.fixture(scope="module")

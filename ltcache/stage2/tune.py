@@ -34,6 +34,7 @@ SELECT_METRICS = {"val-balanced": ("balanced", True), "val-all": ("all", True), 
 TUNE_SCHEMA = "ltcache-tune/1"
 STAGE_A_SCHEMA = "ltcache-tune-stage-a/1"
 STAGE_A = "stage_a.json"
+CACHE_DIRS = "caches"          # a multi-cache tune: OUT/caches/NN/ holds cache NN's tune (stage A, then its results)
 OUTPUTS = ("results.json", "tune.csv", "tune.md")      # a finished tune: never replaced without --force
 
 
@@ -148,8 +149,18 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
                                clean_view=clean_view, space=space, precision=precision))
     if isinstance(cache, (list, tuple)):
         cache = cache[0]
+    return _tune_one(cache, methods, budget, search, select_metric, tune_seeds, seeds, test_views, device, quiet,
+                     preset, out_dir, force, jobs, clean_view, space, precision)
+
+
+def _tune_one(cache, methods, budget: int, search: str, select_metric: str, tune_seeds, seeds, test_views: str,
+              device: str, quiet: bool, preset, out_dir, force: bool, jobs, clean_view: bool, space, precision: str,
+              keep_finished: bool = False) -> dict:
+    """:func:`tune` on one cache. ``keep_finished`` (a cache of a multi-cache tune, in its own
+    sub-folder): a finished tune of the same plan there is read back instead of re-run, and the
+    sub-folder's earlier files do not need ``--force``."""
     chosen_methods, tune_seeds, seeds = _check_request(methods, budget, search, select_metric, space, tune_seeds,
-                                                       seeds, out_dir, force)
+                                                       seeds, None if keep_finished else out_dir, force)
     dev = resolve_device(device)
     check_precision(precision, dev)
     full = _load_cache(cache, dev)
@@ -163,6 +174,10 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
     from ltcache.stage2.results import run_header
     echo(run_header(full, pre, dev, "tune"), quiet)
     plan = plan_hash(full, plans, tune_seeds, select_metric, test_views, clean_view, precision)
+    finished = _finished_tune(out_dir, plan, force) if keep_finished else None
+    if finished is not None:
+        echo(f"tune: complete in {Path(out_dir) / 'results.json'} (the same plan), kept", quiet)
+        return finished
     done = _completed_stage_a(out_dir, plan, force)
     if done is not None:
         picks, points, wall_a = done["picks"], done["points"], float(done["wall_time_s"])
@@ -178,9 +193,10 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
             if out_dir is not None else "nothing was written (no --out); the same command starts over")
     with interrupts.keeps(keep):
         interrupts.test_point("stage-b")
-        return _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
-                        select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0, wall_a,
-                        resumed=done is not None)
+        results = _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget,
+                           search, select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0,
+                           wall_a, resumed=done is not None, plan=plan)
+    return results
 
 
 def _check_request(methods: Optional[Sequence[str]], budget: int, search: str, select_metric: str,
@@ -264,6 +280,28 @@ def _completed_stage_a(out_dir, plan: str, force: bool) -> Optional[dict]:
     return distributed.on_main(read, "the check of stage A") if distributed.active() else read()
 
 
+def _finished_tune(out_dir, plan: str, force: bool) -> Optional[dict]:
+    """The finished tune in ``out_dir`` when it ran this very plan (None: tune). A finished tune of
+    another plan there is refused unless ``force``. Decided on rank 0 and shared."""
+    from ltcache import distributed
+
+    def read() -> Optional[dict]:
+        path = Path(out_dir) / "results.json"
+        if force or not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            same = doc["tune"].get("plan_hash") == plan
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise LtcacheError(f"{path} is not a readable tune result (damaged?); use --force to tune again, or "
+                               "another --out folder") from None
+        if not same:
+            raise LtcacheError(f"{path} holds a finished tune of a different plan (other methods, budget, seeds, "
+                               "options or cache); give the same command, another --out, or --force to tune again")
+        return doc
+    return distributed.on_main(read, "the check of a finished tune") if distributed.active() else read()
+
+
 def _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test_views, device, quiet, jobs,
              clean_view, precision) -> tuple:
     """Every point on val (no test split in sight): (picks, points, wall time)."""
@@ -287,7 +325,7 @@ def _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test
 
 def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
              select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0, wall_a,
-             resumed: bool) -> dict:
+             resumed: bool, plan: str = "") -> dict:
 
     # stage B: each pick and each preset over the final seeds, evaluated on test
     t1 = time.perf_counter()
@@ -323,7 +361,8 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
     wall = time.perf_counter() - t0
     results["preset"] = pre
     results["wall_time_s"] = wall
-    results["tune"] = {"schema": TUNE_SCHEMA, "cache_fingerprint": cache_fingerprint(full), "budget": budget,
+    results["tune"] = {"schema": TUNE_SCHEMA, "plan_hash": plan, "cache_fingerprint": cache_fingerprint(full),
+                       "budget": budget,
                        "search": search, "select_metric": select_metric, "tune_seeds": tune_seeds, "seeds": seeds,
                        "stage_a": {"configurations": len(plans) * len(tune_seeds), "wall_time_s": wall_a,
                                    "resumed": resumed},
@@ -350,8 +389,12 @@ def _tune_many(caches: list, methods, against: str, out_dir, force: bool, quiet:
     if out_dir is not None:
         from ltcache.outputs import check_output_dir
         check_output_dir(out_dir, force=force, outputs=multi.MULTI_OUTPUTS, what="--out folder")
-    doc = multi.run_caches("tune", caches, lambda c: tune(c, names, quiet=quiet, **kw), ref, need_val="tune",
-                           quiet=quiet)
+    subs = iter(range(len(caches)))
+
+    def one(c) -> dict:                       # each cache in its own sub-folder: a re-run continues where it ended
+        sub = None if out_dir is None else Path(out_dir) / CACHE_DIRS / f"{next(subs):02d}"
+        return _tune_one(c, names, quiet=quiet, out_dir=sub, force=force, keep_finished=True, **kw)
+    doc = multi.run_caches("tune", caches, one, ref, need_val="tune", quiet=quiet)
     if out_dir is not None:
         multi.write_multi(doc, out_dir)
     return doc
