@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ltcache.errors import LtcacheError
+from ltcache.options import (BN_SHIFTS, DTYPES, PRESETS, PROFILES, PROTOCOLS, SEARCHES, SELECT_METRICS, SELECTIONS,
+                             SELECTS, STAGE1_SCHEDULES, TRAIN_BN, alternatives)
 from ltcache.progress import echo
 
 # Every accepted key per section: (type or tuple of types, description). Unknown keys and wrong
@@ -38,8 +40,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "dataset": {
         "source": (str, "cifar10 | cifar100 | imagefolder:PATH | splitlist:DIR/NAME"),
         "imb_ratio": (_NUM, "imbalance ratio n_max/n_min (>= 1)"),
-        "profile": (str, "exp | step"),
-        "selection": (str, "first | shuffle"),
+        "profile": (str, alternatives(PROFILES)),
+        "selection": (str, alternatives(SELECTIONS)),
         "seed": (int, "selection / validation seed"),
         "val_per_class": (int, "balanced validation images per class"),
         "data_root": (str, "data root (default ./data or $LTCACHE_DATA)"),
@@ -52,7 +54,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "lr": (_NUM, "base learning rate"),
         "momentum": (_NUM, "SGD momentum"),
         "wd": (_NUM, "weight decay"),
-        "schedule": (str, "cosine | step"),
+        "schedule": (str, alternatives(STAGE1_SCHEDULES)),
         "warmup_epochs": (int, "linear warm-up epochs (default 5, or the longest that fits a shorter run)"),
         "eval_every": (int, "evaluate val/test every N epochs and after the last (default 1; 0: last only)"),
         "label_smoothing": (_NUM, "label smoothing epsilon"),
@@ -64,14 +66,14 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "workers": (int, "image decoding workers"),
     },
     "extract": {
-        "protocol": (str, "faithful (default) | clean: fills the four options below when not given"),
+        "protocol": (str, f"{alternatives(PROTOCOLS)} (default {PROTOCOLS[0]}): fills the four options below when not given"),
         "splits": (list, "splits to extract"),
         "test_views": (list, "views of val/test: center, hflip"),
         "train_views": (int, "augmented views per training image besides the clean one"),
-        "train_bn": (str, "running | batch"),
-        "bn_shift": (str, "none | instance | class"),
+        "train_bn": (str, alternatives(TRAIN_BN)),
+        "bn_shift": (str, alternatives(BN_SHIFTS)),
         "bn_shift_passes": (int, "passes over the training set for the BN shift"),
-        "dtype": (str, "float16 | float32"),
+        "dtype": (str, alternatives(DTYPES)),
         "batch_size": (int, "extraction batch size"),
         "shard_rows": (int, "rows per HDF5 shard"),
         "workers": (int, "image decoding workers"),
@@ -80,9 +82,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "methods": ((str, list), "'all' or a list of method names"),
         "seeds": (list, "seeds, each trained as its own configuration"),
         "grid": (dict, "hyper-parameter grids, e.g. {delta = [0.9, 0.98]}; one method's: {\"vs.tau\" = [1, 1.5]}"),
-        "select": (str, "last | val"),
+        "select": (str, alternatives(SELECTS)),
         "test_views": (list, "views averaged at evaluation"),
-        "preset": (str, "cifar | imagenet (default: from the cache)"),
+        "preset": (str, f"{alternatives(PRESETS)} (default: from the cache)"),
         "clean_view": (bool, "also draw the clean train view (default false: augmented views only)"),
         "caches": (list, "more caches swept with this pipeline's own (paths relative to this file), e.g. other "
                          "stage-1 seeds and datasets: one results file and the paper table"),
@@ -91,14 +93,14 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "tune": {
         "methods": ((str, list), "'all' or a list of method names to tune on val (`ltcache tune`)"),
         "budget": (int, "points of each method's search space in stage A (default 32)"),
-        "search": (str, "sobol | random | grid"),
-        "select_metric": (str, "val-balanced | val-all | val-nll"),
+        "search": (str, alternatives(SEARCHES)),
+        "select_metric": (str, alternatives(SELECT_METRICS)),
         "tune_seeds": (list, "seeds of stage A"),
         "seeds": (list, "seeds the picks and presets are re-trained with (stage B)"),
         "space": (dict, "replacement dimensions, e.g. {delta = \"0.5:0.99\", epochs = \"10,20\"}; one method's: "
                         "{\"la-loss.tau\" = \"0:1\"}"),
         "test_views": (list, "views averaged at evaluation"),
-        "preset": (str, "cifar | imagenet (default: from the cache)"),
+        "preset": (str, f"{alternatives(PRESETS)} (default: from the cache)"),
         "caches": (list, "more caches tuned with this pipeline's own (paths relative to this file): one results "
                          "file and the paper table"),
         "against": (str, "with caches: the paper table's reference method (default ce)"),
@@ -243,7 +245,7 @@ def check_steps(pl: "Pipeline", path: str | Path) -> None:
     """Every later step's options checked before stage 1 starts (hours on a real dataset): method
     names, grid keys and values, overrides, seeds, presets, the tune budget, search, metric and space.
     A problem is one line naming the file and the section."""
-    from ltcache.stage2.methods import METHODS, PRESETS
+    from ltcache.stage2.methods import METHODS
     from ltcache.stage2.plan import expand, parse_seeds
     from ltcache.stage2.tune import SELECT_METRICS, check_space, parse_space
     from ltcache.stage2.space import SEARCHES
@@ -264,7 +266,7 @@ def check_steps(pl: "Pipeline", path: str | Path) -> None:
             parse_seeds(sec.get("tune_seeds", [0]))
             if sec.get("preset") is not None and sec["preset"] not in PRESETS:
                 raise LtcacheError(f"preset '{sec['preset']}' is unknown; use one of: {', '.join(PRESETS)}")
-            if section == "sweep" and sec.get("select", "last") not in ("last", "val"):
+            if section == "sweep" and sec.get("select", "last") not in SELECTS:
                 raise LtcacheError(f"select '{sec['select']}' is unknown; use last or val")
             if section == "tune":
                 budget = sec.get("budget", 32)
@@ -545,5 +547,5 @@ def _more_caches(paths: list, pipeline: Path, own: Path) -> list[Path]:
 
 
 def _paper(doc: dict) -> str:
-    from ltcache.stage2.paper_table import render
+    from ltcache.stage2.paper_format import render
     return render(doc, "terminal")

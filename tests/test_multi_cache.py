@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from ltcache.cache.build import write_cache
 from ltcache.cli import cli
 from ltcache.errors import LtcacheError
-from ltcache.stage2 import api, paper_table as pt, sweep
+from ltcache.stage2 import api, paper_format as pf, paper_table as pt, sweep
 from ltcache.stage2.replicates import group_caches, identify, stage1_seed
 from test_stage2_engine import fake_cache
 
@@ -150,18 +150,18 @@ def test_t_quantiles():
 
 
 def test_renderings_terminal_markdown_csv_latex(bench_doc):
-    term = pt.render(bench_doc, "terminal")
+    term = pf.render(bench_doc, "terminal")
     assert "cifar10 IR 10" in term and "Δ vs ce [95 % CI]" in term and "*" in term
     assert "2 backbones (stage-1 seed 0, stage-1 seed 1) x 2 stage-2 seeds" in term
     assert "1 backbone x 2 stage-2 seeds (stage-2 seeds only)" in term
-    md = pt.render(bench_doc, "markdown")
+    md = pf.render(bench_doc, "markdown")
     assert md.startswith("| method | avg rank | cifar10 IR 10 All |") and "**" in md
-    rows = list(csv.DictReader(io.StringIO(pt.render(bench_doc, "csv"))))
+    rows = list(csv.DictReader(io.StringIO(pf.render(bench_doc, "csv"))))
     # 3 methods x (IR 10: All, Many, Medium, Few + IR 50: the same)
     assert len(rows) == 3 * 8 and {r["column"] for r in rows} == {"all", "many", "medium", "few"}
     los = next(r for r in rows if r["method"] == "los" and r["dataset"] == "cifar10 IR 10" and r["column"] == "all")
     assert los["diff_over"] == "backbones" and float(los["diff_lo"]) <= float(los["diff_mean"]) <= float(los["diff_hi"])
-    tex = pt.render(bench_doc, "latex", against="los")
+    tex = pf.render(bench_doc, "latex", against="los")
     assert r"\begin{tabular}" in tex and r"\multicolumn{4}{c}{cifar10 IR 10}" in tex and r"\textbf{" in tex
     assert r"$\Delta$ vs los" in tex and tex.count(r"\\") == 2 + 3
     with pytest.raises(LtcacheError, match="--against ncm"):

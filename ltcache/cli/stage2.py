@@ -7,6 +7,7 @@ import click
 
 from ltcache.cli.app import FilePath, StrictCommand, cli
 from ltcache.errors import LtcacheError
+from ltcache.options import PRECISIONS, PRESETS, SELECTS, TEST_VIEWS
 from ltcache.threads import apply_threads
 
 PLUGIN_HELP = ("a Python file of your own methods, losses, heads, samplers or post-hoc rules "
@@ -114,7 +115,7 @@ AGAINST_HELP = ("with several caches: the reference method of the paper table's 
 def _common(f=None, *, multi_cache: bool = False):
     if f is None:
         return lambda g: _common(g, multi_cache=multi_cache)
-    f = click.option("--precision", type=click.Choice(["fp32", "bf16", "tf32"]), default="fp32",
+    f = click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
                      show_default=True, help=PRECISION_HELP)(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False, help=THREADS_HELP)(f)
     f = click.option("--from-tune", "from_tune", type=click.Path(path_type=Path), default=None,
@@ -128,12 +129,12 @@ def _common(f=None, *, multi_cache: bool = False):
                      help="worker processes for CPU sweeps of small heads (feature dim <= 1024), where one "
                           "process is bound by per-op and element-wise work (default: the cores torch "
                           "may use; 1: this process only)")(f)
-    f = click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default=None, show_default=False,
+    f = click.option("--preset", type=click.Choice(PRESETS), default=None, show_default=False,
                      help="hyper-parameter preset (default: from the cache's classes and feature size)")(f)
     f = click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N")(f)
-    f = click.option("--test-views", type=click.Choice(["all", "center"]), default="all",
+    f = click.option("--test-views", type=click.Choice(TEST_VIEWS), default="all",
                      help="average logits over the cached test views, or use the center view only")(f)
-    f = click.option("--select", type=click.Choice(["last", "val"]), default="last",
+    f = click.option("--select", type=click.Choice(SELECTS), default="last",
                      help="keep the last epoch or the best epoch on the val split (never test)")(f)
     f = click.option("--seeds", default="0", help="comma-separated seeds, each its own configuration")(f)
     if multi_cache:
@@ -383,7 +384,7 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select,
     if not main:
         return
     if isinstance(caches, list):
-        from ltcache.stage2.paper_table import render
+        from ltcache.stage2.paper_format import render
         click.echo(render(results, "terminal"), nl=False)
         if out is not None:
             click.echo(f"results: {out}/results.json, paper.md, paper.csv, paper.tex")
@@ -394,7 +395,7 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select,
 
 @cli.command("methods", cls=PluginCommand)
 @_plugin_option
-@click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default="cifar", help="which defaults to show")
+@click.option("--preset", type=click.Choice(PRESETS), default="cifar", help="which defaults to show")
 @click.option("--space", is_flag=True,
               help="print each method's search space for `ltcache tune`: every dimension's scale, range and "
                    "where the range comes from")

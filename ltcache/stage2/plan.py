@@ -29,14 +29,13 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 
 from ltcache.errors import LtcacheError
+from ltcache.options import TEST_VIEWS
 from ltcache.stage2.closed_form import POSTHOC
 from ltcache.stage2.heads import HeadKind, get_head
 from ltcache.stage2.losses import LossSpec, build_loss
 from ltcache.stage2.methods import GENERIC, Method, check_param, get_method, resolve_params, run_name, split_key
 from ltcache.stage2.params import SCHEDULES
 from ltcache.stage2.samplers import ClassIndex
-
-TEST_VIEWS = ("all", "center")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 from ltcache import interrupts
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
+from ltcache.options import SELECTS
 from ltcache.progress import echo
 from ltcache.stage2.checks import preflight
 from ltcache.stage2.evaluate import Evaluator
@@ -47,7 +48,7 @@ def run_sweep(cache, plans: list[tuple[Method, dict, dict]], seeds: Sequence[int
     cache or a cache directory (then loaded and checked here)."""
     if jobs is not None and jobs < 1:
         raise LtcacheError(f"--jobs must be >= 1 (got {jobs}); 1 trains everything in this process")
-    if select not in ("last", "val"):
+    if select not in SELECTS:
         raise LtcacheError(f"unknown --select '{select}'; use last or val")
     dev = resolve_device(device)
     check_precision(precision, dev)

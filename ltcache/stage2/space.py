@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from ltcache.errors import LtcacheError
+from ltcache.options import SEARCHES
 
 SCALES = ("log", "linear", "int", "choice")
-SEARCHES = ("sobol", "random", "grid")
 
 
 @dataclass(frozen=True)
