@@ -102,28 +102,46 @@ def expand(methods: Sequence[str], overrides: Optional[dict], grid: Optional[dic
     grid, overrides = grid or {}, overrides or {}
     chosen = [get_method(m) for m in methods]
     by_name = {m.name: m for m in chosen}
+    _check_grid(grid, chosen, by_name, strict, notice)
+    q_over = {key: _qualified(key, "override", by_name) for key in overrides}
+    plans = []
+    for method in chosen:
+        ov, mgrid = _method_grid(method, overrides, q_over, grid, by_name)
+        keys = list(mgrid)
+        for combo in itertools.product(*[mgrid[k] for k in keys]):
+            point = dict(ov)
+            point.update(dict(zip(keys, combo)))
+            plans.append((method, resolve_params(method, preset, point, n_train), point))
+    return plans
 
-    def has(method: Method, name: str) -> bool:
-        return name in method.tunables or (name in GENERIC and not method.closed_form)
 
-    def qualified(key: str, flag: str) -> Optional[tuple[str, str]]:
-        """(method, param) of a qualified key (checked against the run); None for a short key."""
-        mname, name = split_key(key)
-        if not mname:
-            return None
-        m = by_name.get(mname) or by_name.get(get_method(mname).name)
-        if m is None:
-            raise LtcacheError(f"{flag} {key}: method {mname} is not in this run ({', '.join(by_name)}); "
-                               f"add it to the methods or drop {key}")
-        if not has(m, name):
-            own = ", ".join(sorted(set(m.tunables) | (set() if m.closed_form else set(GENERIC)))) or "none"
-            raise LtcacheError(f"{flag} {key}: method {m.name} has no hyper-parameter {name} (its: {own})")
-        return m.name, name
+def _has(method: Method, name: str) -> bool:
+    """Whether ``name`` is one of ``method``'s hyper-parameters (its own or a generic one)."""
+    return name in method.tunables or (name in GENERIC and not method.closed_form)
 
+
+def _qualified(key: str, flag: str, by_name: dict) -> Optional[tuple[str, str]]:
+    """(method, param) of a qualified key (checked against the run's methods); None for a short key."""
+    mname, name = split_key(key)
+    if not mname:
+        return None
+    m = by_name.get(mname) or by_name.get(get_method(mname).name)
+    if m is None:
+        raise LtcacheError(f"{flag} {key}: method {mname} is not in this run ({', '.join(by_name)}); "
+                           f"add it to the methods or drop {key}")
+    if not _has(m, name):
+        own = ", ".join(sorted(set(m.tunables) | (set() if m.closed_form else set(GENERIC)))) or "none"
+        raise LtcacheError(f"{flag} {key}: method {m.name} has no hyper-parameter {name} (its: {own})")
+    return m.name, name
+
+
+def _check_grid(grid: dict, chosen: list, by_name: dict, strict: bool, notice: bool) -> None:
+    """Every grid key and value checked before any work; a short key some methods lack is a notice
+    (an error with ``strict``)."""
     for key, values in grid.items():
         if not values:
             raise LtcacheError(f"--grid {key}= has no values; give e.g. --grid {key}=0.9,0.98")
-        q = qualified(key, "--grid")
+        q = _qualified(key, "--grid", by_name)
         if q is not None:
             for v in values:
                 check_param(q[1], v, q[0])
@@ -133,32 +151,28 @@ def expand(methods: Sequence[str], overrides: Optional[dict], grid: Optional[dic
                                "check `ltcache methods` for each method's options")
         for v in values:
             check_param(key, v)
-        lack = [m.name for m in chosen if not has(m, key)]
+        lack = [m.name for m in chosen if not _has(m, key)]
         if lack:
             msg = f"--grid {key} does not apply to {', '.join(lack)}"
             if strict:
                 raise LtcacheError(f"{msg}; drop them from --methods or drop --strict to run them without it")
             from ltcache.progress import echo
             echo(f"notice: {msg}; they run once, without it (--strict makes this an error)", not notice)
-    q_over = {key: qualified(key, "override") for key in overrides}
-    plans = []
-    for method in chosen:
-        ov = {k: v for k, v in overrides.items() if q_over[k] is None and has(method, k)}
-        mgrid = {k: vals for k, vals in grid.items() if "." not in k and has(method, k)}
-        for key, v in overrides.items():              # a qualified override: this method's, over the short ones
-            if q_over[key] is not None and q_over[key][0] == method.name:
-                ov[q_over[key][1]] = v
-                mgrid.pop(q_over[key][1], None)
-        for key, vals in grid.items():
-            mname, name = split_key(key)
-            if mname and by_name.get(mname, get_method(mname)).name == method.name:
-                mgrid[name] = vals
-        keys = list(mgrid)
-        for combo in itertools.product(*[mgrid[k] for k in keys]):
-            point = dict(ov)
-            point.update(dict(zip(keys, combo)))
-            plans.append((method, resolve_params(method, preset, point, n_train), point))
-    return plans
+
+
+def _method_grid(method: Method, overrides: dict, q_over: dict, grid: dict, by_name: dict) -> tuple[dict, dict]:
+    """(the overrides, the grid) that apply to ``method``: its short keys, then its qualified ones over them."""
+    ov = {k: v for k, v in overrides.items() if q_over[k] is None and _has(method, k)}
+    mgrid = {k: vals for k, vals in grid.items() if "." not in k and _has(method, k)}
+    for key, v in overrides.items():              # a qualified override: this method's, over the short ones
+        if q_over[key] is not None and q_over[key][0] == method.name:
+            ov[q_over[key][1]] = v
+            mgrid.pop(q_over[key][1], None)
+    for key, vals in grid.items():
+        mname, name = split_key(key)
+        if mname and by_name.get(mname, get_method(mname)).name == method.name:
+            mgrid[name] = vals
+    return ov, mgrid
 
 
 def make_config(method: Method, params: dict, seed: int, name: str, counts: torch.Tensor) -> Config:
