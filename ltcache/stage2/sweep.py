@@ -38,6 +38,7 @@ import torch
 
 from ltcache import distributed as _dist
 from ltcache.errors import LtcacheError
+from ltcache.options import SELECTS
 from ltcache.stage2.group import GroupTrainer, train_group  # noqa: F401  (re-exported: sweep.GroupTrainer)
 from ltcache.stage2.grouping import frozen_base, group_key, make_groups, stream_blocks, stream_key  # noqa: F401
 from ltcache.stage2.params import SCHEDULES  # noqa: F401  (re-exported)
@@ -54,8 +55,8 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
 
     ``n_jobs``: worker processes for CPU sweeps of small heads (D <= 1024 or tiny steps;
     default: the cores torch may use)."""
-    if select not in ("last", "val"):
-        raise LtcacheError(f"unknown --select '{select}'; use last or val")
+    if select not in SELECTS:
+        raise LtcacheError(f"unknown --select '{select}'; use {' or '.join(SELECTS)}")
     if select == "val" and data.val_x is None:
         raise LtcacheError("--select val needs a val split in the cache; use --select last "
                            "or extract the cache with a val split")

@@ -23,7 +23,7 @@ from ltcache.metrics import fmt_pct
 from ltcache.devices import resolve_device
 from ltcache.progress import echo
 from ltcache.stage2.evaluate import VAL_METRICS
-from ltcache.stage2.methods import (GENERIC, METHODS, check_key, check_param, choose_preset, get_method, join_key,
+from ltcache.stage2.methods import (GENERIC, METHODS, check_key, choose_preset, get_method, join_key,
                                     method_space, resolve_params, run_name, split_key)
 from ltcache.stage2.plan import _load_cache, parse_seeds
 from ltcache.stage2.requirements import check, require_val

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from ltcache.errors import LtcacheError
+from ltcache.options import PRESETS  # noqa: F401  (declared once, with every option list; re-exported)
 from ltcache.registry import Registry, origin_of
 from ltcache.stage2 import head_kinds as H
 from ltcache.stage2.closed_form import POSTHOC
@@ -45,7 +46,6 @@ from ltcache.stage2.samplers import SAMPLERS, STEP_RULES
 from ltcache.stage2.space import Dim, Space
 
 INITS = ("stage1", "fresh")
-PRESETS = ("cifar", "imagenet")
 
 
 # ---------------------------------------------------------------------------------------------
