@@ -89,7 +89,7 @@ def main(steps: int = 60) -> None:
 def groups(shape: str) -> None:
     """Every group of a sweep, eager vs. its loss gradient compiled (first calls timed apart)."""
     import profile_groups
-    from ltcache.stage2 import sweep
+    from ltcache.stage2 import group as sweep          # where the step calls batched_loss_grad
 
     print(f"== eager ({shape})")
     eager = profile_groups.main(["--shape", shape])

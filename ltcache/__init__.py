@@ -35,7 +35,7 @@ __all__ = ["__version__", "load_model", "register_method", "register_loss", "reg
 _LAZY = {
     "register_method": ("ltcache.stage2.methods", "register_method"),
     "register_loss": ("ltcache.stage2.losses", "register_loss"),
-    "register_head": ("ltcache.stage2.heads", "register_head"),
+    "register_head": ("ltcache.stage2.head_kinds", "register_head"),
     "register_sampler": ("ltcache.stage2.samplers", "register_sampler"),
     "register_posthoc": ("ltcache.stage2.closed_form", "register_posthoc"),
     "LossSpec": ("ltcache.stage2.losses", "LossSpec"),

@@ -5,7 +5,7 @@
   name only ever holds a complete file (the previous one, or the new one).
 * OS errors (a full disk, no permission, a read-only file system) become one-line
   :class:`~ltcache.errors.LtcacheError` messages naming the file and, for a full disk, the free
-  space there (:func:`os_error`).
+  space there (:func:`ltcache.errors.os_error`).
 * :func:`check_output_file` / :func:`check_output_dir` check an output path *before* any work
   starts: the right kind of path, a writable parent, and no existing output replaced without
   ``force``.
@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
-from ltcache.errors import LtcacheError
+from ltcache.errors import LtcacheError, os_error
+from ltcache.lock import OutputLock, held_by_another
 
 PathLike = Union[str, Path]
 
@@ -40,35 +41,6 @@ def _usual_mode(tmp: str, final: Path) -> None:
         os.chmod(tmp, mode)
     except OSError:
         pass
-
-
-def _free_space(path: Path) -> str:
-    """Free space of the file system holding ``path`` (or its nearest existing parent)."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        free = shutil.disk_usage(p).free
-    except OSError:
-        return "unknown"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if free < 1024 or unit == "TB":
-            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
-        free /= 1024
-    return "unknown"  # pragma: no cover
-
-
-def os_error(exc: OSError, path: PathLike, needed: Optional[int] = None) -> LtcacheError:
-    """A one-line LtcacheError for an OS error while writing ``path``."""
-    path = Path(path)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        need = f"; about {needed / 2**20:.1f} MB is needed" if needed else ""
-        return LtcacheError(f"no space left on the device while writing {path} "
-                            f"({_free_space(path.parent)} free there{need}); free some space or write "
-                            "elsewhere, then run the command again (nothing was left half-written)")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return LtcacheError(f"cannot write {path} ({exc.strerror}); choose a folder you can write to")
-    return LtcacheError(f"cannot write {path} ({exc.strerror or exc}); check the path and the disk")
 
 
 @contextlib.contextmanager
@@ -156,13 +128,6 @@ def write_text(path: PathLike, text: str) -> Path:
     return Path(path)
 
 
-def write_bytes(path: PathLike, data: bytes) -> Path:
-    """Atomically write a binary file."""
-    with atomic_write(path, "wb") as fh:
-        fh.write(data)
-    return Path(path)
-
-
 def check_output_file(path: PathLike, force: bool = False, what: str = "output file",
                       flag: str = "--force") -> Path:
     """Before any work: ``path`` may be written as a file (not a folder, parent creatable and
@@ -222,21 +187,6 @@ def aside_name(final: PathLike) -> Path:
     return final.with_name(f".{final.name}.old")
 
 
-def _held_by_another(lock_file: Path) -> bool:
-    """True when ``lock_file`` names a live process (other than this one) on this host."""
-    import json
-    import socket
-    from ltcache.cache.lock import _alive
-    try:
-        doc = json.loads(lock_file.read_text() or "{}")
-        pid, host = int(doc.get("pid", -1)), doc.get("host")
-    except (OSError, ValueError, TypeError, AttributeError):
-        return False
-    if host != socket.gethostname():
-        return True                      # another machine's writer: cannot tell, leave it alone
-    return pid > 0 and pid != os.getpid() and _alive(pid)
-
-
 def restore_interrupted_swap(final: PathLike) -> bool:
     """Finish the story of a replacement that was killed between its two renames (``final`` moved
     aside to ``.NAME.old``, the new one not yet renamed in): ``final`` is missing and ``.NAME.old``
@@ -247,7 +197,7 @@ def restore_interrupted_swap(final: PathLike) -> bool:
     old = aside_name(final)
     if final.exists() or final.is_symlink() or not old.is_dir():
         return False
-    if _held_by_another(final.with_name(f".{final.name}.lock")) or _held_by_another(old / ".lock"):
+    if held_by_another(final.with_name(f".{final.name}.lock")) or held_by_another(old / ".lock"):
         return False                     # a replacement is under way right now
     try:
         os.replace(old, final)
@@ -264,11 +214,10 @@ def output_lock(path: PathLike, folder: bool = True) -> Iterator[Path]:
     ``.<name>.lock`` next to a file (``folder=False``). A second run writing the same output is
     refused with the first one's pid (the lock of a process that is gone is taken over). A
     folder this call created is removed again when it is still empty at the end."""
-    from ltcache.cache import lock as _lock
     path = Path(path)
     where = path if folder else path.parent
     created = not where.exists()
-    lock = getattr(_lock, "OutputLock", _lock.CacheLock)(where)
+    lock = OutputLock(where)
     if not folder:
         lock.path = where / f".{path.name}.lock"
     try:

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ltcache.errors import LtcacheError
+from ltcache.options import (BN_SHIFTS, DTYPES, PRESETS, PROFILES, PROTOCOLS, SEARCHES, SELECT_METRICS, SELECTIONS,
+                             SELECTS, STAGE1_SCHEDULES, TRAIN_BN, alternatives)
 from ltcache.progress import echo
 
 # Every accepted key per section: (type or tuple of types, description). Unknown keys and wrong
@@ -30,7 +32,7 @@ _NUM = (int, float)
 SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "pipeline": {
         "name": (str, "experiment name"),
-        "out": (str, "output directory (relative to the pipeline file's directory or absolute)"),
+        "out": (str, "output directory (relative to the directory ltcache run starts in, or absolute)"),
         "description": (str, "free text"),
         "plugins": (list, "plugin files (ltcache.register_method / register_loss) imported first, relative to "
                           "this file"),
@@ -38,8 +40,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "dataset": {
         "source": (str, "cifar10 | cifar100 | imagefolder:PATH | splitlist:DIR/NAME"),
         "imb_ratio": (_NUM, "imbalance ratio n_max/n_min (>= 1)"),
-        "profile": (str, "exp | step"),
-        "selection": (str, "first | shuffle"),
+        "profile": (str, alternatives(PROFILES)),
+        "selection": (str, alternatives(SELECTIONS)),
         "seed": (int, "selection / validation seed"),
         "val_per_class": (int, "balanced validation images per class"),
         "data_root": (str, "data root (default ./data or $LTCACHE_DATA)"),
@@ -52,7 +54,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "lr": (_NUM, "base learning rate"),
         "momentum": (_NUM, "SGD momentum"),
         "wd": (_NUM, "weight decay"),
-        "schedule": (str, "cosine | step"),
+        "schedule": (str, alternatives(STAGE1_SCHEDULES)),
         "warmup_epochs": (int, "linear warm-up epochs (default 5, or the longest that fits a shorter run)"),
         "eval_every": (int, "evaluate val/test every N epochs and after the last (default 1; 0: last only)"),
         "label_smoothing": (_NUM, "label smoothing epsilon"),
@@ -64,14 +66,14 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "workers": (int, "image decoding workers"),
     },
     "extract": {
-        "protocol": (str, "faithful (default) | clean: fills the four options below when not given"),
+        "protocol": (str, f"{alternatives(PROTOCOLS)} (default {PROTOCOLS[0]}): fills the four options below when not given"),
         "splits": (list, "splits to extract"),
         "test_views": (list, "views of val/test: center, hflip"),
         "train_views": (int, "augmented views per training image besides the clean one"),
-        "train_bn": (str, "running | batch"),
-        "bn_shift": (str, "none | instance | class"),
+        "train_bn": (str, alternatives(TRAIN_BN)),
+        "bn_shift": (str, alternatives(BN_SHIFTS)),
         "bn_shift_passes": (int, "passes over the training set for the BN shift"),
-        "dtype": (str, "float16 | float32"),
+        "dtype": (str, alternatives(DTYPES)),
         "batch_size": (int, "extraction batch size"),
         "shard_rows": (int, "rows per HDF5 shard"),
         "workers": (int, "image decoding workers"),
@@ -79,10 +81,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "sweep": {
         "methods": ((str, list), "'all' or a list of method names"),
         "seeds": (list, "seeds, each trained as its own configuration"),
-        "grid": (dict, "hyper-parameter grids, e.g. {delta = [0.9, 0.98]}"),
-        "select": (str, "last | val"),
+        "grid": (dict, "hyper-parameter grids, e.g. {delta = [0.9, 0.98]}; one method's: {\"vs.tau\" = [1, 1.5]}"),
+        "select": (str, alternatives(SELECTS)),
         "test_views": (list, "views averaged at evaluation"),
-        "preset": (str, "cifar | imagenet (default: from the cache)"),
+        "preset": (str, f"{alternatives(PRESETS)} (default: from the cache)"),
         "clean_view": (bool, "also draw the clean train view (default false: augmented views only)"),
         "caches": (list, "more caches swept with this pipeline's own (paths relative to this file), e.g. other "
                          "stage-1 seeds and datasets: one results file and the paper table"),
@@ -91,13 +93,14 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "tune": {
         "methods": ((str, list), "'all' or a list of method names to tune on val (`ltcache tune`)"),
         "budget": (int, "points of each method's search space in stage A (default 32)"),
-        "search": (str, "sobol | random | grid"),
-        "select_metric": (str, "val-balanced | val-all | val-nll"),
+        "search": (str, alternatives(SEARCHES)),
+        "select_metric": (str, alternatives(SELECT_METRICS)),
         "tune_seeds": (list, "seeds of stage A"),
         "seeds": (list, "seeds the picks and presets are re-trained with (stage B)"),
-        "space": (dict, "replacement dimensions, e.g. {delta = \"0.5:0.99\", epochs = \"10,20\"}"),
+        "space": (dict, "replacement dimensions, e.g. {delta = \"0.5:0.99\", epochs = \"10,20\"}; one method's: "
+                        "{\"la-loss.tau\" = \"0:1\"}"),
         "test_views": (list, "views averaged at evaluation"),
-        "preset": (str, "cifar | imagenet (default: from the cache)"),
+        "preset": (str, f"{alternatives(PRESETS)} (default: from the cache)"),
         "caches": (list, "more caches tuned with this pipeline's own (paths relative to this file): one results "
                          "file and the paper table"),
         "against": (str, "with caches: the paper table's reference method (default ce)"),
@@ -113,9 +116,12 @@ def hyper_keys() -> dict[str, tuple[Any, str]]:
     from ltcache.stage2.methods import option_table
     out = {}
     for name, rows in option_table().items():
-        users = sorted({u for _, us in rows for u in us})
-        out[name] = (_PY_TYPES[rows[0][0].type],
-                     f"{rows[0][0].help} (override{' for ' + ', '.join(users) if users else ''})")
+        if len(rows) == 1:
+            users = sorted(rows[0][1])
+            text = f"{rows[0][0].help} (override{' for ' + ', '.join(users) if users else ''})"
+        else:                       # one name, a different hyper-parameter per method
+            text = "override; " + "; ".join(f"{', '.join(us)}: {q.help}" for q, us in rows)
+        out[name] = (_PY_TYPES[rows[0][0].type], text)
     return out
 
 
@@ -157,15 +163,30 @@ def _check(section: str, key: str, value: Any, where: str, table: Optional[dict]
                            f"got {type(value).__name__} {value!r}")
 
 
+def flat_grid(grid: dict) -> dict:
+    """A [sweep] grid or [tune] space with one method's table flattened to qualified keys: ``{vs = {tau = [1]}}``
+    (what TOML makes of an unquoted ``vs.tau = [1]``) -> ``{"vs.tau": [1]}``."""
+    out = {}
+    for key, values in (grid or {}).items():
+        if isinstance(values, dict):
+            out.update({f"{key}.{name}": v for name, v in values.items()})
+        else:
+            out[key] = values
+    return out
+
+
 def _check_grid(grid: dict, keys: dict, where: str) -> None:
-    """Each grid key a declared hyper-parameter, its values (a list) of the declared type."""
-    for key, values in grid.items():
-        if key not in keys:
+    """Each grid key a declared hyper-parameter (short, or qualified ``method.name``), its values
+    (a list) of the declared type; the methods of qualified keys are checked against the run later."""
+    from ltcache.stage2.methods import split_key
+    for key, values in flat_grid(grid).items():
+        name = split_key(key)[1] if "." in key else key
+        if name not in keys:
             raise LtcacheError(f"{where}: [sweep] grid key '{key}' is not a hyper-parameter; valid keys: "
-                               + ", ".join(keys))
+                               + ", ".join(keys) + " (each also as METHOD.NAME, e.g. \"vs.tau\")")
         _check("sweep", f"grid.{key}", values if isinstance(values, list) else [values], where, {f"grid.{key}": (list, "")})
         for v in values if isinstance(values, list) else [values]:
-            _check("sweep", f"grid.{key}", v, where, {f"grid.{key}": (keys[key][0], "")})
+            _check("sweep", f"grid.{key}", v, where, {f"grid.{key}": (keys[name][0], "")})
 
 
 def parse_pipeline(path: str | Path) -> Pipeline:
@@ -224,9 +245,9 @@ def check_steps(pl: "Pipeline", path: str | Path) -> None:
     """Every later step's options checked before stage 1 starts (hours on a real dataset): method
     names, grid keys and values, overrides, seeds, presets, the tune budget, search, metric and space.
     A problem is one line naming the file and the section."""
-    from ltcache.stage2.methods import METHODS, PRESETS
+    from ltcache.stage2.methods import METHODS
     from ltcache.stage2.plan import expand, parse_seeds
-    from ltcache.stage2.tune import SELECT_METRICS, parse_space
+    from ltcache.stage2.tune import SELECT_METRICS, check_space, parse_space
     from ltcache.stage2.space import SEARCHES
 
     def methods_of(sec: dict) -> list:
@@ -239,13 +260,13 @@ def check_steps(pl: "Pipeline", path: str | Path) -> None:
             if not names:
                 raise LtcacheError("methods is empty; give \"all\" or a list such as [\"ce\", \"los\"]")
             overrides = {k: v for k, v in sec.items() if k in hyper_keys()}
-            grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sec.get("grid", {}).items()}
+            grid = {k: list(v) if isinstance(v, list) else [v] for k, v in flat_grid(sec.get("grid", {})).items()}
             expand(names, overrides, grid, "cifar", 1000, notice=False)   # names, keys and values, as the sweep will
             parse_seeds(sec.get("seeds", [0]))
             parse_seeds(sec.get("tune_seeds", [0]))
             if sec.get("preset") is not None and sec["preset"] not in PRESETS:
                 raise LtcacheError(f"preset '{sec['preset']}' is unknown; use one of: {', '.join(PRESETS)}")
-            if section == "sweep" and sec.get("select", "last") not in ("last", "val"):
+            if section == "sweep" and sec.get("select", "last") not in SELECTS:
                 raise LtcacheError(f"select '{sec['select']}' is unknown; use last or val")
             if section == "tune":
                 budget = sec.get("budget", 32)
@@ -256,8 +277,9 @@ def check_steps(pl: "Pipeline", path: str | Path) -> None:
                 if sec.get("select_metric", "val-balanced") not in SELECT_METRICS:
                     raise LtcacheError(f"select_metric '{sec['select_metric']}' is unknown; use one of: "
                                        f"{', '.join(SELECT_METRICS)}")
-                parse_space([f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
-                             for k, v in sec.get("space", {}).items()])
+                space = parse_space([f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
+                                     for k, v in flat_grid(sec.get("space", {})).items()])
+                check_space([METHODS.get(n) for n in names], space)
         except LtcacheError as exc:
             raise LtcacheError(f"{path} [{section}]: {exc}") from None
 
@@ -464,7 +486,7 @@ def _run_sweep(section: dict, cache_dir: Path, device: str, quiet: bool, path: P
     sw = dict(section)
     overrides = {k: sw.pop(k) for k in list(sw) if k in hyper_keys()}
     methods = sw.pop("methods", "all")
-    grid = {k: list(v) if isinstance(v, list) else [v] for k, v in sw.pop("grid", {}).items()}
+    grid = {k: list(v) if isinstance(v, list) else [v] for k, v in flat_grid(sw.pop("grid", {})).items()}
     test_views = sw.pop("test_views", ["center", "hflip"])
     more = _more_caches(sw.pop("caches", []), Path(path), cache_dir)
     results = bench([cache_dir] + more if more else cache_dir, None if methods == "all" else list(methods), grid=grid or None,
@@ -487,7 +509,7 @@ def _run_tune(tn: dict, cache_dir: Path, out: Optional[Path], device: str, quiet
     methods = tn.pop("methods", "all")
     test_views = tn.pop("test_views", ["center", "hflip"])
     space = parse_space([f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
-                         for k, v in tn.pop("space", {}).items()])
+                         for k, v in flat_grid(tn.pop("space", {})).items()])
     more = _more_caches(tn.pop("caches", []), path, cache_dir)
     res = tune([cache_dir] + more if more else cache_dir, None if methods == "all" else list(methods),
                budget=int(tn.pop("budget", 32)), against=tn.pop("against", "ce"),
@@ -525,5 +547,5 @@ def _more_caches(paths: list, pipeline: Path, own: Path) -> list[Path]:
 
 
 def _paper(doc: dict) -> str:
-    from ltcache.stage2.paper_table import render
+    from ltcache.stage2.paper_format import render
     return render(doc, "terminal")

@@ -26,16 +26,16 @@ import torch.nn.functional as F
 
 from ltcache import distributed, interrupts
 from ltcache.checkpoints import FORMAT, FORMAT_VERSION, load_checkpoint, read_pretrained, read_torch_file  # noqa: F401
-from ltcache.cache.lock import OutputLock
 from ltcache.data import DatasetSpec, build_dataset
 from ltcache.devices import resolve_device
 from ltcache.errors import LtcacheError
+from ltcache.lock import OutputLock
 from ltcache.metrics import fmt_pct, group_accuracy, per_class_accuracy
 from ltcache.models import build_model
 from ltcache.models.registry import check_arch, load_pretrained
+from ltcache.options import MAX_BATCH_SIZE, MAX_EPOCHS, STAGE1_SCHEDULES
 from ltcache.outputs import check_output_dir, save_torch
 from ltcache.progress import echo, progress
-from ltcache.stage2.params import MAX_BATCH_SIZE, MAX_EPOCHS
 from ltcache.version import __version__
 
 CKPT_NAME, BEST_NAME = "stage1.pt", "best.pt"
@@ -139,7 +139,7 @@ class Stage1Options:
                   (self.maxnorm >= 0, "--maxnorm must be >= 0 (0 turns it off)"),
                   (self.warmup_epochs is None or self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
                   (self.eval_every >= 0, "--eval-every must be >= 0 (0 evaluates only the last epoch)"),
-                  (self.schedule in ("cosine", "step"), "--schedule must be cosine or step")]
+                  (self.schedule in STAGE1_SCHEDULES, f"--schedule must be {' or '.join(STAGE1_SCHEDULES)}")]
         for ok, msg in checks:
             if not ok:
                 raise LtcacheError(msg)

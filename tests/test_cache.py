@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 import ltcache.cache.build as cache_build  # noqa: E402
 from ltcache.cache import describe, extract, load, write_cache  # noqa: E402
 from ltcache.cache.extraction import BN_STATS, _seed, train_row_order  # noqa: E402
-from ltcache.cache.lock import LOCK  # noqa: E402
+from ltcache.lock import LOCK  # noqa: E402
 from ltcache.cache.manifest import MANIFEST, PROGRESS, seal, sha256_file  # noqa: E402
 from ltcache.cli import cli  # noqa: E402
 from ltcache.data import DatasetSpec, build_dataset, hflip  # noqa: E402

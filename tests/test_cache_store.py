@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 from ltcache.cache import default_cache_path, load, write_cache  # noqa: E402
 from ltcache.cache.extraction import batches, shard_bounds  # noqa: E402
-from ltcache.cache.lock import LOCK, CacheLock  # noqa: E402
+from ltcache.lock import LOCK, CacheLock  # noqa: E402
 from ltcache.cache.manifest import MANIFEST, seal, sha256_file  # noqa: E402
 from ltcache.errors import LtcacheError  # noqa: E402
 from shard_faults import fail_after  # noqa: E402

@@ -30,9 +30,9 @@ import ltcache.stage1 as stage1  # noqa: E402
 from ltcache.cache import load, write_cache  # noqa: E402
 from ltcache.cache.bundle import bundle_cache  # noqa: E402
 from ltcache.cache.load import BUNDLED  # noqa: E402
-from ltcache.cache.lock import LOCK, CacheLock, OutputLock  # noqa: E402
 from ltcache.cache.manifest import (CHECKSUM, MANIFEST, PROGRESS, checksum_ok, manifest_checksum,  # noqa: E402
                                     sha256_file)
+from ltcache.lock import LOCK, CacheLock, OutputLock  # noqa: E402
 from ltcache.cli import cli  # noqa: E402
 from ltcache.errors import LtcacheError  # noqa: E402
 from ltcache.stage1 import Stage1Options, train_stage1  # noqa: E402

@@ -205,7 +205,7 @@ def test_output_paths_checked_before_sweep(tmp_path, no_sweep, case):
 # concurrent writers --------------------------------------------------------------------------------
 
 def test_second_writer_is_refused_with_first_pid(tmp_path, no_sweep):
-    from ltcache.cache.lock import CacheLock
+    from ltcache.lock import CacheLock
     out = tmp_path / "bench"
     with CacheLock(out):                                   # "the first run": this process holds the folder
         one_error(*run(*BENCH, "--out", out), f"{out} is being written by another process (pid {os.getpid()}")

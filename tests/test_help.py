@@ -1,4 +1,5 @@
-"""Help that teaches: every command's --help shows an example; `ltcache --help` does not load torch."""
+"""Help that teaches: every command's --help shows an example; `ltcache --help`, every command's
+--help and `ltcache methods` (the registry as data) do not load torch."""
 from __future__ import annotations
 
 import subprocess
@@ -25,3 +26,27 @@ def test_top_level_help_does_not_import_torch():
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
     assert "ltcache train" in res.stdout and "bench" in res.stdout
+
+
+# Run in a fresh interpreter: every invocation in-process (CliRunner), then torch must not have been imported.
+_NO_TORCH = """
+import sys
+from click.testing import CliRunner
+from ltcache.cli import cli
+
+runner = CliRunner()
+calls = [["methods"], ["methods", "--space"], ["methods", "--preset", "imagenet"], ["methods", "--notes"],
+         ["methods", "--parts"], ["--help"]] + [[name, "--help"] for name in sorted(cli.commands)]
+for args in calls:
+    res = runner.invoke(cli, args, prog_name="ltcache")
+    assert res.exit_code == 0, (args, res.output, res.exception)
+    assert "torch" not in sys.modules, f"ltcache {' '.join(args)} imported torch"
+print(runner.invoke(cli, ["methods", "--space"]).output)
+"""
+
+
+def test_methods_and_every_help_do_not_import_torch():
+    res = subprocess.run([sys.executable, "-c", _NO_TORCH], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    assert "los" in res.stdout and "delta" in res.stdout and "lr" in res.stdout     # the spaces were printed

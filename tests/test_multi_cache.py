@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from ltcache.cache.build import write_cache
 from ltcache.cli import cli
 from ltcache.errors import LtcacheError
-from ltcache.stage2 import api, paper_table as pt, sweep
+from ltcache.stage2 import api, paper_format as pf, paper_table as pt, sweep
 from ltcache.stage2.replicates import group_caches, identify, stage1_seed
 from test_stage2_engine import fake_cache
 
@@ -150,18 +150,18 @@ def test_t_quantiles():
 
 
 def test_renderings_terminal_markdown_csv_latex(bench_doc):
-    term = pt.render(bench_doc, "terminal")
+    term = pf.render(bench_doc, "terminal")
     assert "cifar10 IR 10" in term and "Δ vs ce [95 % CI]" in term and "*" in term
     assert "2 backbones (stage-1 seed 0, stage-1 seed 1) x 2 stage-2 seeds" in term
     assert "1 backbone x 2 stage-2 seeds (stage-2 seeds only)" in term
-    md = pt.render(bench_doc, "markdown")
+    md = pf.render(bench_doc, "markdown")
     assert md.startswith("| method | avg rank | cifar10 IR 10 All |") and "**" in md
-    rows = list(csv.DictReader(io.StringIO(pt.render(bench_doc, "csv"))))
+    rows = list(csv.DictReader(io.StringIO(pf.render(bench_doc, "csv"))))
     # 3 methods x (IR 10: All, Many, Medium, Few + IR 50: the same)
     assert len(rows) == 3 * 8 and {r["column"] for r in rows} == {"all", "many", "medium", "few"}
     los = next(r for r in rows if r["method"] == "los" and r["dataset"] == "cifar10 IR 10" and r["column"] == "all")
     assert los["diff_over"] == "backbones" and float(los["diff_lo"]) <= float(los["diff_mean"]) <= float(los["diff_hi"])
-    tex = pt.render(bench_doc, "latex", against="los")
+    tex = pf.render(bench_doc, "latex", against="los")
     assert r"\begin{tabular}" in tex and r"\multicolumn{4}{c}{cifar10 IR 10}" in tex and r"\textbf{" in tex
     assert r"$\Delta$ vs los" in tex and tex.count(r"\\") == 2 + 3
     with pytest.raises(LtcacheError, match="--against ncm"):
@@ -198,6 +198,40 @@ def test_tune_over_caches_tunes_each_on_its_own_val(three, tmp_path):
     table = pt.compute(doc)
     assert all(r["cells"][("cifar10 IR 10", "all")]["n"] == 4 for r in table["rows"])
     assert (tmp_path / "t" / "paper.md").is_file()
+
+
+def test_an_interrupted_tune_over_caches_continues_where_it_ended(three, tmp_path, monkeypatch):
+    """Each cache's tune lives in OUT/caches/NN/: a failure in cache 2's stage B keeps cache 1's
+    finished tune and cache 2's stage A, and the same command re-runs only cache 2's stage B."""
+    from ltcache.stage2 import tune as tune_mod
+    real, calls = tune_mod.run_sweep, []
+
+    def fourth_fails(*a, **k):                 # cache 1: stage A, stage B; cache 2: stage A, then this
+        calls.append(1)
+        if len(calls) == 4:
+            raise LtcacheError("stage B broke")
+        return real(*a, **k)
+
+    caches, out = [str(p) for p in three[:2]], tmp_path / "t"
+    args = dict(methods=["ce", "los"], budget=2, tune_seeds=[0], seeds=[0, 1], out_dir=out, **KW)
+    monkeypatch.setattr(tune_mod, "run_sweep", fourth_fails)
+    with pytest.raises(LtcacheError, match="stage B broke"):
+        api.tune(caches, **args)
+    assert (out / "caches" / "00" / "results.json").is_file() and (out / "caches" / "01" / "stage_a.json").is_file()
+    assert not (out / "caches" / "01" / "results.json").exists() and not (out / "results.json").exists()
+    first = json.loads((out / "caches" / "00" / "results.json").read_text())
+    calls.clear()
+    doc = api.tune(caches, **args)                        # the same command: cache 2's stage B alone
+    assert len(calls) == 1
+    assert doc["caches"][0]["results"]["tune"] == first["tune"]
+    assert doc["caches"][1]["results"]["tune"]["stage_a"]["resumed"] is True
+    assert len(doc["runs"]) == 2 * len([r for r in first["runs"]])
+    with pytest.raises(LtcacheError, match="already holds results.json"):   # finished: never replaced silently
+        api.tune(caches, **args)
+    with pytest.raises(LtcacheError, match="different plan"):              # another plan in a cache's folder
+        for name in ("results.json", "paper.md", "paper.csv", "paper.tex"):
+            (out / name).unlink()
+        api.tune(caches, **{**args, "budget": 3})
 
 
 # ------------------------------------------------------------------------------- bad input

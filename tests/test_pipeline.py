@@ -106,6 +106,8 @@ warmup_epochs = 0
 @pytest.mark.parametrize("section, needle", [
     ('[sweep]\nmethods = ["ce", "nosuch"]\n', "[sweep]: unknown method 'nosuch'"),
     ('[sweep]\nmethods = ["ce"]\ngrid = {delta = [0.9]}\n', "[sweep]: --grid delta applies to none"),
+    ('[sweep]\nmethods = ["la-loss"]\ngrid = {"vs.tau" = [1.0]}\n', "[sweep]: --grid vs.tau: method vs is not in this run"),
+    ('[sweep]\nmethods = ["la-loss"]\ngrid = {la-loss = {delta = [0.9]}}\n', "method la-loss has no hyper-parameter delta"),
     ('[sweep]\nmethods = ["los"]\nseeds = [0, 0]\n', "[sweep]:"),
     ('[sweep]\nmethods = ["ce"]\n[tune]\nbudget = 0\n', "[tune]: budget must be an integer >= 1"),
     ('[sweep]\nmethods = ["ce"]\n[tune]\nmethods = ["nosuch"]\n', "[tune]: unknown method 'nosuch'"),
@@ -119,3 +121,17 @@ def test_run_checks_every_step_before_stage1(tmp_path, section, needle):
     assert res.exit_code == 2, res.output
     assert needle in res.output and str(tmp_path / "late.toml") in res.output, res.output
     assert not (tmp_path / "out").exists()                   # nothing started, nothing written
+
+
+def test_sweep_grid_takes_qualified_names(tmp_path):
+    # "vs.tau" (quoted) and vs.tau (a TOML table) name vs's tau only; both pass the checks before stage 1
+    from ltcache.pipeline import check_steps, flat_grid
+    assert flat_grid({"vs": {"tau": [1.0]}, "la-loss.tau": [0.5], "lr": [0.1]}) == {
+        "vs.tau": [1.0], "la-loss.tau": [0.5], "lr": [0.1]}
+    for grid in ('{"la-loss.tau" = [0.5, 1.0]}', '{vs.tau = [1.0, 1.5], tau = [0.5]}'):
+        p = tmp_path / "q.toml"
+        p.write_text(LATE + f'[sweep]\nmethods = ["la-loss", "vs"]\ngrid = {grid}\n')
+        check_steps(parse_pipeline(p), p)
+    p.write_text(LATE + '[sweep]\nmethods = ["vs"]\ngrid = {"vs.nosuch" = [1.0]}\n')
+    with pytest.raises(LtcacheError, match="grid key 'vs.nosuch' is not a hyper-parameter"):
+        parse_pipeline(p)

@@ -33,6 +33,10 @@ def runner(monkeypatch):
     (["bench", "--methods", "los", "--grid", "tau=1,2"], "applies to none"),
     (["bench", "--methods", "los", "--grid", "delta=0.5,2"], "must be in [0, 1]"),
     (["bench"], "exactly one of --all-methods or --methods"),
+    (["bench", "--methods", "la-loss,vs", "--grid", "nosuch.tau=1"], "--grid nosuch.tau: unknown method 'nosuch'"),
+    (["bench", "--methods", "la-loss,vs", "--grid", "los.delta=0.9"], "method los is not in this run"),
+    (["bench", "--methods", "la-loss,vs", "--grid", "vs.delta=0.9"], "method vs has no hyper-parameter delta"),
+    (["bench", "--methods", "la-loss,vs", "--grid", "vs.tau=-1"], "VS additive"),
 ])
 def test_bad_input_is_one_line_exit_2(runner, args, needle):
     res = runner.invoke(cli, args)
@@ -60,3 +64,29 @@ def test_bench_grid_and_methods_listing(runner, tmp_path):
     assert "mislas[eps_head=0.3" in summary and "ce[epochs=1] (reference)" in summary
     res = runner.invoke(cli, ["methods"])
     assert res.exit_code == 0 and "mislas" in res.output and "docs/methods.md#mislas" in res.output
+
+
+def test_bench_grid_qualified_names(runner, tmp_path):
+    # tau is la-loss's offset and vs's additive tau: la-loss.tau sweeps la-loss's only, vs keeps its preset
+    res = runner.invoke(cli, ["bench", "--methods", "la-loss,vs", "--grid", "la-loss.tau=0.5,1", "--grid", "epochs=1",
+                              "--out", str(tmp_path), "--quiet", "--device", "cpu", "--jobs", "1"])
+    assert res.exit_code == 0, res.output
+    names = {r["name"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert {"la-loss[tau=0.5,epochs=1]", "la-loss[tau=1,epochs=1]", "vs[gamma=0.2,tau=1.2,epochs=1]"} <= names
+    assert not any(n.startswith("vs[") and n != "vs[gamma=0.2,tau=1.2,epochs=1]" for n in names)
+    # a qualified key wins over the short one for its method; the short one still reaches the others
+    plans = api.expand(["la-loss", "vs"], None, {"tau": [0.3], "la-loss.tau": [0.7]}, "cifar", 100)
+    assert [(m.name, p["tau"]) for m, p, _ in plans] == [("la-loss", 0.7), ("vs", 0.3)]
+    plans = api.expand(["la-loss", "vs"], {"vs.tau": 1.5}, {"tau": [0.3]}, "cifar", 100)
+    assert [(m.name, p["tau"]) for m, p, _ in plans] == [("la-loss", 0.3), ("vs", 1.5)]
+
+
+def test_help_says_what_a_shared_name_means_for_each_method(runner):
+    res = runner.invoke(cli, ["retrain", "--help"], terminal_width=400)
+    assert res.exit_code == 0
+    tau = next(ln for ln in res.output.splitlines() if ln.strip().startswith("--tau"))
+    for part in ("la-loss: logit-adjusted loss offset", "vs: VS additive", "tau-norm: tau-norm exponent",
+                 "posthoc-la: post-hoc logit adjustment", "vs.tau=..."):
+        assert part in tau, tau
+    res = runner.invoke(cli, ["bench", "--help"], terminal_width=400)
+    assert "la-loss.tau" in res.output

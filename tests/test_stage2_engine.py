@@ -364,7 +364,8 @@ def test_members_on_the_same_rows_share_one_gather_and_gemm(monkeypatch):
         pair = [next(i for i, c in enumerate(group) if c.method == "focal" and c.seed == s) for s in (0, 1)]
         return pair + [i for i in range(len(group)) if i not in pair], 1, 2
 
-    monkeypatch.setattr(sweep, "stream_blocks", wrong)
+    from ltcache.stage2 import grouping
+    monkeypatch.setattr(grouping, "stream_blocks", wrong)
     fallback = train_sweep(cfgs, data, quiet=True, n_jobs=1)
     assert not made
     for a, s, f in zip(alone, shared, fallback):

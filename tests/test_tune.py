@@ -243,6 +243,21 @@ def test_space_overrides_and_a_space_no_method_has(tmp_path):
         parse_space(["delta=0.9:0.5"])
 
 
+def test_space_qualified_names_reach_one_method():
+    # tau is tau-norm's exponent and la-loss's offset: la-loss.tau narrows la-loss's only
+    from ltcache.stage2.tune import parse_space
+    sp = parse_space(["tau=0.5,1.5", "la-loss.tau=0.2:0.3", "epochs=1"])
+    res = _tune(fake_cache(), methods=["la-loss", "tau-norm"], space=sp)
+    assert all(0.2 <= p["point"]["tau"] <= 0.3 for p in res["tune"]["points"]["la-loss"])
+    assert {p["point"]["tau"] for p in res["tune"]["points"]["tau-norm"]} == {0.5, 1.5}
+    with pytest.raises(LtcacheError, match="method vs is not in this run"):
+        _tune(fake_cache(), methods=["la-loss"], space=parse_space(["vs.tau=0:1"]))
+    with pytest.raises(LtcacheError, match="method la-loss has no hyper-parameter delta"):
+        _tune(fake_cache(), methods=["la-loss"], space=parse_space(["la-loss.delta=0.1:0.2"]))
+    with pytest.raises(LtcacheError, match="unknown method 'nosuch'"):
+        parse_space(["nosuch.tau=0:1"])
+
+
 def test_a_late_failure_keeps_stage_a(tmp_path, monkeypatch):
     real = api.run_sweep
     calls = []

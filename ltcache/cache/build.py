@@ -25,13 +25,13 @@ import torch
 
 from ltcache import interrupts
 from ltcache.version import __version__
-from ltcache.cache.lock import CacheLock
 from ltcache.cache.manifest import (CLASSIFIER, MANIFEST, PROGRESS, SCHEMA_VERSION, checksum_ok, sha256_file,
                                     write_json_atomic, write_manifest)
 from ltcache.cache.shards import shard_name, write_classifier, write_shard
-from ltcache.errors import LtcacheError
+from ltcache.errors import LtcacheError, os_error
 from ltcache.groups import shot_groups
-from ltcache.outputs import atomic_save, os_error, restore_interrupted_swap
+from ltcache.lock import CacheLock
+from ltcache.outputs import atomic_save, restore_interrupted_swap
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 

@@ -44,6 +44,7 @@ from ltcache.errors import LtcacheError
 from ltcache.models import build_model, load_foreign_state_dict
 from ltcache.models.layouts import resolve as resolve_layout
 from ltcache.models.registry import check_arch, load_pretrained
+from ltcache.options import BN_SHIFTS, TRAIN_BN
 from ltcache.progress import echo, progress
 
 SPLITS = ("train", "val", "test")
@@ -482,8 +483,8 @@ def _options(ckpt, pretrained, protocol: str, splits, test_views, train_views, t
         _check("test-views", v, TEST_VIEWS)
     if not splits or not test_views:
         raise LtcacheError("--splits and --test-views need at least one name")
-    _check("train-bn", train_bn, ("running", "batch"))
-    _check("bn-shift", bn_shift, ("none", "instance", "class"))
+    _check("train-bn", train_bn, TRAIN_BN)
+    _check("bn-shift", bn_shift, BN_SHIFTS)
     _check("dtype", dtype, tuple(DTYPES))
     if train_views < 0 or shard_rows < 1 or batch_size < 2 or bn_shift_passes < 1:
         raise LtcacheError("--train-views must be >= 0, --shard-rows >= 1, --batch-size >= 2, --bn-shift-passes >= 1")

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from ltcache.cache.build import DTYPES, manifest_body
 from ltcache.cache.manifest import CLASSIFIER, MANIFEST, sha256_file, write_manifest
 from ltcache.cache.shards import shard_name, write_classifier, write_shard
-from ltcache.errors import LtcacheError, close_matches
-from ltcache.outputs import os_error, output_lock, restore_interrupted_swap
+from ltcache.errors import LtcacheError, close_matches, os_error
+from ltcache.outputs import output_lock, restore_interrupted_swap
 
 PathLike = Union[str, Path]
 
@@ -368,16 +368,43 @@ def import_features(sources: Union[PathLike, Sequence[PathLike]], out: PathLike,
 
 def _import(paths, out, classifier, fit_head, name, arch, dtype, shard_rows, command, quiet,
             stage1_seed: Optional[int] = None) -> Path:
-    from ltcache.progress import echo
-
+    """Read and check the sources, settle the stage-1 classifier, then write the cache."""
     arrays, origin = _merge(paths)
+    splits, d = _read_splits(arrays, origin)
+    w, b, clf_where = _given_classifier(arrays, origin, classifier, fit_head, d)
+    bias_given = b is not None
+    names_arr = arrays.get("class_names")
+    labels_max = max(int(y.max()) for _, y, _, _ in splits.values())
+    k = w.shape[0] if w is not None and np.ndim(w) == 2 else (len(names_arr) if names_arr is not None else labels_max + 1)
+    if w is not None:
+        w, b = _check_classifier(w, b, None, d, clf_where)
+    counts, class_names = _check_labels(splits, origin, names_arr, k, w is not None)
+    _check_range(splits, origin, dtype)
+    w, b, clf_rec = _stage1_classifier(w, b, splits, k, d, fit_head, quiet)
+    if clf_rec["source"] == "given":
+        clf_rec["from"] = clf_where
+        if classifier is not None:
+            clf_rec["sha256"] = sha256_file(classifier)
+        clf_rec["bias"] = "given" if bias_given else "zeros (none given)"
+    command = command or _python_call(paths, classifier, fit_head, name, arch, dtype)
+    body = _manifest(paths, arrays, origin, splits, counts, class_names, d, clf_rec, name=name, arch=arch,
+                     dtype=dtype, shard_rows=shard_rows, command=command, stage1_seed=stage1_seed)
+    return _write(out, splits, w, b, body, dtype, shard_rows, quiet)
+
+
+def _read_splits(arrays: dict, origin: dict) -> tuple[dict, int]:
+    """The splits the sources hold (features, labels, ..., views) and their common feature size D."""
     splits = {s: got for s in SPLITS if (got := _split_arrays(arrays, origin, s)) is not None}
     dims = {s: f.shape[2] for s, (f, *_rest) in splits.items()}
-    d = dims["train"]
     if len(set(dims.values())) > 1:
         raise LtcacheError(f"the splits have different feature sizes ({', '.join(f'{s} D={v}' for s, v in dims.items())}); "
                            "give every split the features of the same model")
-    # the stage-1 classifier: in the sources, a --classifier file, fit here, or none
+    return splits, dims["train"]
+
+
+def _given_classifier(arrays: dict, origin: dict, classifier, fit_head: bool, d: int):
+    """(W, b, where) of a stage-1 classifier in the sources or a --classifier file; (None, None,
+    None) when neither gives one. Two sources of it, or a bias alone, are refused."""
     if ("weight" in arrays or "bias" in arrays) and classifier is not None:
         raise LtcacheError(f"{origin.get('weight', origin.get('bias'))} already holds weight/bias and --classifier "
                            f"{classifier} gives another; drop one")
@@ -385,24 +412,22 @@ def _import(paths, out, classifier, fit_head, name, arch, dtype, shard_rows, com
         raise LtcacheError(f"{origin['bias']} has 'bias' but no 'weight'; give the classifier's W [K, D] too")
     if fit_head and "weight" in arrays:
         raise LtcacheError(f"{origin['weight']} already holds the classifier (weight/bias); drop --fit-classifier")
-    names_arr = arrays.get("class_names")
-    w = b = None
-    clf_where = None
     if "weight" in arrays:
-        w, b, clf_where = arrays["weight"], arrays.get("bias"), str(origin["weight"])
-    elif classifier is not None:
+        return arrays["weight"], arrays.get("bias"), str(origin["weight"])
+    if classifier is not None:
         w, b = read_classifier(classifier, d)
-        clf_where = f"--classifier {classifier}"
-    bias_given = b is not None
-    labels_max = max(int(y.max()) for _, y, _, _ in splits.values())
-    k = w.shape[0] if w is not None and np.ndim(w) == 2 else (len(names_arr) if names_arr is not None else labels_max + 1)
-    if w is not None:
-        w, b = _check_classifier(w, b, None, d, clf_where)
+        return w, b, f"--classifier {classifier}"
+    return None, None, None
+
+
+def _check_labels(splits: dict, origin: dict, names_arr, k: int, has_classifier: bool) -> tuple[np.ndarray, list]:
+    """Every label a class index in [0, k), every class with training rows, class_names of length k;
+    returns the training counts and the class names."""
     for s, (_, y, _, _) in splits.items():
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= k:
             bad = lo if lo < 0 else hi
-            why = "the classifier's rows" if w is not None else "class_names" if names_arr is not None else "classes"
+            why = "the classifier's rows" if has_classifier else "class_names" if names_arr is not None else "classes"
             raise LtcacheError(f"{origin[f'{s}_labels']}: '{s}_labels' holds {bad}, outside [0, {k}) ({k} {why}); "
                                "labels must be class indices 0..K-1")
     counts = np.bincount(splits["train"][1], minlength=k)
@@ -411,12 +436,15 @@ def _import(paths, out, classifier, fit_head, name, arch, dtype, shard_rows, com
         shown = ", ".join(str(int(c)) for c in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         raise LtcacheError(f"{origin['train_labels']}: class {shown} has no training row (of {k} classes); every "
                            "class needs training rows (relabel to 0..K-1 without gaps)")
-    if names_arr is not None:
-        if names_arr.ndim != 1 or len(names_arr) != k:
-            raise LtcacheError(f"{origin['class_names']}: class_names has {names_arr.shape} entries, expected [{k}]")
-        class_names = [str(x) for x in names_arr.tolist()]
-    else:
-        class_names = [str(i) for i in range(k)]
+    if names_arr is None:
+        return counts, [str(i) for i in range(k)]
+    if names_arr.ndim != 1 or len(names_arr) != k:
+        raise LtcacheError(f"{origin['class_names']}: class_names has {names_arr.shape} entries, expected [{k}]")
+    return counts, [str(x) for x in names_arr.tolist()]
+
+
+def _check_range(splits: dict, origin: dict, dtype: str) -> None:
+    """Refuse features beyond the storage dtype's range (float16: 65504)."""
     limit = float(np.finfo(DTYPES[dtype]).max)
     for s, (f, *_rest) in splits.items():
         top = float(np.abs(f).max())
@@ -425,30 +453,27 @@ def _import(paths, out, classifier, fit_head, name, arch, dtype, shard_rows, com
             raise LtcacheError(f"{origin[f'{s}_features']}: '{s}_features' reach {top:.3g}, beyond the {dtype} "
                                f"range; {fix}")
 
-    how = None
-    if w is not None:
-        source = "given"
-    elif fit_head:
-        w, b, how = fit_classifier(splits["train"][0], splits["train"][1], k)
-        source = "fit"
-        echo(how, quiet)
-    else:
-        w, b = np.zeros((k, d), np.float32), np.zeros(k, np.float32)     # a placeholder the loader accepts
-        source = "none"
 
+def _stage1_classifier(w, b, splits: dict, k: int, d: int, fit_head: bool, quiet: bool):
+    """(W, b, record): the given classifier, one fit here (--fit-classifier), or a zero placeholder
+    the loader accepts (source "none": methods that start from it are refused)."""
+    from ltcache.progress import echo
+    if w is not None:
+        return w, b, {"source": "given"}
+    if fit_head:
+        w, b, how = fit_classifier(splits["train"][0], splits["train"][1], k)
+        echo(how, quiet)
+        return w, b, {"source": "fit", "how": how}
+    fix = "re-import with `ltcache import ... --classifier FILE` (W [K, D], b [K]) or `--fit-classifier`"
+    return np.zeros((k, d), np.float32), np.zeros(k, np.float32), {"source": "none", "fix": fix}
+
+
+def _manifest(paths, arrays: dict, origin: dict, splits: dict, counts, class_names: list, d: int, clf_rec: dict, *,
+              name, arch, dtype: str, shard_rows: int, command: str, stage1_seed: Optional[int]) -> dict:
+    """The manifest body of an imported cache: what was imported (files, keys, sha256), its
+    stage-1 classifier, its provenance and its key (what a re-import must match)."""
     sources = [{"path": str(p.resolve()), "format": "npy folder" if p.is_dir() else p.suffix.lower().lstrip("."),
                 "sha256": _sha(p)} for p in paths]
-    clf_rec = {"source": source}
-    if source == "given":
-        clf_rec["from"] = clf_where
-        if classifier is not None:
-            clf_rec["sha256"] = sha256_file(classifier)
-        clf_rec["bias"] = "given" if bias_given else "zeros (none given)"
-    elif source == "fit":
-        clf_rec["how"] = how
-    else:
-        clf_rec["fix"] = ("re-import with `ltcache import ... --classifier FILE` (W [K, D], b [K]) or "
-                          "`--fit-classifier`")
     imb = float(counts.max() / counts.min())
     src = f"import:{paths[0].name}" + (f" (+{len(paths) - 1} files)" if len(paths) > 1 else "")
     dataset = {"name": name or "imported", "source": f"{name} ({src})" if name else src, "imported": True,
@@ -460,15 +485,15 @@ def _import(paths, out, classifier, fit_head, name, arch, dtype, shard_rows, com
     body[STAGE1_KEY] = clf_rec
     body["import"] = {"sources": sources, "key_convention": KEY_CONVENTION,
                       "keys": {kk: [list(v.shape), str(v.dtype), str(origin[kk])] for kk, v in arrays.items()},
-                      "classifier": clf_rec,
-                      "command": command or _python_call(paths, classifier, fit_head, name, arch, dtype)}
+                      "classifier": clf_rec, "command": command}
+    source = clf_rec["source"]
     body["provenance"] = {"imported from": ", ".join(f"{s['path']} (sha256 {s['sha256'][:12]})" for s in sources),
-                          "stage-1 classifier": {"given": f"from {clf_where}", "fit": how,
+                          "stage-1 classifier": {"given": f"from {clf_rec.get('from')}", "fit": clf_rec.get("how"),
                                                  "none": "none (methods that start from it are refused)"}[source],
-                          "command": body["import"]["command"]}
+                          "command": command}
     body["key"] = {"source": "import", "sources_sha256": [s["sha256"] for s in sources], "dtype": dtype,
                    "shard_rows": shard_rows, "classifier": source}
-    return _write(out, splits, w, b, body, dtype, shard_rows, quiet)
+    return body
 
 
 def _sha(p: Path) -> str:

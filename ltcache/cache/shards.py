@@ -14,8 +14,7 @@ from typing import Callable, Optional
 import h5py
 import numpy as np
 
-from ltcache.errors import LtcacheError
-from ltcache.outputs import os_error
+from ltcache.errors import LtcacheError, os_error
 
 _ERRNO = re.compile(r"errno\s*=\s*(\d+)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ltcache.cli.app import cli
+from ltcache.options import BN_SHIFTS, CHECKPOINT_LAYOUTS, DTYPES, PROFILES, PROTOCOLS, SELECTIONS, TRAIN_BN
 
 
 def _names(text: str) -> list:
@@ -22,17 +23,17 @@ def _names(text: str) -> list:
               "else 'cache' beside the checkpoint).")
 @click.option("--splits", default="train,val,test", help="Splits to extract.")
 @click.option("--test-views", default="center,hflip", help="Views of val/test to store: center and/or hflip (the stage-2 commands average the stored views; their --test-views picks all or center).")
-@click.option("--protocol", type=click.Choice(["faithful", "clean"]), default="faithful",
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="faithful",
               help="faithful: 4 augmented train views with BN batch statistics over batches of 64 and an instance BN "
                    "shift -- the protocol measured closest to the papers' stage 2 through the backbone; clean: "
                    "the clean view only, eval-mode BN, batch 256 (fast). The options below override it.")
 @click.option("--train-views", type=click.IntRange(min=0), default=None, show_default=False, help="Augmented views per training image (random crop + flip) besides the clean one (faithful: 4, clean: 0).")
-@click.option("--train-bn", type=click.Choice(["running", "batch"]), default=None, show_default=False,
+@click.option("--train-bn", type=click.Choice(TRAIN_BN), default=None, show_default=False,
               help="BatchNorm for augmented train views: running statistics (eval) or batch statistics of random batches (the papers' stage 2; faithful: batch).")
-@click.option("--bn-shift", type=click.Choice(["none", "instance", "class"]), default=None, show_default=False,
+@click.option("--bn-shift", type=click.Choice(BN_SHIFTS), default=None, show_default=False,
               help="Before val/test: move BN running statistics on augmented train batches drawn instance- or class-balanced (MiSLAS: class; faithful: instance, clean: none).")
 @click.option("--bn-shift-passes", type=click.IntRange(min=1), default=1, help="Passes over the training set for --bn-shift.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Storage dtype of the features.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float16", help="Storage dtype of the features.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=8192, help="Rows per HDF5 shard.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, show_default=False, help="Backbone batch size, also the BN batch for --train-bn batch (faithful: 64, clean: 256).")
 @click.option("--device", default="auto", help="auto | cpu | cuda.")
@@ -43,14 +44,14 @@ def _names(text: str) -> list:
               help="Intra-op threads (default: the cores free when the command starts, as the stage-2 commands).")
 @click.option("--arch", default=None, help="Backbone of a foreign (plain state dict) checkpoint or of --pretrained: "
               "a registered name or torchvision:NAME (any torchvision classification model, e.g. torchvision:resnet18).")
-@click.option("--from", "source", type=click.Choice(["los", "mislas", "crt", "ldam-drw", "bot", "torchvision", "ltcache"]),
+@click.option("--from", "source", type=click.Choice(CHECKPOINT_LAYOUTS),
               default=None, help="Layout of a foreign --ckpt: the papers' checkpoints (LOS, MiSLAS, cRT, LDAM-DRW, "
               "BagofTricks-LT) or a torchvision state dict; default: the one that fits (its classifier becomes the "
               "stage-1 classifier).")
 @click.option("--dataset", default=None, help="Dataset of a foreign checkpoint (as for `ltcache train`).")
 @click.option("--imb-ratio", type=float, default=100.0, help="Foreign checkpoint: imbalance ratio.")
-@click.option("--profile", type=click.Choice(["exp", "step"]), default="exp", help="Foreign checkpoint: LT profile.")
-@click.option("--selection", type=click.Choice(["first", "shuffle"]), default="shuffle", help="Foreign checkpoint: selection rule.")
+@click.option("--profile", type=click.Choice(PROFILES), default="exp", help="Foreign checkpoint: LT profile.")
+@click.option("--selection", type=click.Choice(SELECTIONS), default="shuffle", help="Foreign checkpoint: selection rule.")
 @click.option("--val-per-class", type=click.IntRange(min=0), default=None, show_default=False, help="Foreign checkpoint: val images per class (default: as `ltcache train`).")
 @click.option("--seed", type=int, default=0, help="Seed of augmentation, BN batches and BN shift (and a foreign dataset's selection).")
 @click.option("--skip-bad-images", "skip_bad", is_flag=True,

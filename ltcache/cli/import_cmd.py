@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ltcache.cli.app import cli
+from ltcache.options import DTYPES
 
 
 @cli.command("import")
@@ -25,7 +26,7 @@ from ltcache.cli.app import cli
                    "with different seeds are replicate backbones in a multi-cache bench / tune.")
 @click.option("--arch", default="unknown", help="What made the features (free text, recorded), e.g. "
               "'torchvision resnet18, ImageNet weights'.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", help="Storage dtype.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", help="Storage dtype.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=8192, help="Rows per HDF5 shard.")
 @click.option("--force", is_flag=True, help="Replace an existing cache in --out.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")

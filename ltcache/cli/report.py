@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ltcache.cli.app import cli
+from ltcache.options import FIGURE_FORMATS
 
 
 @cli.command("report")
@@ -13,7 +14,7 @@ from ltcache.cli.app import cli
                    "never replaced without --force; each file is written to a temporary name and renamed")
 @click.option("--methods", default=None,
               help="comma-separated configuration or method names to draw (default: all)")
-@click.option("--format", "fmt", type=click.Choice(["png", "svg"]), default="png", help="figure format")
+@click.option("--format", "fmt", type=click.Choice(FIGURE_FORMATS), default="png", help="figure format")
 @click.option("--quiet", is_flag=True, help="print nothing on success")
 @click.option("--force", is_flag=True, help="replace the report already in the --out folder")
 def report_cmd(results: str, out_dir, methods, fmt: str, quiet: bool, force: bool) -> None:

@@ -7,6 +7,7 @@ import click
 
 from ltcache.cli.app import FilePath, StrictCommand, cli
 from ltcache.errors import LtcacheError
+from ltcache.options import PRECISIONS, PRESETS, SELECTS, TEST_VIEWS
 from ltcache.threads import apply_threads
 
 PLUGIN_HELP = ("a Python file of your own methods, losses, heads, samplers or post-hoc rules "
@@ -46,7 +47,10 @@ def hyper_options(kind: str) -> list[click.Option]:
         if name in GENERIC:
             help_ = f"{p.help} (default: the method's preset)"
         else:
-            help_ = "; ".join(f"{q.help} in {q.range_text()} ({', '.join(users)})" for q, users in rows)
+            help_ = "; ".join(f"{', '.join(users) or '-'}: {q.help} in {q.range_text()}" for q, users in rows)
+            if len(rows) > 1 and rows[-1][1]:       # one name, a different hyper-parameter per method
+                help_ += (f" (each method its own; one method's in a bench --grid or pipeline grid: "
+                          f"METHOD.{name}, e.g. {rows[-1][1][0]}.{name}=...)")
         out.append(click.Option(["--" + name.replace("_", "-"), name], type=typ, default=None, show_default=False,
                                 help=help_))
     return out
@@ -111,7 +115,7 @@ AGAINST_HELP = ("with several caches: the reference method of the paper table's 
 def _common(f=None, *, multi_cache: bool = False):
     if f is None:
         return lambda g: _common(g, multi_cache=multi_cache)
-    f = click.option("--precision", type=click.Choice(["fp32", "bf16", "tf32"]), default="fp32",
+    f = click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
                      show_default=True, help=PRECISION_HELP)(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False, help=THREADS_HELP)(f)
     f = click.option("--from-tune", "from_tune", type=click.Path(path_type=Path), default=None,
@@ -125,12 +129,12 @@ def _common(f=None, *, multi_cache: bool = False):
                      help="worker processes for CPU sweeps of small heads (feature dim <= 1024), where one "
                           "process is bound by per-op and element-wise work (default: the cores torch "
                           "may use; 1: this process only)")(f)
-    f = click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default=None, show_default=False,
+    f = click.option("--preset", type=click.Choice(PRESETS), default=None, show_default=False,
                      help="hyper-parameter preset (default: from the cache's classes and feature size)")(f)
     f = click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N")(f)
-    f = click.option("--test-views", type=click.Choice(["all", "center"]), default="all",
+    f = click.option("--test-views", type=click.Choice(TEST_VIEWS), default="all",
                      help="average logits over the cached test views, or use the center view only")(f)
-    f = click.option("--select", type=click.Choice(["last", "val"]), default="last",
+    f = click.option("--select", type=click.Choice(SELECTS), default="last",
                      help="keep the last epoch or the best epoch on the val split (never test)")(f)
     f = click.option("--seeds", default="0", help="comma-separated seeds, each its own configuration")(f)
     if multi_cache:
@@ -294,25 +298,35 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
 
 
 def parse_grid(items) -> dict:
-    """``("delta=0.9,0.98", ...)`` -> {"delta": ["0.9", "0.98"]} (values checked later)."""
+    """``("delta=0.9,0.98", "la-loss.tau=0.5,1")`` -> {"delta": [0.9, 0.98], "la-loss.tau": [0.5, 1.0]}:
+    short names, or qualified by a method (``method.param``); values converted and range-checked."""
+    from ltcache.stage2.methods import check_key, join_key, split_key
     grid: dict = {}
     for item in items or ():
         if "=" not in item:
-            raise LtcacheError(f"--grid '{item}' must look like name=v1,v2 (e.g. --grid delta=0.9,0.98)")
+            raise LtcacheError(f"--grid '{item}' must look like name=v1,v2 (e.g. --grid delta=0.9,0.98 or "
+                               "--grid la-loss.tau=0.5,1)")
         key, vals = item.split("=", 1)
-        key = key.strip().lstrip("-").replace("-", "_")
+        key = join_key(*split_key(key))
         values = [v.strip() for v in vals.split(",") if v.strip()]
         if not values:
             raise LtcacheError(f"--grid {key}= is empty; give at least one value, e.g. --grid {key}=0.9,0.98")
-        from ltcache.stage2.methods import check_param
-        grid[key] = [check_param(key, v) for v in values]
+        try:
+            grid[key] = [check_key(key, v) for v in values]
+        except LtcacheError as exc:
+            raise LtcacheError(f"--grid {key}: {exc}") from None
     return grid
+
+
+GRID_HELP = ("name=v1,v2,... (repeatable): a Cartesian grid. A short name (tau) applies to every chosen method "
+             "that has it, as that method's own hyper-parameter (`ltcache retrain --help` lists what each name "
+             "means for each method); method.name (la-loss.tau=0.5,1) to one method only")
 
 
 @cli.command("bench", cls=PluginCommand, hyper="generic")
 @click.option("--all-methods", is_flag=True, help="every registered method (with --plugin: its methods too)")
 @click.option("--methods", "method_list", default=None, help="comma-separated method names")
-@click.option("--grid", multiple=True, help="name=v1,v2,... (repeatable): a Cartesian grid")
+@click.option("--grid", multiple=True, help=GRID_HELP)
 @_common(multi_cache=True)
 @_plugin_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -337,6 +351,7 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select,
       ltcache bench --all-methods --seeds 0,1,2 --out results/bench   # every method, the bundled cache
       ltcache bench --all-methods --cache runs/c10_ir100/cache        # your own cache
       ltcache bench --methods los,mislas --grid delta=0.9,0.98 --grid lr=0.001,0.0005
+      ltcache bench --methods la-loss,vs --grid la-loss.tau=0.5,1 --grid vs.tau=1,1.5   # tau: each its own
       ltcache bench --from-tune results/tuned/results.json --seeds 5,6,7
       ltcache bench --all-methods --seeds 0,1,2 --cache runs/s0/cache --cache runs/s1/cache --out results/paper
       torchrun --standalone --nproc_per_node 4 -m ltcache bench --all-methods --out results/b
@@ -369,7 +384,7 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select,
     if not main:
         return
     if isinstance(caches, list):
-        from ltcache.stage2.paper_table import render
+        from ltcache.stage2.paper_format import render
         click.echo(render(results, "terminal"), nl=False)
         if out is not None:
             click.echo(f"results: {out}/results.json, paper.md, paper.csv, paper.tex")
@@ -380,7 +395,7 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select,
 
 @cli.command("methods", cls=PluginCommand)
 @_plugin_option
-@click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default="cifar", help="which defaults to show")
+@click.option("--preset", type=click.Choice(PRESETS), default="cifar", help="which defaults to show")
 @click.option("--space", is_flag=True,
               help="print each method's search space for `ltcache tune`: every dimension's scale, range and "
                    "where the range comes from")
@@ -503,7 +518,10 @@ def parts_lines() -> list[str]:
     from ltcache.stage2.methods import METHODS  # noqa: F401  (every registry filled)
 
     out = []
-    for kind, reg in registries().items():
+    first = ("post-hoc rule", "head", "loss", "sampler")        # a fixed order, whichever module loaded first
+    regs = registries()
+    for kind in sorted(regs, key=lambda k: first.index(k) if k in first else len(first)):
+        reg = regs[kind]
         if kind in ("method", "loss form", "loss term", "backbone"):
             continue
         out.append(("losses" if kind == "loss" else f"{kind}s") + ":")

@@ -1,5 +1,5 @@
 """``ltcache table``: the paper table of a multi-cache results file (a thin layer over
-:mod:`ltcache.stage2.paper_table`)."""
+:mod:`ltcache.stage2.paper_table` and :mod:`ltcache.stage2.paper_format`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +7,12 @@ from pathlib import Path
 import click
 
 from ltcache.cli.app import cli
+from ltcache.options import TABLE_FORMATS
 
 
 @cli.command("table")
 @click.argument("results", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["terminal", "markdown", "csv", "latex"]), default="terminal",
+@click.option("--format", "fmt", type=click.Choice(TABLE_FORMATS), default="terminal",
               show_default=True, help="how the table is written")
 @click.option("--against", default=None,
               help="reference method of the differences (default: the one the run was given, ce unless set)")
@@ -31,11 +32,13 @@ def table_cmd(results: Path, fmt: str, against, out, force: bool) -> None:
       ltcache table results/paper/results.json --format latex --against los --out table.tex
     """
     from ltcache.outputs import check_output_file, write_text
-    from ltcache.stage2 import paper_table as pt
-    doc = pt.load_multi(results)
+    from ltcache.stage2.multi import load_multi
+    from ltcache.stage2.paper_format import render
+    from ltcache.stage2.paper_table import resolve_against
+    doc = load_multi(results)
     if out is not None:
         check_output_file(out, force, what="--out file")
-    text = pt.render(doc, fmt, pt.resolve_against(doc, against))
+    text = render(doc, fmt, resolve_against(doc, against))
     if out is None:
         click.echo(text, nl=False)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ltcache.cli.app import cli
+from ltcache.options import PROFILES, SELECTIONS, STAGE1_SCHEDULES
 
 
 @cli.command("train")
@@ -11,8 +12,8 @@ from ltcache.cli.app import cli
 @click.option("--data-root", default=None, help="Where datasets live (default: ./data or $LTCACHE_DATA).")
 @click.option("--download/--no-download", default=False, help="Let torchvision download CIFAR (needs a network).")
 @click.option("--imb-ratio", type=float, default=100.0, help="Imbalance ratio n_max/n_min (>= 1).")
-@click.option("--profile", type=click.Choice(["exp", "step"]), default="exp", help="Long-tailed profile of the class counts.")
-@click.option("--selection", type=click.Choice(["first", "shuffle"]), default="shuffle",
+@click.option("--profile", type=click.Choice(PROFILES), default="exp", help="Long-tailed profile of the class counts.")
+@click.option("--selection", type=click.Choice(SELECTIONS), default="shuffle",
               help="Which images a class keeps: first n_i in source order (LOS, LTWB) or seeded shuffle (LDAM-DRW, MiSLAS).")
 @click.option("--val-per-class", type=click.IntRange(min=0), default=None, show_default=False, help="Balanced val images per class, held out of the full training set before the long-tailed profile draws from the rest (default: 20, or enough for 1,000 val images: 100 per class on CIFAR-10; 0: no val).")
 @click.option("--arch", default="resnet32", help="Backbone: resnet32, resnet34-cifar, resnet18, resnet50, resnext50_32x4d, "
@@ -27,7 +28,7 @@ from ltcache.cli.app import cli
 @click.option("--lr", type=float, default=0.1, help="Base learning rate (SGD).")
 @click.option("--momentum", type=float, default=0.9, help="SGD momentum.")
 @click.option("--wd", type=float, default=2e-4, help="Weight decay.")
-@click.option("--schedule", type=click.Choice(["cosine", "step"]), default="step",
+@click.option("--schedule", type=click.Choice(STAGE1_SCHEDULES), default="step",
               help="cosine to 0, or step (x0.01 at 80%, x0.0001 at 90% of the epochs, as LDAM-DRW; refused "
                    "when both drops would fall on the same epoch: 5-7 epochs).")
 @click.option("--warmup-epochs", type=click.IntRange(min=0), default=None, show_default=False,

@@ -8,6 +8,7 @@ import click
 from ltcache.cli.app import cli
 from ltcache.cli.stage2 import PLUGIN_HELP, PluginCommand
 from ltcache.errors import LtcacheError
+from ltcache.options import PRECISIONS, PRESETS, SEARCHES, SELECT_METRICS, TEST_VIEWS
 
 
 @cli.command("tune", cls=PluginCommand)
@@ -16,14 +17,15 @@ from ltcache.errors import LtcacheError
 @click.option("--budget", type=int, default=32,
               help="points of each method's search space tried in stage A (the same for every method; a method "
                    "with fewer distinct points, e.g. a closed form's candidate grid, tries all of them)")
-@click.option("--search", type=click.Choice(["sobol", "random", "grid"]), default="sobol",
+@click.option("--search", type=click.Choice(SEARCHES), default="sobol",
               help="how the points are drawn: a scrambled Sobol sequence, random draws, or a grid of at most "
                    "--budget points")
-@click.option("--select-metric", type=click.Choice(["val-balanced", "val-all", "val-nll"]), default="val-balanced",
+@click.option("--select-metric", type=click.Choice(SELECT_METRICS), default="val-balanced",
               help="what picks each method's point on the val split (ties: the lower val NLL)")
 @click.option("--space", "space_items", multiple=True,
               help="replace one dimension of the search space for the methods that have it (repeatable): "
-                   "name=LOW:HIGH (linear), name=log:LOW:HIGH, or name=a,b,c (a choice), e.g. --space delta=0.5:0.99")
+                   "name=LOW:HIGH (linear), name=log:LOW:HIGH, or name=a,b,c (a choice), e.g. --space delta=0.5:0.99; "
+                   "method.name for one method's only, e.g. --space la-loss.tau=0:1 (tau is also vs's and tau-norm's)")
 @click.option("--tune-seeds", default="0", help="seeds of stage A (the val score is their mean)")
 @click.option("--seeds", default="0,1,2,3,4", help="seeds the picks (and presets) are re-trained with in stage B")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), multiple=True,
@@ -32,9 +34,9 @@ from ltcache.errors import LtcacheError
                    "the paper table is printed and written (see `ltcache table --help`)")
 @click.option("--against", default="ce", show_default=True,
               help="with several caches: the reference method of the paper table's differences (a tuned method)")
-@click.option("--test-views", type=click.Choice(["all", "center"]), default="all",
+@click.option("--test-views", type=click.Choice(TEST_VIEWS), default="all",
               help="average logits over the cached eval views, or use the center view only")
-@click.option("--preset", type=click.Choice(["cifar", "imagenet"]), default=None, show_default=False,
+@click.option("--preset", type=click.Choice(PRESETS), default=None, show_default=False,
               help="preset the search ranges and the preset column start from (default: from the cache)")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
@@ -42,7 +44,7 @@ from ltcache.errors import LtcacheError
 @click.option("--clean-view", is_flag=True, help="also draw the clean train view in the epochs")
 @click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False,
               help="intra-op threads (default: the cores free when the command starts)")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "tf32"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="arithmetic of the training GEMMs in both stages: fp32 (exact), bf16 or tf32 (CUDA); see "
                    "`ltcache bench --help`")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -103,7 +105,7 @@ def tune_cmd(all_methods, method_list, budget, search, select_metric, space_item
     if not is_main():
         return
     if multi:
-        from ltcache.stage2.paper_table import render
+        from ltcache.stage2.paper_format import render
         click.echo(render(results, "terminal"), nl=False)
         if out is not None:
             click.echo(f"results: {out}/results.json, paper.md, paper.csv, paper.tex")

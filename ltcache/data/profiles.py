@@ -6,9 +6,8 @@ from typing import Sequence
 import numpy as np
 
 from ltcache.errors import LtcacheError
+from ltcache.options import PROFILES, SELECTIONS
 
-PROFILES = ("exp", "step")
-SELECTIONS = ("first", "shuffle")
 
 
 def lt_counts(n_max: int, num_classes: int, imb_ratio: float, profile: str = "exp") -> list[int]:

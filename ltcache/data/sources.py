@@ -28,8 +28,7 @@ import torch
 
 from ltcache.data.decode import to_rgb
 from ltcache.data.streaming import PathTable, image_size as file_image_size
-from ltcache.errors import LtcacheError
-from ltcache.outputs import os_error
+from ltcache.errors import LtcacheError, os_error
 from ltcache.progress import progress
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -193,7 +192,6 @@ def unpack_tarball(tar_path: Path, data_root: Path, quiet: bool = False) -> Path
         data_root.mkdir(parents=True, exist_ok=True)
         lock = open(data_root / f".{name}.unpack.lock", "w")
     except OSError as exc:
-        from ltcache.outputs import os_error
         raise LtcacheError(f"{tar_path} is unpacked into the data root, but {os_error(exc, data_root / name)}; "
                            "pass --data-root DIR with a folder you can write to") from None
     with lock:

@@ -2,8 +2,6 @@
 torchvision classification model (its last Linear is the classifier)."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch.nn as nn
 
 from ltcache.errors import LtcacheError, close_matches

@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from ltcache.errors import LtcacheError
+from ltcache.options import FIGURE_FORMATS
 from ltcache.report.load import Report, Series, load_report, read_results
 
-FORMATS = ("png", "svg")
+FORMATS = FIGURE_FORMATS
 FIGURES = ("per_class_heatmap", "per_class_accuracy", "lm_rsd", "reliability", "logit_margin", "group_accuracy")
 
 
 def figures_dir(out_dir: Union[str, Path]) -> Path:
     """``out_dir/figures``, made (a folder that cannot be made is the one-line disk/permission error)."""
-    from ltcache.outputs import os_error
+    from ltcache.errors import os_error
     fig_dir = Path(out_dir) / "figures"
     try:
         fig_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,7 @@ def _all_or_nothing(out: Path, draw, quiet: bool) -> tuple[Path, list[Path]]:
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
     """A temporary folder inside ``out`` for a whole report; removed afterwards (also on failure)."""
-    from ltcache.outputs import os_error
+    from ltcache.errors import os_error
     try:
         out.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".report.", suffix=".tmp", dir=out))
@@ -119,7 +120,7 @@ def _staging(out: Path) -> Iterator[Path]:
 def _move_in(stage: Path, out: Path) -> Path:
     """Renames only (no data written): the old ``figures`` folder aside, the new one and
     ``report.html`` in, the old one removed; a failed rename puts the old folder back."""
-    from ltcache.outputs import os_error
+    from ltcache.errors import os_error
     figs, old = out / "figures", out / ".figures.old"
     try:
         if old.exists():

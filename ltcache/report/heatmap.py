@@ -25,30 +25,14 @@ def draw(values: Sequence[Sequence[Optional[float]]], rows: Sequence[str], cols:
     ``per_column``: colours scaled within each column (its worst to its best; e.g. datasets whose
     accuracies lie far apart), the values written in the cells still the raw ones."""
     import numpy as np
-    from matplotlib.colors import TwoSlopeNorm
     n, k = len(rows), len(cols)
     arr = np.array([[_nan(v) for v in r] for r in values], dtype=float).reshape(n, k)
-    finite = arr[np.isfinite(arr)]
     longest = max(map(len, cols), default=0)
     rot = 0 if k * max(longest, 3) <= 110 else 60              # labels side by side when they fit the width
     height = round(max(3.0, 1.5 + 0.27 * n) + (0.35 if col_groups else 0) + (0.06 * longest if rot else 0), 1)
     fig = new_figure(height, WIDTH)
     ax = fig.add_subplot(1, 1, 1)
-    if diverging:
-        lim = float(np.max(np.abs(finite))) if finite.size else 1.0
-        lim = lim or 1.0
-        norm, cmap = TwoSlopeNorm(0.0, -lim, lim), "RdBu"
-    else:
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        norm, cmap = None, "viridis"
-    kw = {"norm": norm} if norm is not None else {"vmin": lo, "vmax": hi if hi > lo else lo + 1}
-    shown = arr
-    if per_column:
-        ok = np.isfinite(arr)
-        lo_c, hi_c = np.where(ok, arr, np.inf).min(0), np.where(ok, arr, -np.inf).max(0)
-        span = np.where(hi_c > lo_c, hi_c - lo_c, 1.0)
-        shown = (arr - lo_c) / span
-        kw = {"vmin": 0.0, "vmax": 1.0}
+    shown, cmap, kw = _colours(arr, diverging, per_column)
     im = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap=cmap, interpolation="nearest", **kw)
     ax.set_yticks(range(n))
     ax.set_yticklabels([r if len(r) <= 48 else r[:47] + "…" for r in rows], fontsize=8 if n > 20 else 9)
@@ -59,23 +43,8 @@ def draw(values: Sequence[Sequence[Optional[float]]], rows: Sequence[str], cols:
     for s in ax.spines.values():
         s.set_visible(False)
     if k <= MAX_LABELLED:
-        size = 7 if k > 16 or n > 24 else 8
-        cm = im.cmap
-        for i in range(n):
-            for j in range(k):
-                v = arr[i, j]
-                if not math.isfinite(v):
-                    ax.text(j, i, "-", ha="center", va="center", fontsize=size, color="0.4")
-                    continue
-                r, g, b, _ = cm(im.norm(shown[i, j]))
-                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-                ax.text(j, i, (("+" if diverging and v > 0 else "") + cell_fmt.format(v)), ha="center",
-                        va="center", fontsize=size, color="white" if dark else "black")
-    for gi, (label, a, b) in enumerate(col_groups):
-        if gi:
-            ax.axvline(a - 0.5, color="white", linewidth=3)
-        ax.annotate(label, xy=((a + b) / 2, -0.6), xycoords="data", ha="center", va="bottom", fontsize=9,
-                    annotation_clip=False, fontweight="bold")
+        _write_cells(ax, im, arr, shown, diverging, cell_fmt)
+    _brackets(ax, col_groups)
     if xlabel:
         ax.set_xlabel(xlabel)
     cb = fig.colorbar(im, ax=ax, label=cbar, fraction=0.03, pad=0.01)
@@ -84,6 +53,54 @@ def draw(values: Sequence[Sequence[Optional[float]]], rows: Sequence[str], cols:
         cb.set_ticklabels(["worst", "best"])
     ax.set_title(title, pad=18 if col_groups else 6)
     return save(fig, out_dir, stem, fmt), (WIDTH, height)
+
+
+def _colours(arr, diverging: bool, per_column: bool):
+    """(values as coloured, colour map, imshow's scale keywords): red-blue centred on 0, viridis
+    over the finite range, or each column from its worst (0) to its best (1)."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+    finite = arr[np.isfinite(arr)]
+    if diverging:
+        lim = float(np.max(np.abs(finite))) if finite.size else 1.0
+        lim = lim or 1.0
+        norm, cmap = TwoSlopeNorm(0.0, -lim, lim), "RdBu"
+    else:
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        norm, cmap = None, "viridis"
+    kw = {"norm": norm} if norm is not None else {"vmin": lo, "vmax": hi if hi > lo else lo + 1}
+    if not per_column:
+        return arr, cmap, kw
+    ok = np.isfinite(arr)
+    lo_c, hi_c = np.where(ok, arr, np.inf).min(0), np.where(ok, arr, -np.inf).max(0)
+    span = np.where(hi_c > lo_c, hi_c - lo_c, 1.0)
+    return (arr - lo_c) / span, cmap, {"vmin": 0.0, "vmax": 1.0}
+
+
+def _write_cells(ax, im, arr, shown, diverging: bool, cell_fmt: str) -> None:
+    """Each cell's raw value written in it ("-" when missing), white on a dark colour."""
+    n, k = arr.shape
+    size = 7 if k > 16 or n > 24 else 8
+    cm = im.cmap
+    for i in range(n):
+        for j in range(k):
+            v = arr[i, j]
+            if not math.isfinite(v):
+                ax.text(j, i, "-", ha="center", va="center", fontsize=size, color="0.4")
+                continue
+            r, g, b, _ = cm(im.norm(shown[i, j]))
+            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+            ax.text(j, i, (("+" if diverging and v > 0 else "") + cell_fmt.format(v)), ha="center",
+                    va="center", fontsize=size, color="white" if dark else "black")
+
+
+def _brackets(ax, col_groups: Sequence[tuple]) -> None:
+    """The labelled column groups on top, separated by white lines."""
+    for gi, (label, a, b) in enumerate(col_groups):
+        if gi:
+            ax.axvline(a - 0.5, color="white", linewidth=3)
+        ax.annotate(label, xy=((a + b) / 2, -0.6), xycoords="data", ha="center", va="bottom", fontsize=9,
+                    annotation_clip=False, fontweight="bold")
 
 
 def class_columns(order: Sequence[int], names: Sequence[str], counts: Sequence[int]) -> list[tuple[str, list[int]]]:

@@ -19,8 +19,8 @@ from ltcache.stage2.methods import METHODS, GENERIC, choose_preset, get_method, 
 from ltcache.stage2.precision import PRECISIONS, check_precision  # noqa: F401
 from ltcache.stage2.plan import (TEST_VIEWS, Config, TrainData, _load_cache, _train_data,  # noqa: F401
                                  _view_names, _views, expand, make_config, needs_val, parse_seeds, plan_runs,
-                                 require_val, train_view_names, train_view_pool, val_gaps)
-from ltcache.stage2.requirements import skip_stage1
+                                 train_view_names, train_view_pool, val_gaps)
+from ltcache.stage2.requirements import Checked, check, require_val, skip_stage1  # noqa: F401
 from ltcache.stage2.results import run_header
 from ltcache.stage2.runner import run_sweep
 from ltcache.stage2.sweep import train_sweep  # noqa: F401
@@ -56,7 +56,8 @@ def retrain_layers(cache, method: str, overrides: Optional[dict] = None, seeds: 
                    from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32") -> Retrained:
     """:func:`retrain`, returning the trained layers and the loaded cache beside the results."""
     dev = resolve_device(device)
-    cache = _load_cache(cache, dev)
+    ck = check(_load_cache(cache, dev))                 # loaded and checked once; run_sweep trusts it
+    cache = ck.cache
     m = get_method(method)
     if from_tune is not None:
         picks = load_choices(from_tune, cache)
@@ -67,7 +68,7 @@ def retrain_layers(cache, method: str, overrides: Optional[dict] = None, seeds: 
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
     plans = expand([m.name], overrides, None, pre, int(cache.splits["train"].labels.numel()))
     echo(run_header(cache, pre, dev, "retrain"), quiet)
-    results, pairs = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
+    results, pairs = run_sweep(ck, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
                                precision=precision)
     results["preset"] = pre
     return Retrained(results, pairs, cache)
@@ -96,7 +97,8 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
     if isinstance(cache, (list, tuple)):
         cache = cache[0]
     dev = resolve_device(device)
-    cache = _load_cache(cache, dev)
+    ck = check(_load_cache(cache, dev))                 # loaded and checked once; run_sweep trusts it
+    cache = ck.cache
     picks = None
     if from_tune is not None:
         picks = load_choices(from_tune, cache)
@@ -117,10 +119,10 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
     pre = choose_preset(cache.num_classes, cache.feature_dim, preset)
     plans = _bench_plans(names, reference_added, picks, overrides, grid, pre, int(cache.splits["train"].labels.numel()),
                          strict)
-    plans, skipped = _skip_val_choosers(cache, plans, methods, select, quiet)
-    plans, skipped = skip_stage1(cache, plans, skipped, methods, quiet)
+    plans, skipped = _skip_val_choosers(ck.val_gap, plans, methods, select, quiet)
+    plans, skipped = skip_stage1(ck, plans, skipped, methods, quiet)
     echo(run_header(cache, pre, dev, "bench"), quiet)
-    results, _ = run_sweep(cache, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
+    results, _ = run_sweep(ck, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
                            precision=precision)
     results["preset"] = pre
     results["skipped"] = skipped
@@ -167,11 +169,11 @@ def _bench_plans(names: list, reference_added: bool, picks: Optional[dict], over
     return plans
 
 
-def _skip_val_choosers(cache, plans: list, methods, select: str, quiet: bool) -> tuple[list, list]:
-    """Every method asked for (``methods`` None) on a val split that lacks classes: the methods
-    that must choose on val are left out, said before training. (plans kept, skipped)."""
+def _skip_val_choosers(gap: Optional[str], plans: list, methods, select: str, quiet: bool) -> tuple[list, list]:
+    """Every method asked for (``methods`` None) on a val split that lacks classes (``gap``: why,
+    :attr:`Checked.val_gap`): the methods that must choose on val are left out, said before
+    training. (plans kept, skipped)."""
     skipped = []
-    gap = val_gaps(cache)
     if methods is None and gap and select != "val":
         keep = [p for p in plans if needs_val([p], "last") is None]
         skipped = [{"name": run_name(m, p, ov), "method": m.name,

@@ -10,20 +10,22 @@
 
 Each is a **post-hoc rule** in the :data:`POSTHOC` registry, the closed-form methods' ``head``;
 a rule of your own is one :func:`register_posthoc` function in a ``--plugin`` file.
+
+The registry loads without torch (``ltcache methods``, ``--help``): the rules import it when
+they compute.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ltcache.errors import LtcacheError
-from ltcache.metrics import class_mean_accuracy
 from ltcache.registry import Registry, check_name, origin_of
 
-TAU_GRID = [round(0.1 * i, 1) for i in range(21)]   # numpy linspace(0, 2, 21)
+if TYPE_CHECKING:
+    import torch
+
+TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))   # cRT tau_norm.py: numpy linspace(0, 2, 21)
 
 
 def _check_tau(tau: float) -> None:
@@ -33,6 +35,8 @@ def _check_tau(tau: float) -> None:
 
 def tau_norm_layer(w0: torch.Tensor, tau: float) -> dict:
     """cRT tau-normalised classifier (bias dropped) as a linear layer."""
+    import torch
+
     _check_tau(tau)
     norms = w0.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
     w = (w0.double() / norms.pow(tau)).float()
@@ -51,6 +55,9 @@ def ncm_layer(train_x: torch.Tensor, labels: torch.Tensor, num_classes: int, chu
     """Nearest-class-mean classifier (cl2n features, l2 distance) from train features [N, D].
 
     Sums accumulate in float64 over row chunks, so an ImageNet-scale [N, D] never gets a float64 copy."""
+    import torch
+    import torch.nn.functional as F
+
     n, d = train_x.shape
     dev = train_x.device
     labels = labels.to(dev).long()
@@ -69,6 +76,10 @@ def ncm_layer(train_x: torch.Tensor, labels: torch.Tensor, num_classes: int, chu
 def select_tau(w0: torch.Tensor, val_x: Optional[torch.Tensor], val_labels: Optional[torch.Tensor],
                grid=TAU_GRID) -> tuple[float, list]:
     """The tau of ``grid`` with the best class-mean val accuracy (ties: the smaller tau)."""
+    import torch
+
+    from ltcache.metrics import class_mean_accuracy
+
     if val_x is None:
         raise LtcacheError("tau-norm picks tau on the val split but the cache has none; "
                            "pass --tau (e.g. --tau 1.0) or extract a cache with a val split")
@@ -140,6 +151,8 @@ def register_posthoc(name: str, *, needs_stage1: bool = True, needs_val: bool = 
 
 def _as_layer(out, name: str) -> tuple[dict, dict]:
     """A rule's result as (layer dict, extra), checked."""
+    import torch
+
     extra: dict = {}
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
         out, extra = out
@@ -172,6 +185,8 @@ def closed_form_layer(method, params: dict, cache, data, counts: torch.Tensor) -
     and what it adds to its run (tau-norm without a tau: the val curve, ``tau_curve``; a value
     chosen on val is written into ``params``). ``data``: the sweep's
     :class:`~ltcache.stage2.plan.TrainData`."""
+    import torch
+
     rule = POSTHOC.get(method.head)
     inp = PosthocInputs(
         w0=data.w0, b0=data.b0, counts=counts,

@@ -1,6 +1,6 @@
 """The training step as a function of static buffers, replayed as a CUDA graph on a GPU.
 
-A step of :class:`~ltcache.stage2.sweep.GroupTrainer` reads, besides the group's parameters
+A step of :class:`~ltcache.stage2.group.GroupTrainer` reads, besides the group's parameters
 and momentum buffers (updated in place), only per-step tensors of its :class:`Epoch`: the
 cache rows, the loss targets and the update's per-member factors. :class:`StaticStep` keeps
 one static buffer per such tensor and a static one-step ``Epoch`` whose fields *are* those

@@ -8,7 +8,8 @@ dataset, stage-1 seed -- and its single-cache results document without the runs)
 (the replicate groups: label and the caches' indices), ``runs`` (every run, with ``cache``: the
 index of its cache), ``against`` (the reference method of the paper table) and the wall time.
 :func:`cache_results` gives back one cache's single-cache document (what ``ltcache report``
-draws per cache). The paper table is :mod:`ltcache.stage2.paper_table`.
+draws per cache). The paper table is :mod:`ltcache.stage2.paper_table` (rendered by
+:mod:`ltcache.stage2.paper_format`).
 """
 from __future__ import annotations
 
@@ -125,6 +126,23 @@ def is_multi(doc: dict) -> bool:
     return isinstance(doc, dict) and doc.get("schema") == MULTI_SCHEMA
 
 
+def load_multi(path) -> dict:
+    """A multi-cache results document (results.json or its folder); one-line errors otherwise."""
+    import json
+    p = Path(path)
+    p = p / "results.json" if p.is_dir() else p
+    if not p.is_file():
+        raise LtcacheError(f"{p}: no such file; give the results.json of a `bench` / `tune` over several --cache")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise LtcacheError(f"{p} is unreadable ({str(exc).splitlines()[0]}); re-run the bench / tune") from None
+    if not is_multi(doc):
+        raise LtcacheError(f"{p} holds the runs of one cache; the paper table needs a `bench` / `tune` over several "
+                           "caches (--cache A --cache B ...)")
+    return doc
+
+
 def cache_results(doc: dict, i: int) -> dict:
     """Cache ``i``'s single-cache results document, rebuilt from a multi-cache one."""
     runs = [{k: v for k, v in r.items() if k != "cache"} for r in doc["runs"] if r["cache"] == i]
@@ -134,13 +152,14 @@ def cache_results(doc: dict, i: int) -> dict:
 def write_multi(doc: dict, out_dir: Union[str, Path], against: Optional[str] = None) -> dict:
     """results.json and the paper table (paper.md, paper.csv, paper.tex) in ``out_dir``; every
     text is rendered before the first file is written, each written atomically."""
-    from ltcache.outputs import os_error, write_text
-    from ltcache.stage2 import paper_table as pt
+    from ltcache.errors import os_error
+    from ltcache.outputs import write_text
+    from ltcache.stage2.paper_format import format_csv, format_latex, format_markdown
+    from ltcache.stage2.paper_table import compute
     from ltcache.stage2.results import write_json
     out = Path(out_dir)
-    table = pt.compute(doc, against or doc.get("against") or "ce")
-    texts = {"paper.md": pt.format_markdown(table), "paper.csv": pt.format_csv(table),
-             "paper.tex": pt.format_latex(table)}
+    table = compute(doc, against or doc.get("against") or "ce")
+    texts = {"paper.md": format_markdown(table), "paper.csv": format_csv(table), "paper.tex": format_latex(table)}
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

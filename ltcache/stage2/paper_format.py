@@ -8,6 +8,7 @@ import io
 from typing import Optional
 
 from ltcache.errors import LtcacheError
+from ltcache.stage2.paper_table import compute
 
 TITLES = {"all": "All", "many": "Many", "medium": "Medium", "few": "Few"}
 
@@ -162,5 +163,4 @@ def render(doc: dict, fmt: str = "terminal", against: Optional[str] = None) -> s
     """The paper table of a multi-cache results document in one format."""
     if fmt not in FORMATTERS:
         raise LtcacheError(f"unknown --format '{fmt}'; use one of: {', '.join(FORMATTERS)}")
-    from ltcache.stage2.paper_table import compute
     return FORMATTERS[fmt](compute(doc, against or doc.get("against") or "ce"))

@@ -177,26 +177,6 @@ def _diff(sel: dict, members: list, m: str, ref: str) -> Optional[dict]:
     return {"mean": mean, "lo": lo, "hi": hi, "n": len(units), "over": over, "pairs": len(pairs)}
 
 
-def load_multi(path) -> dict:
-    """A multi-cache results document (results.json or its folder); one-line errors otherwise."""
-    import json
-    from pathlib import Path
-
-    from ltcache.stage2.multi import is_multi
-    p = Path(path)
-    p = p / "results.json" if p.is_dir() else p
-    if not p.is_file():
-        raise LtcacheError(f"{p}: no such file; give the results.json of a `bench` / `tune` over several --cache")
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise LtcacheError(f"{p} is unreadable ({str(exc).splitlines()[0]}); re-run the bench / tune") from None
-    if not is_multi(doc):
-        raise LtcacheError(f"{p} holds the runs of one cache; the paper table needs a `bench` / `tune` over several "
-                           "caches (--cache A --cache B ...)")
-    return doc
-
-
 def resolve_against(doc: dict, against: Optional[str]) -> str:
     """The reference method: ``against`` (an alias is resolved when the method is registered) or
     the one the run recorded."""
@@ -207,8 +187,3 @@ def resolve_against(doc: dict, against: Optional[str]) -> str:
         return get_method(against).name
     except LtcacheError:
         return against
-
-
-# the renderings live in paper_format; importable from here too
-from ltcache.stage2.paper_format import (FORMATTERS, footer, format_csv, format_latex, format_markdown,  # noqa: E402,F401
-                                         format_terminal, render)

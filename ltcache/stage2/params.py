@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ltcache.errors import LtcacheError
+from ltcache.options import MAX_BATCH_SIZE, MAX_EPOCHS
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,6 @@ class Param:
 
 SCHEDULES = ("cosine", "cosine-start", "constant")
 
-# upper bounds that keep step counts (epochs x steps per epoch) and batch shapes inside the engine's
-# 64-bit integers and a run inside a lifetime: a larger value is a typo, refused in one line
-MAX_EPOCHS = 100_000
-MAX_BATCH_SIZE = 2**31 - 1
 
 GENERIC_PARAMS: tuple[Param, ...] = (
     Param("epochs", int, lo=1, hi=MAX_EPOCHS, help="epochs"),
@@ -103,10 +100,12 @@ GENERIC_PARAMS: tuple[Param, ...] = (
 )
 GENERIC = tuple(p.name for p in GENERIC_PARAMS)
 
-# option names of the stage-2 commands and pipeline [sweep] keys: no hyper-parameter may take them
+# option names of the stage-2 commands and pipeline [sweep] / [tune] keys: no hyper-parameter may take them
+# (tests/test_options.py checks that every one of them is here)
 RESERVED = frozenset({
     "method", "methods", "all_methods", "seeds", "tune_seeds", "select", "select_metric", "test_views", "device",
     "preset", "jobs", "quiet", "clean_view", "from_tune", "cache", "cache_dir", "out", "export", "export_path",
     "force", "grid", "plugin", "plugins", "budget", "search", "through_backbone", "ckpt", "data_root",
-    "no_augment", "eval_bn", "help", "iterations", "name", "notes",
+    "no_augment", "eval_bn", "help", "iterations", "name", "notes", "precision", "threads", "against", "strict",
+    "caches", "space",
 })

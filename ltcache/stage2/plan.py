@@ -6,9 +6,11 @@ A sweep goes one way through five modules:
    epochs draw from, the val views) and the plan: every method x grid point
    (:func:`expand`) x seed, as a training :class:`Config` (:func:`make_config`) or a closed form
    (:func:`plan_runs`);
-2. ``sweep.py``: configurations grouped by head family, frozen base and batch size;
-3. ``sweep.py`` (engine; ``workers.py`` fans groups out to processes on a CPU): each group
-   trained as one stacked computation;
+2. ``grouping.py``: configurations grouped by head family, frozen base and batch size
+   (``sweep.py`` drives steps 2 and 3; ``workers.py``, the scheduler, places the groups in
+   processes on a CPU or across torchrun ranks);
+3. ``group.py`` (engine; ``epochs.py``, ``sgd.py``, ``selection.py``): each group trained as
+   one stacked computation;
 4. ``evaluate.py``: every trained head and closed form evaluated on test and val;
 5. ``results.py``: the results document.
 
@@ -20,19 +22,20 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from ltcache.errors import LtcacheError
+from ltcache.options import TEST_VIEWS
 from ltcache.stage2.closed_form import POSTHOC
+from ltcache.stage2.heads import HeadKind, get_head
 from ltcache.stage2.losses import LossSpec, build_loss
-from ltcache.stage2.methods import GENERIC, Method, check_param, get_method, resolve_params, run_name
+from ltcache.stage2.methods import GENERIC, Method, check_param, get_method, resolve_params, run_name, split_key
 from ltcache.stage2.params import SCHEDULES
 from ltcache.stage2.samplers import ClassIndex
-
-TEST_VIEWS = ("all", "center")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,6 +67,16 @@ class Config:
     steps: str = ""            # batches per epoch: floor | ceil | ceil+1 ("" = the sampler's default; samplers.py)
     no_wd: tuple = ()          # parameters trained without weight decay (e.g. ("b",): the CB repo's bias)
 
+    @cached_property
+    def kind(self) -> HeadKind:
+        """The head's :class:`~ltcache.stage2.heads.HeadKind`, looked up once (on first use: after
+        the plugins are loaded and checked) and kept as an attribute; not pickled (a worker's
+        copy looks it up again)."""
+        return get_head(self.head)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "kind"}
+
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 0-based ``epoch`` under this configuration's schedule (the schedules:
         :mod:`ltcache.stage2.sweep`)."""
@@ -79,37 +92,87 @@ def expand(methods: Sequence[str], overrides: Optional[dict], grid: Optional[dic
            preset: str, n_train: int, strict: bool = False, notice: bool = True) -> list[tuple[Method, dict, dict]]:
     """(method, full params, overrides) for every method x grid point.
 
-    Grid keys that are generic apply to every trained method; a method's own key applies to
-    the methods that have it; a key no chosen method has is an error. A key some chosen methods
-    lack is a notice naming them (an error with ``strict``).
+    A key is a short name (``tau``) or qualified by its method (``la-loss.tau``). A short key that
+    is generic applies to every trained method; a method's own short key applies to each method
+    that has it, as that method's own hyper-parameter (``tau`` is la-loss's offset and vs's
+    additive tau); a short key no chosen method has is an error, one some chosen methods lack a
+    notice naming them (an error with ``strict``). A qualified key applies to its method only and
+    wins over the short key of the same name; its method must be in the run and have it.
     """
-    grid = grid or {}
+    grid, overrides = grid or {}, overrides or {}
+    chosen = [get_method(m) for m in methods]
+    by_name = {m.name: m for m in chosen}
+    _check_grid(grid, chosen, by_name, strict, notice)
+    q_over = {key: _qualified(key, "override", by_name) for key in overrides}
+    plans = []
+    for method in chosen:
+        ov, mgrid = _method_grid(method, overrides, q_over, grid, by_name)
+        keys = list(mgrid)
+        for combo in itertools.product(*[mgrid[k] for k in keys]):
+            point = dict(ov)
+            point.update(dict(zip(keys, combo)))
+            plans.append((method, resolve_params(method, preset, point, n_train), point))
+    return plans
+
+
+def _has(method: Method, name: str) -> bool:
+    """Whether ``name`` is one of ``method``'s hyper-parameters (its own or a generic one)."""
+    return name in method.tunables or (name in GENERIC and not method.closed_form)
+
+
+def _qualified(key: str, flag: str, by_name: dict) -> Optional[tuple[str, str]]:
+    """(method, param) of a qualified key (checked against the run's methods); None for a short key."""
+    mname, name = split_key(key)
+    if not mname:
+        return None
+    m = by_name.get(mname) or by_name.get(get_method(mname).name)
+    if m is None:
+        raise LtcacheError(f"{flag} {key}: method {mname} is not in this run ({', '.join(by_name)}); "
+                           f"add it to the methods or drop {key}")
+    if not _has(m, name):
+        own = ", ".join(sorted(set(m.tunables) | (set() if m.closed_form else set(GENERIC)))) or "none"
+        raise LtcacheError(f"{flag} {key}: method {m.name} has no hyper-parameter {name} (its: {own})")
+    return m.name, name
+
+
+def _check_grid(grid: dict, chosen: list, by_name: dict, strict: bool, notice: bool) -> None:
+    """Every grid key and value checked before any work; a short key some methods lack is a notice
+    (an error with ``strict``)."""
     for key, values in grid.items():
         if not values:
             raise LtcacheError(f"--grid {key}= has no values; give e.g. --grid {key}=0.9,0.98")
-        if key not in GENERIC and not any(key in get_method(m).tunables for m in methods):
+        q = _qualified(key, "--grid", by_name)
+        if q is not None:
+            for v in values:
+                check_param(q[1], v, q[0])
+            continue
+        if key not in GENERIC and not any(key in m.tunables for m in chosen):
             raise LtcacheError(f"--grid {key} applies to none of the chosen methods; "
                                "check `ltcache methods` for each method's options")
         for v in values:
             check_param(key, v)
-        lack = [get_method(m).name for m in methods
-                if not (key in get_method(m).tunables or (key in GENERIC and not get_method(m).closed_form))]
+        lack = [m.name for m in chosen if not _has(m, key)]
         if lack:
             msg = f"--grid {key} does not apply to {', '.join(lack)}"
             if strict:
                 raise LtcacheError(f"{msg}; drop them from --methods or drop --strict to run them without it")
             from ltcache.progress import echo
             echo(f"notice: {msg}; they run once, without it (--strict makes this an error)", not notice)
-    plans = []
-    for name in methods:
-        method = get_method(name)
-        keys = [k for k in grid if k in method.tunables or (k in GENERIC and not method.closed_form)]
-        for combo in itertools.product(*[grid[k] for k in keys]):
-            ov = {k: v for k, v in (overrides or {}).items()
-                  if k in method.tunables or (k in GENERIC and not method.closed_form)}
-            ov.update(dict(zip(keys, combo)))
-            plans.append((method, resolve_params(method, preset, ov, n_train), ov))
-    return plans
+
+
+def _method_grid(method: Method, overrides: dict, q_over: dict, grid: dict, by_name: dict) -> tuple[dict, dict]:
+    """(the overrides, the grid) that apply to ``method``: its short keys, then its qualified ones over them."""
+    ov = {k: v for k, v in overrides.items() if q_over[k] is None and _has(method, k)}
+    mgrid = {k: vals for k, vals in grid.items() if "." not in k and _has(method, k)}
+    for key, v in overrides.items():              # a qualified override: this method's, over the short ones
+        if q_over[key] is not None and q_over[key][0] == method.name:
+            ov[q_over[key][1]] = v
+            mgrid.pop(q_over[key][1], None)
+    for key, vals in grid.items():
+        mname, name = split_key(key)
+        if mname and by_name.get(mname, get_method(mname)).name == method.name:
+            mgrid[name] = vals
+    return ov, mgrid
 
 
 def make_config(method: Method, params: dict, seed: int, name: str, counts: torch.Tensor) -> Config:
@@ -296,12 +359,3 @@ def val_gaps(cache) -> Optional[str]:
         shown = ", ".join(names[i] for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         return f"its val split has no image of class {shown}"
     return None
-
-
-def require_val(cache, why: str) -> None:
-    """Refuse a val-based choice (``why``) on a val split that is missing or lacks a class."""
-    gap = val_gaps(cache)
-    if gap:
-        raise LtcacheError(f"{why} chooses on the val split, but {gap}; use a cache whose val split covers every "
-                           "class (stage 1 holds val out of the full training set since ltcache 0.2: re-run "
-                           "`ltcache train` and `ltcache extract`)")

@@ -17,8 +17,8 @@ from typing import Iterator
 import torch
 
 from ltcache.errors import LtcacheError
+from ltcache.options import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "tf32")
 
 
 def check_precision(precision: str, device: torch.device) -> str:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 CB_PER_CLASS = 4
 
@@ -48,6 +50,8 @@ class ClassAwarePlan:
 def class_aware_plan(ci, total: int) -> ClassAwarePlan:
     """The plan of a class-aware epoch of ``total`` draws over class index ``ci`` (cached on
     ``ci``: made once per sweep and epoch length)."""
+    import torch
+
     cache = ci.__dict__.setdefault("_plans", {})
     if total in cache:
         return cache[total]
@@ -77,6 +81,8 @@ def class_aware_plan(ci, total: int) -> ClassAwarePlan:
 def class_aware_draw(plan: ClassAwarePlan, g: torch.Generator) -> torch.Tensor:
     """One class-aware epoch (flat sample indices [total]) from generator ``g``: the same draws
     and result as the sampler's definition in :mod:`ltcache.stage2.samplers`."""
+    import torch
+
     class_seq = torch.argsort(torch.rand(plan.rounds, plan.k, generator=g), dim=1).reshape(-1)[:plan.visits]
     keys = torch.rand(plan.n_keys, generator=g, dtype=torch.float64) + plan.seg_off
     # non-negative doubles: the bit patterns as int64 sort in the values' order

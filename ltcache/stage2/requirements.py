@@ -7,15 +7,49 @@ that it loads). The methods that read the stage-1 W, b -- tau-norm, post-hoc LA,
 method whose head starts from stage 1 (``Method.init == "stage1"``: CE, LWS, MiSLAS, MARC, ...) or
 scales by its norms (MARC) -- are refused on it with one line saying how to add a classifier;
 ``bench`` over every method leaves them out with a notice instead.
+
+What a sweep checks about a cache -- its val split (:func:`~ltcache.stage2.plan.val_gaps`) and its
+stage-1 classifier -- is found once per command at the public boundary (:func:`check`) and
+travels with the loaded cache as a :class:`Checked`; ``run_sweep`` reads it instead of the cache.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from ltcache.errors import LtcacheError
+from ltcache.stage2.plan import val_gaps
 
 STAGE1_KEY = "stage1_classifier"
 DEFAULT_FIX = "re-import it with `ltcache import ... --classifier FILE` (W [K, D], b [K]) or `--fit-classifier`"
+
+
+class Checked(NamedTuple):
+    """A loaded cache and what a sweep checks about it, found once (:func:`check`)."""
+
+    cache: Any
+    val_gap: Optional[str]       # why its val split cannot back a val-based choice (None: it can)
+    stage1_fix: Optional[str]    # how to give it a stage-1 classifier (None: it has one)
+
+    def with_cache(self, cache) -> "Checked":
+        """The same findings for a view of the same cache (e.g. without its test split)."""
+        return self._replace(cache=cache)
+
+
+def check(cache) -> Checked:
+    """A loaded cache with its findings (a :class:`Checked` passes through unchanged)."""
+    if isinstance(cache, Checked):
+        return cache
+    return Checked(cache, val_gaps(cache), missing_stage1(cache))
+
+
+def require_val(cache, why: str) -> None:
+    """Refuse a val-based choice (``why``) on a val split that is missing or lacks a class
+    (``cache``: a loaded cache or its :class:`Checked`)."""
+    gap = check(cache).val_gap
+    if gap:
+        raise LtcacheError(f"{why} chooses on the val split, but {gap}; use a cache whose val split covers every "
+                           "class (stage 1 holds val out of the full training set since ltcache 0.2: re-run "
+                           "`ltcache train` and `ltcache extract`)")
 
 
 def missing_stage1(cache) -> Optional[str]:
@@ -26,12 +60,6 @@ def missing_stage1(cache) -> Optional[str]:
     if isinstance(block, dict) and block.get("source") == "none":
         return str(block.get("fix") or DEFAULT_FIX)
     return None
-
-
-def has_stage1_classifier(cache) -> bool:
-    """True unless the cache's manifest says it has no stage-1 classifier (its "stage-1 head"
-    row is then a zero placeholder, not a result)."""
-    return missing_stage1(cache) is None
 
 
 def needs_stage1(method) -> bool:
@@ -53,20 +81,23 @@ def _why(method, cache, fix: str) -> str:
 
 def require_stage1(cache, plans: Sequence[tuple]) -> None:
     """Refuse, before anything trains, a plan whose method needs a stage-1 classifier the cache
-    lacks (``plans``: (Method, params, overrides) tuples as ``api.expand`` makes them)."""
-    fix = missing_stage1(cache)
-    if fix is None:
+    lacks (``cache``: its :class:`Checked`, or the loaded cache; ``plans``: (Method, params,
+    overrides) tuples as ``api.expand`` makes them)."""
+    ck = check(cache)
+    if ck.stage1_fix is None:
         return
     for method, *_ in plans:
         if needs_stage1(method):
-            raise LtcacheError(_why(method, cache, fix))
+            raise LtcacheError(_why(method, ck.cache, ck.stage1_fix))
 
 
 def skip_stage1(cache, plans: list, skipped: list, asked: Optional[Sequence[str]], quiet: bool = False) -> tuple[list, list]:
     """For ``bench``: on a cache without a stage-1 classifier, leave out (with a notice) the plans
     that need one when every method was asked for (``asked`` None), and the CE reference row bench
-    adds itself; a method named explicitly stays (and is refused). Returns (plans, skipped)."""
-    fix = missing_stage1(cache)
+    adds itself; a method named explicitly stays (and is refused). Returns (plans, skipped).
+    ``cache``: its :class:`Checked`, or the loaded cache."""
+    ck = check(cache)
+    fix, cache = ck.stage1_fix, ck.cache
     if fix is None:
         return plans, skipped
     from ltcache.progress import echo

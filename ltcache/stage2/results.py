@@ -191,7 +191,8 @@ def write_all(results: dict, out_dir: Union[str, Path]) -> dict:
     """results.json, summary.csv and summary.md in ``out_dir``, each written atomically; returns their
     paths. (Replacing existing files is the caller's decision: the CLI refuses without --force.)"""
     import io
-    from ltcache.outputs import atomic_write, os_error
+    from ltcache.errors import os_error
+    from ltcache.outputs import atomic_write
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -28,19 +28,21 @@ Unset, a sampler's rule is ``DEFAULT_STEPS``.
 Each sampler is an entry of the :data:`SAMPLERS` registry (its draw function, its default step
 rule and the size of its epoch); a sampler of your own is one :func:`register_sampler` function
 in a ``--plugin`` file, cut into batches by the same step rules (its draws are checked: dtype,
-length, range).
+length, range). The registry loads without torch (``ltcache methods``, ``--help``): the draws
+import it when they run.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from ltcache.errors import LtcacheError
 from ltcache.registry import Registry, check_name, origin_of, track
 from ltcache.stage2.prepare import CB_PER_CLASS, class_aware_draw, class_aware_plan, sample_weights  # noqa: F401
+
+if TYPE_CHECKING:
+    import torch
 
 STEP_RULES = ("floor", "ceil", "ceil+1")
 DEFAULT_STEPS: dict = track({})          # sampler -> its step rule when the method sets none
@@ -97,6 +99,8 @@ class ClassIndex:
 
     @classmethod
     def from_labels(cls, labels: torch.Tensor, num_classes: int) -> "ClassIndex":
+        import torch
+
         labels = labels.long().cpu()
         counts = torch.bincount(labels, minlength=num_classes)
         order = torch.argsort(labels, stable=True)
@@ -148,6 +152,8 @@ def progressive_lambda(epoch: int, epochs: int) -> float:
 
 
 def _batches(flat: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     s = math.ceil(flat.numel() / batch_size)
     pad = s * batch_size - flat.numel()
     valid = torch.ones(s * batch_size, dtype=torch.bool)
@@ -183,6 +189,8 @@ def epoch_indices(kind: str, ci: ClassIndex, batch_size: int, epoch: int, epochs
 
 def check_draws(kind: str, flat, n: int, total: int) -> torch.Tensor:
     """A plugin sampler's draws, or a one-line error naming the sampler and the fix."""
+    import torch
+
     where = f"sampler '{kind}' ({SAMPLERS.origin(kind)})"
     if not isinstance(flat, torch.Tensor) or flat.dtype != torch.long:
         raise LtcacheError(f"{where} returned {getattr(flat, 'dtype', type(flat).__name__)} indices; return a "
@@ -201,10 +209,14 @@ def _by_class(kind: str, lam: float, ci: ClassIndex, g: torch.Generator) -> torc
     """N draws with replacement, class j with probability ~ p_class[j] of sampler ``kind`` at
     weight ``lam`` (:func:`ltcache.stage2.prepare.sample_weights`, made once per sweep), uniform
     inside a class."""
+    import torch
+
     return torch.multinomial(sample_weights(ci, kind, lam), ci.n, replacement=True, generator=g)
 
 
 def _ib(ci: ClassIndex, total: int, epoch: int, epochs: int, g: torch.Generator, lam=None) -> torch.Tensor:
+    import torch
+
     return torch.randperm(ci.n, generator=g)[:total]
 
 

@@ -14,12 +14,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-import torch
-
 from ltcache.errors import LtcacheError
+from ltcache.options import SEARCHES
 
 SCALES = ("log", "linear", "int", "choice")
-SEARCHES = ("sobol", "random", "grid")
 
 
 @dataclass(frozen=True)
@@ -110,6 +108,8 @@ def draw(space: Space, budget: int, search: str = "sobol", seed: int = 0) -> lis
     if search == "grid":
         pts = _grid(dims, budget)
     else:
+        import torch                     # only to draw: a space is data (``ltcache methods --space``)
+
         if search == "sobol":
             u = torch.quasirandom.SobolEngine(len(dims), scramble=True, seed=seed).draw(budget).double()
         else:

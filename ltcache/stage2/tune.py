@@ -23,9 +23,10 @@ from ltcache.metrics import fmt_pct
 from ltcache.devices import resolve_device
 from ltcache.progress import echo
 from ltcache.stage2.evaluate import VAL_METRICS
-from ltcache.stage2.methods import (GENERIC, METHODS, check_param, choose_preset, get_method, method_space,
-                                    resolve_params, run_name)
-from ltcache.stage2.plan import _load_cache, parse_seeds, require_val
+from ltcache.stage2.methods import (GENERIC, METHODS, check_key, choose_preset, get_method, join_key,
+                                    method_space, resolve_params, run_name, split_key)
+from ltcache.stage2.plan import _load_cache, parse_seeds
+from ltcache.stage2.requirements import check, require_val
 from ltcache.stage2.precision import check_precision
 from ltcache.stage2.runner import run_sweep
 from ltcache.stage2.space import SEARCHES, Dim, Space, draw
@@ -34,31 +35,45 @@ SELECT_METRICS = {"val-balanced": ("balanced", True), "val-all": ("all", True), 
 TUNE_SCHEMA = "ltcache-tune/1"
 STAGE_A_SCHEMA = "ltcache-tune-stage-a/1"
 STAGE_A = "stage_a.json"
+CACHE_DIRS = "caches"          # a multi-cache tune: OUT/caches/NN/ holds cache NN's tune (stage A, then its results)
 OUTPUTS = ("results.json", "tune.csv", "tune.md")      # a finished tune: never replaced without --force
 
 
 def parse_space(items: Sequence[str]) -> dict[str, Dim]:
     """``("delta=0.5:0.99", "epochs=10,20", "lr=log:1e-4:1e-2")`` -> replacement dimensions:
-    ``LOW:HIGH`` is linear (``log:LOW:HIGH`` log), ``a,b,c`` a choice; values are range-checked."""
+    ``LOW:HIGH`` is linear (``log:LOW:HIGH`` log), ``a,b,c`` a choice; values are range-checked.
+    A name may be qualified by a method (``la-loss.tau=0:1``: that method's only)."""
     out = {}
     for item in items or ():
         if "=" not in item:
             raise LtcacheError(f"--space '{item}' must look like name=LOW:HIGH, name=log:LOW:HIGH or name=a,b,c")
-        name, spec = item.split("=", 1)
-        name = name.strip().lstrip("-").replace("-", "_")
+        key, spec = item.split("=", 1)
+        method, name = split_key(key)
+        key = join_key(method, name)        # a short name, or qualified by one method: la-loss.tau
         try:
             if ":" in spec:
                 parts = spec.split(":")
                 scale = "log" if parts[0] == "log" else "linear"
                 lo, hi = (parts[1:] if scale == "log" else parts)
-                lo, hi = check_param(name, lo), check_param(name, hi)
-                out[name] = Dim(name, "int" if isinstance(lo, int) else scale, lo, hi, source="--space")
+                lo, hi = check_key(key, lo), check_key(key, hi)
+                out[key] = Dim(name, "int" if isinstance(lo, int) else scale, lo, hi, source="--space")
             else:
-                values = tuple(check_param(name, v.strip()) for v in spec.split(",") if v.strip())
-                out[name] = Dim(name, "choice", choices=values, source="--space")
+                values = tuple(check_key(key, v.strip()) for v in spec.split(",") if v.strip())
+                out[key] = Dim(name, "choice", choices=values, source="--space")
         except ValueError:
             raise LtcacheError(f"--space '{item}': give LOW <= HIGH (a log range needs LOW > 0) or a list "
                                "of values") from None
+    return out
+
+
+def method_dims(space: Optional[dict], method: str) -> dict[str, Dim]:
+    """The replacement dimensions of ``method`` (param name -> Dim): the short names, and over them
+    the names qualified by this method."""
+    out = {k: d for k, d in (space or {}).items() if "." not in k}
+    for key, d in (space or {}).items():
+        owner, name = split_key(key)
+        if owner and get_method(owner).name == method:
+            out[name] = d
     return out
 
 
@@ -148,12 +163,23 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
                                clean_view=clean_view, space=space, precision=precision))
     if isinstance(cache, (list, tuple)):
         cache = cache[0]
+    return _tune_one(cache, methods, budget, search, select_metric, tune_seeds, seeds, test_views, device, quiet,
+                     preset, out_dir, force, jobs, clean_view, space, precision)
+
+
+def _tune_one(cache, methods, budget: int, search: str, select_metric: str, tune_seeds, seeds, test_views: str,
+              device: str, quiet: bool, preset, out_dir, force: bool, jobs, clean_view: bool, space, precision: str,
+              keep_finished: bool = False) -> dict:
+    """:func:`tune` on one cache. ``keep_finished`` (a cache of a multi-cache tune, in its own
+    sub-folder): a finished tune of the same plan there is read back instead of re-run, and the
+    sub-folder's earlier files do not need ``--force``."""
     chosen_methods, tune_seeds, seeds = _check_request(methods, budget, search, select_metric, space, tune_seeds,
-                                                       seeds, out_dir, force)
+                                                       seeds, None if keep_finished else out_dir, force)
     dev = resolve_device(device)
     check_precision(precision, dev)
-    full = _load_cache(cache, dev)
-    require_val(full, "tune")
+    ck = check(_load_cache(cache, dev))                 # loaded and checked once; run_sweep trusts it
+    full = ck.cache
+    require_val(ck, "tune")
     pre = choose_preset(full.num_classes, full.feature_dim, preset)
     n_train = int(full.splits["train"].labels.numel())
     t0 = time.perf_counter()
@@ -163,6 +189,10 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
     from ltcache.stage2.results import run_header
     echo(run_header(full, pre, dev, "tune"), quiet)
     plan = plan_hash(full, plans, tune_seeds, select_metric, test_views, clean_view, precision)
+    finished = _finished_tune(out_dir, plan, force) if keep_finished else None
+    if finished is not None:
+        echo(f"tune: complete in {Path(out_dir) / 'results.json'} (the same plan), kept", quiet)
+        return finished
     done = _completed_stage_a(out_dir, plan, force)
     if done is not None:
         picks, points, wall_a = done["picks"], done["points"], float(done["wall_time_s"])
@@ -170,7 +200,7 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
              quiet)
     else:
         echo(f"tune stage A: {len(plans)} points x {len(tune_seeds)} seed(s) on val", quiet)
-        picks, points, wall_a = _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test_views,
+        picks, points, wall_a = _stage_a(ck, chosen_methods, plans, owner, tune_seeds, select_metric, test_views,
                                          device, quiet, jobs, clean_view, precision)
         if out_dir is not None:                           # kept even if stage B fails or is stopped
             _write_stage_a(out_dir, full, plan, budget, search, select_metric, tune_seeds, wall_a, picks, points)
@@ -178,9 +208,31 @@ def tune(cache=None, methods: Optional[Sequence[str]] = None, budget: int = 32, 
             if out_dir is not None else "nothing was written (no --out); the same command starts over")
     with interrupts.keeps(keep):
         interrupts.test_point("stage-b")
-        return _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
-                        select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0, wall_a,
-                        resumed=done is not None)
+        results = _stage_b(ck, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget,
+                           search, select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0,
+                           wall_a, resumed=done is not None, plan=plan)
+    return results
+
+
+def check_space(chosen_methods: Sequence, space: Optional[dict]) -> None:
+    """Each --space name one that a chosen method searches: a short name some method has, a
+    qualified one (``la-loss.tau``) a method of the run that has it."""
+    by_name = {m.name: m for m in chosen_methods}
+    for name in space or {}:
+        method, param = split_key(name)
+        if method:
+            m = by_name.get(get_method(method).name)
+            if m is None:
+                raise LtcacheError(f"--space {name}: method {method} is not in this run ({', '.join(by_name)}); "
+                                   f"add it to the methods or drop {name}")
+            if param not in m.tunables and (param not in ("lr", "wd", "epochs", "batch_size") or m.closed_form):
+                raise LtcacheError(f"--space {name}: method {m.name} has no hyper-parameter {param} "
+                                   "(`ltcache methods --space` lists each method's)")
+            continue
+        if not any(name in m.tunables or (name in ("lr", "wd", "epochs", "batch_size") and not m.closed_form)
+                   for m in chosen_methods):
+            raise LtcacheError(f"--space {name}: none of the chosen methods has a hyper-parameter '{name}' "
+                               "(`ltcache methods --space` lists each method's)")
 
 
 def _check_request(methods: Optional[Sequence[str]], budget: int, search: str, select_metric: str,
@@ -198,11 +250,7 @@ def _check_request(methods: Optional[Sequence[str]], budget: int, search: str, s
     if not names:
         raise LtcacheError("no methods given; use --all-methods or --methods a,b")
     chosen_methods = [get_method(n) for n in names]
-    for name in space or {}:
-        if not any(name in m.tunables or (name in ("lr", "wd", "epochs", "batch_size") and not m.closed_form)
-                   for m in chosen_methods):
-            raise LtcacheError(f"--space {name}: none of the chosen methods has a hyper-parameter '{name}' "
-                               "(`ltcache methods --space` lists each method's)")
+    check_space(chosen_methods, space)
     if out_dir is not None:
         from ltcache.outputs import check_output_dir
         check_output_dir(out_dir, force=force, outputs=OUTPUTS, what="--out folder")
@@ -214,7 +262,8 @@ def _stage_a_plans(chosen_methods: list, pre: str, space: Optional[dict], budget
     """(the plans of stage A: ``budget`` points of each method's space, whose method and point each is)."""
     plans, owner = [], []
     for m in chosen_methods:
-        for point in draw(_with_overrides(method_space(m, pre), m, space or {}), budget, search, seed=0):
+        for point in draw(_with_overrides(method_space(m, pre), m, method_dims(space, m.name)), budget, search,
+                          seed=0):
             plans.append((m, resolve_params(m, pre, point, n_train), point))
             owner.append((m.name, point))
     return plans, owner
@@ -264,11 +313,34 @@ def _completed_stage_a(out_dir, plan: str, force: bool) -> Optional[dict]:
     return distributed.on_main(read, "the check of stage A") if distributed.active() else read()
 
 
-def _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test_views, device, quiet, jobs,
+def _finished_tune(out_dir, plan: str, force: bool) -> Optional[dict]:
+    """The finished tune in ``out_dir`` when it ran this very plan (None: tune). A finished tune of
+    another plan there is refused unless ``force``. Decided on rank 0 and shared."""
+    from ltcache import distributed
+
+    def read() -> Optional[dict]:
+        path = Path(out_dir) / "results.json"
+        if force or not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            same = doc["tune"].get("plan_hash") == plan
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise LtcacheError(f"{path} is not a readable tune result (damaged?); use --force to tune again, or "
+                               "another --out folder") from None
+        if not same:
+            raise LtcacheError(f"{path} holds a finished tune of a different plan (other methods, budget, seeds, "
+                               "options or cache); give the same command, another --out, or --force to tune again")
+        return doc
+    return distributed.on_main(read, "the check of a finished tune") if distributed.active() else read()
+
+
+def _stage_a(ck, chosen_methods, plans, owner, tune_seeds, select_metric, test_views, device, quiet, jobs,
              clean_view, precision) -> tuple:
-    """Every point on val (no test split in sight): (picks, points, wall time)."""
+    """Every point on val (no test split in sight): (picks, points, wall time). ``ck``: the
+    checked cache (:class:`~ltcache.stage2.requirements.Checked`)."""
     t0 = time.perf_counter()
-    res_a, _ = run_sweep(without_test(full), plans, tune_seeds, "last", test_views, device, quiet, jobs,
+    res_a, _ = run_sweep(ck.with_cache(without_test(ck.cache)), plans, tune_seeds, "last", test_views, device, quiet, jobs,
                          clean_view, evaluate_test=False, precision=precision)
     by_name: dict[str, list[dict]] = {}
     for r in res_a["runs"]:
@@ -285,9 +357,9 @@ def _stage_a(full, chosen_methods, plans, owner, tune_seeds, select_metric, test
     return picks, points, time.perf_counter() - t0
 
 
-def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
+def _stage_b(ck, chosen_methods, picks, points, pre, n_train, plans, tune_seeds, seeds, budget, search,
              select_metric, test_views, device, quiet, jobs, clean_view, precision, out_dir, t0, wall_a,
-             resumed: bool) -> dict:
+             resumed: bool, plan: str = "") -> dict:
 
     # stage B: each pick and each preset over the final seeds, evaluated on test
     t1 = time.perf_counter()
@@ -302,7 +374,7 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
             tags[run_name(*base)] = (m.name, "preset")
             plans_b.append(base)
     echo(f"tune stage B: {len(plans_b)} configurations x {len(seeds)} seeds on test", quiet)
-    results, _ = run_sweep(full, plans_b, seeds, "last", test_views, device, quiet, jobs, clean_view,
+    results, _ = run_sweep(ck, plans_b, seeds, "last", test_views, device, quiet, jobs, clean_view,
                            precision=precision)
     wall_b = time.perf_counter() - t1
     for r in results["runs"]:
@@ -323,7 +395,8 @@ def _stage_b(full, chosen_methods, picks, points, pre, n_train, plans, tune_seed
     wall = time.perf_counter() - t0
     results["preset"] = pre
     results["wall_time_s"] = wall
-    results["tune"] = {"schema": TUNE_SCHEMA, "cache_fingerprint": cache_fingerprint(full), "budget": budget,
+    results["tune"] = {"schema": TUNE_SCHEMA, "plan_hash": plan, "cache_fingerprint": cache_fingerprint(ck.cache),
+                       "budget": budget,
                        "search": search, "select_metric": select_metric, "tune_seeds": tune_seeds, "seeds": seeds,
                        "stage_a": {"configurations": len(plans) * len(tune_seeds), "wall_time_s": wall_a,
                                    "resumed": resumed},
@@ -350,8 +423,12 @@ def _tune_many(caches: list, methods, against: str, out_dir, force: bool, quiet:
     if out_dir is not None:
         from ltcache.outputs import check_output_dir
         check_output_dir(out_dir, force=force, outputs=multi.MULTI_OUTPUTS, what="--out folder")
-    doc = multi.run_caches("tune", caches, lambda c: tune(c, names, quiet=quiet, **kw), ref, need_val="tune",
-                           quiet=quiet)
+    subs = iter(range(len(caches)))
+
+    def one(c) -> dict:                       # each cache in its own sub-folder: a re-run continues where it ended
+        sub = None if out_dir is None else Path(out_dir) / CACHE_DIRS / f"{next(subs):02d}"
+        return _tune_one(c, names, quiet=quiet, out_dir=sub, force=force, keep_finished=True, **kw)
+    doc = multi.run_caches("tune", caches, one, ref, need_val="tune", quiet=quiet)
     if out_dir is not None:
         multi.write_multi(doc, out_dir)
     return doc

@@ -1,4 +1,7 @@
-"""CPU sweeps on several cores: groups trained side by side in forked worker processes.
+"""The sweep's scheduler: the cost model of a group, the balance of groups over worker processes
+(CPU sweeps on several cores: groups trained side by side in forked workers) and over torchrun
+ranks. It places groups; the training itself comes in as a function (:func:`run_in_workers`'
+``train_group``) and nothing here calls back into the sweep.
 
 A step on small shapes (CIFAR-10, D 64) costs mostly Python and per-op overhead, which the
 OpenMP threads inside each op do not shorten and which threads of one process would only share
@@ -12,11 +15,14 @@ configuration's result does not depend on which group, split or process it train
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import sys
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ltcache.stage2.grouping import frozen_base
 from ltcache.stage2.losses import loss_signature
 from ltcache.stage2.samplers import steps_per_epoch
 
@@ -95,7 +101,6 @@ def _work(configs: Sequence, members: list[int], data) -> float:
     """Rough cost of training ``members`` as one group, in multiply-adds: steps x (a fixed
     per-step cost and one per distinct loss + per member B K (D + elementwise)); frozen-base
     groups do no D-sized work."""
-    from ltcache.stage2.sweep import frozen_base
     n, d, k = data.x.shape[0], data.x.shape[-1], data.w0.shape[0]
     b = configs[members[0]].batch_size
     steps = max(configs[i].epochs * steps_per_epoch(configs[i].sampler, n, b, configs[i].steps) for i in members)
@@ -151,3 +156,24 @@ def _balance(plan: list[list[int]], configs, data, jobs: int) -> list[list[int]]
             break
     parts.sort(key=lambda p: -work(p))
     return parts
+
+
+def rank_share(plan: list[list[int]], configs: Sequence, data, n: int, me: int) -> list[int]:
+    """The configurations rank ``me`` of ``n`` trains (sorted): the groups of ``plan`` balanced as
+    the workers' parts are (:func:`_balance`), the largest split further while a rank would be
+    idle, then each part, costliest first, to the least-loaded rank. The same on every rank."""
+    parts = _balance(plan, configs, data, n)                        # costliest first
+    while len(parts) < n and max(len(p) for p in parts) >= 2:     # every rank gets work while it can
+        top = max(parts, key=len)
+        parts.remove(top)
+        parts += [top[:len(top) // 2], top[len(top) // 2:]]
+    parts.sort(key=lambda p: -_work(configs, p, data))
+    if os.environ.get("LTCACHE_DIST_DEBUG"):
+        print(f"rank {me}: parts {parts}", file=sys.stderr, flush=True)
+    load, mine = [0.0] * n, []
+    for part in parts:                                              # each part to the least-loaded rank
+        r = min(range(n), key=lambda q: (load[q], q))
+        load[r] += _work(configs, part, data)
+        if r == me:
+            mine.extend(part)
+    return sorted(mine)

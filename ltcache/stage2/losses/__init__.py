@@ -7,7 +7,7 @@ gradient live in the same file. ``_core.py`` holds the registry and the fused ba
 gradient; ``_fallback.py`` the autograd path of losses given only as a forward.
 
 Every module of this package whose name does not start with ``_`` is imported here, so a new
-loss is one new file (plus its method's registry entry in ``ltcache/stage2/methods.py``).
+loss is one new file (plus its method, one file in ``ltcache/stage2/methods/``).
 """
 from __future__ import annotations
 

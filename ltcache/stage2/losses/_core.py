@@ -24,14 +24,14 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Sequence
 
 from ltcache.errors import LtcacheError
 from ltcache.registry import Registry, check_name, origin_of
 from ltcache.stage2.params import GENERIC, RESERVED, Param
+
+if TYPE_CHECKING:
+    import torch
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,6 +429,8 @@ class LossBatch:
         key = ("filled", value, tuple(shape), dtype)
         x = self.cache.get(key)
         if x is None:
+            import torch
+
             x = self.cache[key] = torch.full(shape, value, dtype=dtype, device=self.prior.device)
         return x
 
@@ -442,8 +444,12 @@ def loss_signature(spec: LossSpec) -> tuple:
             spec.eps is not None)
 
 
-def stack_specs(specs: Sequence[LossSpec], counts: torch.Tensor, device, dtype=torch.float32) -> LossBatch:
-    """Stack M loss specs into tensors on ``device``; parts nobody uses are left out (None)."""
+def stack_specs(specs: Sequence[LossSpec], counts: torch.Tensor, device, dtype=None) -> LossBatch:
+    """Stack M loss specs into tensors on ``device`` (of ``dtype``, float32 unless given); parts
+    nobody uses are left out (None)."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     if any(s.user is not None for s in specs):
         raise ValueError("stack_specs takes built-in losses; forward-only losses train by autograd")
     k = specs[0].num_classes
@@ -492,6 +498,8 @@ def stack_specs(specs: Sequence[LossSpec], counts: torch.Tensor, device, dtype=t
 
 
 def _class_weight(lb: LossBatch, y: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.ones(y.shape, dtype=lb.prior.dtype, device=y.device) if lb.weight is None else lb.weight.gather(1, y)
 
 
@@ -503,6 +511,9 @@ def batched_loss(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb: Loss
     (0 for padding of a short last batch or an inactive step). The mean over a batch counts
     only valid samples, so a padded batch equals the smaller batch of the source code.
     """
+    import torch
+    import torch.nn.functional as F
+
     m, b, k = z.shape
     onehot = F.one_hot(y, k).to(z.dtype)
     zt = z
@@ -537,6 +548,8 @@ def batched_loss(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb: Loss
 def _softmax_loss(zt, y, onehot, w_y, lb: LossBatch) -> torch.Tensor:
     """The softmax form: w_y sum_k -q_k log softmax(z')_k, then each softmax term's
     ``modulate(l [m, B], c) -> [m, B]`` (e.g. focal)."""
+    import torch
+
     logp = torch.log_softmax(zt, dim=-1)
     ce = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     if lb.eps is not None:
@@ -574,6 +587,8 @@ class LossTargets(NamedTuple):
 
 def loss_targets(lb: LossBatch, y: torch.Tensor, valid: torch.Tensor) -> LossTargets:
     """The :class:`LossTargets` of labels y and float mask valid, both [..., M, B]."""
+    import torch
+
     k = lb.prior.shape[0]
     w = None if lb.weight is None else lb.weight.expand(y.shape[:-2] + lb.weight.shape).gather(-1, y)
     if w is not None and lb.weighted_any:
@@ -601,6 +616,8 @@ def _aux_targets(lb: LossBatch, y: torch.Tensor, valid: torch.Tensor) -> Optiona
     for the members lb.aux_span (0 where a member is outside a term's slice)."""
     if not lb.aux_terms:
         return None
+    import torch
+
     f, stop = lb.aux_span
     parts, rows = [], {}
     for term in lb.aux_terms:
@@ -671,6 +688,8 @@ def batched_loss_grad(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lb:
     tests/test_stage2_losses.py checks it against autograd for every loss (clamps included:
     where a log is clamped its gradient is 0, as in PyTorch).
     """
+    import torch
+
     t = loss_targets(lb, y, valid) if targets is None else targets
     m = z.shape[0]
     rg = lb.ranges
@@ -725,6 +744,8 @@ def _softmax_grad(zt, t: LossTargets, lb: LossBatch, first: int) -> torch.Tensor
     """Softmax-form members: l = -sum_k q_k log p_k with q = (1 - eps_y) e_y + eps_y / K, so
     dl/dzt = p - q; a modulating term (focal) scales it by its ``modulate_grad(l [m', 1, B],
     c) -> d modulated(l) / dl``, on the members it covers."""
+    import torch
+
     m = zt.shape[0]
     d = torch.softmax(zt, dim=1)
     if t.eps_k is not None:

@@ -1,9 +1,12 @@
 """``balanced-softmax``: CE(z + log n) (BALMS config/*/decouple_balanced_softmax*.yaml, docs/methods.md#balanced-softmax)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossSpec, register_loss
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_loss("balanced-softmax")

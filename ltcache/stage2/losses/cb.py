@@ -1,16 +1,21 @@
 """``cb``: class-balanced softmax CE (class-balanced-loss (TF) src/cifar_main.py, docs/methods.md#cb)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossSpec, register_loss
 from ltcache.stage2.params import Param
 
-BETA = Param("beta", float, lo=0, hi=1, hi_open=True, help="class-balanced effective-number beta")
+if TYPE_CHECKING:
+    import torch
+
+BETA = Param("beta", float, lo=0, hi=1, hi_open=True, default=0.9999, help="class-balanced effective-number beta")
 
 
 def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
     """Cui et al.: w_j = (1 - beta) / (1 - beta^n_j), normalised so that sum_j w_j = K."""
+    import torch
+
     n = counts.double()
     if beta <= 0:
         w = torch.ones_like(n)

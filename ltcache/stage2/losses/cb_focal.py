@@ -5,17 +5,22 @@ modulation of the ``sigmoid`` form (a term of the fused loss, with its gradient 
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses import cb_sigmoid  # noqa: F401  (the sigmoid form)
 from ltcache.stage2.losses._core import LossSpec, Term, register_loss, register_term
 from ltcache.stage2.losses.cb import BETA, class_balanced_weights
 from ltcache.stage2.params import Param
 
+if TYPE_CHECKING:
+    import torch
+
 
 def sigmoid_focal_modulate(zt, onehot, bce, c: dict) -> torch.Tensor:
     """exp(-g o zt - g softplus(-zt)) BCE, [m, B, K] (g [m])."""
+    import torch
+    import torch.nn.functional as F
+
     g = c["gamma"][:, None, None]
     return torch.exp(-g * onehot * zt - g * F.softplus(-zt)) * bce
 
@@ -30,6 +35,9 @@ def sigmoid_focal_modulate_grad(zs, yi, d, c: dict) -> torch.Tensor:
     logsigmoid(-u) = logsigmoid(u) - u (the subtraction loses digits only for u << 0, where
     mod = sigma(u)^g ~ 0 scales the term away) and sigma(-u) = exp(logsigmoid(-u)); no log of a
     probability that could round to 0."""
+    import torch
+    import torch.nn.functional as F
+
     g = c["gamma"]
     sgn = torch.ones_like(zs).scatter_(1, yi, -1.0)                        # 1 - 2o
     u = zs * sgn
@@ -48,7 +56,7 @@ register_term(Term("sigmoid_focal", {"gamma": 0.0}, form="sigmoid", active=lambd
 class ClassBalancedFocal:
     """Class-balanced sigmoid focal loss."""
 
-    params = (BETA, Param("gamma", float, lo=0, help="sigmoid focal exponent"))
+    params = (BETA, Param("gamma", float, lo=0, default=1.0, help="sigmoid focal exponent"))
 
     def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
         return LossSpec(num_classes=len(counts), weight=class_balanced_weights(counts, p["beta"]), form="sigmoid",

@@ -6,16 +6,20 @@ through ``modulate(zt, onehot, bce, c)`` / ``modulate_grad(zs, yi, d, c)``.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import (Form, LossBatch, LossSpec, LossTargets, register_form, register_loss,
                                          within)
 from ltcache.stage2.losses.cb import BETA, class_balanced_weights
 
+if TYPE_CHECKING:
+    import torch
+
 
 def sigmoid_loss(zt, y, onehot, w_y, lb: LossBatch) -> torch.Tensor:
     """w_y sum_k BCE(zt_k, o_k), each BCE modulated by the sigmoid form's terms."""
+    import torch.nn.functional as F
+
     bce = F.binary_cross_entropy_with_logits(zt, onehot, reduction="none")
     for term in lb.modulators["sigmoid"]:
         bce = term.modulate(zt, onehot, bce, lb.coef[term.name])
@@ -24,6 +28,8 @@ def sigmoid_loss(zt, y, onehot, w_y, lb: LossBatch) -> torch.Tensor:
 
 def sigmoid_grad(zt, t: LossTargets, lb: LossBatch, first: int) -> torch.Tensor:
     """dl/dzt = sigma(zt) - o, then each modulating term on the members it covers."""
+    import torch
+
     m = zt.shape[0]
     d = torch.sigmoid(zt).scatter_add_(1, t.yi, lb.filled(-1.0, t.yi.shape, zt.dtype))
     for term in lb.modulators["sigmoid"]:

@@ -1,9 +1,12 @@
 """``ce``: plain cross-entropy (LOS main_stage2.py with delta = 0, cRT, ...)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossSpec, register_loss
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_loss("ce")

@@ -5,14 +5,19 @@ of the softmax form's per-sample loss (a term of the fused loss, with its gradie
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossSpec, Term, register_loss, register_term
 from ltcache.stage2.params import Param
 
+if TYPE_CHECKING:
+    import torch
+
 
 def focal_modulate(loss: torch.Tensor, c: dict) -> torch.Tensor:
     """(1 - e^-l)^gamma l (members with gamma 0 keep l): l [m, B], c["gamma"] [m]."""
+    import torch
+
     g = c["gamma"][:, None]
     mod = torch.where(g > 0, (1 - torch.exp(-loss)).clamp_min(1e-12) ** g, torch.ones_like(loss))
     return mod * loss
@@ -25,6 +30,8 @@ def focal_modulate_grad(loss: torch.Tensor, c: dict) -> torch.Tensor:
     dmod = gamma pw e^-l, so the result is pw (tc + gamma l e^-l [not clamped]): one pow, and
     gamma = 0 (a member without the term inside its slice) gives pw tc = 1 with no branch.
     ``c["gamma_m1"]`` (gamma - 1) is made once per group (``derived``); l [m, 1, B]."""
+    import torch
+
     g = c["gamma"]
     gm1 = c["gamma_m1"] if "gamma_m1" in c else g - 1
     el = torch.exp(-loss)
@@ -44,7 +51,7 @@ register_term(Term("focal", {"gamma": 0.0}, form="softmax", active=lambda c: c["
 class Focal:
     """(1 - p)^gamma CE with p = exp(-CE)."""
 
-    params = (Param("gamma", float, lo=0, help="focal exponent"),)
+    params = (Param("gamma", float, lo=0, default=1.0, help="focal exponent"),)
 
     def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
         return LossSpec(num_classes=len(counts), terms={"focal": {"gamma": float(p["gamma"])}})

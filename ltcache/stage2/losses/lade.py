@@ -6,11 +6,13 @@ the batch's raw logits (a term of the fused loss, with its gradient here).
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossBatch, LossSpec, LossTargets, Term, register_loss, register_term
 from ltcache.stage2.params import Param
+
+if TYPE_CHECKING:
+    import torch
 
 
 def lade_regulariser(z: torch.Tensor, onehot: torch.Tensor, valid: torch.Tensor, lb: LossBatch,
@@ -21,6 +23,8 @@ def lade_regulariser(z: torch.Tensor, onehot: torch.Tensor, valid: torch.Tensor,
     T2_c = logsumexp_i(z_ic - log pi_c + log 1/K) - log B, est_c = T1_c - T2_c - lambda T2_c^2,
     LADER = -sum_c pi_c est_c.
     """
+    import torch
+
     m, b, k = z.shape
     v = valid.unsqueeze(-1)
     pos = onehot * v
@@ -49,6 +53,8 @@ def lade_targets(y: torch.Tensor, valid: torch.Tensor, c: dict, lb: LossBatch) -
     2. 0 / -1e4 for a valid / padded sample, added to the spread so that padding drops out of the
        logsumexp (the definition's torch.where).
     """
+    import torch
+
     k = lb.prior.shape[0]
     n_c = torch.zeros(y.shape[:-1] + (k,), dtype=valid.dtype, device=valid.device).scatter_add_(-1, y, valid)
     alpha, lam = (c[n].to(valid.dtype).unsqueeze(-1) for n in ("alpha", "lam"))
@@ -63,6 +69,8 @@ def lade_grad(z: torch.Tensor, t: LossTargets, c: dict, lb: LossBatch) -> torch.
     alpha pi_c [(1 + 2 lambda T2_c) softmax_i(spread_c) - dT1_c/dz_ic]. The softmax over the
     batch is masked by valid, and so is T1's part, so a step with no valid sample gives 0 (the
     definition's factor N > 0)."""
+    import torch
+
     if "lade_shift3" not in lb.cache:
         k = lb.prior.shape[0]
         lb.cache["lade_shift3"] = (math.log(1.0 / k) - torch.log(lb.prior + 1e-9)).view(1, k, 1)
@@ -90,6 +98,8 @@ class LADE:
               Param("lam", float, lo=0, help="LADE lambda"))
 
     def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
+        import torch
+
         n = counts.double()
         return LossSpec(num_classes=len(counts), offset=torch.log(n / n.sum() + 1e-9).float(),
                         terms={"lade": {"alpha": float(p["alpha"]), "lam": float(p["lam"])}})

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.errors import LtcacheError
 from ltcache.stage2.losses._core import LossSpec, register_loss
 from ltcache.stage2.params import Param
+
+if TYPE_CHECKING:
+    import torch
 
 SHAPES = ("concave", "linear", "convex")
 
@@ -20,6 +22,8 @@ def label_aware_eps(counts: torch.Tensor, eps_head: float, eps_tail: float,
     concave eps_K + (eps_1 - eps_K) sin(pi r / 2); linear eps_K + (eps_1 - eps_K) r;
     convex eps_1 + (eps_1 - eps_K) sin(3 pi / 2 + pi r / 2).
     """
+    import torch
+
     n = counts.double()
     span = (n.max() - n.min()).clamp_min(1e-12)
     r = (n - n.min()) / span

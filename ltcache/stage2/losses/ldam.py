@@ -1,12 +1,15 @@
 """``ldam``: label-distribution-aware margins (LDAM-DRW losses.py, docs/methods.md#ldam)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossSpec, register_loss
 from ltcache.stage2.params import Param
 
-MARGIN = Param("margin", float, lo=0, help="LDAM largest margin")
+if TYPE_CHECKING:
+    import torch
+
+MARGIN = Param("margin", float, lo=0, default=0.5, help="LDAM largest margin")
 
 
 def ldam_margins(counts: torch.Tensor, max_m: float = 0.5) -> torch.Tensor:

@@ -5,11 +5,14 @@ F.cross_entropy(weight=) normalisation by sum_i w_{y_i}.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossSpec, register_loss
 from ltcache.stage2.losses.cb import BETA, class_balanced_weights
 from ltcache.stage2.losses.ldam import MARGIN, ldam_margins
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_loss("ldam-drw")

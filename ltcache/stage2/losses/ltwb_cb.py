@@ -5,14 +5,19 @@ probabilities, not weighted CE: a form of the fused loss (``bce_softmax``), with
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import Form, LossBatch, LossSpec, LossTargets, register_form, register_loss
 from ltcache.stage2.losses.cb import BETA, class_balanced_weights
 
+if TYPE_CHECKING:
+    import torch
+
 
 def bce_softmax_loss(zt, y, onehot, w_y, lb: LossBatch) -> torch.Tensor:
     """w_y mean_k BCE(softmax(zt)_k, o_k), logs clamped at -100 as PyTorch's BCE."""
+    import torch
+
     p = torch.softmax(zt, dim=-1)
     logp1 = torch.log_softmax(zt, dim=-1).clamp_min(-100)
     logp0 = torch.log1p(-p.clamp_max(1.0)).clamp_min(-100)
@@ -26,6 +31,8 @@ def bce_softmax_grad(zt, t: LossTargets, lb: LossBatch, first: int) -> torch.Ten
 
     log(1 - p) >= -100 exactly where p < 1: below 1, 1 - p is at least the format's epsilon
     (whose log is > -37 even in float64), so the clamp drops exactly the p that round to 1."""
+    import torch
+
     k = zt.shape[1]
     logp = torch.log_softmax(zt, dim=1)
     p = logp.exp()

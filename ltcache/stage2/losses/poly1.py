@@ -5,20 +5,27 @@ gradient: d(1 - p_y)/dz_j = -p_y (1[j = y] - p_j).
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossBatch, LossSpec, LossTargets, Term, register_loss, register_term
 from ltcache.stage2.params import Param
 
+if TYPE_CHECKING:
+    import torch
+
 
 def poly1_loss(zt, y, onehot, c: dict, lb: LossBatch) -> torch.Tensor:
     """epsilon (1 - p_y) per sample, [m, B] (zt [m, B, K], epsilon [m])."""
+    import torch
+
     p_y = torch.softmax(zt, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
     return c["epsilon"][:, None] * (1 - p_y)
 
 
 def poly1_grad(zt, t: LossTargets, c: dict, lb: LossBatch) -> torch.Tensor:
     """epsilon p_y (p - e_y) times the batch factor, class-major [m, K, B]."""
+    import torch
+
     p = torch.softmax(zt, dim=1)
     p_y = p.gather(1, t.yi)
     return p.scatter_add_(1, t.yi, torch.full_like(p_y, -1.0)).mul_(p_y * c["epsilon"] * t.factor)

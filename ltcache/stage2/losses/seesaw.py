@@ -7,11 +7,13 @@ counts (docs/methods.md#seesaw).
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from ltcache.stage2.losses._core import LossBatch, LossSpec, Term, register_loss, register_term
 from ltcache.stage2.params import Param
+
+if TYPE_CHECKING:
+    import torch
 
 SEESAW_EPS = 1e-2  # mmdet default
 
@@ -24,6 +26,8 @@ def seesaw_shift(z: torch.Tensor, yi: torch.Tensor, c: dict, lb: LossBatch, dim:
     Either layout: ``dim`` is the class dimension of z, yi holds the labels with a size-1
     class dimension; p and q broadcast against z ([M] definition coefficients are reshaped).
     """
+    import torch
+
     p, q = c["p"], c["q"]
     if p.dim() == 1:
         p, q = p[:, None, None], q[:, None, None]
@@ -43,8 +47,8 @@ register_term(Term("seesaw", {"p": 0.0, "q": 0.0}, active=lambda c: bool(c["p"] 
 class Seesaw:
     """CE on logits shifted by the mitigation (p) and compensation (q) factors."""
 
-    params = (Param("p", float, lo=0, help="Seesaw mitigation exponent"),
-              Param("q", float, lo=0, help="Seesaw compensation exponent"))
+    params = (Param("p", float, lo=0, default=0.8, help="Seesaw mitigation exponent"),
+              Param("q", float, lo=0, default=2.0, help="Seesaw compensation exponent"))
 
     def spec(self, p: dict, counts: torch.Tensor, scale: float = 1.0) -> LossSpec:
         return LossSpec(num_classes=len(counts), terms={"seesaw": {"p": float(p["p"]), "q": float(p["q"])}})

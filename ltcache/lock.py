@@ -1,5 +1,7 @@
-"""One writer per output folder (a cache, a stage-1 run): a lock file with the writer's pid and
-host; the lock of a process that no longer runs (on this host) is stale and taken over."""
+"""One writer per output (a cache, a stage-1 run, a results file or folder): a lock file with the
+writer's pid and host; the lock of a process that no longer runs (on this host) is stale and taken
+over. Stage 1, the cache writers, retrain / bench / tune, predict and report take it (most through
+:func:`ltcache.outputs.output_lock`)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ltcache.errors import LtcacheError
-from ltcache.outputs import os_error
+from ltcache.errors import LtcacheError, os_error
 
 LOCK = ".lock"
 
@@ -22,6 +23,18 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def held_by_another(lock_file: Path) -> bool:
+    """True when ``lock_file`` names a live process (other than this one) on this host."""
+    try:
+        doc = json.loads(lock_file.read_text() or "{}")
+        pid, host = int(doc.get("pid", -1)), doc.get("host")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+    if host != socket.gethostname():
+        return True                      # another machine's writer: cannot tell, leave it alone
+    return pid > 0 and pid != os.getpid() and _alive(pid)
 
 
 class OutputLock:

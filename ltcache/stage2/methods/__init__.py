@@ -1,5 +1,15 @@
 """The method registry: every stage-2 method as data (head, loss, sampler, defaults, source).
 
+A built-in method is **one module of this package** (``ce.py``, ``la_loss.py``, ...): its
+``register_method(...)`` call with its presets, search space, source, notes and scripts side by
+side, and the declarations of any hyper-parameter of its own (a head's or a closed form's). Its
+loss's hyper-parameters, with their default values, are declared once in the loss unit
+(``ltcache/stage2/losses/``); a preset gives only what differs from them and from the stated
+stage-2 default. This module holds the machinery (:class:`Method`, :func:`register_method`, the
+hyper-parameter tables) and what several methods share: the stated defaults, the
+repository@commit constants, a few shared search dimensions. A plugin adds a method the same way,
+from its own file (see :mod:`ltcache.plugins`).
+
 Hyper-parameters come from the authors' code (docs/methods.md: each method's paper, code and
 commit read). Where a method's source only has end-to-end values (marked UNVERIFIED), the
 preset uses the **stated stage-2 default** below and the entry's ``notes`` say so:
@@ -17,11 +27,6 @@ repository@commit whose code it was checked against): the per-epoch cosine of LO
 batches per epoch (``steps``: int(N/B) in cRT, BALMS and BagofTricks, ceil(N/B) + 1 in MiSLAS,
 else the sampler's rule) and the parameters without weight decay (``no_wd``). Methods with no
 stage-2 script keep the stated default (``cosine``, ceil(N/B) instance-balanced batches).
-
-Every method is one ``register_method(...)`` call below (a plugin adds its own the same way,
-see :mod:`ltcache.plugins`); its hyper-parameters are declared once, by its loss unit
-(``ltcache/stage2/losses/``), by the method itself (``params=``) or as generic
-(:mod:`ltcache.stage2.params`).
 """
 from __future__ import annotations
 
@@ -30,8 +35,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from ltcache.errors import LtcacheError
+from ltcache.options import PRESETS  # noqa: F401  (declared once, with every option list; re-exported)
 from ltcache.registry import Registry, origin_of
-from ltcache.stage2 import heads as H
+from ltcache.stage2 import head_kinds as H
 from ltcache.stage2.closed_form import POSTHOC
 from ltcache.stage2.losses import _core as losses_core
 from ltcache.stage2.losses import get_loss
@@ -40,7 +46,6 @@ from ltcache.stage2.samplers import SAMPLERS, STEP_RULES
 from ltcache.stage2.space import Dim, Space
 
 INITS = ("stage1", "fresh")
-PRESETS = ("cifar", "imagenet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +98,7 @@ LOS_CIFAR = dict(lr=5e-4, wd=0.0, epochs=20, batch_size=64, schedule="cosine", m
 LTWB_CIFAR = dict(lr=0.01, wd=0.1, epochs=10, batch_size=64, schedule="cosine", momentum=0.9)
 STATED_DEFAULTS = {"cifar": CRT_CIFAR, "imagenet": CRT_IMNET}    # a preset's generic values unless given
 START = dict(schedule="cosine-start")    # cRT, BALMS, BagofTricks, LTWB: scheduler.step() at each epoch's start
-# the repositories (at the commits) whose stage-2 scripts the recipes below were checked against
+# the repositories (at the commits) whose stage-2 scripts the method files' recipes were checked against
 LOS_REPO = "Thinklab-SJTU/LOS@f449425"
 CRT_REPO = "facebookresearch/classifier-balancing@f162ade"
 BOT_REPO = "zhangyongshun/BagofTricks-LT@ce7859a"
@@ -151,6 +156,28 @@ def check_param(name: str, value, method: str = ""):
     raise first
 
 
+def split_key(key: str) -> tuple[str, str]:
+    """``"la-loss.tau"`` -> ("la-loss", "tau"); ``"tau"`` -> ("", "tau"): a hyper-parameter name,
+    short or qualified by its method (``method.param``, for a name several methods give different
+    meanings, e.g. ``la-loss.tau`` and ``vs.tau``). The param part's dashes become underscores."""
+    method, _, name = str(key).strip().lstrip("-").rpartition(".")
+    return method.strip(), name.strip().replace("-", "_")
+
+
+def join_key(method: str, name: str) -> str:
+    """The inverse of :func:`split_key`: ``method.name``, or ``name`` without a method."""
+    return f"{method}.{name}" if method else name
+
+
+def check_key(key: str, value):
+    """A ``--grid`` value of a short or qualified (``method.param``) name, converted and range-checked:
+    a qualified name is checked against its method's own declaration (an unknown method is an error)."""
+    method, name = split_key(key)
+    if method:
+        return check_param(name, value, get_method(method).name)
+    return check_param(name, value)
+
+
 def option_table() -> dict[str, list[tuple[Param, list[str]]]]:
     """name -> [(declaration, methods using it)] over the registered methods (generic first):
     what the ``retrain`` options and the pipeline ``[sweep]`` keys are generated from."""
@@ -198,8 +225,9 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
     origin = origin_of(depth=2)
     loss_params = _loss_params(where, loss, head, sampler, init, closed_form)
     params = tuple(params)
+    ordered = tunables is not None
     tunables, decl = _declarations(where, loss_params, params, tunables)
-    full = {pre: _preset(where, pre, presets, decl, tunables, closed_form) for pre in PRESETS}
+    full = {pre: _preset(where, pre, presets, decl, tunables, closed_form, ordered) for pre in PRESETS}
     space = _space(where, space, tunables, closed_form)
     if steps and steps not in STEP_RULES:
         raise LtcacheError(f"{where}: unknown step rule '{steps}'; use one of {', '.join(STEP_RULES)}")
@@ -249,8 +277,10 @@ def _declarations(where: str, loss_params: tuple, params: tuple, tunables: Optio
     return tunables, {p.name: p for p in (*loss_params, *params)}
 
 
-def _preset(where: str, pre: str, presets: Optional[dict], decl: dict, tunables, closed_form: bool) -> dict:
-    """One preset's full values: the stated defaults, the declarations' defaults, then what is given."""
+def _preset(where: str, pre: str, presets: Optional[dict], decl: dict, tunables, closed_form: bool,
+            ordered: bool = False) -> dict:
+    """One preset's full values: the stated defaults, the declarations' defaults, then what is given
+    (``ordered``: the method's own values in the order of ``tunables``)."""
     given = dict(presets or {})
     if given and not set(given) <= set(PRESETS):
         given = {p: given for p in PRESETS}               # one dict for both presets
@@ -267,6 +297,9 @@ def _preset(where: str, pre: str, presets: Optional[dict], decl: dict, tunables,
                 d[key] = (decl.get(key) or method_params_generic(key)).check(value)
             except LtcacheError as exc:
                 raise LtcacheError(f"{where}: preset {pre}: {exc}") from None
+    if ordered:                      # an explicit tunables order: the method's own values in that order
+        own = [n for n in tunables if n in d]
+        d = {**{k: v for k, v in d.items() if k not in own}, **{k: d[k] for k in own}}
     missing = [n for n in tunables if n not in d or (d[n] is None and not closed_form)]
     if missing:
         raise LtcacheError(f"{where}: preset {pre} has no value for {', '.join(missing)}; give it in presets "
@@ -307,23 +340,19 @@ def method_params_generic(name: str) -> Param:
 # search spaces (``ltcache tune``): ranges from the sources' values and ablations (docs/methods.md)
 # ---------------------------------------------------------------------------------------------
 
-def _lin(name, lo, hi, src):
+def linear_dim(name: str, lo: float, hi: float, src: str) -> Dim:
+    """A search dimension on a linear scale; ``src``: where its range comes from."""
     return Dim(name, "linear", lo, hi, source=src)
 
 
-def _log(name, lo, hi, src):
+def log_dim(name: str, lo: float, hi: float, src: str) -> Dim:
+    """A search dimension on a log scale; ``src``: where its range comes from."""
     return Dim(name, "log", lo, hi, source=src)
 
 
-def _choice(name, values, src):
+def choice_dim(name: str, values, src: str) -> Dim:
+    """A search dimension over ``values``; ``src``: where they come from."""
     return Dim(name, "choice", choices=tuple(values), source=src)
-
-
-BETA = _choice("beta", (0.9, 0.99, 0.999, 0.9999), "CB paper's beta values; 0.9999 in LDAM-DRW, LTWB (docs/methods.md#cb)")
-TAU_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(21))     # cRT tau_norm.py: linspace(0, 2, 21)
-# post-hoc LA: Menon et al.'s tau = 1; on the bundled CIFAR-10-LT cache the val pick sat on the top
-# of 0..2, so its candidates reach 3 (0.1 steps; a --budget below 31 spreads them evenly)
-LA_TAU_CANDIDATES = tuple(round(0.1 * i, 1) for i in range(31))
 
 
 def space(*dims: Dim) -> Space:
@@ -332,170 +361,16 @@ def space(*dims: Dim) -> Space:
     return Space(dims=tuple(dims))
 
 
-# hyper-parameters of a head or a closed form (the losses declare theirs in their own files)
+# a head's hyper-parameter that several methods share (the cosine head's; a method's own ones sit in
+# its file, a loss's in its loss unit)
 SCALE = Param("scale", float, lo=0, lo_open=True, help="cosine head scale")
-LR_FACTOR = Param("lr_factor", float, lo=0, help="MiSLAS lr ratio of W, b")
-MAXNORM_THRESH = Param("maxnorm_thresh", float, lo=0, help="LTWB MaxNorm threshold")
-TAU_NORM = Param("tau", float, lo=0, help="tau-norm exponent, chosen on val unless given")
-TAU_POSTHOC = Param("tau", float, lo=0, help="post-hoc logit adjustment tau")
+# search dimensions that several methods share (a method's own ones sit in its file)
+BETA_DIM = choice_dim("beta", (0.9, 0.99, 0.999, 0.9999),
+                      "CB paper's beta values; 0.9999 in LDAM-DRW, LTWB (docs/methods.md#cb)")
+LDAM_MARGIN_DIM = linear_dim("margin", 0.1, 1.0, "max_m = 0.5 (docs/methods.md#ldam)")
+LDAM_SCALE_DIM = log_dim("scale", 4.0, 64.0, "s = 30 (docs/methods.md#ldam)")
 
-# ---------------------------------------------------------------------------------------------
-# the built-in methods
-# ---------------------------------------------------------------------------------------------
-
-register_method("ce", loss="ce", presets={"cifar": LOS_CIFAR, "imagenet": CRT_IMNET},
-                source="LOS main_stage2.py with delta=0 (docs/methods.md#ce)",
-                notes="CE re-train from the stage-1 head, LOS protocol; ImageNet preset: cRT budget (UNVERIFIED)",
-                scripts={"cifar": ("LOS main_stage2.py", LOS_REPO)})
-register_method("crt", loss="ce", sampler="cb", init="fresh",
-                presets={"cifar": dict(CRT_CIFAR, **START), "imagenet": dict(CRT_IMNET, **START)},
-                source="cRT config/*/cls_crt.yaml; BagofTricks cRT/cifar100_im100.yaml (docs/methods.md#crt)",
-                notes="fresh nn.Linear head, ClassAwareSampler(4); scheduler stepped at each epoch's start, int(N/B) "
-                      "batches (both scripts); cifar: BoT's warmup+step schedule replaced by cosine (not measured), "
-                      "cRT's ClassAwareSampler(4) instead of BoT's class-uniform draw with replacement (bundled "
-                      "CIFAR-10-LT cache, 5 seeds: 73.11 +- 0.06 vs 73.04 +- 0.07 with BoT's draw); the class "
-                      "streams restart each epoch",
-                steps="floor", scripts={"cifar": (BOT_SCRIPT + ", cRT/cifar100_im100.yaml", BOT_REPO),
-                                        "imagenet": (CRT_SCRIPT + ", cls_crt.yaml", CRT_REPO)})
-register_method("sqrt", loss="ce", sampler="sqrt", init="fresh",
-                presets={"cifar": dict(CRT_CIFAR, **START), "imagenet": dict(CRT_IMNET, **START)},
-                source="cRT MixedPrioritizedSampler nroot=2 (docs/methods.md#sqrt)",
-                notes="fresh nn.Linear head; no stage-2 config in the source: cRT values (UNVERIFIED); cRT's loop: "
-                      "scheduler stepped at each epoch's start, int(N/B) batches",
-                steps="floor", scripts=(CRT_SCRIPT, CRT_REPO))
-register_method("progressive", loss="ce", sampler="progressive", init="fresh",
-                presets={"cifar": dict(CRT_CIFAR, **START), "imagenet": dict(CRT_IMNET, **START)},
-                source="cRT feat_shift.yaml / BoT progressive (docs/methods.md#progressive)",
-                notes="fresh nn.Linear head; cRT values (UNVERIFIED as stage 2); scheduler stepped at each epoch's start, "
-                      "int(N/B) batches (both scripts); balanced weight linspace(0, 1, E) (cRT ClassPrioritySampler) on "
-                      "both presets: BoT's (e+1)/E (1-based epochs, also 1 at the end) is not used (bundled cache, "
-                      "5 seeds: 72.90 +- 0.09 vs 72.85 +- 0.07 with BoT's); draws with replacement inside a class "
-                      "(cRT cycles a per-class permutation)",
-                steps="floor", scripts={"cifar": (BOT_SCRIPT + ", lib/dataset/cao_cifar.py", BOT_REPO),
-                                        "imagenet": (CRT_SCRIPT + ", data/ClassPrioritySampler.py", CRT_REPO)})
-register_method("lws", head="lws", loss="ce", sampler="cb",
-                presets={"cifar": dict(CRT_CIFAR, **START), "imagenet": dict(CRT_IMNET, epochs=5, **START)},
-                source="cRT cls_lws.yaml, TauNormClassifier.py; BoT LWS/cifar100_im100.yaml (docs/methods.md#lws)",
-                notes="s in R^K on the frozen stage-1 W, b (bias scaled too); wd applies to s; scheduler stepped at each "
-                      "epoch's start, int(N/B) batches (both scripts); cifar: BoT's warmup+step schedule replaced by "
-                      "cosine (not measured), cRT's ClassAwareSampler(4) instead of BoT's class-uniform draw (bundled "
-                      "cache, 5 seeds: 72.82 +- 0.12 vs 72.93 +- 0.08 with BoT's draw); the class streams restart "
-                      "each epoch",
-                steps="floor", scripts={"cifar": (BOT_SCRIPT + ", LWS/cifar100_im100.yaml", BOT_REPO),
-                                        "imagenet": (CRT_SCRIPT + ", cls_lws.yaml", CRT_REPO)})
-register_method("tau-norm", head="tau-norm", loss="-", closed_form=True, params=(TAU_NORM,),
-                presets={"cifar": {"tau": None}, "imagenet": {"tau": None}}, source="cRT tau_norm.py (docs/methods.md#tau-norm)",
-                notes="from the stage-1 weights, bias dropped (cRT); tau from linspace(0,2,21) chosen on val unless --tau",
-                space=Space(candidates={"tau": TAU_CANDIDATES}))
-register_method("ncm", head="ncm", loss="-", closed_form=True, presets={"cifar": {}, "imagenet": {}},
-                source="cRT KNNClassifier.py cl2n + l2 (docs/methods.md#ncm)", notes="no head trained or read: centroids from the clean train view")
-register_method("cosine", head="cosine", loss="ce", init="fresh", params=(SCALE,),
-                presets={"cifar": dict(CRT_CIFAR, scale=16.0), "imagenet": dict(CRT_IMNET, scale=16.0)},
-                source="cRT CosNormClassifier (s=16) / LDAM NormedLinear (docs/methods.md#cosine)",
-                notes="z = s cos(f, w_j), no squash, unit-row fresh init; " + UNVERIFIED,
-                space=space(_log("scale", 4.0, 64.0, "cRT s=16, LDAM s=30 (docs/methods.md#cosine)")))
-register_method("posthoc-la", head="posthoc-la", loss="-", closed_form=True, params=(TAU_POSTHOC,),
-                presets={"cifar": {"tau": 1.0}, "imagenet": {"tau": 1.0}},
-                source="google-research logit_adjustment (docs/methods.md#posthoc-la)", notes="z - tau log pi on the stage-1 head",
-                space=Space(candidates={"tau": LA_TAU_CANDIDATES}))
-register_method("la-loss", loss="la", presets={"cifar": dict(CRT_CIFAR, tau=1.0), "imagenet": dict(CRT_IMNET, tau=1.0)},
-                source="google-research logit_adjustment (docs/methods.md#la-loss)", notes="from the stage-1 head; " + UNVERIFIED,
-                space=space(_lin("tau", 0.0, 2.0, "tau = 1 (docs/methods.md#la-loss); 0 = plain CE")))
-register_method("balanced-softmax", loss="balanced-softmax", init="fresh",
-                presets={"cifar": dict(lr=0.1, wd=5e-4, batch_size=512, epochs=None, iterations=2000,
-                                       schedule="cosine-start", momentum=0.9),
-                         "imagenet": dict(lr=0.4, wd=5e-4, epochs=10, batch_size=512, schedule="cosine-start",
-                                          momentum=0.9)},
-                source="BALMS config/*/decouple_balanced_softmax*.yaml (docs/methods.md#balanced-softmax)",
-                notes="fresh nn.Linear head; CIFAR: 2000 iterations -> epochs = ceil(2000 / ceil(N/B)) (IF200 config; IF100 "
-                      "UNVERIFIED); BALMS's loop: scheduler stepped at each epoch's start, int(N/B) batches an epoch",
-                steps="floor", scripts=("BALMS run_networks.py, decouple_balanced_softmax*.yaml", BALMS_REPO))
-register_method("ldam", head="cosine", loss="ldam", init="fresh", params=(SCALE,),
-                presets={"cifar": dict(CRT_CIFAR, margin=0.5, scale=30.0), "imagenet": dict(CRT_IMNET, margin=0.5, scale=30.0)},
-                source="LDAM-DRW losses.py (docs/methods.md#ldam)", notes="fresh cosine head (unit rows); s (cos - m_y), m_j = 0.5 (n_min/n_j)^(1/4); " + UNVERIFIED,
-                space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (docs/methods.md#ldam)"), _log("scale", 4.0, 64.0, "s = 30 (docs/methods.md#ldam)")))
-register_method("ldam-drw", head="cosine", loss="ldam-drw", init="fresh", params=(SCALE,),
-                tunables=("margin", "scale", "beta"),
-                presets={"cifar": dict(CRT_CIFAR, margin=0.5, scale=30.0, beta=0.9999),
-                         "imagenet": dict(CRT_IMNET, margin=0.5, scale=30.0, beta=0.9999)},
-                source="LDAM-DRW losses.py, cifar_train.py (docs/methods.md#ldam-drw)",
-                notes="fresh cosine head (unit rows); DRW = CB weights (beta) for the whole re-training, PyTorch weighted mean; " + UNVERIFIED,
-                space=space(_lin("margin", 0.1, 1.0, "max_m = 0.5 (docs/methods.md#ldam)"), _log("scale", 4.0, 64.0, "s = 30 (docs/methods.md#ldam)"), BETA))
-register_method("focal", loss="focal", presets={"cifar": dict(CRT_CIFAR, gamma=1.0), "imagenet": dict(CRT_IMNET, gamma=1.0)},
-                source="LDAM-DRW FocalLoss (docs/methods.md#focal)", notes="from the stage-1 head; (1-p)^gamma CE, p = exp(-CE); " + UNVERIFIED,
-                space=space(_lin("gamma", 0.0, 3.0, "gamma = 1 (LDAM-DRW), 2 (original focal) (docs/methods.md#focal)")))
-register_method("cb", loss="cb", presets={"cifar": dict(CRT_CIFAR, beta=0.9999), "imagenet": dict(CRT_IMNET, beta=0.9999)},
-                source="class-balanced-loss (TF) src/cifar_main.py (docs/methods.md#cb)",
-                notes="from the stage-1 head; softmax form, TF normalisation sum w_y CE / B; " + UNVERIFIED, space=space(BETA))
-register_method("cb-focal", loss="cb-focal", sigmoid_bias=True,
-                presets={"cifar": dict(CRT_CIFAR, beta=0.9999, gamma=1.0), "imagenet": dict(CRT_IMNET, beta=0.9999, gamma=1.0)},
-                source="class-balanced-loss (TF) sigmoid focal (docs/methods.md#cb-focal)",
-                notes="W from the stage-1 head, bias init -log(K-1), no weight decay on the bias (the script's "
-                      "regularisation); " + UNVERIFIED,
-                no_wd=("b",), scripts=("class-balanced-loss src/cifar_main.py (loss, bias init, bias decay)", CB_REPO),
-                space=space(BETA, _lin("gamma", 0.0, 3.0, "gamma = 1 (CB script), 2 (original focal) (docs/methods.md#cb-focal)")))
-register_method("cb-sigmoid", loss="cb-sigmoid", sigmoid_bias=True,
-                presets={"cifar": dict(CRT_CIFAR, beta=0.9999), "imagenet": dict(CRT_IMNET, beta=0.9999)},
-                source="class-balanced-loss (TF) sigmoid (docs/methods.md#cb-sigmoid)",
-                notes="W from the stage-1 head, bias init -log(K-1), no weight decay on the bias (the script's "
-                      "regularisation); " + UNVERIFIED,
-                no_wd=("b",), scripts=("class-balanced-loss src/cifar_main.py (loss, bias init, bias decay)", CB_REPO),
-                space=space(BETA))
-register_method("ls", loss="ls", presets={"cifar": dict(CRT_CIFAR, eps=0.1), "imagenet": dict(CRT_IMNET, eps=0.1)},
-                source="PyTorch label_smoothing (docs/methods.md#ls)", notes="from the stage-1 head; eps is free (0.1 stated default); " + UNVERIFIED,
-                space=space(_lin("eps", 0.0, 0.5, "0.1 stated default (docs/methods.md#ls); LOS is eps near 1")))
-register_method("los", loss="los", presets={"cifar": dict(LOS_CIFAR, delta=0.98), "imagenet": dict(LOS_CIFAR, delta=0.98)},
-                source="LOS main_stage2.py, utils/config.py (docs/methods.md#los)",
-                notes="from the stage-1 head; CE with label_smoothing delta; ImageNet values not in the repo: CIFAR values (UNVERIFIED)",
-                scripts=("LOS main_stage2.py", LOS_REPO),
-                space=space(_lin("delta", 0.0, 0.99, "0.98 at K = 100 (docs/methods.md#los); the target q_y = 1 - delta (K-1)/K "
-                                 "flattens faster at small K, so the range reaches down to plain CE")))
-register_method("mislas", head="mislas", loss="las", sampler="cb", params=(LR_FACTOR,),
-                presets={"cifar": dict(lr=0.1, wd=2e-4, epochs=10, batch_size=128, schedule="cosine", momentum=0.9,
-                                       eps_head=0.4, eps_tail=0.1, shape="concave", lr_factor=0.2),
-                         "imagenet": dict(lr=0.1, wd=5e-4, epochs=10, batch_size=256, schedule="cosine", momentum=0.9,
-                                          eps_head=0.3, eps_tail=0.0, shape="concave", lr_factor=0.05)},
-                source="MiSLAS config/*/*_stage2_mislas.yaml (docs/methods.md#mislas)",
-                notes="from the stage-1 head; cifar = CIFAR-100 IF100 row (CIFAR-10 IF100: eps 0.3/0.0, lr_factor 0.5); BN shift not "
-                      "reproducible on a cache; ceil(N/B) + 1 class-balanced batches an epoch (the script's `if i > "
-                      "end_steps: break`); the class and per-class streams restart each epoch",
-                steps="ceil+1", scripts=("MiSLAS train_stage2.py, datasets/sampler.py", MISLAS_REPO),
-                space=space(_lin("eps_head", 0.0, 0.5, "0.2-0.4 in the MiSLAS configs (docs/methods.md#mislas)"),
-                            _lin("eps_tail", 0.0, 0.2, "0.0-0.1 in the MiSLAS configs (docs/methods.md#mislas)"),
-                            _log("lr_factor", 0.05, 0.5, "0.05-0.5 in the MiSLAS configs (docs/methods.md#mislas)")))
-register_method("maxnorm", loss="ltwb-cb", params=(MAXNORM_THRESH,),
-                presets={"cifar": dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1, **START),
-                         "imagenet": dict(LTWB_CIFAR, beta=0.9999, maxnorm_thresh=0.1, **START)},
-                source="LTWB demo2_second-stage-training.py, utils/regularizers.py (docs/methods.md#maxnorm)",
-                notes="from the stage-1 head; CB 'softmax' = BCE on softmax, wd 0.1, MaxNorm once per epoch; scheduler "
-                      "stepped at each epoch's start (utils/trainval.py); ImageNet UNVERIFIED (CIFAR values)",
-                scripts=("LTWB demo2_second-stage-training.py, utils/trainval.py, utils/regularizers.py", LTWB_REPO),
-                space=space(_lin("maxnorm_thresh", 0.0, 0.5, "thresh = 0.1 (docs/methods.md#maxnorm)"),
-                            _log("wd", 1e-3, 1.0, "LTWB's wd 0.1 was chosen by grid search (docs/methods.md#maxnorm)")))
-register_method("marc", head="marc", loss="grw", presets={"cifar": dict(CRT_CIFAR, rho=1.2), "imagenet": dict(CRT_IMNET, rho=1.2)},
-                source="MARC official code MARCLinear + GRWCrossEntropyLoss (docs/methods.md#marc)",
-                notes="a z + b ||w|| on the frozen stage-1 head, GRW exponent 1.2 (code default); sampler/epochs/lr UNVERIFIED: stated default",
-                space=space(_lin("rho", 0.0, 2.0, "exp_scale 1.2 (docs/methods.md#marc)")))
-register_method("vs", loss="vs", presets={"cifar": dict(CRT_CIFAR, gamma=0.2, tau=1.2), "imagenet": dict(CRT_IMNET, gamma=0.3, tau=1.0)},
-                source="VS-Loss class_imbalance/losses.py (docs/methods.md#vs)",
-                notes="from the stage-1 head; cifar: README CIFAR-10 example; imagenet: parser defaults; " + UNVERIFIED,
-                space=space(_lin("gamma", 0.0, 0.5, "0.2 (README CIFAR-10), 0.3 (parser) (docs/methods.md#vs)"),
-                            _lin("tau", 0.0, 2.0, "1.2 (README CIFAR-10), 1.0 (parser) (docs/methods.md#vs)")))
-register_method("seesaw", loss="seesaw", presets={"cifar": dict(CRT_CIFAR, p=0.8, q=2.0), "imagenet": dict(CRT_IMNET, p=0.8, q=2.0)},
-                source="mmdet seesaw_loss.py (docs/methods.md#seesaw)", notes="from the stage-1 head; static class counts instead of cumulative; " + UNVERIFIED,
-                space=space(_lin("p", 0.0, 1.5, "p = 0.8 (docs/methods.md#seesaw)"), _lin("q", 0.0, 3.0, "q = 2 (docs/methods.md#seesaw)")))
-register_method("lade", loss="lade", presets={"cifar": dict(CRT_CIFAR, alpha=0.1, lam=0.01), "imagenet": dict(CRT_IMNET, alpha=0.05, lam=0.5)},
-                source="hyperconnect/LADE loss/LADELoss.py, README (docs/methods.md#lade)", notes="from the stage-1 head; PriorCE + alpha LADER; " + UNVERIFIED,
-                space=space(_log("alpha", 0.005, 0.5, "0.005-0.1 in the LADE README (docs/methods.md#lade)"),
-                            _log("lam", 0.005, 1.0, "0.01-0.5 in the LADE README (docs/methods.md#lade)")))
-register_method("poly1", loss="poly1", presets={"cifar": LOS_CIFAR, "imagenet": CRT_IMNET},
-                source="Leng et al., PolyLoss, ICLR 2022 (docs/methods.md#poly1)",
-                notes="from the stage-1 head; CE + epsilon (1 - p_y), epsilon = 1 (the paper's default); generic CE budgets (UNVERIFIED)",
-                space=space(_lin("epsilon", -1.0, 3.0, "epsilon = 1 the Poly-1 default; -1 cancels the first "
-                                 "polynomial term of CE (Leng et al.)")))
-
-
-GENERIC_EPOCHS = _choice("epochs", (10, 20, 30), "the sources disagree: MiSLAS, LTWB 10; LOS 20; cRT/BoT 30 "
+GENERIC_EPOCHS = choice_dim("epochs", (10, 20, 30), "the sources disagree: MiSLAS, LTWB 10; LOS 20; cRT/BoT 30 "
                          "(docs/methods.md#search-spaces)")
 
 
@@ -506,8 +381,8 @@ def method_space(method: Method, preset: str) -> Space:
         return method.space
     d = method.defaults(preset)
     own = {x.name for x in method.space.dims}
-    generic = [_log("lr", d["lr"] / 10, d["lr"] * 10, f"the {preset} preset's lr {d['lr']:g}, a decade either side"),
-               _log("wd", 1e-5, 1e-1, "cRT / MiSLAS 5e-4 and 2e-4, LTWB 0.1; LOS uses 0 (docs/methods.md#search-spaces)"),
+    generic = [log_dim("lr", d["lr"] / 10, d["lr"] * 10, f"the {preset} preset's lr {d['lr']:g}, a decade either side"),
+               log_dim("wd", 1e-5, 1e-1, "cRT / MiSLAS 5e-4 and 2e-4, LTWB 0.1; LOS uses 0 (docs/methods.md#search-spaces)"),
                GENERIC_EPOCHS]
     extra: tuple = ()
     if method.origin != "built-in":          # a plugin's own hyper-parameters join the search
@@ -567,3 +442,25 @@ def run_name(method: Method, params: dict, overrides: Optional[dict]) -> str:
     if not keys:
         return method.name
     return f"{method.name}[{','.join(f'{k}={params[k]:g}' if isinstance(params[k], float) else f'{k}={params[k]}' for k in keys)}]"
+
+
+# ---------------------------------------------------------------------------------------------
+# the built-in methods: one module each in this package, registered in this order (the order of
+# `ltcache methods` and `bench --all-methods`); a module not listed here follows, by name
+# ---------------------------------------------------------------------------------------------
+
+BUILT_IN = ("ce", "crt", "sqrt", "progressive", "lws", "tau_norm", "ncm", "cosine", "posthoc_la", "la_loss",
+            "balanced_softmax", "ldam", "ldam_drw", "focal", "cb", "cb_focal", "cb_sigmoid", "ls", "los", "mislas",
+            "maxnorm", "marc", "vs", "seesaw", "lade", "poly1")
+
+
+def _import_built_ins() -> None:
+    """Import every method module of this package: those of :data:`BUILT_IN` in its order, then the rest."""
+    import importlib
+    import pkgutil
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    for mod in [m for m in BUILT_IN if m in found] + [m for m in found if m not in BUILT_IN]:
+        importlib.import_module(f"{__name__}.{mod}")
+
+
+_import_built_ins()
