@@ -340,12 +340,12 @@ class AutogradLossGrad:
                         return None
                 jobs.append((run, a, i, n, j, exe))
         whole = len(jobs) == 1 and jobs[0][1] == 0 and jobs[0][2] == m and jobs[0][3] == b
-        return whole, jobs, (z.stride(), y.stride(), None if h is None else h.stride())
+        return whole, jobs, (z.stride(), y.stride(), None if h is None else h.stride(), z.dtype, z.device)
 
     def _run_plan(self, plan: tuple, z: torch.Tensor, y: torch.Tensor, h) -> Optional[torch.Tensor]:
         """dL/dz [m, K, B] by a plan of :meth:`_make_plan` (None: z is not laid out as planned)."""
         whole, jobs, stride = plan
-        if (z.stride(), y.stride(), None if h is None else h.stride()) != stride:
+        if (z.stride(), y.stride(), None if h is None else h.stride(), z.dtype, z.device) != stride:
             return None
         k = z.shape[1]
         out = None if whole else torch.zeros_like(z)
