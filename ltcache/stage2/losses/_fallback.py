@@ -307,17 +307,18 @@ class AutogradLossGrad:
             self._loop(zb, y, h, member_head, samples, loop, out)
         for run in self.runs:
             run.checked = True
-        if prefix and "head" not in self.reads and len(self._plans) < 64:
+        if prefix and "head" not in self.reads and len(self._plans) < 64 and tuple(n_valid) not in self._plans:
             plan = self._make_plan(n_valid, z, y, h)
-            if plan is not None:
+            if plan is not False:                    # None too: this pattern keeps the general path
                 self._plans[tuple(n_valid)] = plan
         return out.transpose(1, 2)
 
-    def _make_plan(self, n_valid: list, z, y, h) -> Optional[tuple]:
+    def _make_plan(self, n_valid: list, z, y, h):
         """The steady-state path for this pattern of valid samples, once every run on it is
         checked and known to be flat: per contiguous segment of members with the same number
         of valid samples, its forward's traced graph (or the loss's ``grad``), no bookkeeping.
-        None: this pattern keeps the general path (per-member runs, an untraceable forward)."""
+        None: this pattern keeps the general path (per-member runs, an untraceable forward);
+        False: not known yet (a run's flatness undecided), ask again."""
         if not self.steady:
             return None
         m, k, b = z.shape
@@ -331,8 +332,10 @@ class AutogradLossGrad:
                 if n == 0:
                     continue
                 j = i - a
-                if run.flat is False or (run.flat is None and j > 1) or not run.checked:
+                if run.flat is False:
                     return None
+                if (run.flat is None and j > 1) or not run.checked:
+                    return False
                 exe = None
                 if run.g is None:
                     exe = run.steady(z[a:i, :, :n], y[a:i, :n], None if h is None else h[a:i, :n])
