@@ -29,7 +29,8 @@ feature dim D) it times, per step:
 
 * ``step``: ``train_group`` of the M members for one epoch of synthetic features (N 12,406
   rows, the CIFAR-10-LT size), wall time / steps: gather, two matmuls, loss gradient, head
-  backward, update.
+  backward, update;
+* below the table, ``dz`` of a grid: the largest M Poly-1 members, each its own epsilon.
 
 Each number is the median of ``--repeats`` runs.
 """
@@ -159,6 +160,22 @@ def inductor_time(unit, params: dict, counts: torch.Tensor, z: torch.Tensor, y: 
     return median_time(call, repeats, 50), secs
 
 
+def grid_times(m: int, b: int, k: int, repeats: int) -> tuple:
+    """A tune grid over the plugin's own hyper-parameter: M Poly-1 members, each its own epsilon
+    (each a run of one member on the fallback) -- (built-in, plugin) seconds a ``dz`` call."""
+    counts = lt_counts(k)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(m, k, b, generator=g)
+    y = torch.randint(k, (m, b), generator=g)
+    valid = torch.ones(m, b)
+    eps = [0.1 * (i + 1) for i in range(m)]
+    lb = stack_specs([build_loss("poly1", {"epsilon": e}, counts) for e in eps], counts, "cpu")
+    t = loss_targets(lb, y, valid)
+    fb = AutogradLossGrad([build_loss("user-poly1", {"poly_eps": e}, counts) for e in eps], ["bench"] * m, counts, "cpu")
+    return (median_time(lambda: batched_loss_grad(z, None, None, lb, t), repeats, 100),
+            median_time(lambda: fb(z, y, valid, [b] * m, True), repeats, 20))
+
+
 def step_times(m: int, b: int, k: int, d: int, repeats: int) -> dict:
     from ltcache.stage2.api import make_config
     from ltcache.stage2.methods import get_method, resolve_params
@@ -202,6 +219,7 @@ def main() -> None:
         for m in members:
             res[m] = {**dz_times(m, args.batch, args.classes, args.repeats, not args.no_inductor),
                       **step_times(m, args.batch, args.classes, args.dim, args.repeats)}
+        gb, gp = grid_times(max(members), args.batch, args.classes, args.repeats)
     others = ["fx graph", "flat eager", "per member"] + ([] if args.no_inductor else ["inductor"])
     print("\n| loss | what | M | built-in | plugin | plugin / built-in | " + " | ".join(others) + " |")
     print("|---|---|---|---|---|---|" + "---|" * len(others))
@@ -213,6 +231,8 @@ def main() -> None:
                 cols = [r.get((name, what, k)) for k in others]
                 print(f"| {name} | {what} | {m} | {bi * 1e3:.3f} | {pl * 1e3:.3f} | **{pl / bi:.2f}x** | "
                       + " | ".join('' if c is None else f'{c * 1e3:.3f} ({c / bi:.1f}x)' for c in cols) + " |")
+    print(f"\nPoly-1 with {max(members)} members, each its own epsilon (a grid over the plugin's hyper-parameter), "
+          f"dz: built-in {gb * 1e3:.3f}, plugin {gp * 1e3:.3f} ms, **{gp / gb:.1f}x**")
     if not args.no_inductor:
         print("\nInductor compile (s): " + ", ".join(f"{name} M {m}: {res[m][(name, 'compile', 'inductor')]:.1f}"
                                                for name in PAIRS for m in members))
