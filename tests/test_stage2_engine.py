@@ -302,6 +302,60 @@ def test_worker_processes_give_the_same_heads(monkeypatch):
                 assert torch.allclose(a.layer[key], f.layer[key], atol=1e-6, rtol=0), a.config.method
 
 
+MERGED = [            # one head family per merge key, several batch sizes, epochs and samplers
+    ("ce", {"lr": 0.05, "batch_size": 16, "epochs": 3}, 0),
+    ("ce", {"lr": 0.05, "batch_size": 32, "epochs": 2}, 0),          # same seed and sampler: own stream
+    ("crt", {"lr": 0.1, "batch_size": 48, "epochs": 3}, 2),
+    ("mislas", {"batch_size": 24, "epochs": 2, "shape": "convex"}, 4),
+    ("maxnorm", {"batch_size": 32, "epochs": 3, "lr": 0.05}, 1),
+    ("lade", {"batch_size": 64, "epochs": 1}, 0),
+    ("focal", {"batch_size": 32, "epochs": 2}, 0),
+    ("focal", {"batch_size": 32, "epochs": 2}, 1),
+    ("lws", {"batch_size": 16, "epochs": 2}, 0),                     # frozen base
+    ("marc", {"batch_size": 40, "epochs": 3}, 0),
+    ("ldam-drw", {"batch_size": 32, "epochs": 2}, 0),                # cosine heads
+    ("cosine", {"batch_size": 20, "epochs": 3}, 1),
+]
+
+
+@pytest.mark.parametrize("select", ["last", "val"])
+def test_merged_batch_sizes_equal_alone(select):
+    """Groups of one head family with different batch sizes merged into one step stream (each
+    member's batches padded to the largest, a member with fewer steps idling) give every
+    configuration the head it gets trained alone."""
+    from ltcache.stage2 import workers
+    from ltcache.stage2.grouping import make_groups
+    cache = fake_cache()
+    data = data_of(cache)
+    cfgs = configs_for(cache, MERGED)
+    plan = workers.merge_plan(make_groups(cfgs), cfgs, data, "on")
+    assert len(make_groups(cfgs)) == 9 and len(plan) == 3           # affine, frozen base, cosine
+    with workers.merging("on"):
+        together = train_sweep(cfgs, data, select=select, quiet=True, n_jobs=1)
+    for cfg, t in zip(cfgs, together):
+        alone = train_sweep([cfg], data, select=select, quiet=True, n_jobs=1)[0]
+        assert alone.selected_epoch == t.selected_epoch, cfg.method
+        for key in ("weight", "bias", "s", "c"):
+            if key in t.layer:
+                assert torch.allclose(alone.layer[key], t.layer[key], atol=1e-5, rtol=0), (cfg.method, key)
+
+
+def test_merge_plan_follows_the_cost_model():
+    """``auto`` merges groups of one family where a step's fixed cost outweighs the padded work
+    (few members) and keeps them apart where the padding would cost more (many members)."""
+    from ltcache.stage2 import workers
+    from ltcache.stage2.grouping import make_groups
+    cache = fake_cache()
+    shape = SimpleNamespace(x=torch.empty(12406, 1, 64), w0=torch.empty(10, 64))
+    few = configs_for(cache, [("ce", {"batch_size": 64, "epochs": 20}, 0), ("ce", {"batch_size": 128, "epochs": 30}, 0)])
+    assert len(workers.merge_plan(make_groups(few), few, shape, "auto")) == 1
+    assert len(workers.merge_plan(make_groups(few), few, shape, "off")) == 2
+    many = configs_for(cache, [("ce", {"batch_size": 64, "epochs": 20}, s) for s in range(20)]
+                       + [("ce", {"batch_size": 128, "epochs": 30}, s) for s in range(60)])
+    assert len(workers.merge_plan(make_groups(many), many, shape, "auto")) == 2
+    assert len(workers.merge_plan(make_groups(many), many, shape, "on")) == 1
+
+
 def test_epochs_draw_the_augmented_views_only_unless_clean_view():
     cache = fake_cache(train_views=3)
     tr = cache.splits["train"]

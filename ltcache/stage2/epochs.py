@@ -3,7 +3,9 @@ index batches (its sampler, its view per sample, its generator), the loss target
 update's per-member factors, as one tuple of views per step (:class:`Epoch`).
 
 A member with fewer steps or epochs than the group is padded with invalid samples and inactive
-steps (no update, no momentum decay). Members with the same
+steps (no update, no momentum decay); a member whose batch size is below the group's (a merged
+group, :func:`~ltcache.stage2.workers.merge_plan`) has its batches padded with invalid samples
+(the losses average over valid samples only, so its steps are those it would take alone). Members with the same
 :func:`~ltcache.stage2.grouping.stream_key` draw their batches once.
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ def make_epoch(g, e: int) -> Epoch:
     """Epoch ``e`` of the group trainer ``g`` (:class:`~ltcache.stage2.group.GroupTrainer`): its
     index batches, loss targets, momentum/lr factors and paused steps."""
     m, dev, opt = g.m, g.dev, g.opt
-    parts = epoch_batches(g.cfgs, g.data.class_index, g.gens, e, g.n_views)
+    parts = epoch_batches(g.cfgs, g.data.class_index, g.gens, e, g.n_views, g.bsz)
     s_max = max(p[0].shape[0] for p in parts)
     rows, valid = _stacked(parts, 0, range(m), s_max, 0), _stacked(parts, 2, range(m), s_max, False)
     # labels and validity in loss order (stacked so, not permuted after)
@@ -102,17 +104,20 @@ def _shared_rows(g, rows: torch.Tensor, valid: torch.Tensor, s_max: int) -> Opti
             _per_step(rows[n_shared:].transpose(0, 1).reshape(s_max, (g.m - n_shared) * bsz).to(g.dev)))
 
 
-def epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_views: int) -> list:
-    """Index batches of one epoch, per config (its sampler and step rule): (flat rows [S_i, B],
-    labels, valid [S_i, B]).
+def epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_views: int,
+                  width: Optional[int] = None) -> list:
+    """Index batches of one epoch, per config (its sampler, step rule and batch size): (flat
+    rows [S_i, width], labels, valid [S_i, width]); a batch smaller than ``width`` (default: the
+    largest batch size) is padded with invalid samples.
     Configs with the same :func:`stream_key` draw identical batches, so each stream is drawn
     once, from its first member's generator (the others' generators are then never read)."""
-    b = cfgs[0].batch_size
+    width = width or max(c.batch_size for c in cfgs)
     drawn: dict[tuple, tuple] = {}
     out = []
     for c, gen in zip(cfgs, gens):
         key = stream_key(c)
         if key not in drawn:
+            b = c.batch_size
             if epoch < c.epochs:
                 idx, valid = epoch_indices(c.sampler, ci, b, epoch, c.epochs, gen, steps=c.steps)
                 if n_views > 1:
@@ -123,9 +128,17 @@ def epoch_batches(cfgs: Sequence[Config], ci: ClassIndex, gens, epoch: int, n_vi
             else:
                 idx = torch.zeros(1, b, dtype=torch.long)
                 flat, valid = idx, torch.zeros(1, b, dtype=torch.bool)
-            drawn[key] = (flat, ci.labels[idx], valid)
+            labels = ci.labels[idx]
+            if b < width:                                   # padded columns: row 0, invalid
+                flat, labels, valid = (_widen(t, width, f) for t, f in ((flat, 0), (labels, 0), (valid, False)))
+            drawn[key] = (flat, labels, valid)
         out.append(drawn[key])
     return out
+
+
+def _widen(t: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """[S, b] -> [S, width], the new columns ``fill``."""
+    return torch.cat([t, t.new_full((t.shape[0], width - t.shape[1]), fill)], 1)
 
 
 def _stacked(parts: list, field: int, order, s: int, fill) -> torch.Tensor:

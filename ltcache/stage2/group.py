@@ -35,7 +35,7 @@ from ltcache.stage2 import graphs
 from ltcache.stage2 import heads as H
 from ltcache.stage2.epochs import Epoch, make_epoch
 from ltcache.stage2.graphs import StaticStep
-from ltcache.stage2.grouping import group_key, member_order
+from ltcache.stage2.grouping import member_order, merge_key
 from ltcache.stage2.losses import batched_loss_grad, stack_specs
 from ltcache.stage2.losses._fallback import AutogradLossGrad
 from ltcache.stage2.plan import Config, TrainData
@@ -49,7 +49,8 @@ from ltcache.stage2.workers import in_worker
 @torch.no_grad()
 def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
                 quiet: bool = False, bar_position: int = 0) -> list[TrainedHead]:
-    """Train M configurations of one group (same :func:`group_key`) together."""
+    """Train M configurations of one group (same :func:`~ltcache.stage2.grouping.merge_key`:
+    usually also the same batch size, see :func:`~ltcache.stage2.workers.merge_plan`) together."""
     group = GroupTrainer(cfgs, data, select)                 # the stacked parameters, initialised
     label = "frozen-base " if group.base else ""
     bar = progress(total=group.total_steps, desc=f"train {label}{group.family} B={group.bsz} x{group.m}",
@@ -101,10 +102,12 @@ class GroupTrainer:
     the trained heads."""
 
     def __init__(self, cfgs: Sequence[Config], data: TrainData, select: str = "last"):
-        keys = {group_key(c) for c in cfgs}                 # once per configuration
+        keys = {merge_key(c) for c in cfgs}                 # once per configuration
         if len(keys) != 1:
-            raise ValueError("train_group needs configurations of one group_key (head family, frozen base, batch size)")
-        self.family, self.base, self.bsz = keys.pop()
+            raise ValueError("train_group needs configurations of one merge_key (head family, frozen base)")
+        self.family, self.base = keys.pop()
+        # the step's batch: the largest member's; smaller members' batches padded with invalid samples
+        self.bsz = max(c.batch_size for c in cfgs)
         self.data, self.select = data, select
         self.dev, self.m = data.x.device, len(cfgs)
         self.n, self.n_views, self.d = data.x.shape
@@ -112,7 +115,8 @@ class GroupTrainer:
         self._order_members(cfgs)
         self._init_params()
         ci = data.class_index
-        steps = [steps_per_epoch(c.sampler, ci.n, self.bsz, c.steps, epoch_samples(c.sampler, ci)) for c in self.cfgs]
+        steps = [steps_per_epoch(c.sampler, ci.n, c.batch_size, c.steps, epoch_samples(c.sampler, ci))
+                 for c in self.cfgs]
         self.opt = StackedSGD(self.cfgs, self.p, self.need, steps, self.w0c, self.dev)
         self._init_losses()
         self._init_inputs()

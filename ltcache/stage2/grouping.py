@@ -33,9 +33,17 @@ def reads_batch(cfg: Config) -> tuple:
     return get_loss(cfg.loss.user).reads if cfg.loss.user is not None else ()
 
 
+def merge_key(cfg: Config) -> tuple:
+    """Configurations with equal keys can train in one stacked group even with different batch
+    sizes: each member's batches padded to the group's largest with invalid samples, its own
+    number of steps per epoch (a member with fewer steps idles, see :mod:`ltcache.stage2.epochs`).
+    Whether merging such groups pays is the scheduler's call (:func:`ltcache.stage2.workers.merge_plan`)."""
+    return (cfg.kind.family, frozen_base(cfg))
+
+
 def group_key(cfg: Config) -> tuple:
     """Configurations with equal keys are trained as one stacked group."""
-    return (cfg.kind.family, frozen_base(cfg), cfg.batch_size)
+    return merge_key(cfg) + (cfg.batch_size,)
 
 
 def make_groups(configs: Sequence[Config]) -> list[list[int]]:
@@ -52,12 +60,12 @@ def make_groups(configs: Sequence[Config]) -> list[list[int]]:
 
 
 def stream_key(c: Config) -> tuple:
-    """What a configuration's batches depend on besides its group's batch size and views: its
-    sampler, seed, epochs and whether its head's initialisation draws from the same generator
+    """What a configuration's batches depend on besides its group's views: its sampler, seed,
+    epochs, batch size and whether its head's initialisation draws from the same generator
     first (a fresh or cosine head draws its weights). Members with equal keys read the same
     rows at every step."""
     draws = c.kind.family != "affine" or c.init == "fresh"
-    return (c.sampler, int(c.seed), c.epochs, draws, c.steps or DEFAULT_STEPS.get(c.sampler, ""))
+    return (c.sampler, int(c.seed), c.epochs, draws, c.steps or DEFAULT_STEPS.get(c.sampler, ""), c.batch_size)
 
 
 def stream_blocks(cfgs: Sequence[Config]) -> tuple[list[int], int, int]:

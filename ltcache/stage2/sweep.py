@@ -3,7 +3,8 @@ groups, each group trained as one computation of M stacked heads -- in this proc
 worker processes or split across torchrun ranks.
 
 Reading order: :func:`train_sweep` -> :func:`~ltcache.stage2.grouping.make_groups` (step 2:
-which configurations train together) -> :mod:`~ltcache.stage2.workers` (the scheduler: the cost
+which configurations train together; :func:`~ltcache.stage2.workers.merge_plan` may merge
+groups of one head family with different batch sizes, off by default) -> :mod:`~ltcache.stage2.workers` (the scheduler: the cost
 of each group, whether to fork workers, which rank trains what; it is handed
 :func:`~ltcache.stage2.group.train_group` and never calls back) -> :func:`train_group` (step 3,
 :mod:`ltcache.stage2.group`: one group as one stacked computation).
@@ -46,7 +47,7 @@ from ltcache.stage2.plan import Config, TrainData  # noqa: F401  (re-exported: s
 from ltcache.stage2.precision import feature_dtype, matmul_mode
 from ltcache.stage2.selection import TrainedHead, eval_logits  # noqa: F401  (re-exported)
 from ltcache.stage2.sgd import maxnorm_radius  # noqa: F401  (re-exported)
-from ltcache.stage2.workers import rank_share, run_in_workers, worth_workers
+from ltcache.stage2.workers import merge_plan, rank_share, run_in_workers, worth_workers
 
 
 def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last",
@@ -72,7 +73,7 @@ def train_sweep(configs: Sequence[Config], data: TrainData, select: str = "last"
 def _train_here(configs: Sequence[Config], data: TrainData, select: str, quiet: bool,
                 n_jobs: Optional[int]) -> list[TrainedHead]:
     """:func:`train_sweep` in this process (and its forked workers)."""
-    plan = make_groups(configs)
+    plan = merge_plan(make_groups(configs), configs, data)     # off unless LTCACHE_MERGE_GROUPS / workers.merging
     out: list[Optional[TrainedHead]] = [None] * len(configs)
     jobs = min(n_jobs or os.cpu_count() or 1, torch.get_num_threads())
     if not worth_workers(plan, configs, data, jobs):
@@ -97,7 +98,7 @@ def _train_across_ranks(configs: Sequence[Config], data: TrainData, select: str,
              c.epochs, c.batch_size, c.momentum, c.schedule, c.lr_factor, c.maxnorm_thresh, c.scale,
              c.bias_init, c.steps, c.no_wd) for c in configs]
     _dist.check_same((keys, select, tuple(data.x.shape), tuple(data.w0.shape)), "sweep")
-    mine = rank_share(make_groups(configs), configs, data, _dist.world(), _dist.rank())
+    mine = rank_share(merge_plan(make_groups(configs), configs, data), configs, data, _dist.world(), _dist.rank())
     trained = _train_here([configs[i] for i in mine], data, select, quiet, n_jobs) if mine else []
     _dist.barrier("the sweep")                                     # gloo: names a rank that died training
     out: list[Optional[TrainedHead]] = [None] * len(configs)

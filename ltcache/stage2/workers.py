@@ -18,11 +18,13 @@ import multiprocessing
 import os
 import signal
 import sys
-from typing import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from ltcache.stage2.grouping import frozen_base
+from ltcache.errors import LtcacheError
+from ltcache.stage2.grouping import frozen_base, merge_key
 from ltcache.stage2.losses import loss_signature
 from ltcache.stage2.samplers import steps_per_epoch
 
@@ -42,6 +44,15 @@ MIN_PARALLEL_WORK = 1e10  # below this (well under a second of work) forking wor
 STEP_OVERHEAD = 1.5e6
 LOSS_OVERHEAD = 1e6
 ELEMENTWISE_PER_LOGIT = 150
+# A step where some member idles before training again takes the masked update (a few more ops).
+PAUSED_OVERHEAD = 3e5
+# Groups of one head family with different batch sizes merge (``auto``) when the cost model
+# saves more than this fraction of their work: the padded work against one fewer step stream.
+MERGE_GAIN = 0.1
+MERGE_MODES = ("auto", "on", "off")
+_merge_mode = os.environ.get("LTCACHE_MERGE_GROUPS", "off")
+if _merge_mode not in MERGE_MODES:
+    raise LtcacheError(f"LTCACHE_MERGE_GROUPS={_merge_mode} is unknown; use one of {', '.join(MERGE_MODES)}")
 _FORKED = None            # (train_group, configs, data, select) inherited by the forked workers
 _IN_WORKER = False
 
@@ -94,19 +105,89 @@ def _train_part(arg):
 
 def _step_size(configs: Sequence, members: list[int], data) -> float:
     d, k = data.x.shape[-1], data.w0.shape[0]
-    return len(members) * configs[members[0]].batch_size * d * k
+    return len(members) * max(configs[i].batch_size for i in members) * d * k
+
+
+def _steps(configs: Sequence, members: list[int], n: int) -> tuple[int, int]:
+    """(steps, paused steps) of ``members`` trained as one group: per epoch the longest live
+    member's steps; a step where a member that trains on later sits idle takes the masked update."""
+    per = [(configs[i].epochs, steps_per_epoch(configs[i].sampler, n, configs[i].batch_size, configs[i].steps))
+           for i in members]
+    steps = paused = 0
+    for e in range(max(ep for ep, _ in per)):
+        live = [s for ep, s in per if e < ep]
+        steps += max(live)
+        later = [s for ep, s in per if e + 1 < ep]           # members that train in a later epoch
+        paused += max(live) - min(later) if later else 0
+    return steps, paused
 
 
 def _work(configs: Sequence, members: list[int], data) -> float:
     """Rough cost of training ``members`` as one group, in multiply-adds: steps x (a fixed
-    per-step cost and one per distinct loss + per member B K (D + elementwise)); frozen-base
-    groups do no D-sized work."""
+    per-step cost and one per distinct loss + per member B K (D + elementwise)), B the largest
+    member's batch (smaller ones are padded), plus the masked update's extra per paused step;
+    frozen-base groups do no D-sized work."""
     n, d, k = data.x.shape[0], data.x.shape[-1], data.w0.shape[0]
-    b = configs[members[0]].batch_size
-    steps = max(configs[i].epochs * steps_per_epoch(configs[i].sampler, n, b, configs[i].steps) for i in members)
+    b = max(configs[i].batch_size for i in members)
+    steps, paused = _steps(configs, members, n)
     per_logit = (0 if frozen_base(configs[members[0]]) else d) + ELEMENTWISE_PER_LOGIT
     losses = len({loss_signature(configs[i].loss) for i in members})
-    return steps * (STEP_OVERHEAD + LOSS_OVERHEAD * losses + len(members) * b * k * per_logit)
+    return (steps * (STEP_OVERHEAD + LOSS_OVERHEAD * losses + len(members) * b * k * per_logit)
+            + paused * PAUSED_OVERHEAD)
+
+
+def merge_mode() -> str:
+    """How :func:`merge_plan` merges groups of one head family with different batch sizes (the
+    current :func:`merging` block, else ``LTCACHE_MERGE_GROUPS``): ``off``, ``auto`` (where the
+    cost model gains over ``MERGE_GAIN``) or ``on`` (all)."""
+    return _merge_mode
+
+
+@contextmanager
+def merging(mode: str) -> Iterator[None]:
+    """Within the block, sweeps merge groups in ``mode`` (:func:`merge_mode`); worker processes
+    forked inside the block inherit it."""
+    global _merge_mode
+    if mode not in MERGE_MODES:
+        raise ValueError(f"unknown group-merge mode '{mode}'; use one of {', '.join(MERGE_MODES)}")
+    old, _merge_mode = _merge_mode, mode
+    try:
+        yield
+    finally:
+        _merge_mode = old
+
+
+def merge_plan(plan: list[list[int]], configs: Sequence, data, mode: Optional[str] = None) -> list[list[int]]:
+    """``plan`` (groups of one batch size, :func:`~ltcache.stage2.grouping.make_groups`) with
+    groups of the same :func:`~ltcache.stage2.grouping.merge_key` merged into one step stream:
+    every member's batches padded to the group's largest, a member with fewer steps idling.
+    ``on``: all such groups; ``auto``: greedily the pair whose merge the cost model
+    (:func:`_work`) values most, while it saves more than ``MERGE_GAIN`` of the pair's work;
+    ``off``: ``plan`` as it is. A configuration's result does not depend on its group."""
+    mode = mode or _merge_mode
+    if mode not in MERGE_MODES:
+        raise ValueError(f"unknown group-merge mode '{mode}'; use one of {', '.join(MERGE_MODES)}")
+    if mode == "off":
+        return [list(p) for p in plan]
+    by_key: dict[tuple, list[list[int]]] = {}
+    for p in plan:
+        by_key.setdefault(merge_key(configs[p[0]]), []).append(list(p))
+    out = []
+    for parts in by_key.values():
+        if mode == "on":
+            out.append([i for p in parts for i in p])
+            continue
+        while len(parts) > 1:
+            def gain(a, b):
+                both = _work(configs, a, data) + _work(configs, b, data)
+                return (both - _work(configs, a + b, data)) / both
+            best = max(((gain(a, b), x, y) for x, a in enumerate(parts) for y, b in enumerate(parts) if x < y))
+            if best[0] <= MERGE_GAIN:
+                break
+            _, x, y = best
+            parts[x] = parts[x] + parts.pop(y)
+        out.extend(parts)
+    return out
 
 
 def _makespan(parts: list[list[int]], jobs: int, work: Callable) -> float:
