@@ -35,7 +35,7 @@ from ltcache.stage2 import graphs
 from ltcache.stage2 import heads as H
 from ltcache.stage2.epochs import Epoch, make_epoch
 from ltcache.stage2.graphs import StaticStep
-from ltcache.stage2.grouping import member_order, merge_key
+from ltcache.stage2.grouping import frozen_base, member_order, merge_key
 from ltcache.stage2.losses import batched_loss_grad, stack_specs
 from ltcache.stage2.losses._fallback import AutogradLossGrad
 from ltcache.stage2.plan import Config, TrainData
@@ -104,8 +104,10 @@ class GroupTrainer:
     def __init__(self, cfgs: Sequence[Config], data: TrainData, select: str = "last"):
         keys = {merge_key(c) for c in cfgs}                 # once per configuration
         if len(keys) != 1:
-            raise ValueError("train_group needs configurations of one merge_key (head family, frozen base)")
-        self.family, self.base = keys.pop()
+            raise ValueError("train_group needs configurations of one merge_key (head family)")
+        (self.family,) = keys.pop()
+        # the frozen-base path (base logits gathered from a table) when every member is frozen-base
+        self.base = all(frozen_base(c) for c in cfgs)
         # the step's batch: the largest member's; smaller members' batches padded with invalid samples
         self.bsz = max(c.batch_size for c in cfgs)
         self.data, self.select = data, select

@@ -35,15 +35,17 @@ def reads_batch(cfg: Config) -> tuple:
 
 def merge_key(cfg: Config) -> tuple:
     """Configurations with equal keys can train in one stacked group even with different batch
-    sizes: each member's batches padded to the group's largest with invalid samples, its own
-    number of steps per epoch (a member with fewer steps idles, see :mod:`ltcache.stage2.epochs`).
-    Whether merging such groups pays is the scheduler's call (:func:`ltcache.stage2.workers.merge_plan`)."""
-    return (cfg.kind.family, frozen_base(cfg))
+    sizes and frozen-base or not: each member's batches padded to the group's largest with
+    invalid samples, its own number of steps per epoch (a member with fewer steps idles, see
+    :mod:`ltcache.stage2.epochs`); frozen-base members among others compute their base logits
+    from the features each step (their W, b get lr 0). Whether merging such groups pays is the
+    scheduler's call (:func:`ltcache.stage2.workers.merge_plan`)."""
+    return (cfg.kind.family,)
 
 
 def group_key(cfg: Config) -> tuple:
     """Configurations with equal keys are trained as one stacked group."""
-    return merge_key(cfg) + (cfg.batch_size,)
+    return (cfg.kind.family, frozen_base(cfg), cfg.batch_size)
 
 
 def make_groups(configs: Sequence[Config]) -> list[list[int]]:

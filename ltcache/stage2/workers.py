@@ -130,7 +130,7 @@ def _work(configs: Sequence, members: list[int], data) -> float:
     n, d, k = data.x.shape[0], data.x.shape[-1], data.w0.shape[0]
     b = max(configs[i].batch_size for i in members)
     steps, paused = _steps(configs, members, n)
-    per_logit = (0 if frozen_base(configs[members[0]]) else d) + ELEMENTWISE_PER_LOGIT
+    per_logit = (0 if all(frozen_base(configs[i]) for i in members) else d) + ELEMENTWISE_PER_LOGIT
     losses = len({loss_signature(configs[i].loss) for i in members})
     return (steps * (STEP_OVERHEAD + LOSS_OVERHEAD * losses + len(members) * b * k * per_logit)
             + paused * PAUSED_OVERHEAD)
