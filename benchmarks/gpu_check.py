@@ -13,8 +13,8 @@ skipped, so the JSON is always written):
 2. the CIFAR-10-LT and CIFAR-100-LT-shaped synthetic caches of ``bench_engine.py`` (D 64 /
    K 10, D 512 / K 100), all methods x 5 seeds at their preset epochs: the sweep with the
    plain eager step, with the static-buffer step captured as CUDA graphs
-   (:mod:`ltcache.stage2.graphs`), whether both give the same metrics, and the merged-groups
-   mode (recorded as not built where this code has none);
+   (:mod:`ltcache.stage2.graphs`), whether both give the same metrics, and the graphs with
+   every head family's groups merged into one step stream (``workers.merge_plan`` "on");
 3. the CIFAR-100-LT shape in fp32, tf32 and bf16 (``--precision``);
 4. the fastest plain loop (``bench_engine.indexed_loop``: tensor-indexed batches, one
    ``nn.Linear``, autograd, ``torch.optim.SGD``) on the same device, a sample of the
@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_engine import SHAPES, indexed_loop, lt_counts, synthetic_cache  # noqa: E402
 
 from ltcache.errors import LtcacheError  # noqa: E402
-from ltcache.stage2 import api, graphs  # noqa: E402
+from ltcache.stage2 import api, graphs, workers  # noqa: E402
 from ltcache.stage2.methods import METHODS, choose_preset  # noqa: E402
 from ltcache.stage2.samplers import steps_per_epoch  # noqa: E402
 from ltcache.stage2.sweep import frozen_base  # noqa: E402
@@ -100,19 +100,20 @@ def device_cache(shape: str, dev: torch.device, seed: int = 0) -> SimpleNamespac
                            class_names=[str(i) for i in range(k)], num_classes=k, feature_dim=d, groups=None)
 
 
-def sweep(cache, dev, methods, seeds, mode="auto", precision="fp32", cap=None) -> dict:
-    """One ``bench`` sweep timed: wall seconds, runs, the best run and per-run test accuracy."""
+def sweep(cache, dev, methods, seeds, mode="auto", precision="fp32", cap=None, merge="off") -> dict:
+    """One ``bench`` sweep timed: wall seconds, runs, the best run and per-run test accuracy
+    (``mode``: the step graphs' mode; ``merge``: the group-merge mode, :func:`workers.merge_plan`)."""
     before = (graphs.STATS["captured"], len(graphs.STATS["failed"]))
     sync(dev)
     t = time.perf_counter()
     try:
-        with graphs.step_graphs(mode):
+        with graphs.step_graphs(mode), workers.merging(merge):
             res = api.bench(cache, list(methods) if methods else None, seeds=seeds, device=str(dev), quiet=True,
                             overrides={"epochs": cap} if cap else None, precision=precision)
     except LtcacheError as exc:
         return {"refused": str(exc)}
     sync(dev)
-    return {"wall_s": time.perf_counter() - t, "mode": mode, "precision": precision, "epochs_cap": cap,
+    return {"wall_s": time.perf_counter() - t, "mode": mode, "merge": merge, "precision": precision, "epochs_cap": cap,
             "runs": len(res["runs"]), "best": res["summary"][0]["name"],
             "graphs_captured": graphs.STATS["captured"] - before[0],
             "capture_failures": graphs.STATS["failed"][before[1]:],
@@ -205,11 +206,14 @@ def main(argv=None) -> dict:
             cache = caches[shape]
             r = {"shape": SHAPES[shape]["label"], "eager": sweep(cache, dev, methods, seeds, "off", cap=cap),
                  "graphs": sweep(cache, dev, methods, seeds, "on", cap=cap),
-                 "merged": {"skipped": "merged groups (head families / batch sizes in one step) are not built"}}
-            e, g = r["eager"].get("acc", {}), r["graphs"].get("acc", {})
+                 "merged": sweep(cache, dev, methods, seeds, "on", cap=cap, merge="on")}   # graphs + merged groups
+            e, g, m = (r[k].get("acc", {}) for k in ("eager", "graphs", "merged"))
             r["graphs_max_abs_acc_diff"] = max((abs(e[k] - g[k]) for k in e if k in g), default=None)
+            r["merged_max_abs_acc_diff"] = max((abs(e[k] - m[k]) for k in e if k in m), default=None)
             if "wall_s" in r["eager"] and "wall_s" in r["graphs"]:
                 r["graphs_speedup"] = r["eager"]["wall_s"] / r["graphs"]["wall_s"]
+            if "wall_s" in r["graphs"] and "wall_s" in r["merged"]:
+                r["merged_speedup_over_graphs"] = r["graphs"]["wall_s"] / r["merged"]["wall_s"]
             return r
         return run
     for s in shapes:

@@ -25,7 +25,8 @@ def test_gpu_check_tiny_writes_every_section(tmp_path):
         assert sw["eager"]["mode"] == "off" and sw["graphs"]["mode"] == "on"
         assert sw["eager"]["runs"] == sw["graphs"]["runs"] > 0
         assert sw["graphs_max_abs_acc_diff"] == 0          # the buffer path is exact on a CPU
-        assert "merged" in sw
+        assert sw["merged"]["merge"] == "on" and sw["merged"]["runs"] == sw["eager"]["runs"]
+        assert sw["merged_max_abs_acc_diff"] is not None
         loop = sec[f"plain_loop_{shape}"]
         assert loop["total_s"] > 0 and loop["timed_configs"] == 2 and loop["configs"] == 10
     prec = sec["precision_tiny100"]
