@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_engine import synthetic_cache  # noqa: E402
 
 from ltcache.stage2 import api, workers  # noqa: E402
+from ltcache.stage2 import sweep as sweep_mod  # noqa: E402
 from ltcache.stage2.methods import METHODS, choose_preset  # noqa: E402
 from ltcache.stage2.sweep import TrainData, group_key, make_groups, train_group  # noqa: E402
 
@@ -127,8 +128,12 @@ def main(argv=None) -> dict:
             torch.set_num_threads(threads)
             for mode in modes:
                 t = _cpu_with_children()
-                with workers.merging(mode):
+                real = sweep_mod.merge_plan         # the sweep's plan in this mode (forked workers inherit it)
+                sweep_mod.merge_plan = lambda plan, configs, data, mode=mode: make_plan(mode, configs, data)
+                try:
                     api.bench(cache, list(METHODS), seeds=seeds, overrides=overrides, quiet=True)
+                finally:
+                    sweep_mod.merge_plan = real
                 out["sweep_cpu_s"].setdefault(mode, []).append(_cpu_with_children() - t)
                 print(f"rep {rep} {mode}: bench sweep {out['sweep_cpu_s'][mode][-1]:.2f} CPU s (workers incl.)",
                       flush=True)
