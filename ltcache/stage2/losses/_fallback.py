@@ -260,7 +260,7 @@ class AutogradLossGrad:
         if prefix and head is None:
             plan = self._plans.get(tuple(n_valid))
             if plan is not None:
-                g = self._run_plan(plan, z, y, h)
+                g = _run_plan(plan, z, y, h)
                 if g is not None:
                     return g
         zb = z.transpose(1, 2)                                   # [m, B, K]: what a forward sees per member
@@ -275,6 +275,23 @@ class AutogradLossGrad:
             return None if head is None else {a: t[i] for a, t in head.items()}
 
         out = torch.zeros(m, b, k, dtype=z.dtype, device=z.device)
+        flat, loop = self._dispatch(zb, y, h, n_valid, prefix, samples, member_head, out)
+        if flat:
+            self._flat(zb, y, h, flat, out, samples, loop)
+        if loop:
+            self._loop(zb, y, h, member_head, samples, loop, out)
+        for run in self.runs:
+            run.checked = True
+        if prefix and "head" not in self.reads and len(self._plans) < 64 and tuple(n_valid) not in self._plans:
+            plan = _make_plan(self.runs, self.steady, n_valid, z, y, h)
+            if plan is not False:                    # None too: this pattern keeps the general path
+                self._plans[tuple(n_valid)] = plan
+        return out.transpose(1, 2)
+
+    def _dispatch(self, zb, y, h, n_valid: list, prefix: bool, samples, member_head, out: torch.Tensor
+                  ) -> tuple[list, list]:
+        """Each run's live members sorted into the flat jobs (run, members, n), the vmapped ones
+        (computed here into ``out``) and the per-member ``loop``; a run's first call checked."""
         flat: list = []
         loop: list[tuple[_Run, int]] = []
         for run in self.runs:
@@ -294,78 +311,14 @@ class AutogradLossGrad:
                     continue
                 g = None
                 if run.mode == VMAP and "head" not in run.reads and n > 0 and len(idx) >= self.vmap_min:
-                    sel = _sel(idx, z.device)
+                    sel = _sel(idx, zb.device)
                     g = run.vmapped(_take(zb, sel)[:, :n], _take(y, sel)[:, :n],
                                     None if h is None else _take(h, sel)[:, :n])
                     if g is not None:
                         _put(out, sel, n, g)
                 if g is None:
                     loop += [(run, i) for i in idx]
-        if flat:
-            self._flat(zb, y, h, flat, out, samples, loop)
-        if loop:
-            self._loop(zb, y, h, member_head, samples, loop, out)
-        for run in self.runs:
-            run.checked = True
-        if prefix and "head" not in self.reads and len(self._plans) < 64 and tuple(n_valid) not in self._plans:
-            plan = self._make_plan(n_valid, z, y, h)
-            if plan is not False:                    # None too: this pattern keeps the general path
-                self._plans[tuple(n_valid)] = plan
-        return out.transpose(1, 2)
-
-    def _make_plan(self, n_valid: list, z, y, h):
-        """The steady-state path for this pattern of valid samples, once every run on it is
-        checked and known to be flat: per contiguous segment of members with the same number
-        of valid samples, its forward's traced graph (or the loss's ``grad``), no bookkeeping.
-        None: this pattern keeps the general path (per-member runs, an untraceable forward);
-        False: not known yet (a run's flatness undecided), ask again."""
-        if not self.steady:
-            return None
-        m, k, b = z.shape
-        jobs = []
-        for run in self.runs:
-            i = run.a
-            while i < run.e:
-                n, a = n_valid[i], i
-                while i < run.e and n_valid[i] == n:
-                    i += 1
-                if n == 0:
-                    continue
-                j = i - a
-                if run.flat is False:
-                    return None
-                if (run.flat is None and j > 1) or not run.checked:
-                    return False
-                exe = None
-                if run.g is None:
-                    exe = run.steady(z[a:i, :, :n], y[a:i, :n], None if h is None else h[a:i, :n])
-                    if exe is None:
-                        return None
-                jobs.append((run, a, i, n, j, exe))
-        whole = len(jobs) == 1 and jobs[0][1] == 0 and jobs[0][2] == m and jobs[0][3] == b
-        return whole, jobs, (z.stride(), y.stride(), None if h is None else h.stride(), z.dtype, z.device)
-
-    def _run_plan(self, plan: tuple, z: torch.Tensor, y: torch.Tensor, h) -> Optional[torch.Tensor]:
-        """dL/dz [m, K, B] by a plan of :meth:`_make_plan` (None: z is not laid out as planned)."""
-        whole, jobs, stride = plan
-        if (z.stride(), y.stride(), None if h is None else h.stride(), z.dtype, z.device) != stride:
-            return None
-        k = z.shape[1]
-        out = None if whole else torch.zeros_like(z)
-        for run, a, e, n, j, exe in jobs:
-            hr = "h" in run.reads
-            if exe is not None:                                        # [j, K, n] in one graph
-                g = exe(z[a:e, :, :n], y[a:e, :n], h[a:e, :n]) if hr else exe(z[a:e, :, :n], y[a:e, :n])
-            else:                                                      # the loss's own grad
-                zf = z[a:e, :, :n].permute(1, 0, 2).reshape(k, j * n).t()
-                yf = y[a:e, :n].reshape(j * n)
-                g = run.g(zf, yf, h=h[a:e, :n].reshape(j * n, h.shape[2])) if hr else run.g(zf, yf)
-                g = g[0] if isinstance(g, tuple) else g
-                g = (g.mul(j) if j > 1 else g).t().reshape(k, j, n).permute(1, 0, 2)
-            if whole:
-                return g
-            out[a:e, :, :n] = g
-        return out
+        return flat, loop
 
     def _flat(self, zb, y, h, jobs: list, out: torch.Tensor, samples, loop: list) -> None:
         """The flat jobs (run, members, n valid samples) in one autograd call (analytic ``grad``
@@ -463,6 +416,61 @@ class AutogradLossGrad:
         out[idx] = g[idx]
 
 
+def _make_plan(runs: list, steady: bool, n_valid: list, z, y, h):
+    """The steady-state path for this pattern of valid samples, once every run on it is
+    checked and known to be flat: per contiguous segment of members with the same number
+    of valid samples, its forward's traced graph (or the loss's ``grad``), no bookkeeping.
+    None: this pattern keeps the general path (per-member runs, an untraceable forward);
+    False: not known yet (a run's flatness undecided), ask again."""
+    if not steady:
+        return None
+    m, k, b = z.shape
+    jobs = []
+    for run in runs:
+        i = run.a
+        while i < run.e:
+            n, a = n_valid[i], i
+            while i < run.e and n_valid[i] == n:
+                i += 1
+            if n == 0:
+                continue
+            j = i - a
+            if run.flat is False:
+                return None
+            if (run.flat is None and j > 1) or not run.checked:
+                return False
+            exe = None
+            if run.g is None:
+                exe = run.steady(z[a:i, :, :n], y[a:i, :n], None if h is None else h[a:i, :n])
+                if exe is None:
+                    return None
+            jobs.append((run, a, i, n, j, exe))
+    whole = len(jobs) == 1 and jobs[0][1] == 0 and jobs[0][2] == m and jobs[0][3] == b
+    return whole, jobs, (z.stride(), y.stride(), None if h is None else h.stride(), z.dtype, z.device)
+
+def _run_plan(plan: tuple, z: torch.Tensor, y: torch.Tensor, h) -> Optional[torch.Tensor]:
+    """dL/dz [m, K, B] by a plan of :meth:`_make_plan` (None: z is not laid out as planned)."""
+    whole, jobs, stride = plan
+    if (z.stride(), y.stride(), None if h is None else h.stride(), z.dtype, z.device) != stride:
+        return None
+    k = z.shape[1]
+    out = None if whole else torch.zeros_like(z)
+    for run, a, e, n, j, exe in jobs:
+        hr = "h" in run.reads
+        if exe is not None:                                        # [j, K, n] in one graph
+            g = exe(z[a:e, :, :n], y[a:e, :n], h[a:e, :n]) if hr else exe(z[a:e, :, :n], y[a:e, :n])
+        else:                                                      # the loss's own grad
+            zf = z[a:e, :, :n].permute(1, 0, 2).reshape(k, j * n).t()
+            yf = y[a:e, :n].reshape(j * n)
+            g = run.g(zf, yf, h=h[a:e, :n].reshape(j * n, h.shape[2])) if hr else run.g(zf, yf)
+            g = g[0] if isinstance(g, tuple) else g
+            g = (g.mul(j) if j > 1 else g).t().reshape(k, j, n).permute(1, 0, 2)
+        if whole:
+            return g
+        out[a:e, :, :n] = g
+    return out
+
+
 def _sel(idx: list, device):
     """Members ``idx`` as a slice when contiguous (no copy), else an index tensor."""
     a, e = idx[0], idx[-1] + 1
@@ -494,81 +502,111 @@ def _rows_major(x: torch.Tensor) -> torch.Tensor:
 def _class_major(gm):
     """Rewrite a traced graph's softmax / log-softmax (and their backward) over the last dim of
     [n, K] into the same op over dim 0 of [K, n]: the values are identical, the kernel fast."""
-    g = gm.graph
-    major: dict = {}          # node -> its [K, n] contiguous form (the op's own output, or one copy)
-    labels = [n for n in g.nodes if n.op == "placeholder"][1:2]      # y: labels, never the ignore index
+    return _ClassMajor(gm).rewrite()
 
-    def rows(x):
-        if x not in major:
-            if x.op == "call_function" and x.target is _ATEN.scatter_add.default and x.args[1] in (1, -1) \
-                    and len(x.users) == 1 and all(_is_2d(a) for a in (x.args[0], x.args[2], x.args[3])):
-                # out[i, idx[i, c]] += src[i, c] is out.T[idx.T[c, i], i] += src.T[c, i]: build it class-major
-                self_, _, idx, src = x.args
-                major[x] = g.call_function(_ATEN.scatter_add.default,
-                                           (rows(self_), 0, g.call_function(_ATEN.t.default, (idx,)),
-                                            g.call_function(_ATEN.t.default, (src,))))
-            elif x.op == "call_function" and x.target is _ATEN.nll_loss_backward.default and x.args[3] is None \
-                    and _is_2d(x) and x.args[5] == -100 and _is_labels(x.args[2], labels):
-                # dL/dinput of NLL (no class weights) is -g (/ total weight) at each row's target
-                gout, inp, target, _, red, _, tw = x.args
-                n, kk = x.meta["val"].shape
-                src = g.call_function(_ATEN.neg.default, (g.call_function(_ATEN.div.Tensor, (gout, tw)),)
-                                      if red == 1 else (gout,))
-                src = (g.call_function(_ATEN.unsqueeze.default, (src, 0)) if red == 0 else
-                       g.call_function(_ATEN.expand.default, (src, [1, n])))
-                zeros = g.call_function(_ATEN.zeros.default, ([kk, n],), {"dtype": x.meta["val"].dtype,
-                                                                          "device": x.meta["val"].device})
-                major[x] = g.call_function(_ATEN.scatter.src, (zeros, 0, g.call_function(
-                    _ATEN.unsqueeze.default, (target, 0)), src))
+
+class _ClassMajor:
+    """The rewrite of :func:`_class_major`: ``major`` maps a node to its [K, n] contiguous form
+    (the op's own output, or one copy)."""
+
+    def __init__(self, gm):
+        self.gm, self.g = gm, gm.graph
+        self.major: dict = {}
+        self.labels = [n for n in self.g.nodes if n.op == "placeholder"][1:2]   # y: labels, never the ignore index
+
+    def rows(self, x):
+        """``x`` [n, K] as a [K, n] node: built class-major where its op allows, else one copy."""
+        if x not in self.major:
+            built = self._scatter_add(x) if x.op == "call_function" else None
+            if built is None and x.op == "call_function":
+                built = self._nll_backward(x)
+            self.major[x] = built if built is not None else self.g.call_function(_rows_major, (x,))
+        return self.major[x]
+
+    def _scatter_add(self, x):
+        """out[i, idx[i, c]] += src[i, c] is out.T[idx.T[c, i], i] += src.T[c, i]: built class-major."""
+        if not (x.target is _ATEN.scatter_add.default and x.args[1] in (1, -1) and len(x.users) == 1
+                and all(_is_2d(a) for a in (x.args[0], x.args[2], x.args[3]))):
+            return None
+        g = self.g
+        self_, _, idx, src = x.args
+        return g.call_function(_ATEN.scatter_add.default,
+                               (self.rows(self_), 0, g.call_function(_ATEN.t.default, (idx,)),
+                                g.call_function(_ATEN.t.default, (src,))))
+
+    def _nll_backward(self, x):
+        """dL/dinput of NLL (no class weights) is -g (/ total weight) at each row's target."""
+        if not (x.target is _ATEN.nll_loss_backward.default and x.args[3] is None and _is_2d(x)
+                and x.args[5] == -100 and _is_labels(x.args[2], self.labels)):
+            return None
+        g = self.g
+        gout, inp, target, _, red, _, tw = x.args
+        n, kk = x.meta["val"].shape
+        src = g.call_function(_ATEN.neg.default, (g.call_function(_ATEN.div.Tensor, (gout, tw)),)
+                              if red == 1 else (gout,))
+        src = (g.call_function(_ATEN.unsqueeze.default, (src, 0)) if red == 0 else
+               g.call_function(_ATEN.expand.default, (src, [1, n])))
+        zeros = g.call_function(_ATEN.zeros.default, ([kk, n],), {"dtype": x.meta["val"].dtype,
+                                                                  "device": x.meta["val"].device})
+        return g.call_function(_ATEN.scatter.src, (zeros, 0, g.call_function(_ATEN.unsqueeze.default, (target, 0)),
+                                                   src))
+
+    def _nll_forward(self, node) -> None:
+        """NLL of a class-major log-probability: a gather along dim 0 (no [n, K] copy); every
+        target is a label (never the ignore index), so the total weight is n."""
+        g = self.g
+        inp, target, _, red, _ = node.args
+        n = target.meta["val"].shape[0]
+        with g.inserting_before(node):
+            picked = g.call_function(_ATEN.squeeze.dim, (g.call_function(_ATEN.gather.default, (
+                self.major[inp], 0, g.call_function(_ATEN.unsqueeze.default, (target, 0)))), 0))
+            loss = g.call_function(_ATEN.neg.default, (picked,))
+            if red == 1:
+                loss = g.call_function(_ATEN.mean.default, (loss,))
+            elif red == 2:
+                loss = g.call_function(_ATEN.sum.default, (loss,))
+            tw = g.call_function(_ATEN.scalar_tensor.default, (float(n) if red else 0.0,),
+                                 {"dtype": node.meta["val"][1].dtype, "device": node.meta["val"][1].device})
+        for use in list(node.users):
+            if use.op == "call_function" and use.target.__name__ == "getitem":
+                use.replace_all_uses_with(loss if use.args[1] == 0 else tw)
+                g.erase_node(use)
+        if not node.users:
+            g.erase_node(node)
+
+    def _is_nll_forward(self, node) -> bool:
+        return (node.target is _ATEN.nll_loss_forward.default and node.args[0] in self.major
+                and node.args[2] is None and node.args[4] == -100 and node.args[3] in (0, 1, 2)
+                and _is_labels(node.args[1], self.labels))
+
+    def rewrite(self):
+        """Every softmax / log-softmax (backward) and NLL of the graph rebuilt class-major."""
+        g = self.g
+        for node in list(g.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target in _SOFTMAX and node.args[1] in (-1, 1):
+                x, _, half = node.args
+                with g.inserting_before(node):
+                    s = g.call_function(node.target, (self.rows(x), 0, half))
+                    out = g.call_function(_ATEN.t.default, (s,))
+            elif self._is_nll_forward(node):
+                self._nll_forward(node)
+                continue
+            elif node.target in _SOFTMAX_BACK and node.args[2] in (-1, 1):
+                grad, value, _, dtype = node.args
+                with g.inserting_before(node):
+                    s = g.call_function(node.target, (self.rows(grad), self.rows(value), 0, dtype))
+                    out = g.call_function(_ATEN.t.default, (s,))
             else:
-                major[x] = g.call_function(_rows_major, (x,))
-        return major[x]
-
-    for node in list(g.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in _SOFTMAX and node.args[1] in (-1, 1):
-            x, _, half = node.args
-            with g.inserting_before(node):
-                s = g.call_function(node.target, (rows(x), 0, half))
-                out = g.call_function(_ATEN.t.default, (s,))
-        elif node.target is _ATEN.nll_loss_forward.default and node.args[0] in major and node.args[2] is None \
-                and node.args[4] == -100 and node.args[3] in (0, 1, 2) and _is_labels(node.args[1], labels):
-            # NLL of a class-major log-probability: a gather along dim 0 (no [n, K] copy); every
-            # target is a label (never the ignore index), so the total weight is n
-            inp, target, _, red, _ = node.args
-            n = target.meta["val"].shape[0]
-            with g.inserting_before(node):
-                picked = g.call_function(_ATEN.squeeze.dim, (g.call_function(_ATEN.gather.default, (
-                    major[inp], 0, g.call_function(_ATEN.unsqueeze.default, (target, 0)))), 0))
-                loss = g.call_function(_ATEN.neg.default, (picked,))
-                if red == 1:
-                    loss = g.call_function(_ATEN.mean.default, (loss,))
-                elif red == 2:
-                    loss = g.call_function(_ATEN.sum.default, (loss,))
-                tw = g.call_function(_ATEN.scalar_tensor.default, (float(n) if red else 0.0,),
-                                     {"dtype": node.meta["val"][1].dtype, "device": node.meta["val"][1].device})
-            for use in list(node.users):
-                if use.op == "call_function" and use.target.__name__ == "getitem":
-                    use.replace_all_uses_with(loss if use.args[1] == 0 else tw)
-                    g.erase_node(use)
-            if not node.users:
-                g.erase_node(node)
-            continue
-        elif node.target in _SOFTMAX_BACK and node.args[2] in (-1, 1):
-            grad, value, _, dtype = node.args
-            with g.inserting_before(node):
-                s = g.call_function(node.target, (rows(grad), rows(value), 0, dtype))
-                out = g.call_function(_ATEN.t.default, (s,))
-        else:
-            continue
-        major[out] = s
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-    g.eliminate_dead_code()                  # the [n, K] ops rebuilt class-major above
-    g.lint()
-    gm.recompile()
-    return gm
+                continue
+            self.major[out] = s
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
+        g.eliminate_dead_code()                  # the [n, K] ops rebuilt class-major above
+        g.lint()
+        self.gm.recompile()
+        return self.gm
 
 
 _VIEWS = {_ATEN.view.default, _ATEN._unsafe_view.default, _ATEN.reshape.default, _ATEN.clone.default,
