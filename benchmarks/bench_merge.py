@@ -1,7 +1,7 @@
 """Merged groups (one step stream per head family, batch sizes padded) against one per batch size.
 
 Run by hand:  python benchmarks/bench_merge.py [--shape c10] [--reps 3] [--modes off,frozen,pair-64-128,auto]
-              [--epochs-cap E] [--sweep] [--check] [--out FILE]
+              [--epochs-cap E] [--methods a,b] [--seeds 0,1] [--sweep] [--check] [--out FILE]
 
 Builds the trained configurations of ``bench --all-methods`` x 5 seeds on a synthetic shape of
 ``bench_engine.py`` and, per merge mode (:func:`ltcache.stage2.workers.merge_plan`'s ``off`` / ``on`` / ``auto``, or
@@ -87,6 +87,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--modes", default="off,pair-64-128", help="off, on, auto, frozen or pair-B1-B2 (comma list)")
     ap.add_argument("--epochs-cap", type=int, default=None)
+    ap.add_argument("--methods", default=None, help="comma list (default: all; e.g. a few with 1 seed: small groups)")
     ap.add_argument("--sweep", action="store_true", help="also time api.bench (all methods, workers included)")
     ap.add_argument("--check", action="store_true", help="compare merged heads with unmerged ones")
     ap.add_argument("--out", default=None)
@@ -100,8 +101,9 @@ def main(argv=None) -> dict:
     n, _, d = tr.features.shape
     preset = choose_preset(cache.num_classes, d)
     overrides = {"epochs": a.epochs_cap} if a.epochs_cap else None
+    methods = a.methods.split(",") if a.methods else list(METHODS)
     cfgs = [api.make_config(m, p, s, m.name, cache.class_counts)
-            for m, p, _ in api.expand(list(METHODS), overrides, None, preset, n) if not m.closed_form for s in seeds]
+            for m, p, _ in api.expand(methods, overrides, None, preset, n) if not m.closed_form for s in seeds]
     data = TrainData(x=tr.features.float(), labels=tr.labels.long(), w0=cache.weight.float(), b0=cache.bias.float())
     plans = {mode: make_plan(mode, cfgs, data) for mode in modes}
     out: dict = {"shape": a.shape, "configs": len(cfgs), "plans": {}, "train_cpu_s": {}, "sweep_cpu_s": {}}
@@ -131,7 +133,7 @@ def main(argv=None) -> dict:
                 real = sweep_mod.merge_plan         # the sweep's plan in this mode (forked workers inherit it)
                 sweep_mod.merge_plan = lambda plan, configs, data, mode=mode: make_plan(mode, configs, data)
                 try:
-                    api.bench(cache, list(METHODS), seeds=seeds, overrides=overrides, quiet=True)
+                    api.bench(cache, methods, seeds=seeds, overrides=overrides, quiet=True)
                 finally:
                     sweep_mod.merge_plan = real
                 out["sweep_cpu_s"].setdefault(mode, []).append(_cpu_with_children() - t)

@@ -342,7 +342,8 @@ def test_merged_batch_sizes_equal_alone(select):
 
 def test_merge_plan_follows_the_cost_model():
     """``auto`` merges groups of one family where a step's fixed cost outweighs the padded work
-    (few members) and keeps them apart where the padding would cost more (many members)."""
+    (few members), keeps them apart where the padding would cost more (many members), and
+    keeps frozen-base groups apart from the others."""
     from ltcache.stage2 import workers
     from ltcache.stage2.grouping import make_groups
     cache = fake_cache()
@@ -350,6 +351,8 @@ def test_merge_plan_follows_the_cost_model():
     few = configs_for(cache, [("ce", {"batch_size": 64, "epochs": 20}, 0), ("ce", {"batch_size": 128, "epochs": 30}, 0)])
     assert len(workers.merge_plan(make_groups(few), few, shape, "auto")) == 1
     assert len(workers.merge_plan(make_groups(few), few, shape, "off")) == 2
+    frozen = few + configs_for(cache, [("lws", {"batch_size": 128, "epochs": 30}, 0)])   # frozen base: apart
+    assert sorted(map(len, workers.merge_plan(make_groups(frozen), frozen, shape, "auto"))) == [1, 2]
     many = configs_for(cache, [("ce", {"batch_size": 64, "epochs": 20}, s) for s in range(20)]
                        + [("ce", {"batch_size": 128, "epochs": 30}, s) for s in range(60)])
     assert len(workers.merge_plan(make_groups(many), many, shape, "auto")) == 2

@@ -162,7 +162,9 @@ def merge_plan(plan: list[list[int]], configs: Sequence, data, mode: Optional[st
     groups of the same :func:`~ltcache.stage2.grouping.merge_key` merged into one step stream:
     every member's batches padded to the group's largest, a member with fewer steps idling.
     ``on``: all such groups; ``auto``: greedily the pair whose merge the cost model
-    (:func:`_work`) values most, while it saves more than ``MERGE_GAIN`` of the pair's work;
+    (:func:`_work`) values most, while it saves more than ``MERGE_GAIN`` of the pair's work --
+    frozen-base groups only with frozen-base groups (merged into the others, their members pay
+    the features' GEMM and the scale's ops on every step: no gain measured, benchmarks/RESULTS.md);
     ``off``: ``plan`` as it is. A configuration's result does not depend on its group."""
     mode = mode or _merge_mode
     if mode not in MERGE_MODES:
@@ -181,7 +183,9 @@ def merge_plan(plan: list[list[int]], configs: Sequence, data, mode: Optional[st
             def gain(a, b):
                 both = _work(configs, a, data) + _work(configs, b, data)
                 return (both - _work(configs, a + b, data)) / both
-            best = max(((gain(a, b), x, y) for x, a in enumerate(parts) for y, b in enumerate(parts) if x < y))
+            pairs = [(gain(a, b), x, y) for x, a in enumerate(parts) for y, b in enumerate(parts)
+                     if x < y and frozen_base(configs[a[0]]) == frozen_base(configs[b[0]])]
+            best = max(pairs, default=(0.0, 0, 0))
             if best[0] <= MERGE_GAIN:
                 break
             _, x, y = best
