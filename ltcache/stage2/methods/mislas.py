@@ -16,7 +16,7 @@ register_method("mislas", head="mislas", loss="las", sampler="cb", params=(LR_FA
                       "end_steps: break`); the class and per-class streams restart each epoch; cache gap at K = 10 "
                       "(MiSLAS's CIFAR-10 config: shift_bn False, BN in eval mode): the default faithful cache "
                       "over-states it by +0.83 on the bundled cache (75.67 vs 74.84 through the backbone, 3 seeds), "
-                      "a cache extracted with --train-bn running --bn-shift none matches it (74.68, -0.16)",
+                      "a cache made by ltcache extract --train-bn running --bn-shift none matches it (74.68, -0.16)",
                 steps="ceil+1", scripts=("MiSLAS train_stage2.py, datasets/sampler.py", MISLAS_REPO),
                 space=space(linear_dim("eps_head", 0.0, 0.5, "0.2-0.4 in the MiSLAS configs (docs/methods.md#mislas)"),
                             linear_dim("eps_tail", 0.0, 0.2, "0.0-0.1 in the MiSLAS configs (docs/methods.md#mislas)"),
