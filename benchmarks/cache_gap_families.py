@@ -20,6 +20,10 @@ pair present.
 Closed forms (tau-norm, post-hoc LA, NCM) have no training: both paths apply the same layer to
 the same eval-mode test features, so their gap is zero by construction and they are not run.
 
+The cache path trains each method on the features its registry entry chooses (the cache's main
+features, or its feature set where the source keeps BatchNorm in another mode, e.g. MiSLAS's
+``bn-eval`` at K = 10); the table's ``cache features`` column says which.
+
 Cost: the backbone path re-runs the backbone every step (ResNet-32, CIFAR-10-LT IR 100: about
 75 s for 3 seeds of LOS on an H100; tens of minutes per method on a 2-core CPU). Results into
 benchmarks/RESULTS.md.
@@ -88,12 +92,12 @@ def family_gap(cache_res: dict, backbone_res: dict, class_names: Optional[Sequen
 
 def gaps_markdown(gaps: dict) -> str:
     """The per-family table (All on both paths, the gap, the classes beyond the backbone's spread)."""
-    lines = ["| method | family | BN | cache All | backbone All | gap | classes beyond the backbone's seed spread "
-             "(gap / spread) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | family | BN | cache features | cache All | backbone All | gap | classes beyond the backbone's "
+             "seed spread (gap / spread) |", "|---|---|---|---|---|---|---|---|"]
     for m, g in gaps.items():
         beyond = ", ".join(f"{c['class']} {c['gap']:+.1f} / {c['backbone_spread']:.1f}"
                            for c in g["per_class"] if c["beyond"]) or "none"
-        lines.append(f"| {m} | {FAMILIES.get(m, '')} | {g.get('bn', '')} | "
+        lines.append(f"| {m} | {FAMILIES.get(m, '')} | {g.get('bn', '')} | {g.get('features', 'main')} | "
                      f"{g['cache_all']:.2f} ± {g['cache_std']:.2f} | "
                      f"{g['backbone_all']:.2f} ± {g['backbone_std']:.2f} | {g['all_gap']:+.2f} | {beyond} |")
     return "\n".join(lines) + "\n"
@@ -122,7 +126,7 @@ def run(out: Path, ckpt: Path, cache: Path, methods: Sequence[str], seeds: Seque
             write_json(res, paths["backbone"])
         a, b = (json.loads(paths[p].read_text()) for p in ("cache", "backbone"))
         names = (a.get("cache") or {}).get("class_names")
-        gaps[m] = dict(family_gap(a, b, names), bn=mode)
+        gaps[m] = dict(family_gap(a, b, names), bn=mode, features=(a.get("feature_sets") or {}).get(m, "main"))
     for name, text in (("gaps.json", json.dumps(gaps, indent=1)), ("gaps.md", gaps_markdown(gaps))):
         with atomic_write(out / name) as fh:
             fh.write(text)

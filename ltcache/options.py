@@ -22,6 +22,9 @@ TRAIN_BN = ("running", "batch")
 BN_SHIFTS = ("none", "instance", "class")
 DTYPES = ("float16", "float32")
 CHECKPOINT_LAYOUTS = ("los", "mislas", "crt", "ldam-drw", "bot", "torchvision", "ltcache")
+# a cache's feature sets besides its main features (ltcache.cache.feature_sets): the extraction
+# options each fixes; a method's registry entry names the one its source's BatchNorm mode reads
+FEATURE_SETS = {"bn-eval": {"train_bn": "running", "bn_shift": "none"}}
 
 # stage 2
 PRESETS = ("cifar", "imagenet")
@@ -39,3 +42,12 @@ TABLE_FORMATS = ("terminal", "markdown", "csv", "latex")
 def alternatives(choices: tuple) -> str:
     """``a | b | c``: the choices as the pipeline keys' help writes them."""
     return " | ".join(choices)
+
+
+def check_feature_set(name: str) -> dict:
+    """The extraction options of feature set ``name``; a one-line error for an unknown name."""
+    if name not in FEATURE_SETS:
+        from ltcache.errors import LtcacheError
+        raise LtcacheError(f"unknown feature set '{name}'; use one of {', '.join(FEATURE_SETS)} "
+                           "(ltcache extract --set)")
+    return FEATURE_SETS[name]

@@ -12,7 +12,8 @@ from ltcache.errors import LtcacheError
 
 def bundle_cache(src, provenance: dict, dest=BUNDLED, with_checkpoint: bool = True) -> Path:
     """Copy a verified cache (and its stage-1 checkpoint, so ``--export`` works) to ``dest`` and
-    add ``provenance`` (pipeline file, commands, commit, stage-1 epochs and accuracy) to its manifest."""
+    add ``provenance`` (pipeline file, commands, commit, stage-1 epochs and accuracy) to its manifest.
+    The cache's feature sets (``sets/NAME``, :mod:`ltcache.cache.feature_sets`) travel with it."""
     src, dest = Path(src), Path(dest)
     load(src, quiet=True)                                  # verify every shard before shipping it
     man = read_manifest(src)
@@ -25,6 +26,15 @@ def bundle_cache(src, provenance: dict, dest=BUNDLED, with_checkpoint: bool = Tr
     names += [bn] if bn else []
     for name in names:
         shutil.copy2(src / name, tmp / name)
+    sets = src / "sets"
+    if sets.is_dir():
+        for d in sorted(p for p in sets.iterdir() if (p / MANIFEST).is_file()):
+            load(d, quiet=True)                            # each set verified too
+            shutil.copytree(d, tmp / "sets" / d.name)
+            if with_checkpoint:                            # the set names the bundled checkpoint, not a build path
+                set_man = read_manifest(d)
+                set_man["checkpoint"] = {**set_man["checkpoint"], "path": "../../stage1.pt"}
+                write_manifest(set_man, tmp / "sets" / d.name / MANIFEST)
     ck = Path((man.get("checkpoint") or {}).get("path") or "")
     if with_checkpoint:
         if not ck.is_file():

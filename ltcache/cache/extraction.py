@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ltcache import distributed, interrupts
+from ltcache.cache import feature_sets
 from ltcache.cache.build import DTYPES, CacheWriter, RankWriter, manifest_body
 from ltcache.cache.manifest import sha256_file
 from ltcache.cache.shards import shard_name
@@ -414,7 +415,8 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
             data_root=None, arch: Optional[str] = None, dataset: Optional[str] = None, imb_ratio: float = 100.0,
             profile: str = "exp", selection: str = "shuffle", val_per_class: Optional[int] = None, seed: int = 0,
             force: bool = False, quiet: bool = False, workers: int = 8, protocol: str = "faithful",
-            pretrained=None, source: Optional[str] = None, skip_bad: bool = False) -> Path:
+            pretrained=None, source: Optional[str] = None, skip_bad: bool = False,
+            feature_set: Optional[str] = None) -> Path:
     """Extract the penultimate features of every split into a cache directory; returns it.
 
     ``protocol`` (:data:`PROTOCOLS`) fills train_views, train_bn, bn_shift and batch_size where
@@ -422,10 +424,14 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
     ``ckpt``): local backbone weights for ``arch`` (e.g. ``torchvision:resnet18``); their classifier
     is the stage-1 classifier when it has the dataset's classes, else the cache records none.
     ``skip_bad``: images of a streamed split that cannot be decoded are left out (counted in the
-    manifest) instead of stopping the extraction.
+    manifest) instead of stopping the extraction. ``feature_set``: write the cache's feature set of
+    that name (:mod:`ltcache.cache.feature_sets`: ``CACHE/sets/NAME``, its BN options fixed) instead
+    of its main features.
 
     Under torchrun every rank calls this with the same arguments (checked before any work); each
     extracts its share of the rows and rank 0 writes the manifest (module docstring)."""
+    if feature_set is not None:
+        train_bn, bn_shift, cache = _feature_set(feature_set, train_bn, bn_shift, cache, ckpt or pretrained)
     distributed.init_from_env(device)            # torchrun: join the other ranks (idempotent)
     world, rank = (distributed.world(), distributed.rank()) if distributed.active() else (1, 0)
     distributed.check_same({k: str(v) for k, v in locals().items() if k not in (
@@ -461,6 +467,15 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
         writer.abort()      # completed shards stay; the next run resumes from them
         raise
     return path if path is not None else cache_dir
+
+
+def _feature_set(name: str, train_bn, bn_shift, cache, ckpt) -> tuple:
+    """(train_bn, bn_shift, folder) of the cache's feature set ``name``: its BN options (a
+    contradicting option refused) and ``CACHE/sets/NAME`` (CACHE: given, or the checkpoint's default)."""
+    train_bn, bn_shift = feature_sets.extraction_options(name, train_bn, bn_shift)
+    if cache is None and ckpt is not None:
+        cache = default_cache_dir(Path(ckpt))
+    return train_bn, bn_shift, (feature_sets.set_dir(cache, name) if cache is not None else None)
 
 
 def _options(ckpt, pretrained, protocol: str, splits, test_views, train_views, train_bn, bn_shift,

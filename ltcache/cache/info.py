@@ -23,6 +23,12 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def _sets(path: Path) -> list:
+    """(name, folder) of each feature set the cache at ``path`` holds."""
+    from ltcache.cache.feature_sets import SETS, set_dir
+    return [(n, set_dir(path, n)) for n in SETS if (set_dir(path, n) / MANIFEST).is_file()]
+
+
 def describe(path) -> str:
     """Dataset and profile, classes and groups, splits, features, size, provenance."""
     from ltcache.imbalance import ir_text
@@ -44,6 +50,11 @@ def describe(path) -> str:
     for name, block in man["splits"].items():
         lines.append(f"split {name:<6} {block['rows']:>8} rows  views {','.join(block['views'])}  "
                      f"shards {len(block['shards'])}")
+    for name, d in _sets(path):
+        ex_set = read_manifest(d).get("extraction", {})
+        lines.append(f"feature set  {name} ({d.relative_to(path)}): train_bn={ex_set.get('train_bn')}, "
+                     f"bn_shift={ex_set.get('bn_shift')}, train_views={ex_set.get('train_views')}; "
+                     f"{_human(_size(d))}")
     ck = man.get("checkpoint", {}) or {}
     lines.append(f"size         {_human(_size(path))} on disk")
     lines.append(f"checkpoint   {ck.get('path')}  sha256 {str(ck.get('sha256'))[:16]}…")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ltcache.cli.app import cli
-from ltcache.options import BN_SHIFTS, CHECKPOINT_LAYOUTS, DTYPES, PROFILES, PROTOCOLS, SELECTIONS, TRAIN_BN
+from ltcache.options import BN_SHIFTS, CHECKPOINT_LAYOUTS, DTYPES, FEATURE_SETS, PROFILES, PROTOCOLS, SELECTIONS, TRAIN_BN
 
 
 def _names(text: str) -> list:
@@ -33,6 +33,10 @@ def _names(text: str) -> list:
 @click.option("--bn-shift", type=click.Choice(BN_SHIFTS), default=None, show_default=False,
               help="Before val/test: move BN running statistics on augmented train batches drawn instance- or class-balanced (MiSLAS: class; faithful: instance, clean: none).")
 @click.option("--bn-shift-passes", type=click.IntRange(min=1), default=1, help="Passes over the training set for --bn-shift.")
+@click.option("--set", "feature_set", type=click.Choice(tuple(FEATURE_SETS)), default=None,
+              help="Write the cache's feature set of this name into CACHE/sets/NAME instead of its main features: "
+                   "bn-eval = running BN statistics everywhere, no shift (--train-bn running --bn-shift none), read by "
+                   "the methods whose source keeps BN in eval mode (`ltcache methods`: the features column).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", help="Storage dtype of the features.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=8192, help="Rows per HDF5 shard.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, show_default=False, help="Backbone batch size, also the BN batch for --train-bn batch (faithful: 64, clean: 256).")
@@ -68,6 +72,7 @@ def extract_cmd(ckpt, name, splits, test_views, threads, **kw) -> None:
       ltcache extract --ckpt runs/c10_ir100/stage1/stage1.pt --protocol clean --cache runs/c10_ir100/cache-clean
       ltcache extract --arch torchvision:resnet18 --pretrained r18.pth --dataset cifar10 --imb-ratio 100
       ltcache extract --ckpt ckpt.best.pth.tar --from ldam-drw --arch resnet32 --dataset cifar10 --imb-ratio 100
+      ltcache extract --name c10_ir100 --set bn-eval   # + runs/c10_ir100/cache/sets/bn-eval (eval-mode BN)
     An interrupted extraction resumes where it stopped when re-run with the same options.
 
     \b

@@ -118,6 +118,10 @@ def _common(f=None, *, multi_cache: bool = False):
     f = click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
                      show_default=True, help=PRECISION_HELP)(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None, show_default=False, help=THREADS_HELP)(f)
+    f = click.option("--main-features", is_flag=True,
+                     help="train every method on the cache's main features, even one whose source keeps BatchNorm "
+                          "in another mode and whose feature set the cache holds (`ltcache methods`: the features "
+                          "column; `ltcache extract --help`: --set)")(f)
     f = click.option("--from-tune", "from_tune", type=click.Path(path_type=Path), default=None,
                      help="re-run the configurations `ltcache tune --out DIR` chose (DIR/results.json) on the "
                           "same cache; options given here override them")(f)
@@ -242,7 +246,7 @@ def _print_and_write(results: dict, out) -> None:
 @click.option("--no-augment", is_flag=True, help="--through-backbone: no crop/flip augmentation")
 @click.option("--eval-bn", is_flag=True, help="--through-backbone: BatchNorm in eval mode (running statistics)")
 def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jobs, quiet, clean_view, from_tune, threads,
-                precision, out, export_path, force, through_backbone, ckpt, data_root, no_augment, eval_bn, plugins, **kwargs):
+                main_features, precision, out, export_path, force, through_backbone, ckpt, data_root, no_augment, eval_bn, plugins, **kwargs):
     """Re-train one stage-2 method on the cached features and print its metrics.
 
     \b
@@ -272,9 +276,9 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
             raise LtcacheError("--through-backbone needs --ckpt stage1.pt (and --ckpt, --no-augment, --eval-bn "
                                "only apply with --through-backbone)")
         if (cache_dir is not None or export_path is not None or select != "last" or clean_view or from_tune
-                or precision != "fp32"):
+                or precision != "fp32" or main_features):
             raise LtcacheError("--through-backbone reads images, not a cache: drop --cache, --export, --select, "
-                               "--clean-view, --from-tune and --precision")
+                               "--clean-view, --from-tune, --main-features and --precision")
         from ltcache.through_backbone import retrain_through_backbone
         if main:
             _print_and_write(retrain_through_backbone(
@@ -283,7 +287,7 @@ def retrain_cmd(method, cache_dir, seeds, select, test_views, device, preset, jo
         return
     run = api.retrain_layers(cache_dir, m.name, overrides, seeds=seed_list, select=select, test_views=test_views,
                              device=device, quiet=quiet, preset=preset, jobs=jobs, clean_view=clean_view,
-                             from_tune=from_tune, precision=precision)
+                             from_tune=from_tune, precision=precision, main_features=main_features)
     if export_path is not None:
         _export(run, m.name, export_path, test_views)
     results = run.results
@@ -337,7 +341,7 @@ GRID_HELP = ("name=v1,v2,... (repeatable): a Cartesian grid. A short name (tau) 
 @click.option("--strict", is_flag=True, help="a --grid key that some chosen method lacks is an error (default: a notice, "
               "and that method runs once without it)")
 def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select, test_views, device, preset, jobs,
-              quiet, clean_view, from_tune, threads, precision, out, force, strict, plugins, **kwargs):
+              quiet, clean_view, from_tune, threads, main_features, precision, out, force, strict, plugins, **kwargs):
     """Sweep many methods (x grid x seeds) in one batched run; one table sorted by All.
 
     Without --out the table is printed and nothing is written (the last line says so).
@@ -380,7 +384,7 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select,
     results = api.bench(caches, (None if all_methods else names) or None, grid=grid_d, seeds=seed_list, select=select, test_views=test_views,
                         device=device, quiet=quiet, preset=preset, overrides=overrides, out_dir=out, jobs=jobs,
                         clean_view=clean_view, from_tune=from_tune, precision=precision, against=against,
-                        strict=strict)
+                        strict=strict, main_features=main_features)
     if not main:
         return
     if isinstance(caches, list):
@@ -407,8 +411,9 @@ def bench_cmd(all_methods, method_list, grid, cache_dir, against, seeds, select,
               help="print each method's notes: its initialisation and every deliberate deviation from its source")
 def methods_cmd(plugins, preset, space, parts, show_notes):
     """List every stage-2 method: head, loss, sampler, defaults and source; then each method's
-    stage-2 recipe at the preset (lr schedule, batches per epoch, parameters without weight decay),
-    the script it follows and the repository@commit whose code it was checked against.
+    stage-2 recipe at the preset (lr schedule, batches per epoch, parameters without weight decay,
+    the cache's features it trains on: main, or a feature set where its source keeps BatchNorm in
+    another mode -- see `ltcache extract --help`, --set), the script it follows and the repository@commit whose code it was checked against.
 
     \b
     Examples:
@@ -464,25 +469,33 @@ def _recipe_rows(preset: str) -> list:
     from ltcache.stage2.methods import METHODS
     from ltcache.stage2.samplers import DEFAULT_STEPS
 
-    rows = [("name", "schedule", "batches/epoch", "no wd", f"follows ({preset})", "verified against")]
+    rows = [("name", "schedule", "batches/epoch", "no wd", "features", f"follows ({preset})", "verified against")]
     steps_text = {"floor": "int(N/B)", "ceil": "ceil(N/B)", "ceil+1": "ceil(N/B)+1"}
     for m in METHODS.values():
         script, verified = m.script(preset)
         if m.closed_form:
-            rows.append((m.name, "-", "-", "-", script or "(closed form)", verified or "-"))
+            rows.append((m.name, "-", "-", "-", "main", script or "(closed form)", verified or "-"))
             continue
         rule = m.steps or DEFAULT_STEPS.get(m.sampler, "ceil")
         rows.append((m.name, str(m.defaults(preset).get("schedule")), steps_text.get(rule, rule),
-                     ",".join(m.no_wd) or "-", script or "stated default (no stage-2 script)",
+                     ",".join(m.no_wd) or "-", _features_text(m), script or "stated default (no stage-2 script)",
                      verified or "not checked"))
     return rows
 
 
+def _features_text(m) -> str:
+    """The features a method trains on: ``main``, or its feature set per class count when the
+    cache holds that set (e.g. ``bn-eval at K=10``)."""
+    sets = ", ".join(f"{name} at K={k}" for k, name in m.feature_sets)
+    return sets or "main"
+
+
 def _print_rows(rows: list) -> None:
-    """Rows of six columns, the first five padded to their widest cell."""
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    """Rows of equal length, every column but the last padded to its widest cell."""
+    n = len(rows[0]) - 1
+    widths = [max(len(r[i]) for r in rows) for i in range(n)]
     for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:n], widths)) + "  " + r[n])
 
 
 @cli.command("check-plugin")

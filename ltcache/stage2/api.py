@@ -38,22 +38,25 @@ class Retrained(NamedTuple):
 def retrain(cache, method: str, overrides: Optional[dict] = None, seeds: Sequence[int] = (0,),
             select: str = "last", test_views: str = "all", device: str = "auto", quiet: bool = False,
             preset: Optional[str] = None, jobs: Optional[int] = None, clean_view: bool = False,
-            from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32") -> dict:
+            from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32",
+            main_features: bool = False) -> dict:
     """Re-train one method (with ``overrides`` of its hyper-parameters) for each seed.
 
-    Returns the results JSON dict. ``from_tune``: a ``tune`` results.json of this cache; its
+    Returns the results JSON dict. A method whose source keeps BatchNorm in another mode trains on
+    the cache's matching feature set when it holds one (``main_features``: on the main features). ``from_tune``: a ``tune`` results.json of this cache; its
     choice for the method, under any ``overrides``. To deploy the head with the stage-1 backbone,
     call :func:`retrain_layers` and :func:`ltcache.export.export_model` (``retrain --export``):
     stage 2 itself never imports the backbone's code.
     """
     return retrain_layers(cache, method, overrides, seeds, select, test_views, device, quiet, preset, jobs,
-                          clean_view, from_tune, precision).results
+                          clean_view, from_tune, precision, main_features).results
 
 
 def retrain_layers(cache, method: str, overrides: Optional[dict] = None, seeds: Sequence[int] = (0,),
                    select: str = "last", test_views: str = "all", device: str = "auto", quiet: bool = False,
                    preset: Optional[str] = None, jobs: Optional[int] = None, clean_view: bool = False,
-                   from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32") -> Retrained:
+                   from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32",
+                   main_features: bool = False) -> Retrained:
     """:func:`retrain`, returning the trained layers and the loaded cache beside the results."""
     dev = resolve_device(device)
     ck = check(_load_cache(cache, dev))                 # loaded and checked once; run_sweep trusts it
@@ -69,7 +72,7 @@ def retrain_layers(cache, method: str, overrides: Optional[dict] = None, seeds: 
     plans = expand([m.name], overrides, None, pre, int(cache.splits["train"].labels.numel()))
     echo(run_header(cache, pre, dev, "retrain"), quiet)
     results, pairs = run_sweep(ck, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
-                               precision=precision)
+                               precision=precision, feature_sets=not main_features)
     results["preset"] = pre
     return Retrained(results, pairs, cache)
 
@@ -80,7 +83,7 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
           overrides: Optional[dict] = None, out_dir: Optional[Union[str, Path]] = None,
           jobs: Optional[int] = None, clean_view: bool = False,
           from_tune: Optional[Union[str, Path]] = None, precision: str = "fp32", against: str = "ce",
-          strict: bool = False) -> dict:
+          strict: bool = False, main_features: bool = False) -> dict:
     """One sweep over ``methods`` (default: all) x ``grid`` x ``seeds``; optional files in out_dir.
 
     ``from_tune``: a ``tune`` results.json of this cache; each method runs at its chosen values
@@ -88,11 +91,13 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
     grouped into datasets first, then swept in turn, and the result is one multi-cache document
     (:mod:`ltcache.stage2.multi`; its paper table, against the method ``against``, is written
     to ``out_dir`` beside results.json). A grid key some methods lack is a notice (``strict``: an
-    error). CE is added as the reference row when not asked for (``results["reference_added"]``)."""
+    error). CE is added as the reference row when not asked for (``results["reference_added"]``).
+    ``main_features``: every method on the cache's main features (default: a method whose source
+    keeps BatchNorm in another mode trains on the cache's matching feature set, when it has one)."""
     if isinstance(cache, (list, tuple)) and len(cache) != 1:
         def one(c):
             return bench(c, methods, grid, seeds, select, test_views, device, quiet, preset, overrides, None, jobs,
-                         clean_view, None, precision, strict=strict)
+                         clean_view, None, precision, strict=strict, main_features=main_features)
         return _bench_many(list(cache), methods, one, against, select, out_dir, quiet, from_tune)
     if isinstance(cache, (list, tuple)):
         cache = cache[0]
@@ -123,7 +128,7 @@ def bench(cache, methods: Optional[Sequence[str]] = None, grid: Optional[dict] =
     plans, skipped = skip_stage1(ck, plans, skipped, methods, quiet)
     echo(run_header(cache, pre, dev, "bench"), quiet)
     results, _ = run_sweep(ck, plans, seeds, select, test_views, device, quiet, jobs, clean_view,
-                           precision=precision)
+                           precision=precision, feature_sets=not main_features)
     results["preset"] = pre
     results["skipped"] = skipped
     results["reference_added"] = reference_added

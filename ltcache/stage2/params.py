@@ -107,5 +107,5 @@ RESERVED = frozenset({
     "preset", "jobs", "quiet", "clean_view", "from_tune", "cache", "cache_dir", "out", "export", "export_path",
     "force", "grid", "plugin", "plugins", "budget", "search", "through_backbone", "ckpt", "data_root",
     "no_augment", "eval_bn", "help", "iterations", "name", "notes", "precision", "threads", "against", "strict",
-    "caches", "space",
+    "caches", "space", "main_features",
 })

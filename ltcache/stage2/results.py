@@ -161,6 +161,11 @@ def table_notes(results: dict) -> list[str]:
     if results.get("reference_added") and any(r["method"] == "ce" for r in results.get("summary", [])):
         notes.append("(reference): plain CE re-trained with the sweep's options, added as the baseline "
                      "(--methods did not name ce).")
+    sets = results.get("feature_sets") or {}
+    for name in sorted(set(sets.values())):
+        methods = ", ".join(m for m, s in sets.items() if s == name)
+        notes.append(f"{methods}: trained on the cache's {name} feature set (the BatchNorm mode of its source; "
+                     "the other rows: the main features).")
     return notes
 
 

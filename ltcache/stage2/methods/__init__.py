@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from ltcache.errors import LtcacheError
-from ltcache.options import PRESETS  # noqa: F401  (declared once, with every option list; re-exported)
+from ltcache.options import PRESETS, check_feature_set  # noqa: F401  (PRESETS declared once with every option list; re-exported)
 from ltcache.registry import Registry, origin_of
 from ltcache.stage2 import head_kinds as H
 from ltcache.stage2.closed_form import POSTHOC
@@ -74,6 +74,12 @@ class Method:
     steps: str = ""                # batches per epoch: floor | ceil | ceil+1 ("": the sampler's default)
     no_wd: tuple = ()              # parameters trained without weight decay (e.g. ("b",))
     scripts: tuple = ()            # ((preset, the script its recipe follows, verified against), ...)
+    # the cache's feature set its source's BatchNorm mode reads, per class count (ltcache.cache.feature_sets):
+    feature_sets: tuple = ()       # ((num_classes, set name), ...): e.g. ((10, "bn-eval"),)
+
+    def feature_set(self, num_classes: int) -> Optional[str]:
+        """The feature set this method trains on at ``num_classes`` classes (None: the main features)."""
+        return dict(self.feature_sets).get(int(num_classes))
 
     def script(self, preset: str) -> tuple[str, str]:
         """(the script ``preset``'s recipe follows, what it was checked against: a repository
@@ -205,7 +211,7 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
                     params: Sequence[Param] = (), tunables: Optional[Sequence[str]] = None,
                     space: Union[Space, Sequence[Dim], None] = None, sigmoid_bias: bool = False,
                     closed_form: bool = False, steps: str = "", no_wd: Sequence[str] = (),
-                    scripts: Optional[dict] = None) -> Method:
+                    scripts: Optional[dict] = None, feature_sets: Optional[dict] = None) -> Method:
     """Register a stage-2 method: a head, a registered loss, a sampler and an initialisation.
 
     ``presets``: {"cifar": {...}, "imagenet": {...}} (or one dict for both) of generic values
@@ -218,7 +224,9 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
     ``ceil+1``; default: the sampler's, :mod:`ltcache.stage2.samplers`); ``no_wd``: parameters
     trained without weight decay; ``scripts``: {preset: (script, verified against)} (or one pair
     for both presets): the script each preset's recipe follows and the repository@commit whose
-    code it was checked against ("" if not). Registering a name that exists is an error.
+    code it was checked against ("" if not). ``feature_sets``: {num_classes: set name}, the cache's
+    feature set (:mod:`ltcache.cache.feature_sets`) to train on where the source runs BatchNorm in
+    another mode than the cache's main features assume. Registering a name that exists is an error.
     """
     where = f"method '{name}'"
     METHODS.check_free(name)
@@ -235,10 +243,15 @@ def register_method(name: str, *, loss: str, head: str = "linear", sampler: str 
     if bad:
         raise LtcacheError(f"{where}: no_wd names {', '.join(bad)}, which no head has (W, b, s, c)")
     given_scripts = _scripts(where, scripts)
+    for k, set_name in (feature_sets or {}).items():
+        check_feature_set(set_name)
+        if not isinstance(k, int) or k < 2:
+            raise LtcacheError(f"{where}: feature_sets keys are class counts (int >= 2), got {k!r}")
     m = Method(name, head, loss if not closed_form else "-", sampler if not closed_form else "-",
                init if not closed_form else "-", tuple(tunables), full, source, notes, closed_form, sigmoid_bias,
                space, params, origin, steps=steps, no_wd=tuple(no_wd),
-               scripts=tuple((pre, *given_scripts[pre]) for pre in PRESETS if pre in given_scripts))
+               scripts=tuple((pre, *given_scripts[pre]) for pre in PRESETS if pre in given_scripts),
+               feature_sets=tuple(sorted((feature_sets or {}).items())))
     return METHODS.register(name, m, origin)
 
 

@@ -1,0 +1,58 @@
+"""Feature sets: one checkpoint's features under another BatchNorm protocol, inside one cache.
+
+A cache's main features follow one extraction protocol (the faithful one: augmented train views
+with BN batch statistics, BN running statistics shifted on instance-sampled batches before val and
+test). That is how most sources run stage 2 (BN in train mode). A source that keeps BN in eval mode
+(MiSLAS's CIFAR-10 configs) sees other features: running statistics everywhere, no shift. Such a
+method reads its own set, a complete cache of the same checkpoint and dataset kept under
+``CACHE/sets/NAME/``, when the cache holds one (``ltcache extract --set NAME`` writes it); the
+method's registry entry says which set it wants (``feature_sets=``), so the choice is data.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ltcache.errors import LtcacheError
+from ltcache.options import FEATURE_SETS as SETS, check_feature_set as check_name
+
+SETS_DIR = "sets"
+
+
+def set_dir(cache_dir, name: str) -> Path:
+    """Where set ``name`` of the cache at ``cache_dir`` lives."""
+    check_name(name)
+    return Path(cache_dir) / SETS_DIR / name
+
+
+def extraction_options(name: str, train_bn: Optional[str], bn_shift: Optional[str]) -> tuple[str, str]:
+    """(train_bn, bn_shift) of set ``name``: an option given that contradicts the set is refused."""
+    opts = check_name(name)
+    for flag, given, want in (("--train-bn", train_bn, opts["train_bn"]), ("--bn-shift", bn_shift, opts["bn_shift"])):
+        if given is not None and given != want:
+            raise LtcacheError(f"ltcache extract --set {name} extracts with {flag} {want}; drop {flag} {given}")
+    return opts["train_bn"], opts["bn_shift"]
+
+
+def available(cache) -> dict[str, Path]:
+    """The sets the loaded ``cache`` holds ({name: folder}), each checked to come from the same
+    checkpoint and dataset as the main features (a cache built from tensors has none)."""
+    from ltcache.cache.manifest import read_manifest
+
+    path = getattr(cache, "path", None)
+    if path is None:
+        return {}
+    found = {}
+    main_key = (getattr(cache, "manifest", None) or {}).get("key") or {}
+    for name in SETS:
+        d = set_dir(path, name)
+        if not (d / "manifest.json").is_file():
+            continue
+        key = read_manifest(d).get("key") or {}
+        for field in ("checkpoint_sha256", "dataset"):
+            if key.get(field) != main_key.get(field):
+                raise LtcacheError(f"feature set {d} was extracted from another {field.split('_')[0]} than {path}; "
+                                   f"re-make it with `ltcache extract --cache {path} --set {name} --force` and the "
+                                   f"cache's checkpoint")
+        found[name] = d
+    return found
