@@ -132,3 +132,18 @@ def test_the_table_says_which_rows_used_a_set(with_set):
     from ltcache.stage2.results import format_table
     res = api.bench(with_set, ["ce", "mislas"], overrides=FAST, quiet=True, jobs=1)
     assert "mislas: trained on the cache's bn-eval feature set" in format_table(res)
+
+
+def test_closed_forms_read_the_set_at_every_class_count(with_set):
+    for name in ("tau-norm", "posthoc-la", "ncm"):
+        assert get_method(name).feature_set(K) == get_method(name).feature_set(1000) == "bn-eval"
+    res = api.bench(with_set, ["tau-norm", "posthoc-la", "ncm"], quiet=True, jobs=1)
+    alone = api.bench(fs.set_dir(with_set, "bn-eval"), ["tau-norm", "posthoc-la", "ncm"], quiet=True, jobs=1)
+    got = {r["name"]: (r["metrics"]["per_class_acc"], r.get("features")) for r in res["runs"]}
+    want = {r["name"]: (r["metrics"]["per_class_acc"], None if r["method"] == "ce" else "bn-eval")
+            for r in alone["runs"]}
+    assert got.pop(next(n for n in got if n.startswith("ce")))[1] is None    # the CE reference: main features
+    want.pop(next(n for n in want if n.startswith("ce")))
+    assert got == want
+    with pytest.raises(LtcacheError, match=r"or '\*'"):
+        register_method("fs-test-bad3", loss="ce", feature_sets={0: "bn-eval"})

@@ -413,7 +413,8 @@ def methods_cmd(plugins, preset, space, parts, show_notes):
     """List every stage-2 method: head, loss, sampler, defaults and source; then each method's
     stage-2 recipe at the preset (lr schedule, batches per epoch, parameters without weight decay,
     the cache's features it trains on: main, or a feature set where its source keeps BatchNorm in
-    another mode -- see `ltcache extract --help`, --set), the script it follows and the repository@commit whose code it was checked against.
+    another mode -- see `ltcache extract --help`, --set; the measured gap between training on the
+    cache and through the frozen backbone, test All), the script it follows and the repository@commit whose code it was checked against.
 
     \b
     Examples:
@@ -469,16 +470,19 @@ def _recipe_rows(preset: str) -> list:
     from ltcache.stage2.methods import METHODS
     from ltcache.stage2.samplers import DEFAULT_STEPS
 
-    rows = [("name", "schedule", "batches/epoch", "no wd", "features", f"follows ({preset})", "verified against")]
+    rows = [("name", "schedule", "batches/epoch", "no wd", "features", "cache gap", f"follows ({preset})",
+             "verified against")]
     steps_text = {"floor": "int(N/B)", "ceil": "ceil(N/B)", "ceil+1": "ceil(N/B)+1"}
     for m in METHODS.values():
         script, verified = m.script(preset)
         if m.closed_form:
-            rows.append((m.name, "-", "-", "-", "main", script or "(closed form)", verified or "-"))
+            rows.append((m.name, "-", "-", "-", _features_text(m), m.cache_gap or "not measured",
+                         script or "(closed form)", verified or "-"))
             continue
         rule = m.steps or DEFAULT_STEPS.get(m.sampler, "ceil")
         rows.append((m.name, str(m.defaults(preset).get("schedule")), steps_text.get(rule, rule),
-                     ",".join(m.no_wd) or "-", _features_text(m), script or "stated default (no stage-2 script)",
+                     ",".join(m.no_wd) or "-", _features_text(m), m.cache_gap or "not measured",
+                     script or "stated default (no stage-2 script)",
                      verified or "not checked"))
     return rows
 
@@ -486,7 +490,7 @@ def _recipe_rows(preset: str) -> list:
 def _features_text(m) -> str:
     """The features a method trains on: ``main``, or its feature set per class count when the
     cache holds that set (e.g. ``bn-eval at K=10``)."""
-    sets = ", ".join(f"{name} at K={k}" for k, name in m.feature_sets)
+    sets = ", ".join(name if k == "*" else f"{name} at K={k}" for k, name in m.feature_sets)
     return sets or "main"
 
 
