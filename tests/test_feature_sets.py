@@ -131,7 +131,7 @@ def test_bundling_a_cache_carries_its_sets(with_set, tmp_path):
 def test_the_table_says_which_rows_used_a_set(with_set):
     from ltcache.stage2.results import format_table
     res = api.bench(with_set, ["ce", "mislas"], overrides=FAST, quiet=True, jobs=1)
-    assert "mislas: trained on the cache's bn-eval feature set" in format_table(res)
+    assert "mislas: on the cache's bn-eval feature set" in format_table(res)
 
 
 def test_closed_forms_read_the_set_at_every_class_count(with_set):
