@@ -147,3 +147,18 @@ def test_closed_forms_read_the_set_at_every_class_count(with_set):
     assert got == want
     with pytest.raises(LtcacheError, match=r"or '\*'"):
         register_method("fs-test-bad3", loss="ce", feature_sets={0: "bn-eval"})
+
+
+def test_export_of_a_method_trained_on_a_set_keeps_that_sets_batchnorm(tmp_path):
+    from ltcache.cli.stage2 import _export
+    from ltcache.cache.load import BUNDLED
+    from ltcache.export import read_model_file
+    run = api.retrain_layers(None, "mislas", {"epochs": 1}, quiet=True, jobs=1)
+    assert run.pairs[0][0]["features"] == "bn-eval"
+    doc = read_model_file(_export(run, "mislas", tmp_path / "m.pt", "all") or tmp_path / "m.pt")
+    stage1 = torch.load(BUNDLED / "stage1.pt", map_location="cpu", weights_only=False)["state_dict"]
+    shifted = torch.load(BUNDLED / "bn_stats.pt", map_location="cpu", weights_only=True)
+    key = next(k for k in shifted if k.endswith("running_mean"))
+    assert torch.equal(doc["backbone_state_dict"][key], stage1[key])       # eval-mode BN: stage 1's statistics
+    assert not torch.equal(stage1[key], shifted[key])
+    assert doc["meta"]["features"] == "bn-eval"

@@ -214,7 +214,13 @@ def _export(run, method: str, path: Path, test_views: str) -> None:
     called here, outside stage 2, which never imports backbone code)."""
     from ltcache.export import export_model
     run_dict, layer = run.pairs[0]
-    export_model(run.cache, layer, path, meta={"method": method, "params": run_dict["params"]},
+    cache = run.cache
+    if run_dict.get("features"):            # trained on a feature set: the backbone in that set's BN state
+        from ltcache.cache import load
+        from ltcache.cache.feature_sets import set_dir
+        cache = load(set_dir(run.cache.path, run_dict["features"]), splits=("test",))
+    export_model(cache, layer, path, meta={"method": method, "params": run_dict["params"],
+                                           "features": run_dict.get("features", "main")},
                  views=["center"] if test_views == "center" else None)      # the views the number reports
 
 
