@@ -24,7 +24,8 @@ DTYPES = ("float16", "float32")
 CHECKPOINT_LAYOUTS = ("los", "mislas", "crt", "ldam-drw", "bot", "torchvision", "ltcache")
 # a cache's feature sets besides its main features (ltcache.cache.feature_sets): the extraction
 # options each fixes; a method's registry entry names the one its source's BatchNorm mode reads
-FEATURE_SETS = {"bn-eval": {"train_bn": "running", "bn_shift": "none"}}
+FEATURE_SETS = {"bn-eval": {"train_bn": "running", "bn_shift": "none"},
+                "bn-b512": {"train_bn": "batch", "bn_shift": "instance", "batch_size": 512}}
 
 # stage 2
 PRESETS = ("cifar", "imagenet")

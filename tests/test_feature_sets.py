@@ -95,9 +95,13 @@ def test_bad_declarations_and_contradicting_options_are_refused():
         register_method("fs-test-bad", loss="ce", feature_sets={10: "bn-typo"})
     with pytest.raises(LtcacheError, match="class counts"):
         register_method("fs-test-bad2", loss="ce", feature_sets={"cifar": "bn-eval"})
-    assert fs.extraction_options("bn-eval", None, "none") == ("running", "none")
+    assert fs.extraction_options("bn-eval", {"train_bn": None, "bn_shift": "none", "batch_size": 64}) == \
+        {"train_bn": "running", "bn_shift": "none", "batch_size": 64}
+    assert fs.extraction_options("bn-b512", {"batch_size": None})["batch_size"] == 512
     with pytest.raises(LtcacheError, match="drop --train-bn batch"):
-        fs.extraction_options("bn-eval", "batch", None)
+        fs.extraction_options("bn-eval", {"train_bn": "batch"})
+    with pytest.raises(LtcacheError, match="drop --batch-size 64"):
+        fs.extraction_options("bn-b512", {"batch_size": 64})
 
 
 def test_extract_set_refuses_a_contradicting_option_before_reading_anything(tmp_path):
@@ -117,9 +121,10 @@ def test_info_lists_the_set_and_methods_shows_the_features_column(with_set):
 def test_bundled_cache_holds_the_bn_eval_set():
     bundled = load(None, splits=("test",))
     have = fs.available(bundled)
-    assert set(have) == {"bn-eval"}
-    man = json.loads((have["bn-eval"] / "manifest.json").read_text())
-    assert (man["extraction"]["train_bn"], man["extraction"]["bn_shift"]) == ("running", "none")
+    assert set(have) == {"bn-eval", "bn-b512"}
+    for name, d in have.items():
+        ex = json.loads((d / "manifest.json").read_text())["extraction"]
+        assert all(ex[k] == v for k, v in fs.SETS[name].items()), name
 
 
 def test_bundling_a_cache_carries_its_sets(with_set, tmp_path):

@@ -431,7 +431,8 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
     Under torchrun every rank calls this with the same arguments (checked before any work); each
     extracts its share of the rows and rank 0 writes the manifest (module docstring)."""
     if feature_set is not None:
-        train_bn, bn_shift, cache = _feature_set(feature_set, train_bn, bn_shift, cache, ckpt or pretrained)
+        train_bn, bn_shift, batch_size, cache = _feature_set(feature_set, train_bn, bn_shift, batch_size, cache,
+                                                             ckpt or pretrained)
     distributed.init_from_env(device)            # torchrun: join the other ranks (idempotent)
     world, rank = (distributed.world(), distributed.rank()) if distributed.active() else (1, 0)
     distributed.check_same({k: str(v) for k, v in locals().items() if k not in (
@@ -469,13 +470,15 @@ def extract(ckpt=None, cache=None, splits: Sequence[str] = SPLITS, test_views: S
     return path if path is not None else cache_dir
 
 
-def _feature_set(name: str, train_bn, bn_shift, cache, ckpt) -> tuple:
-    """(train_bn, bn_shift, folder) of the cache's feature set ``name``: its BN options (a
-    contradicting option refused) and ``CACHE/sets/NAME`` (CACHE: given, or the checkpoint's default)."""
-    train_bn, bn_shift = feature_sets.extraction_options(name, train_bn, bn_shift)
+def _feature_set(name: str, train_bn, bn_shift, batch_size, cache, ckpt) -> tuple:
+    """(train_bn, bn_shift, batch_size, folder) of the cache's feature set ``name``: its fixed options
+    (a contradicting option refused) and ``CACHE/sets/NAME`` (CACHE: given, or the checkpoint's default)."""
+    opts = feature_sets.extraction_options(name, {"train_bn": train_bn, "bn_shift": bn_shift,
+                                                  "batch_size": batch_size})
     if cache is None and ckpt is not None:
         cache = default_cache_dir(Path(ckpt))
-    return train_bn, bn_shift, (feature_sets.set_dir(cache, name) if cache is not None else None)
+    return (opts["train_bn"], opts["bn_shift"], opts["batch_size"],
+            feature_sets.set_dir(cache, name) if cache is not None else None)
 
 
 def _options(ckpt, pretrained, protocol: str, splits, test_views, train_views, train_bn, bn_shift,

@@ -11,8 +11,6 @@ method's registry entry says which set it wants (``feature_sets=``), so the choi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
 from ltcache.errors import LtcacheError
 from ltcache.options import FEATURE_SETS as SETS, check_feature_set as check_name
 
@@ -25,13 +23,16 @@ def set_dir(cache_dir, name: str) -> Path:
     return Path(cache_dir) / SETS_DIR / name
 
 
-def extraction_options(name: str, train_bn: Optional[str], bn_shift: Optional[str]) -> tuple[str, str]:
-    """(train_bn, bn_shift) of set ``name``: an option given that contradicts the set is refused."""
-    opts = check_name(name)
-    for flag, given, want in (("--train-bn", train_bn, opts["train_bn"]), ("--bn-shift", bn_shift, opts["bn_shift"])):
-        if given is not None and given != want:
-            raise LtcacheError(f"ltcache extract --set {name} extracts with {flag} {want}; drop {flag} {given}")
-    return opts["train_bn"], opts["bn_shift"]
+def extraction_options(name: str, given: dict) -> dict:
+    """``given`` (extraction options, None where not given) with set ``name``'s fixed options filled
+    in; an option given that contradicts the set is refused."""
+    out = dict(given)
+    for key, want in check_name(name).items():
+        flag = "--" + key.replace("_", "-")
+        if given.get(key) is not None and given[key] != want:
+            raise LtcacheError(f"ltcache extract --set {name} extracts with {flag} {want}; drop {flag} {given[key]}")
+        out[key] = want
+    return out
 
 
 def available(cache) -> dict[str, Path]:

@@ -53,7 +53,8 @@ def describe(path) -> str:
     for name, d in _sets(path):
         ex_set = read_manifest(d).get("extraction", {})
         lines.append(f"feature set  {name} ({d.relative_to(path)}): train_bn={ex_set.get('train_bn')}, "
-                     f"bn_shift={ex_set.get('bn_shift')}, train_views={ex_set.get('train_views')}; "
+                     f"bn_shift={ex_set.get('bn_shift')}, batch_size={ex_set.get('batch_size')}, "
+                     f"train_views={ex_set.get('train_views')}; "
                      f"{_human(_size(d))}")
     ck = man.get("checkpoint", {}) or {}
     lines.append(f"size         {_human(_size(path))} on disk")

@@ -36,7 +36,9 @@ def _names(text: str) -> list:
 @click.option("--set", "feature_set", type=click.Choice(tuple(FEATURE_SETS)), default=None,
               help="Write the cache's feature set of this name into CACHE/sets/NAME instead of its main features: "
                    "bn-eval = running BN statistics everywhere, no shift (--train-bn running --bn-shift none), read by "
-                   "the methods whose source keeps BN in eval mode (`ltcache methods`: the features column).")
+                   "the methods whose source keeps BN in eval mode; bn-b512 = the faithful protocol with BN batches "
+                   "of 512 (--batch-size 512), read by the methods whose source trains stage 2 on batches of 512 "
+                   "(`ltcache methods`: the features column).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", help="Storage dtype of the features.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=8192, help="Rows per HDF5 shard.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, show_default=False, help="Backbone batch size, also the BN batch for --train-bn batch (faithful: 64, clean: 256).")

@@ -164,8 +164,8 @@ def table_notes(results: dict) -> list[str]:
     sets = results.get("feature_sets") or {}
     for name in sorted(set(sets.values())):
         methods = ", ".join(m for m, s in sets.items() if s == name)
-        notes.append(f"{methods}: on the cache's {name} feature set (the BatchNorm mode of its source; "
-                     "the other rows: the main features).")
+        notes.append(f"{methods}: on the cache's {name} feature set (the BatchNorm statistics its source's "
+                     "stage 2 sees; the other rows: the main features).")
     return notes
 
 
