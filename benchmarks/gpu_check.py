@@ -13,8 +13,12 @@ skipped, so the JSON is always written):
 2. the CIFAR-10-LT and CIFAR-100-LT-shaped synthetic caches of ``bench_engine.py`` (D 64 /
    K 10, D 512 / K 100), all methods x 5 seeds at their preset epochs: the sweep with the
    plain eager step, with the static-buffer step captured as CUDA graphs
-   (:mod:`ltcache.stage2.graphs`), whether both give the same metrics, and the graphs with
-   every head family's groups merged into one step stream (``workers.merge_plan`` "on");
+   (:mod:`ltcache.stage2.graphs`), the graphs with the groups side by side on CUDA streams
+   of their own (:mod:`ltcache.stage2.streams`), the graphs with every head family's groups
+   merged into one step stream (``workers.merge_plan`` "on"), with and without streams; per
+   variant its speed-up over the eager sweep and its largest test-accuracy difference from it;
+   then, on the CIFAR-10-LT shape, ``torch.compile(mode="reduce-overhead")`` of the static step
+   (twice: the second run finds Inductor's kernels cached) beside the hand-captured graphs;
 3. the CIFAR-100-LT shape in fp32, tf32 and bf16 (``--precision``);
 4. the fastest plain loop (``bench_engine.indexed_loop``: tensor-indexed batches, one
    ``nn.Linear``, autograd, ``torch.optim.SGD``) on the same device, a sample of the
@@ -43,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_engine import SHAPES, indexed_loop, lt_counts, synthetic_cache  # noqa: E402
 
 from ltcache.errors import LtcacheError  # noqa: E402
-from ltcache.stage2 import api, graphs, workers  # noqa: E402
+from ltcache.stage2 import api, graphs, streams, workers  # noqa: E402
 from ltcache.stage2.methods import METHODS, choose_preset  # noqa: E402
 from ltcache.stage2.samplers import steps_per_epoch  # noqa: E402
 from ltcache.stage2.sweep import frozen_base  # noqa: E402
@@ -100,24 +104,39 @@ def device_cache(shape: str, dev: torch.device, seed: int = 0) -> SimpleNamespac
                            class_names=[str(i) for i in range(k)], num_classes=k, feature_dim=d, groups=None)
 
 
-def sweep(cache, dev, methods, seeds, mode="auto", precision="fp32", cap=None, merge="off") -> dict:
+def sweep(cache, dev, methods, seeds, mode="auto", precision="fp32", cap=None, merge="off", side="off") -> dict:
     """One ``bench`` sweep timed: wall seconds, runs, the best run and per-run test accuracy
-    (``mode``: the step graphs' mode; ``merge``: the group-merge mode, :func:`workers.merge_plan`)."""
+    (``mode``: the step graphs' mode; ``merge``: the group-merge mode, :func:`workers.merge_plan`;
+    ``side``: the group-stream mode, :mod:`ltcache.stage2.streams`)."""
     before = (graphs.STATS["captured"], len(graphs.STATS["failed"]))
     sync(dev)
     t = time.perf_counter()
     try:
-        with graphs.step_graphs(mode), workers.merging(merge):
+        with graphs.step_graphs(mode), workers.merging(merge), streams.group_streams(side):
             res = api.bench(cache, list(methods) if methods else None, seeds=seeds, device=str(dev), quiet=True,
                             overrides={"epochs": cap} if cap else None, precision=precision)
     except LtcacheError as exc:
         return {"refused": str(exc)}
     sync(dev)
-    return {"wall_s": time.perf_counter() - t, "mode": mode, "merge": merge, "precision": precision, "epochs_cap": cap,
+    return {"wall_s": time.perf_counter() - t, "mode": mode, "merge": merge, "streams": side, "precision": precision,
+            "epochs_cap": cap,
             "runs": len(res["runs"]), "best": res["summary"][0]["name"],
             "graphs_captured": graphs.STATS["captured"] - before[0],
             "capture_failures": graphs.STATS["failed"][before[1]:],
             "acc": {f"{r['name']}/{r['seed']}": r["metrics"]["all"] for r in res["runs"]}}
+
+
+def compare(r: dict, names: list) -> None:
+    """Beside each variant of ``r`` other than eager: the largest test-accuracy difference from
+    the eager sweep and the speed-up over it."""
+    e = r["eager"]
+    for name in names[1:]:
+        v = r[name]
+        acc = v.get("acc", {})
+        r[f"{name}_max_abs_acc_diff"] = max((abs(e["acc"][k] - acc[k]) for k in e.get("acc", {}) if k in acc),
+                                            default=None)
+        if "wall_s" in e and "wall_s" in v:
+            r[f"{name}_speedup"] = e["wall_s"] / v["wall_s"]
 
 
 def trained_configs(cache, methods, seeds, cap=None) -> list:
@@ -201,23 +220,34 @@ def main(argv=None) -> dict:
         "bf16": rate(dev, torch.bfloat16, False, mm_n)})
     caches = {s: synthetic_cache(s, dev) for s in shapes}
 
+    variants = {"eager": ("off", "off", "off"), "graphs": ("on", "off", "off"), "streams": ("on", "off", "on"),
+                "merged": ("on", "on", "off"), "merged_streams": ("on", "on", "on")}   # graphs, merge, streams
+
     def modes(shape):
         def run():
             cache = caches[shape]
-            r = {"shape": SHAPES[shape]["label"], "eager": sweep(cache, dev, methods, seeds, "off", cap=cap),
-                 "graphs": sweep(cache, dev, methods, seeds, "on", cap=cap),
-                 "merged": sweep(cache, dev, methods, seeds, "on", cap=cap, merge="on")}   # graphs + merged groups
-            e, g, m = (r[k].get("acc", {}) for k in ("eager", "graphs", "merged"))
-            r["graphs_max_abs_acc_diff"] = max((abs(e[k] - g[k]) for k in e if k in g), default=None)
-            r["merged_max_abs_acc_diff"] = max((abs(e[k] - m[k]) for k in e if k in m), default=None)
-            if "wall_s" in r["eager"] and "wall_s" in r["graphs"]:
-                r["graphs_speedup"] = r["eager"]["wall_s"] / r["graphs"]["wall_s"]
-            if "wall_s" in r["graphs"] and "wall_s" in r["merged"]:
-                r["merged_speedup_over_graphs"] = r["graphs"]["wall_s"] / r["merged"]["wall_s"]
+            r = {"shape": SHAPES[shape]["label"]}
+            for name, (mode, merge, side) in variants.items():
+                r[name] = sweep(cache, dev, methods, seeds, mode, cap=cap, merge=merge, side=side)
+            compare(r, list(variants))
             return r
         return run
     for s in shapes:
         section(f"sweep_{s}", modes(s), min_left=30 if not tiny else 0)
+
+    def compiled():
+        """torch.compile(mode="reduce-overhead") of the static step against the hand capture."""
+        cache = caches[shapes[0]]
+        r = {"shape": SHAPES[shapes[0]]["label"], "eager": sweep(cache, dev, methods, seeds, "off", cap=cap),
+             "compiled": sweep(cache, dev, methods, seeds, "compile", cap=cap)}
+        compare(r, ["eager", "compiled"])
+        # the second run: Inductor's compiled kernels cached on disk, closer to its steady state
+        r["compiled_again"] = sweep(cache, dev, methods, seeds, "compile", cap=cap)
+        compare(r, ["eager", "compiled_again"])
+        hand = out["sections"].get(f"sweep_{shapes[0]}", {}).get("graphs", {})
+        r["hand_capture_wall_s"] = hand.get("wall_s")          # the same sweep, torch.cuda.CUDAGraph
+        return r
+    section(f"compile_{shapes[0]}", compiled, min_left=150 if not tiny else 0)
 
     def precisions():
         cache = caches[shapes[1]]
@@ -229,7 +259,7 @@ def main(argv=None) -> dict:
             cache = caches[shape]
             r = plain_loop(cache, dev, trained_configs(cache, methods, seeds, cap), a.loop_sample)
             sw = out["sections"].get(f"sweep_{shape}", {})
-            best = min((sw[m]["wall_s"] for m in ("eager", "graphs") if "wall_s" in sw.get(m, {})), default=None)
+            best = min((v["wall_s"] for v in sw.values() if isinstance(v, dict) and "wall_s" in v), default=None)
             if best:
                 r["speedup_of_the_faster_sweep"] = r["total_s"] / best
             return r

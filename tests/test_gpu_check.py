@@ -27,8 +27,13 @@ def test_gpu_check_tiny_writes_every_section(tmp_path):
         assert sw["graphs_max_abs_acc_diff"] == 0          # the buffer path is exact on a CPU
         assert sw["merged"]["merge"] == "on" and sw["merged"]["runs"] == sw["eager"]["runs"]
         assert sw["merged_max_abs_acc_diff"] is not None
+        assert sw["streams"]["streams"] == "on" and sw["streams_max_abs_acc_diff"] == 0   # interleaving: exact
+        assert sw["merged_streams"]["merge"] == sw["merged_streams"]["streams"] == "on"
         loop = sec[f"plain_loop_{shape}"]
         assert loop["total_s"] > 0 and loop["timed_configs"] == 2 and loop["configs"] == 10
+    comp = sec["compile_tiny10"]                              # on a CPU: the buffer path, eagerly
+    assert comp["compiled"]["mode"] == "compile" and comp["compiled_max_abs_acc_diff"] == 0
+    assert comp["hand_capture_wall_s"] > 0
     prec = sec["precision_tiny100"]
     assert "wall_s" in prec["fp32"] and "wall_s" in prec["bf16"] and "tf32" in prec["tf32"]["refused"]
     im = sec["imnet"]

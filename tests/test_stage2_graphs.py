@@ -56,3 +56,17 @@ def test_auto_mode_steps_plainly_on_a_cpu_and_modes_are_checked():
     with pytest.raises(ValueError, match="unknown step-graph mode"):
         with step_graphs("fast"):
             pass
+
+
+def test_compile_mode_runs_the_buffer_path_on_a_cpu():
+    """``compile`` (torch.compile(mode="reduce-overhead") on CUDA) is the buffer path run
+    eagerly on a CPU: the plain step's heads bit for bit."""
+    cache = fake_cache()
+    data = data_of(cache)
+    cfgs = configs_for(cache, MIXED[:6])
+    with step_graphs("off"):
+        plain = train_sweep(cfgs, data, quiet=True, n_jobs=1)
+    with step_graphs("compile"):
+        compiled = train_sweep(cfgs, data, quiet=True, n_jobs=1)
+    for a, b in zip(plain, compiled):
+        assert torch.equal(a.layer["weight"], b.layer["weight"]) and torch.equal(a.layer["bias"], b.layer["bias"])

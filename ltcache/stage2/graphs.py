@@ -19,7 +19,9 @@ forward-only losses (autograd) always step eagerly.
 
 The mode (:func:`step_graphs`, or ``LTCACHE_STEP_GRAPHS`` in the environment): ``"auto"``
 (graphs on CUDA, the plain eager step on a CPU), ``"on"`` (the buffer path on any device;
-captured on CUDA), ``"off"`` (the plain step). The default is ``"off"`` until the capture has
+captured on CUDA), ``"compile"`` (the buffer path; on CUDA the static step compiled by
+``torch.compile(mode="reduce-overhead")``, Inductor's kernels replayed as CUDA graphs, instead
+of the hand capture: the alternative the GPU check times against it), ``"off"`` (the plain step). The default is ``"off"`` until the capture has
 been checked on a GPU: ``benchmarks/gpu_check.py`` trains every group both ways and compares
 the metrics; the buffer path's logic itself is checked bit for bit on the CPU.
 """
@@ -35,7 +37,7 @@ import torch
 
 from ltcache.errors import LtcacheError
 
-MODES = ("auto", "on", "off")
+MODES = ("auto", "on", "off", "compile")
 _mode = os.environ.get("LTCACHE_STEP_GRAPHS", "off")
 if _mode not in MODES:
     raise LtcacheError(f"LTCACHE_STEP_GRAPHS={_mode} is unknown; use one of {', '.join(MODES)}")
@@ -139,6 +141,9 @@ class StaticStep:
         if not self.cuda or variant in self.eager_only:
             self.g.step(static, 0)
             return
+        if _mode == "compile":
+            self._compiled(static, variant)
+            return
         graph = self.graphs.get(variant)
         if graph is not None:
             graph.replay()
@@ -176,3 +181,43 @@ class StaticStep:
             STATS["failed"].append(line)
             print(line, file=sys.stderr)
             return None
+
+    def _compiled(self, static, variant: tuple) -> None:
+        """The static step through ``torch.compile(mode="reduce-overhead")`` (compiled at its
+        first call per variant); a failed compile steps eagerly after a one-line notice. The
+        parameters, momentum buffers and static inputs keep their addresses, so the compiled
+        graphs may update them in place."""
+        fn = self.graphs.get(variant)
+        if fn is None:                            # pragma: no cover - needs a CUDA device
+            for t in _state(self.g) + _state(self.bufs):
+                torch._dynamo.mark_static_address(t)
+            g = self.g
+            fn = self.graphs[variant] = torch.compile(lambda: g.step(static, 0), mode="reduce-overhead")
+        try:                                      # pragma: no cover - needs a CUDA device
+            fn()
+            STATS["captured"] += 1 if variant not in self.seen else 0
+            self.seen.add(variant)
+        except Exception as exc:                  # pragma: no cover - needs a CUDA device
+            self.eager_only.add(variant)
+            line = (f"note: torch.compile of the {self.g.family} B={self.g.bsz} group's step failed "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); stepping eagerly")
+            STATS["failed"].append(line)
+            print(line, file=sys.stderr)
+            self.g.step(static, 0)
+
+
+def _state(obj) -> list:
+    """The tensors a static step updates or reads in place: a group's parameters and momentum
+    buffers, or a StaticStep's input buffers."""
+    if isinstance(obj, dict):
+        found = []
+        for v in obj.values():
+            found += _state(v)
+        return found
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _state(v)]
+    if hasattr(obj, "opt"):                       # a GroupTrainer
+        return _state(obj.p) + _state(obj.opt.mbuf)
+    return []

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -51,41 +51,71 @@ def train_group(cfgs: Sequence[Config], data: TrainData, select: str = "last",
                 quiet: bool = False, bar_position: int = 0) -> list[TrainedHead]:
     """Train M configurations of one group (same :func:`~ltcache.stage2.grouping.merge_key`:
     usually also the same batch size, see :func:`~ltcache.stage2.workers.merge_plan`) together."""
-    group = GroupTrainer(cfgs, data, select)                 # the stacked parameters, initialised
-    label = "frozen-base " if group.base else ""
-    bar = progress(total=group.total_steps, desc=f"train {label}{group.family} B={group.bsz} x{group.m}",
-                   quiet=quiet, unit="step", position=bar_position)
-    step = StaticStep(group).step if graphs.wanted(group) else group.step     # CUDA graphs (graphs.py)
-    try:
-        with _prepared_ahead(group.prepare_epoch, group.epochs, group.dev) as epochs:
-            for e, ep in epochs:
-                for s in range(ep.s_max):
-                    step(ep, s)                     # features -> forward -> loss grad -> backward -> update
-                bar.update(ep.s_max)
-                group.end_epoch(e)                  # MaxNorm projection, val selection
-    finally:
-        bar.close()
-    return group.collect()
+    run = GroupRun(cfgs, data, select, quiet, bar_position)
+    for _ in run:
+        pass
+    return run.heads
+
+
+class GroupRun:
+    """One group's training as an iterator that yields after every step, so that several groups
+    can be stepped in turn (:mod:`ltcache.stage2.streams`: each on its own CUDA stream);
+    :func:`train_group` runs one to the end. After the last step ``heads`` holds the trained
+    heads. ``stream``: the CUDA stream the group's work is issued to (the caller makes it
+    current around each step); the epochs prepared ahead on a thread are issued to it too."""
+
+    def __init__(self, cfgs: Sequence[Config], data: TrainData, select: str = "last", quiet: bool = False,
+                 bar_position: int = 0, stream: Optional["torch.cuda.Stream"] = None) -> None:
+        self.cfgs, self.data, self.select, self.quiet, self.bar_position = cfgs, data, select, quiet, bar_position
+        self.stream = stream
+        self.heads: Optional[list[TrainedHead]] = None
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[None]:
+        group = GroupTrainer(self.cfgs, self.data, self.select)      # the stacked parameters, initialised
+        label = "frozen-base " if group.base else ""
+        bar = progress(total=group.total_steps, desc=f"train {label}{group.family} B={group.bsz} x{group.m}",
+                       quiet=self.quiet, unit="step", position=self.bar_position)
+        step = StaticStep(group).step if graphs.wanted(group) else group.step     # CUDA graphs (graphs.py)
+        try:
+            with _prepared_ahead(group.prepare_epoch, group.epochs, group.dev, self.stream) as epochs:
+                for e, ep in epochs:
+                    for s in range(ep.s_max):
+                        step(ep, s)                 # features -> forward -> loss grad -> backward -> update
+                        yield
+                    bar.update(ep.s_max)
+                    group.end_epoch(e)              # MaxNorm projection, val selection
+        finally:
+            bar.close()
+        self.heads = group.collect()
 
 
 @contextmanager
-def _prepared_ahead(prepare: Callable[[int], Epoch], epochs: int, dev: torch.device) -> Iterator:
+def _prepared_ahead(prepare: Callable[[int], Epoch], epochs: int, dev: torch.device,
+                    stream: Optional["torch.cuda.Stream"] = None) -> Iterator:
     """(e, prepare(e)) for every epoch; each epoch prepared on a thread while the previous one
     trains when this process runs ops on one thread (or a GPU): beside multi-threaded CPU ops it
-    would only compete for the same cores."""
+    would only compete for the same cores. With ``stream`` the thread issues its device copies
+    to that stream (the group's), so the steps that read them are ordered after them and their
+    memory is the stream's own."""
     pool = (ThreadPoolExecutor(max_workers=1)
             if dev.type == "cuda" or (not in_worker() and torch.get_num_threads() == 1) else None)
 
-    def stream():
-        upcoming = pool.submit(prepare, 0) if pool else None
+    def on_stream(e: int) -> Epoch:
+        with torch.cuda.stream(stream):
+            return prepare(e)
+    job = on_stream if stream is not None else prepare
+
+    def stream_of_epochs():
+        upcoming = pool.submit(job, 0) if pool else None
         for e in range(epochs):
-            ep = upcoming.result() if pool else prepare(e)
+            ep = upcoming.result() if pool else job(e)
             if pool and e + 1 < epochs:
-                upcoming = pool.submit(prepare, e + 1)
+                upcoming = pool.submit(job, e + 1)
             yield e, ep
 
     try:
-        yield stream()
+        yield stream_of_epochs()
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)

@@ -16,7 +16,8 @@ epoch's indices and loss targets ahead on a thread and, on several cores, trains
 side by side in forked single-thread worker processes (``n_jobs``, see
 :mod:`ltcache.stage2.workers`; also used up to D 1024). On a GPU a step is launch-bound
 (100-200 small kernels): it runs through static buffers, captured once per group as a CUDA
-graph and replayed (:mod:`ltcache.stage2.graphs`).
+graph and replayed (:mod:`ltcache.stage2.graphs`), and the groups of a sweep may run side by side,
+each on its own CUDA stream (:mod:`ltcache.stage2.streams`).
 
 Optimiser: PyTorch SGD semantics (:mod:`ltcache.stage2.sgd`). Batches per epoch: the member's
 sampler cut by its step rule (:mod:`ltcache.stage2.samplers`).
@@ -40,6 +41,7 @@ import torch
 from ltcache import distributed as _dist
 from ltcache.errors import LtcacheError
 from ltcache.options import SELECTS
+from ltcache.stage2 import streams
 from ltcache.stage2.group import GroupTrainer, train_group  # noqa: F401  (re-exported: sweep.GroupTrainer)
 from ltcache.stage2.grouping import frozen_base, group_key, make_groups, stream_blocks, stream_key  # noqa: F401
 from ltcache.stage2.params import SCHEDULES  # noqa: F401  (re-exported)
@@ -77,8 +79,13 @@ def _train_here(configs: Sequence[Config], data: TrainData, select: str, quiet: 
     out: list[Optional[TrainedHead]] = [None] * len(configs)
     jobs = min(n_jobs or os.cpu_count() or 1, torch.get_num_threads())
     if not worth_workers(plan, configs, data, jobs):
-        for members in plan:
-            for i, t in zip(members, train_group([configs[i] for i in members], data, select=select, quiet=quiet)):
+        if streams.wanted(len(plan), data.x.device):      # groups side by side, one CUDA stream each
+            trained = streams.train_groups([[configs[i] for i in members] for members in plan], data, select, quiet)
+        else:
+            trained = [train_group([configs[i] for i in members], data, select=select, quiet=quiet)
+                       for members in plan]
+        for members, heads in zip(plan, trained):
+            for i, t in zip(members, heads):
                 out[i] = t
         return out  # type: ignore[return-value]
     # Small steps on a CPU are bound by per-op (Python) overhead, which OpenMP threads inside

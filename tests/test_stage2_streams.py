@@ -1,0 +1,105 @@
+"""Groups stepped in turn (ltcache.stage2.streams: on a GPU each on its own CUDA stream) run
+on a CPU: bit for bit the groups trained one after another, with the plain step and through
+the static buffers of the CUDA-graph path, with last and val selection."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ltcache.stage2 import streams
+from ltcache.stage2.graphs import step_graphs
+from ltcache.stage2.group import GroupRun
+from ltcache.stage2.grouping import make_groups
+from ltcache.stage2.streams import group_streams, train_groups
+from ltcache.stage2.sweep import train_sweep
+from test_stage2_engine import MIXED, configs_for, data_of, fake_cache
+
+torch.set_num_threads(1)
+
+# three head families and two batch sizes: four groups of different lengths
+SPECS = MIXED + [("ce", {"lr": 0.05, "batch_size": 16, "epochs": 2}, 1)]
+
+
+def _same(a, b) -> None:
+    assert a.config.name == b.config.name and a.config.seed == b.config.seed
+    assert a.selected_epoch == b.selected_epoch and a.failed == b.failed and a.history == b.history
+    assert a.layer.keys() == b.layer.keys()
+    for key, t in a.layer.items():
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(t, b.layer[key]), (a.config.method, key)
+        else:
+            assert t == b.layer[key]
+
+
+@pytest.mark.parametrize("select,graph_mode", [("last", "off"), ("val", "off"), ("last", "on")])
+def test_interleaved_groups_equal_sequential_bit_for_bit(select, graph_mode, monkeypatch):
+    cache = fake_cache()
+    data = data_of(cache)
+    cfgs = configs_for(cache, SPECS)
+    assert len(make_groups(cfgs)) >= 4
+    with step_graphs(graph_mode), group_streams("off"):
+        sequential = train_sweep(cfgs, data, select=select, quiet=True, n_jobs=1)
+    turns = []                                    # which group stepped, in order
+    real = GroupRun.__iter__
+
+    def recording(self):
+        for _ in real(self):
+            turns.append(self.bar_position)
+            yield
+    monkeypatch.setattr(GroupRun, "__iter__", recording)
+    with step_graphs(graph_mode), group_streams("on"):
+        interleaved = train_sweep(cfgs, data, select=select, quiet=True, n_jobs=1)
+    assert len(set(turns[:4])) == 4               # the groups really took their steps in turn
+    for a, b in zip(sequential, interleaved):
+        _same(a, b)
+
+
+def test_train_groups_gives_each_group_its_heads():
+    cache = fake_cache()
+    data = data_of(cache)
+    cfgs = configs_for(cache, SPECS[:3] + SPECS[-3:])
+    plan = make_groups(cfgs)
+    heads = train_groups([[cfgs[i] for i in members] for members in plan], data, quiet=True)
+    assert [len(h) for h in heads] == [len(m) for m in plan]
+    for members, hs in zip(plan, heads):
+        assert [cfgs[i].name for i in members] == [h.config.name for h in hs]
+
+
+def test_an_error_in_one_group_ends_every_group(monkeypatch):
+    cache = fake_cache()
+    data = data_of(cache)
+    cfgs = configs_for(cache, SPECS)
+    plan = make_groups(cfgs)
+    from ltcache.stage2.group import GroupTrainer
+    real = GroupTrainer.end_epoch
+    closed = []
+
+    def failing(self, e):
+        if self.family == "cosine":
+            raise RuntimeError("boom in the cosine group")
+        return real(self, e)
+    monkeypatch.setattr(GroupTrainer, "end_epoch", failing)
+    real_iter = GroupRun.__iter__
+
+    def tracking(self):
+        try:
+            yield from real_iter(self)
+        finally:
+            closed.append(self.bar_position)
+    monkeypatch.setattr(GroupRun, "__iter__", tracking)
+    with pytest.raises(RuntimeError, match="boom in the cosine group"):
+        train_groups([[cfgs[i] for i in members] for members in plan], data, quiet=True)
+    assert sorted(closed) == list(range(len(plan)))     # every group's loop (threads, bars) ended
+
+
+def test_modes():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with group_streams("off"):
+        assert not streams.wanted(5, cuda)
+    with group_streams("auto"):
+        assert streams.wanted(5, cuda) and not streams.wanted(5, cpu) and not streams.wanted(1, cuda)
+    with group_streams("on"):
+        assert streams.wanted(2, cpu) and not streams.wanted(1, cpu)
+    with pytest.raises(ValueError, match="unknown group-stream mode"):
+        with group_streams("fast"):
+            pass
