@@ -17,8 +17,6 @@ skipped, so the JSON is always written):
    of their own (:mod:`ltcache.stage2.streams`), the graphs with every head family's groups
    merged into one step stream (``workers.merge_plan`` "on"), with and without streams; per
    variant its speed-up over the eager sweep and its largest test-accuracy difference from it;
-   then, on the CIFAR-10-LT shape, ``torch.compile(mode="reduce-overhead")`` of the static step
-   (twice: the second run finds Inductor's kernels cached) beside the hand-captured graphs;
 3. the CIFAR-100-LT shape in fp32, tf32 and bf16 (``--precision``);
 4. the fastest plain loop (``bench_engine.indexed_loop``: tensor-indexed batches, one
    ``nn.Linear``, autograd, ``torch.optim.SGD``) on the same device, a sample of the
@@ -26,7 +24,13 @@ skipped, so the JSON is always written):
 5. the ImageNet-LT shape (N 115,846, D 2048, K 1000; features made on the device) at the
    source epochs for a sample of methods x 5 seeds, with an estimate of the full all-methods
    sweep (the sample's seconds per trained sample-row times the full sweep's rows). When the
-   source epochs would overrun the budget, the sample runs at one epoch and is scaled.
+   source epochs would overrun the budget, the sample runs at one epoch and is scaled;
+6. on the CIFAR-10-LT shape, ``torch.compile(mode="reduce-overhead")`` of the static step
+   (twice: the second run finds Inductor's kernels cached and adds the group streams) beside
+   the hand-captured graphs, in a child process stopped when the budget ends. Compiling fuses
+   the step's element-wise kernels, which is what shortens the longest group's chain of steps.
+
+The JSON is rewritten after every section, so a run stopped from outside keeps what it measured.
 
 ``--tiny`` runs every section on tiny shapes and a few methods at two epochs (the CPU test
 of this script, ``tests/test_gpu_check.py``, under 30 s); on a CPU, tf32 is recorded as refused.
@@ -188,8 +192,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--loop-sample", type=int, default=4, help="plain-loop configurations timed in full per shape")
     ap.add_argument("--imnet-methods", default=",".join(IMNET_SAMPLE))
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, a few methods, 2 epochs (the CPU test)")
+    ap.add_argument("--only-compile", default=None, help=argparse.SUPPRESS)     # the compile section's child
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
+    if a.only_compile:
+        return only_compile(a, dev)
     t0 = time.perf_counter()
     seeds = [int(s) for s in a.seeds.split(",")]
     tiny = a.tiny
@@ -213,6 +220,7 @@ def main(argv=None) -> dict:
         except Exception as exc:                    # a failed section is recorded, the others still run
             out["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"}
         out["sections"][name + "_s"] = time.perf_counter() - t
+        write(out, a.out)                           # a run cut short still leaves every finished section
 
     section("matmul_gflops", lambda: {
         "fp32": rate(dev, torch.float32, False, mm_n),
@@ -234,20 +242,6 @@ def main(argv=None) -> dict:
         return run
     for s in shapes:
         section(f"sweep_{s}", modes(s), min_left=30 if not tiny else 0)
-
-    def compiled():
-        """torch.compile(mode="reduce-overhead") of the static step against the hand capture."""
-        cache = caches[shapes[0]]
-        r = {"shape": SHAPES[shapes[0]]["label"], "eager": sweep(cache, dev, methods, seeds, "off", cap=cap),
-             "compiled": sweep(cache, dev, methods, seeds, "compile", cap=cap)}
-        compare(r, ["eager", "compiled"])
-        # the second run: Inductor's compiled kernels cached on disk, closer to its steady state
-        r["compiled_again"] = sweep(cache, dev, methods, seeds, "compile", cap=cap)
-        compare(r, ["eager", "compiled_again"])
-        hand = out["sections"].get(f"sweep_{shapes[0]}", {}).get("graphs", {})
-        r["hand_capture_wall_s"] = hand.get("wall_s")          # the same sweep, torch.cuda.CUDAGraph
-        return r
-    section(f"compile_{shapes[0]}", compiled, min_left=150 if not tiny else 0)
 
     def precisions():
         cache = caches[shapes[1]]
@@ -291,14 +285,61 @@ def main(argv=None) -> dict:
         r["plain_loop"] = plain_loop(cache, dev, trained_configs(cache, sample, seeds, cap), 2, epochs_cap=1)
         return r
     section("imnet", imnet, min_left=45 if not tiny else 0)
+
+    def compiled():
+        """torch.compile(mode="reduce-overhead") of the static step against the hand capture, in a
+        child process stopped when the budget ends (compiling every group's step may take minutes)."""
+        r = compile_in_child(a, shapes[0], left() - 5)
+        hand = out["sections"].get(f"sweep_{shapes[0]}", {}).get("graphs", {})
+        r["hand_capture_wall_s"] = hand.get("wall_s")          # the same sweep, torch.cuda.CUDAGraph
+        return r
+    section(f"compile_{shapes[0]}", compiled, min_left=60 if not tiny else 0)
     out["total_s"] = time.perf_counter() - t0
-    tmp = a.out + ".part"
-    with open(tmp, "w") as fh:
-        json.dump(out, fh, indent=1, default=str)
-    os.replace(tmp, a.out)
+    write(out, a.out)
     print(f"wrote {a.out} ({out['total_s']:.0f} s)")
     return out
 
+
+def write(out: dict, path: str) -> None:
+    """The JSON written under a temporary name, then renamed."""
+    tmp = path + ".part"
+    with open(tmp, "w") as fh:
+        json.dump(out, fh, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def compile_in_child(a, shape: str, seconds: float) -> dict:
+    """The ``compile`` section run by a child process of this script (``--only-compile``) within
+    ``seconds``: its result, or a note that it ran out of time."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "compile.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--only-compile", shape, "--device", a.device,
+               "--seeds", a.seeds, "--out", path] + (["--tiny"] if a.tiny else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, seconds))
+        except subprocess.TimeoutExpired:
+            return {"timed_out": f"not finished within the {seconds:.0f} s left of the budget"}
+        if proc.returncode != 0 or not os.path.exists(path):
+            return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+        with open(path) as fh:
+            return json.load(fh)
+
+
+def only_compile(a, dev: torch.device) -> dict:
+    """The child's work: the eager sweep, then the compiled one twice (the second finds
+    Inductor's kernels cached and runs the groups on streams of their own), their speed-ups and
+    accuracy differences."""
+    shape, seeds = a.only_compile, [int(s) for s in a.seeds.split(",")]
+    cache, methods, cap = synthetic_cache(shape, dev), TINY_METHODS if a.tiny else None, 2 if a.tiny else None
+    r = {"shape": SHAPES[shape]["label"], "eager": sweep(cache, dev, methods, seeds, "off", cap=cap),
+         "compiled": sweep(cache, dev, methods, seeds, "compile", cap=cap)}
+    # again, Inductor's kernels now cached, with the groups side by side on their streams
+    r["compiled_streams"] = sweep(cache, dev, methods, seeds, "compile", cap=cap, side="on")
+    compare(r, ["eager", "compiled", "compiled_streams"])
+    write(r, a.out)
+    return r
 
 if __name__ == "__main__":
     main()

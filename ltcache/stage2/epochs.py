@@ -31,16 +31,25 @@ class Epoch:
     rows: tuple                # flat cache rows [M*B] (param order)
     valid: tuple               # [M*B] bool, CPU
     shared: Optional[tuple]    # (rows of the blocks' first members, rows of the rest) or None
-    targets: list              # LossTargets of the built-in losses (loss order)
+    targets: list              # LossTargets of the built-in losses (loss order), per step
     user: Optional[SimpleNamespace]   # labels / valid / counts of the forward-only losses
     paused: list               # a step where some member pauses mid-run (needs the masked update)
     c_mom: dict                # momentum factor: mu for an active member, 1 for an inactive one
     act: dict                  # 1 for an active member, 0 otherwise
     neg_lr: dict               # -lr x the parameter's lr factor for an active member, 0 otherwise
+    target_steps: tuple = ()   # the targets field by field: Steps (or None), each with its [S, ...] whole
 
 
-def _per_step(t: torch.Tensor) -> tuple:
-    return t.unbind(0)                                          # views, one op
+class Steps(tuple):
+    """Per-step views of one epoch tensor [S, ...] (``whole``), read by step: ``steps[s]``."""
+
+    whole: torch.Tensor
+
+
+def _per_step(t: torch.Tensor) -> Steps:
+    out = Steps(t.unbind(0))                                    # views, one op
+    out.whole = t
+    return out
 
 
 def make_epoch(g, e: int) -> Epoch:
@@ -61,13 +70,14 @@ def make_epoch(g, e: int) -> Epoch:
     act = act_cpu.to(dev, torch.float32)
     lr_e = torch.tensor([c.lr_at(e) if e < c.epochs else 0.0 for c in g.cfgs], device=dev)
     targets, user = _targets(g, ys_s, vf_s, valid_l)
+    target_steps = tuple(_per_step(t) if t is not None else None for t in targets)
     need, shape = g.need, opt.shape
     return Epoch(
         s_max=s_max, shared=_shared_rows(g, rows, valid, s_max), user=user,
         rows=_per_step(rows.transpose(0, 1).reshape(s_max, m * g.bsz).to(dev)),     # [M*B] per step
         valid=_per_step(valid.transpose(0, 1).reshape(s_max, m * g.bsz)),
-        targets=[LossTargets(*f) for f in zip(*(_per_step(t) if t is not None else [None] * s_max
-                                               for t in targets))],
+        targets=[LossTargets(*f) for f in zip(*(t if t is not None else [None] * s_max for t in target_steps))],
+        target_steps=target_steps,
         paused=(~act_cpu & (torch.arange(s_max).unsqueeze(1) < lim)).any(1).tolist(),
         c_mom={a: _per_step((1 - act * (1 - opt.mom)).view((s_max,) + shape[a])) for a in need},
         act={a: _per_step(act.view((s_max,) + shape[a])) for a in need},

@@ -5,7 +5,9 @@ and momentum buffers (updated in place), only per-step tensors of its :class:`Ep
 cache rows, the loss targets and the update's per-member factors. :class:`StaticStep` keeps
 one static buffer per such tensor and a static one-step ``Epoch`` whose fields *are* those
 buffers; a step copies step s's tensors in (``copy_``: exact) and runs the group's own
-:meth:`~GroupTrainer.step` on the static epoch. The arithmetic is the eager step's, op for op,
+:meth:`~GroupTrainer.step` on the static epoch. The buffers are views into one flat buffer per
+dtype, and each epoch's tensors are packed the same way once per epoch, so loading a step is
+two or three copies (one launch each on a GPU) rather than one per tensor (10-25). The arithmetic is the eager step's, op for op,
 so on a CPU the buffer path equals the eager step bit for bit (``tests/test_stage2_graphs.py``).
 
 On CUDA the static step is captured once per group and variant (the update's fused or
@@ -65,13 +67,40 @@ def wanted(group) -> bool:
     return group.user is None and group.data.gather is None
 
 
-def _static(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+class _Packed:
+    """Static buffers of one step as views into one flat buffer per dtype, and each epoch's
+    tensors packed the same way ([S, total] per dtype), so that loading step s is one copy per
+    dtype instead of one per tensor (a step reads 10-25 small tensors: on a GPU each copy is a
+    launch from the host; the packing is a few ops per epoch)."""
 
+    def __init__(self, slots: list, ep, s: int) -> None:
+        self.slots = slots                          # per slot: its Steps in an epoch, slot(ep)
+        first = [slot(ep)[s] for slot in slots]
+        dev = first[0].device
+        sizes: dict = {}
+        for t in first:
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+        self.flat = {dt: torch.empty(n, dtype=dt, device=dev) for dt, n in sizes.items()}
+        self.bufs, used = [], dict.fromkeys(sizes, 0)
+        for t in first:
+            off = used[t.dtype]
+            self.bufs.append(self.flat[t.dtype][off:off + t.numel()].view(t.shape))
+            used[t.dtype] = off + t.numel()
+        self.epoch = None
+        self.packed: dict = {}
 
-def _load(dst, src) -> None:
-    if dst is not None:
-        dst.copy_(src, non_blocking=True)
+    def load(self, ep, s: int) -> None:
+        """Step s of ``ep`` into the static buffers (the epoch packed at its first load)."""
+        if self.epoch is not ep:
+            self.epoch = ep
+            parts: dict = {}
+            for slot, buf in zip(self.slots, self.bufs):
+                steps = slot(ep)
+                whole = steps.whole if hasattr(steps, "whole") else torch.stack(list(steps))
+                parts.setdefault(buf.dtype, []).append(whole.reshape(ep.s_max, -1))
+            self.packed = {dt: torch.cat(p, 1) if len(p) > 1 else p[0].contiguous() for dt, p in parts.items()}
+        for dt, flat in self.flat.items():
+            flat.copy_(self.packed[dt][s], non_blocking=True)
 
 
 class StaticStep:
@@ -89,17 +118,22 @@ class StaticStep:
     # -- buffers --------------------------------------------------------------------------
 
     def _alloc(self, ep, s: int) -> None:
-        """Static buffers shaped as step s's tensors (the same shapes at every step)."""
+        """Static buffers shaped as step s's tensors (the same shapes at every step): the rows,
+        loss targets and update factors packed together, the shared-row blocks' rows apart (an
+        epoch may or may not have them)."""
         t = ep.targets[s]
-        sh = ep.shared
-        self.bufs = {
-            "rows": _static(ep.rows[s]),
-            "shared": (_static(sh[0][s]), _static(sh[1][s])) if sh else None,
-            "targets": type(t)(*(_static(f) for f in t)),
-            "c_mom": {a: _static(v[s]) for a, v in ep.c_mom.items()},
-            "act": {a: _static(v[s]) for a, v in ep.act.items()},
-            "neg_lr": {a: _static(v[s]) for a, v in ep.neg_lr.items()},
-        }
+        fields = [i for i, f in enumerate(t) if f is not None]
+        slots = [lambda e: e.rows] + [lambda e, j=j: e.target_steps[j] for j in fields]
+        for name in ("c_mom", "act", "neg_lr"):
+            slots += [lambda e, name=name, a=a: getattr(e, name)[a] for a in getattr(ep, name)]
+        self.main = _Packed(slots, ep, s)
+        bufs = iter(self.main.bufs)
+        self.bufs = {"rows": next(bufs), "shared": None}
+        by_field = {j: next(bufs) for j in fields}
+        self.bufs["targets"] = type(t)(*(by_field.get(j) for j in range(len(t))))
+        for name in ("c_mom", "act", "neg_lr"):
+            self.bufs[name] = {a: next(bufs) for a in getattr(ep, name)}
+        self.shared_pack: Optional[_Packed] = None
         self.views = {}
 
     def load(self, ep, s: int) -> tuple:
@@ -107,18 +141,13 @@ class StaticStep:
         shared rows or not)."""
         if self.bufs is None:
             self._alloc(ep, s)
-        b, shared = self.bufs, ep.shared is not None
-        if shared and b["shared"] is None:
-            b["shared"] = (_static(ep.shared[0][s]), _static(ep.shared[1][s]))
-        _load(b["rows"], ep.rows[s])
+        shared = ep.shared is not None
+        if shared and self.shared_pack is None:
+            self.shared_pack = _Packed([lambda e: e.shared[0], lambda e: e.shared[1]], ep, s)
+            self.bufs["shared"] = tuple(self.shared_pack.bufs)
+        self.main.load(ep, s)
         if shared:
-            _load(b["shared"][0], ep.shared[0][s])
-            _load(b["shared"][1], ep.shared[1][s])
-        for dst, src in zip(b["targets"], ep.targets[s]):
-            _load(dst, src)
-        for name in ("c_mom", "act", "neg_lr"):
-            for a, v in getattr(ep, name).items():
-                _load(b[name][a], v[s])
+            self.shared_pack.load(ep, s)
         return bool(ep.paused[s]), shared
 
     def view(self, ep, variant: tuple):
@@ -127,7 +156,7 @@ class StaticStep:
             b = self.bufs
             self.views[variant] = replace(
                 ep, s_max=1, rows=(b["rows"],), valid=(None,), shared=((b["shared"][0],), (b["shared"][1],))
-                if variant[1] else None, targets=[b["targets"]], user=None, paused=[variant[0]],
+                if variant[1] else None, targets=[b["targets"]], target_steps=(), user=None, paused=[variant[0]],
                 c_mom={a: (t,) for a, t in b["c_mom"].items()}, act={a: (t,) for a, t in b["act"].items()},
                 neg_lr={a: (t,) for a, t in b["neg_lr"].items()})
         return self.views[variant]
@@ -191,8 +220,13 @@ class StaticStep:
         if fn is None:                            # pragma: no cover - needs a CUDA device
             for t in _state(self.g) + _state(self.bufs):
                 torch._dynamo.mark_static_address(t)
+            # one code object (the lambda below) serves every group and variant of the sweep: each
+            # is a recompile of it, and past dynamo's default limit (8) it would quietly run eagerly
+            cfg = torch._dynamo.config
+            cfg.recompile_limit = max(cfg.recompile_limit, 1024)
+            cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
             g = self.g
-            fn = self.graphs[variant] = torch.compile(lambda: g.step(static, 0), mode="reduce-overhead")
+            fn = self.graphs[variant] = torch.compile(lambda: g.step(static, 0), mode="reduce-overhead", dynamic=False)
         try:                                      # pragma: no cover - needs a CUDA device
             fn()
             STATS["captured"] += 1 if variant not in self.seen else 0
