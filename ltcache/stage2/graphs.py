@@ -223,8 +223,10 @@ class StaticStep:
             # one code object (the lambda below) serves every group and variant of the sweep: each
             # is a recompile of it, and past dynamo's default limit (8) it would quietly run eagerly
             cfg = torch._dynamo.config
-            cfg.recompile_limit = max(cfg.recompile_limit, 1024)
-            cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
+            for name, n in (("recompile_limit", 1024), ("cache_size_limit", 1024),          # (older torch: cache_*)
+                            ("accumulated_recompile_limit", 4096), ("accumulated_cache_size_limit", 4096)):
+                if hasattr(cfg, name):
+                    setattr(cfg, name, max(getattr(cfg, name), n))
             g = self.g
             fn = self.graphs[variant] = torch.compile(lambda: g.step(static, 0), mode="reduce-overhead", dynamic=False)
         try:                                      # pragma: no cover - needs a CUDA device
