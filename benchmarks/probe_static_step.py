@@ -6,13 +6,14 @@ Run by hand (not by CI):  python benchmarks/probe_static_step.py --shape c10 [--
 
 For one synthetic shape of ``bench_engine.py`` (all methods x 5 seeds, every engine group at
 its preset batch size, one thread), per group:
-* ms per step of the plain eager step (``GroupTrainer.step``) over the first epoch's steps;
+* ms per step of the plain eager step (``GroupTrainer.step``) over the first epoch's steps
+  (``--steps N``: its first N);
 * the same step through the static buffers, eagerly (what a step adds to load its inputs: on
-  a GPU the copies that precede a graph replay), and whether its weights equal the eager ones;
+  a GPU the copies that precede a graph replay; the epoch's packing included);
 * the static-buffer step compiled whole (``graphs`` mode ``compile``: on a CPU this is Inductor's
-  C++ kernels, no CUDA graphs): the seconds of the first three calls (the compile) and ms per
-  step after them, and the largest difference of the trained weights from the eager ones after
-  the same steps;
+  C++ kernels, no CUDA graphs): the seconds of epoch 0 (it compiles each variant of the step it
+  meets) and ms per step of epoch 1, and the largest difference of the trained weights from the
+  eager ones after the same two epochs;
 then the whole sweep's groups trained in this process one after another and stepped in turn
 (``streams.train_groups``; on a CPU there are no streams, so this measures the driver's own
 cost), CPU seconds, at ``--epochs`` epochs.
@@ -51,51 +52,51 @@ def setup(shape: str, epochs: int):
     return [[cfgs[i] for i in members] for members in make_groups(cfgs)], data
 
 
-def static_compiled(g: GroupTrainer, ep, steps: range) -> tuple[float, float]:
-    """(seconds of the first three compiled steps, ms per step after them)."""
+def compiled_epochs(g: GroupTrainer, n_steps: int) -> tuple[float, float]:
+    """Epochs 0 and 1 through the compiled static step: (seconds of epoch 0, which compiles every
+    variant of the step it meets, ms per step of epoch 1)."""
     st = StaticStep(g)
     st.cuda = True          # take StaticStep's CUDA branch, which in mode "compile" only calls torch.compile
+    times = []
     with graphs.step_graphs("compile"):
-        def one(s):
-            st.step(ep, s)
-        t = time.perf_counter()
-        for s in steps[:3]:
-            one(s)
-        first = time.perf_counter() - t
-        t = time.perf_counter()
-        for s in steps[3:]:
-            one(s)
-    return first, 1e3 * (time.perf_counter() - t) / max(1, len(steps) - 3)
+        for e in (0, 1):
+            ep = g.prepare_epoch(e)
+            steps = range(min(ep.s_max, n_steps or ep.s_max))
+            t = time.perf_counter()
+            for s in steps:
+                st.step(ep, s)
+            times.append((time.perf_counter() - t, len(steps)))
+    return times[0][0], 1e3 * times[1][0] / times[1][1]
+
+
+def timed_epoch(step, ep, n_steps: int) -> float:
+    """ms per step of ``step`` over epoch ``ep`` (its first ``n_steps``; 0: all)."""
+    steps = range(min(ep.s_max, n_steps or ep.s_max))
+    t = time.perf_counter()
+    for s in steps:
+        step(ep, s)
+    return 1e3 * (time.perf_counter() - t) / len(steps)
 
 
 def per_group(groups, data, n_steps: int) -> list[dict]:
     rows = []
     for cfgs in groups:
-        eager, comp = GroupTrainer(cfgs, data), GroupTrainer(cfgs, data)
-        ep = eager.prepare_epoch(0)
-        steps = range(min(ep.s_max, n_steps))
-        t = time.perf_counter()
-        for s in steps:
-            eager.step(ep, s)
-        eager_ms = 1e3 * (time.perf_counter() - t) / len(steps)
-        failed = len(graphs.STATS["failed"])
-        buffered = GroupTrainer(cfgs, data)
-        st, bep = StaticStep(buffered), buffered.prepare_epoch(0)
+        eager, buffered, comp = GroupTrainer(cfgs, data), GroupTrainer(cfgs, data), GroupTrainer(cfgs, data)
+        eager_ms = timed_epoch(eager.step, eager.prepare_epoch(0), n_steps)
+        timed_epoch(eager.step, eager.prepare_epoch(1), n_steps)          # for the comparison with compiled
         with graphs.step_graphs("on"):
-            t = time.perf_counter()
-            for s in steps:
-                st.step(bep, s)
-            static_ms = 1e3 * (time.perf_counter() - t) / len(steps)
+            static_ms = timed_epoch(StaticStep(buffered).step, buffered.prepare_epoch(0), n_steps)
+        failed = len(graphs.STATS["failed"])
         try:
-            first, comp_ms = static_compiled(comp, comp.prepare_epoch(0), steps)
+            first, comp_ms = compiled_epochs(comp, n_steps)
             diff = float((eager.p["W"] - comp.p["W"]).abs().max())
         except Exception as exc:                       # no C++ toolchain for Inductor, ...
             first = comp_ms = diff = None
             print(f"compile failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         row = {"group": f"{'frozen-base ' if eager.base else ''}{eager.family} B={eager.bsz}", "members": eager.m,
                "eager_ms_per_step": eager_ms, "static_buffers_ms_per_step": static_ms,
-               "static_equal": torch.equal(eager.p["W"], buffered.p["W"]), "compiled_ms_per_step": comp_ms, "compile_first_3_steps_s": first,
-               "max_abs_weight_diff": diff, "compile_failures": graphs.STATS["failed"][failed:]}
+               "compiled_ms_per_step": comp_ms, "compiled_first_epoch_s": first,
+               "max_abs_weight_diff_compiled": diff, "compile_failures": graphs.STATS["failed"][failed:]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -124,7 +125,7 @@ def interleaved(groups, data, reps: int) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="c10")
-    ap.add_argument("--steps", type=int, default=40, help="steps timed per group")
+    ap.add_argument("--steps", type=int, default=0, help="steps timed per group (0: the whole first epoch)")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the interleaving comparison")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None)
