@@ -60,6 +60,20 @@ def configs_for(cache, specs):
     return out
 
 
+def assert_same_heads(a, b) -> None:
+    """Two lists of TrainedHead equal bit for bit: configuration, kept epoch, failure, layer."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x.config.name, x.config.seed) == (y.config.name, y.config.seed)
+        assert x.selected_epoch == y.selected_epoch and x.failed == y.failed
+        assert x.layer.keys() == y.layer.keys()
+        for key, t in x.layer.items():
+            if isinstance(t, torch.Tensor):
+                assert torch.equal(t, y.layer[key]), (x.config.method, key)
+            else:
+                assert t == y.layer[key]
+
+
 MIXED = [
     ("ce", {"lr": 0.05, "batch_size": 32, "epochs": 3}, 0),
     ("los", {"delta": 0.9, "lr": 0.02, "batch_size": 32, "epochs": 2}, 1),

@@ -9,7 +9,7 @@ import torch
 from ltcache.stage2 import graphs
 from ltcache.stage2.graphs import StaticStep, step_graphs
 from ltcache.stage2.sweep import train_sweep
-from test_stage2_engine import MIXED, configs_for, data_of, fake_cache
+from test_stage2_engine import MIXED, assert_same_heads, configs_for, data_of, fake_cache
 
 torch.set_num_threads(1)
 
@@ -35,14 +35,7 @@ def test_buffer_path_equals_the_plain_step_bit_for_bit(select, monkeypatch):
     assert len(calls) > 50                        # the buffer path ran
     assert {v[0] for v in variants} == {False, True}   # fused and masked updates
     assert {v[1] for v in variants} == {False, True}   # shared-row blocks and per-member gathers
-    for a, b in zip(plain, static):
-        assert a.selected_epoch == b.selected_epoch
-        assert a.layer.keys() == b.layer.keys()
-        for key, t in a.layer.items():
-            if isinstance(t, torch.Tensor):
-                assert torch.equal(t, b.layer[key]), (a.config.method, key)
-            else:
-                assert t == b.layer[key]
+    assert_same_heads(plain, static)
 
 
 def test_auto_mode_steps_plainly_on_a_cpu_and_modes_are_checked():
@@ -68,5 +61,4 @@ def test_compile_mode_runs_the_buffer_path_on_a_cpu():
         plain = train_sweep(cfgs, data, quiet=True, n_jobs=1)
     with step_graphs("compile"):
         compiled = train_sweep(cfgs, data, quiet=True, n_jobs=1)
-    for a, b in zip(plain, compiled):
-        assert torch.equal(a.layer["weight"], b.layer["weight"]) and torch.equal(a.layer["bias"], b.layer["bias"])
+    assert_same_heads(plain, compiled)

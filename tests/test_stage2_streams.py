@@ -6,29 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ltcache.errors import LtcacheError
 from ltcache.stage2 import streams
 from ltcache.stage2.graphs import step_graphs
 from ltcache.stage2.group import GroupRun
 from ltcache.stage2.grouping import make_groups
 from ltcache.stage2.streams import group_streams, train_groups
 from ltcache.stage2.sweep import train_sweep
-from test_stage2_engine import MIXED, configs_for, data_of, fake_cache
+from test_stage2_engine import MIXED, assert_same_heads, configs_for, data_of, fake_cache
 
 torch.set_num_threads(1)
 
 # three head families and two batch sizes: four groups of different lengths
 SPECS = MIXED + [("ce", {"lr": 0.05, "batch_size": 16, "epochs": 2}, 1)]
-
-
-def _same(a, b) -> None:
-    assert a.config.name == b.config.name and a.config.seed == b.config.seed
-    assert a.selected_epoch == b.selected_epoch and a.failed == b.failed and a.history == b.history
-    assert a.layer.keys() == b.layer.keys()
-    for key, t in a.layer.items():
-        if isinstance(t, torch.Tensor):
-            assert torch.equal(t, b.layer[key]), (a.config.method, key)
-        else:
-            assert t == b.layer[key]
 
 
 @pytest.mark.parametrize("select,graph_mode", [("last", "off"), ("val", "off"), ("last", "on")])
@@ -50,8 +40,7 @@ def test_interleaved_groups_equal_sequential_bit_for_bit(select, graph_mode, mon
     with step_graphs(graph_mode), group_streams("on"):
         interleaved = train_sweep(cfgs, data, select=select, quiet=True, n_jobs=1)
     assert len(set(turns[:4])) == 4               # the groups really took their steps in turn
-    for a, b in zip(sequential, interleaved):
-        _same(a, b)
+    assert_same_heads(sequential, interleaved)
 
 
 def test_train_groups_gives_each_group_its_heads():
@@ -103,3 +92,18 @@ def test_modes():
     with pytest.raises(ValueError, match="unknown group-stream mode"):
         with group_streams("fast"):
             pass
+
+
+def test_a_switch_reads_its_environment_and_names_its_modes(monkeypatch):
+    from ltcache.stage2.switches import Switch
+    monkeypatch.setenv("LTCACHE_TEST_SWITCH", "fast")
+    with pytest.raises(LtcacheError, match="LTCACHE_TEST_SWITCH=fast is unknown; use one of on, off"):
+        Switch("LTCACHE_TEST_SWITCH", ("on", "off"), "off", "test")
+    monkeypatch.setenv("LTCACHE_TEST_SWITCH", "on")
+    switch = Switch("LTCACHE_TEST_SWITCH", ("on", "off"), "off", "test")
+    assert switch.value == "on"
+    with switch.scoped("off"):
+        assert switch.value == "off"
+    assert switch.value == "on"
+    with pytest.raises(ValueError, match="unknown test mode 'auto'; use one of on, off"):
+        switch.check("auto")

@@ -29,40 +29,29 @@ the metrics; the buffer path's logic itself is checked bit for bit on the CPU.
 """
 from __future__ import annotations
 
-import os
 import sys
-from contextlib import contextmanager
 from dataclasses import replace
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
-from ltcache.errors import LtcacheError
+from ltcache.stage2.switches import Switch
 
-MODES = ("auto", "on", "off", "compile")
-_mode = os.environ.get("LTCACHE_STEP_GRAPHS", "off")
-if _mode not in MODES:
-    raise LtcacheError(f"LTCACHE_STEP_GRAPHS={_mode} is unknown; use one of {', '.join(MODES)}")
+SWITCH = Switch("LTCACHE_STEP_GRAPHS", ("auto", "on", "off", "compile"), "off", "step-graph")
+MODES = SWITCH.modes
 STATS = {"captured": 0, "failed": []}    # graphs captured / capture failures (one line each) in this process
 
 
-@contextmanager
-def step_graphs(mode: str) -> Iterator[None]:
-    """Within the block, groups step in ``mode`` (``auto``, ``on`` or ``off``; module docstring).
-    Worker processes forked inside the block inherit it."""
-    global _mode
-    if mode not in MODES:
-        raise ValueError(f"unknown step-graph mode '{mode}'; use one of {', '.join(MODES)}")
-    old, _mode = _mode, mode
-    try:
-        yield
-    finally:
-        _mode = old
+def step_graphs(mode: str):
+    """Within the block (``with step_graphs(mode):``), groups step in ``mode`` (``auto``, ``on``,
+    ``compile`` or ``off``; module docstring). Worker processes forked inside the block inherit it."""
+    return SWITCH.scoped(mode)
 
 
 def wanted(group) -> bool:
     """Whether ``group`` (a GroupTrainer) steps through static buffers in the current mode."""
-    if _mode == "off" or (_mode == "auto" and group.dev.type != "cuda"):
+    mode = SWITCH.value
+    if mode == "off" or (mode == "auto" and group.dev.type != "cuda"):
         return False
     return group.user is None and group.data.gather is None
 
@@ -170,7 +159,7 @@ class StaticStep:
         if not self.cuda or variant in self.eager_only:
             self.g.step(static, 0)
             return
-        if _mode == "compile":
+        if SWITCH.value == "compile":
             self._compiled(static, variant)
             return
         graph = self.graphs.get(variant)

@@ -22,42 +22,32 @@ CUDA), ``"off"`` (groups one after another). The default is ``"off"`` until
 """
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager, nullcontext
-from typing import Iterator, Optional, Sequence
+from contextlib import nullcontext
+from typing import Optional, Sequence
 
 import torch
 
-from ltcache.errors import LtcacheError
 from ltcache.stage2.group import GroupRun
 from ltcache.stage2.plan import Config, TrainData
 from ltcache.stage2.selection import TrainedHead
+from ltcache.stage2.switches import Switch
 
-MODES = ("auto", "on", "off")
-_mode = os.environ.get("LTCACHE_GROUP_STREAMS", "off")
-if _mode not in MODES:
-    raise LtcacheError(f"LTCACHE_GROUP_STREAMS={_mode} is unknown; use one of {', '.join(MODES)}")
+SWITCH = Switch("LTCACHE_GROUP_STREAMS", ("auto", "on", "off"), "off", "group-stream")
+MODES = SWITCH.modes
 
 
-@contextmanager
-def group_streams(mode: str) -> Iterator[None]:
-    """Within the block, sweeps train their groups in ``mode`` (``auto``, ``on`` or ``off``;
-    module docstring)."""
-    global _mode
-    if mode not in MODES:
-        raise ValueError(f"unknown group-stream mode '{mode}'; use one of {', '.join(MODES)}")
-    old, _mode = _mode, mode
-    try:
-        yield
-    finally:
-        _mode = old
+def group_streams(mode: str):
+    """Within the block (``with group_streams(mode):``), sweeps train their groups in ``mode``
+    (``auto``, ``on`` or ``off``; module docstring)."""
+    return SWITCH.scoped(mode)
 
 
 def wanted(n_groups: int, dev: torch.device) -> bool:
     """Whether a sweep of ``n_groups`` groups on ``dev`` interleaves them in the current mode."""
-    if _mode == "off" or n_groups < 2:
+    mode = SWITCH.value
+    if mode == "off" or n_groups < 2:
         return False
-    return _mode == "on" or dev.type == "cuda"
+    return mode == "on" or dev.type == "cuda"
 
 
 def train_groups(groups: Sequence[Sequence[Config]], data: TrainData, select: str = "last",

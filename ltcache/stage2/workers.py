@@ -18,15 +18,14 @@ import multiprocessing
 import os
 import signal
 import sys
-from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from ltcache.errors import LtcacheError
 from ltcache.stage2.grouping import frozen_base, merge_key
 from ltcache.stage2.losses import loss_signature
 from ltcache.stage2.samplers import steps_per_epoch
+from ltcache.stage2.switches import Switch
 
 SMALL_STEP = 2e7          # M * B * D * K of one step below which a CPU step is op-overhead bound
 # Up to this feature dim the element-wise loss work on the [M, K, B] logits (tens of ops per
@@ -49,10 +48,8 @@ PAUSED_OVERHEAD = 3e5
 # Groups of one head family with different batch sizes merge (``auto``) when the cost model
 # saves more than this fraction of their work: the padded work against one fewer step stream.
 MERGE_GAIN = 0.1
-MERGE_MODES = ("auto", "on", "off")
-_merge_mode = os.environ.get("LTCACHE_MERGE_GROUPS", "off")
-if _merge_mode not in MERGE_MODES:
-    raise LtcacheError(f"LTCACHE_MERGE_GROUPS={_merge_mode} is unknown; use one of {', '.join(MERGE_MODES)}")
+MERGE = Switch("LTCACHE_MERGE_GROUPS", ("auto", "on", "off"), "off", "group-merge")
+MERGE_MODES = MERGE.modes
 _FORKED = None            # (train_group, configs, data, select) inherited by the forked workers
 _IN_WORKER = False
 
@@ -140,21 +137,13 @@ def merge_mode() -> str:
     """How :func:`merge_plan` merges groups of one head family with different batch sizes (the
     current :func:`merging` block, else ``LTCACHE_MERGE_GROUPS``): ``off``, ``auto`` (where the
     cost model gains over ``MERGE_GAIN``) or ``on`` (all)."""
-    return _merge_mode
+    return MERGE.value
 
 
-@contextmanager
-def merging(mode: str) -> Iterator[None]:
-    """Within the block, sweeps merge groups in ``mode`` (:func:`merge_mode`); worker processes
-    forked inside the block inherit it."""
-    global _merge_mode
-    if mode not in MERGE_MODES:
-        raise ValueError(f"unknown group-merge mode '{mode}'; use one of {', '.join(MERGE_MODES)}")
-    old, _merge_mode = _merge_mode, mode
-    try:
-        yield
-    finally:
-        _merge_mode = old
+def merging(mode: str):
+    """Within the block (``with merging(mode):``), sweeps merge groups in ``mode``
+    (:func:`merge_mode`); worker processes forked inside the block inherit it."""
+    return MERGE.scoped(mode)
 
 
 def merge_plan(plan: list[list[int]], configs: Sequence, data, mode: Optional[str] = None) -> list[list[int]]:
@@ -166,9 +155,7 @@ def merge_plan(plan: list[list[int]], configs: Sequence, data, mode: Optional[st
     frozen-base groups only with frozen-base groups (merged into the others, their members pay
     the features' GEMM and the scale's ops on every step: no gain measured, benchmarks/RESULTS.md);
     ``off``: ``plan`` as it is. A configuration's result does not depend on its group."""
-    mode = mode or _merge_mode
-    if mode not in MERGE_MODES:
-        raise ValueError(f"unknown group-merge mode '{mode}'; use one of {', '.join(MERGE_MODES)}")
+    mode = MERGE.check(mode or MERGE.value)
     if mode == "off":
         return [list(p) for p in plan]
     by_key: dict[tuple, list[list[int]]] = {}
