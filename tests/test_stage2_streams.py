@@ -107,3 +107,78 @@ def test_a_switch_reads_its_environment_and_names_its_modes(monkeypatch):
     assert switch.value == "on"
     with pytest.raises(ValueError, match="unknown test mode 'auto'; use one of on, off"):
         switch.check("auto")
+
+
+class _FakeStream:
+    """Stands in for torch.cuda.Stream on a CPU: records the waits it is given."""
+
+    def __init__(self, name: str, waits: list) -> None:
+        self.name, self.waits = name, waits
+
+    def wait_stream(self, other: "_FakeStream") -> None:
+        self.waits.append((self.name, other.name))
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def test_each_group_steps_prepares_and_initialises_on_its_own_stream(monkeypatch):
+    """The CUDA plumbing of train_groups, run on a CPU with stand-in streams: every step, every
+    epoch prepared (on the preparing thread) and the initialisation of group i run with stream i
+    current; each stream waits for the default stream first, and the default stream waits for
+    each stream at the end."""
+    import threading
+    from contextlib import contextmanager
+
+    from ltcache.stage2.group import GroupTrainer
+    waits: list = []
+    default = _FakeStream("default", waits)
+    local = threading.local()
+
+    def current(*_):
+        return getattr(local, "stream", default)
+
+    @contextmanager
+    def stream_context(s):
+        old, local.stream = current(), s
+        try:
+            yield
+        finally:
+            local.stream = old
+    monkeypatch.setattr(torch.cuda, "current_stream", current)
+    monkeypatch.setattr(torch.cuda, "stream", stream_context)
+    monkeypatch.setattr(streams, "_device_streams", lambda dev, n: [_FakeStream(f"s{i}", waits) for i in range(n)])
+    seen = {"init": [], "step": [], "prepare": []}
+    threads = set()
+    real_init, real_step, real_prepare = GroupTrainer.__init__, GroupTrainer.step, GroupTrainer.prepare_epoch
+
+    def init(self, cfgs, *a, **kw):
+        real_init(self, cfgs, *a, **kw)
+        self.tag = id(cfgs[0])
+        seen["init"].append((self.tag, current().name))
+
+    def step(self, ep, s):
+        seen["step"].append((self.tag, current().name))
+        return real_step(self, ep, s)
+
+    def prepare(self, e):
+        seen["prepare"].append((self.tag, current().name))
+        threads.add(threading.get_ident())
+        return real_prepare(self, e)
+    monkeypatch.setattr(GroupTrainer, "__init__", init)
+    monkeypatch.setattr(GroupTrainer, "step", step)
+    monkeypatch.setattr(GroupTrainer, "prepare_epoch", prepare)
+
+    cache = fake_cache()
+    data = data_of(cache)
+    cfgs = configs_for(cache, SPECS)
+    plan = make_groups(cfgs)
+    train_groups([[cfgs[i] for i in members] for members in plan], data, quiet=True)
+    stream_of = {id(cfgs[members[0]]): f"s{i}" for i, members in enumerate(plan)}
+    for what, calls in seen.items():
+        assert calls, what
+        assert all(name == stream_of[tag] for tag, name in calls), what
+    assert threading.get_ident() not in threads            # epochs prepared ahead, on threads
+    n = len(plan)
+    assert waits[:n] == [(f"s{i}", "default") for i in range(n)]
+    assert waits[n:] == [("default", f"s{i}") for i in range(n)]

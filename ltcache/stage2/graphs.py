@@ -9,6 +9,9 @@ buffers; a step copies step s's tensors in (``copy_``: exact) and runs the group
 dtype, and each epoch's tensors are packed the same way once per epoch, so loading a step is
 two or three copies (one launch each on a GPU) rather than one per tensor (10-25). The arithmetic is the eager step's, op for op,
 so on a CPU the buffer path equals the eager step bit for bit (``tests/test_stage2_graphs.py``).
+The CUDA branch's logic (warm-up, one capture per variant, replays, the fall-back after a failed
+capture or compile) runs there too, with only :func:`_record` (the capture) and ``torch.compile``
+replaced by stand-ins that record the step and replay it.
 
 On CUDA the static step is captured once per group and variant (the update's fused or
 masked branch, shared-row gathers or not: at most four) with ``torch.cuda.CUDAGraph`` and
@@ -181,17 +184,12 @@ class StaticStep:
 
     def _capture(self, static, variant: tuple) -> Optional["torch.cuda.CUDAGraph"]:
         """The step captured (recorded, not run) or None after a one-line notice."""
-        try:                                      # pragma: no cover - needs a CUDA device
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the next epoch, prepared meanwhile on a thread, neither breaks the
-            # capture nor is broken by it
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.g.step(static, 0)
+        try:
+            graph = _record(lambda: self.g.step(static, 0))
             self.graphs[variant] = graph
             STATS["captured"] += 1
             return graph
-        except Exception as exc:                  # pragma: no cover - needs a CUDA device
+        except Exception as exc:
             self.eager_only.add(variant)
             torch.cuda.synchronize()
             line = (f"note: CUDA graph capture failed for the {self.g.family} B={self.g.bsz} group "
@@ -206,7 +204,7 @@ class StaticStep:
         parameters, momentum buffers and static inputs keep their addresses, so the compiled
         graphs may update them in place."""
         fn = self.graphs.get(variant)
-        if fn is None:                            # pragma: no cover - needs a CUDA device
+        if fn is None:
             for t in _state(self.g) + _state(self.bufs):
                 torch._dynamo.mark_static_address(t)
             # one code object (the lambda below) serves every group and variant of the sweep: each
@@ -218,17 +216,29 @@ class StaticStep:
                     setattr(cfg, name, max(getattr(cfg, name), n))
             g = self.g
             fn = self.graphs[variant] = torch.compile(lambda: g.step(static, 0), mode="reduce-overhead", dynamic=False)
-        try:                                      # pragma: no cover - needs a CUDA device
+        try:
             fn()
             STATS["captured"] += 1 if variant not in self.seen else 0
             self.seen.add(variant)
-        except Exception as exc:                  # pragma: no cover - needs a CUDA device
+        except Exception as exc:
             self.eager_only.add(variant)
             line = (f"note: torch.compile of the {self.g.family} B={self.g.bsz} group's step failed "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); stepping eagerly")
             STATS["failed"].append(line)
             print(line, file=sys.stderr)
             self.g.step(static, 0)
+
+
+def _record(fn) -> "torch.cuda.CUDAGraph":  # pragma: no cover - needs a CUDA device
+    """``fn``'s kernels captured (recorded, not run) as a CUDA graph: the one part of this module
+    the CPU tests replace (``tests/test_stage2_graphs.py`` records ``fn`` itself)."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the next epoch, prepared meanwhile on a thread, neither breaks the capture
+    # nor is broken by it
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        fn()
+    return graph
 
 
 def _state(obj) -> list:

@@ -13,7 +13,9 @@ epochs are made and used on its own stream, after one wait for the inputs on the
 The arithmetic of every group is unchanged, so the heads are those of the groups trained one
 after another; on a CPU the same interleaving runs with no streams (there it buys nothing: a
 CPU sweep trains groups side by side in worker processes, :mod:`ltcache.stage2.workers`), and
-the tests check it bit for bit against the sequential groups.
+the tests check it bit for bit against the sequential groups, and check the CUDA plumbing with
+stand-in streams (each group's initialisation, steps and epoch preparation under its own stream,
+the waits at the start and the end).
 
 The mode (:func:`group_streams`, or ``LTCACHE_GROUP_STREAMS`` in the environment): ``"auto"``
 (streams for a sweep of several groups on CUDA), ``"on"`` (interleaved on any device; streams on
@@ -55,8 +57,7 @@ def train_groups(groups: Sequence[Sequence[Config]], data: TrainData, select: st
     """Every group of ``groups`` trained, their steps in turn (each group on its own CUDA stream
     on a GPU); the trained heads per group, as :func:`~ltcache.stage2.group.train_group` gives them."""
     dev = data.x.device
-    cuda = dev.type == "cuda"
-    streams: list[Optional[torch.cuda.Stream]] = [torch.cuda.Stream(dev) if cuda else None for _ in groups]
+    streams = _device_streams(dev, len(groups))
     for s in streams:
         if s is not None:
             s.wait_stream(torch.cuda.current_stream(dev))    # the features / stage-1 layer are ready
@@ -80,6 +81,11 @@ def train_groups(groups: Sequence[Sequence[Config]], data: TrainData, select: st
 
 
 _DONE = object()
+
+
+def _device_streams(dev: torch.device, n: int) -> list:
+    """A new CUDA stream for each of n groups on a GPU; None for each on a CPU."""
+    return [torch.cuda.Stream(dev) for _ in range(n)] if dev.type == "cuda" else [None] * n
 
 
 def _current(stream: Optional["torch.cuda.Stream"]):
