@@ -221,6 +221,8 @@ class StaticStep:
             STATS["captured"] += 1 if variant not in self.seen else 0
             self.seen.add(variant)
         except Exception as exc:
+            # compile failures come at trace time, before the step has changed anything; one at run
+            # time, part-way through an update, would be followed by a whole eager step
             self.eager_only.add(variant)
             line = (f"note: torch.compile of the {self.g.family} B={self.g.bsz} group's step failed "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); stepping eagerly")
