@@ -35,6 +35,11 @@ def extraction_options(name: str, given: dict) -> dict:
     return out
 
 
+def present(cache_dir) -> dict[str, Path]:
+    """The sets a cache folder holds ({name: folder}), unchecked."""
+    return {name: set_dir(cache_dir, name) for name in SETS if (set_dir(cache_dir, name) / "manifest.json").is_file()}
+
+
 def available(cache) -> dict[str, Path]:
     """The sets the loaded ``cache`` holds ({name: folder}), each checked to come from the same
     checkpoint and dataset as the main features (a cache built from tensors has none)."""
@@ -45,10 +50,7 @@ def available(cache) -> dict[str, Path]:
         return {}
     found = {}
     main_key = (getattr(cache, "manifest", None) or {}).get("key") or {}
-    for name in SETS:
-        d = set_dir(path, name)
-        if not (d / "manifest.json").is_file():
-            continue
+    for name, d in present(path).items():
         key = read_manifest(d).get("key") or {}
         for field in ("checkpoint_sha256", "dataset"):
             if key.get(field) != main_key.get(field):

@@ -23,14 +23,9 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _sets(path: Path) -> list:
-    """(name, folder) of each feature set the cache at ``path`` holds."""
-    from ltcache.cache.feature_sets import SETS, set_dir
-    return [(n, set_dir(path, n)) for n in SETS if (set_dir(path, n) / MANIFEST).is_file()]
-
-
 def describe(path) -> str:
     """Dataset and profile, classes and groups, splits, features, size, provenance."""
+    from ltcache.cache.feature_sets import present
     from ltcache.imbalance import ir_text
     path = Path(path)
     man = read_manifest(path)
@@ -50,7 +45,7 @@ def describe(path) -> str:
     for name, block in man["splits"].items():
         lines.append(f"split {name:<6} {block['rows']:>8} rows  views {','.join(block['views'])}  "
                      f"shards {len(block['shards'])}")
-    for name, d in _sets(path):
+    for name, d in present(path).items():
         ex_set = read_manifest(d).get("extraction", {})
         lines.append(f"feature set  {name} ({d.relative_to(path)}): train_bn={ex_set.get('train_bn')}, "
                      f"bn_shift={ex_set.get('bn_shift')}, batch_size={ex_set.get('batch_size')}, "

@@ -66,7 +66,7 @@ class _Packed:
     launch from the host; the packing is a few ops per epoch)."""
 
     def __init__(self, slots: list, ep, s: int) -> None:
-        self.slots = slots                          # per slot: its Steps in an epoch, slot(ep)
+        self.slots = slots                          # per slot: its epochs.Steps in an epoch, slot(ep)
         first = [slot(ep)[s] for slot in slots]
         dev = first[0].device
         sizes: dict = {}
@@ -87,9 +87,7 @@ class _Packed:
             self.epoch = ep
             parts: dict = {}
             for slot, buf in zip(self.slots, self.bufs):
-                steps = slot(ep)
-                whole = steps.whole if hasattr(steps, "whole") else torch.stack(list(steps))
-                parts.setdefault(buf.dtype, []).append(whole.reshape(ep.s_max, -1))
+                parts.setdefault(buf.dtype, []).append(slot(ep).whole.reshape(ep.s_max, -1))
             self.packed = {dt: torch.cat(p, 1) if len(p) > 1 else p[0].contiguous() for dt, p in parts.items()}
         for dt, flat in self.flat.items():
             flat.copy_(self.packed[dt][s], non_blocking=True)

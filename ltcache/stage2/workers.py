@@ -133,16 +133,10 @@ def _work(configs: Sequence, members: list[int], data) -> float:
             + paused * PAUSED_OVERHEAD)
 
 
-def merge_mode() -> str:
-    """How :func:`merge_plan` merges groups of one head family with different batch sizes (the
-    current :func:`merging` block, else ``LTCACHE_MERGE_GROUPS``): ``off``, ``auto`` (where the
-    cost model gains over ``MERGE_GAIN``) or ``on`` (all)."""
-    return MERGE.value
-
-
 def merging(mode: str):
-    """Within the block (``with merging(mode):``), sweeps merge groups in ``mode``
-    (:func:`merge_mode`); worker processes forked inside the block inherit it."""
+    """Within the block (``with merging(mode):``), sweeps merge groups of one head family in
+    ``mode`` (else ``LTCACHE_MERGE_GROUPS``): ``off``, ``auto`` (where the cost model gains over
+    ``MERGE_GAIN``) or ``on`` (all); worker processes forked inside the block inherit it."""
     return MERGE.scoped(mode)
 
 
